@@ -1,0 +1,62 @@
+"""Folder-per-class image sets (``train/ valid/ test/ <class>/``) -> case records.
+
+Class folder names often differ between splits (``adenocarcinoma_left.lower.lobe_T2_N0_M0_Ib`` in
+``train/``, ``adenocarcinoma`` in ``test/``): :func:`normalise_class_name` maps both to one class.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from lungviz.cases import Case, ImportReport
+from lungviz.errors import LungvizError
+from lungviz.io import IMAGE_SUFFIXES
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "val", "val": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+def normalise_class_name(folder: str, known: Sequence[str] = ()) -> str:
+    """``'Large cell carcinoma_left.hilum_T2'`` -> ``'large.cell.carcinoma'``; matched to ``known`` when given."""
+    base = folder.split("_")[0].strip().lower()
+    base = re.sub(r"[\s\-]+", ".", base)
+    for k in known:
+        if base == k or base.startswith(k) or k.startswith(base):
+            return k
+    return base
+
+
+def import_class_folders(root: Path, classes: Sequence[str] = ()) -> tuple[list[Case], ImportReport]:
+    """Import a folder-per-class set. Split folders become ``split_hint``; each image is one case.
+
+    Images carry no patient identity here, so each image is its own "patient"; the given split folders
+    are the only safe split.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise LungvizError("the image folder was not found.", source=root)
+    split_dirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name.lower() in SPLIT_ALIASES]
+    layout = [(SPLIT_ALIASES[d.name.lower()], d) for d in split_dirs] or [(None, root)]
+    cases: list[Case] = []
+    skipped: list[tuple[str, str]] = []
+    for split, sdir in layout:
+        for cdir in sorted(d for d in sdir.iterdir() if d.is_dir()):
+            label = normalise_class_name(cdir.name, classes)
+            if classes and label not in classes:
+                skipped.append((str(cdir), f"class folder '{cdir.name}' matches none of {', '.join(classes)}"))
+                continue
+            for img in sorted(cdir.iterdir()):
+                if not img.is_file():
+                    continue
+                if img.suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped.append((str(img), f"not an image file ({img.suffix or 'no extension'})"))
+                    continue
+                ident = f"{split or 'all'}-{label}-{img.stem}"
+                cases.append(Case(patient_id=ident, nodule_id="image", source="class-folder",
+                                  image_paths=(img,), histology=label, split_hint=split,
+                                  extra={"class_folder": cdir.name}))
+    if not cases:
+        raise LungvizError("no images were found in class folders.", source=root)
+    return cases, ImportReport(len(cases), tuple(skipped))

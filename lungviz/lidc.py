@@ -1,0 +1,131 @@
+"""The LIDC-IDRI-slices layout (``labels.csv`` + per-nodule ``images/`` and masks) -> case records.
+
+Masks may be the merged ``consensus/`` reader-count maps or the original per-reader ``mask-0..N``
+folders. Rows marked ``unmatched`` carry no labels and are skipped and counted. The DICOM + reader-XML
+path lives in :mod:`lungviz.lidc_dicom`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from lungviz.cases import CHARACTERISTICS, Case, ImportReport, panel_median, round_half_up
+from lungviz.errors import LungvizError
+
+REQUIRED_COLUMNS = ("patient_id", "nodule", "n_readers", "malignancy_readers")
+_SLICE_RE = re.compile(r"slice-(\d+)\.(png|jpg|jpeg|tif|tiff|npy)$", re.IGNORECASE)
+
+
+def _slice_files(folder: Path) -> list[Path]:
+    """Files ``slice-N.*`` of a folder, ordered by N (numerically, so slice-10 follows slice-9)."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _SLICE_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _float(row: dict, key: str) -> float | None:
+    value = (row.get(key) or "").strip()
+    if value == "" or value.lower() == "nan":
+        return None
+    try:
+        return float(value)
+    except ValueError as err:
+        raise LungvizError(f"column '{key}' holds '{value}', which is not a number.") from err
+
+
+def read_labels(labels_csv: Path) -> list[dict[str, str]]:
+    """Read ``labels.csv`` rows, checking the required columns are present."""
+    if not labels_csv.is_file():
+        raise LungvizError("the labels file was not found.", source=labels_csv)
+    try:
+        with labels_csv.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise LungvizError(
+                    f"the labels file lacks the column(s) {', '.join(missing)}; "
+                    f"expected at least {', '.join(REQUIRED_COLUMNS)}.",
+                    source=labels_csv,
+                )
+            return list(reader)
+    except UnicodeDecodeError as err:
+        raise LungvizError("the labels file is not a text CSV file.", source=labels_csv) from err
+    except csv.Error as err:
+        raise LungvizError(f"the labels file is not valid CSV ({err}).", source=labels_csv) from err
+
+
+def _case_from_row(root: Path, row: dict[str, str], line: int) -> Case:
+    pid, nod = row["patient_id"].strip(), row["nodule"].strip()
+    folder = root / pid / nod
+    images = _slice_files(folder / "images")
+    if not images:
+        raise LungvizError(f"no slice images in {folder / 'images'}.", source=f"labels.csv line {line}")
+    n_readers = int(float(row["n_readers"] or 0))
+    consensus = _slice_files(folder / "consensus")
+    reader_dirs = sorted((d for d in folder.glob("mask-*") if d.is_dir()), key=lambda d: int(d.name.split("-")[1]))
+    reader_masks = tuple(tuple(_slice_files(d)) for d in reader_dirs)
+    if consensus and len(consensus) != len(images):
+        raise LungvizError(f"{len(images)} images but {len(consensus)} consensus masks.", source=folder)
+    for d, masks in zip(reader_dirs, reader_masks, strict=False):
+        if len(masks) != len(images):
+            raise LungvizError(f"{len(images)} images but {len(masks)} masks in {d.name}.", source=folder)
+    scores = tuple(int(s) for s in (row.get("malignancy_readers") or "").split())
+    median = _float(row, "malignancy_median")
+    if median is None:
+        median = panel_median(scores)
+    score_col = _float(row, "malignancy")
+    malignancy = int(score_col) if score_col is not None else (round_half_up(median) if median is not None else None)
+    chars = {k: v for k in CHARACTERISTICS if (v := _float(row, f"{k}_median")) is not None}
+    return Case(
+        patient_id=pid,
+        nodule_id=nod,
+        source="lidc-slices",
+        image_paths=tuple(images),
+        mask_paths=tuple(consensus),
+        mask_mode="consensus" if consensus else "per-reader",
+        reader_mask_paths=() if consensus else reader_masks,
+        n_readers=n_readers or len(reader_masks),
+        reader_scores=scores,
+        characteristics=chars,
+        malignancy_median=median,
+        malignancy=malignancy,
+        diameter_mm=_float(row, "diameter_mm"),
+        volume_mm3=_float(row, "volume_mm3"),
+        pixel_spacing_mm=_float(row, "pixel_spacing_mm"),
+        slice_thickness_mm=_float(row, "slice_thickness_mm"),
+        label_check=(row.get("label_check") or "ok").strip(),
+        extra={
+            "centroid_ijk": tuple(_float(row, f"centroid_{a}") for a in "ijk"),
+            "series_uid": (row.get("series_uid") or "").strip(),
+        },
+    )
+
+
+def import_slices(root: Path, strict: bool = False) -> tuple[list[Case], ImportReport]:
+    """Import every labelled nodule of a folder in the LIDC-IDRI-slices layout.
+
+    Rows marked ``unmatched`` (no labels) are skipped and counted; nodules whose images are missing
+    are skipped with the reason (or raise when ``strict``). Returns the cases and what was skipped.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise LungvizError("the slices folder was not found.", source=root)
+    rows = read_labels(root / "labels.csv")
+    cases: list[Case] = []
+    skipped: list[tuple[str, str]] = []
+    for line, row in enumerate(rows, start=2):
+        key = f"{row.get('patient_id', '?')}/{row.get('nodule', '?')}"
+        if (row.get("label_check") or "").strip() == "unmatched" or not (row.get("malignancy_readers") or "").strip():
+            skipped.append((key, "unmatched (no reader labels)"))
+            continue
+        try:
+            cases.append(_case_from_row(root, row, line))
+        except LungvizError as err:
+            if strict:
+                raise
+            skipped.append((key, err.message))
+    return cases, ImportReport(len(cases), tuple(skipped))

@@ -1,0 +1,122 @@
+"""Deterministic, patient-level, stratified splits (70/15/15 and k-fold), saved with a data fingerprint."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lungviz.cases import Case, by_patient, data_fingerprint
+from lungviz.errors import LungvizError
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def patient_stratum(cases: Sequence[Case]) -> int:
+    """A patient's stratum: the highest panel score among their nodules (0 when unscored)."""
+    scores = [c.malignancy for c in cases if c.malignancy is not None]
+    if scores:
+        return int(max(scores))
+    hist = [c.histology for c in cases if c.histology]
+    return 10 + zlib.crc32(hist[0].encode()) % 1000 if hist else 0
+
+
+def _strata(cases: Sequence[Case]) -> dict[int, list[str]]:
+    groups = by_patient(cases)
+    strata: dict[int, list[str]] = {}
+    for pid in sorted(groups):
+        strata.setdefault(patient_stratum(groups[pid]), []).append(pid)
+    return strata
+
+
+@dataclass
+class Split:
+    """Assignment of every patient to a split (``train``/``val``/``test``) or a fold (``0``..``k-1``)."""
+
+    assignment: dict[str, str]
+    fingerprint: str
+    seed: int
+    kind: str  # "holdout" or "kfold"
+    params: dict = field(default_factory=dict)
+
+    def patients(self, name: str) -> set[str]:
+        return {p for p, s in self.assignment.items() if s == name}
+
+    def select(self, cases: Sequence[Case], name: str | Sequence[str]) -> list[Case]:
+        """The cases whose patient is in the split (or any of several splits)."""
+        names = {name} if isinstance(name, str) else set(name)
+        missing = {c.patient_id for c in cases} - set(self.assignment)
+        if missing:
+            raise LungvizError(
+                f"{len(missing)} patients (e.g. {sorted(missing)[0]}) are not in this split file; "
+                "the data changed since the split was made."
+            )
+        return [c for c in cases if self.assignment[c.patient_id] in names]
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(set(self.assignment.values()))
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed, "fingerprint": self.fingerprint, "params": self.params,
+                "assignment": dict(sorted(self.assignment.items()))}
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Split:
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(d["assignment"], d["fingerprint"], int(d["seed"]), d["kind"], d.get("params", {}))
+        except FileNotFoundError as err:
+            raise LungvizError("split file not found.", source=path) from err
+        except (KeyError, ValueError) as err:
+            raise LungvizError(f"this is not a lungviz split file ({err}).", source=path) from err
+
+    def check(self, cases: Sequence[Case]) -> None:
+        """Raise if the split was made on different data than ``cases``."""
+        fp = data_fingerprint(cases)
+        if fp != self.fingerprint:
+            raise LungvizError(
+                f"the split was made for data with fingerprint {self.fingerprint}, but this data has {fp}."
+            )
+
+
+def holdout_split(
+    cases: Sequence[Case], fractions: tuple[float, float, float] = (0.70, 0.15, 0.15), seed: int = 42
+) -> Split:
+    """Patient-level train/val/test split, stratified by each patient's highest panel score."""
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise LungvizError(f"split fractions must be non-negative and sum to 1, got {fractions}.")
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    for _stratum, pids in sorted(_strata(cases).items()):
+        order = [pids[i] for i in rng.permutation(len(pids))]
+        n = len(order)
+        n_test = round(n * fractions[2])
+        n_val = round(n * fractions[1])
+        for i, pid in enumerate(order):
+            assignment[pid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return Split(assignment, data_fingerprint(cases), seed, "holdout", {"fractions": list(fractions)})
+
+
+def kfold_split(cases: Sequence[Case], k: int = 5, seed: int = 42) -> Split:
+    """Patient-level k folds (``"0"``..``"k-1"``), stratified by each patient's highest panel score."""
+    if k < 2:
+        raise LungvizError(f"k-fold needs k >= 2, got {k}.")
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, str] = {}
+    offset = 0
+    for _stratum, pids in sorted(_strata(cases).items()):
+        order = [pids[i] for i in rng.permutation(len(pids))]
+        for i, pid in enumerate(order):
+            assignment[pid] = str((i + offset) % k)
+        offset += len(order)  # continue the round-robin so small strata don't all land in fold 0
+    return Split(assignment, data_fingerprint(cases), seed, "kfold", {"k": k})
