@@ -1,0 +1,1 @@
+"""Training, evaluation, screening and indexing for lungviz (``python -m training --help``)."""

@@ -1,0 +1,81 @@
+"""``python -m training <command>``: splits, outliers (training, evaluation and indexing follow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lungviz import paths
+from lungviz.errors import LungvizError
+from training.config import OutlierConfig, SplitConfig, add_config_args, config_from_args, save_config
+
+
+def cmd_splits(cfg: SplitConfig) -> dict:
+    """Write the patient-level holdout and k-fold split files for the LIDC slices set."""
+    from lungviz.splits import holdout_split, kfold_split
+    from training.datasets import load_cases
+
+    cases, report = load_cases("lidc", cfg.data)
+    out = Path(cfg.out) if cfg.out else paths.runs_dir() / "splits"
+    hold = holdout_split(cases, seed=cfg.seed)
+    folds = kfold_split(cases, k=cfg.k, seed=cfg.seed)
+    hold.save(out / "holdout.json")
+    folds.save(out / f"kfold{cfg.k}.json")
+    summary = {"import": report.summary(), "fingerprint": hold.fingerprint, "out": str(out)}
+    for name in ("train", "val", "test"):
+        sel = hold.select(cases, name)
+        summary[name] = {"patients": len(hold.patients(name)), "nodules": len(sel),
+                         "malignant": sum(c.malignant or 0 for c in sel)}
+    return summary
+
+
+def cmd_outliers(cfg: OutlierConfig) -> dict:
+    """Embed every case with a pretrained backbone and flag outliers (PCA + Isolation Forest)."""
+    from training.datasets import load_cases
+    from training.outliers import embed_cases, find_outliers, pretrained_embedder, screen_image, write_outputs
+
+    cases, report = load_cases(cfg.dataset, cfg.data)
+    if cfg.limit:
+        cases = cases[: cfg.limit]
+    out = Path(cfg.out) if cfg.out else paths.runs_dir() / f"outliers-{cfg.dataset}"
+    save_config(cfg, out / "config.json")
+    embed = pretrained_embedder(cfg.arch)
+    feats = embed_cases(cases, embed, lambda c: screen_image(c, cfg.view, cfg.input_size), cfg.batch_size)
+    result = find_outliers(feats, [c.case_id for c in cases], cfg.contamination, cfg.pca_components, cfg.seed)
+    files = write_outputs(result, cases, out, f"{cfg.dataset}: {cfg.arch} features, t-SNE "
+                                              f"({result.n_flagged} of {len(cases)} flagged)")
+    top = np.argsort(-result.scores)[:10]
+    return {"import": report.summary(), "n": len(cases), "flagged": result.n_flagged,
+            "pca_explained_variance": round(result.explained_variance, 3),
+            "most_unusual": [result.case_ids[i] for i in top], **{k: str(v) for k, v in files.items()}}
+
+
+COMMANDS = {
+    "splits": (cmd_splits, SplitConfig),
+    "outliers": (cmd_outliers, OutlierConfig),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, cls) in COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        add_config_args(p, cls)
+    args = parser.parse_args(argv)
+    fn, cls = COMMANDS[args.command]
+    try:
+        result = fn(config_from_args(cls, args))
+    except LungvizError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Settings as dataclasses, with every field overridable on the command line (``--field value``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class SplitConfig:
+    """Patient-level split files."""
+
+    data: str = ""  # lidc-slices folder; empty = the configured data folder
+    seed: int = 42
+    k: int = 5
+    out: str = ""  # folder for the split files; empty = runs/splits
+
+
+@dataclasses.dataclass
+class OutlierConfig:
+    """Outlier screening: pretrained-backbone embeddings, PCA + Isolation Forest, t-SNE."""
+
+    dataset: str = "lidc"  # lidc | histology
+    data: str = ""
+    arch: str = "tf_efficientnet_lite0"
+    view: str = "slice"
+    input_size: int = 128
+    contamination: float = 0.02
+    pca_components: int = 50
+    batch_size: int = 64
+    seed: int = 0
+    limit: int = 0  # screen only the first N cases (0 = all); for quick checks
+    out: str = ""  # empty = runs/outliers-<dataset>
+
+
+def _parse_type(tp: Any) -> Any:
+    if tp in (int, float, str):
+        return tp
+    if tp is bool:
+        return lambda s: str(s).lower() in ("1", "true", "yes", "on")
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        inner = typing.get_args(tp)[0]
+        return lambda s: tuple(inner(v) for v in str(s).split(","))
+    return str
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--name`` option per dataclass field, defaulting to the field's default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_parse_type(hints[f.name]),
+                            default=default, help=f"(default: {default})")
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build the dataclass from parsed arguments."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+
+
+def save_config(cfg: Any, path: Path) -> Path:
+    """Write the settings as JSON next to what they produced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+    return path
