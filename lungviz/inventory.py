@@ -47,6 +47,7 @@ def installed_models(folder: Path | None = None) -> list[dict]:
         except (OSError, ValueError):
             continue
         if isinstance(spec, dict) and "arch" in spec:
-            spec = {**spec, "_file": spec_path.name, "_weights_present": (root / f"{spec_path.stem}.safetensors").is_file()}
+            present = (root / f"{spec_path.stem}.safetensors").is_file()
+            spec = {**spec, "_file": spec_path.name, "_weights_present": present}
             out.append(spec)
     return out

@@ -27,7 +27,7 @@ def test_models_page_reports_data_folder_and_models(tmp_path, monkeypatch):
     assert not at.exception
     assert at.title[0].value == "Models and data"
     assert str(data.resolve()) in [c.value for c in at.code]
-    assert [m.value for m in at.metric][0] == "1"  # one patient folder
+    assert at.metric[0].value == "1"  # one patient folder
     table = at.dataframe[0].value
     assert list(table["model"]) == ["nodule-binary"] and not table["weights present"][0]
     assert any(RESEARCH_NOTICE in w.value for w in at.sidebar.warning)

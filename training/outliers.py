@@ -104,7 +104,7 @@ def write_outputs(result: OutlierResult, cases: Sequence[Case], out_dir: Path, t
     fig.savefig(png_path)
     plt.close(fig)
     hover = [f"{k}<br>score {by_id[k].malignancy} readers {by_id[k].reader_spread}<br>anomaly {s:.3f}"
-             for k, s in zip(result.case_ids, result.scores)]
+             for k, s in zip(result.case_ids, result.scores, strict=True)]
     pfig = go.Figure(go.Scattergl(x=result.tsne[:, 0], y=result.tsne[:, 1], mode="markers", text=hover,
                                   hoverinfo="text",
                                   marker={"color": colour, "colorscale": "RdYlGn", "reversescale": True, "size": 5,
