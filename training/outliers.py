@@ -143,12 +143,12 @@ def pretrained_embedder(arch: str) -> Callable[[np.ndarray], np.ndarray]:
     """An ImageNet-pretrained backbone as ``(N, H, W) [0, 1] -> (N, D)`` pooled features, on the resolved device."""
     import torch
 
-    from lungviz.models import create_model, pretrained_norm, resolve_device
+    from lungviz.models import create_model, resolve_device
     from lungviz.preprocess import to_model_input
 
     device = resolve_device()
     model = create_model(arch, num_classes=2, pretrained=True).to(device).eval()
-    mean, std = pretrained_norm(arch)
+    mean, std = model.data_config["mean"], model.data_config["std"]
 
     @torch.inference_mode()
     def embed(batch: np.ndarray) -> np.ndarray:

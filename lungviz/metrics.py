@@ -1,0 +1,243 @@
+"""One metrics module for training, evaluation, the model cards and the app.
+
+Inputs are class indices ``y`` of shape ``(N,)`` and probabilities ``P`` of shape ``(N, C)`` (rows sum to 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+from lungviz.cases import round_half_up
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature``."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    p = softmax(logits, temperature)[np.arange(len(y)), np.asarray(y, int)]
+    return float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> float:
+    """Temperature minimising the NLL on held-out logits (golden-section search on log T)."""
+    a, b = np.log(lo), np.log(hi)
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - g * (b - a), a + g * (b - a)
+    for _ in range(80):
+        if nll(logits, y, np.exp(c)) < nll(logits, y, np.exp(d)):
+            b, d = d, c
+            c = b - g * (b - a)
+        else:
+            a, c = c, d
+            d = a + g * (b - a)
+    return float(np.exp((a + b) / 2.0))
+
+
+def reliability(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> list[dict]:
+    """Top-label reliability: per confidence bin, the count, mean confidence and accuracy."""
+    conf = P.max(axis=1)
+    correct = (P.argmax(axis=1) == np.asarray(y)).astype(float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        m = idx == b
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
+                    "confidence": float(conf[m].mean()) if m.any() else None,
+                    "accuracy": float(correct[m].mean()) if m.any() else None})
+    return out
+
+
+def ece(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> float:
+    """Expected calibration error (top label, equal-width bins)."""
+    n = len(y)
+    return float(sum(b["n"] / n * abs(b["accuracy"] - b["confidence"]) for b in reliability(y, P, n_bins) if b["n"]))
+
+
+def binary_reliability(y_pos: np.ndarray, p_pos: np.ndarray, n_bins: int = 10) -> list[dict]:
+    """Reliability of a malignant probability: per probability bin, the count, mean p and observed rate."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(p_pos, edges[1:-1], right=True), 0, n_bins - 1)
+    out = []
+    for b in range(n_bins):
+        m = idx == b
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
+                    "mean_p": float(p_pos[m].mean()) if m.any() else None,
+                    "observed": float(np.mean(y_pos[m])) if m.any() else None})
+    return out
+
+
+def quadratic_kappa(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """Cohen's kappa with quadratic weights over ordinal classes ``0..n_classes-1``."""
+    return float(skm.cohen_kappa_score(y, pred, weights="quadratic", labels=list(range(n_classes))))
+
+
+def auroc(y: np.ndarray, P: np.ndarray) -> float:
+    """AUROC: of the positive class for 2 classes, else one-vs-rest weighted by support."""
+    y = np.asarray(y)
+    present = np.unique(y)
+    if len(present) < 2:
+        return float("nan")
+    if P.shape[1] == 2:
+        return float(skm.roc_auc_score(y, P[:, 1]))
+    aucs, weights = [], []
+    for c in present:
+        aucs.append(skm.roc_auc_score(y == c, P[:, c]))
+        weights.append(np.mean(y == c))
+    return float(np.average(aucs, weights=weights))
+
+
+def auprc_weighted(y: np.ndarray, P: np.ndarray) -> float:
+    """Average precision per class (one-vs-rest), weighted by class support, as the published studies report."""
+    y = np.asarray(y)
+    scores, weights = [], []
+    for c in range(P.shape[1]):
+        if (y == c).any():
+            scores.append(skm.average_precision_score(y == c, P[:, c]))
+            weights.append(np.mean(y == c))
+    return float(np.average(scores, weights=weights)) if scores else float("nan")
+
+
+def headline(y: np.ndarray, P: np.ndarray, positive_class: int | None, ordinal: bool) -> dict[str, float]:
+    """The point estimates of every headline figure for one task."""
+    y = np.asarray(y, int)
+    n_classes = P.shape[1]
+    pred = P.argmax(axis=1)
+    labels = list(range(n_classes))
+    out = {
+        "auroc": auroc(y, P),
+        "auprc_weighted": auprc_weighted(y, P),
+        "f1_weighted": float(skm.f1_score(y, pred, average="weighted", labels=labels, zero_division=0)),
+        "f1_macro": float(skm.f1_score(y, pred, average="macro", labels=labels, zero_division=0)),
+        "precision": float(skm.precision_score(y, pred, average="weighted", labels=labels, zero_division=0)),
+        "recall": float(skm.recall_score(y, pred, average="weighted", labels=labels, zero_division=0)),
+        "accuracy": float(np.mean(pred == y)),
+    }
+    if positive_class is not None:
+        pos_true, pos_pred = y == positive_class, pred == positive_class
+        out["f1_malignant"] = float(skm.f1_score(pos_true, pos_pred, zero_division=0))
+        out["sensitivity"] = float(pos_pred[pos_true].mean()) if pos_true.any() else float("nan")
+        out["specificity"] = float((~pos_pred[~pos_true]).mean()) if (~pos_true).any() else float("nan")
+    if ordinal:
+        out["qwk"] = quadratic_kappa(y, pred, n_classes)
+        out["within_one"] = float(np.mean(np.abs(pred - y) <= 1))
+    return out
+
+
+def bootstrap_ci(
+    fn: Callable[[np.ndarray], dict[str, float]],
+    n: int,
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every figure ``fn(indices)`` returns; resamples whole patients
+    when ``groups`` is given (nodules of one patient are not independent)."""
+    rng = np.random.default_rng(seed)
+    if groups is not None:
+        g = np.asarray(groups)
+        uniq, inv = np.unique(g, return_inverse=True)
+        members = [np.flatnonzero(inv == k) for k in range(len(uniq))]
+    draws: dict[str, list[float]] = {}
+    for _ in range(n_boot):
+        if groups is not None:
+            pick = rng.integers(0, len(members), len(members))
+            idx = np.concatenate([members[k] for k in pick])
+        else:
+            idx = rng.integers(0, n, n)
+        for k, v in fn(idx).items():
+            if np.isfinite(v):
+                draws.setdefault(k, []).append(v)
+    return {k: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for k, v in draws.items()}
+
+
+def evaluate_probabilities(
+    y: np.ndarray,
+    P: np.ndarray,
+    positive_class: int | None = None,
+    ordinal: bool = False,
+    groups: Sequence[str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Headline figures, 95% bootstrap intervals, the confusion matrix, ECE and the reliability table."""
+    y = np.asarray(y, int)
+    P = np.asarray(P, np.float64)
+    point = headline(y, P, positive_class, ordinal)
+    ci = bootstrap_ci(lambda i: headline(y[i], P[i], positive_class, ordinal), len(y), groups, n_boot, seed)
+    return {
+        "n": len(y),
+        **point,
+        "ci95": ci,
+        "confusion": skm.confusion_matrix(y, P.argmax(axis=1), labels=list(range(P.shape[1]))).tolist(),
+        "ece": ece(y, P),
+        "reliability": reliability(y, P),
+    }
+
+
+def reader_pairs(reader_scores: Sequence[Sequence[int]]) -> list[tuple[int, int, int]]:
+    """Leave-one-reader-out pairs ``(case index, reader's score, others' rounded median)`` for cases with >= 2 reads."""
+    pairs = []
+    for i, scores in enumerate(reader_scores):
+        if len(scores) < 2:
+            continue
+        for r in range(len(scores)):
+            others = [s for j, s in enumerate(scores) if j != r]
+            pairs.append((i, int(scores[r]), round_half_up(float(np.median(others)))))
+    return pairs
+
+
+def reader_comparison(
+    reader_scores: Sequence[Sequence[int]], P: np.ndarray, task: str, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """A single radiologist against the rest of the panel, and the model on the very same pairs.
+
+    Each reader in turn is the predictor and the median of the other readers the truth. ``binary``:
+    AUROC of the reader's 1-5 score vs the model's malignant probability for truth >= 4. ``score``:
+    quadratic-weighted kappa and exact agreement of the reader's score vs the model's predicted score.
+    """
+    pairs = reader_pairs(reader_scores)
+    if not pairs:
+        return {"n_pairs": 0}
+    idx = np.array([p[0] for p in pairs])
+    reader = np.array([p[1] for p in pairs])
+    truth = np.array([p[2] for p in pairs])
+    out: dict = {"n_pairs": len(pairs), "n_nodules": len(np.unique(idx))}
+    if task in ("binary", "binary-no3"):
+        keep = truth != 3 if task == "binary-no3" else np.ones(len(truth), bool)
+        y = (truth[keep] >= 4).astype(int)
+        model_p = P[idx[keep], 1]
+        rd = reader[keep].astype(float)
+
+        def fig(i: np.ndarray) -> dict[str, float]:
+            if len(np.unique(y[i])) < 2:
+                return {"reader_auroc": float("nan"), "model_auroc": float("nan")}
+            return {"reader_auroc": float(skm.roc_auc_score(y[i], rd[i])),
+                    "model_auroc": float(skm.roc_auc_score(y[i], model_p[i]))}
+
+        groups = idx[keep]
+        n = int(keep.sum())
+    else:
+        model_pred = P[idx].argmax(axis=1) + 1
+
+        def fig(i: np.ndarray) -> dict[str, float]:
+            return {"reader_qwk": quadratic_kappa(truth[i] - 1, reader[i] - 1, 5),
+                    "model_qwk": quadratic_kappa(truth[i] - 1, model_pred[i] - 1, 5),
+                    "reader_exact": float(np.mean(truth[i] == reader[i])),
+                    "model_exact": float(np.mean(truth[i] == model_pred[i]))}
+
+        groups = idx
+        n = len(pairs)
+    out.update(fig(np.arange(n)))
+    out["ci95"] = bootstrap_ci(fig, n, [str(g) for g in groups], n_boot, seed)
+    return out

@@ -1,0 +1,90 @@
+"""Metrics on tiny arrays, compared to hand-computed values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lungviz import metrics as M
+
+
+def test_softmax_and_temperature():
+    logits = np.array([[0.0, np.log(3.0)]])
+    assert M.softmax(logits)[0].tolist() == pytest.approx([0.25, 0.75])
+    assert M.softmax(logits, 1e9)[0].tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_fit_temperature_recovers_overconfidence():
+    rng = np.random.default_rng(0)
+    n = 4000
+    true_logit = rng.normal(0, 2, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    logits = np.stack([np.zeros(n), 3.0 * true_logit], 1)  # three times too confident
+    t = M.fit_temperature(logits, y)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert M.ece(y, M.softmax(logits, t)) < M.ece(y, M.softmax(logits)) - 0.05
+
+
+def test_ece_hand_computed():
+    # confidences 0.9 (correct), 0.9 (wrong), 0.6 (correct), 0.6 (correct)
+    P = np.array([[0.1, 0.9], [0.1, 0.9], [0.6, 0.4], [0.6, 0.4]])
+    y = np.array([1, 0, 0, 0])
+    # bin (0.8, 0.9]: conf 0.9, acc 0.5 -> |0.4| * 2/4; bin (0.5, 0.6]: conf 0.6, acc 1 -> |0.4| * 2/4
+    assert M.ece(y, P) == pytest.approx(0.4)
+    table = M.reliability(y, P)
+    assert sum(b["n"] for b in table) == 4
+
+
+def test_quadratic_kappa_hand_computed():
+    assert M.quadratic_kappa(np.array([0, 1, 2]), np.array([0, 1, 2]), 3) == pytest.approx(1.0)
+    # y=[0,0,1,1], pred=[0,1,1,1]: observed weighted disagreement 1/4 * (1/4) ... computed by hand:
+    # O = [[1,1,0],[0,2,0],[0,0,0]] /4; E from marginals r=[.5,.5,0], c=[.25,.75,0]; w_ij=(i-j)^2/4
+    # sum(wO)=0.25*0.25=0.0625; sum(wE)=0.25*(0.5*0.75+0.5*0.25)=0.125 -> kappa = 1 - 0.5 = 0.5
+    assert M.quadratic_kappa(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 3) == pytest.approx(0.5)
+
+
+def test_headline_binary_hand_computed():
+    y = np.array([0, 0, 1, 1])
+    p1 = np.array([0.1, 0.6, 0.4, 0.9])
+    P = np.stack([1 - p1, p1], 1)
+    h = M.headline(y, P, positive_class=1, ordinal=False)
+    assert h["auroc"] == pytest.approx(0.75)  # 3 of 4 pos/neg pairs ordered
+    assert h["accuracy"] == pytest.approx(0.5)
+    assert h["f1_malignant"] == pytest.approx(0.5)  # tp=1 fp=1 fn=1
+    assert h["sensitivity"] == pytest.approx(0.5) and h["specificity"] == pytest.approx(0.5)
+
+
+def test_auprc_weighted_perfect_and_multiclass_auroc():
+    y = np.array([0, 1, 2, 2])
+    P = np.eye(3)[y] * 0.9 + 0.1 / 3
+    assert M.auprc_weighted(y, P) == pytest.approx(1.0)
+    assert M.auroc(y, P) == pytest.approx(1.0)
+
+
+def test_bootstrap_resamples_patients_and_brackets_point():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(y * 0.3 + rng.random(200) * 0.7, 0, 1)
+    P = np.stack([1 - p1, p1], 1)
+    res = M.evaluate_probabilities(y, P, positive_class=1, groups=[str(i // 4) for i in range(200)], n_boot=200)
+    lo, hi = res["ci95"]["auroc"]
+    assert lo < res["auroc"] < hi and hi - lo < 0.2
+    assert np.array(res["confusion"]).sum() == 200
+
+
+def test_reader_pairs_leave_one_out():
+    pairs = M.reader_pairs([(5, 5, 5, 4), (2,), (1, 3)])
+    assert pairs[:4] == [(0, 5, 5), (0, 5, 5), (0, 5, 5), (0, 4, 5)]
+    assert (1, 2, 2) not in pairs  # single-reader nodules carry no pair
+    assert pairs[4:] == [(2, 1, 3), (2, 3, 1)]
+
+
+def test_reader_comparison_model_on_same_pairs():
+    scores = [(1, 1, 2), (4, 5, 5), (2, 1, 1), (5, 4, 4)]
+    P = np.array([[0.9, 0.1], [0.2, 0.8], [0.8, 0.2], [0.1, 0.9]])
+    out = M.reader_comparison(scores, P, "binary", n_boot=50)
+    assert out["n_pairs"] == 12 and out["model_auroc"] == pytest.approx(1.0)
+    assert out["reader_auroc"] == pytest.approx(1.0)
+    P5 = np.eye(5)[[0, 4, 0, 3]]
+    out5 = M.reader_comparison(scores, P5, "score", n_boot=50)
+    assert 0 < out5["reader_exact"] < 1 and out5["model_qwk"] > 0.8
