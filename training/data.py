@@ -1,0 +1,113 @@
+"""Training data: every slice of every nodule in memory, balanced epoch plans, and batches of model inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from lungviz.cases import Case
+from lungviz.preprocess import to_model_input, view_from_context
+from training.augment import AugmentConfig, augment
+
+
+@dataclass
+class ViewConfig:
+    """How a case's stored context crop becomes a model input (read from the bundle spec downstream)."""
+
+    view: str
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    field_mm: float | None = None
+
+
+class SliceStore:
+    """All slices of a list of cases, held as ``uint8`` stacks (about 16 KB per 128 px slice)."""
+
+    def __init__(self, cases: Sequence[Case], progress: bool = True) -> None:
+        self.cases = list(cases)
+        self.stacks: list[np.ndarray] = []
+        for c in tqdm(self.cases, desc="loading slices", unit="case", disable=not progress):
+            self.stacks.append(np.round(c.load_slices() * 255.0).astype(np.uint8))
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def slice01(self, case_index: int, slice_index: int) -> np.ndarray:
+        """One slice as ``(H, W) float32 in [0, 1]``."""
+        return self.stacks[case_index][slice_index].astype(np.float32) / 255.0
+
+    def n_slices(self, case_index: int) -> int:
+        return int(self.stacks[case_index].shape[0])
+
+    def eval_slices(self, case_index: int, max_slices: int = 0) -> list[int]:
+        """Slices used to evaluate a nodule: all, or ``max_slices`` evenly spaced through it."""
+        n = self.n_slices(case_index)
+        if not max_slices or n <= max_slices:
+            return list(range(n))
+        return sorted({int(round(v)) for v in np.linspace(0, n - 1, max_slices)})
+
+
+def epoch_plan(
+    labels: np.ndarray, rng: np.random.Generator, balance: str = "upsample", extra: int = 200, max_samples: int = 0
+) -> np.ndarray:
+    """Case indices for one epoch.
+
+    ``upsample`` (as published): every class is brought to the size of the largest class + ``extra`` —
+    each case of a class at least once, topped up with random repeats (augmentation makes them differ).
+    ``none``: each case once (use with a weighted loss). ``max_samples`` caps the epoch with a uniform
+    subsample of the plan, which keeps the class balance.
+    """
+    labels = np.asarray(labels)
+    if balance == "upsample":
+        classes, counts = np.unique(labels, return_counts=True)
+        target = int(counts.max()) + extra
+        parts = []
+        for c in classes:
+            members = np.flatnonzero(labels == c)
+            reps = target // len(members)
+            parts.append(np.concatenate([np.tile(members, reps), rng.choice(members, target - reps * len(members))]))
+        plan = np.concatenate(parts)
+    elif balance == "none":
+        plan = np.arange(len(labels))
+    else:
+        raise ValueError(f"unknown balance '{balance}'")
+    plan = rng.permutation(plan)
+    if max_samples and len(plan) > max_samples:
+        plan = plan[:max_samples]
+    return plan
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Inverse-frequency class weights normalised to mean 1 (for the weighted-loss alternative)."""
+    counts = np.bincount(np.asarray(labels), minlength=n_classes).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_classes, 0.0)
+    return (w / w[counts > 0].mean()).astype(np.float32)
+
+
+def make_input(
+    store: SliceStore,
+    case_index: int,
+    slice_index: int,
+    vc: ViewConfig,
+    rng: np.random.Generator | None = None,
+    aug: AugmentConfig | None = None,
+) -> np.ndarray:
+    """One model input ``(C, S, S) float32``: optional augmentation of the context crop, then the view."""
+    ctx = store.slice01(case_index, slice_index)
+    if rng is not None and aug is not None:
+        ctx = augment(ctx, rng, aug)
+    spacing = store.cases[case_index].pixel_spacing_mm
+    view = view_from_context(ctx, vc.view, vc.input_size, spacing, vc.field_mm)
+    return to_model_input(view, vc.mean, vc.std)
+
+
+def train_batch(
+    store: SliceStore, case_indices: np.ndarray, vc: ViewConfig, rng: np.random.Generator, aug: AugmentConfig
+) -> np.ndarray:
+    """A batch of augmented inputs, one random slice of each listed case."""
+    return np.stack([make_input(store, int(i), int(rng.integers(store.n_slices(int(i)))), vc, rng, aug)
+                     for i in case_indices])

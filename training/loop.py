@@ -1,0 +1,146 @@
+"""The one training loop: gradual unfreezing, AdamW, cosine schedule, early stopping; every task and view."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lungviz.models import LungvizNet
+from training.augment import AugmentConfig
+from training.data import SliceStore, ViewConfig, class_weights, epoch_plan, train_batch
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class LoopConfig:
+    """Settings of one training run (a subset of the full :class:`training.config.TrainConfig`)."""
+
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    warmup_steps: int = 20
+    stages: tuple[int, ...] = (2, 5)  # epoch at which to unfreeze more: head only, then top, then all
+    stage_groups: tuple[int, ...] = (1, 4, 0)  # parameter groups trainable in each stage (0 = all)
+    balance: str = "upsample"  # upsample | weighted
+    balance_extra: int = 200
+    epoch_samples: int = 0  # cap per epoch (0 = the full balanced plan)
+    patience: int = 4
+    label_smoothing: float = 0.0
+    seed: int = 0
+    aug: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def _trainable_groups(model: LungvizNet, n: int) -> None:
+    groups = model.backbone_groups()
+    keep = len(groups) if n == 0 else min(n, len(groups))
+    for k, params in enumerate(groups):
+        for p in params:
+            p.requires_grad_(k < keep)
+
+
+def stage_of(epoch: int, stages: tuple[int, ...]) -> int:
+    """Which unfreezing stage an epoch belongs to."""
+    return sum(epoch >= s for s in stages)
+
+
+def fit(
+    model: LungvizNet,
+    store: SliceStore,
+    train_idx: np.ndarray,
+    train_labels: np.ndarray,
+    vc: ViewConfig,
+    cfg: LoopConfig,
+    device: torch.device,
+    validate: Callable[[LungvizNet], float],
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` in place on ``store`` cases ``train_idx``; keep the weights of the best validation score.
+
+    ``validate(model) -> score`` (higher is better) runs after every epoch and drives early stopping.
+    Returns the history and timing.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    n_classes = model.num_classes
+    model.to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    weight = None
+    if cfg.balance == "weighted":
+        weight = torch.from_numpy(class_weights(train_labels, n_classes)).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    plan_kind = "upsample" if cfg.balance == "upsample" else "none"
+    steps_per_epoch = math.ceil(len(epoch_plan(train_labels, np.random.default_rng(0), plan_kind, cfg.balance_extra,
+                                               cfg.epoch_samples)) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1)))
+    )
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    best, best_state, best_epoch, bad = -math.inf, None, -1, 0
+    history: list[dict] = []
+    n_images, t_train = 0, 0.0
+    for epoch in range(cfg.epochs):
+        stage = stage_of(epoch, cfg.stages)
+        _trainable_groups(model, cfg.stage_groups[min(stage, len(cfg.stage_groups) - 1)])
+        model.train()
+        plan = epoch_plan(train_labels, rng, plan_kind, cfg.balance_extra, cfg.epoch_samples)
+        t0 = time.perf_counter()
+        losses = []
+        bar = tqdm(range(0, len(plan), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs} (stage {stage})",
+                   unit="batch", disable=not progress, leave=False)
+        for start in bar:
+            chunk = plan[start : start + cfg.batch_size]
+            x = torch.from_numpy(train_batch(store, train_idx[chunk], vc, rng, cfg.aug)).to(device)
+            if cuda:
+                x = x.to(memory_format=torch.channels_last)
+            y = torch.from_numpy(train_labels[chunk].astype(np.int64)).to(device)
+            with autocast():
+                loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            n_images += len(chunk)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        t_train += time.perf_counter() - t0
+        score = float(validate(model))
+        row = {"epoch": epoch + 1, "stage": stage, "loss": float(np.mean(losses)), "val_score": score,
+               "lr": float(sched.get_last_lr()[0]), "seconds": time.perf_counter() - t0}
+        history.append(row)
+        log.info("epoch %d stage %d loss %.4f val %.4f (%.0f s)", epoch + 1, stage, row["loss"], score, row["seconds"])
+        if score > best:
+            best, best_epoch, bad = score, epoch + 1, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience and stage >= len(cfg.stages):
+                log.info("early stop at epoch %d (best %d)", epoch + 1, best_epoch)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return {"history": history, "best_epoch": best_epoch, "best_val_score": best, "train_seconds": t_train,
+            "train_images": n_images, "images_per_second": n_images / max(t_train, 1e-9), "device": str(device)}

@@ -1,0 +1,146 @@
+"""Train one model bundle end to end: data, split, loop, calibration on validation, test report, bundle."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lungviz import metrics, paths
+from lungviz.cases import Case, data_fingerprint
+from lungviz.labels import get_scheme
+from lungviz.models import ModelSpec, create_model, resolve_device, save_bundle
+from lungviz.preprocess import VIEWS
+from lungviz.splits import Split, holdout_split
+from training.augment import AugmentConfig
+from training.data import SliceStore, ViewConfig
+from training.datasets import load_cases
+from training.evaluate import full_report, nodule_logits, selection_score
+from training.loop import LoopConfig, fit
+
+log = logging.getLogger("training")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a shipped model; written next to the bundle."""
+
+    name: str = "nodule-binary"
+    dataset: str = "lidc"  # lidc | histology
+    data: str = ""
+    view: str = "nodule"  # nodule | slice
+    task: str = "binary"  # binary | binary-no3 | score | histology
+    arch: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    input_size: int = 64
+    field_mm: float = 0.0  # 0 = the view's default field in mm
+    drop_rate: float = 0.3
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    stages: tuple[int, ...] = (2, 5)
+    stage_groups: tuple[int, ...] = (1, 4, 0)
+    balance: str = "upsample"  # upsample | weighted
+    epoch_samples: int = 0
+    patience: int = 4
+    label_smoothing: float = 0.0
+    val_slices: int = 5
+    seed: int = 0
+    split_seed: int = 42
+    limit: int = 0  # use only the first N patients (quick checks); 0 = all
+    n_boot: int = 1000
+    out: str = ""  # bundle folder; empty = weights/
+    runs: str = ""  # logs and predictions; empty = runs/<name>
+
+
+def _split_for(cases: list[Case], cfg: TrainConfig) -> Split:
+    if cfg.dataset == "histology":
+        assignment = {c.patient_id: (c.split_hint or "train") for c in cases}
+        return Split(assignment, data_fingerprint(cases), 0, "given", {"source": "folders"})
+    return holdout_split(cases, seed=cfg.split_seed)
+
+
+def _write_predictions(path: Path, cases: list[Case], P: np.ndarray, classes: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["patient_id", "nodule", *[f"p_{c}" for c in classes], "prediction"])
+        for c, p in zip(cases, P, strict=True):
+            w.writerow([c.patient_id, c.nodule_id, *[f"{v:.5f}" for v in p], classes[int(np.argmax(p))]])
+
+
+def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train, calibrate and evaluate one bundle; returns its spec as written."""
+    t_start = time.perf_counter()
+    scheme = get_scheme(cfg.task)
+    all_cases, report = load_cases(cfg.dataset, cfg.data)
+    split = _split_for(all_cases, cfg)
+    if cfg.limit:
+        keep = sorted({c.patient_id for c in all_cases})[: cfg.limit]
+        all_cases = [c for c in all_cases if c.patient_id in set(keep)]
+    parts = {name: scheme.labelled(split.select(all_cases, name)) for name in ("train", "val", "test")}
+    cases = [c for name in ("train", "val", "test") for c, _ in parts[name]]
+    labels = np.array([y for name in ("train", "val", "test") for _, y in parts[name]])
+    offsets = np.cumsum([0] + [len(parts[n]) for n in ("train", "val", "test")])
+    idx = {n: np.arange(offsets[k], offsets[k + 1]) for k, n in enumerate(("train", "val", "test"))}
+    log.info("%s: %s; train %d, val %d, test %d nodules", cfg.name, report.summary(), *(len(idx[n]) for n in idx))
+    device = resolve_device()
+    model = create_model(cfg.arch, scheme.n_classes, pretrained=cfg.pretrained, drop_rate=cfg.drop_rate)
+    mean, std = tuple(model.data_config["mean"]), tuple(model.data_config["std"])
+    field_mm = cfg.field_mm or VIEWS[cfg.view].field_mm
+    vc = ViewConfig(cfg.view, cfg.input_size, mean, std, field_mm if cfg.view == "nodule" else None)
+    store = SliceStore(cases, progress=progress)
+    loop_cfg = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                          stages=cfg.stages, stage_groups=cfg.stage_groups, balance=cfg.balance,
+                          epoch_samples=cfg.epoch_samples, patience=cfg.patience,
+                          label_smoothing=cfg.label_smoothing, seed=cfg.seed, aug=AugmentConfig())
+
+    def validate(m) -> float:
+        return selection_score(labels[idx["val"]], nodule_logits(m, store, idx["val"], vc, device, cfg.val_slices),
+                               scheme)
+
+    run = fit(model, store, idx["train"], labels[idx["train"]], vc, loop_cfg, device, validate, progress)
+    # Calibration on validation: undo balanced sampling (prior shift), then temperature.
+    train_prior = np.bincount(labels[idx["train"]], minlength=scheme.n_classes) / len(idx["train"])
+    prior_adjust = None
+    if cfg.balance == "upsample":
+        prior_adjust = (np.log(np.maximum(train_prior, 1e-6)) - np.log(1.0 / scheme.n_classes)).astype(np.float32)
+    val_logits = nodule_logits(model, store, idx["val"], vc, device)
+    adj_val = val_logits + (prior_adjust if prior_adjust is not None else 0.0)
+    temperature = metrics.fit_temperature(adj_val, labels[idx["val"]])
+    groups = {n: [cases[i].patient_id for i in idx[n]] for n in idx}
+    readers = {n: [cases[i].reader_scores for i in idx[n]] for n in idx}
+    val_rep = full_report(labels[idx["val"]], val_logits, scheme, temperature, prior_adjust, groups["val"],
+                          readers["val"], n_boot=200)
+    test_logits = nodule_logits(model, store, idx["test"], vc, device)
+    test_rep = full_report(labels[idx["test"]], test_logits, scheme, temperature, prior_adjust, groups["test"],
+                           readers["test"], n_boot=cfg.n_boot)
+    runs_dir = Path(cfg.runs) if cfg.runs else paths.runs_dir() / cfg.name
+    P_test = metrics.softmax(test_logits + (prior_adjust if prior_adjust is not None else 0.0), temperature)
+    _write_predictions(runs_dir / "test_predictions.csv", [cases[i] for i in idx["test"]], P_test,
+                       list(scheme.classes))
+    spec = ModelSpec.from_model(
+        model, classes=list(scheme.classes), view=cfg.view, task=cfg.task, input_size=cfg.input_size,
+        preprocessing={"view": cfg.view, "field_mm": vc.field_mm, "context": "128 px lung-window crop (W1500/L-600)",
+                       "aggregate": "mean logit over slices"},
+        temperature=temperature,
+        metrics={"test": test_rep, "val": val_rep},
+        training={**dataclasses.asdict(cfg), **{k: v for k, v in run.items() if k != "history"},
+                  "history": run["history"], "total_seconds": time.perf_counter() - t_start,
+                  "n_train": len(idx["train"]), "n_val": len(idx["val"]), "n_test": len(idx["test"])},
+        split_fingerprint=split.fingerprint,
+        extra={"prior_adjust": None if prior_adjust is None else prior_adjust.tolist(),
+               "dataset": cfg.dataset, "label_scheme": scheme.name,
+               "split": {"kind": split.kind, "seed": split.seed}},
+    )
+    out = Path(cfg.out) if cfg.out else paths.weights_dir()
+    written = save_bundle(model, spec, out, cfg.name)
+    (runs_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    return written
