@@ -30,7 +30,7 @@ def affine(image: np.ndarray, angle_deg: float, shift_rc: tuple[float, float], s
     h, w = image.shape
     a = np.deg2rad(angle_deg)
     cos, sin = np.cos(a) / scale, np.sin(a) / scale
-    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    cx, cy = w / 2.0, h / 2.0  # PIL samples pixel centres at +0.5
     # inverse map: output (x, y) -> input
     dx, dy = shift_rc[1], shift_rc[0]
     c0 = cx - cos * (cx + dx) - sin * (cy + dy)

@@ -1,0 +1,100 @@
+"""The training pieces: augmentation, balanced epochs, unfreezing stages, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lungviz.models import load_bundle
+from training.augment import AugmentConfig, affine, augment
+from training.data import class_weights, epoch_plan
+from training.loop import stage_of
+
+
+def test_affine_identity_and_quarter_turn():
+    img = np.arange(25, dtype=np.float32).reshape(5, 5) / 24
+    assert np.allclose(affine(img, 0.0, (0.0, 0.0), 1.0), img, atol=1e-5)
+    turned = affine(img, 90.0, (0.0, 0.0), 1.0)
+    assert np.allclose(turned, np.rot90(img, 1), atol=1e-4) or np.allclose(turned, np.rot90(img, -1), atol=1e-4)
+
+
+def test_augment_is_seeded_and_bounded():
+    img = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    a = augment(img, np.random.default_rng(5))
+    b = augment(img, np.random.default_rng(5))
+    c = augment(img, np.random.default_rng(6))
+    assert a.shape == img.shape and a.dtype == np.float32
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    off = AugmentConfig(rotate_deg=0, flip=False, shift_frac=0, scale=0, brightness=0, contrast=0, gamma=0, noise=0)
+    assert np.allclose(augment(img, np.random.default_rng(0), off), img)
+
+
+def test_upsampling_plan_brings_every_class_to_largest_plus_200():
+    labels = np.array([0] * 50 + [1] * 7 + [2] * 20)
+    plan = epoch_plan(labels, np.random.default_rng(0), "upsample", extra=200)
+    counts = np.bincount(labels[plan])
+    assert counts.tolist() == [250, 250, 250]
+    assert set(plan) == set(range(len(labels)))  # every case at least once
+    capped = epoch_plan(labels, np.random.default_rng(0), "upsample", extra=200, max_samples=90)
+    assert len(capped) == 90
+    assert sorted(epoch_plan(labels, np.random.default_rng(0), "none").tolist()) == list(range(77))
+
+
+def test_class_weights_inverse_frequency():
+    w = class_weights(np.array([0, 0, 0, 1]), 2)
+    assert w[1] / w[0] == pytest.approx(3.0) and w.mean() == pytest.approx(1.0)
+
+
+def test_unfreezing_stages():
+    assert [stage_of(e, (2, 5)) for e in range(7)] == [0, 0, 1, 1, 1, 2, 2]
+
+
+def _synthetic_slices(root, n_patients=40, seed=0):
+    """A tiny lidc-slices tree: malignant nodules are big bright discs, benign ones small and faint."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    yy, xx = np.mgrid[:48, :48]
+    for p in range(n_patients):
+        pid = f"LIDC-IDRI-{p:04d}"
+        score = [1, 2, 3, 4, 5][p % 5]
+        folder = root / pid / "nodule-0"
+        (folder / "images").mkdir(parents=True)
+        (folder / "consensus").mkdir()
+        radius = 3 + 2.5 * score
+        for s in range(3):
+            disc = (yy - 24) ** 2 + (xx - 24) ** 2 <= radius**2
+            img = rng.normal(40, 8, (48, 48)) + disc * (60 + 30 * score)
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / "images" / f"slice-{s}.png")
+            Image.fromarray((disc * 2).astype(np.uint8)).save(folder / "consensus" / f"slice-{s}.png")
+        rows.append({"patient_id": pid, "nodule": "nodule-0", "n_slices": 3, "n_readers": 2,
+                     "malignancy_readers": f"{score} {score}", "malignancy_median": score, "malignancy": score,
+                     "malignant": int(score >= 4), "diameter_mm": 2 * radius, "pixel_spacing_mm": 0.7,
+                     "label_check": "ok"})
+    with (root / "labels.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_training_learns_and_writes_a_bundle(tmp_path):
+    from training.train import TrainConfig, train_model
+
+    data = _synthetic_slices(tmp_path / "slices")
+    cfg = TrainConfig(name="tiny", data=str(data), view="slice", task="binary", arch="cnn4", pretrained=False,
+                      input_size=32, epochs=6, stages=(1,), stage_groups=(1, 0), lr=3e-3, batch_size=32,
+                      n_boot=20, out=str(tmp_path / "w"), runs=str(tmp_path / "r"), patience=10)
+    spec = train_model(cfg, progress=False)
+    assert spec["view"] == "slice" and spec["task"] == "binary" and spec["classes"] == ["benign", "malignant"]
+    assert spec["metrics"]["test"]["n"] > 0 and 0.05 < spec["temperature"] < 20
+    assert spec["metrics"]["val"]["auroc"] > 0.9  # bright big discs vs faint small ones
+    assert spec["training"]["train_images"] > 0 and spec["split_fingerprint"]
+    bundle = load_bundle(tmp_path / "w", "tiny")
+    assert bundle.input_size == 32 and bundle.view == "slice"
+    rows = list(csv.DictReader((tmp_path / "r" / "test_predictions.csv").open()))
+    assert rows and {"patient_id", "nodule", "p_benign", "p_malignant", "prediction"} <= set(rows[0])
