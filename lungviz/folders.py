@@ -7,6 +7,7 @@ Class folder names often differ between splits (``adenocarcinoma_left.lower.lobe
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,9 +22,11 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "val", "val": "
 def normalise_class_name(folder: str, known: Sequence[str] = ()) -> str:
     """``'Large cell carcinoma_left.hilum_T2'`` -> ``'large.cell.carcinoma'``; matched to ``known`` when given."""
     base = folder.split("_")[0].strip().lower()
-    base = re.sub(r"[\s\-]+", ".", base)
-    for k in known:
-        if base == k or base.startswith(k) or k.startswith(base):
+    base = re.sub(r"[\s\-]+", ".", base).strip(".")
+    if not base:  # '_x': no class before the first underscore; keep the whole name
+        base = re.sub(r"[\s\-_]+", ".", folder.strip().lower()).strip(".")
+    for k in known:  # whole words only: 'large' matches 'large.cell.carcinoma', 'a' or 'n' match nothing
+        if base == k or base.startswith(k + ".") or k.startswith(base + "."):
             return k
     return base
 
@@ -47,13 +50,14 @@ def import_class_folders(root: Path, classes: Sequence[str] = ()) -> tuple[list[
             if classes and label not in classes:
                 skipped.append((str(cdir), f"class folder '{cdir.name}' matches none of {', '.join(classes)}"))
                 continue
-            for img in sorted(cdir.iterdir()):
-                if not img.is_file():
-                    continue
+            files = [p for p in sorted(cdir.iterdir()) if p.is_file()]
+            stems = Counter(p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+            for img in files:
                 if img.suffix.lower() not in IMAGE_SUFFIXES:
                     skipped.append((str(img), f"not an image file ({img.suffix or 'no extension'})"))
                     continue
-                ident = f"{split or 'all'}-{label}-{img.stem}"
+                # 'x.png' and 'x.jpg' side by side stay two cases with two ids
+                ident = f"{split or 'all'}-{label}-{img.stem if stems[img.stem] == 1 else img.name}"
                 cases.append(Case(patient_id=ident, nodule_id="image", source="class-folder",
                                   image_paths=(img,), histology=label, split_hint=split,
                                   extra={"class_folder": cdir.name}))

@@ -20,7 +20,8 @@ MAX_SIDE_PX = 8192
 MIN_SIDE_PX = 16
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
-HU_RANGE = (-2000.0, 5000.0)
+#: Values an HU array may span. The low end admits scanners' outside-the-scan padding (-2048, -3024).
+HU_RANGE = (-3100.0, 5000.0)
 
 Source = str | Path | bytes | BinaryIO
 
@@ -73,6 +74,8 @@ def _read_bytes(src: Source, name: str) -> bytes:
             raise LungvizError("this is a folder, not an image file.", source=name)
         data = path.read_bytes()
     else:
+        if hasattr(src, "seek"):
+            src.seek(0)  # an upload read once before must not look empty the second time
         data = src.read()
         if hasattr(src, "seek"):
             src.seek(0)
@@ -208,7 +211,10 @@ def is_dicom_bytes(data: bytes) -> bool:
 def read_dicom(src: Source, name: str | None = None, require_ct: bool = True) -> DicomSlice:
     """Read one DICOM slice into Hounsfield units (RescaleSlope/Intercept applied)."""
     label = _name_of(src, name)
-    ds = _dataset(_read_bytes(src, label), label)
+    return _slice_from_dataset(_dataset(_read_bytes(src, label), label), label, require_ct)
+
+
+def _slice_from_dataset(ds, label: str, require_ct: bool = True) -> DicomSlice:
     modality = str(getattr(ds, "Modality", "")).upper()
     if require_ct and modality and modality != "CT":
         raise LungvizError(
@@ -244,25 +250,72 @@ def read_dicom(src: Source, name: str | None = None, require_ct: bool = True) ->
     )
 
 
-def _sorted_series(slices: list[DicomSlice], name: str) -> list[DicomSlice]:
+#: CT Image Storage and Enhanced CT Image Storage: objects meant to be CT slices (a damaged one raises).
+CT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
+
+
+def _is_ct_image(ds) -> bool:
+    """A CT slice; dose reports, colour screenshots, other modalities and DICOMDIRs are not."""
+    meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
+    if sop in CT_SOP_CLASSES:
+        return True
+    return (
+        str(getattr(ds, "Modality", "")).upper() in ("CT", "")
+        and "PixelData" in ds
+        and int(getattr(ds, "SamplesPerPixel", 1) or 1) == 1
+        and int(getattr(ds, "NumberOfFrames", 1) or 1) == 1
+    )
+
+
+def _skip_in_series(name: str) -> bool:
+    """Files in a series folder or zip that are never slices: hidden files, macOS ``__MACOSX/._*`` and DICOMDIR."""
+    parts = name.replace("\\", "/").split("/")
+    base = parts[-1]
+    return base.startswith(".") or base.upper() == "DICOMDIR" or "__MACOSX" in parts
+
+
+def _sorted_series(slices: list[DicomSlice], n_other: int, name: str) -> list[DicomSlice]:
     if not slices:
-        raise LungvizError("no DICOM CT slices were found.", source=name)
+        other = f" ({n_other} other DICOM objects, not CT images, were left out)" if n_other else ""
+        raise LungvizError(f"no DICOM CT slices were found{other}.", source=name)
     uids = {s.series_uid for s in slices}
     if len(uids) > 1:
-        largest = max(uids, key=lambda u: sum(s.series_uid == u for s in slices))
+        largest = max(sorted(uids), key=lambda u: sum(s.series_uid == u for s in slices))
         slices = [s for s in slices if s.series_uid == largest]
+    shapes = {s.hu.shape for s in slices}
+    if len(shapes) > 1:
+        raise LungvizError(f"the series mixes slices of different sizes ({sorted(shapes)}).", source=name)
     return sorted(slices, key=lambda s: (s.z_mm, s.instance_number))
 
 
 def read_series(src: Source, name: str | None = None) -> list[DicomSlice]:
-    """Read a DICOM series from a folder or a ``.zip``; slices ordered by z position (inferior first)."""
+    """Read a DICOM series from a folder or a ``.zip``; slices ordered by z position (inferior first).
+
+    Objects that are not CT images (dose reports, DICOMDIR, macOS ``._`` files) are left out; a damaged
+    slice raises. When several series are present the one with most slices is kept.
+    """
     label = _name_of(src, name)
     slices: list[DicomSlice] = []
+    n_other = 0
+
+    def add(data: bytes, member: str) -> None:
+        nonlocal n_other
+        ds = _dataset(data, member)
+        if _is_ct_image(ds):
+            slices.append(_slice_from_dataset(ds, member))
+        else:
+            n_other += 1
+
     if isinstance(src, (str, Path)) and Path(src).is_dir():
-        files = sorted(p for p in Path(src).iterdir() if p.is_file() and p.suffix.lower() in DICOM_SUFFIXES)
-        for p in files:
-            slices.append(read_dicom(p))
-        return _sorted_series(slices, label)
+        for p in sorted(Path(src).iterdir()):
+            if not p.is_file() or p.suffix.lower() not in DICOM_SUFFIXES or _skip_in_series(p.name):
+                continue
+            data = p.read_bytes()
+            if p.suffix == "" and not is_dicom_bytes(data):  # extension-less: a slice only with the DICOM marker
+                continue
+            add(data, str(p))
+        return _sorted_series(slices, n_other, label)
     data = _read_bytes(src, label)
     try:
         zf = zipfile.ZipFile(_io.BytesIO(data))
@@ -270,14 +323,17 @@ def read_series(src: Source, name: str | None = None) -> list[DicomSlice]:
         raise LungvizError("this is not a readable zip archive.", source=label) from err
     with zf:
         for info in zf.infolist():
-            if info.is_dir() or info.file_size == 0:
+            if info.is_dir() or info.file_size == 0 or _skip_in_series(info.filename):
                 continue
-            member = zf.read(info)
-            if is_dicom_bytes(member) or info.filename.lower().endswith(".dcm"):
-                slices.append(read_dicom(member, name=f"{label}:{info.filename}"))
-    if not slices:
+            try:
+                member = zf.read(info)
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError) as err:
+                raise LungvizError(f"'{info.filename}' in the zip cannot be extracted ({err}).", source=label) from err
+            if is_dicom_bytes(member) or info.filename.lower().endswith((".dcm", ".dicom")):
+                add(member, f"{label}:{info.filename}")
+    if not slices and not n_other:
         raise LungvizError("the zip archive contains no DICOM files.", source=label)
-    return _sorted_series(slices, label)
+    return _sorted_series(slices, n_other, label)
 
 
 def load_image(src: Source, name: str | None = None) -> LoadedImage:
@@ -289,8 +345,9 @@ def load_image(src: Source, name: str | None = None) -> LoadedImage:
         return load_npy(data, name=label)
     if is_dicom_bytes(data) or lower.endswith((".dcm", ".dicom")):
         sl = read_dicom(data, name=label)
+        spacing = float(np.mean(sl.pixel_spacing_mm))
         return LoadedImage(
-            sl.hu, True, label, pixel_spacing_mm=float(np.mean(sl.pixel_spacing_mm)),
+            sl.hu, True, label, pixel_spacing_mm=spacing if np.isfinite(spacing) and spacing > 0 else None,
             meta={"format": "dicom", "z_mm": sl.z_mm, "series_uid": sl.series_uid},
         )
     if lower.endswith(".zip") or data[:2] == b"PK":

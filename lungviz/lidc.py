@@ -16,6 +16,7 @@ from lungviz.errors import LungvizError
 
 REQUIRED_COLUMNS = ("patient_id", "nodule", "n_readers", "malignancy_readers")
 _SLICE_RE = re.compile(r"slice-(\d+)\.(png|jpg|jpeg|tif|tiff|npy)$", re.IGNORECASE)
+_READER_DIR_RE = re.compile(r"mask-(\d+)$")
 
 
 def _slice_files(folder: Path) -> list[Path]:
@@ -41,7 +42,7 @@ def read_labels(labels_csv: Path) -> list[dict[str, str]]:
     if not labels_csv.is_file():
         raise LungvizError("the labels file was not found.", source=labels_csv)
     try:
-        with labels_csv.open(newline="", encoding="utf-8") as fh:
+        with labels_csv.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's BOM is no column
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
             missing = [c for c in REQUIRED_COLUMNS if c not in columns]
@@ -61,19 +62,31 @@ def read_labels(labels_csv: Path) -> list[dict[str, str]]:
 def _case_from_row(root: Path, row: dict[str, str], line: int) -> Case:
     pid, nod = row["patient_id"].strip(), row["nodule"].strip()
     folder = root / pid / nod
+    where = f"{root / 'labels.csv'} line {line}"
     images = _slice_files(folder / "images")
     if not images:
-        raise LungvizError(f"no slice images in {folder / 'images'}.", source=f"labels.csv line {line}")
-    n_readers = int(float(row["n_readers"] or 0))
+        raise LungvizError(f"no slice images in {folder / 'images'}.", source=where)
+    n_readers_f = _float(row, "n_readers")
+    if n_readers_f is not None and not (n_readers_f >= 0 and n_readers_f.is_integer()):
+        raise LungvizError(f"n_readers is '{row['n_readers']}', not a number of readers.", source=where)
+    n_readers = int(n_readers_f or 0)
     consensus = _slice_files(folder / "consensus")
-    reader_dirs = sorted((d for d in folder.glob("mask-*") if d.is_dir()), key=lambda d: int(d.name.split("-")[1]))
+    reader_dirs = sorted(
+        (d for d in folder.iterdir() if d.is_dir() and _READER_DIR_RE.match(d.name)), key=lambda d: int(d.name[5:])
+    )
     reader_masks = tuple(tuple(_slice_files(d)) for d in reader_dirs)
     if consensus and len(consensus) != len(images):
         raise LungvizError(f"{len(images)} images but {len(consensus)} consensus masks.", source=folder)
     for d, masks in zip(reader_dirs, reader_masks, strict=False):
         if len(masks) != len(images):
             raise LungvizError(f"{len(images)} images but {len(masks)} masks in {d.name}.", source=folder)
-    scores = tuple(int(s) for s in (row.get("malignancy_readers") or "").split())
+    score_text = (row.get("malignancy_readers") or "").split()
+    if not all(s.isdigit() and 1 <= int(s) <= 5 for s in score_text):
+        raise LungvizError(
+            f"malignancy_readers is '{row.get('malignancy_readers')}'; expected reader scores 1-5 separated by spaces.",
+            source=where,
+        )
+    scores = tuple(int(s) for s in score_text)
     median = _float(row, "malignancy_median")
     if median is None:
         median = panel_median(scores)
@@ -126,6 +139,8 @@ def import_slices(root: Path, strict: bool = False) -> tuple[list[Case], ImportR
             cases.append(_case_from_row(root, row, line))
         except LungvizError as err:
             if strict:
+                if err.source is None:  # e.g. a non-numeric column: say which line
+                    raise LungvizError(err.message, source=f"{root / 'labels.csv'} line {line}") from err
                 raise
             skipped.append((key, err.message))
     return cases, ImportReport(len(cases), tuple(skipped))

@@ -8,6 +8,7 @@ This is the format of the published full-slice / nodule-crop studies. Required c
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 from lungviz.cases import Case, ImportReport
@@ -22,7 +23,7 @@ def import_manifest(path: Path, check_files: bool = True) -> tuple[list[Case], I
     if not path.is_file():
         raise LungvizError("the manifest file was not found.", source=path)
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's BOM is no column
             reader = csv.DictReader(fh)
             missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
@@ -33,34 +34,49 @@ def import_manifest(path: Path, check_files: bool = True) -> tuple[list[Case], I
             rows = list(reader)
     except UnicodeDecodeError as err:
         raise LungvizError("the manifest is not a text CSV file.", source=path) from err
+    except csv.Error as err:
+        raise LungvizError(f"the manifest is not valid CSV ({err}).", source=path) from err
     cases: list[Case] = []
     skipped: list[tuple[str, str]] = []
     counts: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         where = f"line {line}"
-        pid = (row["patient_id"] or "").strip()
+        cell = {k: (row.get(k) or "").strip() for k in (*MANIFEST_COLUMNS, "nodule_id", "pixel_spacing_mm")}
+        pid = cell["patient_id"]
         if not pid:
             skipped.append((where, "no patient id"))
             continue
         try:
-            score = int(float(row["malignancy"]))
-        except (TypeError, ValueError):
-            skipped.append((where, f"malignancy '{row['malignancy']}' is not a number 1-5"))
+            score_f = float(cell["malignancy"])
+        except ValueError:
+            score_f = float("nan")
+        if not score_f.is_integer():  # NaN, inf and 3.5 are not panel scores
+            skipped.append((where, f"malignancy '{cell['malignancy']}' is not a whole number 1-5"))
             continue
+        score = int(score_f)
         if not 1 <= score <= 5:
             skipped.append((where, f"malignancy {score} is outside 1-5"))
             continue
-        slice_p = (path.parent / row["slice_path"].strip()).resolve()
-        nodule_p = (path.parent / row["nodule_path"].strip()).resolve()
+        try:
+            spacing = float(cell["pixel_spacing_mm"]) if cell["pixel_spacing_mm"] else None
+        except ValueError:
+            spacing = float("nan")
+        if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
+            skipped.append((where, f"pixel_spacing_mm '{cell['pixel_spacing_mm']}' is not a positive number"))
+            continue
+        empty = [k for k in ("slice_path", "nodule_path") if not cell[k]]
+        if empty:
+            skipped.append((where, f"no {empty[0]}"))
+            continue
+        slice_p = (path.parent / cell["slice_path"]).resolve()
+        nodule_p = (path.parent / cell["nodule_path"]).resolve()
         absent = [p for p in (slice_p, nodule_p) if check_files and not p.is_file()]
         if absent:
             skipped.append((where, f"file not found: {absent[0]}"))
             continue
         counts[pid] = counts.get(pid, 0) + 1
-        nid = (row.get("nodule_id") or "").strip() or f"pair-{counts[pid] - 1}"
-        spacing = (row.get("pixel_spacing_mm") or "").strip()
+        nid = cell["nodule_id"] or f"pair-{counts[pid] - 1}"
         cases.append(Case(patient_id=pid, nodule_id=nid, source="manifest", image_paths=(slice_p,),
                           crop_paths=(nodule_p,), reader_scores=(score,), n_readers=1,
-                          malignancy_median=float(score), malignancy=score,
-                          pixel_spacing_mm=float(spacing) if spacing else None))
+                          malignancy_median=float(score), malignancy=score, pixel_spacing_mm=spacing))
     return cases, ImportReport(len(cases), tuple(skipped))

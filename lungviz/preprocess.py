@@ -5,6 +5,7 @@ Images are ``(H, W) float32 in [0, 1]`` unless a docstring says HU. No torch, no
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,9 +42,24 @@ VIEWS: dict[str, ViewSpec] = {
 }
 
 
+def _image2d(image: np.ndarray, what: str = "image") -> np.ndarray:
+    """``image`` as a non-empty ``(H, W) float32`` array, or a :class:`LungvizError` saying what is wrong."""
+    a = np.asarray(image, np.float32)
+    if a.ndim != 2 or a.size == 0:
+        raise LungvizError(f"the {what} has shape {tuple(a.shape)}; a non-empty 2D (height x width) image is expected.")
+    return a
+
+
+def _side(size: object, what: str) -> int:
+    """A positive whole number of pixels (numpy integers accepted)."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or int(size) < 1:
+        raise LungvizError(f"{what} must be a whole number of pixels, at least 1; got {size!r}.")
+    return int(size)
+
+
 def window(hu: np.ndarray, width: float, level: float) -> np.ndarray:
     """HU ``(H, W)`` -> ``(H, W) float32 in [0, 1]``: linear over ``[level - width/2, level + width/2]``, clipped."""
-    if width <= 0:
+    if not width > 0:  # also rejects NaN
         raise LungvizError(f"window width must be positive, got {width}.")
     lo = level - width / 2.0
     return np.clip((np.asarray(hu, np.float32) - lo) / width, 0.0, 1.0).astype(np.float32)
@@ -59,6 +75,8 @@ def window_preset(hu: np.ndarray, preset: str = "lung") -> np.ndarray:
 def minmax(image: np.ndarray) -> np.ndarray:
     """Rescale to ``[0, 1]`` by the image's own min and max; a constant image becomes all zeros."""
     a = np.asarray(image, np.float32)
+    if a.size == 0:
+        raise LungvizError("the image is empty.")
     lo, hi = float(a.min()), float(a.max())
     if hi <= lo:
         return np.zeros_like(a)
@@ -69,15 +87,16 @@ def sigmoid_contrast(image: np.ndarray, gain: float = 10.0, cutoff: float | None
     """Sigmoidal contrast ``1 / (1 + exp(gain * (cutoff - x)))`` on ``[0, 1]`` images; cutoff defaults to the mean."""
     a = np.asarray(image, np.float32)
     c = float(a.mean()) if cutoff is None else float(cutoff)
-    return (1.0 / (1.0 + np.exp(gain * (c - a)))).astype(np.float32)
+    # 0.5 * (1 + tanh(z / 2)) is the logistic function without exp overflow at large gains.
+    return (0.5 * (1.0 + np.tanh(0.5 * gain * (a - c)))).astype(np.float32)
 
 
 def pad_to_square(image: np.ndarray, fill: float | None = None) -> np.ndarray:
     """Pad the shorter side symmetrically (extra pixel at the end) to a square; fill defaults to the minimum."""
-    a = np.asarray(image, np.float32)
+    a = _image2d(image)
     h, w = a.shape
     if h == w:
-        return a
+        return a.copy()
     value = float(a.min()) if fill is None else float(fill)
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
@@ -92,9 +111,10 @@ def crop_around(image: np.ndarray, centre_rc: tuple[float, float], size: int, fi
     For an even size the centre lies between the two middle pixels: the window starts at
     ``round(centre - size / 2)``.
     """
-    a = np.asarray(image, np.float32)
-    if size < 1:
-        raise LungvizError(f"crop size must be at least 1 pixel, got {size}.")
+    a = _image2d(image)
+    size = _side(size, "the crop size")
+    if not np.all(np.isfinite(centre_rc)):
+        raise LungvizError(f"the crop centre {tuple(centre_rc)} is not a pixel position.")
     value = float(a.min()) if fill is None else float(fill)
     r0 = int(np.floor(centre_rc[0] - size / 2.0 + 0.5))
     c0 = int(np.floor(centre_rc[1] - size / 2.0 + 0.5))
@@ -109,14 +129,20 @@ def crop_around(image: np.ndarray, centre_rc: tuple[float, float], size: int, fi
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     """The central ``size x size`` window (padded with the minimum if the image is smaller)."""
-    h, w = np.asarray(image).shape
+    h, w = _image2d(image).shape
     return crop_around(image, (h / 2.0, w / 2.0), size)
 
 
 def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Bilinear resize (antialiased when shrinking) of ``(H, W) float32`` to ``size`` (side or (H, W))."""
-    a = np.asarray(image, np.float32)
-    h_out, w_out = (size, size) if isinstance(size, int) else size
+    a = _image2d(image)
+    if isinstance(size, numbers.Integral):
+        h_out = w_out = _side(size, "the output size")
+    else:
+        try:
+            h_out, w_out = (_side(v, "the output size") for v in size)
+        except (TypeError, ValueError) as err:
+            raise LungvizError(f"the output size must be a side or (height, width), got {size!r}.") from err
     if a.shape == (h_out, w_out):
         return a.copy()
     img = Image.fromarray(a, mode="F").resize((w_out, h_out), Image.Resampling.BILINEAR)
@@ -125,7 +151,9 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 def mm_to_px(size_mm: float, spacing_mm: float | None) -> int:
     """Number of pixels covering ``size_mm`` at ``spacing_mm`` (default spacing when unknown)."""
-    spacing = spacing_mm if spacing_mm and spacing_mm > 0 else DEFAULT_SPACING_MM
+    if not (np.isfinite(size_mm) and size_mm > 0):
+        raise LungvizError(f"a field of view must be a positive number of millimetres, got {size_mm}.")
+    spacing = spacing_mm if spacing_mm and spacing_mm > 0 else DEFAULT_SPACING_MM  # NaN/None/0 -> default
     return max(1, round(size_mm / spacing))
 
 
@@ -146,7 +174,7 @@ def view_from_context(
     """
     if view not in VIEWS:
         raise LungvizError(f"unknown view '{view}'; choose one of {', '.join(VIEWS)}.")
-    a = np.asarray(context, np.float32)
+    a = _image2d(context, "context crop")
     if view == "slice":
         return resize(pad_to_square(a), input_size)
     size_mm = VIEWS[view].field_mm if field_mm is None else field_mm
@@ -171,8 +199,17 @@ def view_from_whole_slice(
 
 def to_model_input(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], channels: int = 3) -> np.ndarray:
     """``(H, W) float32 in [0, 1]`` -> ``(C, H, W) float32`` normalised by per-channel mean/std."""
-    a = np.asarray(image, np.float32)
-    m = np.asarray(mean, np.float32).reshape(-1, 1, 1)
-    s = np.asarray(std, np.float32).reshape(-1, 1, 1)
+    a = _image2d(image)
+    channels = _side(channels, "the number of channels")
+    m = np.asarray(mean, np.float32).reshape(-1)
+    s = np.asarray(std, np.float32).reshape(-1)
+    for label, v in (("mean", m), ("std", s)):
+        if v.size != 1 and v.size < channels:
+            raise LungvizError(
+                f"the normalisation {label} has {v.size} values; {channels} channels need 1 or {channels}."
+            )
+    m, s = m[:channels].reshape(-1, 1, 1), s[:channels].reshape(-1, 1, 1)
+    if not np.all(s > 0):
+        raise LungvizError(f"the normalisation std must be positive, got {tuple(float(v) for v in s.ravel())}.")
     stacked = np.broadcast_to(a, (channels, *a.shape))
-    return ((stacked - m[:channels]) / s[:channels]).astype(np.float32)
+    return ((stacked - m) / s).astype(np.float32)

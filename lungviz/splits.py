@@ -25,11 +25,22 @@ def patient_stratum(cases: Sequence[Case]) -> int:
     return 10 + zlib.crc32(hist[0].encode()) % 1000 if hist else 0
 
 
-def _strata(cases: Sequence[Case]) -> dict[int, list[str]]:
+def _stratum_key(cases: Sequence[Case]) -> tuple[int, int, int, int]:
+    """Highest score, then counts of malignant (0-3+) and score-3 (0-3+) nodules and of all nodules (1-4+).
+
+    Splits are by patient but metrics are by nodule: a patient with many malignant (or indeterminate)
+    nodules moves a split's nodule-level mix more than a patient with one, so such patients are spread too.
+    """
+    n_malignant = sum(c.malignant or 0 for c in cases)
+    n_three = sum(c.malignancy == 3 for c in cases)
+    return patient_stratum(cases), min(n_malignant, 3), min(n_three, 3), min(len(cases), 4)
+
+
+def _strata(cases: Sequence[Case]) -> dict[tuple[int, int, int, int], list[str]]:
     groups = by_patient(cases)
-    strata: dict[int, list[str]] = {}
+    strata: dict[tuple[int, int, int, int], list[str]] = {}
     for pid in sorted(groups):
-        strata.setdefault(patient_stratum(groups[pid]), []).append(pid)
+        strata.setdefault(_stratum_key(groups[pid]), []).append(pid)
     return strata
 
 
@@ -73,12 +84,18 @@ class Split:
     @classmethod
     def load(cls, path: Path) -> Split:
         try:
-            d = json.loads(Path(path).read_text())
-            return cls(d["assignment"], d["fingerprint"], int(d["seed"]), d["kind"], d.get("params", {}))
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(d["assignment"], dict) or not isinstance(d.get("params", {}), dict):
+                raise TypeError("'assignment' and 'params' must be JSON objects")
+            split = cls(dict(d["assignment"]), str(d["fingerprint"]), int(d["seed"]), str(d["kind"]),
+                        dict(d.get("params", {})))
         except FileNotFoundError as err:
             raise LungvizError("split file not found.", source=path) from err
-        except (KeyError, ValueError) as err:
-            raise LungvizError(f"this is not a lungviz split file ({err}).", source=path) from err
+        except OSError as err:
+            raise LungvizError(f"the split file cannot be read ({err}).", source=path) from err
+        except (KeyError, ValueError, TypeError, AttributeError) as err:
+            raise LungvizError(f"this is not a lungviz split file ({err!r}).", source=path) from err
+        return split
 
     def check(self, cases: Sequence[Case]) -> None:
         """Raise if the split was made on different data than ``cases``."""
@@ -92,25 +109,36 @@ class Split:
 def holdout_split(
     cases: Sequence[Case], fractions: tuple[float, float, float] = (0.70, 0.15, 0.15), seed: int = 42
 ) -> Split:
-    """Patient-level train/val/test split, stratified by each patient's highest panel score."""
+    """Patient-level train/val/test split, stratified by each patient's highest panel score and nodule counts.
+
+    Each stratum is shuffled with ``seed`` and cut at the running totals, so the split sizes are the
+    fractions of the patient count (rounded) even when there are many small strata.
+    """
     if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise LungvizError(f"split fractions must be non-negative and sum to 1, got {fractions}.")
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
+    # Round the running totals, not each stratum: many small strata would otherwise all round val/test to 0.
+    seen = done_test = done_val = 0
     for _stratum, pids in sorted(_strata(cases).items()):
         order = [pids[i] for i in rng.permutation(len(pids))]
-        n = len(order)
-        n_test = round(n * fractions[2])
-        n_val = round(n * fractions[1])
+        seen += len(order)
+        n_test = min(len(order), max(0, round(seen * fractions[2]) - done_test))
+        want_val = round(seen * (fractions[1] + fractions[2])) - done_test - n_test - done_val
+        n_val = min(len(order) - n_test, max(0, want_val))
+        done_test, done_val = done_test + n_test, done_val + n_val
         for i, pid in enumerate(order):
             assignment[pid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return Split(assignment, data_fingerprint(cases), seed, "holdout", {"fractions": list(fractions)})
 
 
 def kfold_split(cases: Sequence[Case], k: int = 5, seed: int = 42) -> Split:
-    """Patient-level k folds (``"0"``..``"k-1"``), stratified by each patient's highest panel score."""
+    """Patient-level k folds (``"0"``..``"k-1"``), stratified as :func:`holdout_split`; sizes differ by at most 1."""
     if k < 2:
         raise LungvizError(f"k-fold needs k >= 2, got {k}.")
+    n_patients = len({c.patient_id for c in cases})
+    if k > n_patients:
+        raise LungvizError(f"{k} folds need at least {k} patients; the data has {n_patients}.")
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     offset = 0

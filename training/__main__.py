@@ -11,7 +11,7 @@ import numpy as np
 
 from lungviz import paths
 from lungviz.errors import LungvizError
-from training.config import OutlierConfig, SplitConfig, add_config_args, config_from_args, save_config
+from training.config import EvalConfig, OutlierConfig, SplitConfig, add_config_args, config_from_args, save_config
 from training.train import TrainConfig
 
 
@@ -21,7 +21,7 @@ def cmd_splits(cfg: SplitConfig) -> dict:
     from training.datasets import load_cases
 
     cases, report = load_cases("lidc", cfg.data)
-    out = Path(cfg.out) if cfg.out else paths.runs_dir() / "splits"
+    out = Path(cfg.out) if cfg.out else paths.weights_dir() / "splits"
     hold = holdout_split(cases, seed=cfg.seed)
     folds = kfold_split(cases, k=cfg.k, seed=cfg.seed)
     hold.save(out / "holdout.json")
@@ -70,10 +70,25 @@ def cmd_train(cfg: TrainConfig) -> dict:
             "train_seconds": spec["training"]["train_seconds"]}
 
 
+def cmd_evaluate(cfg: EvalConfig) -> dict:
+    """Evaluate a shipped model on a lidc-slices folder (all labelled nodules, or --split)."""
+    from training.evaluate import evaluate_bundle
+
+    name = cfg.model or f"{cfg.view}-{cfg.task}"
+    folder = Path(cfg.weights) if cfg.weights else paths.weights_dir()
+    rep = evaluate_bundle(folder, name, cfg.data, cfg.split, cfg.predictions, cfg.n_boot, cfg.max_slices,
+                          progress=not cfg.json)
+    if cfg.json:
+        return rep
+    keys = ("n", "auroc", "auprc_weighted", "f1_weighted", "f1_macro", "f1_malignant", "qwk", "accuracy", "ece")
+    return {k: rep[k] for k in ("model", "split", *keys) if k in rep}
+
+
 COMMANDS = {
     "splits": (cmd_splits, SplitConfig),
     "outliers": (cmd_outliers, OutlierConfig),
     "train": (cmd_train, TrainConfig),
+    "evaluate": (cmd_evaluate, EvalConfig),
 }
 
 

@@ -19,7 +19,7 @@ class SplitConfig:
     data: str = ""  # lidc-slices folder; empty = the configured data folder
     seed: int = 42
     k: int = 5
-    out: str = ""  # folder for the split files; empty = runs/splits
+    out: str = ""  # folder for the split files; empty = weights/splits (shipped with the models)
 
 
 @dataclasses.dataclass
@@ -70,3 +70,19 @@ def save_config(cfg: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
     return path
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Evaluate a shipped bundle on a lidc-slices folder."""
+
+    data: str = ""  # lidc-slices layout folder; empty = the configured data folder
+    task: str = "binary"
+    view: str = "nodule"  # nodule | slice | fused
+    model: str = ""  # bundle name; empty = <view>-<task>
+    weights: str = ""  # bundle folder; empty = weights/
+    split: str = ""  # train | val | test restricts to the saved split; empty = every labelled nodule
+    predictions: str = ""  # write per-nodule probabilities to this CSV
+    json: bool = False  # print one JSON object (default: a short readable summary)
+    n_boot: int = 1000
+    max_slices: int = 0  # 0 = every slice of each nodule

@@ -111,3 +111,10 @@ def train_batch(
     """A batch of augmented inputs, one random slice of each listed case."""
     return np.stack([make_input(store, int(i), int(rng.integers(store.n_slices(int(i)))), vc, rng, aug)
                      for i in case_indices])
+
+
+def view_config_from_spec(spec: dict) -> ViewConfig:
+    """The input pipeline a bundle was trained with, read from its spec (never retyped)."""
+    pre = spec.get("preprocessing", {})
+    return ViewConfig(str(spec["view"]), int(spec["input_size"]), tuple(spec["mean"]), tuple(spec["std"]),
+                      pre.get("field_mm") if spec["view"] == "nodule" else None)

@@ -1,0 +1,240 @@
+"""Shared fixtures: the real data folder (skipped when absent), tiny synthetic files and a synthetic slices tree."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lungviz import paths
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real data (../shared/data or LUNGVIZ_DATA); every fixture skips when its folder is missing.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real-data folder, resolved through :mod:`lungviz.paths` so ``LUNGVIZ_DATA`` applies."""
+    root = paths.data_dir()
+    if not root.is_dir():
+        pytest.skip(f"real data folder not found: {root}")
+    return root
+
+
+def _sub(root: Path, name: str) -> Path:
+    folder = root / name
+    if not folder.is_dir():
+        pytest.skip(f"real data set not found: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lidc_slices_dir(data_dir: Path) -> Path:
+    return _sub(data_dir, "lidc-slices")
+
+
+@pytest.fixture(scope="session")
+def lidc_dicom_dir(data_dir: Path) -> Path:
+    return _sub(data_dir, "lidc-dicom")
+
+
+@pytest.fixture(scope="session")
+def histology_dir(data_dir: Path) -> Path:
+    return _sub(data_dir, "chest-ct-histology")
+
+
+@pytest.fixture(scope="session")
+def real_lidc(lidc_slices_dir: Path):
+    """``(cases, report)`` of the real slices set, imported once per test session (about 1 s)."""
+    from lungviz.lidc import import_slices
+
+    return import_slices(lidc_slices_dir)
+
+
+@pytest.fixture(scope="session")
+def real_labels(lidc_slices_dir: Path) -> list[dict[str, str]]:
+    """The real ``labels.csv`` rows read with the csv module alone (an independent view of the labels)."""
+    with (lidc_slices_dir / "labels.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny synthetic files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def encode_image(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **kwargs) -> bytes:
+    """Encode a numpy array with PIL (optionally converted to ``mode``) and return the file's bytes."""
+    img = Image.fromarray(array)
+    if mode is not None:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_bytes() -> Callable[..., bytes]:
+    """Factory fixture: ``image_bytes(array, fmt="PNG", mode=None, **save_kwargs)`` -> encoded file bytes."""
+    return encode_image
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_image(np.asarray(array, np.uint8)))
+    return path
+
+
+SOP_CLASSES = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "SR": "1.2.840.10008.5.1.4.1.1.88.67",  # X-ray radiation dose report
+    None: "1.2.840.10008.1.3.10",  # media storage directory (DICOMDIR)
+}
+
+
+def make_dicom(
+    pixels: np.ndarray | None = None,
+    *,
+    modality: str | None = "CT",
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    z_mm: float = 0.0,
+    instance: int = 1,
+    series_uid: str = "1.2.826.0.1.3680043.8.498.1",
+    spacing: tuple[float, float] | None = (0.7, 0.7),
+    with_pixels: bool = True,
+    sop_class: str | None = None,
+) -> bytes:
+    """A complete DICOM file (preamble, file meta, dataset) built in memory with pydicom.
+
+    The SOP class follows the modality (CT, MR, SR dose report; none = a DICOMDIR) unless given.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    raw = np.zeros((16, 16), np.int16) if pixels is None else np.asarray(pixels, np.int16)
+    sop_class = sop_class or SOP_CLASSES.get(modality, CTImageStorage)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    if modality is not None:
+        ds.Modality = modality
+    ds.SeriesInstanceUID = series_uid
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [-100.0, -120.0, z_mm]
+    if spacing is not None:
+        ds.PixelSpacing = list(spacing)
+    ds.SliceThickness = 2.5
+    ds.RescaleSlope = slope
+    ds.RescaleIntercept = intercept
+    if with_pixels:
+        ds.Rows, ds.Columns = raw.shape
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = raw.tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def dicom_bytes() -> Callable[..., bytes]:
+    """Factory fixture: ``dicom_bytes(pixels, modality=..., slope=..., ...)`` -> DICOM file bytes."""
+    return make_dicom
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A synthetic LIDC-IDRI-slices tree
+# ---------------------------------------------------------------------------------------------------------------
+
+LABEL_COLUMNS = [
+    "patient_id", "nodule", "n_slices", "n_readers", "malignancy_readers", "malignancy_median", "malignancy",
+    "malignant", "subtlety_median", "internalStructure_median", "calcification_median", "sphericity_median",
+    "margin_median", "lobulation_median", "spiculation_median", "texture_median", "diameter_mm", "volume_mm3",
+    "pixel_spacing_mm", "slice_thickness_mm", "centroid_i", "centroid_j", "centroid_k", "series_uid", "label_check",
+]
+
+SIDE = 16  # the smallest side lungviz reads
+
+#: Three readers' binary masks for the 2-slice nodule; the consensus counts are their sum.
+READER_MASKS = np.zeros((3, 2, SIDE, SIDE), np.uint8)
+READER_MASKS[0, :, 4:12, 4:12] = 1
+READER_MASKS[1, :, 6:12, 6:12] = 1
+READER_MASKS[2, 0, 6:10, 6:10] = 1
+
+
+def label_row(**values) -> dict[str, str]:
+    row = dict.fromkeys(LABEL_COLUMNS, "")
+    row.update({k: str(v) for k, v in values.items()})
+    return row
+
+
+def write_labels(path: Path, rows: list[dict[str, str]], columns: list[str] | None = None) -> Path:
+    columns = columns or LABEL_COLUMNS
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def slices_tree(tmp_path: Path) -> Path:
+    """A tiny slices-layout tree.
+
+    - ``P-0001/nodule-0``: 11 slices (slice-0 .. slice-10, pixel value 20 * index), 4 readers, consensus counts.
+    - ``P-0001/nodule-1``: 2 slices, the three readers of :data:`READER_MASKS` as ``mask-0..2`` folders.
+    - ``P-0002/nodule-0``: the same nodule with the merged ``consensus/`` counts of those three readers.
+    - ``P-0003/nodule-0``: ``unmatched`` (no reader labels).
+    - ``P-0004/nodule-0``: a labelled row whose ``images/`` folder is missing.
+    """
+    root = tmp_path / "lidc-slices"
+    n0 = root / "P-0001" / "nodule-0"
+    for i in range(11):  # written in an order unlike the numeric one
+        write_png(n0 / "images" / f"slice-{i}.png", np.full((SIDE, SIDE), 20 * i))
+        count = np.zeros((SIDE, SIDE), np.uint8)
+        count[8, 8] = 4
+        count[8, 9] = 2
+        write_png(n0 / "consensus" / f"slice-{i}.png", count)
+    for pid, per_reader in (("P-0001", True), ("P-0002", False)):
+        folder = root / pid / ("nodule-1" if per_reader else "nodule-0")
+        for s in range(2):
+            write_png(folder / "images" / f"slice-{s}.png", np.full((SIDE, SIDE), 100 + s))
+            if per_reader:
+                for r in range(3):
+                    write_png(folder / f"mask-{r}" / f"slice-{s}.png", READER_MASKS[r, s] * 255)
+            else:
+                write_png(folder / "consensus" / f"slice-{s}.png", READER_MASKS[:, s].sum(axis=0))
+    (root / "P-0004" / "nodule-0").mkdir(parents=True)
+    rows = [
+        label_row(patient_id="P-0001", nodule="nodule-0", n_slices=11, n_readers=4, malignancy_readers="5 4 4 3",
+                  malignancy_median=4.0, malignancy=4, malignant=1, texture_median=5.0, diameter_mm=12.5,
+                  pixel_spacing_mm=0.7, slice_thickness_mm=2.5, centroid_i=10, centroid_j=11, centroid_k=12,
+                  series_uid="1.2.3", label_check="ok"),
+        label_row(patient_id="P-0001", nodule="nodule-1", n_slices=2, n_readers=3, malignancy_readers="1 2 3",
+                  malignancy_median=2.0, malignancy=2, malignant=0, pixel_spacing_mm=0.6, label_check="ok"),
+        label_row(patient_id="P-0002", nodule="nodule-0", n_slices=2, n_readers=3, malignancy_readers="3 4 4",
+                  malignancy_median="", malignancy="", malignant="", label_check="zextent_mismatch"),
+        label_row(patient_id="P-0003", nodule="nodule-0", n_slices=1, n_readers=0, malignancy_readers="",
+                  label_check="unmatched"),
+        label_row(patient_id="P-0004", nodule="nodule-0", n_slices=1, n_readers=1, malignancy_readers="2",
+                  malignancy_median=2.0, malignancy=2, malignant=0, label_check="ok"),
+    ]
+    write_labels(root / "labels.csv", rows)
+    return root

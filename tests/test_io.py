@@ -1,0 +1,411 @@
+"""lungviz.io: every supported format read to the documented array, and every bad input refused by name."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lungviz import io as lio
+from lungviz.errors import LungvizError
+
+RAMP = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)  # every 8-bit value, 32 x 32
+LUMA = np.array([0.299, 0.587, 0.114])
+
+# ------------------------------------------------------------------------------------------------ raster images
+
+
+def _rgb():
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    rgb[:8] = (10, 20, 30)
+    return rgb
+
+
+def _rgba():
+    rgba = np.concatenate([_rgb(), np.full((16, 16, 1), 255, np.uint8)], axis=2)
+    rgba[:, :4, 3] = 0  # transparent: composited onto black
+    rgba[:, 4:8, 3] = 51  # 20 % opaque
+    return rgba
+
+
+def _rgba_expected():
+    gray = _rgb().astype(np.float64) @ LUMA / 255.0
+    alpha = _rgba()[..., 3] / 255.0
+    return gray * alpha
+
+
+def _palette_png() -> bytes:
+    img = Image.fromarray(np.tile(np.arange(4, dtype=np.uint8), (16, 4)), mode="L").convert("P")
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 - 4) * 3)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_PALETTE_GRAY = np.array([0.0, 0.299, 0.587, 0.114])  # black, red, green, blue as luminance
+
+#: (case id, (array, format, mode, save kwargs), expected (H, W) in [0, 1], tolerance)
+RASTER_CASES = [
+    ("png-8bit", (RAMP, "PNG", None, {}), RAMP / 255.0, 1e-6),
+    ("tiff-8bit", (RAMP, "TIFF", None, {}), RAMP / 255.0, 1e-6),
+    ("bmp-8bit", (RAMP, "BMP", None, {}), RAMP / 255.0, 1e-6),
+    ("jpg-8bit", (np.repeat(np.linspace(0, 255, 32), 32).reshape(32, 32).astype(np.uint8), "JPEG", None,
+                  {"quality": 100}), np.repeat(np.linspace(0, 255, 32), 32).reshape(32, 32).astype(np.uint8) / 255.0,
+     3 / 255),
+    ("png-16bit", (np.array([[0, 65535, 32768, 1000]] * 16, np.uint16).repeat(4, axis=1), "PNG", None, {}),
+     np.array([[0, 65535, 32768, 1000]] * 16).repeat(4, axis=1) / 65535.0, 1e-6),
+    ("png-rgb", (_rgb(), "PNG", None, {}), _rgb() @ LUMA / 255.0, 1e-6),
+    ("png-rgba", (_rgba(), "PNG", None, {}), _rgba_expected(), 1e-6),
+    ("png-gray-alpha", (RAMP, "PNG", "LA", {}), RAMP / 255.0, 1e-6),
+    ("png-1bit", (RAMP, "PNG", "1", {"optimize": False}), None, 0.0),
+]
+
+
+@pytest.mark.parametrize("case, spec, expected, tol", RASTER_CASES, ids=[c[0] for c in RASTER_CASES])
+def test_load_gray_valid(case, spec, expected, tol, image_bytes, tmp_path):
+    array, fmt, mode, kwargs = spec
+    path = tmp_path / f"{case}.{fmt.lower()}"
+    path.write_bytes(image_bytes(array, fmt, mode, **kwargs))
+    out = lio.load_gray(path)
+    loaded = lio.load_image(path)
+    assert not loaded.is_hu and loaded.meta == {"format": "raster"} and loaded.pixel_spacing_mm is None
+    np.testing.assert_array_equal(loaded.pixels, out)
+    assert out.dtype == np.float32 and out.shape == array.shape[:2]
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    if expected is None:  # 1-bit: only black and white survive
+        assert set(np.unique(out)) <= {0.0, 1.0} and out.max() == 1.0
+    else:
+        np.testing.assert_allclose(out, expected, atol=tol)
+
+
+def test_load_gray_palette_png_becomes_luminance():
+    out = lio.load_gray(_palette_png(), name="palette.png")
+    np.testing.assert_allclose(out[0, :4], _PALETTE_GRAY, atol=1e-6)
+
+
+def test_load_gray_16bit_png_keeps_16_bit_precision(image_bytes):
+    values = np.array([[1, 2, 3, 65534]] * 16, np.uint16).repeat(4, axis=1)
+    out = lio.load_gray(image_bytes(values), name="fine.png")
+    assert len(np.unique(out)) == 4  # 8-bit conversion would merge 1, 2 and 3
+    assert out[0, 0] == pytest.approx(1 / 65535)
+
+
+def test_load_gray_from_bytes_path_and_file_like(image_bytes, tmp_path):
+    data = image_bytes(RAMP)
+    path = tmp_path / "ramp.png"
+    path.write_bytes(data)
+    upload = io.BytesIO(data)
+    upload.name = "ramp.png"
+    results = [lio.load_gray(data), lio.load_gray(path), lio.load_gray(str(path)), lio.load_gray(upload)]
+    upload.read()  # something else consumed the upload: the next read must still see the whole file
+    results.append(lio.load_gray(upload))
+    for out in results:
+        np.testing.assert_allclose(out, RAMP / 255.0, atol=1e-6)
+
+
+def test_load_raw_gray_keeps_counts(image_bytes):
+    counts = np.zeros((16, 16), np.uint8)
+    counts[3, 4], counts[5, 6] = 4, 1
+    raw = lio.load_raw_gray(image_bytes(counts), name="consensus.png")
+    np.testing.assert_array_equal(raw, counts)
+
+
+# ------------------------------------------------------------------------------------------------ bad files
+
+
+def _truncated_png(image_bytes) -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)  # incompressible
+    data = image_bytes(noise)
+    return data[: len(data) // 2]
+
+
+def _huge_png(image_bytes) -> bytes:
+    return image_bytes(np.zeros((20, 20000), np.uint8), "PNG", "1")  # 20000 x 20 px, a few hundred bytes
+
+
+#: (case id, file name, bytes builder, words the message must contain)
+BAD_FILES = [
+    ("missing", "absent.png", None, "not found"),
+    ("empty", "empty.png", lambda b: b"", "empty"),
+    ("truncated-png", "cut.png", _truncated_png, "damaged or truncated"),
+    ("text-as-png", "notes.png", lambda b: b"patient notes, not an image\n" * 4, "not an image file"),
+    ("too-large", "wide.png", _huge_png, "20000 x 20 pixels"),
+    ("too-small", "tiny.png", lambda b: b(np.zeros((8, 8), np.uint8)), "at least 16"),
+    ("zip-as-image", "series.zip", lambda b: _zip({"a.txt": b"x"}), "DICOM series"),
+]
+
+
+@pytest.mark.parametrize("case, filename, build, words", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+@pytest.mark.parametrize("reader", [lio.load_image, lio.load_gray], ids=["load_image", "load_gray"])
+def test_bad_image_files_raise_naming_the_file(reader, case, filename, build, words, image_bytes, tmp_path):
+    if reader is lio.load_gray and case == "zip-as-image":
+        words = "not an image file"
+    path = tmp_path / filename
+    if build is not None:
+        path.write_bytes(build(image_bytes))
+    with pytest.raises(LungvizError, match=words) as info:
+        reader(path)
+    assert str(path) in str(info.value)
+    assert info.value.source == str(path)
+
+
+def test_folder_is_not_an_image(tmp_path):
+    with pytest.raises(LungvizError, match="folder"):
+        lio.load_image(tmp_path)
+
+
+def test_upload_name_is_used_in_messages():
+    with pytest.raises(LungvizError, match=r"^scan\.png: the file is empty"):
+        lio.load_image(b"", name="scan.png")
+
+
+# ------------------------------------------------------------------------------------------------ NPY
+
+
+def _npy(array, allow_pickle: bool = False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+HU_SLICE = np.array([[-1000.0, -500.0], [0.0, 400.0]]).repeat(8, axis=0).repeat(8, axis=1)
+
+#: (case id, array, is_hu, expected pixels)
+NPY_VALID = [
+    ("hu-float", HU_SLICE, True, HU_SLICE),
+    ("hu-int16", HU_SLICE.astype(np.int16), True, HU_SLICE),
+    ("hu-padding-3024", np.where(HU_SLICE == 400, -3024, HU_SLICE), True, np.where(HU_SLICE == 400, -3024, HU_SLICE)),
+    ("unit-range", np.linspace(0, 1, 256).reshape(16, 16), False, np.linspace(0, 1, 256).reshape(16, 16)),
+    ("uint8-rescaled", RAMP[:16, :16] + 10, False, RAMP[:16, :16] / 239.0),  # by its own range 10..249
+    ("squeezable", np.linspace(0, 1, 256).reshape(1, 16, 16, 1), False, np.linspace(0, 1, 256).reshape(16, 16)),
+    ("bool", np.eye(16, dtype=bool), False, np.eye(16)),
+]
+
+
+@pytest.mark.parametrize("case, array, is_hu, expected", NPY_VALID, ids=[c[0] for c in NPY_VALID])
+def test_load_npy_valid(case, array, is_hu, expected):
+    loaded = lio.load_npy(_npy(array), name=f"{case}.npy")
+    assert loaded.is_hu is is_hu
+    assert loaded.pixels.dtype == np.float32 and loaded.pixels.ndim == 2
+    np.testing.assert_allclose(loaded.pixels, expected, atol=1e-6)
+    assert loaded.meta["format"] == "npy"
+
+
+def _with_nan():
+    a = np.zeros((16, 16), np.float32)
+    a[2, 3] = a[4, 5] = np.nan
+    return a
+
+
+#: (case id, bytes, words)
+NPY_INVALID = [
+    ("nan", _npy(_with_nan()), "2 missing or infinite"),
+    ("inf", _npy(np.full((16, 16), np.inf)), "missing or infinite"),
+    ("3d", _npy(np.zeros((2, 16, 16))), r"shape \(2, 16, 16\)"),
+    ("1d", _npy(np.zeros(256)), "2D"),
+    ("pickled-object", _npy(np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True), "cannot be read safely"),
+    ("complex", _npy(np.zeros((16, 16), np.complex64)), "numeric image"),
+    ("strings", _npy(np.array([["a"] * 16] * 16)), "numeric image"),
+    ("too-large", _npy(np.zeros((16, 20000), np.uint8)), "largest accepted side"),
+    ("not-npy", b"\x93NUMPY garbage", "NPY"),
+]
+
+
+@pytest.mark.parametrize("case, data, words", NPY_INVALID, ids=[c[0] for c in NPY_INVALID])
+def test_load_npy_invalid_raises_naming_the_file(case, data, words, tmp_path):
+    path = tmp_path / f"{case}.npy"
+    path.write_bytes(data)
+    for reader in (lio.load_npy, lio.load_image):
+        with pytest.raises(LungvizError, match=words) as info:
+            reader(path)
+        assert str(path) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ DICOM (synthetic)
+
+RAW = np.array([[0, 24], [1024, 2048]], np.int16).repeat(8, axis=0).repeat(8, axis=1)
+
+#: (slope, intercept, expected HU for RAW)
+RESCALE_CASES = [
+    (1.0, -1024.0, np.array([[-1024, -1000], [0, 1024]])),
+    (2.0, -1000.0, np.array([[-1000, -952], [1048, 3096]])),
+    (0.5, 0.0, np.array([[0, 12], [512, 1024]])),
+]
+
+
+@pytest.mark.parametrize("slope, intercept, expected", RESCALE_CASES)
+def test_read_dicom_applies_rescale(slope, intercept, expected, dicom_bytes):
+    data = dicom_bytes(RAW, slope=slope, intercept=intercept, z_mm=-12.5, instance=7, spacing=(0.6, 0.8))
+    sl = lio.read_dicom(data, name="slice.dcm")
+    assert sl.hu.dtype == np.float32 and sl.hu.shape == (16, 16)
+    np.testing.assert_allclose(sl.hu, expected.repeat(8, axis=0).repeat(8, axis=1))
+    assert sl.pixel_spacing_mm == (0.6, 0.8)
+    assert sl.z_mm == -12.5 and sl.instance_number == 7 and sl.slice_thickness_mm == 2.5
+    assert sl.series_uid == "1.2.826.0.1.3680043.8.498.1" and sl.sop_uid
+
+
+def test_load_image_reads_dicom_as_hu(dicom_bytes):
+    loaded = lio.load_image(dicom_bytes(RAW, spacing=(0.6, 0.8), z_mm=3.0), name="upload")
+    assert loaded.is_hu and loaded.meta["format"] == "dicom" and loaded.meta["z_mm"] == 3.0
+    assert loaded.pixel_spacing_mm == pytest.approx(0.7)
+    assert loaded.pixels[0, 0] == -1024.0
+
+
+def test_load_image_dicom_without_spacing_has_none(dicom_bytes):
+    loaded = lio.load_image(dicom_bytes(RAW, spacing=None), name="nospacing.dcm")
+    assert loaded.pixel_spacing_mm is None  # not NaN: "unknown" downstream means the default spacing
+
+
+#: (case id, builder(dicom_bytes, image_bytes), words)
+BAD_DICOM = [
+    ("no-pixel-data", lambda d, i: d(with_pixels=False), "no image \\(pixel data\\)"),
+    ("mr", lambda d, i: d(RAW, modality="MR"), "'MR' image, not CT"),
+    ("png-named-dcm", lambda d, i: i(RAMP), "not a DICOM file"),
+    ("truncated", lambda d, i: d(RAW)[:400], "DICOM"),
+    ("empty", lambda d, i: b"", "empty"),
+]
+
+
+@pytest.mark.parametrize("case, build, words", BAD_DICOM, ids=[c[0] for c in BAD_DICOM])
+def test_bad_dicom_raises_naming_the_file(case, build, words, dicom_bytes, image_bytes, tmp_path):
+    path = tmp_path / f"{case}.dcm"
+    path.write_bytes(build(dicom_bytes, image_bytes))
+    for reader in (lio.read_dicom, lio.load_image):
+        with pytest.raises(LungvizError, match=words) as info:
+            reader(path)
+        assert str(path) in str(info.value)
+
+
+def test_read_dicom_non_ct_allowed_when_asked(dicom_bytes):
+    assert lio.read_dicom(dicom_bytes(RAW, modality="MR"), require_ct=False).hu.shape == (16, 16)
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_read_series_zip_orders_by_z_and_skips_non_slices(dicom_bytes):
+    members = {
+        f"series/{name}.dcm": dicom_bytes(np.full((16, 16), 1024 + int(z), np.int16), z_mm=z, instance=i)
+        for i, (name, z) in enumerate([("b", 5.0), ("c", -2.5), ("a", 0.0)], start=1)
+    }
+    members["__MACOSX/series/._a.dcm"] = b"\x00\x05\x16\x07" + b"\x00" * 200  # macOS resource fork
+    members["DICOMDIR"] = dicom_bytes(with_pixels=False, modality=None)
+    members["series/dose.dcm"] = dicom_bytes(RAW, modality="SR", z_mm=99.0)  # not a CT image
+    members["readme.txt"] = b"exported series"
+    slices = lio.read_series(_zip(members), name="upload.zip")
+    assert [s.z_mm for s in slices] == [-2.5, 0.0, 5.0]
+    assert [float(s.hu[0, 0]) for s in slices] == [-2.0, 0.0, 5.0]  # raw 1024 + z, intercept -1024
+    assert [s.name for s in slices] == ["upload.zip:series/c.dcm", "upload.zip:series/a.dcm", "upload.zip:series/b.dcm"]
+
+
+def test_read_series_keeps_the_largest_series(dicom_bytes):
+    members = {f"{i}.dcm": dicom_bytes(z_mm=float(i), series_uid="1.2.3.4") for i in range(3)}
+    members["scout.dcm"] = dicom_bytes(z_mm=-50.0, series_uid="1.2.3.9")
+    slices = lio.read_series(_zip(members), name="mixed.zip")
+    assert {s.series_uid for s in slices} == {"1.2.3.4"} and len(slices) == 3
+
+
+def test_read_series_folder_ignores_hidden_and_non_dicom_files(dicom_bytes, tmp_path):
+    for i, z in enumerate([10.0, -10.0, 0.0]):
+        (tmp_path / f"IM{i:04d}").write_bytes(dicom_bytes(z_mm=z))  # extension-less slices, as scanners write
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + b"\x00" * 300)
+    (tmp_path / "README").write_bytes(b"study exported from PACS" * 10)
+    (tmp_path / "notes.xml").write_text("<readers/>")
+    slices = lio.read_series(tmp_path)
+    assert [s.z_mm for s in slices] == [-10.0, 0.0, 10.0]
+
+
+#: (case id, builder(dicom_bytes), words)
+BAD_SERIES = [
+    ("not-a-zip", lambda d: b"this is not a zip archive at all" * 5, "not a readable zip"),
+    ("zip-without-dicom", lambda d: _zip({"a.txt": b"hello", "b.png": b"\x89PNG"}), "contains no DICOM"),
+    ("zip-of-mr", lambda d: _zip({"a.dcm": d(RAW, modality="MR")}), "no DICOM CT slices.*1 other"),
+    ("damaged-slice", lambda d: _zip({"a.dcm": d(RAW), "b.dcm": d(RAW)[:300]}), "b.dcm"),
+    ("mixed-sizes", lambda d: _zip({"a.dcm": d(RAW), "b.dcm": d(np.zeros((32, 32)), z_mm=1.0)}), "different sizes"),
+    ("empty", lambda d: b"", "empty"),
+]
+
+
+@pytest.mark.parametrize("case, build, words", BAD_SERIES, ids=[c[0] for c in BAD_SERIES])
+def test_bad_series_raise_naming_the_file(case, build, words, dicom_bytes, tmp_path):
+    path = tmp_path / f"{case}.zip"
+    path.write_bytes(build(dicom_bytes))
+    with pytest.raises(LungvizError, match=words) as info:
+        lio.read_series(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_series_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(LungvizError, match="not found"):
+        lio.read_series(tmp_path / "absent.zip")
+    with pytest.raises(LungvizError, match="no DICOM CT slices"):
+        lio.read_series(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ DICOM (real)
+
+
+@pytest.fixture(scope="module")
+def real_series_dir(lidc_dicom_dir: Path) -> Path:
+    folder = lidc_dicom_dir / "LIDC-IDRI-0001"
+    if not any(folder.glob("*.dcm")):
+        pytest.skip(f"no DICOM files in {folder}")
+    return folder
+
+
+def test_read_real_dicom_is_in_hounsfield_units(real_series_dir):
+    import pydicom
+
+    path = sorted(real_series_dir.glob("*.dcm"))[0]
+    sl = lio.read_dicom(path)
+    ds = pydicom.dcmread(path)
+    expected = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_array_equal(sl.hu, expected)
+    assert float(ds.RescaleIntercept) != 0.0  # the rescale really is applied, not a no-op
+    assert sl.hu.shape == (512, 512)
+    assert lio.HU_RANGE[0] <= sl.hu.min() and sl.hu.max() <= lio.HU_RANGE[1]
+    body_and_air = sl.hu[sl.hu > -1500]  # without the outside-the-scan padding
+    counts, edges = np.histogram(body_and_air, bins=np.arange(-1500, 1501, 50))
+    assert -1100 <= edges[counts.argmax()] <= -900  # the commonest value is air, about -1000 HU
+    assert -1100 <= sl.hu[10, 256] <= -900  # air above the patient
+    assert 0.5 < sl.pixel_spacing_mm[0] < 1.0 and sl.pixel_spacing_mm[0] == sl.pixel_spacing_mm[1]
+
+
+def test_real_hu_slice_saved_as_npy_is_recognised_as_hu(real_series_dir):
+    sl = lio.read_dicom(sorted(real_series_dir.glob("*.dcm"))[0])
+    assert sl.hu.min() < -2000  # LIDC pads outside the scan field with -2048 HU
+    loaded = lio.load_npy(_npy(sl.hu), name="real.npy")
+    assert loaded.is_hu
+    np.testing.assert_array_equal(loaded.pixels, sl.hu)
+
+
+def test_read_real_series_folder_is_ordered_by_z(real_series_dir):
+    slices = lio.read_series(real_series_dir)
+    n_files = len(list(real_series_dir.glob("*.dcm")))
+    assert len(slices) == n_files  # the reader XML next to them is not a slice
+    z = np.array([s.z_mm for s in slices])
+    assert np.all(np.diff(z) > 0)
+    assert len({s.series_uid for s in slices}) == 1
+    thickness = slices[0].slice_thickness_mm
+    assert thickness is not None and np.all(np.diff(z) >= thickness - 1e-3)
+
+
+def test_read_series_zip_of_three_real_files(real_series_dir):
+    paths = sorted(real_series_dir.glob("*.dcm"))[:3]
+    data = _zip({f"dicom/{p.name}": p.read_bytes() for p in reversed(paths)})
+    slices = lio.read_series(data, name="three.zip")
+    singles = sorted((lio.read_dicom(p) for p in paths), key=lambda s: s.z_mm)
+    assert [s.z_mm for s in slices] == [s.z_mm for s in singles]
+    assert [s.sop_uid for s in slices] == [s.sop_uid for s in singles]
+    for a, b in zip(slices, singles, strict=True):
+        np.testing.assert_array_equal(a.hu, b.hu)
