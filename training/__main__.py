@@ -11,7 +11,16 @@ import numpy as np
 
 from lungviz import paths
 from lungviz.errors import LungvizError
-from training.config import EvalConfig, OutlierConfig, SplitConfig, add_config_args, config_from_args, save_config
+from training.config import (
+    EvalConfig,
+    FuseConfig,
+    IndexConfig,
+    OutlierConfig,
+    SplitConfig,
+    add_config_args,
+    config_from_args,
+    save_config,
+)
 from training.train import TrainConfig
 
 
@@ -84,11 +93,30 @@ def cmd_evaluate(cfg: EvalConfig) -> dict:
     return {k: rep[k] for k in ("model", "split", *keys) if k in rep}
 
 
+def cmd_index(cfg: IndexConfig) -> dict:
+    """Embed every labelled library nodule with a shipped model into a FAISS index (weights/index-<model>)."""
+    from training.index import build_library_index
+
+    return build_library_index(cfg.model, cfg.data, cfg.out, cfg.max_slices)
+
+
+def cmd_fuse(cfg: FuseConfig) -> dict:
+    """Fit the two-view fused model (fused-<task>) on the validation split and report it on test."""
+    from training.fuse import train_fusion
+
+    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot)
+    test = spec["metrics"]["test"]
+    return {"name": f"fused-{cfg.task}", "fusion": spec["fusion"],
+            **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}
+
+
 COMMANDS = {
     "splits": (cmd_splits, SplitConfig),
     "outliers": (cmd_outliers, OutlierConfig),
     "train": (cmd_train, TrainConfig),
     "evaluate": (cmd_evaluate, EvalConfig),
+    "index": (cmd_index, IndexConfig),
+    "fuse": (cmd_fuse, FuseConfig),
 }
 
 

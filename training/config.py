@@ -86,3 +86,22 @@ class EvalConfig:
     json: bool = False  # print one JSON object (default: a short readable summary)
     n_boot: int = 1000
     max_slices: int = 0  # 0 = every slice of each nodule
+
+
+@dataclasses.dataclass
+class IndexConfig:
+    """The similar-case index over every labelled nodule of the library."""
+
+    model: str = "nodule-binary"
+    data: str = ""
+    out: str = ""  # empty = weights/
+    max_slices: int = 5
+
+
+@dataclasses.dataclass
+class FuseConfig:
+    """The two-view fused model for one task."""
+
+    task: str = "binary"
+    weights: str = ""  # folder holding slice-<task> and nodule-<task>; empty = weights/
+    n_boot: int = 1000

@@ -22,6 +22,7 @@ class ViewConfig:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     field_mm: float | None = None
+    central_fraction: float = 1.0  # evaluate on the central share of a nodule's slices (by position)
 
 
 class SliceStore:
@@ -43,12 +44,28 @@ class SliceStore:
     def n_slices(self, case_index: int) -> int:
         return int(self.stacks[case_index].shape[0])
 
-    def eval_slices(self, case_index: int, max_slices: int = 0) -> list[int]:
-        """Slices used to evaluate a nodule: all, or ``max_slices`` evenly spaced through it."""
+    def eval_slices(self, case_index: int, max_slices: int = 0, central: float = 1.0) -> list[int]:
+        """Slices used to evaluate a nodule: those in the central ``central`` share of its z range (by
+        position only, no reader mask), thinned to ``max_slices`` evenly spaced ones when set."""
+        return central_slices(self.n_slices(case_index), max_slices, central)
+
+    def train_slice(self, case_index: int, rng: np.random.Generator) -> int:
+        """A random slice, favouring the nodule's centre (triangular weights; edge slices keep some weight)."""
         n = self.n_slices(case_index)
-        if not max_slices or n <= max_slices:
-            return list(range(n))
-        return sorted({int(round(v)) for v in np.linspace(0, n - 1, max_slices)})
+        if n <= 2:
+            return int(rng.integers(n))
+        w = 1.0 - np.abs(np.arange(n) - (n - 1) / 2.0) / (n / 2.0 + 1.0)
+        return int(rng.choice(n, p=w / w.sum()))
+
+
+def central_slices(n: int, max_slices: int = 0, central: float = 1.0) -> list[int]:
+    """Indices of the central ``central`` share of ``n`` slices (at least the middle one), optionally thinned."""
+    keep = max(1, int(np.ceil(n * min(max(central, 0.0), 1.0))))
+    start = (n - keep) // 2
+    idx = list(range(start, start + keep))
+    if max_slices and len(idx) > max_slices:
+        idx = sorted({idx[int(round(v))] for v in np.linspace(0, len(idx) - 1, max_slices)})
+    return idx
 
 
 def epoch_plan(
@@ -109,12 +126,12 @@ def train_batch(
     store: SliceStore, case_indices: np.ndarray, vc: ViewConfig, rng: np.random.Generator, aug: AugmentConfig
 ) -> np.ndarray:
     """A batch of augmented inputs, one random slice of each listed case."""
-    return np.stack([make_input(store, int(i), int(rng.integers(store.n_slices(int(i)))), vc, rng, aug)
-                     for i in case_indices])
+    return np.stack([make_input(store, int(i), store.train_slice(int(i), rng), vc, rng, aug) for i in case_indices])
 
 
 def view_config_from_spec(spec: dict) -> ViewConfig:
     """The input pipeline a bundle was trained with, read from its spec (never retyped)."""
     pre = spec.get("preprocessing", {})
     return ViewConfig(str(spec["view"]), int(spec["input_size"]), tuple(spec["mean"]), tuple(spec["std"]),
-                      pre.get("field_mm") if spec["view"] == "nodule" else None)
+                      pre.get("field_mm") if spec["view"] == "nodule" else None,
+                      float(pre.get("central_fraction", 1.0)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -26,7 +28,7 @@ def nodule_outputs(
     model.eval()
     owners, inputs = [], []
     for k, ci in enumerate(case_indices):
-        for s in store.eval_slices(int(ci), max_slices):
+        for s in store.eval_slices(int(ci), max_slices, vc.central_fraction):
             owners.append(k)
             inputs.append((int(ci), s))
     logits = np.zeros((len(inputs), model.num_classes), np.float32)
@@ -101,8 +103,64 @@ def full_report(
     return rep
 
 
+def read_any_spec(folder: Path, name: str) -> dict:
+    """The JSON spec of a network bundle or of a fusion model."""
+    from lungviz.models import read_spec
+
+    return read_spec(Path(folder), name)
+
+
+def calibrated_logits(
+    folder: Path, name: str, store: SliceStore, case_indices: np.ndarray, max_slices: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(calibrated, raw)`` per-nodule logits of a shipped model (a network or a two-view fusion) and its spec.
+
+    Calibrated logits give calibrated probabilities through a plain softmax.
+    """
+    from lungviz.fusion import Fusion
+    from lungviz.models import load_bundle
+    from training.data import view_config_from_spec
+
+    spec = read_any_spec(folder, name)
+    if spec.get("kind") == "fusion":
+        parts = [calibrated_logits(folder, comp, store, case_indices, max_slices) for comp in spec["components"]]
+        fusion = Fusion.from_dict(spec["fusion"])
+        raw = np.mean([p[1] for p in parts], axis=0)
+        return fusion.logits([p[0] for p in parts]).astype(np.float32), raw, spec
+    bundle = load_bundle(Path(folder), name)
+    logits = nodule_logits(bundle.model, store, case_indices, view_config_from_spec(spec), bundle.device, max_slices)
+    prior = spec.get("prior_adjust")
+    adj = adjusted_logits(logits, None if prior is None else np.asarray(prior, np.float32))
+    return (adj / float(spec.get("temperature", 1.0))).astype(np.float32), logits, spec
+
+
+def report_from_logits(y: np.ndarray, calibrated: np.ndarray, raw: np.ndarray, scheme: LabelScheme,
+                       groups: list[str], reader_scores: list[tuple[int, ...]] | None, n_boot: int) -> dict:
+    """:func:`full_report` for logits that are already calibrated (temperature 1, no prior shift)."""
+    rep = full_report(y, calibrated, scheme, 1.0, None, groups, reader_scores, n_boot)
+    rep["ece_raw"] = metrics.ece(y, metrics.softmax(raw))
+    return rep
+
+
+def select_split(cases: list, split: str, fingerprint: str | None) -> list:
+    """Restrict cases to one split of the shipped split file, refusing a split the model was not trained with."""
+    from lungviz import paths
+    from lungviz.errors import LungvizError
+    from lungviz.splits import Split
+
+    split_file = paths.weights_dir() / "splits" / "holdout.json"
+    s = Split.load(split_file)
+    if fingerprint and s.fingerprint != fingerprint:
+        raise LungvizError("the saved split is not the one this model was trained with.", source=split_file)
+    unknown = [c for c in cases if c.patient_id not in s.assignment]
+    if unknown:
+        raise LungvizError(f"{len(unknown)} nodules belong to patients the split does not know "
+                           f"(e.g. {unknown[0].patient_id}); use the data folder the model was trained on.")
+    return s.select(cases, split)
+
+
 def evaluate_bundle(
-    bundle_folder,
+    bundle_folder: Path,
     name: str,
     data: str = "",
     split: str = "",
@@ -111,47 +169,31 @@ def evaluate_bundle(
     max_slices: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Evaluate a shipped bundle on every labelled nodule of a lidc-slices folder (or one saved split of it)."""
+    """Evaluate a shipped model on every labelled nodule of a lidc-slices folder (or one saved split of it)."""
     import csv
-    from pathlib import Path
 
-    from lungviz import paths
     from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
-    from lungviz.models import load_bundle
-    from lungviz.splits import Split
-    from training.data import view_config_from_spec
     from training.datasets import load_cases
 
-    bundle = load_bundle(Path(bundle_folder), name)
-    spec = bundle.spec
+    spec = read_any_spec(Path(bundle_folder), name)
     scheme = get_scheme(spec["task"])
     cases, report = load_cases(spec.get("dataset", "lidc"), data)
     if split:
-        split_file = paths.weights_dir() / "splits" / "holdout.json"
-        s = Split.load(split_file)
-        if s.fingerprint != spec.get("split_fingerprint"):
-            raise LungvizError("the saved split is not the one this model was trained with.", source=split_file)
-        known = [c for c in cases if c.patient_id in s.assignment]
-        if len(known) < len(cases):
-            raise LungvizError(f"{len(cases) - len(known)} nodules belong to patients the split does not know.")
-        cases = s.select(cases, split)
+        cases = select_split(cases, split, spec.get("split_fingerprint"))
     pairs = scheme.labelled(cases)
     if not pairs:
         raise LungvizError(f"no nodule in {data or 'the data folder'} carries a label for task '{scheme.name}'.")
     kept = [c for c, _ in pairs]
     y = np.array([lab for _, lab in pairs])
     store = SliceStore(kept, progress=progress)
-    vc = view_config_from_spec(spec)
-    logits = nodule_logits(bundle.model, store, np.arange(len(kept)), vc, bundle.device, max_slices)
-    prior = spec.get("prior_adjust")
-    prior_adjust = None if prior is None else np.asarray(prior, np.float32)
-    rep = full_report(y, logits, scheme, float(spec.get("temperature", 1.0)), prior_adjust,
-                      [c.patient_id for c in kept], [c.reader_scores for c in kept], n_boot)
+    cal, raw, _ = calibrated_logits(Path(bundle_folder), name, store, np.arange(len(kept)), max_slices)
+    rep = report_from_logits(y, cal, raw, scheme, [c.patient_id for c in kept], [c.reader_scores for c in kept],
+                             n_boot)
     rep = {"model": name, "task": scheme.name, "view": spec["view"], "data": data or "default",
            "split": split or "all", "import": report.summary(), **rep}
     if predictions:
-        P = metrics.softmax(adjusted_logits(logits, prior_adjust), float(spec.get("temperature", 1.0)))
+        P = metrics.softmax(cal)
         out = Path(predictions)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", newline="") as fh:

@@ -28,6 +28,7 @@ class LoopConfig:
     epochs: int = 12
     batch_size: int = 64
     lr: float = 2e-3
+    layer_decay: float = 0.6  # each parameter group deeper than the head learns this factor slower
     weight_decay: float = 1e-2
     warmup_steps: int = 20
     stages: tuple[int, ...] = (2, 5)  # epoch at which to unfreeze more: head only, then top, then all
@@ -85,7 +86,8 @@ def fit(
     steps_per_epoch = math.ceil(len(epoch_plan(train_labels, np.random.default_rng(0), plan_kind, cfg.balance_extra,
                                                cfg.epoch_samples)) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    opt = torch.optim.AdamW([p for p in model.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": g, "lr": cfg.lr * cfg.layer_decay**k} for k, g in enumerate(model.backbone_groups())]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1)))
     )

@@ -44,6 +44,7 @@ class TrainConfig:
     epochs: int = 12
     batch_size: int = 64
     lr: float = 2e-3
+    layer_decay: float = 0.6
     weight_decay: float = 1e-2
     stages: tuple[int, ...] = (2, 5)
     stage_groups: tuple[int, ...] = (1, 4, 0)
@@ -52,6 +53,7 @@ class TrainConfig:
     patience: int = 4
     label_smoothing: float = 0.0
     val_slices: int = 5
+    central_fraction: float = 0.5  # nodule prediction = mean logit over the central half of its slices
     seed: int = 0
     split_seed: int = 42
     limit: int = 0  # use only the first N patients (quick checks); 0 = all
@@ -101,9 +103,11 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
     model = create_model(cfg.arch, scheme.n_classes, pretrained=cfg.pretrained, drop_rate=cfg.drop_rate)
     mean, std = tuple(model.data_config["mean"]), tuple(model.data_config["std"])
     field_mm = cfg.field_mm or VIEWS[cfg.view].field_mm
-    vc = ViewConfig(cfg.view, cfg.input_size, mean, std, field_mm if cfg.view == "nodule" else None)
+    vc = ViewConfig(cfg.view, cfg.input_size, mean, std, field_mm if cfg.view == "nodule" else None,
+                    cfg.central_fraction)
     store = SliceStore(cases, progress=progress)
-    loop_cfg = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    loop_cfg = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, layer_decay=cfg.layer_decay,
+                          weight_decay=cfg.weight_decay,
                           stages=cfg.stages, stage_groups=cfg.stage_groups, balance=cfg.balance,
                           epoch_samples=cfg.epoch_samples, patience=cfg.patience,
                           label_smoothing=cfg.label_smoothing, seed=cfg.seed, aug=AugmentConfig())
@@ -134,8 +138,10 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
                        list(scheme.classes))
     spec = ModelSpec.from_model(
         model, classes=list(scheme.classes), view=cfg.view, task=cfg.task, input_size=cfg.input_size,
-        preprocessing={"view": cfg.view, "field_mm": vc.field_mm, "context": "128 px lung-window crop (W1500/L-600)",
-                       "aggregate": "mean logit over slices"},
+        preprocessing={"view": cfg.view, "field_mm": vc.field_mm, "context_px": 128,
+                       "context_intensity": "minmax",  # the slices set stores each crop min-max scaled from HU
+                       "central_fraction": cfg.central_fraction,
+                       "aggregate": f"mean logit over the central {cfg.central_fraction:.0%} of the nodule's slices"},
         temperature=temperature,
         metrics={"test": test_rep, "val": val_rep},
         training={**dataclasses.asdict(cfg), **{k: v for k, v in run.items() if k != "history"},

@@ -1,0 +1,49 @@
+"""Late fusion and similar-case retrieval on tiny hand-made inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lungviz.errors import LungvizError
+from lungviz.fusion import Fusion, fit_fusion
+from lungviz.metrics import nll
+from lungviz.retrieval import build_index, load_index, normalise, precision_at_k
+
+
+def test_fusion_learns_to_trust_the_informative_view():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    good = np.stack([np.zeros(400), (2 * y - 1) * 2.0 + rng.normal(0, 1, 400)], 1)
+    noise = np.stack([np.zeros(400), rng.normal(0, 2, 400)], 1)
+    f = fit_fusion(["slice", "nodule"], [noise, good], y)
+    assert f.weights[1] > 2.0 and abs(f.weights[0]) < 0.25 * f.weights[1]  # true log-odds are 4x the good view
+    assert nll(f.logits([noise, good]), y) < nll(good, y) + 1e-6
+    again = Fusion.from_dict(f.to_dict())
+    assert np.allclose(again.logits([noise, good]), f.logits([noise, good]))
+    with pytest.raises(LungvizError):
+        f.logits([good])
+
+
+def test_index_search_save_load_and_exclude(tmp_path):
+    emb = np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+    recs = [{"case_id": f"P{i}/n0", "malignant": int(i < 2)} for i in range(4)]
+    idx = build_index(emb, recs, "m")
+    hits = idx.search(np.array([1.0, 0.05, 0.0]), k=2)[0]
+    assert [r["case_id"] for _, r in hits] == ["P0/n0", "P1/n0"] and hits[0][0] == pytest.approx(0.9988, abs=1e-3)
+    assert [r["case_id"] for _, r in idx.search(np.array([1.0, 0, 0]), k=1, exclude={"P0/n0"})[0]] == ["P1/n0"]
+    idx.save(tmp_path, "index-m")
+    back = load_index(tmp_path, "index-m")
+    assert len(back) == 4 and back.search(emb[2], 1)[0][0][1]["case_id"] == "P2/n0"
+    with pytest.raises(LungvizError):
+        back.search(np.ones(5), 1)
+    with pytest.raises(LungvizError):
+        load_index(tmp_path, "absent")
+
+
+def test_precision_at_k_and_normalise():
+    lib = np.array([[1, 0], [0.8, 0.2], [0, 1], [0.1, 0.9]], np.float32)
+    lab = np.array([1, 1, 0, 0])
+    assert precision_at_k(np.array([[1, 0.1], [0.1, 1]]), np.array([1, 0]), lib, lab, k=2) == pytest.approx(1.0)
+    assert precision_at_k(np.array([[1, 0.1]]), np.array([0]), lib, lab, k=2) == pytest.approx(0.0)
+    assert np.allclose(np.linalg.norm(normalise(np.array([[3.0, 4.0]])), axis=1), 1.0)
