@@ -98,3 +98,33 @@ def test_tiny_end_to_end_training_learns_and_writes_a_bundle(tmp_path):
     assert bundle.input_size == 32 and bundle.view == "slice"
     rows = list(csv.DictReader((tmp_path / "r" / "test_predictions.csv").open()))
     assert rows and {"patient_id", "nodule", "p_benign", "p_malignant", "prediction"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
+    """`python -m training evaluate --json` on any lidc-slices folder, with a predictions CSV."""
+    import json
+
+    from training.__main__ import main
+    from training.train import TrainConfig, train_model
+
+    data = _synthetic_slices(tmp_path / "slices")
+    cfg = TrainConfig(name="tiny", data=str(data), view="nodule", task="score", arch="cnn4", pretrained=False,
+                      input_size=32, epochs=2, stages=(1,), stage_groups=(1, 0), batch_size=32, n_boot=20,
+                      out=str(tmp_path / "w"), runs=str(tmp_path / "r"))
+    train_model(cfg, progress=False)
+    capsys.readouterr()
+    code = main(["evaluate", "--data", str(data), "--task", "score", "--model", "tiny", "--weights",
+                 str(tmp_path / "w"), "--json", "--n-boot", "20", "--predictions", str(tmp_path / "p.csv")])
+    assert code == 0
+    rep = json.loads(capsys.readouterr().out)
+    for key in ("n", "auroc", "auprc_weighted", "f1_weighted", "f1_macro", "precision", "recall", "accuracy", "qwk",
+                "confusion", "ece_raw", "ece", "ci95", "readers"):
+        assert key in rep, key
+    assert rep["n"] == 40 and np.array(rep["confusion"]).sum() == 40 and len(rep["confusion"]) == 5
+    assert rep["readers"]["n_pairs"] == 80  # 40 nodules x 2 readers
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert len(rows) == 40 and {"p_1", "p_5", "prediction"} <= set(rows[0])
+    assert abs(sum(float(rows[0][f"p_{k}"]) for k in range(1, 6)) - 1) < 1e-3
+    assert main(["evaluate", "--data", str(tmp_path / "nowhere"), "--model", "tiny", "--weights",
+                 str(tmp_path / "w")]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 from lungviz import paths
 from lungviz.errors import LungvizError
 from training.config import (
+    CardConfig,
     EvalConfig,
     FuseConfig,
     IndexConfig,
@@ -64,13 +66,32 @@ def cmd_outliers(cfg: OutlierConfig) -> dict:
             "most_unusual": [result.case_ids[i] for i in top], **{k: str(v) for k, v in files.items()}}
 
 
+def train_all(base: TrainConfig) -> dict:
+    """Every shipped model with its preset, then the two fused models and the similar-case index."""
+    import dataclasses
+
+    from training.fuse import train_fusion
+    from training.index import build_library_index
+    from training.train import SHIPPED, train_model
+
+    done = {}
+    for name, preset in SHIPPED.items():
+        cfg = dataclasses.replace(base, all=False, name=name, **preset)
+        spec = train_model(cfg)
+        done[name] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk", "ece")}
+    for task in ("binary", "score"):
+        spec = train_fusion(task, base.out)
+        done[f"fused-{task}"] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk")}
+    done["index"] = build_library_index("nodule-binary")
+    return done
+
+
 def cmd_train(cfg: TrainConfig) -> dict:
     """Train one model bundle (data, split, gradual fine-tuning, calibration, test report)."""
-    import logging
-
     from training.train import train_model
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if cfg.all:
+        return train_all(cfg)
     spec = train_model(cfg)
     test = spec["metrics"]["test"]
     keys = ("n", "auroc", "auprc_weighted", "f1_weighted", "f1_macro", "f1_malignant", "qwk", "accuracy", "ece",
@@ -110,6 +131,28 @@ def cmd_fuse(cfg: FuseConfig) -> dict:
             **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}
 
 
+def cmd_screen(cfg: TrainConfig) -> dict:
+    """Backbone screen (cnn4, Lite0, Lite2) of a setup on a short budget; compared on validation."""
+    from training.experiments import screen_backbones
+
+    return screen_backbones(cfg)
+
+
+def cmd_cv(cfg: TrainConfig) -> dict:
+    """5-fold patient-level cross-validation of a setup (writes weights/cv.json)."""
+    from training.experiments import cross_validate
+
+    return cross_validate(cfg)
+
+
+def cmd_card(cfg: CardConfig) -> dict:
+    """Regenerate the model card weights/README.md and its figures from the shipped files."""
+    from training.card import write_card
+
+    path = write_card(Path(cfg.weights) if cfg.weights else None)
+    return {"card": str(path)}
+
+
 COMMANDS = {
     "splits": (cmd_splits, SplitConfig),
     "outliers": (cmd_outliers, OutlierConfig),
@@ -117,7 +160,25 @@ COMMANDS = {
     "evaluate": (cmd_evaluate, EvalConfig),
     "index": (cmd_index, IndexConfig),
     "fuse": (cmd_fuse, FuseConfig),
+    "screen": (cmd_screen, TrainConfig),
+    "cv": (cmd_cv, TrainConfig),
+    "card": (cmd_card, CardConfig),
 }
+
+
+def setup_logging(command: str) -> Path:
+    """Log to the console and to runs/logs/<command>-<time>.log."""
+    import time
+
+    path = paths.runs_dir() / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    logger = logging.getLogger("training")
+    logger.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(path)):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         add_config_args(p, cls)
     args = parser.parse_args(argv)
     fn, cls = COMMANDS[args.command]
+    log_path = setup_logging(args.command)
+    logging.getLogger("training").info("python -m training %s (log: %s)", " ".join(argv or sys.argv[1:]), log_path)
     try:
         result = fn(config_from_args(cls, args))
     except LungvizError as err:

@@ -56,8 +56,13 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_parse_type(hints[f.name]),
-                            default=default, help=f"(default: {default})")
+        flag = f"--{f.name.replace('_', '-')}"
+        if hints[f.name] is bool:  # "--flag" alone means true; "--flag false" also works
+            parser.add_argument(flag, dest=f.name, type=_parse_type(bool), nargs="?", const=True, default=default,
+                                help=f"(default: {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=_parse_type(hints[f.name]), default=default,
+                                help=f"(default: {default})")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
@@ -105,3 +110,10 @@ class FuseConfig:
     task: str = "binary"
     weights: str = ""  # folder holding slice-<task> and nodule-<task>; empty = weights/
     n_boot: int = 1000
+
+
+@dataclasses.dataclass
+class CardConfig:
+    """The model card."""
+
+    weights: str = ""  # empty = weights/

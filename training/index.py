@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -51,5 +52,8 @@ def build_library_index(model: str = "nodule-binary", data: str = "", out: str =
     lab = np.array([r["malignant"] for r in records])
     p5 = precision_at_k(emb[sp == "test"], lab[sp == "test"], emb[sp == "train"], lab[sp == "train"], 5)
     base = float(np.mean(lab[sp == "train"] == 1) ** 2 + np.mean(lab[sp == "train"] == 0) ** 2)
-    return {"import": report.summary(), "n": len(records), "dim": index.dim, "index": str(ipath),
-            "metadata": str(mpath), "precision_at_5_test_vs_train": p5, "chance_precision_at_5": base}
+    result = {"model": model, "n": len(records), "dim": index.dim, "index": ipath.name, "metadata": mpath.name,
+              "n_test_queries": int((sp == "test").sum()), "n_train_library": int((sp == "train").sum()),
+              "precision_at_5_test_vs_train": p5, "chance_precision_at_5": base}
+    (out_dir / "retrieval.json").write_text(json.dumps(result, indent=1) + "\n")
+    return {"import": report.summary(), **result}

@@ -60,6 +60,17 @@ class TrainConfig:
     n_boot: int = 1000
     out: str = ""  # bundle folder; empty = weights/
     runs: str = ""  # logs and predictions; empty = runs/<name>
+    all: bool = False  # train every shipped model (SHIPPED), then the fused models and the index
+
+
+#: The shipped models: overrides of the defaults above. ``python -m training train --all`` reproduces them.
+SHIPPED: dict[str, dict] = {
+    "nodule-binary": {"view": "nodule", "task": "binary"},
+    "nodule-score": {"view": "nodule", "task": "score"},
+    "slice-binary": {"view": "slice", "task": "binary"},
+    "slice-score": {"view": "slice", "task": "score"},
+    "histology": {"dataset": "histology", "view": "slice", "task": "histology", "input_size": 96},
+}
 
 
 def _split_for(cases: list[Case], cfg: TrainConfig) -> Split:
@@ -84,12 +95,20 @@ def _write_predictions(path: Path, cases: list[Case], P: np.ndarray, classes: li
             w.writerow([c.patient_id, c.nodule_id, *[f"{v:.5f}" for v in p], classes[int(np.argmax(p))]])
 
 
-def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train, calibrate and evaluate one bundle; returns its spec as written."""
+def fold_split(folds: Split, k: int) -> Split:
+    """Cross-validation round ``k``: fold k is the test set, fold k+1 the validation set, the rest train."""
+    n = int(folds.params["k"])
+    names = {str(k): "test", str((k + 1) % n): "val"}
+    assignment = {p: names.get(f, "train") for p, f in folds.assignment.items()}
+    return Split(assignment, folds.fingerprint, folds.seed, "cv-round", {"k": n, "round": k})
+
+
+def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = None, save: bool = True) -> dict:
+    """Train, calibrate and evaluate one bundle; returns its spec (written to the bundle folder when ``save``)."""
     t_start = time.perf_counter()
     scheme = get_scheme(cfg.task)
     all_cases, report = load_cases(cfg.dataset, cfg.data)
-    split = _split_for(all_cases, cfg)
+    split = split or _split_for(all_cases, cfg)
     if cfg.limit:
         keep = sorted({c.patient_id for c in all_cases})[: cfg.limit]
         all_cases = [c for c in all_cases if c.patient_id in set(keep)]
@@ -132,6 +151,11 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
     test_logits = nodule_logits(model, store, idx["test"], vc, device)
     test_rep = full_report(labels[idx["test"]], test_logits, scheme, temperature, prior_adjust, groups["test"],
                            readers["test"], n_boot=cfg.n_boot)
+    # What the app sees: one slice through the nodule's middle, no aggregation.
+    single_vc = dataclasses.replace(vc, central_fraction=0.0)
+    single_logits = nodule_logits(model, store, idx["test"], single_vc, device)
+    single_rep = full_report(labels[idx["test"]], single_logits, scheme, temperature, prior_adjust, groups["test"],
+                             None, n_boot=200)
     runs_dir = Path(cfg.runs) if cfg.runs else paths.runs_dir() / cfg.name
     P_test = metrics.softmax(test_logits + (prior_adjust if prior_adjust is not None else 0.0), temperature)
     _write_predictions(runs_dir / "test_predictions.csv", [cases[i] for i in idx["test"]], P_test,
@@ -143,7 +167,7 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
                        "central_fraction": cfg.central_fraction,
                        "aggregate": f"mean logit over the central {cfg.central_fraction:.0%} of the nodule's slices"},
         temperature=temperature,
-        metrics={"test": test_rep, "val": val_rep},
+        metrics={"test": test_rep, "val": val_rep, "test_single_slice": single_rep},
         training={**dataclasses.asdict(cfg), **{k: v for k, v in run.items() if k != "history"},
                   "history": run["history"], "total_seconds": time.perf_counter() - t_start,
                   "n_train": len(idx["train"]), "n_val": len(idx["val"]), "n_test": len(idx["test"])},
@@ -152,7 +176,8 @@ def train_model(cfg: TrainConfig, progress: bool = True) -> dict:
                "dataset": cfg.dataset, "label_scheme": scheme.name,
                "split": {"kind": split.kind, "seed": split.seed}},
     )
-    out = Path(cfg.out) if cfg.out else paths.weights_dir()
-    written = save_bundle(model, spec, out, cfg.name)
     (runs_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    return written
+    if not save:
+        return spec.to_dict()
+    out = Path(cfg.out) if cfg.out else paths.weights_dir()
+    return save_bundle(model, spec, out, cfg.name)

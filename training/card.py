@@ -1,0 +1,233 @@
+"""Write the model card (weights/README.md) and its figures from the shipped specs and experiment files.
+
+Every number in the card is read from a file that a training command wrote; nothing is typed in by hand
+except the published reference figures, which are labelled as such.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lungviz import RESEARCH_NOTICE, metrics, paths
+
+#: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
+PUBLISHED = {
+    "nodule-binary": {"f1_weighted": 0.81, "auprc_weighted": 0.88},
+    "slice-binary": {"f1_weighted": 0.70, "auprc_weighted": 0.81},
+    "nodule-score": {"f1_weighted": 0.45, "auprc_weighted": 0.55},
+    "slice-score": {"f1_weighted": 0.39, "auprc_weighted": 0.41},
+}
+ORDER = ("nodule-binary", "slice-binary", "fused-binary", "nodule-score", "slice-score", "fused-score", "histology")
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _ci(rep: dict, key: str) -> str:
+    v = rep.get(key)
+    ci = rep.get("ci95", {}).get(key)
+    if v is None:
+        return "–"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def _load(folder: Path, name: str) -> dict | None:
+    p = folder / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def figures(name: str, spec: dict, out: Path) -> dict[str, str]:
+    """Confusion matrix and reliability diagram (test split) as small PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    test = spec["metrics"]["test"]
+    classes = spec["classes"]
+    out.mkdir(parents=True, exist_ok=True)
+    cm = np.array(test["confusion"])
+    fig, ax = plt.subplots(figsize=(3.2 + 0.3 * len(classes), 3.0 + 0.3 * len(classes)), dpi=100)
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black", fontsize=9)
+    short = [c[:10] for c in classes]
+    ax.set_xticks(range(len(classes)), short, rotation=45 if len(classes) > 3 else 0, fontsize=8)
+    ax.set_yticks(range(len(classes)), short, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth (panel)")
+    ax.set_title(f"{name}: test confusion", fontsize=9)
+    fig.tight_layout()
+    cm_path = out / f"{name}-confusion.png"
+    fig.savefig(cm_path)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(3.6, 3.4), dpi=100)
+    rel = test.get("reliability_malignant")
+    if rel:
+        xs = [b["mean_p"] for b in rel if b["n"]]
+        ys = [b["observed"] for b in rel if b["n"]]
+        ns = [b["n"] for b in rel if b["n"]]
+        ax.set_xlabel("predicted malignant probability")
+        ax.set_ylabel("observed malignant rate")
+    else:
+        rel = test["reliability"]
+        xs = [b["confidence"] for b in rel if b["n"]]
+        ys = [b["accuracy"] for b in rel if b["n"]]
+        ns = [b["n"] for b in rel if b["n"]]
+        ax.set_xlabel("confidence (top class)")
+        ax.set_ylabel("accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    ax.scatter(xs, ys, s=[10 + 2 * n for n in ns], color="tab:red", alpha=0.7, zorder=3)
+    ax.plot(xs, ys, color="tab:red", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{name}: reliability (test), ECE {test['ece']:.3f}", fontsize=9)
+    fig.tight_layout()
+    rel_path = out / f"{name}-reliability.png"
+    fig.savefig(rel_path)
+    plt.close(fig)
+    return {"confusion": f"figures/{cm_path.name}", "reliability": f"figures/{rel_path.name}"}
+
+
+def diameter_baseline(split_name: str = "test") -> dict:
+    """AUROC of the readers' mean diameter alone for benign vs malignant on one split (with patient bootstrap)."""
+    from lungviz.splits import Split
+    from training.datasets import load_cases
+
+    cases, _ = load_cases("lidc")
+    split = Split.load(paths.weights_dir() / "splits" / "holdout.json")
+    sel = [c for c in split.select(cases, split_name) if c.malignant is not None and c.diameter_mm is not None]
+    y = np.array([c.malignant for c in sel])
+    d = np.array([c.diameter_mm for c in sel])
+    P = np.stack([1 - d / d.max(), d / d.max()], 1)
+    point = metrics.auroc(y, P)
+    ci = metrics.bootstrap_ci(lambda i: {"auroc": metrics.auroc(y[i], P[i])}, len(y),
+                              [c.patient_id for c in sel], 1000)
+    return {"n": len(y), "auroc": point, "ci95": ci}
+
+
+def write_card(folder: Path | None = None) -> Path:
+    """Regenerate ``weights/README.md`` and ``weights/figures/``."""
+    folder = folder or paths.weights_dir()
+    specs = {n: s for n in ORDER if (s := _load(folder, f"{n}.json")) is not None}
+    figs = {n: figures(n, s, folder / "figures") for n, s in specs.items()}
+    screen, cv = _load(folder, "screen.json"), _load(folder, "cv.json")
+    cam, retrieval = _load(folder, "cam_localisation.json"), _load(folder, "retrieval.json")
+    diam = diameter_baseline()
+    L: list[str] = []
+    w = L.append
+    w("# lungviz model card\n")
+    w(f"> **{RESEARCH_NOTICE}** The figures below were measured on a held-out split of public research data "
+      "(LIDC-IDRI); they do not describe performance on your patients, scanners or protocols.\n")
+    w("## Intended use\n")
+    w("A second look for radiologists and researchers reviewing a lung nodule on CT, for research and teaching: "
+      "a calibrated estimate of how the LIDC radiologists would rate the nodule's malignancy, a map of where the "
+      "model looked and similar reference cases. Not for diagnosis, screening decisions or patient management. "
+      "The labels are radiologists' suspicion ratings (1-5), not pathology.\n")
+    w("## Data and labels\n")
+    w("- LIDC-IDRI (TCIA, CC BY 3.0; Armato et al., Med Phys 38:915-931, 2011; doi:10.7937/K9/TCIA.2015.LO9QL9SX): "
+      "2,236 labelled nodules from 745 patients as 128 px axial crops (every slice any reader outlined). "
+      "Each crop is min-max scaled from HU as the slices set stores it.\n")
+    w("- Label = the panel: median of 1-4 readers' malignancy ratings rounded half up (`score`, 1-5); `binary` "
+      "groups 1-3 as benign and 4-5 as malignant. Nodules read by one radiologist carry that reader's score only.\n")
+    w("- Split: patient-level, stratified 70/15/15 (`weights/splits/holdout.json`, fingerprint "
+      f"`{next(iter(specs.values()))['split_fingerprint'] if specs else '–'}`). Train fits the weights, validation "
+      "drives early stopping, prior correction and temperature scaling, test is used once for this card.\n")
+    w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs.\n")
+    w("## Results on the test split (95% patient-bootstrap intervals)\n")
+    w("| model | n | AUROC | weighted AUPRC | weighted F1 | malignant F1 | kappa (QWK) | ECE raw → calibrated |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n, s in specs.items():
+        t = s["metrics"]["test"]
+        w(f"| {n} | {t['n']} | {_ci(t, 'auroc')} | {_ci(t, 'auprc_weighted')} | {_ci(t, 'f1_weighted')} | "
+          f"{_ci(t, 'f1_malignant') if 'f1_malignant' in t else '–'} | {_ci(t, 'qwk') if 'qwk' in t else '–'} | "
+          f"{_fmt(t.get('ece_raw'))} → {_fmt(t.get('ece'))} |")
+    w("")
+    w("### Beside the published study and the baselines\n")
+    w("The published full-slice / nodule-crop study reported these on its own split (not comparable case for case):\n")
+    w("| model | published weighted F1 | ours | published weighted AUPRC | ours |")
+    w("| --- | --- | --- | --- | --- |")
+    for n, ref in PUBLISHED.items():
+        t = specs.get(n, {}).get("metrics", {}).get("test", {})
+        w(f"| {n} | {ref['f1_weighted']:.2f} | {_fmt(t.get('f1_weighted'), 2)} | {ref['auprc_weighted']:.2f} | "
+          f"{_fmt(t.get('auprc_weighted'), 2)} |")
+    w("")
+    w(f"**Diameter baseline** (the readers' own mean diameter alone, which no image model sees): test AUROC "
+      f"{diam['auroc']:.3f} [{diam['ci95']['auroc'][0]:.3f}, {diam['ci95']['auroc'][1]:.3f}] on {diam['n']} "
+      "nodules.\n")
+    w("**Against one radiologist.** For nodules read by two or more radiologists, each reader in turn is the "
+      "predictor and the median of the others the truth; the model is scored on the very same pairs.\n")
+    w("| model | pairs | single reader | model |")
+    w("| --- | --- | --- | --- |")
+    for n, s in specs.items():
+        r = s["metrics"]["test"].get("readers")
+        if not r or not r.get("n_pairs"):
+            continue
+        if "reader_auroc" in r:
+            w(f"| {n} | {r['n_pairs']} | AUROC {_ci(r, 'reader_auroc')} | AUROC {_ci(r, 'model_auroc')} |")
+        else:
+            w(f"| {n} | {r['n_pairs']} | QWK {_ci(r, 'reader_qwk')}, exact {_fmt(r['reader_exact'])} | "
+              f"QWK {_ci(r, 'model_qwk')}, exact {_fmt(r['model_exact'])} |")
+    w("")
+    if cam:
+        w("## Does the map point at the nodule? (Grad-CAM, test split)\n")
+        w("| model | n | CAM peak inside the readers' mask | share of CAM mass inside the mask | mask share of image |")
+        w("| --- | --- | --- | --- | --- |")
+        for n, r in cam.get("models", {}).items():
+            w(f"| {n} | {r['n']} | {r['peak_inside']:.1%} | {r['mass_inside']:.1%} | {r['mask_area']:.1%} |")
+        w(f"\n{cam.get('method', '')}\n")
+    if retrieval:
+        w("## Similar-case retrieval\n")
+        w(f"Index `{retrieval.get('index', '')}`: {retrieval['n']} library nodules embedded with "
+          f"`{retrieval.get('model', 'nodule-binary')}` (penultimate layer, L2-normalised, FAISS inner product). "
+          f"Precision@5 (same binary label) for test queries against the train library: "
+          f"**{retrieval['precision_at_5_test_vs_train']:.3f}** (chance {retrieval['chance_precision_at_5']:.3f}).\n")
+    if screen:
+        w("## Backbone screen (validation split only)\n")
+        w("| backbone | pretrained | val AUROC | val malignant F1 | best epoch | minutes | images/s |")
+        w("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in screen["results"]:
+            w(f"| {r['arch']} | {r['pretrained']} | {_fmt(r['val_auroc'])} | {_fmt(r.get('val_f1_malignant'))} | "
+              f"{r['best_epoch']} | {r['seconds'] / 60:.1f} | {r['images_per_second']:.0f} |")
+        w("")
+    if cv:
+        w(f"## {cv['k']}-fold patient-level cross-validation ({cv['setup'].get('view')}-{cv['setup'].get('task')})\n")
+        w("| fold | n test | AUROC | malignant F1 | weighted F1 | ECE |")
+        w("| --- | --- | --- | --- | --- | --- |")
+        for r in cv["folds"]:
+            w(f"| {r['fold']} | {r['n_test']} | {_fmt(r['auroc'])} | {_fmt(r['f1_malignant'])} | "
+              f"{_fmt(r['f1_weighted'])} | {_fmt(r['ece'])} |")
+        sm = cv["summary"]
+        w(f"| mean ± sd | | {sm['auroc']['mean']:.3f} ± {sm['auroc']['sd']:.3f} | "
+          f"{sm['f1_malignant']['mean']:.3f} ± {sm['f1_malignant']['sd']:.3f} | "
+          f"{sm['f1_weighted']['mean']:.3f} ± {sm['f1_weighted']['sd']:.3f} | {sm['ece']['mean']:.3f} |\n")
+    w("## Per model\n")
+    for n, s in specs.items():
+        tr = s.get("training", {})
+        w(f"### {n}\n")
+        if s.get("kind") == "fusion":
+            f = s["fusion"]
+            w(f"Late fusion of {', '.join(s['components'])}: weights {', '.join(f'{v:.2f}' for v in f['weights'])} "
+              "on the views' calibrated logits plus a class bias, fitted on the validation split.\n")
+        else:
+            w(f"`{s['arch']}` ({'ImageNet-pretrained' if tr.get('pretrained') else 'from scratch'}), view "
+              f"`{s['view']}`, input {s['input_size']} px, {s['preprocessing'].get('aggregate', '')}; temperature "
+              f"{s['temperature']:.2f}. Trained on {tr.get('device', '?')} for {tr.get('train_seconds', 0) / 60:.1f} "
+              f"min ({tr.get('images_per_second', 0):.0f} images/s, best epoch {tr.get('best_epoch')}); "
+              f"train/val/test {tr.get('n_train')}/{tr.get('n_val')}/{tr.get('n_test')} nodules.\n")
+        if n in figs:
+            w(f"![confusion]({figs[n]['confusion']}) ![reliability]({figs[n]['reliability']})\n")
+    w("## Known limits\n")
+    w("- Labels are subjective ratings by 1-4 radiologists, not biopsy results; score 3 (indeterminate) is the "
+      "largest class and is grouped with benign in `binary`.\n")
+    w("- One public dataset (LIDC-IDRI, scans from 2000s scanners), 2D slices only; no external validation.\n")
+    w("- The histology model is trained on a small set of screenshots of mixed provenance (not HU) and is a "
+      "teaching example only.\n")
+    w("- Calibration was fitted on the validation split of this data; probabilities will drift on other data.\n")
+    path = folder / "README.md"
+    path.write_text("\n".join(L) + "\n")
+    return path
