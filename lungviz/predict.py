@@ -1,0 +1,191 @@
+"""Calibrated predictions from the shipped bundles, per view and fused, with a refer/uncertain flag.
+
+All preprocessing is read from each bundle's spec (view, field in mm, input size, mean/std); calibration
+is the spec's prior correction and temperature, fitted on the validation split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lungviz import paths
+from lungviz.errors import LungvizError
+from lungviz.fusion import Fusion
+from lungviz.metrics import softmax
+from lungviz.models import Bundle, load_bundle, read_spec
+from lungviz.preprocess import (
+    SLICE_CROP_PX,
+    crop_around,
+    minmax,
+    pad_to_square,
+    resize,
+    to_model_input,
+    view_from_context,
+)
+
+VIEW_NAMES = ("slice", "nodule")
+TASKS = ("binary", "score")
+#: Below this top-class probability, or when the two views disagree by more than this, a case is flagged.
+UNCERTAIN_BAND = (0.25, 0.75)
+DISAGREEMENT = 0.35
+
+
+@dataclass
+class ModelSet:
+    """The shipped bundles (``<view>-<task>``) and fusion specs (``fused-<task>``), loaded once."""
+
+    bundles: dict[str, Bundle]
+    fusions: dict[str, dict]
+    folder: Path
+
+    def bundle(self, view: str, task: str) -> Bundle | None:
+        return self.bundles.get(f"{view}-{task}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.bundles.values())).device if self.bundles else torch.device("cpu")
+
+
+def load_models(folder: Path | None = None, device: str | None = None) -> ModelSet:
+    """Load every ``<view>-<task>`` bundle and ``fused-<task>`` spec that is installed."""
+    folder = Path(folder) if folder else paths.weights_dir()
+    bundles, fusions = {}, {}
+    for view in VIEW_NAMES:
+        for task in TASKS:
+            name = f"{view}-{task}"
+            if (folder / f"{name}.json").is_file():
+                bundles[name] = load_bundle(folder, name, device)
+    for task in TASKS:
+        if (folder / f"fused-{task}.json").is_file():
+            fusions[task] = read_spec(folder, f"fused-{task}")
+    if not bundles:
+        raise LungvizError(f"no trained models are installed in {folder}; run `python -m training train --all`.")
+    return ModelSet(bundles, fusions, folder)
+
+
+def context_from_hu(hu: np.ndarray, centre_rc: tuple[float, float], size_px: int = SLICE_CROP_PX) -> np.ndarray:
+    """The model's context crop from a whole HU slice: ``size_px`` native pixels around the centre, min-max
+    scaled, exactly as the LIDC slices set stores its crops. ``(H, W) HU -> (size, size) float32 in [0, 1]``."""
+    crop = crop_around(np.asarray(hu, np.float32), centre_rc, size_px, fill=float(np.min(hu)))
+    return minmax(crop)
+
+
+def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.ndarray | None,
+               spacing_mm: float | None) -> np.ndarray:
+    """The ``(S, S)`` image a bundle sees: its view cut from the context crop, or an uploaded nodule crop
+    (taken to cover the view's field) resized."""
+    view, size = bundle_spec["view"], int(bundle_spec["input_size"])
+    field_mm = bundle_spec.get("preprocessing", {}).get("field_mm")
+    if view == "nodule" and nodule_crop is not None:
+        return resize(pad_to_square(nodule_crop), size)
+    if context is None:
+        raise LungvizError(f"the {view} model needs a slice image around the nodule.")
+    return view_from_context(context, view, size, spacing_mm, field_mm if view == "nodule" else None)
+
+
+def calibrated_logits(bundle: Bundle, image: np.ndarray) -> np.ndarray:
+    """``(C,)`` calibrated logits of one ``(S, S)`` view image (prior correction, then temperature)."""
+    x = torch.from_numpy(to_model_input(image, bundle.mean, bundle.std)[None]).to(bundle.device)
+    with torch.inference_mode():
+        logits = bundle.model(x).float().cpu().numpy()[0]
+    prior = bundle.spec.get("prior_adjust")
+    if prior is not None:
+        logits = logits + np.asarray(prior, np.float32)
+    return logits / float(bundle.spec.get("temperature", 1.0))
+
+
+@dataclass
+class TaskPrediction:
+    """Calibrated class probabilities of one task from one view (or fused)."""
+
+    classes: list[str]
+    probs: list[float]
+    logits: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def top(self) -> str:
+        return self.classes[int(np.argmax(self.probs))]
+
+
+@dataclass
+class Prediction:
+    """Everything the app and the CLI show for one case."""
+
+    views: dict[str, dict[str, TaskPrediction]]  # view -> task -> prediction; view "fused" when both ran
+    images: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # view -> what the model saw
+    flags: list[str] = field(default_factory=list)
+
+    def malignant_probability(self, view: str = "fused") -> float | None:
+        v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
+        if not v or "binary" not in v:
+            return None
+        return float(v["binary"].probs[1])
+
+    @property
+    def refer(self) -> bool:
+        return bool(self.flags)
+
+    def to_dict(self) -> dict:
+        return {
+            "views": {v: {t: {"classes": p.classes, "probabilities": [round(x, 4) for x in p.probs],
+                              "prediction": p.top} for t, p in tasks.items()} for v, tasks in self.views.items()},
+            "malignant_probability": self.malignant_probability(),
+            "flag": "refer / uncertain" if self.refer else "confident",
+            "reasons": self.flags,
+        }
+
+
+def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]]) -> list[str]:
+    """Reasons to refer: an uncertain malignant probability, or views that disagree."""
+    reasons = []
+    main = views.get("fused") or views.get("nodule") or views.get("slice") or {}
+    if "binary" in main:
+        p = main["binary"].probs[1]
+        if UNCERTAIN_BAND[0] < p < UNCERTAIN_BAND[1]:
+            reasons.append(f"malignant probability {p:.0%} is in the uncertain band "
+                           f"({UNCERTAIN_BAND[0]:.0%}-{UNCERTAIN_BAND[1]:.0%})")
+    if "slice" in views and "nodule" in views and "binary" in views["slice"] and "binary" in views["nodule"]:
+        ps, pn = views["slice"]["binary"].probs[1], views["nodule"]["binary"].probs[1]
+        if abs(ps - pn) > DISAGREEMENT or (ps >= 0.5) != (pn >= 0.5):
+            reasons.append(f"the views disagree (slice {ps:.0%}, nodule {pn:.0%} malignant)")
+    if "score" in main:
+        probs = np.asarray(main["score"].probs)
+        if probs.max() < 0.5:
+            reasons.append(f"no panel score is likely (most likely score {int(np.argmax(probs)) + 1} at "
+                           f"{probs.max():.0%})")
+    return reasons
+
+
+def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarray | None = None,
+            spacing_mm: float | None = None) -> Prediction:
+    """Calibrated predictions for every installed view and task, and the fused two-view model.
+
+    ``context``: the ~9 cm crop centred on the nodule (``(H, W) float32 in [0, 1]``, as the slices set);
+    ``nodule_crop``: an optional zoomed crop; ``spacing_mm``: the context's pixel spacing when known.
+    """
+    if context is None and nodule_crop is None:
+        raise LungvizError("upload a slice image (and optionally a nodule crop) to get a prediction.")
+    views: dict[str, dict[str, TaskPrediction]] = {}
+    logits: dict[tuple[str, str], np.ndarray] = {}
+    images: dict[str, np.ndarray] = {}
+    for name, bundle in models.bundles.items():
+        view, task = name.split("-", 1)
+        if view == "slice" and context is None:
+            continue
+        img = view_image(bundle.spec, context, nodule_crop, spacing_mm)
+        images.setdefault(view, img)
+        lg = calibrated_logits(bundle, img)
+        logits[(view, task)] = lg
+        views.setdefault(view, {})[task] = TaskPrediction(list(bundle.classes), softmax(lg[None])[0].tolist(),
+                                                          lg.tolist())
+    for task, spec in models.fusions.items():
+        comps = [(c.split("-", 1)[0], task) for c in spec["components"]]
+        if all(c in logits for c in comps):
+            fused = Fusion.from_dict(spec["fusion"]).logits([logits[c][None] for c in comps])[0]
+            probs = softmax(fused[None])[0].tolist()
+            views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist())
+    return Prediction(views, images, uncertainty_flags(views))

@@ -1,0 +1,92 @@
+"""Prediction from bundles: preprocessing from the spec, calibration, fusion and the refer flag."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lungviz.errors import LungvizError
+from lungviz.models import ModelSpec, create_model, save_bundle
+from lungviz.predict import TaskPrediction, context_from_hu, load_models, predict, uncertainty_flags
+
+
+def _save(folder, view, task, classes, temperature=1.0, prior=None):
+    import torch
+
+    torch.manual_seed(0)
+    model = create_model("cnn4", len(classes))
+    spec = ModelSpec.from_model(model, classes=classes, view=view, task=task, input_size=32,
+                                preprocessing={"view": view, "field_mm": 32.0 if view == "nodule" else None},
+                                temperature=temperature, split_fingerprint="x",
+                                extra={"prior_adjust": prior})
+    save_bundle(model, spec, folder, f"{view}-{task}")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("w")
+    for view in ("slice", "nodule"):
+        _save(folder, view, "binary", ["benign", "malignant"], temperature=2.0, prior=[0.3, -0.3])
+        _save(folder, view, "score", ["1", "2", "3", "4", "5"])
+    for task, classes in (("binary", ["benign", "malignant"]), ("score", ["1", "2", "3", "4", "5"])):
+        spec = {"kind": "fusion", "view": "fused", "task": task, "classes": classes,
+                "components": [f"slice-{task}", f"nodule-{task}"],
+                "fusion": {"views": ["slice", "nodule"], "weights": [0.5, 0.5], "bias": [0.0] * len(classes)}}
+        (folder / f"fused-{task}.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_predict_all_views_calibrated_and_fused(weights):
+    models = load_models(weights)
+    assert set(models.bundles) == {"slice-binary", "slice-score", "nodule-binary", "nodule-score"}
+    ctx = np.random.default_rng(0).random((128, 128)).astype(np.float32)
+    pred = predict(models, ctx, spacing_mm=0.7)
+    assert set(pred.views) == {"slice", "nodule", "fused"}
+    for tasks in pred.views.values():
+        assert abs(sum(tasks["binary"].probs) - 1) < 1e-5 and len(tasks["score"].probs) == 5
+    # calibration: (raw + prior) / T
+    b = models.bundle("nodule", "binary")
+    import torch
+
+    from lungviz.preprocess import to_model_input
+
+    x = torch.from_numpy(to_model_input(pred.images["nodule"], b.mean, b.std)[None])
+    raw = b.model(x).detach().numpy()[0]
+    assert np.allclose(pred.views["nodule"]["binary"].logits, (raw + np.array([0.3, -0.3])) / 2.0, atol=1e-4)
+    fused = 0.5 * np.array(pred.views["slice"]["binary"].logits) + 0.5 * np.array(pred.views["nodule"]["binary"].logits)
+    assert np.allclose(pred.views["fused"]["binary"].logits, fused, atol=1e-5)
+    assert pred.images["nodule"].shape == (32, 32)
+    d = pred.to_dict()
+    assert d["flag"] in ("refer / uncertain", "confident") and 0 <= d["malignant_probability"] <= 1
+
+
+def test_nodule_crop_only_and_no_input(weights):
+    models = load_models(weights)
+    crop = np.zeros((40, 30), np.float32)
+    pred = predict(models, None, nodule_crop=crop)
+    assert set(pred.views) == {"nodule"}
+    with pytest.raises(LungvizError):
+        predict(models, None, None)
+    with pytest.raises(LungvizError):
+        load_models(weights / "empty")
+
+
+def test_uncertainty_flags():
+    def tp(p):
+        return TaskPrediction(["benign", "malignant"], [1 - p, p])
+
+    assert uncertainty_flags({"fused": {"binary": tp(0.95)}}) == []
+    assert "uncertain band" in uncertainty_flags({"fused": {"binary": tp(0.5)}})[0]
+    flags = uncertainty_flags({"slice": {"binary": tp(0.1)}, "nodule": {"binary": tp(0.9)},
+                               "fused": {"binary": tp(0.9)}})
+    assert any("disagree" in f for f in flags)
+
+
+def test_context_from_hu_matches_slices_set_convention():
+    hu = np.full((512, 512), -1000.0, np.float32)
+    hu[250:262, 250:262] = 40.0
+    ctx = context_from_hu(hu, (256.0, 256.0))
+    assert ctx.shape == (128, 128) and ctx.min() == 0.0 and ctx.max() == 1.0
+    assert ctx[64, 64] == 1.0 and ctx[0, 0] == 0.0
