@@ -11,6 +11,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from lungviz.cases import Case, ImportReport
 from lungviz.errors import LungvizError
 from lungviz.io import IMAGE_SUFFIXES
@@ -64,3 +66,23 @@ def import_class_folders(root: Path, classes: Sequence[str] = ()) -> tuple[list[
     if not cases:
         raise LungvizError("no images were found in class folders.", source=root)
     return cases, ImportReport(len(cases), tuple(skipped))
+
+
+def average_hash(image: np.ndarray, size: int = 16) -> np.ndarray:
+    """A perceptual hash: the ``size x size`` thumbnail thresholded at its median, as a flat bool vector."""
+    from lungviz.preprocess import pad_to_square, resize
+
+    thumb = resize(pad_to_square(np.asarray(image, np.float32)), size)
+    return (thumb > np.median(thumb)).ravel()
+
+
+def leaked_cases(cases: Sequence[Case], reference: Sequence[Case], max_distance: int = 8) -> set[str]:
+    """Case ids in ``cases`` whose image nearly duplicates one in ``reference`` (hash Hamming distance
+    <= ``max_distance`` of 256 bits): adjacent slices of one patient often sit in different folders of
+    folder-per-class sets, which would inflate test figures."""
+    if not cases or not reference:
+        return set()
+    a = np.array([average_hash(c.load_slice(0)) for c in cases])
+    b = np.array([average_hash(c.load_slice(0)) for c in reference])
+    dist = (a[:, None, :] != b[None, :, :]).sum(-1)
+    return {c.case_id for c, d in zip(cases, dist.min(axis=1), strict=True) if d <= max_distance}

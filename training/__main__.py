@@ -153,6 +153,13 @@ def cmd_card(cfg: CardConfig) -> dict:
     return {"card": str(path)}
 
 
+def cmd_camloc(cfg: CardConfig) -> dict:
+    """Grad-CAM localisation on the test split: CAM peak and mass inside the readers' masks."""
+    from training.cam_eval import cam_localisation
+
+    return cam_localisation()
+
+
 COMMANDS = {
     "splits": (cmd_splits, SplitConfig),
     "outliers": (cmd_outliers, OutlierConfig),
@@ -163,6 +170,7 @@ COMMANDS = {
     "screen": (cmd_screen, TrainConfig),
     "cv": (cmd_cv, TrainConfig),
     "card": (cmd_card, CardConfig),
+    "camloc": (cmd_camloc, CardConfig),
 }
 
 

@@ -113,6 +113,15 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
         keep = sorted({c.patient_id for c in all_cases})[: cfg.limit]
         all_cases = [c for c in all_cases if c.patient_id in set(keep)]
     parts = {name: scheme.labelled(split.select(all_cases, name)) for name in ("train", "val", "test")}
+    leaks: dict[str, int] = {}
+    if cfg.dataset == "histology":  # drop val/test images that nearly duplicate a training image
+        from lungviz.folders import leaked_cases
+
+        train_cases = [c for c, _ in parts["train"]]
+        for name in ("val", "test"):
+            leaked = leaked_cases([c for c, _ in parts[name]], train_cases)
+            leaks[name] = len(leaked)
+            parts[name] = [(c, y) for c, y in parts[name] if c.case_id not in leaked]
     cases = [c for name in ("train", "val", "test") for c, _ in parts[name]]
     labels = np.array([y for name in ("train", "val", "test") for _, y in parts[name]])
     offsets = np.cumsum([0] + [len(parts[n]) for n in ("train", "val", "test")])
@@ -173,6 +182,7 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
                   "n_train": len(idx["train"]), "n_val": len(idx["val"]), "n_test": len(idx["test"])},
         split_fingerprint=split.fingerprint,
         extra={"prior_adjust": None if prior_adjust is None else prior_adjust.tolist(),
+               "removed_near_duplicates_of_train": leaks,
                "dataset": cfg.dataset, "label_scheme": scheme.name,
                "split": {"kind": split.kind, "seed": split.seed}},
     )
