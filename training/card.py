@@ -93,13 +93,21 @@ def figures(name: str, spec: dict, out: Path) -> dict[str, str]:
     return {"confusion": f"figures/{cm_path.name}", "reliability": f"figures/{rel_path.name}"}
 
 
-def diameter_baseline(split_name: str = "test") -> dict:
-    """AUROC of the readers' mean diameter alone for benign vs malignant on one split (with patient bootstrap)."""
+def diameter_baseline(folder: Path, split_name: str = "test") -> dict | None:
+    """AUROC of the readers' mean diameter alone for benign vs malignant on one split (with patient bootstrap);
+    None when the split file or the data is not there."""
+    from lungviz.errors import LungvizError
     from lungviz.splits import Split
     from training.datasets import load_cases
 
-    cases, _ = load_cases("lidc")
-    split = Split.load(paths.weights_dir() / "splits" / "holdout.json")
+    split_file = folder / "splits" / "holdout.json"
+    if not split_file.is_file():
+        return None
+    try:
+        cases, _ = load_cases("lidc")
+    except LungvizError:
+        return None
+    split = Split.load(split_file)
     sel = [c for c in split.select(cases, split_name) if c.malignant is not None and c.diameter_mm is not None]
     y = np.array([c.malignant for c in sel])
     d = np.array([c.diameter_mm for c in sel])
@@ -117,7 +125,7 @@ def write_card(folder: Path | None = None) -> Path:
     figs = {n: figures(n, s, folder / "figures") for n, s in specs.items()}
     screen, cv = _load(folder, "screen.json"), _load(folder, "cv.json")
     cam, retrieval = _load(folder, "cam_localisation.json"), _load(folder, "retrieval.json")
-    diam = diameter_baseline()
+    diam = diameter_baseline(folder)
     L: list[str] = []
     w = L.append
     w("# lungviz model card\n")
@@ -147,6 +155,16 @@ def write_card(folder: Path | None = None) -> Path:
           f"{_ci(t, 'f1_malignant') if 'f1_malignant' in t else '–'} | {_ci(t, 'qwk') if 'qwk' in t else '–'} | "
           f"{_fmt(t.get('ece_raw'))} → {_fmt(t.get('ece'))} |")
     w("")
+    w("Nodule-level figures average the logits of the central half of each nodule's slices. The app usually sees "
+      "one slice; the same models on the single middle slice of each test nodule:\n")
+    w("| model | AUROC | weighted F1 | malignant F1 | kappa (QWK) | ECE |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for n, s in specs.items():
+        t = s["metrics"].get("test_single_slice")
+        if t:
+            w(f"| {n} | {_ci(t, 'auroc')} | {_ci(t, 'f1_weighted')} | {_fmt(t.get('f1_malignant'))} | "
+              f"{_fmt(t.get('qwk'))} | {_fmt(t.get('ece'))} |")
+    w("")
     w("### Beside the published study and the baselines\n")
     w("The published full-slice / nodule-crop study reported these on its own split (not comparable case for case):\n")
     w("| model | published weighted F1 | ours | published weighted AUPRC | ours |")
@@ -156,9 +174,10 @@ def write_card(folder: Path | None = None) -> Path:
         w(f"| {n} | {ref['f1_weighted']:.2f} | {_fmt(t.get('f1_weighted'), 2)} | {ref['auprc_weighted']:.2f} | "
           f"{_fmt(t.get('auprc_weighted'), 2)} |")
     w("")
-    w(f"**Diameter baseline** (the readers' own mean diameter alone, which no image model sees): test AUROC "
-      f"{diam['auroc']:.3f} [{diam['ci95']['auroc'][0]:.3f}, {diam['ci95']['auroc'][1]:.3f}] on {diam['n']} "
-      "nodules.\n")
+    if diam:
+        w(f"**Diameter baseline** (the readers' own mean diameter alone, which no image model sees): test AUROC "
+          f"{diam['auroc']:.3f} [{diam['ci95']['auroc'][0]:.3f}, {diam['ci95']['auroc'][1]:.3f}] on {diam['n']} "
+          "nodules.\n")
     w("**Against one radiologist.** For nodules read by two or more radiologists, each reader in turn is the "
       "predictor and the median of the others the truth; the model is scored on the very same pairs.\n")
     w("| model | pairs | single reader | model |")

@@ -1,0 +1,40 @@
+"""The model card is generated from the spec files, numbers and figures included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from training.card import write_card
+
+
+def _rep(auroc: float, n_classes: int) -> dict:
+    y = [0, 1] * 5
+    return {"n": 10, "auroc": auroc, "auprc_weighted": 0.7, "f1_weighted": 0.66, "f1_macro": 0.6,
+            "f1_malignant": 0.5, "qwk": 0.61, "ece": 0.04, "ece_raw": 0.12, "ci95": {"auroc": [auroc - 0.1, 0.99]},
+            "confusion": np.eye(n_classes, dtype=int).tolist(),
+            "reliability_malignant": [{"n": 5, "mean_p": 0.2, "observed": 0.2}, {"n": 5, "mean_p": 0.8,
+                                                                                  "observed": 0.8}],
+            "reliability": [{"n": 10, "confidence": 0.7, "accuracy": 0.7}], "y": y,
+            "readers": {"n_pairs": 12, "reader_auroc": 0.73, "model_auroc": 0.88,
+                        "ci95": {"reader_auroc": [0.6, 0.8], "model_auroc": [0.8, 0.95]}}}
+
+
+def test_card_lists_every_model_with_its_figures(tmp_path):
+    spec = {"arch": "tf_efficientnet_lite0", "view": "nodule", "task": "binary", "classes": ["benign", "malignant"],
+            "input_size": 64, "temperature": 1.3, "preprocessing": {"aggregate": "mean logit"},
+            "split_fingerprint": "abc", "training": {"pretrained": True, "device": "cpu", "train_seconds": 600,
+                                                    "images_per_second": 40, "best_epoch": 7},
+            "metrics": {"test": _rep(0.931, 2), "val": _rep(0.9, 2), "test_single_slice": _rep(0.9, 2)}}
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    (tmp_path / "retrieval.json").write_text(json.dumps({"n": 2236, "index": "index-nodule-binary.faiss",
+                                                         "precision_at_5_test_vs_train": 0.81,
+                                                         "chance_precision_at_5": 0.67}))
+    card = write_card(tmp_path).read_text()
+    assert "Research and education use only" in card
+    assert "| nodule-binary | 10 | 0.931 [0.831, 0.990]" in card
+    assert "0.120 → 0.040" in card and "AUROC 0.730 [0.600, 0.800]" in card
+    assert "**0.810** (chance 0.670)" in card
+    assert (tmp_path / "figures" / "nodule-binary-confusion.png").stat().st_size > 1000
+    assert "figures/nodule-binary-reliability.png" in card
