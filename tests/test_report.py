@@ -1,0 +1,279 @@
+"""Per-case reports: self-contained HTML (escaped, one data URI per image) and PDF, with and without optional parts."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import sys
+import zlib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lungviz import RESEARCH_NOTICE
+from lungviz.errors import LungvizError
+from lungviz.report import (
+    CaseReport,
+    build_html,
+    build_pdf,
+    model_versions,
+    reader_spread,
+    report_filename,
+    save_report,
+    to_rgb8,
+)
+
+RNG = np.random.default_rng(0)
+SHA = "0123456789abcdef" * 4
+NOTE = 'Looks benign <script>alert("x")</script>\nsecond line & more'
+
+
+def _task(classes: list[str], probs: list[float]) -> dict:
+    return {"classes": classes, "probabilities": probs, "prediction": classes[int(np.argmax(probs))]}
+
+
+BINARY, SCORE = ["benign", "malignant"], ["1", "2", "3", "4", "5"]
+PREDICTION = {
+    "views": {
+        "slice": {"binary": _task(BINARY, [0.4, 0.6]), "score": _task(SCORE, [0.05, 0.1, 0.3, 0.35, 0.2])},
+        "nodule": {"binary": _task(BINARY, [0.19, 0.81]), "score": _task(SCORE, [0.02, 0.08, 0.2, 0.4, 0.3])},
+        "fused": {"binary": _task(BINARY, [0.28, 0.72]), "score": _task(SCORE, [0.03, 0.07, 0.24, 0.41, 0.25])},
+    },
+    "malignant_probability": 0.72,
+    "flag": "refer / uncertain",
+    "reasons": ["malignant probability 72% is in the uncertain band (25%-75%)"],
+}
+
+
+def _gray(side: int = 32) -> np.ndarray:
+    return RNG.random((side, side)).astype(np.float32)
+
+
+def _rgb(side: int = 32) -> np.ndarray:
+    return RNG.integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def full_report() -> CaseReport:
+    """Two views, three maps, three similar cases (two with thumbnails): seven images in all."""
+    return CaseReport(
+        case_id="LIDC-IDRI-0001/nodule-0",
+        source="library",
+        created=datetime(2025, 1, 31, 14, 5, tzinfo=UTC),
+        images={"slice": _gray(), "nodule": _gray()},
+        prediction=PREDICTION,
+        maps={"Grad-CAM, nodule view": _rgb(), "Grad-CAM++, nodule view": _rgb(), "LIME <nodule> view": _rgb()},
+        similar=[
+            {"case_id": "LIDC-IDRI-0042/nodule-1", "malignancy": 4, "reader_scores": [5, 3, 4, 5],
+             "diameter_mm": 12.54, "similarity": 0.931, "thumbnail": _gray(16)},
+            {"case_id": "LIDC-IDRI-0007/nodule-0", "malignancy": 2, "reader_scores": "2 1 2",
+             "diameter_mm": 6.0, "similarity": 0.874, "thumbnail": _rgb(16)},
+            {"case_id": "LIDC-IDRI-0099/nodule-2", "malignancy": 3, "reader_scores": [3],
+             "diameter_mm": None, "similarity": 0.8, "thumbnail": None},
+        ],
+        verdict="disagree",
+        note=NOTE,
+        reviewer="Dr. O'Neil & <team>",
+        models={"nodule-binary (tf_efficientnet_lite0)": SHA, "slice-binary": "fedcba9876543210" * 4},
+    )
+
+
+N_IMAGES = 7
+
+
+# ------------------------------------------------------------------------------------------------------ HTML
+
+
+def test_html_has_notice_case_and_probabilities() -> None:
+    page = build_html(full_report())
+    assert page.startswith("<!DOCTYPE html>")
+    assert RESEARCH_NOTICE in page
+    assert page.index(RESEARCH_NOTICE) < page.index("Model estimate")  # the notice comes before any result
+    assert "LIDC-IDRI-0001/nodule-0" in page and "2025-01-31 14:05 UTC" in page
+    for text in ("72%", "81%", "60%", "41%", "35%", "refer / uncertain", "uncertain band (25%-75%)",
+                 "Fused (both views)", "Nodule view", "Slice view", "Disagree with the model"):
+        assert text in page, text
+    assert SHA[:12] in page and SHA not in page  # a prefix, not the whole hash
+    assert "tf_efficientnet_lite0" in page
+
+
+def test_html_escapes_user_text() -> None:
+    report = full_report()
+    report.file_names = ["<img src=x onerror=alert(1)>.png"]
+    report.source = "upload"
+    page = build_html(report)
+    assert "<script" not in page.lower() and "onerror=alert(1)>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "second line &amp; more" in page
+    assert "Dr. O&#x27;Neil &amp; &lt;team&gt;" in page
+    assert "LIME &lt;nodule&gt; view" in page
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page
+
+
+def test_html_one_data_uri_per_image_and_they_decode_to_the_inputs() -> None:
+    report = full_report()
+    page = build_html(report)
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert page.count("data:image/png;base64,") == len(uris) == N_IMAGES
+    assert not re.search(r'src="(?!data:)', page)  # nothing fetched from outside the page
+    given = [*report.images.values(), *report.maps.values(), report.similar[0]["thumbnail"],
+             report.similar[1]["thumbnail"]]
+    for uri, image in zip(uris, given, strict=True):
+        decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("RGB"))
+        assert np.array_equal(decoded, to_rgb8(image))
+
+
+def test_html_similar_cases_table() -> None:
+    page = build_html(full_report())
+    for text in ("LIDC-IDRI-0042/nodule-1", "3, 4, 5, 5", "1, 2, 2", "12.5 mm", "0.93", "0.87", "6.0 mm"):
+        assert text in page, text
+
+
+def test_minimal_report_builds_and_says_what_is_missing() -> None:
+    report = CaseReport(case_id="upload-1", source="upload", file_names=["slice.png", "crop.png"])
+    page = build_html(report)
+    assert RESEARCH_NOTICE in page
+    assert "data:image/png;base64," not in page
+    assert "slice.png, crop.png" in page
+    for text in ("No model estimate", "No explanation maps", "No similar cases", "has not been reviewed",
+                 "No model versions"):
+        assert text in page, text
+    assert report.created is not None and report.created.tzinfo is not None
+
+
+def test_prediction_without_score_or_fused_view() -> None:
+    pred = {"views": {"nodule": {"binary": _task(BINARY, [0.9, 0.1])}}, "malignant_probability": 0.1,
+            "flag": "confident", "reasons": []}
+    page = build_html(CaseReport(case_id="c", prediction=pred, images={"nodule": _gray()}))
+    assert "10%" in page and "confident" in page and "Score 1" not in page
+    assert page.count("data:image/png;base64,") == 1
+
+
+def test_real_prediction_to_dict_renders() -> None:
+    """The report reads the exact dict :meth:`Prediction.to_dict` makes."""
+    from lungviz.predict import Prediction, TaskPrediction, uncertainty_flags
+
+    views = {"slice": {"binary": TaskPrediction(BINARY, [0.3, 0.7])},
+             "nodule": {"binary": TaskPrediction(BINARY, [0.6, 0.4]), "score": TaskPrediction(SCORE, [.1] * 4 + [.6])}}
+    pred = Prediction(views, flags=uncertainty_flags(views)).to_dict()
+    page = build_html(CaseReport(case_id="c", prediction=pred))
+    assert "70%" in page and "40%" in page and "60%" in page
+    assert pred["flag"] in page and pred["reasons"] and all(r in page for r in pred["reasons"])
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+RGB8_CASES = [
+    (np.array([[0.0, 1.0]], np.float32), [[0, 0, 0], [255, 255, 255]]),
+    (np.array([[-1.0, np.nan]], np.float64), [[0, 0, 0], [0, 0, 0]]),
+    (np.array([[7, 200]], np.uint8), [[7, 7, 7], [200, 200, 200]]),
+    (np.array([[[1, 2, 3, 255]]], np.uint8), [[1, 2, 3]]),
+    (np.array([[[0.0, 0.5, 1.0]]], np.float32), [[0, 128, 255]]),
+]
+
+
+@pytest.mark.parametrize(("image", "expected"), RGB8_CASES)
+def test_to_rgb8(image: np.ndarray, expected: list) -> None:
+    out = to_rgb8(image)
+    assert out.dtype == np.uint8 and out.shape == (*image.shape[:2], 3)
+    assert out.reshape(-1, 3).tolist() == expected
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4,)), np.zeros((2, 2, 2)), np.zeros((0, 3)), np.zeros((2, 2, 3, 1))])
+def test_to_rgb8_rejects_bad_shapes(bad: np.ndarray) -> None:
+    with pytest.raises(LungvizError, match="shape"):
+        to_rgb8(bad)
+
+
+@pytest.mark.parametrize(("scores", "expected"), [
+    ([5, 3, 4, 5], "3, 4, 5, 5"), ("5 4 3 5", "3, 4, 5, 5"), ((4.0, 2.0), "2, 4"), ("3,1", "1, 3"),
+    ([], "-"), (None, "-"), ("", "-"),
+])
+def test_reader_spread(scores, expected: str) -> None:
+    assert reader_spread(scores) == expected
+
+
+def test_model_versions_from_bundles_or_specs() -> None:
+    class FakeBundle:
+        def __init__(self) -> None:
+            self.spec = {"arch": "tf_efficientnet_lite2", "weights_sha256": SHA}
+
+    out = model_versions({"slice-binary": FakeBundle(), "nodule-score": {"weights_sha256": "ab" * 32}})
+    assert out == {"slice-binary (tf_efficientnet_lite2)": SHA, "nodule-score": "ab" * 32}
+
+
+def test_report_filename_is_safe() -> None:
+    report = CaseReport(case_id="../LIDC 0001/nodule:0", created=datetime(2025, 1, 31, 14, 5, tzinfo=UTC))
+    name = report_filename(report, "pdf")
+    assert name == "lungviz-report-LIDC_0001_nodule_0-20250131-1405.pdf"
+
+
+# ------------------------------------------------------------------------------------------------------- PDF
+
+
+def _pdf_text(pdf: bytes) -> str:
+    """Every decoded stream of the PDF as Latin-1 text (enough to find drawn strings without pypdf).
+
+    reportlab writes streams as ``/Filter [/ASCII85Decode /FlateDecode]`` (or Flate alone)."""
+    parts = []
+    for m in re.finditer(rb"/Filter\s*(\[[^\]]*\]|/\w+)[^>]*>>\s*stream\r?\n(.*?)\s*endstream", pdf, re.DOTALL):
+        filters, data = m.group(1), m.group(2).strip()
+        try:
+            if b"ASCII85Decode" in filters:
+                data = base64.a85decode(data, adobe=data.startswith(b"<~") or data.endswith(b"~>"))
+            if b"FlateDecode" in filters:
+                data = zlib.decompress(data)
+        except (ValueError, zlib.error):
+            continue
+        parts.append(data.decode("latin-1"))
+    text = re.sub(r"\)\s*Tj\s*\(", "", "\n".join(parts))  # runs of one line drawn piece by piece
+    return text.replace("\\(", "(").replace("\\)", ")")
+
+
+def _pages(pdf: bytes) -> int:
+    return len(re.findall(rb"/Type\s*/Page(?![s\w])", pdf))
+
+
+def test_pdf_full_report() -> None:
+    pytest.importorskip("reportlab")
+    pdf = build_pdf(full_report())
+    assert pdf.startswith(b"%PDF") and pdf.rstrip().endswith(b"%%EOF")
+    pages = _pages(pdf)
+    assert pages >= 2
+    text = _pdf_text(pdf)
+    # the notice heads the first page and footers every page
+    assert text.count("Research and education use only. lungviz is not a medical device") >= pages + 1
+    for s in ("LIDC-IDRI-0042/nodule-1", "3, 4, 5, 5", "72%", "refer / uncertain", "12.5 mm", SHA[:12]):
+        assert s in text, s
+    assert "<script>alert" in text  # the note is drawn as text, not read as markup
+    assert len(re.findall(rb"/Subtype\s*/Image", pdf)) >= N_IMAGES
+    assert RESEARCH_NOTICE.encode() in pdf  # document metadata (subject)
+
+
+def test_pdf_minimal_report() -> None:
+    pytest.importorskip("reportlab")
+    pdf = build_pdf(CaseReport(case_id="upload <1>", source="upload"))
+    assert pdf.startswith(b"%PDF") and _pages(pdf) == 1
+    text = _pdf_text(pdf)
+    assert "Research and education use only" in text and "upload <1>" in text
+    assert "No explanation maps" in text
+
+
+def test_pdf_without_reportlab_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "reportlab" or m.startswith("reportlab.")] + ["reportlab"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(LungvizError, match="reportlab"):
+        build_pdf(CaseReport(case_id="c"))
+
+
+def test_save_report_by_suffix(tmp_path: Path) -> None:
+    report = CaseReport(case_id="c", prediction=PREDICTION)
+    html_path = save_report(report, tmp_path / "out" / "r.html")
+    assert "72%" in html_path.read_text(encoding="utf-8")
+    with pytest.raises(LungvizError, match=r"\.html or \.pdf"):
+        save_report(report, tmp_path / "r.docx")
+    pytest.importorskip("reportlab")
+    assert save_report(report, tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
