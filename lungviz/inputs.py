@@ -1,0 +1,98 @@
+"""From what a user uploads (a slice, a nodule crop, a DICOM slice or series) to the model's inputs.
+
+The models were trained on the LIDC slices set: a 128-native-pixel crop centred on the nodule, min-max
+scaled from HU. Every path here produces that same context crop, so predictions see what training saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lungviz.errors import LungvizError
+from lungviz.io import DicomSlice, LoadedImage
+from lungviz.preprocess import SLICE_CROP_PX, crop_around, minmax, window_preset
+
+#: An image up to this side is taken as a nodule-centred context crop; a larger one as a whole slice.
+MAX_CONTEXT_SIDE = 192
+
+
+@dataclass
+class CaseInput:
+    """The model inputs of one case and what the user should be told about how they were made."""
+
+    context: np.ndarray | None  # (H, W) float32 in [0, 1], nodule-centred, as the slices set
+    nodule_crop: np.ndarray | None = None  # (h, w) float32 in [0, 1] when the user gave one
+    spacing_mm: float | None = None
+    whole_slice: np.ndarray | None = None  # (H, W) HU or [0, 1], for display only
+    whole_is_hu: bool = False
+    centre_rc: tuple[float, float] | None = None
+    names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def is_whole_slice(image: np.ndarray) -> bool:
+    """Whether an image is too large to be a nodule-centred crop (so a nodule centre must be chosen)."""
+    return max(np.asarray(image).shape) > MAX_CONTEXT_SIDE
+
+
+def context_from_whole(image: np.ndarray, centre_rc: tuple[float, float], is_hu: bool,
+                       size_px: int = SLICE_CROP_PX) -> np.ndarray:
+    """Cut the ``size_px`` context around ``centre_rc`` from a whole slice and min-max scale it (as training)."""
+    h, w = image.shape
+    if not (0 <= centre_rc[0] < h and 0 <= centre_rc[1] < w):
+        raise LungvizError(f"the nodule centre (row {centre_rc[0]:.0f}, column {centre_rc[1]:.0f}) lies outside the "
+                           f"{w} x {h} image.")
+    fill = float(image.min())
+    return minmax(crop_around(np.asarray(image, np.float32), centre_rc, size_px, fill=fill))
+
+
+def from_loaded(slice_img: LoadedImage | None, nodule_img: LoadedImage | None = None,
+                centre_rc: tuple[float, float] | None = None) -> CaseInput:
+    """Model inputs from a loaded slice image (a crop or a whole slice, HU or not) and an optional nodule crop."""
+    if slice_img is None and nodule_img is None:
+        raise LungvizError("upload a slice image, a nodule crop or a DICOM file.")
+    out = CaseInput(context=None)
+    if slice_img is not None:
+        px = slice_img.pixels
+        out.names.append(slice_img.name)
+        out.spacing_mm = slice_img.pixel_spacing_mm
+        if is_whole_slice(px):
+            centre = centre_rc or (px.shape[0] / 2.0, px.shape[1] / 2.0)
+            if centre_rc is None:
+                out.notes.append("No nodule centre was given: the image centre was used. Choose the centre for a "
+                                 "meaningful prediction.")
+            out.whole_slice, out.whole_is_hu, out.centre_rc = px, slice_img.is_hu, centre
+            out.context = context_from_whole(px, centre, slice_img.is_hu)
+        else:
+            out.context = minmax(px)
+            if not slice_img.is_hu:
+                out.notes.append("The slice image was taken as a crop centred on the nodule (about 9 cm wide), "
+                                 "as in the LIDC slices set.")
+    if nodule_img is not None:
+        out.names.append(nodule_img.name)
+        crop = nodule_img.pixels
+        if is_whole_slice(crop):
+            raise LungvizError("the nodule crop is larger than a crop should be; upload it as the slice image "
+                               "instead and choose the nodule centre.", source=nodule_img.name)
+        out.nodule_crop = minmax(crop)
+        out.notes.append("The uploaded nodule crop is used for the nodule view; it is taken to span about 32 mm.")
+    return out
+
+
+def from_series(series: list[DicomSlice], index: int, centre_rc: tuple[float, float] | None = None) -> CaseInput:
+    """Model inputs from one slice of a DICOM series (HU), cut around the chosen nodule centre."""
+    if not series:
+        raise LungvizError("the DICOM series holds no slices.")
+    if not 0 <= index < len(series):
+        raise LungvizError(f"slice {index} does not exist; the series has {len(series)} slices (0-{len(series) - 1}).")
+    sl = series[index]
+    loaded = LoadedImage(sl.hu, True, sl.name, pixel_spacing_mm=float(np.mean(sl.pixel_spacing_mm)),
+                         meta={"z_mm": sl.z_mm})
+    return from_loaded(loaded, None, centre_rc)
+
+
+def display_image(image: np.ndarray, is_hu: bool, window: str = "lung") -> np.ndarray:
+    """``(H, W) float32 in [0, 1]`` for showing a slice: HU through a window preset, else as is."""
+    return window_preset(image, window) if is_hu else np.clip(np.asarray(image, np.float32), 0.0, 1.0)

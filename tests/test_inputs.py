@@ -1,0 +1,51 @@
+"""Uploads become the model's context crop exactly as the slices set stores it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lungviz.errors import LungvizError
+from lungviz.inputs import display_image, from_loaded, from_series
+from lungviz.io import DicomSlice, LoadedImage
+
+
+def _hu_slice() -> np.ndarray:
+    hu = np.full((512, 512), -1000.0, np.float32)
+    hu[300:310, 200:210] = 50.0  # a nodule centred at (305, 205)
+    return hu
+
+
+def test_whole_hu_slice_is_cut_around_the_centre_and_minmax_scaled():
+    ci = from_loaded(LoadedImage(_hu_slice(), True, "a.dcm", 0.7), centre_rc=(305.0, 205.0))
+    assert ci.context.shape == (128, 128)
+    assert ci.context[64, 64] == 1.0 and ci.context[0, 0] == 0.0  # nodule in the middle, air at 0
+    assert ci.whole_slice is not None and ci.whole_is_hu and ci.spacing_mm == 0.7 and not ci.notes
+
+
+def test_whole_slice_without_centre_uses_image_centre_and_says_so():
+    ci = from_loaded(LoadedImage(_hu_slice(), True, "a.dcm", 0.7))
+    assert ci.centre_rc == (256.0, 256.0) and "centre" in ci.notes[0]
+    with pytest.raises(LungvizError, match="outside"):
+        from_loaded(LoadedImage(_hu_slice(), True, "a.dcm"), centre_rc=(600.0, 10.0))
+
+
+def test_crop_upload_is_taken_as_context_and_nodule_crop_is_kept():
+    crop = np.linspace(0.2, 0.6, 128 * 128, dtype=np.float32).reshape(128, 128)
+    ci = from_loaded(LoadedImage(crop, False, "s.png"), LoadedImage(crop[40:88, 40:88], False, "n.png"))
+    assert ci.context.min() == 0.0 and ci.context.max() == 1.0  # min-max as the slices set
+    assert ci.nodule_crop.shape == (48, 48) and ci.names == ["s.png", "n.png"]
+    with pytest.raises(LungvizError):
+        from_loaded(None, None)
+    with pytest.raises(LungvizError, match="larger than a crop"):
+        from_loaded(None, LoadedImage(np.zeros((512, 512), np.float32), False, "n.png"))
+
+
+def test_series_slice_and_display_window():
+    sl = DicomSlice(_hu_slice(), (0.7, 0.7), 10.0, 1, "1.2", "9", "x.dcm")
+    ci = from_series([sl], 0, (305.0, 205.0))
+    assert ci.context[64, 64] == 1.0
+    with pytest.raises(LungvizError, match="does not exist"):
+        from_series([sl], 3)
+    shown = display_image(_hu_slice(), True, "lung")
+    assert shown[0, 0] == pytest.approx((-1000 + 1350) / 1500)
