@@ -189,3 +189,11 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
             probs = softmax(fused[None])[0].tolist()
             views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist())
     return Prediction(views, images, uncertainty_flags(views))
+
+
+def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:
+    """The L2-normalised penultimate-layer embedding ``(D,)`` of one view image (the retrieval query)."""
+    x = torch.from_numpy(to_model_input(image, bundle.mean, bundle.std)[None]).to(bundle.device)
+    with torch.inference_mode():
+        e = bundle.model.embed(x).float().cpu().numpy()[0]
+    return (e / max(float(np.linalg.norm(e)), 1e-12)).astype(np.float32)

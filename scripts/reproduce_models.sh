@@ -3,8 +3,11 @@
 # The budgets below are the ones used for the shipped models and the model card.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m training splits                                              # weights/splits/*.json
-python -m training train --all --epochs 8 --epoch-samples 1536         # 5 bundles, fused-binary/score, index
+python -m training splits                                              # weights/splits/*.json (deterministic)
+python -m training train --all                                         # 5 bundles, fused-binary/score, index
+for m in nodule-binary slice-binary fused-binary nodule-score slice-score fused-score; do  # app reference cases
+  python -m training evaluate --model "$m" --split test --n-boot 200 --predictions "weights/reference/$m-test.csv"
+done
 python -m training camloc                                              # weights/cam_localisation.json
 python -m training screen --epochs 5 --epoch-samples 1024              # weights/screen.json (validation only)
 python -m training cv --epochs 6 --epoch-samples 1024                  # weights/cv.json (5 patient-level folds)

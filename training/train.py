@@ -41,15 +41,15 @@ class TrainConfig:
     input_size: int = 64
     field_mm: float = 0.0  # 0 = the view's default field in mm
     drop_rate: float = 0.3
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 64
     lr: float = 2e-3
     layer_decay: float = 0.6
     weight_decay: float = 1e-2
-    stages: tuple[int, ...] = (2, 5)
+    stages: tuple[int, ...] = (1, 4)
     stage_groups: tuple[int, ...] = (1, 4, 0)
     balance: str = "upsample"  # upsample | weighted
-    epoch_samples: int = 0
+    epoch_samples: int = 1536
     patience: int = 4
     label_smoothing: float = 0.0
     val_slices: int = 5

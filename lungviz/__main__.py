@@ -1,0 +1,128 @@
+"""``python -m lungviz predict | bench``: predictions and explanations from the command line, and the speed benchmark.
+
+Bad input exits with status 2 and one clear line on stderr (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lungviz import RESEARCH_NOTICE
+from lungviz.errors import LungvizError
+
+EXPLAIN_METHODS = ("gradcam", "gradcampp", "lime")
+
+
+def _centre(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    try:
+        r, c = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise LungvizError(f"--centre must be ROW,COLUMN in pixels (e.g. 256,310), got '{text}'.") from err
+    return r, c
+
+
+def _save_png(image: np.ndarray, path: Path) -> str:
+    from PIL import Image
+
+    arr = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    Image.fromarray(arr).save(path)
+    return str(path)
+
+
+def cmd_predict(args: argparse.Namespace) -> dict:
+    """Predict one case from files; optionally write explanation overlays."""
+    from lungviz.explain import cam, lime_map, lime_overlay, overlay
+    from lungviz.inputs import from_loaded
+    from lungviz.io import load_image
+    from lungviz.predict import load_models, predict
+
+    slice_img = load_image(args.slice) if args.slice else None
+    nodule_img = load_image(args.nodule) if args.nodule else None
+    case = from_loaded(slice_img, nodule_img, _centre(args.centre))
+    models = load_models(Path(args.weights) if args.weights else None)
+    pred = predict(models, case.context, case.nodule_crop, case.spacing_mm)
+    out: dict = {"inputs": case.names, "notes": case.notes, **pred.to_dict(),
+                 "models": {k: b.spec.get("weights_sha256", "")[:12] for k, b in models.bundles.items()},
+                 "notice": RESEARCH_NOTICE}
+    if args.explain:
+        if not args.out:
+            raise LungvizError("--explain needs --out DIR for the overlay images.")
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for view, image in pred.images.items():
+            bundle = models.bundle(view, "binary")
+            if bundle is None:
+                continue
+            prior = bundle.spec.get("prior_adjust")
+            if args.explain == "lime":
+                res = lime_map(bundle.model, image, bundle.mean, bundle.std, temperature=bundle.temperature,
+                               prior_adjust=prior)
+                files[view] = _save_png(lime_overlay(image, res), folder / f"{view}-lime.png")
+            else:
+                heat = cam(bundle.model, image, bundle.mean, bundle.std, args.explain, prior_adjust=prior)
+                files[view] = _save_png(overlay(image, heat, 0.4), folder / f"{view}-{args.explain}.png")
+            _save_png(image, folder / f"{view}-input.png")
+        out["explanations"] = {"method": args.explain, "files": files}
+    return out
+
+
+def _print_human(result: dict) -> None:
+    print(result.get("notice", RESEARCH_NOTICE))
+    for view, tasks in result.get("views", {}).items():
+        if "binary" in tasks:
+            print(f"{view:>7}: malignant {tasks['binary']['probabilities'][1]:.0%}", end="")
+        if "score" in tasks:
+            probs = tasks["score"]["probabilities"]
+            print(f"   score 1-5: {', '.join(f'{p:.0%}' for p in probs)}", end="")
+        print()
+    print(f"flag: {result.get('flag')}" + (f" ({'; '.join(result['reasons'])})" if result.get("reasons") else ""))
+    for note in result.get("notes", []):
+        print(f"note: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lungviz", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="predict one case from image files")
+    p.add_argument("--slice", help="slice image: a nodule-centred crop or a whole slice (PNG/JPG/TIFF/NPY/DICOM)")
+    p.add_argument("--nodule", help="optional zoomed nodule crop")
+    p.add_argument("--centre", help="nodule centre ROW,COLUMN in a whole slice (default: the image centre)")
+    p.add_argument("--explain", choices=EXPLAIN_METHODS, help="write explanation overlays to --out")
+    p.add_argument("--out", help="folder for explanation images")
+    p.add_argument("--weights", help="model folder (default: the shipped weights/)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    b = sub.add_parser("bench", help="speed benchmark on real cases (CPU)")
+    b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--cases", type=int, default=5, help="number of real test cases to time")
+    b.add_argument("--weights", help="model folder (default: the shipped weights/)")
+    b.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "predict":
+            if not args.slice and not args.nodule:
+                raise LungvizError("give --slice (and optionally --nodule).")
+            result = cmd_predict(args)
+        else:
+            from lungviz.bench import run_bench
+
+            result = run_bench(args.repeats, args.cases, Path(args.weights) if args.weights else None)
+    except LungvizError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json or args.command == "bench":
+        print(json.dumps(result, indent=1))
+    else:
+        _print_human(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

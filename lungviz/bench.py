@@ -1,0 +1,149 @@
+"""Speed benchmark on real cases: prediction, Grad-CAM, LIME (fast vs stock), retrieval and cold start.
+
+Medians of repeated runs with warm caches (models loaded once), except ``cold_start_s``, which times a fresh
+Python process from import to its first prediction.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lungviz import paths
+from lungviz.errors import LungvizError
+
+INDEX_NAME = "index-nodule-binary"
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(statistics.median(times))
+
+
+def bench_cases(n: int) -> list:
+    """``n`` real test-split nodules (middle slice as context), for timing."""
+    from lungviz.lidc import import_slices
+    from lungviz.splits import Split
+
+    cases, _ = import_slices(paths.lidc_slices_dir())
+    split_file = paths.weights_dir() / "splits" / "holdout.json"
+    if split_file.is_file():
+        cases = Split.load(split_file).select(cases, "test")
+    if not cases:
+        raise LungvizError("no real cases found for the benchmark; check the data folder (LUNGVIZ_DATA).")
+    step = max(1, len(cases) // max(n, 1))
+    return cases[::step][:n]
+
+
+COLD_START = """
+import time, sys
+t0 = time.perf_counter()
+import numpy as np
+from lungviz.predict import load_models, predict
+from lungviz.retrieval import load_index
+from lungviz.io import load_image
+from lungviz.inputs import from_loaded
+from pathlib import Path
+folder = Path(sys.argv[1])
+models = load_models(folder)
+index = load_index(folder, "{index}") if (folder / "{index}.faiss").is_file() else None
+case = from_loaded(load_image(sys.argv[2]))
+predict(models, case.context, case.nodule_crop, case.spacing_mm)
+print(time.perf_counter() - t0)
+"""
+
+
+def cold_start_seconds(folder: Path, image_path: Path) -> float:
+    """Wall time of a new process: imports, loading every model and the index, and one prediction."""
+    code = COLD_START.format(index=INDEX_NAME)
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", code, str(folder), str(image_path)], capture_output=True, text=True,
+                         cwd=str(paths.REPO_ROOT), timeout=300)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise LungvizError(f"the cold-start run failed: {res.stderr.strip().splitlines()[-1:]}")
+    return wall
+
+
+def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, lime_cases: int = 3) -> dict:
+    """Time every step the app runs for one case; returns the figures the README and the issue ask for."""
+    import torch
+
+    from lungviz.explain import cam, lime_map, segment, stock_lime, top_k_overlap
+    from lungviz.predict import embed_view, load_models, predict
+    from lungviz.retrieval import load_index, set_server_threads
+
+    folder = folder or paths.weights_dir()
+    set_server_threads(1)
+    models = load_models(folder)
+    cases = bench_cases(n_cases)
+    contexts = [(c.load_slice(c.n_slices // 2), c.pixel_spacing_mm) for c in cases]
+    predict_ms = [_median_ms(lambda ctx=ctx, sp=sp: predict(models, ctx, None, sp), repeats) for ctx, sp in contexts]
+    preds = [predict(models, ctx, None, sp) for ctx, sp in contexts]
+    cam_ms: dict[str, list[float]] = {}
+    for pred in preds:
+        for view, image in pred.images.items():
+            b = models.bundle(view, "binary")
+            if b is None:
+                continue
+            prior = b.spec.get("prior_adjust")
+            for method in ("gradcam", "gradcampp"):
+                ms = _median_ms(lambda b=b, im=image, m=method, pr=prior: cam(b.model, im, b.mean, b.std, m,
+                                                                              prior_adjust=pr), max(5, repeats // 2))
+                cam_ms.setdefault(f"{method}_{view}", []).append(ms)
+    # LIME on the nodule view: fast vs stock lime with defaults, same model, image and superpixels.
+    b = models.bundle("nodule", "binary") or next(iter(models.bundles.values()))
+    lime_fast, lime_stock, ov_fast, ov_stock = [], [], [], []
+    for pred in preds[:lime_cases]:
+        image = pred.images[b.spec["view"]]
+        seg = segment(image)
+        kw = {"temperature": b.temperature, "prior_adjust": b.spec.get("prior_adjust")}
+        t0 = time.perf_counter()
+        fast = lime_map(b.model, image, b.mean, b.std, segments=seg, seed=0, **kw)
+        lime_fast.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        s1 = stock_lime(b.model, image, b.mean, b.std, seg, seed=1, **kw)
+        lime_stock.append(time.perf_counter() - t0)
+        s2 = stock_lime(b.model, image, b.mean, b.std, seg, seed=2, **kw)
+        ov_fast.append(top_k_overlap(fast.top_segments(5), s1.top_segments(5), 5))
+        ov_stock.append(top_k_overlap(s1.top_segments(5), s2.top_segments(5), 5))
+    out: dict = {
+        "device": "cpu" if not torch.cuda.is_available() else "cuda",
+        "torch_threads": torch.get_num_threads(),
+        "n_cases": len(cases),
+        "repeats": repeats,
+        "predict_ms": float(np.median(predict_ms)),
+        "predict_ms_per_case": predict_ms,
+        "models_in_predict": sorted(models.bundles) + [f"fused-{t}" for t in models.fusions],
+        "gradcam_ms": float(np.median([v for k, vs in cam_ms.items() if k.startswith("gradcam_") for v in vs])),
+        "gradcampp_ms": float(np.median([v for k, vs in cam_ms.items() if k.startswith("gradcampp_") for v in vs])),
+        "cam_ms_by_view": {k: float(np.median(v)) for k, v in cam_ms.items()},
+        "lime_s": float(np.median(lime_fast)),
+        "lime_stock_s": float(np.median(lime_stock)),
+        "lime_speedup": float(np.median(lime_stock) / max(np.median(lime_fast), 1e-9)),
+        "lime_overlap_vs_stock": float(np.mean(ov_fast)),
+        "lime_overlap_stock_vs_stock": float(np.mean(ov_stock)),
+        "lime_cases": len(lime_fast),
+    }
+    if (folder / f"{INDEX_NAME}.faiss").is_file():
+        index = load_index(folder, INDEX_NAME)
+        nb = models.bundle("nodule", "binary")
+        queries = [embed_view(nb, p.images["nodule"]) for p in preds] if nb else []
+        out["retrieval_ms"] = float(np.median([_median_ms(lambda q=q: index.search(q, 5), repeats) for q in queries]))
+        out["embed_ms"] = float(np.median([_median_ms(lambda p=p: embed_view(nb, p.images["nodule"]), repeats)
+                                           for p in preds])) if nb else None
+        out["index_size"] = len(index)
+    first = cases[0].image_paths[cases[0].n_slices // 2]
+    out["cold_start_s"] = cold_start_seconds(folder, Path(first))
+    return out
