@@ -38,14 +38,15 @@ def _save_png(image: np.ndarray, path: Path) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> dict:
     """Predict one case from files; optionally write explanation overlays."""
-    from lungviz.explain import cam, lime_map, lime_overlay, overlay
     from lungviz.inputs import from_loaded
     from lungviz.io import load_image
-    from lungviz.predict import load_models, predict
 
+    # Read and check the inputs before the heavy imports, so bad input is answered at once.
     slice_img = load_image(args.slice) if args.slice else None
     nodule_img = load_image(args.nodule) if args.nodule else None
     case = from_loaded(slice_img, nodule_img, _centre(args.centre))
+    from lungviz.predict import load_models, predict
+
     models = load_models(Path(args.weights) if args.weights else None)
     pred = predict(models, case.context, case.nodule_crop, case.spacing_mm)
     out: dict = {"inputs": case.names, "notes": case.notes, **pred.to_dict(),
@@ -54,6 +55,8 @@ def cmd_predict(args: argparse.Namespace) -> dict:
     if args.explain:
         if not args.out:
             raise LungvizError("--explain needs --out DIR for the overlay images.")
+        from lungviz.explain import cam, lime_map, lime_overlay, overlay
+
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
         files = {}
