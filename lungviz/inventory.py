@@ -1,12 +1,16 @@
-"""What is installed: the data folder's contents and the shipped model bundles (for the app and CLI)."""
+"""What is installed: the data folder's contents, the shipped model bundles, their reference predictions and the
+model card (for the app and CLI)."""
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lungviz import paths
+from lungviz.errors import LungvizError
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ def data_status(folder: Path | None = None) -> DataStatus:
 
 
 def installed_models(folder: Path | None = None) -> list[dict]:
-    """The JSON specs of model bundles in the weights folder (weights are not loaded)."""
+    """The JSON specs of model bundles and fusion specs (``fused-*.json``, ``"kind": "fusion"``) in the weights
+    folder, weights not loaded. Each gets ``_file``, ``_kind`` ("bundle" or "fusion") and ``_weights_present``
+    (a fusion's: every component's weights)."""
     root = Path(folder) if folder else paths.weights_dir()
     out = []
     for spec_path in sorted(root.glob("*.json")):
@@ -46,8 +52,108 @@ def installed_models(folder: Path | None = None) -> list[dict]:
             spec = json.loads(spec_path.read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(spec, dict) and "arch" in spec:
+        if not isinstance(spec, dict):
+            continue
+        if "arch" in spec:
             present = (root / f"{spec_path.stem}.safetensors").is_file()
-            spec = {**spec, "_file": spec_path.name, "_weights_present": present}
-            out.append(spec)
+            out.append({**spec, "_file": spec_path.name, "_kind": "bundle", "_weights_present": present})
+        elif spec.get("kind") == "fusion":
+            parts = [str(c) for c in spec.get("components", [])]
+            present = bool(parts) and all((root / f"{c}.safetensors").is_file() for c in parts)
+            out.append({**spec, "_file": spec_path.name, "_kind": "fusion", "_weights_present": present})
     return out
+
+
+@dataclass(frozen=True)
+class ReferencePredictions:
+    """A model's saved predictions on its held-out test nodules (``weights/reference/<model>-<split>.csv``)."""
+
+    model: str
+    split: str
+    classes: tuple[str, ...]
+    rows: tuple[dict, ...]  # case_id, patient_id, nodule, probs {class: p}, prediction, truth
+
+    def probabilities(self, cls: str = "malignant") -> list[float]:
+        """Each nodule's probability of ``cls``, in file order."""
+        return [r["probs"][cls] for r in self.rows]
+
+    def truths(self) -> list[str]:
+        return [r["truth"] for r in self.rows]
+
+    def correct_by_case(self) -> dict[str, bool]:
+        """``{case_id: prediction == truth}``."""
+        return {r["case_id"]: r["prediction"] == r["truth"] for r in self.rows}
+
+
+def reference_predictions(model: str = "fused-binary", split: str = "test",
+                          folder: Path | None = None) -> ReferencePredictions | None:
+    """Read the predictions ``python -m training evaluate --predictions`` wrote; None when not installed."""
+    root = Path(folder) if folder else paths.weights_dir()
+    path = root / "reference" / f"{model}-{split}.csv"
+    if not path.is_file():
+        return None
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            classes = tuple(c[2:] for c in columns if c.startswith("p_"))
+            missing = [c for c in ("patient_id", "nodule", "prediction", "truth") if c not in columns]
+            if missing or not classes:
+                lacking = ", ".join(missing or ["p_<class>"])
+                raise LungvizError(f"the reference predictions lack the column(s) {lacking}.", source=path)
+            rows = tuple(
+                {"case_id": f"{r['patient_id']}/{r['nodule']}", "patient_id": r["patient_id"], "nodule": r["nodule"],
+                 "probs": {c: float(r[f"p_{c}"]) for c in classes}, "prediction": r["prediction"],
+                 "truth": r["truth"]}
+                for r in reader
+            )
+    except (OSError, UnicodeDecodeError, csv.Error, ValueError, TypeError) as err:
+        raise LungvizError(f"the reference predictions cannot be read ({err}).", source=path) from err
+    return ReferencePredictions(model, split, classes, rows)
+
+
+_MD_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def card_parts(markdown: str, base: Path) -> list[tuple[str, str]]:
+    """Split a model card into ``("markdown", text)`` and ``("image", path)`` parts, in order.
+
+    Streamlit's markdown cannot show a local image, so each ``![alt](figures/x.png)`` becomes its own part with
+    the path resolved against ``base`` (the weights folder); a missing figure becomes a ``("missing", path)`` part.
+    """
+    parts: list[tuple[str, str]] = []
+    pos = 0
+    for m in _MD_IMAGE.finditer(markdown):
+        text = markdown[pos : m.start()]
+        if text.strip():
+            parts.append(("markdown", text))
+        target = m.group(2)
+        path = (Path(base) / target).resolve()
+        if target.startswith(("http://", "https://")):
+            parts.append(("markdown", m.group(0)))
+        else:
+            parts.append(("image" if path.is_file() else "missing", str(path)))
+        pos = m.end()
+    if markdown[pos:].strip():
+        parts.append(("markdown", markdown[pos:]))
+    return parts
+
+
+def model_card(folder: Path | None = None) -> list[tuple[str, str]] | None:
+    """The weights folder's model card (``README.md``) as :func:`card_parts`; None when there is none."""
+    root = Path(folder) if folder else paths.weights_dir()
+    path = root / "README.md"
+    if not path.is_file():
+        return None
+    return card_parts(path.read_text(encoding="utf-8"), root)
+
+
+def read_result(name: str, folder: Path | None = None) -> dict | None:
+    """A result file a training command wrote into the weights folder (``retrieval.json``, ``cam_localisation.json``,
+    ``screen.json``, ``cv.json``), or None when it is missing or unreadable."""
+    path = (Path(folder) if folder else paths.weights_dir()) / name
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

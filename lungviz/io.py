@@ -353,4 +353,5 @@ def load_image(src: Source, name: str | None = None) -> LoadedImage:
     if lower.endswith(".zip") or data[:2] == b"PK":
         raise LungvizError("this is a zip archive; upload it as a DICOM series instead of a single image.",
                            source=label)
-    return LoadedImage(load_gray(data, name=label), False, label, meta={"format": "raster"})
+    pixels = load_gray(data, name=label)
+    return LoadedImage(pixels, False, label, meta={"format": "raster", "mode": Image.open(_io.BytesIO(data)).mode})

@@ -144,3 +144,16 @@ def import_slices(root: Path, strict: bool = False) -> tuple[list[Case], ImportR
                 raise
             skipped.append((key, err.message))
     return cases, ImportReport(len(cases), tuple(skipped))
+
+
+def load_case(root: Path, case_id: str) -> Case:
+    """One labelled nodule (``"patient/nodule"``) of a slices-layout folder, without importing the others."""
+    root = Path(root)
+    patient, _, nodule = str(case_id).partition("/")
+    for line, row in enumerate(read_labels(root / "labels.csv"), start=2):
+        if row.get("patient_id", "").strip() == patient and row.get("nodule", "").strip() == nodule:
+            unlabelled = not (row.get("malignancy_readers") or "").strip()
+            if (row.get("label_check") or "").strip() == "unmatched" or unlabelled:
+                raise LungvizError(f"case {case_id} has no reader labels.", source=root)
+            return _case_from_row(root, row, line)
+    raise LungvizError(f"case {case_id} is not in the library's labels file.", source=root)

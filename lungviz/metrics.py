@@ -241,3 +241,25 @@ def reader_comparison(
     out.update(fig(np.arange(n)))
     out["ci95"] = bootstrap_ci(fig, n, [str(g) for g in groups], n_boot, seed)
     return out
+
+
+def reliability_bin(bins: Sequence[dict], p: float) -> dict | None:
+    """The bin of a reliability table (:func:`binary_reliability` or :func:`reliability`) that holds ``p``.
+
+    Bins are ``(lo, hi]`` with the first one closed at 0, as those functions assign them; None for an empty table.
+    """
+    if not bins or p is None or not np.isfinite(p):
+        return None
+    upper = np.array([float(b["hi"]) for b in bins])
+    return dict(bins[int(np.clip(np.digitize(float(p), upper[:-1], right=True), 0, len(bins) - 1))])
+
+
+def format_ci(report: dict, key: str, digits: int = 3) -> str:
+    """``"0.812 [0.760, 0.861]"``: a figure of a metrics report with its 95% interval (``"–"`` when absent)."""
+    value = report.get(key)
+    if value is None or not np.isfinite(value):
+        return "–"
+    ci = (report.get("ci95") or {}).get(key)
+    if ci and all(v is not None and np.isfinite(v) for v in ci):
+        return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return f"{value:.{digits}f}"

@@ -238,3 +238,101 @@ def slices_tree(tmp_path: Path) -> Path:
     ]
     write_labels(root / "labels.csv", rows)
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tiny weights folder for the app: untrained cnn4 bundles, fusion specs, an index over a few real cases
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Real library cases the app fixture indexes, with the split each is given.
+APP_CASES = {
+    "LIDC-IDRI-0001/nodule-0": "train", "LIDC-IDRI-0002/nodule-0": "train", "LIDC-IDRI-0003/nodule-0": "val",
+    "LIDC-IDRI-0003/nodule-1": "test", "LIDC-IDRI-0003/nodule-2": "test", "LIDC-IDRI-0003/nodule-3": "test",
+    "LIDC-IDRI-0005/nodule-0": "test", "LIDC-IDRI-0005/nodule-1": "train",
+}
+APP_INPUT_PX = 32
+
+
+def _test_report(task: str, classes: list[str]) -> dict:
+    """A held-out metrics report shaped as training writes it (values arbitrary but plausible)."""
+    k = len(classes)
+    rep = {"n": 40, "auroc": 0.71, "f1_weighted": 0.62, "ece": 0.05, "ece_raw": 0.2,
+           "ci95": {"auroc": [0.6, 0.8], "f1_weighted": [0.5, 0.7]},
+           "confusion": (np.eye(k, dtype=int) * 6 + 1).tolist(),
+           "reliability": [{"lo": i / 10, "hi": (i + 1) / 10, "n": 4 if i >= 5 else 0,
+                            "confidence": (i + 0.5) / 10 if i >= 5 else None,
+                            "accuracy": (i + 0.5) / 10 if i >= 5 else None} for i in range(10)]}
+    if task == "binary":
+        rep.update({"f1_malignant": 0.45, "sensitivity": 0.5, "specificity": 0.8,
+                    "reliability_malignant": [{"lo": i / 10, "hi": (i + 1) / 10, "n": 10 - i,
+                                               "mean_p": (i + 0.5) / 10, "observed": 0.05 * i} for i in range(10)],
+                    "readers": {"n_pairs": 30, "n_nodules": 12, "reader_auroc": 0.72, "model_auroc": 0.66,
+                                "ci95": {"reader_auroc": [0.6, 0.8], "model_auroc": [0.5, 0.77]}}})
+    else:
+        rep.update({"qwk": 0.4, "within_one": 0.8, "ci95": {"qwk": [0.3, 0.5]}})
+    return rep
+
+
+def build_app_weights(folder: Path, slices_root: Path) -> Path:
+    """Everything the app loads from a weights folder, tiny: four cnn4 bundles (32 px), both fusion specs, a
+    FAISS index over :data:`APP_CASES` (real images), reference test predictions, a model card with a figure."""
+    import json
+
+    import torch
+
+    from lungviz.lidc import load_case
+    from lungviz.models import ModelSpec, create_model, save_bundle
+    from lungviz.predict import embed_view, load_models, view_image
+    from lungviz.retrieval import build_index
+    from training.index import case_record
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = {"binary": ["benign", "malignant"], "score": ["1", "2", "3", "4", "5"]}
+    for view in ("slice", "nodule"):
+        for task, classes in tasks.items():
+            torch.manual_seed(0 if view == "slice" else 1)
+            model = create_model("cnn4", len(classes))
+            spec = ModelSpec.from_model(
+                model, classes=classes, view=view, task=task, input_size=APP_INPUT_PX,
+                preprocessing={"view": view, "field_mm": 32.0 if view == "nodule" else None}, temperature=1.5,
+                split_fingerprint="fixture",
+                metrics={"test": _test_report(task, classes), "val": {"n": 99, "auroc": 0.99}},
+                extra={"prior_adjust": [0.2] + [-0.2] * (len(classes) - 1)})
+            save_bundle(model, spec, folder, f"{view}-{task}")
+    for task, classes in tasks.items():
+        (folder / f"fused-{task}.json").write_text(json.dumps({
+            "kind": "fusion", "view": "fused", "task": task, "classes": classes,
+            "components": [f"slice-{task}", f"nodule-{task}"],
+            "fusion": {"views": ["slice", "nodule"], "weights": [0.6, 0.6], "bias": [0.0] * len(classes)},
+            "split_fingerprint": "fixture", "metrics": {"test": _test_report(task, classes)}}))
+    models = load_models(folder, device="cpu")
+    bundle = models.bundle("nodule", "binary")
+    cases = [load_case(slices_root, cid) for cid in APP_CASES]
+    emb = np.stack([embed_view(bundle, view_image(bundle.spec, c.load_slice(c.middle_index()), None,
+                                                  c.pixel_spacing_mm)) for c in cases])
+    records = [case_record(c, APP_CASES[c.case_id], slices_root, c.middle_index()) for c in cases]
+    build_index(emb, records, "nodule-binary").save(folder, "index-nodule-binary")
+    (folder / "retrieval.json").write_text(json.dumps({"model": "nodule-binary", "n": len(cases), "dim": 256,
+                                                       "precision_at_5_test_vs_train": 0.7,
+                                                       "chance_precision_at_5": 0.6}))
+    ref = folder / "reference"
+    ref.mkdir(exist_ok=True)
+    rows = ["patient_id,nodule,p_benign,p_malignant,prediction,truth"]
+    for i, c in enumerate(c for c in cases if APP_CASES[c.case_id] == "test"):
+        p = 0.2 + 0.2 * i
+        truth = "malignant" if c.malignant else "benign"
+        rows.append(f"{c.patient_id},{c.nodule_id},{1 - p:.5f},{p:.5f},{'malignant' if p >= 0.5 else 'benign'},"
+                    f"{truth}")
+    (ref / "fused-binary-test.csv").write_text("\n".join(rows) + "\n")
+    (folder / "figures").mkdir(exist_ok=True)
+    write_png(folder / "figures" / "nodule-binary-confusion.png", np.full((24, 24), 200))
+    (folder / "README.md").write_text("# lungviz model card\n\nFixture card.\n\n"
+                                      "![confusion](figures/nodule-binary-confusion.png) "
+                                      "![reliability](figures/missing.png)\n\n## Known limits\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def app_weights(tmp_path_factory, lidc_slices_dir: Path) -> Path:
+    """A complete, tiny weights folder for the app (built once per session, about 2 s)."""
+    return build_app_weights(tmp_path_factory.mktemp("app-weights"), lidc_slices_dir)

@@ -1,16 +1,53 @@
-"""The app's pages run under Streamlit's AppTest and show what is installed."""
+"""The app's pages under Streamlit's AppTest: inspect (uploads, bad uploads, maps, similar cases, review), case
+library, models and data, review log. Models are the tiny fixture bundles of ``conftest.build_app_weights``."""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import APP_CASES, encode_image, make_dicom
 from streamlit.testing.v1 import AppTest
 
 from lungviz import RESEARCH_NOTICE
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+TIMEOUT = 120
+REAL_SLICE = "LIDC-IDRI-0001/nodule-0/images/slice-4.png"
+
+
+def _models_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    return at.switch_page("app_pages/models.py").run()
+
+
+@pytest.fixture
+def app_env(app_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fixture weights and a fresh home folder (review log) for one test."""
+    monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(app_weights))
+    monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _texts(at: AppTest) -> str:
+    """Every text-like element of the page, joined (for "is it shown somewhere" checks)."""
+    parts = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "success", "subheader", "header", "title"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def _upload(at: AppTest, name: str, data: bytes, which: int = 0) -> AppTest:
+    at.file_uploader[which].set_value((name, data, "application/octet-stream"))
+    return at.run()
+
+
+# ------------------------------------------------------------------------------------------- models and data
 
 
 def test_models_page_reports_data_folder_and_models(tmp_path, monkeypatch):
@@ -23,7 +60,7 @@ def test_models_page_reports_data_folder_and_models(tmp_path, monkeypatch):
                                                            "input_size": 64}))
     monkeypatch.setenv("LUNGVIZ_DATA", str(data))
     monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(weights))
-    at = AppTest.from_file(APP).run(timeout=60)
+    at = _models_page(tmp_path, monkeypatch)
     assert not at.exception
     assert at.title[0].value == "Models and data"
     assert str(data.resolve()) in [c.value for c in at.code]
@@ -31,15 +68,272 @@ def test_models_page_reports_data_folder_and_models(tmp_path, monkeypatch):
     table = at.dataframe[0].value
     assert list(table["model"]) == ["nodule-binary"] and not table["weights present"][0]
     assert any(RESEARCH_NOTICE in w.value for w in at.sidebar.warning)
+    assert "no performance figure is shown" in _texts(at)  # a spec without test metrics shows none
 
 
 def test_models_page_explains_missing_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("LUNGVIZ_DATA", str(tmp_path / "nowhere"))
     monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(tmp_path))
-    at = AppTest.from_file(APP).run(timeout=60)
+    at = _models_page(tmp_path, monkeypatch)
     assert not at.exception
     assert "does not exist" in at.error[0].value
     assert "No trained model bundles" in at.info[0].value
+
+
+def test_models_page_shows_held_out_results_card_and_provenance(app_env, monkeypatch):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/models.py").run()
+    assert not at.exception
+    installed = at.dataframe[0].value
+    assert {"fused-binary", "fused-score", "nodule-binary", "slice-score"} <= set(installed["model"])
+    tables = [d.value for d in at.dataframe]
+    binary = next(t for t in tables if "sensitivity" in t.columns)
+    row = binary[binary["model"] == "nodule-binary"].iloc[0]
+    assert row["AUROC"] == "0.710 [0.600, 0.800]" and row["n"] == 40  # test figures, never the val 0.99
+    assert not any("0.990" in str(t.to_dict()) for t in tables)
+    readers = next(t for t in tables if "single radiologist AUROC" in t.columns)
+    assert readers.iloc[0]["single radiologist AUROC"] == "0.720 [0.600, 0.800]"
+    assert len(at.get("plotly_chart")) == 2  # confusion matrix and reliability diagram
+    text = _texts(at)
+    assert "10.7937/K9/TCIA.2015.LO9QL9SX" in text and "not pathology" in text
+    assert "Fixture card." in text and "figure missing" in text  # the card, its missing figure named
+    assert len(at.image) == 1  # its present figure shown as an image
+
+
+# -------------------------------------------------------------------------------------------------- inspect
+
+
+def test_inspect_is_the_default_page_and_asks_for_an_upload(app_env):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.exception
+    assert at.title[0].value == "Inspect a nodule"
+    assert "Upload a file to start" in at.info[0].value
+    assert any(RESEARCH_NOTICE in w.value for w in at.sidebar.warning)
+    assert "Research and education use only" in at.markdown[0].value  # the banner on every page
+
+
+def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
+    from lungviz.reviews import ReviewStore
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at = _upload(at, "slice-4.png", (lidc_slices_dir / REAL_SLICE).read_bytes())
+    assert not at.exception and not at.error
+    headline = at.metric[0]
+    assert headline.label.startswith("Malignant probability (fused") and headline.value.endswith("%")
+    assert any(w.value.startswith("**Refer / uncertain.**") for w in at.warning) or any(
+        "No uncertainty flag" in s.value for s in at.success)
+    views = at.dataframe[0].value
+    assert list(views["view"]) == ["Fused (both views)", "Nodule view", "Slice view"]
+    text = _texts(at)
+    assert "calibrated on the LIDC validation split" in text
+    # confidence in context: histogram of the reference test cases and the reliability of this band
+    assert "4 held-out test nodules" in text
+    assert any(m.label.startswith("Observed malignant rate, band") for m in at.metric)
+    assert len(at.get("plotly_chart")) == 2  # score distribution and confidence histogram
+    # maps (two views as seen + two Grad-CAM overlays) and five similar-case thumbnails
+    captions = [img.captions[0] for img in at.image]
+    assert sum(c.startswith("Grad-CAM,") for c in captions) == 2
+    assert "LIDC-IDRI-0001/nodule-0" in text and "Readers: 4, 5, 5, 5" in text
+    assert len([b for b in at.button if b.label == "Open in library"]) == 5
+    assert {b.label for b in at.download_button} == {"HTML report", "PDF report"}
+
+    # other maps: Grad-CAM++ and LIME (with its progress bar), at another opacity
+    at.slider(key="alpha").set_value(0.8)
+    at.button_group(key="map_method").set_value("Grad-CAM++").run()
+    assert not at.exception
+    assert sum(img.captions[0].startswith("Grad-CAM++,") for img in at.image) == 2
+    at.button_group(key="map_method").set_value("LIME").run()
+    assert not at.exception
+    assert [p.value for p in at.progress] == [100, 100]
+    assert sum(img.captions[0].startswith("LIME,") for img in at.image) == 2
+
+    # a review is saved to the log in LUNGVIZ_HOME, with what the model said
+    form = next(t for t in at.text_area if t.label == "Note")
+    form.set_value("Spiculated, agree it needs follow-up.")
+    at.radio[0].set_value("disagree")
+    next(b for b in at.button if b.label == "Save review").click().run()
+    assert not at.exception and any("saved to the review log" in s.value for s in at.success)
+    rows = ReviewStore(app_env / "reviews.sqlite3").list()
+    assert len(rows) == 1 and rows[0]["case_id"] == "slice-4.png" and rows[0]["verdict"] == "disagree"
+    assert rows[0]["source"] == "upload" and 0 <= rows[0]["model_summary"]["malignant_probability"] <= 1
+
+    # a similar case opens in the library
+    next(b for b in at.button if b.label == "Open in library").click().run()
+    assert not at.exception
+    assert at.title[0].value == "Case library" and at.header[0].value in APP_CASES
+
+
+def test_inspect_whole_dicom_slice_asks_for_the_centre(app_env, lidc_dicom_dir):
+    dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[8]
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at = _upload(at, dcm.name, dcm.read_bytes())
+    assert not at.exception and not at.error
+    row, col = at.number_input
+    assert (row.value, col.value) == (256, 256) and row.label.startswith("Nodule centre")
+    row.set_value(316)
+    col.set_value(367).run()
+    assert not at.exception and at.metric[0].value.endswith("%")
+    window = at.button_group(key="window")
+    window.set_value("mediastinum").run()
+    assert not at.exception
+
+
+def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[:3]:
+            zf.write(p, f"series/{p.name}")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at = _upload(at, "series.zip", buf.getvalue())
+    assert not at.exception and not at.error
+    slider = next(s for s in at.slider if s.label.startswith("Slice"))
+    assert slider.value == 1 and slider.max == 2
+    slider.set_value(2).run()
+    assert not at.exception and at.metric[0].value.endswith("%")
+    assert "Slice 2 of 3" in _texts(at)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _bad_uploads(real_png: bytes) -> list[tuple[str, bytes, str]]:
+    nan = np.zeros((32, 32), np.float32)
+    nan[3, 3] = np.nan
+    return [
+        ("empty.png", b"", "empty"),
+        ("truncated.png", real_png[: len(real_png) // 2], "damaged or truncated"),
+        ("notes.png", b"This is a text file, not an image.\n" * 20, "not an image file"),
+        ("huge.png", encode_image(np.zeros((20, 20_000), np.uint8)), "largest accepted side"),
+        ("nopixels.dcm", make_dicom(with_pixels=False), "no image (pixel data)"),
+        ("mr.dcm", make_dicom(np.zeros((32, 32)), modality="MR"), "not CT"),
+        ("nan.npy", _npy(nan), "NaN"),
+        ("cube.npy", _npy(np.zeros((3, 32, 32), np.float32)), "single 2D slice"),
+        ("nodicom.zip", _zip({"readme.txt": b"hello", "image.png": real_png}), "no DICOM"),
+    ]
+
+
+def test_bad_uploads_show_a_clear_error_and_the_page_keeps_working(app_env, lidc_slices_dir):
+    real = (lidc_slices_dir / REAL_SLICE).read_bytes()
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    for name, data, expected in _bad_uploads(real):
+        at = _upload(at, name, data)
+        assert not at.exception, f"{name}: {at.exception}"
+        assert at.error and expected in at.error[0].value, f"{name}: {[e.value for e in at.error]}"
+        assert name in at.error[0].value  # the message names the file
+        assert not at.metric  # no prediction from a bad file
+    at = _upload(at, "slice-4.png", real)  # the same session still works
+    assert not at.exception and not at.error and at.metric[0].value.endswith("%")
+
+
+@pytest.mark.parametrize(("mode", "note"), [("RGBA", "transparency channel"), ("I;16", "16-bit image")])
+def test_odd_but_readable_images_are_converted_with_a_note(app_env, mode, note):
+    img = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    data = encode_image(img, mode=mode) if mode == "RGBA" else encode_image(img.astype(np.uint16) * 200)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at = _upload(at, f"odd-{mode}.png", data)
+    assert not at.exception and not at.error
+    assert note in _texts(at) and at.metric[0].value.endswith("%")
+
+
+def test_nodule_crop_alone_gives_a_nodule_view_prediction(app_env, lidc_slices_dir):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at = _upload(at, "crop.png", (lidc_slices_dir / REAL_SLICE).read_bytes(), which=1)
+    assert not at.exception and not at.error
+    assert at.metric[0].label == "Malignant probability (nodule view)"
+    assert list(at.dataframe[0].value["view"]) == ["Nodule view"]
+
+
+# ---------------------------------------------------------------------------------------------------- library
+
+
+def test_library_lists_filters_and_opens_a_case(app_env):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/library.py").run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert len(table) == len(APP_CASES) and set(table["split"]) == {"train", "val", "test"}
+    assert set(table["model on test"]) == {"-", "correct", "wrong"}  # from the reference predictions
+    at.multiselect(key="lib-splits").set_value(["test"]).run()
+    assert set(at.dataframe[0].value["split"]) == {"test"}
+    at.button_group(key="lib-outcome").set_value("wrong").run()
+    wrong = at.dataframe[0].value
+    assert list(wrong["case"]) == ["LIDC-IDRI-0003/nodule-1", "LIDC-IDRI-0003/nodule-2", "LIDC-IDRI-0005/nodule-0"]
+    at.selectbox(key="lib-open").set_value("LIDC-IDRI-0003/nodule-1").run()
+    at.button(key="lib-open-btn").click().run()
+    assert not at.exception and at.header[0].value == "LIDC-IDRI-0003/nodule-1"
+    assert any(s.value.startswith("Test case: held out") for s in at.success)  # the split, labelled
+
+
+def test_library_case_view_of_a_training_case(app_env):
+    from lungviz.reviews import ReviewStore
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
+    at.run().switch_page("app_pages/library.py")
+    at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
+    at.run()
+    assert not at.exception and at.header[0].value == "LIDC-IDRI-0001/nodule-0"
+    text = _texts(at)
+    assert "seen by the model" in text and "This is a training case" in text
+    assert "Each reader's score: **4, 5, 5, 5**" in text
+    assert [m.value for m in at.metric][:3] == ["5", "4", "32.8 mm"]
+    chars = at.table[0].value
+    assert "spiculation" in set(chars["characteristic"])
+    captions = [img.captions[0] for img in at.image]
+    assert "Slice 3 of 9 with the readers' outline" in captions  # the middle slice (largest outline)
+    assert {"Grad-CAM, slice view", "Grad-CAM, nodule view"} <= set(captions)
+    assert at.metric[3].label.startswith("Malignant probability") and at.metric[3].value.endswith("%")
+    next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
+    assert not at.exception and "Slice 0 of 9 with the readers' outline" in [
+        img.captions[0] for img in at.image]
+    next(b for b in at.button if b.label == "Save review").click().run()
+    rows = ReviewStore(app_env / "reviews.sqlite3").list()
+    assert [(r["case_id"], r["source"], r["verdict"]) for r in rows] == [("LIDC-IDRI-0001/nodule-0", "library",
+                                                                        "agree")]
+
+
+def test_library_explains_a_missing_index(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/library.py").run()
+    assert not at.exception and "index" in at.error[0].value and "not installed" in at.error[0].value
+
+
+# ------------------------------------------------------------------------------------------------ review log
+
+
+def test_review_log_lists_filters_and_exports(app_env):
+    from lungviz.reviews import ReviewStore
+
+    store = ReviewStore(app_env / "reviews.sqlite3")
+    store.add("LIDC-IDRI-0001/nodule-0", "library", "agree", "fine", "dr a")
+    store.add("slice-4.png", "upload", "disagree", "too low", "dr b", {"malignant_probability": 0.31,
+                                                                        "flag": "refer / uncertain"})
+    store.add("slice-9.png", "upload", "unsure", "", "dr a")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/reviews.py").run()
+    assert not at.exception and at.title[0].value == "Review log"
+    assert len(at.dataframe[0].value) == 3
+    assert [m.value for m in at.metric] == ["3", "1", "1", "1"]
+    at.selectbox(key="rev-verdict").set_value("disagree").run()
+    shown = at.dataframe[0].value
+    assert list(shown["case"]) == ["slice-4.png"] and list(shown["model: malignant"]) == ["31%"]
+    at.selectbox(key="rev-verdict").set_value("all")
+    at.text_input(key="rev-reviewer").set_value("dr a").run()
+    assert set(at.dataframe[0].value["case"]) == {"LIDC-IDRI-0001/nodule-0", "slice-9.png"}
+    button = at.download_button[0]
+    assert button.label == "Download as CSV" and not button.proto.disabled
+
+
+# ------------------------------------------------------------------------------------------------------ paths
 
 
 @pytest.mark.parametrize("var", ["LUNGVIZ_DATA", "LUNGVIZ_HOME"])

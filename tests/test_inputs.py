@@ -49,3 +49,23 @@ def test_series_slice_and_display_window():
         from_series([sl], 3)
     shown = display_image(_hu_slice(), True, "lung")
     assert shown[0, 0] == pytest.approx((-1000 + 1350) / 1500)
+
+
+@pytest.mark.parametrize(("mode", "expected"), [
+    ("RGBA", "transparency channel"), ("LA", "transparency channel"), ("RGB", "colour image"),
+    ("P", "colour image"), ("I;16", "16-bit"), ("F", "32-bit"), ("L", None), ("", None),
+])
+def test_conversion_note_tells_what_reading_changed(mode, expected):
+    from lungviz.inputs import conversion_note
+
+    note = conversion_note(LoadedImage(np.zeros((32, 32), np.float32), False, "x.png", meta={"mode": mode}))
+    assert note is None if expected is None else expected in note
+
+
+def test_rgba_upload_is_read_with_a_note(image_bytes):
+    from lungviz.io import load_image
+
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., 3] = 255
+    case = from_loaded(load_image(image_bytes(rgba), "rgba.png"))
+    assert any("transparency" in n for n in case.notes) and case.context.shape == (32, 32)

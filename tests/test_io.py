@@ -73,7 +73,8 @@ def test_load_gray_valid(case, spec, expected, tol, image_bytes, tmp_path):
     path.write_bytes(image_bytes(array, fmt, mode, **kwargs))
     out = lio.load_gray(path)
     loaded = lio.load_image(path)
-    assert not loaded.is_hu and loaded.meta == {"format": "raster"} and loaded.pixel_spacing_mm is None
+    assert not loaded.is_hu and loaded.pixel_spacing_mm is None
+    assert loaded.meta == {"format": "raster", "mode": Image.open(path).mode}  # the mode tells what was converted
     np.testing.assert_array_equal(loaded.pixels, out)
     assert out.dtype == np.float32 and out.shape == array.shape[:2]
     assert out.min() >= 0.0 and out.max() <= 1.0

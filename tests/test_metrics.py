@@ -88,3 +88,22 @@ def test_reader_comparison_model_on_same_pairs():
     P5 = np.eye(5)[[0, 4, 0, 3]]
     out5 = M.reader_comparison(scores, P5, "score", n_boot=50)
     assert 0 < out5["reader_exact"] < 1 and out5["model_qwk"] > 0.8
+
+
+@pytest.mark.parametrize(("p", "bin_index"), [(0.0, 0), (0.1, 0), (0.1001, 1), (0.55, 5), (0.9, 8), (1.0, 9)])
+def test_reliability_bin_uses_the_tables_own_edges(p, bin_index):
+    y = np.array([0, 1] * 50)
+    p_pos = np.linspace(0, 1, 100)
+    bins = M.binary_reliability(y, p_pos)
+    got = M.reliability_bin(bins, p)
+    assert got == bins[bin_index]
+    idx = np.clip(np.digitize([p], np.linspace(0, 1, 11)[1:-1], right=True), 0, 9)[0]
+    assert idx == bin_index  # the same rule binary_reliability assigns cases with
+    assert M.reliability_bin([], p) is None and M.reliability_bin(bins, float("nan")) is None
+
+
+def test_format_ci():
+    rep = {"auroc": 0.8123, "f1": 0.5, "qwk": float("nan"), "ci95": {"auroc": [0.75, 0.86]}}
+    assert M.format_ci(rep, "auroc") == "0.812 [0.750, 0.860]"
+    assert M.format_ci(rep, "f1", 2) == "0.50"
+    assert M.format_ci(rep, "qwk") == "–" and M.format_ci(rep, "missing") == "–"

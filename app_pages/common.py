@@ -1,0 +1,304 @@
+"""Shared by the pages: session defaults, cached loaders (models, index, review log) and per-input results, and the
+few widgets several pages show. Streamlit wiring only: every computation is a ``lungviz`` call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from lungviz import paths
+from lungviz.errors import LungvizError
+from lungviz.explain import LimeResult, cam, lime_map
+from lungviz.inventory import ReferencePredictions, reference_predictions
+from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
+from lungviz.library import similar_cases
+from lungviz.lidc import load_case
+from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
+from lungviz.report import VIEW_LABELS, pct
+from lungviz.retrieval import CaseIndex, load_index, set_server_threads
+from lungviz.reviews import VERDICTS, ReviewStore
+
+INDEX_NAME = "index-nodule-binary"
+LIBRARY_PAGE = "app_pages/library.py"
+#: Preferences kept across pages (widget keys re-assigned each run, so leaving a page does not reset them).
+PREFERENCES = {"alpha": 0.4, "map_method": "Grad-CAM", "k_similar": 5, "window": "lung", "reviewer": ""}
+#: Other session values: LIME results per input, saved reviews per case (for the report).
+STATE = {"lime": {}, "saved_reviews": {}}
+MAP_METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcampp", "LIME": "lime"}
+VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}
+VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
+CALIBRATION_CAVEAT = (
+    "Probabilities are calibrated on the LIDC validation split: they estimate how the LIDC radiologist panel would "
+    "rate the nodule (a suspicion rating, not pathology) and may be miscalibrated on other scanners, protocols or "
+    "populations."
+)
+
+
+def percent(p: float | None) -> str:
+    """A model probability for display: whole percent, but never a certain-looking 0% or 100%."""
+    if p is None:
+        return "-"
+    return "<1%" if p < 0.005 else (">99%" if p > 0.995 else pct(p))
+
+
+def init_state() -> None:
+    """Set session defaults once; re-assign the preferences so Streamlit keeps them while their page is not shown."""
+    for key, value in STATE.items():
+        if key not in st.session_state:
+            st.session_state[key] = type(value)()
+    for key, value in PREFERENCES.items():
+        st.session_state[key] = st.session_state.get(key, value)
+
+
+def digest(*parts: bytes | str | np.ndarray | None) -> str:
+    """A short key for an input (bytes, text or arrays), for session values and widget keys."""
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            h.update(np.ascontiguousarray(p).tobytes())
+        elif isinstance(p, str):
+            h.update(p.encode())
+        elif p is not None:
+            h.update(p)
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------ resources, loaded once
+
+
+@st.cache_resource(show_spinner="Loading the models…")
+def _model_set(folder: str) -> ModelSet:
+    return load_models(Path(folder))
+
+
+@st.cache_resource(show_spinner="Loading the similar-case index…")
+def _case_index(folder: str) -> CaseIndex:
+    set_server_threads(1)
+    return load_index(Path(folder), INDEX_NAME)
+
+
+@st.cache_resource
+def _review_store(path: str) -> ReviewStore:
+    return ReviewStore(path)
+
+
+def weights_folder() -> str:
+    return str(paths.weights_dir())
+
+
+def models() -> ModelSet | None:
+    """The installed models, or None after telling the user why there are none."""
+    try:
+        return _model_set(weights_folder())
+    except LungvizError as err:
+        st.error(str(err), icon=":material/error:")
+        return None
+
+
+def case_index(quiet: bool = False) -> CaseIndex | None:
+    """The similar-case index, or None (with a message unless ``quiet``)."""
+    try:
+        return _case_index(weights_folder())
+    except LungvizError as err:
+        if not quiet:
+            st.warning(f"Similar cases are not available: {err}", icon=":material/info:")
+        return None
+
+
+def review_store() -> ReviewStore | None:
+    from lungviz.reviews import default_path
+
+    try:
+        return _review_store(str(default_path()))
+    except LungvizError as err:
+        st.error(str(err), icon=":material/error:")
+        return None
+
+
+@st.cache_data(show_spinner=False, ttl=600)
+def _reference(folder: str, model: str) -> ReferencePredictions | None:
+    return reference_predictions(model, "test", Path(folder))
+
+
+def reference(model: str) -> ReferencePredictions | None:
+    """The model's reference test predictions, None when not shipped (a damaged file is reported, not raised)."""
+    try:
+        return _reference(weights_folder(), model)
+    except LungvizError as err:
+        st.warning(str(err), icon=":material/warning:")
+        return None
+
+
+def headline_model(ms: ModelSet) -> str:
+    """The model whose malignant probability the app leads with: the fused one when installed."""
+    return "fused-binary" if "binary" in ms.fusions else ("nodule-binary" if "nodule-binary" in ms.bundles
+                                                          else "slice-binary")
+
+
+def headline(pred: Prediction) -> tuple[str | None, str | None]:
+    """``(view, model)`` the estimate leads with: fused when both views ran, else the view that did."""
+    for view in ("fused", "nodule", "slice"):
+        if "binary" in pred.views.get(view, {}):
+            return view, f"{view}-binary"
+    return None, None
+
+
+# --------------------------------------------------------------------------------------- per-input results
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def read_image(data: bytes, name: str) -> LoadedImage:
+    return load_image(data, name)
+
+
+@st.cache_resource(show_spinner="Reading the DICOM series…", max_entries=2)
+def read_zip(upload_id: str, name: str, _data: bytes) -> list[DicomSlice]:
+    """A zipped series, keyed by the upload's id: a resource cache, so a few hundred MB of slices are neither
+    re-hashed nor copied on every slider move (the slices are never modified)."""
+    return read_series(_data, name)
+
+
+@st.cache_data(show_spinner="Predicting…", max_entries=64)
+def prediction(folder: str, context: np.ndarray | None, nodule_crop: np.ndarray | None,
+               spacing_mm: float | None) -> Prediction:
+    return predict(_model_set(folder), context, nodule_crop, spacing_mm)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def cam_map(folder: str, bundle_name: str, image: np.ndarray, method: str) -> np.ndarray:
+    b = _model_set(folder).bundles[bundle_name]
+    return cam(b.model, image, b.mean, b.std, method=method, prior_adjust=b.spec.get("prior_adjust"))
+
+
+def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[float], None]) -> LimeResult:
+    """LIME of one view, kept per input in the session (its progress bar cannot live inside st.cache_data)."""
+    key = digest(folder, bundle_name, image)
+    memo = st.session_state.setdefault("lime", {})
+    if key not in memo:
+        b = _model_set(folder).bundles[bundle_name]
+        memo[key] = lime_map(b.model, image, b.mean, b.std, progress=progress, temperature=b.temperature,
+                             prior_adjust=b.spec.get("prior_adjust"))
+        while len(memo) > 32:
+            memo.pop(next(iter(memo)))
+    return memo[key]
+
+
+@st.cache_data(show_spinner="Finding similar cases…", max_entries=64)
+def similar(folder: str, data_root: str, context: np.ndarray | None, nodule_crop: np.ndarray | None,
+            spacing_mm: float | None, k: int) -> list[dict]:
+    """The ``k`` nearest library cases, queried with the index model's view of this input."""
+    index = _case_index(folder)
+    bundle = _model_set(folder).bundles.get(index.model)
+    if bundle is None:
+        raise LungvizError(f"the index was built with model '{index.model}', which is not installed.")
+    query = embed_view(bundle, view_image(bundle.spec, context, nodule_crop, spacing_mm))
+    return similar_cases(index, query, k, root=Path(data_root))
+
+
+@st.cache_data(show_spinner="Loading the case…", max_entries=16)
+def library_case(root: str, case_id: str):
+    """``(case, slices (S, H, W), masks (S, H, W) or None)`` of one library case."""
+    case = load_case(Path(root), case_id)
+    return case, case.load_slices(), case.load_masks()
+
+
+# --------------------------------------------------------------------------------------------------- widgets
+
+
+def probability_bars(pred: Prediction, task: str = "score") -> go.Figure | None:
+    """Grouped bars: the calibrated class probabilities of ``task`` for each view."""
+    fig = go.Figure()
+    for view in ("fused", "nodule", "slice"):
+        tp = pred.views.get(view, {}).get(task)
+        if tp is not None:
+            fig.add_bar(x=[str(c) for c in tp.classes], y=tp.probs, name=VIEW_LABELS.get(view, view),
+                        marker_color=VIEW_COLOURS[view],
+                        text=[percent(p) for p in tp.probs], textposition="outside", cliponaxis=False)
+    if not fig.data:
+        return None
+    fig.update_layout(barmode="group", height=260, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      yaxis={"tickformat": ".0%", "range": [0, 1.1], "title": "probability"},
+                      xaxis={"title": "panel score (1 = highly unlikely … 5 = highly suspicious)", "type": "category"},
+                      legend={"orientation": "h", "y": 1.15}, uniformtext={"minsize": 8, "mode": "hide"})
+    return fig
+
+
+def show_flag(pred: Prediction) -> None:
+    """The refer / uncertain flag with its reasons, or a plain statement that none was raised."""
+    if pred.refer:
+        reasons = "".join(f"\n- {r}" for r in pred.flags)
+        st.warning(f"**Refer / uncertain.** Do not rely on this estimate:{reasons}", icon=":material/flag:")
+    else:
+        st.success("No uncertainty flag: the estimate is outside the uncertain band and the views agree. This does "
+                   "not make it correct.", icon=":material/check_circle:")
+
+
+def view_table(pred: Prediction) -> list[dict]:
+    """One row per view: malignant probability, the binary call and the most likely panel score."""
+    rows = []
+    for view in ("fused", "nodule", "slice"):
+        tasks = pred.views.get(view)
+        if not tasks:
+            continue
+        b, s = tasks.get("binary"), tasks.get("score")
+        rows.append({"view": VIEW_LABELS.get(view, view),
+                     "malignant probability": percent(b.probs[b.classes.index("malignant")]) if b else "-",
+                     "call": b.top if b else "-",
+                     "most likely score": f"{s.top} ({percent(max(s.probs))})" if s else "-"})
+    return rows
+
+
+def review_form(case_id: str, source: str, summary: dict | None, key: str) -> None:
+    """Agree / disagree / unsure and a note, saved to the review log (and kept for this case's report)."""
+    store = review_store()
+    if store is None:
+        return
+    with st.form(f"review-{key}", clear_on_submit=False, border=True):
+        st.markdown(f"**Your review of** `{case_id}`")
+        verdict = st.radio("Do you agree with the model?", VERDICTS, format_func=VERDICT_LABELS.get,
+                           horizontal=True, key=f"verdict-{key}")
+        note = st.text_area("Note", key=f"note-{key}", placeholder="What you saw, why you agree or not…")
+        reviewer = st.text_input("Reviewer (optional)", value=st.session_state.get("reviewer", ""),
+                                 key=f"reviewer-{key}")
+        submitted = st.form_submit_button("Save review", icon=":material/save:", type="primary")
+    if submitted:
+        try:
+            rid = store.add(case_id, source, verdict, note, reviewer, model_summary=summary)
+        except LungvizError as err:
+            st.error(str(err), icon=":material/error:")
+            return
+        st.session_state["reviewer"] = reviewer
+        st.session_state["saved_reviews"][case_id] = {"verdict": verdict, "note": note, "reviewer": reviewer}
+        st.success(f"Review #{rid} saved to the review log.", icon=":material/check:")
+
+
+def similar_case_cards(cases: list[dict], key: str) -> None:
+    """Each similar case: thumbnail, panel and reader scores, diameter, split, and a button to open it."""
+    if not cases:
+        st.info("No similar cases were found.")
+        return
+    cols = st.columns(len(cases))
+    for i, (col, c) in enumerate(zip(cols, cases, strict=True)):
+        with col.container(border=True):
+            if c.get("thumbnail") is not None:
+                st.image(c["thumbnail"], width="stretch", clamp=True)
+            else:
+                st.caption("image not in the data folder")
+            st.markdown(f"**{c['case_id']}**")
+            label = {1: "malignant", 0: "benign"}.get(c.get("malignant"), "-")
+            d = c.get("diameter_mm")
+            readers = ", ".join(str(s) for s in sorted(c.get("reader_scores") or [])) or "-"
+            st.markdown(f"Panel score **{c.get('malignancy', '-')}** ({label})  \nReaders: {readers}  \n"
+                        f"Diameter: {'-' if d is None else f'{float(d):.1f} mm'}  \n"
+                        f"Similarity: {c['similarity']:.2f}  \nSplit: {c.get('split', '-')}")
+            if c["similarity"] > 0.995:
+                st.caption(":material/info: Nearly identical: possibly this very case.")
+            if st.button("Open in library", key=f"open-{key}-{i}", icon=":material/open_in_new:"):
+                st.switch_page(LIBRARY_PAGE, query_params={"case": c["case_id"]})

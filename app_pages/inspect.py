@@ -1,0 +1,319 @@
+"""Inspect an upload: a slice (and optional nodule crop) or a DICOM series -> calibrated estimate, confidence in
+context, saliency maps, similar library cases, review and report."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from app_pages import common
+from lungviz import RESEARCH_NOTICE, paths
+from lungviz.errors import LungvizError
+from lungviz.explain import lime_overlay, overlay
+from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
+from lungviz.io import LoadedImage
+from lungviz.metrics import reliability_bin
+from lungviz.preprocess import SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize
+from lungviz.report import (
+    VIEW_LABELS,
+    CaseReport,
+    build_html,
+    build_pdf,
+    data_uri,
+    model_versions,
+    pct,
+    report_filename,
+)
+
+IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "npy", "dcm", "dicom"]
+SHOW_PX = 256  # side at which the model's 64 px views and their maps are shown
+
+st.title("Inspect a nodule")
+st.caption("Upload a CT slice centred on the nodule (or a whole slice, then choose the nodule), optionally a nodule "
+           "crop, or a DICOM series as .zip. You get a calibrated estimate of how the LIDC radiologists would rate "
+           "the nodule, where the model looked, and similar reference cases.")
+
+ms = common.models()
+if ms is None:
+    st.stop()
+folder = common.weights_folder()
+
+up1, up2 = st.columns(2)
+main_file = up1.file_uploader("Slice image, DICOM slice or DICOM series (.zip)", type=[*IMAGE_TYPES, "zip"],
+                              key="upload_slice",
+                              help="PNG, JPG, TIFF, NPY or DICOM (.dcm). A crop about 9 cm wide centred on the "
+                                   "nodule (as in the LIDC slices set) or a whole CT slice.")
+crop_file = up2.file_uploader("Nodule crop (optional)", type=IMAGE_TYPES, key="upload_crop",
+                              help="A zoomed crop of the nodule, taken to span about 32 mm. Without it the nodule "
+                                   "view is cut from the slice in millimetres.")
+if main_file is None and crop_file is None:
+    st.info("Upload a file to start, for example a slice PNG from the LIDC slices set "
+            "(`lidc-slices/<patient>/<nodule>/images/slice-N.png`), a DICOM slice or a zipped DICOM series.",
+            icon=":material/upload_file:")
+    st.stop()
+
+
+def _read(file) -> LoadedImage | list:
+    """An upload as a loaded image or a DICOM series; a user error is shown and the page stops."""
+    try:
+        data = file.getvalue()
+        if file.name.lower().endswith(".zip"):
+            return common.read_zip(file.file_id, file.name, data)
+        return common.read_image(data, file.name)
+    except LungvizError as err:
+        st.error(str(err), icon=":material/error:")
+    except Exception as err:  # a file no reader anticipated must not show a traceback
+        st.error(f"{file.name}: lungviz could not read this file ({type(err).__name__}). Upload a PNG, JPG, TIFF, "
+                 "NPY or DICOM image, or a zip of DICOM slices.", icon=":material/error:")
+    st.stop()
+
+
+def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: str,
+                   controls) -> tuple[float, float]:
+    """The nodule centre on a whole slice: a click on the image (plotly selection) or number inputs in ``controls``."""
+    h, w = image.shape
+    rkey, ckey = f"row-{key}", f"col-{key}"
+    st.session_state.setdefault(rkey, h // 2)
+    st.session_state.setdefault(ckey, w // 2)
+
+    def on_click() -> None:
+        points = st.session_state[f"pick-{key}"].selection.points
+        if points:
+            st.session_state[rkey] = int(np.clip(round(points[0]["y"]), 0, h - 1))
+            st.session_state[ckey] = int(np.clip(round(points[0]["x"]), 0, w - 1))
+
+    shown = display_image(image, is_hu, _window())
+    row, col = st.session_state[rkey], st.session_state[ckey]
+    fig = go.Figure(go.Image(source=data_uri(shown), hoverinfo="skip"))
+    step = max(4, max(h, w) // 96)  # an invisible grid of points makes a click select a position
+    gy, gx = np.mgrid[0:h:step, 0:w:step]
+    fig.add_scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", marker={"size": step + 2, "opacity": 0},
+                    hovertemplate="row %{y}, column %{x}<extra></extra>", showlegend=False)
+    nodule_mm = common_field_mm()
+    for side, colour, name in ((SLICE_CROP_PX, "#ffd400", "slice view"),
+                               (mm_to_px(nodule_mm, spacing), "#00e5ff", "nodule view")):
+        fig.add_shape(type="rect", x0=col - side / 2, x1=col + side / 2, y0=row - side / 2, y1=row + side / 2,
+                      line={"color": colour, "width": 2}, name=name)
+    fig.add_scatter(x=[col], y=[row], mode="markers", marker={"symbol": "cross-thin", "size": 16,
+                                                                "line": {"color": "#ff3b30", "width": 2}},
+                    hoverinfo="skip", showlegend=False)
+    fig.update_layout(height=520, margin={"l": 0, "r": 0, "t": 0, "b": 0}, clickmode="event+select",
+                      dragmode=False, xaxis={"visible": False}, yaxis={"visible": False})
+    st.plotly_chart(fig, key=f"pick-{key}", on_select=on_click, selection_mode="points",
+                    config={"displayModeBar": False})
+    with controls:
+        c1, c2 = st.columns(2)
+        c1.number_input("Nodule centre: row", 0, h - 1, step=1, key=rkey)
+        c2.number_input("Nodule centre: column", 0, w - 1, step=1, key=ckey)
+        sp = f"{spacing:.2f} mm/pixel" if spacing else "unknown spacing (0.70 mm/pixel assumed)"
+        st.caption(f"Click the nodule on the image or type its position (pixels). Yellow: the slice view "
+                   f"({SLICE_CROP_PX} pixels, about {SLICE_CROP_PX * (spacing or 0.7):.0f} mm); cyan: the nodule "
+                   f"view ({nodule_mm:.0f} mm), at {sp}.")
+    return float(st.session_state[rkey]), float(st.session_state[ckey])
+
+
+def common_field_mm() -> float:
+    """The nodule view's field in millimetres, from the installed nodule bundle's spec."""
+    b = ms.bundle("nodule", "binary") or ms.bundle("nodule", "score")
+    field = (b.preprocessing.get("field_mm") if b else None) or VIEWS["nodule"].field_mm
+    return float(field)
+
+
+def _window() -> str:
+    return st.session_state.get("window") or "lung"
+
+
+def _window_select(is_hu: bool) -> None:
+    if is_hu:
+        st.segmented_control("CT window (display only)", list(WINDOW_PRESETS), key="window",
+                             help="The models always see the crop min-max scaled from HU, as in training.")
+
+
+def _case_input() -> tuple[CaseInput, str]:
+    """Widgets for the uploaded files -> the model inputs and a label for the case."""
+    loaded = _read(main_file) if main_file is not None else None
+    crop = _read(crop_file) if crop_file is not None else None
+    key = common.digest(main_file.file_id if main_file else "", crop_file.file_id if crop_file else "")
+    if isinstance(loaded, list):  # a DICOM series
+        if crop is not None:
+            st.info("The nodule crop is not used with a DICOM series: the nodule view is cut from the chosen slice.")
+        n = len(loaded)
+        with st.container(border=True):
+            picture, controls = st.columns([3, 2], gap="large")
+            with controls:
+                st.markdown(f"**DICOM series** `{main_file.name}`: {n} slices")
+                _window_select(True)
+                index = st.slider("Slice (inferior → superior)", 0, n - 1, n // 2, key=f"slice-{key}") if n > 1 else 0
+                sl = loaded[index]
+                st.caption(f"Slice {index} of {n}, z = {sl.z_mm:.1f} mm, instance {sl.instance_number}")
+            with picture:
+                centre = _centre_picker(sl.hu, True, float(np.mean(sl.pixel_spacing_mm)), key, controls)
+        return from_series(loaded, index, centre), f"{main_file.name} slice {index}"
+    centre = None
+    if loaded is not None and (loaded.is_hu or is_whole_slice(loaded.pixels)):
+        with st.container(border=True):
+            picture, controls = st.columns([3, 2], gap="large")
+            with controls:
+                st.markdown(f"**{loaded.name}**: {loaded.pixels.shape[1]} × {loaded.pixels.shape[0]} pixels"
+                            + (", Hounsfield units" if loaded.is_hu else ""))
+                _window_select(loaded.is_hu)
+            with picture:
+                if is_whole_slice(loaded.pixels):
+                    centre = _centre_picker(loaded.pixels, loaded.is_hu, loaded.pixel_spacing_mm, key, controls)
+                else:
+                    st.image(display_image(loaded.pixels, True, _window()), width=SHOW_PX, clamp=True)
+    names = [f.name for f in (main_file, crop_file) if f is not None]
+    return from_loaded(loaded, crop, centre), " + ".join(names)
+
+
+try:
+    case, case_label = _case_input()
+    pred = common.prediction(folder, case.context, case.nodule_crop, case.spacing_mm)
+except LungvizError as err:
+    st.error(str(err), icon=":material/error:")
+    st.stop()
+for note in case.notes:
+    st.caption(f":material/info: {note}")
+
+# ----------------------------------------------------------------------------------------------- estimate
+
+st.subheader("Model estimate")
+head_view, headline = common.headline(pred)
+p = pred.malignant_probability(head_view) if head_view else None
+seen, est = st.columns([2, 3], gap="large")
+with seen:
+    st.markdown("**What the models see**")
+    cols = st.columns(len(pred.images))
+    for col, (view, img) in zip(cols, pred.images.items(), strict=True):
+        field = "whole crop, about 9 cm" if view == "slice" else f"central {common_field_mm():.0f} mm"
+        col.image(resize(img, SHOW_PX), caption=f"{VIEW_LABELS.get(view, view)} ({field})", width="stretch",
+                  clamp=True)
+with est:
+    st.metric(f"Malignant probability ({VIEW_LABELS.get(head_view or '', '-').lower()})",
+              common.percent(p), help="Panel score 4-5 (malignant) against 1-3 (benign).")
+    common.show_flag(pred)
+    st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
+fig = common.probability_bars(pred, "score")
+if fig is not None:
+    st.markdown("**Panel score distribution (1-5), calibrated**")
+    st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
+st.caption(common.CALIBRATION_CAVEAT)
+
+# ------------------------------------------------------------------------------------- confidence in context
+
+st.subheader("Confidence in context")
+ref = common.reference(headline) if headline else None
+spec = ms.fusions.get("binary") if head_view == "fused" else getattr(ms.bundles.get(headline or ""), "spec", None)
+metrics = (spec or {}).get("metrics", {})
+which = "test_single_slice" if metrics.get("test_single_slice", {}).get("reliability_malignant") else "test"
+bins = metrics.get(which, {}).get("reliability_malignant")
+hist_col, rel_col = st.columns([3, 2], gap="large")
+with hist_col:
+    if ref is None or "malignant" not in ref.classes:
+        st.info(f"The reference test predictions of {headline} are not installed "
+                f"(`weights/reference/{headline}-test.csv`), so this case cannot be placed among them.")
+    else:
+        hfig = go.Figure()
+        probs, truths = np.array(ref.probabilities("malignant")), np.array(ref.truths())
+        for label, colour in (("benign", "#4c78a8"), ("malignant", "#e45756")):
+            hfig.add_histogram(x=probs[truths == label], name=f"panel: {label} (n={int((truths == label).sum())})",
+                               xbins={"start": 0, "end": 1, "size": 0.05}, marker_color=colour, opacity=0.7)
+        if p is not None:
+            hfig.add_vline(x=p, line_width=3, line_color="black",
+                           annotation_text=f"this case {common.percent(p)}", annotation_position="top")
+        hfig.update_layout(barmode="overlay", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                           xaxis={"title": f"{headline} malignant probability", "tickformat": ".0%",
+                                  "range": [0, 1]},
+                           yaxis={"title": "test nodules"}, legend={"orientation": "h", "y": 1.2})
+        st.plotly_chart(hfig, key="confidence-hist", config={"displayModeBar": False})
+        st.caption(f"{len(probs)} held-out test nodules of the LIDC split, coloured by the panel's rating. Their "
+                   "probabilities average each nodule's central slices; this upload is one slice.")
+with rel_col:
+    band = reliability_bin(bins, p) if bins and p is not None else None
+    if band is None:
+        st.info("No reliability table on held-out data is recorded for this model.")
+    elif not band.get("n"):
+        st.warning(f"No test nodule received a probability between {pct(band['lo'])} and {pct(band['hi'])}: "
+                   "calibration was never checked in this range.", icon=":material/warning:")
+    else:
+        st.metric(f"Observed malignant rate, band {pct(band['lo'])}-{pct(band['hi'])}", pct(band["observed"]),
+                  help="Among held-out test nodules the model placed in the same probability band.")
+        st.markdown(f"Of **{band['n']}** test nodules given {pct(band['lo'])}-{pct(band['hi'])} "
+                    f"(mean {pct(band['mean_p'])}), the panel rated **{pct(band['observed'])}** malignant.")
+        if band["n"] < 20:
+            st.caption(":material/warning: Few cases in this band: the observed rate is imprecise.")
+        st.caption(f"From the {which.replace('_', ' ')} reliability table of {headline}.")
+
+# ------------------------------------------------------------------------------------------------------ maps
+
+st.subheader("Where the model looked")
+mc1, mc2 = st.columns([2, 3])
+method = mc1.segmented_control("Map", list(common.MAP_METHODS), key="map_method") or "Grad-CAM"
+alpha = mc2.slider("Map opacity", 0.0, 1.0, step=0.05, key="alpha")
+map_views = [v for v in ("nodule", "slice") if f"{v}-binary" in ms.bundles and v in pred.images]
+maps: dict[str, np.ndarray] = {}
+map_cols = st.columns(4)
+for i, view in enumerate(map_views):
+    name, img = f"{view}-binary", pred.images[view]
+    big = resize(img, SHOW_PX)
+    call = pred.views[view]["binary"].top
+    label = VIEW_LABELS[view].lower()
+    map_cols[2 * i].image(big, caption=f"{VIEW_LABELS[view]} as the model sees it", width="stretch", clamp=True)
+    with map_cols[2 * i + 1]:
+        if common.MAP_METHODS[method] == "lime":
+            bar = st.progress(0.0, text=f"LIME, {label}…")
+            res = common.lime(folder, name, img, lambda f, bar=bar, label=label: bar.progress(
+                min(1.0, f), text=f"LIME, {label}: {f:.0%}"))
+            bar.progress(1.0, text=f"LIME, {label}: done ({res.num_samples} samples, fit R² {res.score:.2f})")
+            shown = lime_overlay(big, res, k=5, alpha=alpha)
+            caption = f"LIME, {label}: the 5 regions most in favour of '{call}'"
+        else:
+            heat = common.cam_map(folder, name, img, common.MAP_METHODS[method])
+            shown = overlay(big, heat, alpha)
+            caption = f"{method}, {label}: evidence for '{call}'"
+        st.image(shown, caption=caption, width="stretch")
+    maps[f"{method}, {label}"] = shown
+    if method != "Grad-CAM":  # the report always carries Grad-CAM too
+        maps[f"Grad-CAM, {label}"] = overlay(big, common.cam_map(folder, name, img, "gradcam"), alpha)
+st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Red/yellow = "
+           "strong evidence (Grad-CAM), green = regions supporting the call (LIME).")
+
+# ------------------------------------------------------------------------------------------------ similar cases
+
+st.subheader("Similar library cases")
+index = common.case_index()
+similar: list[dict] = []
+if index is not None:
+    k = st.columns([1, 3])[0].slider("How many", 1, 10, key="k_similar")
+    try:
+        similar = common.similar(folder, str(paths.lidc_slices_dir()), case.context, case.nodule_crop,
+                                 case.spacing_mm, k)
+    except LungvizError as err:
+        st.warning(f"Similar cases are not available: {err}", icon=":material/info:")
+    st.caption("Nearest cases by the nodule model's features. The library holds training cases too (seen by the "
+               "model); the panel and reader scores are the LIDC radiologists' ratings, not pathology.")
+    common.similar_case_cards(similar, "inspect")
+
+# ------------------------------------------------------------------------------------------- review and report
+
+st.subheader("Review and report")
+rev_col, rep_col = st.columns([3, 2], gap="large")
+with rev_col:
+    common.review_form(case_label, "upload", pred.to_dict(), common.digest(case_label, case.context))
+with rep_col:
+    saved = st.session_state["saved_reviews"].get(case_label, {})
+    report = CaseReport(
+        case_id=case_label, source="upload", file_names=list(case.names), images=dict(pred.images),
+        prediction=pred.to_dict(), maps=maps,
+        similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",
+                                        "thumbnail")} for s in similar],
+        verdict=saved.get("verdict"), note=saved.get("note", ""), reviewer=saved.get("reviewer", ""),
+        models=model_versions(ms.bundles), notice=RESEARCH_NOTICE,
+    )
+    st.markdown("**Download the case report**")
+    st.caption("Inputs, estimate, maps, similar cases, your saved review and the research-use notice.")
+    st.download_button("HTML report", lambda: build_html(report), file_name=report_filename(report, "html"),
+                       mime="text/html", icon=":material/download:", key="report-html")
+    st.download_button("PDF report", lambda: build_pdf(report), file_name=report_filename(report, "pdf"),
+                       mime="application/pdf", icon=":material/picture_as_pdf:", key="report-pdf")

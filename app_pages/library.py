@@ -1,0 +1,183 @@
+"""Case library: browse the indexed LIDC cases with filters, and open one: its slices, the readers' outline beside
+the model's map, the readers' scores and characteristics, and the model's prediction."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app_pages import common
+from lungviz import paths
+from lungviz.errors import LungvizError
+from lungviz.explain import overlay
+from lungviz.library import (
+    SPLIT_NOTES,
+    characteristic_rows,
+    diameter_range,
+    filter_records,
+    library_rows,
+    mask_outline,
+)
+from lungviz.predict import view_image
+from lungviz.preprocess import resize
+from lungviz.report import VIEW_LABELS, reader_spread
+
+SHOW_PX = 256
+
+st.title("Case library")
+index = common.case_index(quiet=True)
+if index is None:
+    st.error("The case library is not available: the similar-case index (`index-nodule-binary`) is not installed "
+             f"in {paths.weights_dir()}. Build it with `python -m training index`.", icon=":material/error:")
+    st.stop()
+root = paths.lidc_slices_dir()
+if not root.is_dir():
+    st.error(f"The library's images are not there: {root} does not exist. Set LUNGVIZ_DATA to the folder holding "
+             "lidc-slices/.", icon=":material/error:")
+    st.stop()
+records = index.records
+by_id = {r["case_id"]: r for r in records}
+ms = common.models()
+ref = common.reference(common.headline_model(ms)) if ms is not None else None
+correct = ref.correct_by_case() if ref is not None else {}
+
+
+def _close_case() -> None:
+    st.query_params.clear()
+
+
+def _show_case(record: dict) -> None:
+    case_id = record["case_id"]
+    st.button("Back to the list", icon=":material/arrow_back:", on_click=_close_case)
+    st.header(case_id)
+    split = record.get("split", "?")
+    {"train": st.warning, "val": st.info, "test": st.success}.get(split, st.info)(
+        SPLIT_NOTES.get(split, f"Split: {split}."), icon=":material/dataset:")
+    try:
+        case, slices, masks = common.library_case(str(root), case_id)
+    except LungvizError as err:
+        st.error(str(err), icon=":material/error:")
+        return
+    n = len(slices)
+    middle = int(record.get("middle_index", n // 2))
+
+    facts, chars = st.columns([1, 1], gap="large")
+    with facts:
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Panel score", "-" if case.malignancy is None else case.malignancy,
+                  help="Median of the readers' malignancy ratings (1-5), rounded half up.")
+        m2.metric("Readers", case.n_readers)
+        m3.metric("Diameter", "-" if case.diameter_mm is None else f"{case.diameter_mm:.1f} mm")
+        st.markdown(f"Each reader's score: **{reader_spread(case.reader_scores)}**  \n"
+                    f"Panel: **{ {1: 'malignant (4-5)', 0: 'benign (1-3)'}.get(case.malignant, '-') }**  \n"
+                    f"Label check: `{case.label_check}` · pixel spacing "
+                    f"{'-' if case.pixel_spacing_mm is None else f'{case.pixel_spacing_mm:.2f} mm'}")
+    with chars:
+        st.markdown("**Readers' characteristics (panel medians)**")
+        st.table(characteristic_rows(case.characteristics), hide_index=True, border="horizontal")
+
+    st.subheader("Slices, readers' outline and the model's map")
+    index_ = st.slider("Slice (inferior → superior)", 0, n - 1, middle, key=f"libslice-{case_id}") if n > 1 else 0
+    outline = st.toggle("Show the readers' outline (drawn by at least half the readers)", value=True,
+                        key="lib-outline")
+    mask = masks[index_] if masks is not None else None
+    img = slices[index_]
+    cols = st.columns(3)
+    cols[0].image(mask_outline(resize(img, SHOW_PX), mask) if outline and mask is not None else resize(img, SHOW_PX),
+                  caption=f"Slice {index_} of {n}" + (" with the readers' outline" if outline else ""),
+                  width="stretch", clamp=True)
+    if ms is not None:
+        for col, view in zip(cols[1:], ("slice", "nodule"), strict=True):
+            b = ms.bundle(view, "binary")
+            if b is None:
+                continue
+            vimg = view_image(b.spec, img, None, case.pixel_spacing_mm)
+            shown = overlay(resize(vimg, SHOW_PX), common.cam_map(common.weights_folder(), b.name, vimg, "gradcam"),
+                            st.session_state.get("alpha", 0.4))
+            if outline and mask is not None:
+                shown = mask_outline(shown, view_image(b.spec, mask, None, case.pixel_spacing_mm))
+            col.image(shown, caption=f"Grad-CAM, {VIEW_LABELS[view].lower()}", width="stretch")
+    if masks is None:
+        st.caption("This case has no reader masks.")
+
+    with st.expander(f"All {n} slices"):
+        per_row = 8
+        for start in range(0, n, per_row):
+            row = st.columns(per_row)
+            for j, col in enumerate(row[: min(per_row, n - start)]):
+                col.image(slices[start + j], caption=f"{start + j}", width="stretch", clamp=True)
+
+    st.subheader("The model on this case")
+    if split == "train":
+        st.warning("This is a training case: the model has seen it, so agreement here says little about how it "
+                   "does on new cases.", icon=":material/visibility:")
+    if ms is None:
+        return
+    try:
+        pred = common.prediction(common.weights_folder(), slices[middle], None, case.pixel_spacing_mm)
+    except LungvizError as err:
+        st.error(str(err), icon=":material/error:")
+        return
+    p1, p2 = st.columns([1, 2], gap="large")
+    head_view, head = common.headline(pred)
+    p = pred.malignant_probability(head_view) if head_view else None
+    p1.metric(f"Malignant probability ({VIEW_LABELS.get(head_view or '', '-').lower()})", common.percent(p))
+    with p2:
+        common.show_flag(pred)
+    st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
+    fig = common.probability_bars(pred, "score")
+    if fig is not None:
+        st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})
+    st.caption(f"On the middle slice ({middle}, the largest reader outline). {common.CALIBRATION_CAVEAT}")
+    if case_id in correct:
+        st.caption(f"On the test split the model ({head}) was **{'right' if correct[case_id] else 'wrong'}** for this "
+                   "nodule (all central slices averaged).")
+
+    st.subheader("Review")
+    common.review_form(case_id, "library", pred.to_dict(), f"lib-{case_id}")
+
+
+def _browse() -> None:
+    st.caption(f"{len(records)} LIDC-IDRI nodules with their radiologists' ratings. Train cases were seen by the "
+               "model; test cases were held out.")
+    with st.container(border=True):
+        f1, f2, f3 = st.columns(3)
+        scores = f1.multiselect("Panel score", [1, 2, 3, 4, 5], default=[1, 2, 3, 4, 5], key="lib-scores")
+        panel = f2.segmented_control("Panel", ["any", "benign (1-3)", "malignant (4-5)"], default="any",
+                                     key="lib-panel")
+        splits = f3.multiselect("Split", ["train", "val", "test"], default=["train", "val", "test"],
+                                key="lib-splits")
+        g1, g2 = st.columns(2)
+        lo, hi = diameter_range(records)
+        diam = g1.slider("Diameter (mm)", float(lo), float(max(hi, lo + 1)), (float(lo), float(max(hi, lo + 1))),
+                         step=0.5, key="lib-diam")
+        outcome = g2.segmented_control(
+            "Model on test", ["any", "correct", "wrong"], default="any", key="lib-outcome", disabled=not correct,
+            help="From the reference test predictions (test cases only)." if correct else
+            "The reference test predictions are not installed.")
+    chosen = filter_records(
+        records, scores=scores, splits=splits, diameter_mm=diam,
+        malignant={"benign (1-3)": False, "malignant (4-5)": True}.get(panel or "any"),
+        model_correct={"correct": True, "wrong": False}.get(outcome or "any"), correct_by_case=correct,
+    )
+    st.markdown(f"**{len(chosen)}** of {len(records)} cases")
+    event = st.dataframe(library_rows(chosen, correct), hide_index=True, width="stretch", height=420,
+                         on_select="rerun", selection_mode="single-row", key="lib-table")
+    picked = event.selection.rows if event is not None and hasattr(event, "selection") else []
+    if picked:
+        st.query_params["case"] = chosen[picked[0]]["case_id"]
+        st.rerun()
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    target = c1.selectbox("Open a case", [r["case_id"] for r in chosen], index=None, key="lib-open",
+                          placeholder="Choose a case id, or select a row above")
+    if c2.button("Open", icon=":material/open_in_new:", disabled=target is None, key="lib-open-btn"):
+        st.query_params["case"] = target
+        st.rerun()
+
+
+wanted = st.query_params.get("case")
+if wanted and wanted in by_id:
+    _show_case(by_id[wanted])
+else:
+    if wanted:
+        st.warning(f"Case {wanted} is not in the library.", icon=":material/warning:")
+    _browse()

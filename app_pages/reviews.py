@@ -1,0 +1,49 @@
+"""Review log: every saved verdict (agree / disagree / unsure) with its note, filterable and exportable as CSV."""
+
+import streamlit as st
+
+from app_pages import common
+from lungviz.errors import LungvizError
+from lungviz.report import pct
+from lungviz.reviews import SOURCES, VERDICTS
+
+st.title("Review log")
+store = common.review_store()
+if store is None:
+    st.stop()
+st.caption(f"Stored in {store.path} (set LUNGVIZ_HOME to keep it elsewhere). Add reviews on the inspect and case "
+           "library pages.")
+
+with st.container(border=True):
+    c1, c2, c3, c4, c5 = st.columns(5)
+    verdict = c1.selectbox("Verdict", ["all", *VERDICTS], key="rev-verdict")
+    source = c2.selectbox("Case source", ["all", *SOURCES], key="rev-source",
+                          format_func=lambda s: {"upload": "uploads", "library": "library cases"}.get(s, s))
+    case_query = c3.text_input("Case contains", key="rev-case")
+    reviewer = c4.text_input("Reviewer", key="rev-reviewer")
+    since = c5.date_input("Since (UTC)", value=None, key="rev-since")
+filters = {"verdict": None if verdict == "all" else verdict, "source": None if source == "all" else source,
+           "case_query": case_query or None, "reviewer": reviewer or None, "since": since}
+
+try:
+    counts = store.counts_by_verdict(**{k: v for k, v in filters.items() if k != "verdict"})
+    rows = store.list(**filters)
+except LungvizError as err:
+    st.error(str(err), icon=":material/error:")
+    st.stop()
+m = st.columns(4)
+m[0].metric("Shown", len(rows))
+for col, v in zip(m[1:], VERDICTS, strict=True):
+    col.metric(common.VERDICT_LABELS[v], counts[v])
+if not rows:
+    st.info("No reviews match these filters yet.")
+else:
+    st.dataframe(
+        [{"when (UTC)": r["created_utc"][:16].replace("T", " "), "case": r["case_id"], "source": r["source"],
+          "verdict": r["verdict"], "note": r["note"], "reviewer": r["reviewer"],
+          "model: malignant": pct((r["model_summary"] or {}).get("malignant_probability")),
+          "model flag": (r["model_summary"] or {}).get("flag", "-")} for r in rows],
+        hide_index=True, width="stretch",
+    )
+st.download_button("Download as CSV", lambda: store.to_csv_text(**filters), file_name="lungviz-reviews.csv",
+                   mime="text/csv", icon=":material/download:", disabled=not rows, key="rev-csv")

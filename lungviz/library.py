@@ -1,0 +1,158 @@
+"""The browsable case library: the similar-case index's records, their images in the data folder, filters and
+what the app shows about each case (split, readers, characteristics, the readers' outline).
+
+A record is one row of the index metadata (:func:`lungviz.retrieval.load_index`): ``case_id``, ``split``,
+``malignancy`` (panel score), ``malignant``, ``reader_scores``, ``diameter_mm``, ``images`` (paths relative to the
+``lidc-slices`` folder), ``middle_index`` ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from skimage.segmentation import find_boundaries
+
+from lungviz import paths
+from lungviz.errors import LungvizError
+from lungviz.io import load_gray
+from lungviz.preprocess import resize
+from lungviz.report import reader_spread
+
+#: What each split means for a library case, in the words the app uses.
+SPLIT_NOTES = {
+    "train": "Train case: seen by the model during training, so its prediction here is optimistic.",
+    "val": "Validation case: used for early stopping and calibration, not to fit the weights.",
+    "test": "Test case: held out, never seen in training (the model card's figures come from these).",
+}
+
+#: LIDC reader rating scales for the characteristics (panel medians are shown against them).
+CHARACTERISTIC_SCALES = {
+    "subtlety": "1 extremely subtle … 5 obvious",
+    "internalStructure": "1 soft tissue, 2 fluid, 3 fat, 4 air",
+    "calcification": "1 popcorn, 2 laminated, 3 solid, 4 non-central, 5 central, 6 absent",
+    "sphericity": "1 linear … 3 ovoid … 5 round",
+    "margin": "1 poorly defined … 5 sharp",
+    "lobulation": "1 none … 5 marked",
+    "spiculation": "1 none … 5 marked",
+    "texture": "1 non-solid (ground glass) … 3 part solid … 5 solid",
+}
+
+
+def record_image_path(record: Mapping, slice_index: int | None = None, root: Path | None = None) -> Path:
+    """Path of one slice image of a record (default: its middle slice) in the ``lidc-slices`` folder."""
+    images = list(record.get("images") or [])
+    if not images:
+        raise LungvizError(f"the library record {record.get('case_id', '?')} lists no images.")
+    i = int(record.get("middle_index", len(images) // 2)) if slice_index is None else int(slice_index)
+    if not 0 <= i < len(images):
+        raise LungvizError(f"slice {i} does not exist; case {record.get('case_id', '?')} has {len(images)} slices.")
+    return (Path(root) if root else paths.lidc_slices_dir()) / images[i]
+
+
+def thumbnail(record: Mapping, root: Path | None = None) -> np.ndarray | None:
+    """The record's middle slice ``(H, W) float32 in [0, 1]``, or None when the data folder lacks it."""
+    try:
+        return load_gray(record_image_path(record, root=root))
+    except LungvizError:
+        return None
+
+
+def diameter_range(records: Iterable[Mapping]) -> tuple[float, float]:
+    """Smallest and largest diameter (mm) among the records that have one; ``(0, 0)`` when none does."""
+    d = [float(r["diameter_mm"]) for r in records if r.get("diameter_mm") is not None]
+    return (min(d), max(d)) if d else (0.0, 0.0)
+
+
+def filter_records(
+    records: Iterable[Mapping],
+    *,
+    scores: Sequence[int] | None = None,
+    malignant: bool | None = None,
+    splits: Sequence[str] | None = None,
+    diameter_mm: tuple[float, float] | None = None,
+    model_correct: bool | None = None,
+    correct_by_case: Mapping[str, bool] | None = None,
+) -> list[dict]:
+    """The records matching every given filter (None = no filter).
+
+    ``model_correct`` keeps cases whose reference test prediction (``correct_by_case``) was right (True) or wrong
+    (False); cases without one (train and validation cases) are then left out.
+    """
+    out = []
+    for r in records:
+        if scores is not None and r.get("malignancy") not in set(scores):
+            continue
+        if malignant is not None and r.get("malignant") != int(malignant):
+            continue
+        if splits is not None and r.get("split") not in set(splits):
+            continue
+        if diameter_mm is not None:
+            d = r.get("diameter_mm")
+            if d is None or not diameter_mm[0] <= float(d) <= diameter_mm[1]:
+                continue
+        if model_correct is not None:
+            got = (correct_by_case or {}).get(r.get("case_id"))
+            if got is None or got != model_correct:
+                continue
+        out.append(dict(r))
+    return out
+
+
+def library_rows(records: Iterable[Mapping], correct_by_case: Mapping[str, bool] | None = None) -> list[dict]:
+    """One display row per record (for a table), in the order given."""
+    rows = []
+    for r in records:
+        verdict = (correct_by_case or {}).get(r.get("case_id"))
+        d = r.get("diameter_mm")
+        rows.append({
+            "case": r.get("case_id"),
+            "split": r.get("split"),
+            "panel score": r.get("malignancy"),
+            "panel": {1: "malignant", 0: "benign"}.get(r.get("malignant"), "-"),
+            "reader scores": reader_spread(r.get("reader_scores")),
+            "diameter (mm)": None if d is None else round(float(d), 1),
+            "slices": r.get("n_slices"),
+            "label check": r.get("label_check"),
+            "model on test": "-" if verdict is None else ("correct" if verdict else "wrong"),
+        })
+    return rows
+
+
+def characteristic_rows(characteristics: Mapping[str, float]) -> list[dict]:
+    """The readers' characteristics (panel medians) with the LIDC scale each is rated on."""
+    return [{"characteristic": k, "panel median": float(v), "scale": CHARACTERISTIC_SCALES.get(k, "")}
+            for k, v in characteristics.items()]
+
+
+def similar_cases(index, query: np.ndarray, k: int = 5, root: Path | None = None,
+                  exclude: set[str] | None = None) -> list[dict]:
+    """The ``k`` library cases nearest a ``(D,)`` query embedding: each record with ``similarity`` and
+    ``thumbnail`` (its middle slice, None when missing) added, most similar first."""
+    hits = index.search(np.asarray(query, np.float32)[None], k, exclude)[0]
+    return [{**rec, "similarity": float(sim), "thumbnail": thumbnail(rec, root)} for sim, rec in hits]
+
+
+def mask_outline(image: np.ndarray, mask: np.ndarray, threshold: float = 0.5,
+                 color: tuple[int, int, int] = (255, 215, 0)) -> np.ndarray:
+    """The readers' outline (mask >= ``threshold``, e.g. half the readers) drawn on an image -> ``(H, W, 3) uint8``.
+
+    ``image``: ``(H, W)`` grey in [0, 1] or ``(H, W, 3) uint8`` (an overlay); ``mask``: ``(h, w)`` reader fraction,
+    resized to the image when the sizes differ.
+    """
+    img = np.asarray(image)
+    if img.ndim == 2:
+        rgb = np.repeat(np.round(np.clip(img.astype(np.float32), 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
+    elif img.ndim == 3 and img.shape[2] == 3:
+        rgb = img.astype(np.uint8).copy()
+    else:
+        raise LungvizError(f"the image has shape {tuple(img.shape)}; a grey or RGB image is expected.")
+    m = np.asarray(mask, np.float32)
+    if m.ndim != 2 or m.size == 0:
+        raise LungvizError(f"the mask has shape {tuple(m.shape)}; a 2D mask is expected.")
+    if m.shape != rgb.shape[:2]:
+        m = resize(m, rgb.shape[:2])
+    inside = m >= threshold
+    rgb[find_boundaries(inside, mode="inner") & inside] = np.asarray(color, np.uint8)
+    return rgb

@@ -1,0 +1,139 @@
+"""The case library: index records, filters, display rows, thumbnails, the readers' outline and single-case loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungviz.errors import LungvizError
+from lungviz.library import (
+    characteristic_rows,
+    diameter_range,
+    filter_records,
+    library_rows,
+    mask_outline,
+    record_image_path,
+    similar_cases,
+    thumbnail,
+)
+from lungviz.lidc import load_case
+from lungviz.retrieval import build_index
+
+RECORDS = [
+    {"case_id": "P1/nodule-0", "split": "train", "malignancy": 5, "malignant": 1, "reader_scores": [5, 4, 5],
+     "diameter_mm": 21.0, "n_slices": 3, "label_check": "ok", "images": ["P1/nodule-0/images/slice-0.png"] * 3,
+     "middle_index": 1},
+    {"case_id": "P2/nodule-0", "split": "test", "malignancy": 2, "malignant": 0, "reader_scores": [2, 1],
+     "diameter_mm": 6.5, "n_slices": 1, "label_check": "ok", "images": ["P2/nodule-0/images/slice-0.png"],
+     "middle_index": 0},
+    {"case_id": "P3/nodule-0", "split": "test", "malignancy": 4, "malignant": 1, "reader_scores": [3, 4, 5, 5],
+     "diameter_mm": None, "n_slices": 2, "label_check": "zextent_mismatch", "images": ["a.png", "b.png"],
+     "middle_index": 1},
+    {"case_id": "P4/nodule-1", "split": "val", "malignancy": 3, "malignant": 0, "reader_scores": [3],
+     "diameter_mm": 12.0, "n_slices": 1, "label_check": "ok", "images": ["c.png"], "middle_index": 0},
+]
+CORRECT = {"P2/nodule-0": True, "P3/nodule-0": False}
+
+FILTERS = [  # (filters, expected case ids)
+    ({}, ["P1/nodule-0", "P2/nodule-0", "P3/nodule-0", "P4/nodule-1"]),
+    ({"scores": [4, 5]}, ["P1/nodule-0", "P3/nodule-0"]),
+    ({"malignant": False}, ["P2/nodule-0", "P4/nodule-1"]),
+    ({"splits": ["test"]}, ["P2/nodule-0", "P3/nodule-0"]),
+    ({"diameter_mm": (6.5, 12.0)}, ["P2/nodule-0", "P4/nodule-1"]),  # bounds included, unknown diameter out
+    ({"model_correct": True}, ["P2/nodule-0"]),
+    ({"model_correct": False}, ["P3/nodule-0"]),
+    ({"scores": [2, 4], "model_correct": True}, ["P2/nodule-0"]),
+    ({"scores": []}, []),
+]
+
+
+@pytest.mark.parametrize(("filters", "expected"), FILTERS)
+def test_filter_records(filters, expected):
+    got = filter_records(RECORDS, correct_by_case=CORRECT, **filters)
+    assert [r["case_id"] for r in got] == expected
+
+
+def test_filter_by_model_outcome_without_reference_keeps_nothing():
+    assert filter_records(RECORDS, model_correct=True) == []
+
+
+def test_library_rows_and_diameter_range():
+    rows = library_rows(RECORDS, CORRECT)
+    assert rows[0]["reader scores"] == "4, 5, 5" and rows[0]["panel"] == "malignant"
+    assert [r["model on test"] for r in rows] == ["-", "correct", "wrong", "-"]
+    assert rows[2]["diameter (mm)"] is None and rows[1]["diameter (mm)"] == 6.5
+    assert diameter_range(RECORDS) == (6.5, 21.0)
+    assert diameter_range([]) == (0.0, 0.0)
+
+
+def test_record_image_path_defaults_to_middle_slice(tmp_path):
+    rec = {**RECORDS[2]}
+    assert record_image_path(rec, root=tmp_path) == tmp_path / "b.png"
+    assert record_image_path(rec, 0, root=tmp_path) == tmp_path / "a.png"
+    with pytest.raises(LungvizError, match="slice 5 does not exist"):
+        record_image_path(rec, 5, root=tmp_path)
+    with pytest.raises(LungvizError, match="lists no images"):
+        record_image_path({"case_id": "x", "images": []}, root=tmp_path)
+    assert thumbnail(rec, root=tmp_path) is None  # a missing file is no error, just no picture
+
+
+def test_characteristic_rows_carry_the_lidc_scale():
+    rows = characteristic_rows({"texture": 5.0, "spiculation": 1.5, "odd": 2})
+    assert rows[0] == {"characteristic": "texture", "panel median": 5.0,
+                       "scale": "1 non-solid (ground glass) … 3 part solid … 5 solid"}
+    assert rows[2]["scale"] == ""
+
+
+def test_similar_cases_attach_similarity_and_thumbnail(tmp_path):
+    from conftest import write_png
+
+    write_png(tmp_path / "P1/nodule-0/images/slice-0.png", np.full((16, 16), 255))
+    emb = np.eye(4, 8, dtype=np.float32)
+    index = build_index(emb, RECORDS, "nodule-binary")
+    hits = similar_cases(index, emb[0] + 0.1 * emb[1], k=2, root=tmp_path)
+    assert [h["case_id"] for h in hits] == ["P1/nodule-0", "P2/nodule-0"]
+    assert hits[0]["similarity"] > hits[1]["similarity"]
+    assert hits[0]["thumbnail"].shape == (16, 16) and hits[0]["thumbnail"].max() == 1.0
+    assert hits[1]["thumbnail"] is None
+    assert [h["case_id"] for h in similar_cases(index, emb[0], 1, tmp_path, exclude={"P1/nodule-0"})] == [
+        "P2/nodule-0"]
+
+
+def test_mask_outline_draws_the_border_of_the_majority_region():
+    img = np.zeros((20, 20), np.float32)
+    mask = np.zeros((10, 10), np.float32)
+    mask[3:7, 3:7] = 0.75
+    mask[0, 0] = 0.25  # drawn by too few readers: not outlined
+    out = mask_outline(img, mask, color=(255, 0, 0))
+    assert out.shape == (20, 20, 3) and out.dtype == np.uint8
+    red = (out == [255, 0, 0]).all(axis=2)
+    assert red.any() and not red[0:3, 0:3].any()
+    assert not red[9:11, 9:11].any()  # the inside stays as it was: only the border is drawn
+    rgb = np.full((10, 10, 3), 7, np.uint8)
+    drawn = mask_outline(rgb, mask)
+    assert (drawn[3, 3] == [255, 215, 0]).all() and (drawn[0, 0] == 7).all()
+    with pytest.raises(LungvizError):
+        mask_outline(np.zeros((4, 4, 2)), mask)
+
+
+# ----------------------------------------------------------------------------------------------- load_case
+
+
+def test_load_case_from_a_slices_tree(slices_tree: Path):
+    case = load_case(slices_tree, "P-0001/nodule-0")
+    assert case.case_id == "P-0001/nodule-0" and case.n_slices == 11 and case.reader_scores == (5, 4, 4, 3)
+    assert load_case(slices_tree, "P-0001/nodule-1").mask_mode == "per-reader"
+    with pytest.raises(LungvizError, match="no reader labels"):
+        load_case(slices_tree, "P-0003/nodule-0")
+    with pytest.raises(LungvizError, match="not in the library"):
+        load_case(slices_tree, "P-9999/nodule-0")
+
+
+def test_load_case_reads_one_real_nodule(real_labels, lidc_slices_dir: Path):
+    row = next(r for r in real_labels if (r["patient_id"], r["nodule"]) == ("LIDC-IDRI-0003", "nodule-1"))
+    got = load_case(lidc_slices_dir, "LIDC-IDRI-0003/nodule-1")
+    assert got.n_slices == int(row["n_slices"]) and got.malignancy == int(row["malignancy"])
+    assert got.reader_scores == tuple(int(s) for s in row["malignancy_readers"].split())
+    assert got.load_masks().shape == got.load_slices().shape
