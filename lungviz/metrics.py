@@ -42,19 +42,23 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.05, hi: flo
     return float(np.exp((a + b) / 2.0))
 
 
-def reliability(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> list[dict]:
-    """Top-label reliability: per confidence bin, the count, mean confidence and accuracy."""
-    conf = P.max(axis=1)
-    correct = (P.argmax(axis=1) == np.asarray(y)).astype(float)
+def _binned(score: np.ndarray, outcome: np.ndarray, n_bins: int, score_key: str, outcome_key: str) -> list[dict]:
+    """Equal-width bins of ``score`` in [0, 1]: per bin the count, the mean score and the mean outcome."""
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    idx = np.clip(np.digitize(score, edges[1:-1], right=True), 0, n_bins - 1)
     out = []
     for b in range(n_bins):
         m = idx == b
         out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
-                    "confidence": float(conf[m].mean()) if m.any() else None,
-                    "accuracy": float(correct[m].mean()) if m.any() else None})
+                    score_key: float(score[m].mean()) if m.any() else None,
+                    outcome_key: float(np.mean(outcome[m])) if m.any() else None})
     return out
+
+
+def reliability(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> list[dict]:
+    """Top-label reliability: per confidence bin, the count, mean confidence and accuracy."""
+    correct = (P.argmax(axis=1) == np.asarray(y)).astype(float)
+    return _binned(P.max(axis=1), correct, n_bins, "confidence", "accuracy")
 
 
 def ece(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> float:
@@ -65,15 +69,7 @@ def ece(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> float:
 
 def binary_reliability(y_pos: np.ndarray, p_pos: np.ndarray, n_bins: int = 10) -> list[dict]:
     """Reliability of a malignant probability: per probability bin, the count, mean p and observed rate."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.digitize(p_pos, edges[1:-1], right=True), 0, n_bins - 1)
-    out = []
-    for b in range(n_bins):
-        m = idx == b
-        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
-                    "mean_p": float(p_pos[m].mean()) if m.any() else None,
-                    "observed": float(np.mean(y_pos[m])) if m.any() else None})
-    return out
+    return _binned(np.asarray(p_pos, float), np.asarray(y_pos, float), n_bins, "mean_p", "observed")
 
 
 def quadratic_kappa(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
