@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from scipy.linalg import hadamard
+from scipy.ndimage import distance_transform_edt
 from skimage.segmentation import find_boundaries, slic
 from sklearn.linear_model import Ridge
 from torch import nn
@@ -26,8 +28,12 @@ CAM_METHODS: dict[str, type] = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus
 
 #: LIME's kernel width on the cosine distance between a perturbation and the full image (lime's default).
 LIME_KERNEL_WIDTH = 0.25
-#: Perturbations per fast-LIME run; see :func:`lime_map` for why a few hundred are enough.
-LIME_SAMPLES = 160
+#: Perturbations per fast-LIME run (lime's default is 1000); see :func:`lime_map` for the trade-off.
+LIME_SAMPLES = 256
+#: Most superpixels a LIME run explains (the design matrix grows with them).
+MAX_SEGMENTS = 1023
+#: Perturbed images per forward pass on CPU: small batches stay in cache (32 beat 64-256 by 25-75 % at 64 px).
+LIME_CPU_BATCH = 32
 
 # Grad-CAM hooks see every forward pass through the target layer: one CAM at a time per process, so two app
 # sessions sharing a cached model cannot read each other's activations.
@@ -47,7 +53,9 @@ def _view(image: np.ndarray) -> np.ndarray:
     """``image`` as ``(S, S) float32``, or a :class:`LungvizError` saying why it cannot be explained."""
     a = np.asarray(image, np.float32)
     if a.ndim != 2 or a.size == 0:
-        raise LungvizError(f"the image to explain has shape {tuple(a.shape)}; one 2D view (height x width) is expected.")
+        raise LungvizError(
+            f"the image to explain has shape {tuple(a.shape)}; one 2D view (height x width) is expected."
+        )
     if not np.all(np.isfinite(a)):
         raise LungvizError("the image to explain contains missing (NaN) or infinite values.")
     return a
@@ -61,6 +69,7 @@ def _model_input(model: nn.Module, image: np.ndarray, mean: Sequence[float], std
 
 
 def _num_classes(model: nn.Module) -> int | None:
+    """``model.num_classes`` when the model says (LungvizNet does), else None."""
     n = getattr(model, "num_classes", None)
     return int(n) if n is not None else None
 
@@ -97,7 +106,7 @@ def calibrated_probabilities(
 
 
 class _PredictedClass:
-    """A pytorch-grad-cam target: the logit of the predicted class (after ``prior_adjust``), remembered in ``.index``."""
+    """A pytorch-grad-cam target: the predicted class's logit (after ``prior_adjust``), remembered in ``.index``."""
 
     def __init__(self, prior: torch.Tensor | None) -> None:
         self.prior = prior
@@ -128,30 +137,39 @@ def cam(
     target_class: int | None = None,
     *,
     prior_adjust: Sequence[float] | None = None,
+    layer: str | nn.Module | None = None,
 ) -> np.ndarray:
     """Grad-CAM (``"gradcam"``) or Grad-CAM++ (``"gradcampp"``) of one view: ``(S, S) float32 in [0, 1]``.
 
-    One forward and one backward pass on ``model.feature_layer``; hooks are released before returning and the
-    model's gradients and train/eval mode are left as found. ``target_class`` None explains the predicted class
-    (the argmax of ``logits + prior_adjust``). A map of zeros means no region supports the class.
+    One forward and one backward pass on ``layer`` (default ``model.feature_layer``; a module or its dotted name);
+    hooks are released before returning and the model's gradients and train/eval mode are left as found.
+    ``target_class`` None explains the predicted class (the argmax of ``logits + prior_adjust``). A map of zeros
+    means no region supports the class. The map is as coarse as the layer: EfficientNet-Lite0's last layer is
+    2 x 2 at 64 px (stride 32), too coarse to point at a centred nodule; ``layer="backbone.blocks.4"`` is 4 x 4.
     """
     if method not in CAM_METHODS:
         raise LungvizError(f"unknown saliency method '{method}'; choose one of {', '.join(CAM_METHODS)}.")
-    layer = getattr(model, "feature_layer", None)
+    if isinstance(layer, str):
+        try:
+            layer = model.get_submodule(layer)
+        except AttributeError as err:
+            raise LungvizError(f"the model has no layer '{layer}' to compute a saliency map on.") from err
+    elif layer is None:
+        layer = getattr(model, "feature_layer", None)
     if not isinstance(layer, nn.Module):
         raise LungvizError("this model has no feature layer for Grad-CAM; build it with lungviz.models.create_model.")
     view = _view(image)
-    x = _model_input(model, view, mean, std)[None]
-    x.requires_grad_(True)  # so a frozen model (no trainable parameters) still gets gradients at the layer
     if target_class is None:
         n = _num_classes(model)
-        prior = None if prior_adjust is None or n is None else torch.from_numpy(_prior(prior_adjust, n)).to(x.device)
-        target: _PredictedClass | _Class = _PredictedClass(prior)
+        prior = None if prior_adjust is None or n is None else torch.from_numpy(_prior(prior_adjust, n))
+        target: _PredictedClass | _Class = _PredictedClass(prior.to(_device(model)) if prior is not None else None)
     else:
         target = _Class(_check_class(model, target_class))
     heat: np.ndarray | None = None
     was_training = model.training
     with _CAM_LOCK, torch.inference_mode(False), torch.enable_grad():
+        x = _model_input(model, view, mean, std)[None]
+        x.requires_grad_(True)  # so a frozen model (no trainable parameters) still gets gradients at the layer
         try:
             # BaseCAM.__exit__ releases the hooks (and swallows IndexError, hence the `heat is None` check).
             with CAM_METHODS[method](model=model, target_layers=[layer]) as explainer:
@@ -174,7 +192,9 @@ def segment(image: np.ndarray, n_segments: int = 50, compactness: float = 0.1) -
     compact. (lime's default quickshift gives 3-5 segments on a 64 px view, too few to explain anything.)
     """
     a = _view(image)
-    labels = slic(a.astype(np.float64), n_segments=n_segments, compactness=compactness, channel_axis=None, start_label=0)
+    labels = slic(
+        a.astype(np.float64), n_segments=n_segments, compactness=compactness, channel_axis=None, start_label=0
+    )
     _, relabelled = np.unique(labels, return_inverse=True)
     return relabelled.reshape(a.shape).astype(np.int32)
 
@@ -231,19 +251,32 @@ class LimeResult:
         order = np.argsort(-self.weights, kind="stable")
         return [int(i) for i in order[: max(0, k)]]
 
+    def shown_segments(self, k: int = 5, positive_only: bool = True) -> list[int]:
+        """Segments an overlay shows: the top-``k`` with positive weight, or the ``k`` largest in absolute value."""
+        if positive_only:
+            return [i for i in self.top_segments(k) if self.weights[i] > 0]
+        order = np.argsort(-np.abs(self.weights), kind="stable")
+        return [int(i) for i in order[: max(0, k)] if self.weights[i] != 0]
+
     def mask(self, k: int = 5, positive_only: bool = True) -> np.ndarray:
-        """``(S, S) bool``: pixels of the top-``k`` segments (only those with positive weight by default)."""
-        chosen = [i for i in self.top_segments(k) if not positive_only or self.weights[i] > 0]
-        return np.isin(self.segments, chosen)
+        """``(S, S) bool``: pixels of :meth:`shown_segments`."""
+        return np.isin(self.segments, self.shown_segments(k, positive_only))
 
 
 def _design(num_samples: int, n_segments: int, rng: np.random.Generator) -> np.ndarray:
-    """``(N, K)`` on/off masks: row 0 all on, then antithetic pairs (a random half-on mask and its complement)."""
-    half = (num_samples - 1 + 1) // 2
-    z = rng.integers(0, 2, size=(half, n_segments), dtype=np.int8)
-    both = np.empty((2 * half, n_segments), np.int8)
-    both[0::2], both[1::2] = z, 1 - z
-    return np.concatenate([np.ones((1, n_segments), np.int8), both])[:num_samples]
+    """``(N, K)`` on/off masks: row 0 all on (the image itself), the others rows of a randomised Hadamard matrix.
+
+    Hadamard columns are balanced and mutually orthogonal, so segment effects are not confounded with each other by
+    chance as in lime's coin flips; each mask is still a uniformly random half-on mask. Random columns, signs and
+    row order make each seed a different design.
+    """
+    order = 1 << (max(num_samples, n_segments + 1) - 1).bit_length()  # next power of two: Sylvester's construction
+    cols = rng.choice(order - 1, size=n_segments, replace=False) + 1  # column 0 is constant
+    signs = rng.choice(np.array([-1, 1], np.int8), size=n_segments)
+    rows = rng.permutation(order)[:num_samples]
+    masks = (hadamard(order, dtype=np.int8)[np.ix_(rows, cols)] * signs > 0).astype(np.int8)
+    masks[0] = 1
+    return masks
 
 
 def _predict_masks(
@@ -266,7 +299,9 @@ def _predict_masks(
             for start in range(0, n, batch_size):
                 rows = torch.from_numpy(masks[start : start + batch_size]).to(x_on.device).bool()
                 on = rows[:, seg][:, None]  # (B, 1, S, S): is each pixel's segment switched on?
-                out.append(model(torch.where(on, x_on, x_off)).float().cpu().numpy())
+                # channels-last input: about 1.3x faster convolutions on CPU, same numbers
+                batch = torch.where(on, x_on, x_off).contiguous(memory_format=torch.channels_last)
+                out.append(model(batch).float().cpu().numpy())
                 if progress is not None:
                     progress(min(start + batch_size, n) / n)
     finally:
@@ -293,27 +328,35 @@ def lime_map(
     *,
     segments: np.ndarray | None = None,
     hide_value: float | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     temperature: float = 1.0,
     prior_adjust: Sequence[float] | None = None,
 ) -> LimeResult:
-    """LIME for one view, fast: same estimator as ``lime_image`` with a tenth of the model calls, batched.
+    """LIME for one view, fast: lime_image's estimator with a quarter of its model calls, batched and vectorised.
 
     Segments (default :func:`segment`) are switched off by painting them with their mean grey (lime's default) or
-    ``hide_value``; a kernel-weighted ridge on the on/off masks gives each segment's weight on the calibrated
-    probability of ``target_class`` (None = predicted class). The masks come in antithetic pairs (a mask and its
-    complement), which cancels the even-order interactions between segments that make plain random LIME noisy,
-    so ~160 samples agree with lime's 1000 about as well as two lime runs agree with each other.
-    ``progress(fraction)`` is called after each batch. Deterministic for a given ``seed``.
+    ``hide_value`` (0.0 = black: "what if this region were air"; a uniform nodule painted with its own mean does
+    not change). A kernel-weighted ridge on the on/off masks, exactly as lime fits it, gives each segment's weight
+    on the calibrated probability of ``target_class`` (None = the predicted class). The masks are the rows of a
+    randomised Hadamard design instead of coin flips (see :func:`_design`), worth about 1.3-1.5x more samples.
+    Measured on EfficientNet-Lite0 at 64 px (8 LIDC nodule views, ~45 segments, one CPU thread): 256 samples
+    agree with lime's 1000 on 0.73 of the top-5 segments where two lime runs agree on 0.79, in 0.75 s against
+    lime's 6.3 s (8.4x); 192 samples: 0.67 at ~10-12x; 1000 samples match lime's precision at 2.4x.
+    ``batch_size`` None = 32 on CPU, everything at once on a GPU.
+    ``progress(fraction)`` is called after each batch. Deterministic for a given ``seed`` on a given device.
     """
     view = _view(image)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 8:
-        raise LungvizError(f"LIME needs at least 8 samples, got {num_samples!r}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or not 8 <= num_samples <= 4096:
+        raise LungvizError(f"LIME takes 8 to 4096 samples, got {num_samples!r}.")
     seg = segment(view) if segments is None else _check_segments(segments, view.shape)
     n_seg = int(seg.max()) + 1
+    if n_seg > MAX_SEGMENTS:
+        raise LungvizError(f"the image has {n_seg} superpixels; LIME explains at most {MAX_SEGMENTS}.")
     x_on = _model_input(model, view, mean, std)
     x_off = _model_input(model, _fudged(view, seg, hide_value), mean, std)
     masks = _design(int(num_samples), n_seg, np.random.default_rng(seed))
+    if batch_size is None:
+        batch_size = LIME_CPU_BATCH if x_on.device.type == "cpu" else int(num_samples)
     logits = _predict_masks(model, x_on, x_off, seg, masks, max(1, int(batch_size)), progress)
     probs = calibrated_probabilities(logits, temperature, prior_adjust)
     label = int(np.argmax(probs[0])) if target_class is None else _check_class(model, target_class)
@@ -456,19 +499,14 @@ def lime_overlay(
         raise LungvizError(f"the overlay opacity must be between 0 and 1, got {alpha}.")
     grey = _grey_rgb(image)
     seg = _nearest(result.segments, grey.shape[:2])
-    order = np.argsort(-np.abs(result.weights), kind="stable")
-    chosen = result.top_segments(k) if positive_only else [int(i) for i in order[: max(0, k)]]
     out = grey.copy()
     shown = np.zeros(seg.shape, bool)
-    for i in chosen:
-        w = float(result.weights[i])
-        if w == 0.0 or (positive_only and w < 0):
-            continue
+    for i in result.shown_segments(k, positive_only):
         inside = seg == i
-        tint = np.asarray(color if w > 0 else negative_color, np.float64)
+        tint = np.asarray(color if result.weights[i] > 0 else negative_color, np.float64)
         out[inside] = (1.0 - alpha) * grey[inside] + alpha * tint
         shown |= inside
-    edges = find_boundaries(np.where(shown, seg, -1), mode="inner") & shown
+    edges = find_boundaries(np.where(shown, seg + 1, 0), mode="inner", background=0) & shown
     out[edges] = np.asarray(boundary_color, np.float64)
     return _to_uint8(out)
 
@@ -476,14 +514,17 @@ def lime_overlay(
 # ----------------------------------------------------------------------------------------------- locating
 
 
-def cam_in_mask(heat: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> dict[str, float | bool]:
+def cam_in_mask(
+    heat: np.ndarray, mask: np.ndarray, threshold: float = 0.5, tolerance_px: float = 0.0
+) -> dict[str, float | bool]:
     """Does a saliency map point at the nodule? ``heat`` ``(h, w)``; ``mask`` ``(H, W)`` bool or reader fraction.
 
     A fractional mask (share of readers who drew each pixel) counts as inside where it is at least ``threshold``
     (0.5 = the usual 50 % consensus). The heat map is resized to the mask when their sizes differ; negative values
-    (LIME) count as zero. Returns ``peak_inside`` (the argmax pixel lies in the mask), ``mass_inside`` (share of
-    the map's total inside the mask) and ``mask_fraction`` (share of the image in the mask: the chance level of
-    ``mass_inside``). A map without positive values has no peak: ``peak_inside`` False, ``mass_inside`` 0.
+    (LIME) count as zero. Returns ``peak_inside`` (the maximum lies in the mask, or within ``tolerance_px`` of it
+    as in the pointing game; a flat top counts at its middle), ``mass_inside`` (share of the map's total inside the
+    mask) and ``mask_fraction`` (share of the image in the mask: the chance level of ``mass_inside``). A map
+    without positive values has no peak (False, 0.0).
     """
     m = np.asarray(mask)
     if m.ndim != 2 or m.size == 0:
@@ -494,12 +535,20 @@ def cam_in_mask(heat: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> d
     fraction = float(inside.mean())
     if total <= 0.0:
         return {"peak_inside": False, "mass_inside": 0.0, "mask_fraction": fraction}
-    peak = np.unravel_index(int(np.argmax(h)), h.shape)
-    return {"peak_inside": bool(inside[peak]), "mass_inside": float(h[inside].sum()) / total, "mask_fraction": fraction}
+    # The peak pixel; a flat top (a coarse map upsampled) counts at the top pixel nearest the top's centre.
+    rows, cols = np.nonzero(h >= h.max() * (1.0 - 1e-6))
+    nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+    peak = (rows[nearest], cols[nearest])
+    if tolerance_px > 0 and inside.any():
+        hit = bool(distance_transform_edt(~inside)[peak] <= tolerance_px)
+    else:
+        hit = bool(inside[peak])
+    return {"peak_inside": hit, "mass_inside": float(h[inside].sum()) / total, "mask_fraction": fraction}
 
 
 __all__ = [
     "CAM_METHODS",
+    "LIME_CPU_BATCH",
     "LIME_SAMPLES",
     "LimeResult",
     "calibrated_probabilities",
