@@ -178,6 +178,10 @@ def write_card(folder: Path | None = None) -> Path:
         w(f"**Diameter baseline** (the readers' own mean diameter alone, which no image model sees): test AUROC "
           f"{diam['auroc']:.3f} [{diam['ci95']['auroc'][0]:.3f}, {diam['ci95']['auroc'][1]:.3f}] on {diam['n']} "
           "nodules.\n")
+        best = max((s["metrics"]["test"]["auroc"] for n, s in specs.items() if n.endswith("binary")), default=None)
+        if best is not None and best < diam["auroc"]:
+            w(f"**The image models do not yet reach this baseline** (best binary AUROC {best:.3f}): treat their "
+              "malignancy estimates as weaker than the nodule's measured size.\n")
     w("**Against one radiologist.** For nodules read by two or more radiologists, each reader in turn is the "
       "predictor and the median of the others the truth; the model is scored on the very same pairs.\n")
     w("| model | pairs | single reader | model |")
@@ -247,6 +251,12 @@ def write_card(folder: Path | None = None) -> Path:
     w("- The histology model is trained on a small set of screenshots of mixed provenance (not HU) and is a "
       "teaching example only.\n")
     w("- Calibration was fitted on the validation split of this data; probabilities will drift on other data.\n")
+    if cam and any(r["peak_inside"] < 0.2 for r in cam.get("models", {}).values()):
+        w("- The Grad-CAM maps of these models are coarse (EfficientNet-Lite's last feature map is 2 x 2 at 64 px) "
+          "and do not localise the nodule better than chance (table above): read them as a rough indication of "
+          "the region, not as the nodule's outline.\n")
+    w("- Training times above were measured on a shared 2-core machine while other jobs ran; the uncontended "
+      "throughput of the same setup is in the backbone screen table.\n")
     path = folder / "README.md"
     path.write_text("\n".join(L) + "\n")
     return path
