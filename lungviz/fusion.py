@@ -42,7 +42,10 @@ class Fusion:
 
 
 def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarray, l2: float = 1e-3) -> Fusion:
-    """Maximum-likelihood weights and bias (small L2 on the bias) on held-out logits."""
+    """Maximum-likelihood weights and bias (small L2 on the bias) on held-out logits.
+
+    View weights are kept non-negative: a view's evidence for a class may count less, never against it
+    (a negative weight on correlated views is an artefact of fitting on a small validation split)."""
     from scipy.optimize import minimize
 
     y = np.asarray(y, int)
@@ -56,5 +59,6 @@ def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarra
         return nll(f.logits(view_logits), y) + l2 * float(np.sum(theta[V:] ** 2))
 
     theta0 = np.concatenate([np.full(V, 1.0 / V), np.zeros(C)])
-    res = minimize(objective, theta0, method="L-BFGS-B")
+    bounds = [(0.0, None)] * V + [(None, None)] * C
+    res = minimize(objective, theta0, method="L-BFGS-B", bounds=bounds)
     return unpack(res.x)

@@ -47,3 +47,12 @@ def test_precision_at_k_and_normalise():
     assert precision_at_k(np.array([[1, 0.1], [0.1, 1]]), np.array([1, 0]), lib, lab, k=2) == pytest.approx(1.0)
     assert precision_at_k(np.array([[1, 0.1]]), np.array([0]), lib, lab, k=2) == pytest.approx(0.0)
     assert np.allclose(np.linalg.norm(normalise(np.array([[3.0, 4.0]])), axis=1), 1.0)
+
+
+def test_fusion_weights_never_negative():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    good = np.stack([np.zeros(300), (2 * y - 1) * 2.0 + rng.normal(0, 1, 300)], 1)
+    anti = np.stack([np.zeros(300), good[:, 1] * 1.5 - (2 * y - 1) * 2.0], 1)  # correlated, misleading view
+    f = fit_fusion(["slice", "nodule"], [anti, good], y)
+    assert (f.weights >= 0).all()
