@@ -53,8 +53,7 @@ def is_whole_slice(image: np.ndarray) -> bool:
     return max(np.asarray(image).shape) > MAX_CONTEXT_SIDE
 
 
-def context_from_whole(image: np.ndarray, centre_rc: tuple[float, float], is_hu: bool,
-                       size_px: int = SLICE_CROP_PX) -> np.ndarray:
+def context_from_whole(image: np.ndarray, centre_rc: tuple[float, float], size_px: int = SLICE_CROP_PX) -> np.ndarray:
     """Cut the ``size_px`` context around ``centre_rc`` from a whole slice and min-max scale it (as training)."""
     h, w = image.shape
     if not (0 <= centre_rc[0] < h and 0 <= centre_rc[1] < w):
@@ -81,7 +80,7 @@ def from_loaded(slice_img: LoadedImage | None, nodule_img: LoadedImage | None = 
                 out.notes.append("No nodule centre was given: the image centre was used. Choose the centre for a "
                                  "meaningful prediction.")
             out.whole_slice, out.whole_is_hu, out.centre_rc = px, slice_img.is_hu, centre
-            out.context = context_from_whole(px, centre, slice_img.is_hu)
+            out.context = context_from_whole(px, centre)
         else:
             out.context = minmax(px)
             if not slice_img.is_hu:

@@ -18,9 +18,6 @@ from lungviz.fusion import Fusion
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle, read_spec
 from lungviz.preprocess import (
-    SLICE_CROP_PX,
-    crop_around,
-    minmax,
     pad_to_square,
     resize,
     to_model_input,
@@ -65,13 +62,6 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
     if not bundles:
         raise LungvizError(f"no trained models are installed in {folder}; run `python -m training train --all`.")
     return ModelSet(bundles, fusions, folder)
-
-
-def context_from_hu(hu: np.ndarray, centre_rc: tuple[float, float], size_px: int = SLICE_CROP_PX) -> np.ndarray:
-    """The model's context crop from a whole HU slice: ``size_px`` native pixels around the centre, min-max
-    scaled, exactly as the LIDC slices set stores its crops. ``(H, W) HU -> (size, size) float32 in [0, 1]``."""
-    crop = crop_around(np.asarray(hu, np.float32), centre_rc, size_px, fill=float(np.min(hu)))
-    return minmax(crop)
 
 
 def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.ndarray | None,

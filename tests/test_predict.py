@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from lungviz.errors import LungvizError
+from lungviz.inputs import context_from_whole
 from lungviz.models import ModelSpec, create_model, save_bundle
-from lungviz.predict import TaskPrediction, context_from_hu, load_models, predict, uncertainty_flags
+from lungviz.predict import TaskPrediction, load_models, predict, uncertainty_flags
 
 
 def _save(folder, view, task, classes, temperature=1.0, prior=None):
@@ -87,6 +88,6 @@ def test_uncertainty_flags():
 def test_context_from_hu_matches_slices_set_convention():
     hu = np.full((512, 512), -1000.0, np.float32)
     hu[250:262, 250:262] = 40.0
-    ctx = context_from_hu(hu, (256.0, 256.0))
+    ctx = context_from_whole(hu, (256.0, 256.0))
     assert ctx.shape == (128, 128) and ctx.min() == 0.0 and ctx.max() == 1.0
     assert ctx[64, 64] == 1.0 and ctx[0, 0] == 0.0

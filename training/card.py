@@ -6,12 +6,12 @@ except the published reference figures, which are labelled as such.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from lungviz import RESEARCH_NOTICE, metrics, paths
+from lungviz.inventory import read_result
 
 #: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
 PUBLISHED = {
@@ -33,11 +33,6 @@ def _ci(rep: dict, key: str) -> str:
     if v is None:
         return "–"
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
-
-
-def _load(folder: Path, name: str) -> dict | None:
-    p = folder / name
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def figures(name: str, spec: dict, out: Path) -> dict[str, str]:
@@ -121,10 +116,10 @@ def diameter_baseline(folder: Path, split_name: str = "test") -> dict | None:
 def write_card(folder: Path | None = None) -> Path:
     """Regenerate ``weights/README.md`` and ``weights/figures/``."""
     folder = folder or paths.weights_dir()
-    specs = {n: s for n in ORDER if (s := _load(folder, f"{n}.json")) is not None}
+    specs = {n: s for n in ORDER if (s := read_result(f"{n}.json", folder)) is not None}
     figs = {n: figures(n, s, folder / "figures") for n, s in specs.items()}
-    screen, cv = _load(folder, "screen.json"), _load(folder, "cv.json")
-    cam, retrieval = _load(folder, "cam_localisation.json"), _load(folder, "retrieval.json")
+    screen, cv = read_result("screen.json", folder), read_result("cv.json", folder)
+    cam, retrieval = read_result("cam_localisation.json", folder), read_result("retrieval.json", folder)
     diam = diameter_baseline(folder)
     L: list[str] = []
     w = L.append
