@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
 from pathlib import Path
+from time import monotonic, sleep
 from typing import Any, TextIO
 
 from lungviz import __version__, paths
@@ -172,8 +173,7 @@ class ReviewStore:
 
     def _init_schema(self) -> None:
         """Switch to WAL and create the tables once; safe when several sessions start together."""
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode = WAL")  # persistent in the file; a no-op once set
+        self._enable_wal()
         with self._write() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -184,6 +184,21 @@ class ReviewStore:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _enable_wal(self) -> None:
+        """``PRAGMA journal_mode = WAL`` (persistent in the file; a no-op once set), retried while another session
+        holds the file: SQLite answers a contended journal-mode switch with "locked" at once, without waiting for
+        the busy timeout."""
+        deadline = monotonic() + self.timeout_s
+        while True:
+            try:
+                with self._connect() as conn:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except LungvizError as err:
+                if "busy" not in err.message or monotonic() >= deadline:
+                    raise
+                sleep(0.02)
 
     def journal_mode(self) -> str:
         """The file's journal mode (``"wal"`` unless the file system cannot do WAL)."""
