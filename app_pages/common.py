@@ -15,6 +15,7 @@ import streamlit as st
 from lungviz import paths
 from lungviz.errors import LungvizError
 from lungviz.explain import LimeResult, cam, lime_map
+from lungviz.finder import Finder, load_finder, scan
 from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
 from lungviz.library import similar_cases
@@ -82,6 +83,28 @@ def _model_set(folder: str) -> ModelSet:
 def _case_index(folder: str) -> CaseIndex:
     set_server_threads(1)
     return load_index(Path(folder), INDEX_NAME)
+
+
+@st.cache_resource(show_spinner="Loading the nodule finder…")
+def _finder(folder: str) -> Finder:
+    return load_finder(Path(folder))
+
+
+def finder_available() -> bool:
+    """Whether the nodule finder's bundles are installed (quietly)."""
+    try:
+        _finder(weights_folder())
+        return True
+    except LungvizError:
+        return False
+
+
+@st.cache_data(show_spinner="Searching the slice for nodules…", max_entries=32)
+def nodule_candidates(folder: str, image: np.ndarray, is_hu: bool, spacing: float | None, top_k: int = 5,
+                      ) -> list[dict]:
+    """Ranked nodule candidates on a whole slice (dicts of :class:`lungviz.finder.Candidate`)."""
+    cands, _ = scan(_finder(folder), image, is_hu, spacing, top_k=top_k)
+    return [c.to_dict() for c in cands]
 
 
 @st.cache_resource

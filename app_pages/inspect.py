@@ -83,6 +83,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
             st.session_state[rkey] = int(np.clip(round(points[0]["y"]), 0, h - 1))
             st.session_state[ckey] = int(np.clip(round(points[0]["x"]), 0, w - 1))
 
+    cands = common.nodule_candidates(folder, image, is_hu, spacing) if common.finder_available() else None
     shown = display_image(image, is_hu, _window())
     row, col = st.session_state[rkey], st.session_state[ckey]
     fig = go.Figure(go.Image(source=data_uri(shown), hoverinfo="skip"))
@@ -95,6 +96,13 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
                                (mm_to_px(nodule_mm, spacing), "#00e5ff", "nodule view")):
         fig.add_shape(type="rect", x0=col - side / 2, x1=col + side / 2, y0=row - side / 2, y1=row + side / 2,
                       line={"color": colour, "width": 2}, name=name)
+    sp_px = spacing or 0.7
+    for rank, cand in enumerate(cands or [], 1):
+        rad = max(6.0, cand["diameter_mm"] / sp_px / 2 + 3)
+        fig.add_shape(type="circle", x0=cand["x"] - rad, x1=cand["x"] + rad, y0=cand["y"] - rad, y1=cand["y"] + rad,
+                      line={"color": "#ff9500" if rank == 1 else "#ffcc80", "width": 2})
+        fig.add_annotation(x=cand["x"] + rad, y=cand["y"] - rad, text=str(rank), showarrow=False,
+                           font={"color": "#ff9500", "size": 14}, xanchor="left", yanchor="bottom")
     fig.add_scatter(x=[col], y=[row], mode="markers", marker={"symbol": "cross-thin", "size": 16,
                                                                 "line": {"color": "#ff3b30", "width": 2}},
                     hoverinfo="skip", showlegend=False)
@@ -103,6 +111,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     st.plotly_chart(fig, key=f"pick-{key}", on_select=on_click, selection_mode="points",
                     config={"displayModeBar": False})
     with controls:
+        _candidate_picker(cands, rkey, ckey, key)
         c1, c2 = st.columns(2)
         c1.number_input("Nodule centre: row", 0, h - 1, step=1, key=rkey)
         c2.number_input("Nodule centre: column", 0, w - 1, step=1, key=ckey)
@@ -111,6 +120,31 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
                    f"({SLICE_CROP_PX} pixels, about {SLICE_CROP_PX * (spacing or 0.7):.0f} mm); cyan: the nodule "
                    f"view ({nodule_mm:.0f} mm), at {sp}.")
     return float(st.session_state[rkey]), float(st.session_state[ckey])
+
+
+def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) -> None:
+    """The finder's ranked candidates (orange circles on the image); accepting one moves the nodule centre there."""
+    if cands is None:
+        st.caption("The nodule finder is not installed: click the nodule or type its position.")
+        return
+    if not cands:
+        st.caption("The nodule finder proposed no candidate on this slice: click the nodule or type its position.")
+        return
+
+    def label(i: int) -> str:
+        c = cands[i]
+        return (f"{i + 1}. row {c['y']:.0f}, column {c['x']:.0f} — about {c['diameter_mm']:.0f} mm, "
+                f"score {c['score']:.2f}")
+
+    def accept() -> None:
+        c = cands[st.session_state[f"cand-{key}"]]
+        st.session_state[rkey], st.session_state[ckey] = int(round(c["y"])), int(round(c["x"]))
+
+    st.selectbox("Nodule candidates (orange circles, best first)", range(len(cands)), format_func=label,
+                 key=f"cand-{key}", on_change=accept,
+                 help="Proposed by the nodule finder (a presence classifier and a localiser trained on LIDC "
+                      "patches). It often also proposes vessels seen end-on: check each candidate yourself.")
+    st.button("Use this candidate", key=f"use-{key}", on_click=accept, icon=":material/my_location:")
 
 
 def common_field_mm() -> float:

@@ -69,7 +69,8 @@ def _readers(readers: dict) -> dict:
 
 def _results(models: list[dict]) -> None:
     """The held-out test results of the installed models (validation and training figures are never shown)."""
-    tested = {m["_file"].removesuffix(".json"): m for m in models if (m.get("metrics") or {}).get("test")}
+    tested = {m["_file"].removesuffix(".json"): m for m in models
+              if (m.get("metrics") or {}).get("test") and m.get("view") != "patch"}
     st.subheader("Results on the held-out test split")
     if not tested:
         st.info("No installed model records results on held-out test data, so no performance figure is shown.")
@@ -136,6 +137,36 @@ else:
         hide_index=True,
     )
     _results(models)
+
+def _finder(models: list[dict]) -> None:
+    """The nodule finder's held-out figures: patches of the test split, then whole scans."""
+    by_task = {m.get("task"): m for m in models if m.get("view") == "patch"}
+    pres, loc = by_task.get("presence"), by_task.get("locate")
+    if not pres or not loc:
+        return
+    st.subheader("Nodule finder (test split)")
+    t, lt = pres["metrics"]["test"], loc["metrics"]["test"]
+    rows = [{"measure": "presence accuracy", "result": format_ci(t, "accuracy"), "n patches": t.get("n")},
+            {"measure": "presence F1 (nodule)", "result": format_ci(t, "f1_nodule"), "n patches": t.get("n")},
+            {"measure": "presence AUROC", "result": format_ci(t, "auroc"), "n patches": t.get("n")},
+            {"measure": "centre error per coordinate (mm)", "result": format_ci(lt, "centre_mae_mm", 2),
+             "n patches": lt.get("n")},
+            {"measure": "diameter error (mm)", "result": format_ci(lt, "diameter_mae_mm", 2), "n patches": lt.get("n")}]
+    st.dataframe(rows, hide_index=True)
+    res = read_result("finder.json") or {}
+    crop, dicom = res.get("crop_scan_test") or {}, res.get("dicom_scan") or {}
+    if crop.get("n"):
+        st.markdown(f"Whole scan of {crop['n']} test crops: the best-ranked candidate lies within 5 mm of the "
+                    f"readers' centre for **{crop['top1_within_5mm']:.0%}**, one of the top three for "
+                    f"{crop['top3_within_5mm']:.0%}.")
+    if dicom.get("n_nodules"):
+        st.markdown(f"Whole DICOM slices (LIDC-IDRI-0001..0003, never trained on): best-ranked candidate within 5 mm "
+                    f"for {dicom['best_within_5mm']} of {dicom['n_nodules']} nodules, "
+                    f"{dicom['mean_false_candidates_per_slice']:.0f} false candidates per slice among the top 10.")
+
+
+if models:
+    _finder(models)
 
 retrieval = read_result("retrieval.json")
 camloc = read_result("cam_localisation.json")

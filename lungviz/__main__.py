@@ -1,4 +1,4 @@
-"""``python -m lungviz predict | bench``: predictions and explanations from the command line, and the speed benchmark.
+"""``python -m lungviz predict | locate | bench``: predictions and explanations, the nodule finder, the speed benchmark.
 
 Bad input exits with status 2 and one clear line on stderr (never a traceback).
 """
@@ -77,7 +77,36 @@ def cmd_predict(args: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_locate(args: argparse.Namespace) -> dict:
+    """Rank nodule candidates on a whole slice (image, DICOM slice, or a DICOM series with --slice)."""
+    import time
+
+    from lungviz.finder import load_finder, read_search_slice, scan
+
+    target = read_search_slice(args.image, args.slice)
+    finder = load_finder(Path(args.weights) if args.weights else None)
+    t0 = time.perf_counter()
+    cands, info = scan(finder, target.pixels, target.is_hu, target.spacing_mm, top_k=args.top_k,
+                       min_score=args.min_score)
+    out: dict = {"input": target.name, "shape": list(target.pixels.shape), "is_hu": target.is_hu,
+                 "pixel_spacing_mm": target.spacing_mm, "candidates": [c.to_dict() for c in cands],
+                 "scan": {**info, "seconds": round(time.perf_counter() - t0, 3)}, "notice": RESEARCH_NOTICE}
+    if target.slice_index is not None:
+        out.update(slice_index=target.slice_index, n_slices=target.n_slices)
+    if not target.spacing_mm:
+        out["notes"] = ["pixel spacing unknown: sizes assume 0.7 mm per pixel and no mm positions are given"]
+    return out
+
+
 def _print_human(result: dict) -> None:
+    if "candidates" in result:
+        print(result.get("notice", RESEARCH_NOTICE))
+        for i, c in enumerate(result["candidates"], 1):
+            print(f"{i:>2}. x {c['x']:.0f}, y {c['y']:.0f} px   diameter {c['diameter_mm']:.1f} mm   "
+                  f"score {c['score']:.2f}")
+        if not result["candidates"]:
+            print("no candidates found")
+        return
     print(result.get("notice", RESEARCH_NOTICE))
     for view, tasks in result.get("views", {}).items():
         if "binary" in tasks:
@@ -102,6 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="folder for explanation images")
     p.add_argument("--weights", help="model folder (default: the shipped weights/)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    lo = sub.add_parser("locate", help="find nodule candidates on a whole slice")
+    lo.add_argument("image", help="whole slice (PNG/JPG/TIFF/NPY/DICOM) or a DICOM series folder or zip")
+    lo.add_argument("--slice", type=int, help="slice index in a DICOM series (0 = most inferior; default middle)")
+    lo.add_argument("--top-k", type=int, default=10, help="candidates to list")
+    lo.add_argument("--min-score", type=float, default=0.0, help="leave out candidates scored below this")
+    lo.add_argument("--weights", help="model folder (default: the shipped weights/)")
+    lo.add_argument("--json", action="store_true", help="print one JSON object")
     b = sub.add_parser("bench", help="speed benchmark on real cases (CPU)")
     b.add_argument("--repeats", type=int, default=20)
     b.add_argument("--cases", type=int, default=5, help="number of real test cases to time")
@@ -113,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.slice and not args.nodule:
                 raise LungvizError("give --slice (and optionally --nodule).")
             result = cmd_predict(args)
+        elif args.command == "locate":
+            result = cmd_locate(args)
         else:
             from lungviz.bench import run_bench
 

@@ -1,4 +1,4 @@
-"""Speed benchmark on real cases: prediction, Grad-CAM, LIME (fast vs stock), retrieval and cold start.
+"""Speed benchmark on real cases: prediction, Grad-CAM, LIME (fast vs stock), retrieval, nodule search, cold start.
 
 Medians of repeated runs with warm caches (models loaded once), except ``cold_start_s``, which times a fresh
 Python process from import to its first prediction.
@@ -44,6 +44,29 @@ def bench_cases(n: int) -> list:
         raise LungvizError("no real cases found for the benchmark; check the data folder (LUNGVIZ_DATA).")
     step = max(1, len(cases) // max(n, 1))
     return cases[::step][:n]
+
+
+def locate_bench(folder: Path, repeats: int) -> dict:
+    """Scanning whole 512 x 512 DICOM slices for nodules: the median over the real series' nodule slices."""
+    from lungviz.finder import load_finder, scan
+    from lungviz.lidc_dicom import find_nodules, read_patient
+
+    root = paths.lidc_dicom_dir()
+    try:
+        finder = load_finder(folder)
+    except LungvizError:
+        return {}
+    slices = []
+    for patient in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        series, marks, _ = read_patient(patient)
+        nodules, _ = find_nodules(series, marks)
+        slices += [series[int(round(nd.centre_z_index))] for nd in nodules[:1]]
+    if not slices:
+        return {}
+    times = [_median_ms(lambda s=s: scan(finder, s.hu, True, float(np.mean(s.pixel_spacing_mm))),
+                        max(3, repeats // 4)) for s in slices]
+    return {"locate_ms": float(np.median(times)), "locate_ms_per_slice": times,
+            "locate_slice_shape": list(slices[0].hu.shape)}
 
 
 COLD_START = """
@@ -144,6 +167,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
         out["embed_ms"] = float(np.median([_median_ms(lambda p=p: embed_view(nb, p.images["nodule"]), repeats)
                                            for p in preds])) if nb else None
         out["index_size"] = len(index)
+    out.update(locate_bench(folder, repeats))
     first = cases[0].image_paths[cases[0].n_slices // 2]
     out["cold_start_s"] = cold_start_seconds(folder, Path(first))
     return out

@@ -273,6 +273,26 @@ def _test_report(task: str, classes: list[str]) -> dict:
     return rep
 
 
+def build_finder_weights(folder: Path, input_size: int = 16) -> Path:
+    """Tiny untrained nodule-finder bundles (presence + localiser) with real specs, for wiring tests."""
+    import torch
+
+    from lungviz.finder import LOCATE, PRESENCE
+    from lungviz.models import ModelSpec, create_model, save_bundle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pre = {"field_mm": 48.0, "context_px": 128, "context_intensity": "minmax"}
+    for name, classes, task in ((PRESENCE, ["background", "nodule"], "presence"),
+                                (LOCATE, ["row_offset", "col_offset", "diameter"], "locate")):
+        torch.manual_seed(3)
+        model = create_model("cnn4", len(classes))
+        spec = ModelSpec.from_model(model, classes=classes, view="patch", task=task, input_size=input_size,
+                                    preprocessing=pre, split_fingerprint="fixture",
+                                    metrics={"test": {"n": 10, "accuracy": 0.9}})
+        save_bundle(model, spec, folder, name)
+    return folder
+
+
 def build_app_weights(folder: Path, slices_root: Path) -> Path:
     """Everything the app loads from a weights folder, tiny: four cnn4 bundles (32 px), both fusion specs, a
     FAISS index over :data:`APP_CASES` (real images), reference test predictions, a model card with a figure."""
@@ -324,6 +344,7 @@ def build_app_weights(folder: Path, slices_root: Path) -> Path:
         rows.append(f"{c.patient_id},{c.nodule_id},{1 - p:.5f},{p:.5f},{'malignant' if p >= 0.5 else 'benign'},"
                     f"{truth}")
     (ref / "fused-binary-test.csv").write_text("\n".join(rows) + "\n")
+    build_finder_weights(folder)
     (folder / "figures").mkdir(exist_ok=True)
     write_png(folder / "figures" / "nodule-binary-confusion.png", np.full((24, 24), 200))
     (folder / "README.md").write_text("# lungviz model card\n\nFixture card.\n\n"

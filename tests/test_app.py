@@ -177,6 +177,22 @@ def test_inspect_whole_dicom_slice_asks_for_the_centre(app_env, lidc_dicom_dir):
     assert not at.exception
 
 
+def test_inspect_whole_slice_shows_finder_candidates_and_accepting_one_moves_the_centre(app_env, lidc_dicom_dir):
+    dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0003").glob("*.dcm"))[25]
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    at = _upload(at, dcm.name, dcm.read_bytes())
+    assert not at.exception and not at.error
+    pick = next(s for s in at.selectbox if s.label.startswith("Nodule candidates"))
+    assert len(pick.options) >= 2 and pick.options[0].startswith("1. row ")
+    second = pick.options[1]
+    pick.set_value(1).run()
+    assert not at.exception
+    row, col = at.number_input
+    want_row, want_col = (float(v.strip()) for v in second.split("row ")[1].split(" —")[0].split(", column"))
+    assert (row.value, col.value) == (round(want_row), round(want_col))
+    assert at.metric[0].value.endswith("%")  # the crop cut at the accepted candidate is inspected as usual
+
+
 def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

@@ -23,6 +23,7 @@ from training.config import (
     config_from_args,
     save_config,
 )
+from training.finder import FinderConfig
 from training.train import TrainConfig
 
 
@@ -160,6 +161,13 @@ def cmd_camloc(cfg: CardConfig) -> dict:
     return cam_localisation()
 
 
+def cmd_finder(cfg) -> dict:
+    """Train the nodule finder (presence classifier + localiser) and scan the DICOM test series."""
+    from training.finder import train_finder
+
+    return train_finder(cfg)
+
+
 COMMANDS = {
     "splits": (cmd_splits, SplitConfig),
     "outliers": (cmd_outliers, OutlierConfig),
@@ -171,6 +179,7 @@ COMMANDS = {
     "cv": (cmd_cv, TrainConfig),
     "card": (cmd_card, CardConfig),
     "camloc": (cmd_camloc, CardConfig),
+    "finder": (cmd_finder, FinderConfig),
 }
 
 

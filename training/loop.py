@@ -55,21 +55,28 @@ def stage_of(epoch: int, stages: tuple[int, ...]) -> int:
     return sum(epoch >= s for s in stages)
 
 
+BatchFn = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
 def fit(
     model: LungvizNet,
-    store: SliceStore,
+    store: SliceStore | None,
     train_idx: np.ndarray,
     train_labels: np.ndarray,
-    vc: ViewConfig,
+    vc: ViewConfig | None,
     cfg: LoopConfig,
     device: torch.device,
     validate: Callable[[LungvizNet], float],
     progress: bool = True,
+    batch_fn: BatchFn | None = None,
+    loss_fn: nn.Module | None = None,
 ) -> dict:
     """Train ``model`` in place on ``store`` cases ``train_idx``; keep the weights of the best validation score.
 
     ``validate(model) -> score`` (higher is better) runs after every epoch and drives early stopping.
-    Returns the history and timing.
+    By default a batch is one random slice of each planned case in the ``vc`` view with class labels;
+    ``batch_fn(items, rng) -> (inputs, targets)`` replaces that (e.g. patches for the nodule finder) and
+    ``loss_fn`` the cross-entropy (e.g. a regression loss). Returns the history and timing.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -81,7 +88,8 @@ def fit(
     weight = None
     if cfg.balance == "weighted":
         weight = torch.from_numpy(class_weights(train_labels, n_classes)).to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if loss_fn is None:
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     plan_kind = "upsample" if cfg.balance == "upsample" else "none"
     steps_per_epoch = math.ceil(len(epoch_plan(train_labels, np.random.default_rng(0), plan_kind, cfg.balance_extra,
                                                cfg.epoch_samples)) / cfg.batch_size)
@@ -107,10 +115,14 @@ def fit(
                    unit="batch", disable=not progress, leave=False)
         for start in bar:
             chunk = plan[start : start + cfg.batch_size]
-            x = torch.from_numpy(train_batch(store, train_idx[chunk], vc, rng, cfg.aug)).to(device)
+            if batch_fn is None:
+                xb, yb = train_batch(store, train_idx[chunk], vc, rng, cfg.aug), train_labels[chunk].astype(np.int64)
+            else:
+                xb, yb = batch_fn(train_idx[chunk], rng)
+            x = torch.from_numpy(xb).to(device)
             if cuda:
                 x = x.to(memory_format=torch.channels_last)
-            y = torch.from_numpy(train_labels[chunk].astype(np.int64)).to(device)
+            y = torch.from_numpy(yb).to(device)
             with autocast():
                 loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,358 @@
+"""Find the nodule on a whole slice: lung mask, candidate points, presence scores, localiser refinement.
+
+Two shipped bundles do the work (trained by ``python -m training finder``):
+
+- ``finder-presence`` classifies a square patch (``field_mm`` wide, ``input_size`` px) as nodule-centred or not;
+- ``finder-locate`` regresses, from a patch, the nodule's centre offset and diameter in patch pixels.
+
+Both read patches the way they were trained: cut from a slice whose intensities are min-max scaled over the
+``context_px`` native pixels around the point (the slices set's crops), so a DICOM slice in HU, a windowed
+PNG or an NPY all look the same to the models. Geometry and intensity come from the bundle spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from lungviz import paths
+from lungviz.errors import LungvizError
+from lungviz.models import Bundle, load_bundle
+from lungviz.preprocess import DEFAULT_SPACING_MM
+
+PRESENCE = "finder-presence"
+LOCATE = "finder-locate"
+AIR_HU = -1024.0
+#: Lung threshold for slices in HU; other images use Otsu's threshold.
+LUNG_HU = -400.0
+#: Candidate points: local maxima of the smoothed slice at least this far apart (mm) ...
+PEAK_DISTANCE_MM = 4.0
+#: ... and a regular grid at this pitch (mm) over dense lung tissue, so flat large nodules are not missed.
+GRID_MM = 6.0
+MAX_CANDIDATES = 500
+REFINE_TOP = 40  # candidates refined by the localiser and scored again
+MAX_SHIFT_MM = 12.0  # the localiser may move a candidate at most this far per step
+REFINE_STEPS = 1  # localiser moves per candidate (2-3 measured no better on the validation crops)
+
+
+@dataclass
+class Candidate:
+    """One proposed nodule: position in pixels of the input slice (``x`` column, ``y`` row), size and score."""
+
+    x: float
+    y: float
+    diameter_mm: float
+    score: float
+    x_mm: float | None = None
+    y_mm: float | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready, rounded."""
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Finder:
+    """The two finder bundles, loaded once."""
+
+    presence: Bundle
+    locate: Bundle
+
+    @property
+    def field_mm(self) -> float:
+        return float(self.presence.preprocessing["field_mm"])
+
+    @property
+    def context_px(self) -> int:
+        return int(self.presence.preprocessing.get("context_px", 128))
+
+
+def load_finder(folder: Path | None = None, device: str | None = "cpu") -> Finder:
+    """Load ``finder-presence`` and ``finder-locate`` from ``folder`` (default: the shipped weights)."""
+    folder = folder or paths.weights_dir()
+    if not (folder / f"{PRESENCE}.json").is_file() or not (folder / f"{LOCATE}.json").is_file():
+        raise LungvizError(f"the nodule finder models are not installed in {folder}; train them with "
+                           "'python -m training finder'.")
+    return Finder(load_bundle(folder, PRESENCE, device), load_bundle(folder, LOCATE, device))
+
+
+# ----------------------------------------------------------------------------------------------- geometry
+
+
+def sample_patches(
+    image: np.ndarray,
+    centres_rc: np.ndarray,
+    step_px: float | np.ndarray,
+    size: int,
+    angles_rad: np.ndarray | None = None,
+    flips: np.ndarray | None = None,
+) -> np.ndarray:
+    """Square ``size`` px patches centred on each ``(row, col)``, ``step_px`` input pixels apart (bilinear).
+
+    Optional per-patch rotation and left-right flip (augmentation). Outside the image the edge value is
+    repeated. Returns ``(N, size, size) float32``.
+    """
+    c = np.asarray(centres_rc, np.float64).reshape(-1, 2)
+    n = len(c)
+    g = (np.arange(size) - (size - 1) / 2.0)
+    u, v = np.meshgrid(g, g, indexing="ij")  # row, column offsets in output pixels
+    u, v = np.broadcast_to(u, (n, size, size)).copy(), np.broadcast_to(v, (n, size, size)).copy()
+    if flips is not None:
+        v = np.where(np.asarray(flips, bool).reshape(-1, 1, 1), -v, v)
+    if angles_rad is not None:
+        a = np.asarray(angles_rad, np.float64).reshape(-1, 1, 1)
+        u, v = np.cos(a) * u - np.sin(a) * v, np.sin(a) * u + np.cos(a) * v
+    step = np.broadcast_to(np.asarray(step_px, np.float64), (n,)).reshape(-1, 1, 1)
+    rows = c[:, 0].reshape(-1, 1, 1) + u * step
+    cols = c[:, 1].reshape(-1, 1, 1) + v * step
+    out = ndimage.map_coordinates(np.asarray(image, np.float32), [rows.ravel(), cols.ravel()], order=1,
+                                  mode="nearest")
+    return out.reshape(n, size, size).astype(np.float32)
+
+
+def context_range(image: np.ndarray, context_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, the minimum and maximum over the ``context_px`` square around it (the crops' min-max)."""
+    lo = ndimage.minimum_filter(image, size=context_px, mode="nearest")
+    hi = ndimage.maximum_filter(image, size=context_px, mode="nearest")
+    return lo, hi
+
+
+def otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of an image's intensities."""
+    from skimage.filters import threshold_otsu
+
+    return float(threshold_otsu(values))
+
+
+def lung_mask(image: np.ndarray, is_hu: bool, spacing_mm: float) -> np.ndarray:
+    """The lungs of an axial slice, closed so that vessels and juxtapleural nodules belong to them.
+
+    Low-density regions (below -400 HU, or Otsu's threshold when not in HU) that do not touch the image
+    border (air around the patient), larger than 2 cm^2, then closed with a 10 mm disc and hole-filled. On a
+    small crop (under 20 cm across) where the lung reaches the edge, border regions are kept.
+    """
+    img = np.asarray(image, np.float32)
+    thr = LUNG_HU if is_hu else otsu(img)
+    low = img < thr
+    lab, n = ndimage.label(low)
+    if n == 0:
+        return np.zeros(img.shape, bool)
+    sizes = ndimage.sum_labels(np.ones_like(img), lab, index=np.arange(1, n + 1))
+    keep = sizes * spacing_mm**2 >= 200.0
+    if min(img.shape) * spacing_mm >= 200.0:
+        border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+        keep[border[border > 0] - 1] = False
+    mask = keep[lab - 1] & (lab > 0)
+    if not mask.any():
+        return mask
+    r = max(1, int(round(10.0 / spacing_mm)))
+    disc = np.hypot(*np.mgrid[-r : r + 1, -r : r + 1]) <= r
+    pad = r + 1
+    closed = ndimage.binary_closing(np.pad(mask, pad), structure=disc)[pad:-pad, pad:-pad]
+    return ndimage.binary_fill_holes(closed)
+
+
+def candidate_points(image: np.ndarray, lung: np.ndarray, spacing_mm: float, is_hu: bool) -> np.ndarray:
+    """Points worth scoring, ``(N, 2)`` row/col: dense local maxima and a grid over dense tissue in the lung."""
+    img = np.asarray(image, np.float32)
+    if not lung.any():
+        return np.zeros((0, 2), np.int64)
+    smooth = ndimage.gaussian_filter(img, sigma=1.5 / spacing_mm)
+    thr = LUNG_HU if is_hu else otsu(img)
+    parenchyma = float(np.median(smooth[lung & (img < thr)])) if (lung & (img < thr)).any() else float(smooth.min())
+    tissue = float(np.median(smooth[~lung & (img >= thr)])) if (~lung & (img >= thr)).any() else float(smooth.max())
+    dense = lung & (smooth > parenchyma + 0.2 * (tissue - parenchyma))
+    size = max(3, int(round(PEAK_DISTANCE_MM / spacing_mm)) | 1)
+    peaks = dense & (smooth == ndimage.maximum_filter(smooth, size=size))
+    step = max(1, int(round(GRID_MM / spacing_mm)))
+    grid = np.zeros_like(dense)
+    grid[step // 2 :: step, step // 2 :: step] = True
+    pts = np.argwhere(peaks | (grid & dense))
+    if len(pts) > MAX_CANDIDATES:  # keep the densest
+        order = np.argsort(-smooth[pts[:, 0], pts[:, 1]], kind="stable")
+        pts = pts[order[:MAX_CANDIDATES]]
+    return pts
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def channel_fields(spec: dict) -> list[float]:
+    """The field (mm) of each input channel: several scales of the same point, or one field repeated."""
+    pre = spec.get("preprocessing", {})
+    return [float(f) for f in pre.get("channel_fields_mm") or [pre["field_mm"]]]
+
+
+def _inputs(patches01: np.ndarray, bundle: Bundle) -> torch.Tensor:
+    """``(N, S, S)`` (one field, repeated over the channels) or ``(N, C, S, S)`` patches -> normalised tensor."""
+    mean = torch.tensor(bundle.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(patches01, np.float32))
+    x = x.unsqueeze(1).expand(-1, bundle.in_chans, -1, -1) if x.ndim == 3 else x
+    return ((x - mean[:, : bundle.in_chans]) / std[:, : bundle.in_chans]).to(next(bundle.model.parameters()).device)
+
+
+@torch.inference_mode()
+def presence_log_odds(bundle: Bundle, patches01: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Calibrated log-odds (temperature-scaled logit margin) that each patch is centred on a nodule.
+
+    Candidates are ranked on these: probabilities saturate at 1.0 and would tie."""
+    if len(patches01) == 0:
+        return np.zeros(0, np.float32)
+    out = []
+    for i in range(0, len(patches01), batch):
+        logits = bundle.model(_inputs(patches01[i : i + batch], bundle)).float().cpu()
+        out.append(((logits[:, 1] - logits[:, 0]) / bundle.temperature).numpy())
+    return np.concatenate(out)
+
+
+def presence_scores(bundle: Bundle, patches01: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Calibrated probability that each patch is centred on a nodule."""
+    return 1.0 / (1.0 + np.exp(-presence_log_odds(bundle, patches01, batch)))
+
+
+@torch.inference_mode()
+def locate_patches(bundle: Bundle, patches01: np.ndarray) -> np.ndarray:
+    """``(N, 3)``: the nodule centre's row and column offset from the patch centre and its diameter, in patch px."""
+    if len(patches01) == 0:
+        return np.zeros((0, 3), np.float32)
+    return bundle.model(_inputs(patches01, bundle)).float().cpu().numpy()
+
+
+def normalised_patches(
+    image: np.ndarray, lo: np.ndarray, hi: np.ndarray, centres_rc: np.ndarray, bundle: Bundle, spacing_mm: float
+) -> np.ndarray:
+    """A bundle's patches at each centre, min-max scaled by the centre's context range as in training:
+    ``(N, S, S)`` for one field, ``(N, C, S, S)`` for one field per channel."""
+    c = np.asarray(centres_rc, np.float64).reshape(-1, 2)
+    size = bundle.input_size
+    fields = channel_fields(bundle.spec)
+    patches = np.stack([sample_patches(image, c, f / size / spacing_mm, size) for f in fields], axis=1)
+    ri = np.clip(np.round(c[:, 0]).astype(int), 0, image.shape[0] - 1)
+    ci = np.clip(np.round(c[:, 1]).astype(int), 0, image.shape[1] - 1)
+    a, b = lo[ri, ci].reshape(-1, 1, 1, 1), hi[ri, ci].reshape(-1, 1, 1, 1)
+    out = np.clip((patches - a) / np.maximum(b - a, 1e-6), 0.0, 1.0).astype(np.float32)
+    return out[:, 0] if len(fields) == 1 else out
+
+
+def refine(finder: Finder, img: np.ndarray, lo: np.ndarray, hi: np.ndarray, lung: np.ndarray,
+           start: np.ndarray, sp: float, steps: int = REFINE_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """Move each point to the localiser's nodule centre (``steps`` times, each move at most
+    :data:`MAX_SHIFT_MM`, never out of the lung); returns the points and the diameters (mm) at the last one."""
+    loc_mm = channel_fields(finder.locate.spec)[0] / finder.locate.input_size  # mm per patch px
+    here = np.asarray(start, np.float64).copy()
+    diam = np.zeros(len(here))
+    for _ in range(max(1, steps)):
+        loc = locate_patches(finder.locate, normalised_patches(img, lo, hi, here, finder.locate, sp))
+        shift = loc[:, :2] * loc_mm / sp  # patch px -> input px
+        norm = np.hypot(shift[:, 0], shift[:, 1]) * sp
+        shift *= np.minimum(1.0, MAX_SHIFT_MM / np.maximum(norm, 1e-6))[:, None]
+        moved = here + shift
+        inside = lung[np.clip(np.round(moved[:, 0]).astype(int), 0, img.shape[0] - 1),
+                      np.clip(np.round(moved[:, 1]).astype(int), 0, img.shape[1] - 1)]
+        here = np.where(inside[:, None], moved, here)
+        diam = np.maximum(loc[:, 2], 0.0) * loc_mm
+    return here, diam
+
+
+def scan(
+    finder: Finder,
+    image: np.ndarray,
+    is_hu: bool,
+    spacing_mm: float | None = None,
+    top_k: int = 10,
+    min_score: float = 0.0,
+) -> tuple[list[Candidate], dict]:
+    """Ranked nodule candidates on one whole axial slice, best first, and what the scan did.
+
+    ``image`` is ``(H, W)``: HU when ``is_hu`` else intensities in [0, 1]. Without a known pixel spacing the
+    slice is taken at :data:`DEFAULT_SPACING_MM` (noted in the info and no millimetre positions are given).
+    """
+    img = np.asarray(image, np.float32)
+    if img.ndim != 2 or min(img.shape) < 32:
+        raise LungvizError(f"a slice to search must be a 2-D image of at least 32 px, got shape {img.shape}.")
+    if not np.isfinite(img).all():
+        raise LungvizError("the slice contains missing (NaN or infinite) values.")
+    if is_hu:  # scanners pad outside the reconstructed circle (often -2048 HU): that is air, not denser than air
+        img = np.maximum(img, AIR_HU)
+    known = spacing_mm is not None and spacing_mm > 0
+    sp = float(spacing_mm) if known else DEFAULT_SPACING_MM
+    lung = lung_mask(img, is_hu, sp)
+    pts = candidate_points(img, lung, sp, is_hu)
+    info = {"spacing_mm": sp, "spacing_known": known, "lung_fraction": float(lung.mean()),
+            "points_scored": int(len(pts)), "field_mm": finder.field_mm}
+    if len(pts) == 0:
+        return [], info
+    lo, hi = context_range(img, finder.context_px)
+    p = presence_log_odds(finder.presence, normalised_patches(img, lo, hi, pts, finder.presence, sp))
+    top = np.argsort(-p, kind="stable")[:REFINE_TOP]
+    refined, diam = refine(finder, img, lo, hi, lung, pts[top].astype(np.float64), sp)
+    patches = normalised_patches(img, lo, hi, refined, finder.presence, sp)
+    # score at the refined point, averaged over the four right-angle turns of the patch
+    p2 = np.mean([presence_log_odds(finder.presence, np.rot90(patches, t, axes=(-2, -1))) for t in range(4)], axis=0)
+    score = np.maximum(p[top], p2)
+    order = np.argsort(-score, kind="stable")
+    kept: list[Candidate] = []
+    taken = np.zeros(len(order), bool)
+    for i in order:
+        prob = float(1.0 / (1.0 + np.exp(-score[i])))
+        if taken[i] or prob < min_score or len(kept) >= top_k:
+            continue
+        r, c = refined[i]
+        radius = max(5.0, 0.5 * float(diam[i])) / sp
+        near = ~taken & (np.hypot(refined[:, 0] - r, refined[:, 1] - c) < radius)
+        taken |= near
+        if any(np.hypot(r - k.y, c - k.x) * sp < max(5.0, 0.5 * k.diameter_mm) for k in kept):
+            continue
+        # one nodule found from several points: their score-weighted (softmax of log-odds) centre and size
+        wts = np.exp(score[near] - score[near].max())
+        wts /= wts.sum()
+        r, c = wts @ refined[near]
+        d = float(wts @ diam[near])
+        kept.append(Candidate(x=float(c), y=float(r), diameter_mm=d, score=prob,
+                              x_mm=float(c * sp) if known else None, y_mm=float(r * sp) if known else None))
+    return kept, info
+
+
+@dataclass
+class SearchSlice:
+    """A whole slice to search: pixels (HU or [0, 1]), spacing, and where it came from."""
+
+    pixels: np.ndarray
+    is_hu: bool
+    spacing_mm: float | None
+    name: str
+    slice_index: int | None = None
+    n_slices: int | None = None
+
+
+def series_slice(series: list, slice_index: int | None, name: str) -> SearchSlice:
+    """Slice ``slice_index`` (0 = most inferior; default the middle one) of a DICOM series."""
+    n = len(series)
+    k = n // 2 if slice_index is None else int(slice_index)
+    if not 0 <= k < n:
+        raise LungvizError(f"slice {k} does not exist; the series has slices 0 to {n - 1}.", source=name)
+    sl = series[k]
+    spacing = float(np.mean(sl.pixel_spacing_mm))
+    return SearchSlice(sl.hu, True, spacing if np.isfinite(spacing) and spacing > 0 else None, name, k, n)
+
+
+def read_search_slice(src: str | Path, slice_index: int | None = None) -> SearchSlice:
+    """Read a whole slice to search: an image file (PNG/JPG/TIFF/NPY/DICOM) or a DICOM series (folder or zip)."""
+    from lungviz.io import load_image, read_series
+
+    path = Path(src)
+    name = path.name or str(src)
+    if not path.exists():
+        raise LungvizError("the file does not exist.", source=str(src))
+    if path.is_dir() or path.suffix.lower() == ".zip":
+        return series_slice(read_series(path), slice_index, name)
+    if slice_index not in (None, 0):
+        raise LungvizError("--slice applies to a DICOM series (a folder or a zip), not to a single image.",
+                           source=name)
+    img = load_image(path)
+    return SearchSlice(img.pixels, img.is_hu, img.pixel_spacing_mm, img.name)
