@@ -12,4 +12,5 @@ python -m training camloc                                              # weights
 python -m training screen --epochs 5 --epoch-samples 1024              # weights/screen.json (validation only)
 python -m training cv --epochs 6 --epoch-samples 1024                  # weights/cv.json (5 patient-level folds)
 python -m training finder                                              # nodule finder bundles + weights/finder.json
+python -m training finder --only mine                                  # one round of hard-negative mining
 python -m training card                                                # weights/README.md + figures

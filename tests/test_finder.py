@@ -3,6 +3,7 @@ line on the real DICOM series, the finder's training on a few real patients, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -185,3 +186,8 @@ def test_train_finder_on_a_few_real_patients(tmp_path):
     finder = load_finder(tmp_path / "w")
     cands, _ = scan(finder, phantom(), True, 0.7, top_k=3)
     assert cands and all(np.isfinite(c.diameter_mm) for c in cands)
+    # a hard-negative mining round fine-tunes the saved presence model on the scan's false candidates
+    mined = train_finder(dataclasses.replace(cfg, only="mine", mine_epochs=1), progress=False)
+    spec2 = json.loads((tmp_path / "w" / "finder-presence.json").read_text())
+    assert spec2["training"]["mined_false_candidates"] > 0 and spec2["training"]["base_training"]["epochs"] == 1
+    assert spec2["weights_sha256"] != spec["weights_sha256"] and "crop_scan_val" in mined

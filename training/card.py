@@ -123,6 +123,10 @@ def finder_section(w, folder: Path) -> None:
     pre = pres["preprocessing"]
     fields = pre.get("channel_fields_mm") or [pre["field_mm"]]
     tr = pres.get("training", {})
+    base = tr.get("base_training") or {}
+    mined = (f" Then one round of hard-negative mining: the scan's {tr['mined_false_candidates']:,} false candidates "
+             f"on the training crops became {tr.get('mined_share', 0):.0%} of the negatives while the presence model "
+             f"was fine-tuned for {tr.get('train_seconds', 0) / 60:.1f} min." if base else "")
     w("## Nodule finder (presence classifier and localiser)\n")
     field_text = (f"a {fields[0]:g} mm field" if len(fields) == 1
                   else f"{', '.join(f'{f:g}' for f in fields)} mm fields as channels")
@@ -135,9 +139,9 @@ def finder_section(w, folder: Path) -> None:
       "scan's own candidate points (mostly vessels seen end-on). The localiser sees the nodule up to "
       f"{tr.get('loc_offset_mm', 10):g} mm off centre. Patient-level split as above; LIDC-IDRI-0001..0003 are "
       "left out of training (their DICOM series are the whole-slice test). Trained from scratch on "
-      f"{tr.get('device', '?')}: presence {tr.get('train_seconds', 0) / 60:.1f} min "
-      f"({tr.get('images_per_second', 0):.0f} patches/s), localiser {ltr.get('train_seconds', 0) / 60:.1f} min "
-      f"({ltr.get('images_per_second', 0):.0f} patches/s).\n")
+      f"{tr.get('device', '?')}: presence {(base or tr).get('train_seconds', 0) / 60:.1f} min "
+      f"({(base or tr).get('images_per_second', 0):.0f} patches/s), localiser "
+      f"{ltr.get('train_seconds', 0) / 60:.1f} min ({ltr.get('images_per_second', 0):.0f} patches/s).{mined}\n")
     w("| test split (patches) | n | result |")
     w("| --- | --- | --- |")
     w(f"| presence: accuracy / nodule F1 / AUROC | {t['n']} | {_ci(t, 'accuracy')} / {_ci(t, 'f1_nodule')} / "

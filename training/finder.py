@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 from torch import nn
+from tqdm import tqdm
 
 from lungviz import metrics, paths
 from lungviz.cases import Case
 from lungviz.finder import LOCATE, PRESENCE, candidate_points, load_finder, otsu, sample_patches, scan
-from lungviz.models import ModelSpec, create_model, resolve_device, save_bundle
+from lungviz.models import ModelSpec, create_model, load_bundle, resolve_device, save_bundle
 from lungviz.preprocess import to_model_input
 from lungviz.splits import Split
 from training.augment import AugmentConfig, augment
@@ -66,7 +67,10 @@ class FinderConfig:
     seed: int = 0
     limit: int = 0  # only the first N patients (quick checks)
     n_boot: int = 500
-    only: str = ""  # presence | locate: train one model only; "none": only re-run the scan evaluations
+    only: str = ""  # presence | locate: train one model only; "none": only re-run the scan evaluations;
+    # "mine": scan the training crops with the saved finder and fine-tune the presence model on its false candidates
+    mine_epochs: int = 15
+    mined_share: float = 0.5  # share of negatives drawn from the mined false candidates while fine-tuning
     out: str = ""  # bundle folder; empty = weights/
     runs: str = ""  # empty = runs/finder
 
@@ -77,6 +81,7 @@ class PatchSource:
     def __init__(self, store: SliceStore, cfg: FinderConfig) -> None:
         self.store, self.cfg = store, cfg
         self.fields = fields_of(cfg)
+        self.mined: list[tuple[int, int, np.ndarray]] = []  # (case, slice, centre) of the scan's false candidates
         self.slices: list[np.ndarray] = []  # per case: slice indices with an outline
         self.centre: list[np.ndarray] = []  # per case: (S, 2) centroid of the 50% consensus (row, col)
         self.diam_px: list[np.ndarray] = []  # per case: (S,) equivalent-circle diameter of the 50% consensus
@@ -169,6 +174,9 @@ class PatchSource:
         if positive:
             jitter = _in_disc(r, self.cfg.pos_jitter_mm / self.spacing(ci))
             centre = self.centre[ci][k] + jitter
+        elif rng is not None and self.mined and rng.random() < self.cfg.mined_share:
+            mci, mk, cen = self.mined[int(rng.integers(len(self.mined)))]
+            return self.patch(mci, mk, cen + _in_disc(rng, 1.0 / self.spacing(mci)), rng)[0]
         else:
             centre = self.negative_centre(ci, k, r)
         return self.patch(ci, k, centre, rng)[0]
@@ -281,6 +289,24 @@ def locate_report(pred: np.ndarray, target: np.ndarray, step_mm: float, spacing_
             "diameter_true_mean_mm": float((target[:, 2] * step_mm).mean())}
 
 
+def mine_false_candidates(folder: Path, src: PatchSource, cases: np.ndarray, top_k: int = 10,
+                          ) -> list[tuple[int, int, np.ndarray]]:
+    """Scan two outlined slices of each training crop with the saved finder; keep the candidates that lie
+    outside the nodule (its outline's reach + ``neg_margin_mm``): the scan's own false positives."""
+    finder = load_finder(folder)
+    rng = np.random.default_rng(src.cfg.seed + 1)
+    mined = []
+    for ci in tqdm(cases, desc="mining false candidates", unit="crop", leave=False):
+        ci = int(ci)
+        sp = src.spacing(ci)
+        for k in {src.pick_slice(ci, None), src.pick_slice(ci, rng)}:
+            far = src.reach_px[ci][k] + src.cfg.neg_margin_mm / sp
+            cands, _ = scan(finder, src.store.slice01(ci, k), False, sp, top_k=top_k)
+            mined += [(ci, k, np.array([c.y, c.x])) for c in cands
+                      if np.hypot(c.y - src.centre[ci][k][0], c.x - src.centre[ci][k][1]) >= far]
+    return mined
+
+
 def crop_scan_report(folder: Path, src: PatchSource, cases: np.ndarray, top_k: int = 5) -> dict:
     """The whole scan on each nodule's slices-set crop (its largest outline), as on a whole slice: is the
     best-ranked candidate within 5 mm of the readers' centre, and how many others score >= 0.5?"""
@@ -385,8 +411,16 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
                        "context_px native pixels around it"}
     in_chans = 3 if len(fields) == 1 else len(fields)
     results: dict = {}
-    if cfg.only in ("", "presence"):
-        model = create_model(cfg.arch, 2, drop_rate=0.3, in_chans=in_chans)
+    if cfg.only in ("", "presence", "mine"):
+        if cfg.only == "mine":  # hard-negative mining round: start from the saved presence model
+            src.mined = mine_false_candidates(out, src, idx["train"])
+            log.info("mined %d false candidates on %d training crops", len(src.mined), len(idx["train"]))
+            base_training = json.loads((out / f"{PRESENCE}.json").read_text())["training"]
+            model = load_bundle(out, PRESENCE, device).model.float()
+            loop = dataclasses.replace(loop, epochs=cfg.mine_epochs, lr=cfg.lr / 4)
+        else:
+            base_training = None
+            model = create_model(cfg.arch, 2, drop_rate=0.3, in_chans=in_chans)
         mean, std = tuple(model.data_config["mean"]), tuple(model.data_config["std"])
         tr = idx["train"]
         items = np.concatenate([tr, tr])
@@ -416,6 +450,7 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
             preprocessing=common, temperature=temperature, metrics={"test": test, "val": val},
             training={**dataclasses.asdict(cfg), **{k: v for k, v in run.items()},
                       "n_train": len(tr), "n_val": len(idx["val"]), "n_test": len(idx["test"]),
+                      "mined_false_candidates": len(src.mined), "base_training": base_training,
                       "test_patches": "3 central outlined slices per nodule, one positive and one negative each"},
             split_fingerprint=split.fingerprint,
             extra={"dataset": "lidc", "left_out_patients": list(DICOM_TEST_PATIENTS)})
