@@ -74,8 +74,10 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     """The nodule centre on a whole slice: a click on the image (plotly selection) or number inputs in ``controls``."""
     h, w = image.shape
     rkey, ckey = f"row-{key}", f"col-{key}"
-    st.session_state.setdefault(rkey, h // 2)
-    st.session_state.setdefault(ckey, w // 2)
+    cands = common.nodule_candidates(folder, image, is_hu, spacing) if common.finder_available() else None
+    first = (int(round(cands[0]["y"])), int(round(cands[0]["x"]))) if cands else (h // 2, w // 2)
+    st.session_state.setdefault(rkey, first[0])  # start at the finder's best candidate, else the middle
+    st.session_state.setdefault(ckey, first[1])
 
     def on_click() -> None:
         points = st.session_state[f"pick-{key}"].selection.points
@@ -83,7 +85,6 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
             st.session_state[rkey] = int(np.clip(round(points[0]["y"]), 0, h - 1))
             st.session_state[ckey] = int(np.clip(round(points[0]["x"]), 0, w - 1))
 
-    cands = common.nodule_candidates(folder, image, is_hu, spacing) if common.finder_available() else None
     shown = display_image(image, is_hu, _window())
     row, col = st.session_state[rkey], st.session_state[ckey]
     fig = go.Figure(go.Image(source=data_uri(shown), hoverinfo="skip"))
@@ -145,6 +146,7 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
                  help="Proposed by the nodule finder (a presence classifier and a localiser trained on LIDC "
                       "patches). It often also proposes vessels seen end-on: check each candidate yourself.")
     st.button("Use this candidate", key=f"use-{key}", on_click=accept, icon=":material/my_location:")
+    st.caption("The crop starts at candidate 1. Check it is the nodule you mean before reading the estimate.")
 
 
 def common_field_mm() -> float:

@@ -168,7 +168,9 @@ def test_inspect_whole_dicom_slice_asks_for_the_centre(app_env, lidc_dicom_dir):
     at = _upload(at, dcm.name, dcm.read_bytes())
     assert not at.exception and not at.error
     row, col = at.number_input
-    assert (row.value, col.value) == (256, 256) and row.label.startswith("Nodule centre")
+    best = next(s for s in at.selectbox if s.label.startswith("Nodule candidates")).options[0]
+    want = tuple(round(float(v)) for v in best.split("row ")[1].split(" —")[0].split(", column"))
+    assert (row.value, col.value) == want and row.label.startswith("Nodule centre")  # starts at candidate 1
     row.set_value(316)
     col.set_value(367).run()
     assert not at.exception and at.metric[0].value.endswith("%")
