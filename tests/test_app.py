@@ -195,6 +195,24 @@ def test_inspect_whole_slice_shows_finder_candidates_and_accepting_one_moves_the
     assert at.metric[0].value.endswith("%")  # the crop cut at the accepted candidate is inspected as usual
 
 
+def test_inspect_whole_slice_without_the_finder_starts_in_the_middle(app_weights, lidc_dicom_dir, tmp_path,
+                                                                      monkeypatch):
+    import shutil
+
+    weights = shutil.copytree(app_weights, tmp_path / "weights")
+    for f in weights.glob("finder-*"):
+        f.unlink()
+    monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(weights))
+    monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
+    dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[8]
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), dcm.name, dcm.read_bytes())
+    assert not at.exception and not at.error
+    assert not any(s.label.startswith("Nodule candidates") for s in at.selectbox)
+    assert "nodule finder is not installed" in _texts(at)
+    row, col = at.number_input
+    assert (row.value, col.value) == (256, 256) and at.metric[0].value.endswith("%")
+
+
 def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
