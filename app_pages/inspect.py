@@ -14,7 +14,7 @@ from lungviz.explain import lime_overlay, overlay
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
 from lungviz.io import LoadedImage
 from lungviz.metrics import reliability_bin
-from lungviz.preprocess import SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize
+from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize
 from lungviz.report import (
     VIEW_LABELS,
     CaseReport,
@@ -97,7 +97,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
                                (mm_to_px(nodule_mm, spacing), "#00e5ff", "nodule view")):
         fig.add_shape(type="rect", x0=col - side / 2, x1=col + side / 2, y0=row - side / 2, y1=row + side / 2,
                       line={"color": colour, "width": 2}, name=name)
-    sp_px = spacing or 0.7
+    sp_px = spacing or DEFAULT_SPACING_MM
     for rank, cand in enumerate(cands or [], 1):
         rad = max(6.0, cand["diameter_mm"] / sp_px / 2 + 3)
         fig.add_shape(type="circle", x0=cand["x"] - rad, x1=cand["x"] + rad, y0=cand["y"] - rad, y1=cand["y"] + rad,

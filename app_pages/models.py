@@ -138,6 +138,7 @@ else:
     )
     _results(models)
 
+
 def _finder(models: list[dict]) -> None:
     """The nodule finder's held-out figures: patches of the test split, then whole scans."""
     by_task = {m.get("task"): m for m in models if m.get("view") == "patch"}

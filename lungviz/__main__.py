@@ -94,7 +94,10 @@ def cmd_locate(args: argparse.Namespace) -> dict:
     if target.slice_index is not None:
         out.update(slice_index=target.slice_index, n_slices=target.n_slices)
     if not target.spacing_mm:
-        out["notes"] = ["pixel spacing unknown: sizes assume 0.7 mm per pixel and no mm positions are given"]
+        from lungviz.preprocess import DEFAULT_SPACING_MM
+
+        out["notes"] = [f"pixel spacing unknown: sizes assume {DEFAULT_SPACING_MM} mm per pixel and no mm positions "
+                        "are given"]
     return out
 
 

@@ -21,12 +21,12 @@ from scipy import ndimage
 
 from lungviz import paths
 from lungviz.errors import LungvizError
+from lungviz.lidc_dicom import AIR_HU
 from lungviz.models import Bundle, load_bundle
 from lungviz.preprocess import DEFAULT_SPACING_MM
 
 PRESENCE = "finder-presence"
 LOCATE = "finder-locate"
-AIR_HU = -1024.0
 #: Lung threshold for slices in HU; other images use Otsu's threshold.
 LUNG_HU = -400.0
 #: Candidate points: local maxima of the smoothed slice at least this far apart (mm) ...

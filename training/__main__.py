@@ -161,7 +161,7 @@ def cmd_camloc(cfg: CardConfig) -> dict:
     return cam_localisation()
 
 
-def cmd_finder(cfg) -> dict:
+def cmd_finder(cfg: FinderConfig) -> dict:
     """Train the nodule finder (presence classifier + localiser) and scan the DICOM test series."""
     from training.finder import train_finder
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from lungviz import RESEARCH_NOTICE, metrics, paths
 from lungviz.inventory import read_result
+from lungviz.metrics import format_ci
 
 #: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
 PUBLISHED = {
@@ -25,14 +26,6 @@ ORDER = ("nodule-binary", "slice-binary", "fused-binary", "nodule-score", "slice
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
-
-
-def _ci(rep: dict, key: str, digits: int = 3) -> str:
-    v = rep.get(key)
-    ci = rep.get("ci95", {}).get(key)
-    if v is None:
-        return "–"
-    return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else f"{v:.{digits}f}"
 
 
 def figures(name: str, spec: dict, out: Path) -> dict[str, str]:
@@ -144,22 +137,21 @@ def finder_section(w, folder: Path) -> None:
       f"{ltr.get('train_seconds', 0) / 60:.1f} min ({ltr.get('images_per_second', 0):.0f} patches/s).{mined}\n")
     w("| test split (patches) | n | result |")
     w("| --- | --- | --- |")
-    w(f"| presence: accuracy / nodule F1 / AUROC | {t['n']} | {_ci(t, 'accuracy')} / {_ci(t, 'f1_nodule')} / "
-      f"{_ci(t, 'auroc')} (published 2D LUNA16 patches: 0.90 / 0.91 / –) |")
-    w(f"| localiser: centre MAE per coordinate | {lt['n']} | {_ci(lt, 'centre_mae_px', 2)} px = "
-      f"{_ci(lt, 'centre_mae_mm', 2)} mm (published: 2.5 px) |")
-    w(f"| localiser: diameter MAE | {lt['n']} | {_ci(lt, 'diameter_mae_px', 2)} px = "
-      f"{_ci(lt, 'diameter_mae_mm', 2)} mm (published: 2.4 px) |")
+    w(f"| presence: accuracy / nodule F1 / AUROC | {t['n']} | {format_ci(t, 'accuracy')} / "
+      f"{format_ci(t, 'f1_nodule')} / {format_ci(t, 'auroc')} (published 2D LUNA16 patches: 0.90 / 0.91 / –) |")
+    w(f"| localiser: centre MAE per coordinate | {lt['n']} | {format_ci(lt, 'centre_mae_px', 2)} px = "
+      f"{format_ci(lt, 'centre_mae_mm', 2)} mm (published: 2.5 px) |")
+    w(f"| localiser: diameter MAE | {lt['n']} | {format_ci(lt, 'diameter_mae_px', 2)} px = "
+      f"{format_ci(lt, 'diameter_mae_mm', 2)} mm (published: 2.4 px) |")
     w("")
     if res:
-        for name in ("crop_scan_test",):
-            cs = res.get(name)
-            if cs and cs.get("n"):
-                w(f"**Whole scan on test crops** ({cs['n']} nodules, the 128 px slices-set crop through each "
-                  f"nodule's largest outline): best-ranked candidate within 5 mm of the readers' centre "
-                  f"{cs['top1_within_5mm']:.1%}, within the top 3 {cs['top3_within_5mm']:.1%}; other candidates "
-                  f"scored >= 0.5: {cs['false_candidates_score_ge_0_5_per_crop']:.1f} per crop; "
-                  f"{cs['seconds_per_crop'] * 1000:.0f} ms per crop.\n")
+        cs = res.get("crop_scan_test")
+        if cs and cs.get("n"):
+            w(f"**Whole scan on test crops** ({cs['n']} nodules, the 128 px slices-set crop through each "
+              f"nodule's largest outline): best-ranked candidate within 5 mm of the readers' centre "
+              f"{cs['top1_within_5mm']:.1%}, within the top 3 {cs['top3_within_5mm']:.1%}; other candidates "
+              f"scored >= 0.5: {cs['false_candidates_score_ge_0_5_per_crop']:.1f} per crop; "
+              f"{cs['seconds_per_crop'] * 1000:.0f} ms per crop.\n")
         ds = res.get("dicom_scan")
         if ds and ds.get("nodules"):
             w(f"**Whole 512 x 512 DICOM slices** (LIDC-IDRI-0001..0003, never trained on; the slice through each "
@@ -211,8 +203,8 @@ def write_card(folder: Path | None = None) -> Path:
     w("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, s in specs.items():
         t = s["metrics"]["test"]
-        w(f"| {n} | {t['n']} | {_ci(t, 'auroc')} | {_ci(t, 'auprc_weighted')} | {_ci(t, 'f1_weighted')} | "
-          f"{_ci(t, 'f1_malignant') if 'f1_malignant' in t else '–'} | {_ci(t, 'qwk') if 'qwk' in t else '–'} | "
+        w(f"| {n} | {t['n']} | {format_ci(t, 'auroc')} | {format_ci(t, 'auprc_weighted')} | "
+          f"{format_ci(t, 'f1_weighted')} | {format_ci(t, 'f1_malignant')} | {format_ci(t, 'qwk')} | "
           f"{_fmt(t.get('ece_raw'))} → {_fmt(t.get('ece'))} |")
     w("")
     w("Nodule-level figures average the logits of the central half of each nodule's slices. The app usually sees "
@@ -222,7 +214,7 @@ def write_card(folder: Path | None = None) -> Path:
     for n, s in specs.items():
         t = s["metrics"].get("test_single_slice")
         if t:
-            w(f"| {n} | {_ci(t, 'auroc')} | {_ci(t, 'f1_weighted')} | {_fmt(t.get('f1_malignant'))} | "
+            w(f"| {n} | {format_ci(t, 'auroc')} | {format_ci(t, 'f1_weighted')} | {_fmt(t.get('f1_malignant'))} | "
               f"{_fmt(t.get('qwk'))} | {_fmt(t.get('ece'))} |")
     w("")
     w("### Beside the published study and the baselines\n")
@@ -251,10 +243,10 @@ def write_card(folder: Path | None = None) -> Path:
         if not r or not r.get("n_pairs"):
             continue
         if "reader_auroc" in r:
-            w(f"| {n} | {r['n_pairs']} | AUROC {_ci(r, 'reader_auroc')} | AUROC {_ci(r, 'model_auroc')} |")
+            w(f"| {n} | {r['n_pairs']} | AUROC {format_ci(r, 'reader_auroc')} | AUROC {format_ci(r, 'model_auroc')} |")
         else:
-            w(f"| {n} | {r['n_pairs']} | QWK {_ci(r, 'reader_qwk')}, exact {_fmt(r['reader_exact'])} | "
-              f"QWK {_ci(r, 'model_qwk')}, exact {_fmt(r['model_exact'])} |")
+            w(f"| {n} | {r['n_pairs']} | QWK {format_ci(r, 'reader_qwk')}, exact {_fmt(r['reader_exact'])} | "
+              f"QWK {format_ci(r, 'model_qwk')}, exact {_fmt(r['model_exact'])} |")
     w("")
     if cam:
         w("## Does the map point at the nodule? (Grad-CAM, test split)\n")

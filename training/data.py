@@ -54,8 +54,13 @@ class SliceStore:
         n = self.n_slices(case_index)
         if n <= 2:
             return int(rng.integers(n))
-        w = 1.0 - np.abs(np.arange(n) - (n - 1) / 2.0) / (n / 2.0 + 1.0)
-        return int(rng.choice(n, p=w / w.sum()))
+        return int(rng.choice(n, p=centre_weights(n)))
+
+
+def centre_weights(n: int) -> np.ndarray:
+    """Probabilities over ``n`` ordered slices favouring the middle (triangular; the ends keep some weight)."""
+    w = 1.0 - np.abs(np.arange(n) - (n - 1) / 2.0) / (n / 2.0 + 1.0)
+    return w / w.sum()
 
 
 def central_slices(n: int, max_slices: int = 0, central: float = 1.0) -> list[int]:

@@ -28,10 +28,10 @@ from lungviz import metrics, paths
 from lungviz.cases import Case
 from lungviz.finder import LOCATE, PRESENCE, candidate_points, load_finder, otsu, sample_patches, scan
 from lungviz.models import ModelSpec, create_model, load_bundle, resolve_device, save_bundle
-from lungviz.preprocess import to_model_input
+from lungviz.preprocess import DEFAULT_SPACING_MM, to_model_input
 from lungviz.splits import Split
 from training.augment import AugmentConfig, augment
-from training.data import SliceStore
+from training.data import SliceStore, centre_weights
 from training.datasets import load_cases
 from training.loop import LoopConfig, fit
 
@@ -109,16 +109,14 @@ class PatchSource:
         return len(self.slices[ci]) > 0
 
     def spacing(self, ci: int) -> float:
-        return float(self.store.cases[ci].pixel_spacing_mm or 0.7)
+        return float(self.store.cases[ci].pixel_spacing_mm or DEFAULT_SPACING_MM)
 
     def pick_slice(self, ci: int, rng: np.random.Generator | None) -> int:
         """A slice with an outline, favouring the nodule's middle; the largest outline when ``rng`` is None."""
         ks = self.slices[ci]
         if rng is None:
             return int(ks[np.argmax(self.diam_px[ci][ks])])
-        n = len(ks)
-        w = 1.0 - np.abs(np.arange(n) - (n - 1) / 2.0) / (n / 2.0 + 1.0)
-        return int(ks[rng.choice(n, p=w / w.sum())])
+        return int(ks[rng.choice(len(ks), p=centre_weights(len(ks)))])
 
     def negative_centre(self, ci: int, k: int, rng: np.random.Generator) -> np.ndarray:
         """A point at least ``neg_margin_mm`` outside the nodule, in the lung for most draws."""
@@ -220,14 +218,18 @@ def _model_inputs(patches: list[np.ndarray], mean, std) -> np.ndarray:
     return np.stack([to_model_input(p, mean, std) for p in patches]).astype(np.float32)
 
 
+def _central_outlined(src: PatchSource, ci: int, per_case: int) -> np.ndarray:
+    """The ``per_case`` outlined slices of a nodule nearest its middle (the evaluation slices)."""
+    ks = src.slices[ci]
+    return ks[np.argsort(np.abs(np.arange(len(ks)) - (len(ks) - 1) / 2.0), kind="stable")[:per_case]]
+
+
 def _fixed_presence_set(src: PatchSource, cases: np.ndarray, per_case: int, mean, std,
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Deterministic evaluation patches: ``per_case`` central outlined slices, one positive and one negative each."""
     xs, ys, owners = [], [], []
     for ci in cases:
-        ks = src.slices[ci]
-        mid = ks[np.argsort(np.abs(np.arange(len(ks)) - (len(ks) - 1) / 2.0), kind="stable")[:per_case]]
-        for k in mid:
+        for k in _central_outlined(src, ci, per_case):
             for positive in (True, False):
                 xs.append(src.presence_sample(int(ci), positive, None, int(k)))
                 ys.append(int(positive))
@@ -239,9 +241,7 @@ def _fixed_locate_set(src: PatchSource, cases: np.ndarray, per_case: int, mean, 
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     xs, ts, owners = [], [], []
     for ci in cases:
-        ks = src.slices[ci]
-        mid = ks[np.argsort(np.abs(np.arange(len(ks)) - (len(ks) - 1) / 2.0), kind="stable")[:per_case]]
-        for k in mid:
+        for k in _central_outlined(src, ci, per_case):
             p, t = src.locate_sample(int(ci), None, int(k))
             xs.append(p)
             ts.append(t)
@@ -387,7 +387,7 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
         keep = set(sorted({c.patient_id for c in cases})[: cfg.limit])
         cases = [c for c in cases if c.patient_id in keep]
     cases = [c for c in cases if c.patient_id not in DICOM_TEST_PATIENTS and c.has_masks]
-    parts = {n: [c for c in split.select(cases, n)] for n in ("train", "val", "test")}
+    parts = {n: split.select(cases, n) for n in ("train", "val", "test")}
     ordered: list[Case] = [c for n in ("train", "val", "test") for c in parts[n]]
     offsets = np.cumsum([0] + [len(parts[n]) for n in ("train", "val", "test")])
     store = SliceStore(ordered, progress=progress)
