@@ -14,7 +14,7 @@ import streamlit as st
 
 from lungviz import paths
 from lungviz.errors import LungvizError
-from lungviz.explain import LimeResult, cam, lime_map
+from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, cam, lime_map
 from lungviz.finder import Finder, load_finder, scan
 from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
@@ -28,10 +28,18 @@ from lungviz.reviews import VERDICTS, ReviewStore
 INDEX_NAME = "index-nodule-binary"
 LIBRARY_PAGE = "app_pages/library.py"
 #: Preferences kept across pages (widget keys re-assigned each run, so leaving a page does not reset them).
-PREFERENCES = {"alpha": 0.4, "map_method": "Grad-CAM", "k_similar": 5, "window": "lung", "reviewer": ""}
+PREFERENCES = {"alpha": 0.4, "map_method": "Grad-CAM", "lime_precision": "Fast", "k_similar": 5, "window": "lung",
+               "reviewer": ""}
 #: Other session values: LIME results per input, saved reviews per case (for the report).
 STATE = {"lime": {}, "saved_reviews": {}}
 MAP_METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcampp", "LIME": "lime"}
+#: LIME precision choices: perturbations per run, and what the choice means for the user.
+LIME_PRECISION = {
+    "Fast": (LIME_SAMPLES, f"{LIME_SAMPLES} perturbations, under a second; the 5 regions shown can change "
+                           "between runs more than they do with stock LIME."),
+    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, a few seconds; the 5 regions shown are "
+                                    "as repeatable as stock LIME's (1,000 coin-flip perturbations)."),
+}
 VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}
 VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
 CALIBRATION_CAVEAT = (
@@ -200,14 +208,15 @@ def cam_map(folder: str, bundle_name: str, image: np.ndarray, method: str) -> np
     return cam(b.model, image, b.mean, b.std, method=method, prior_adjust=b.spec.get("prior_adjust"))
 
 
-def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[float], None]) -> LimeResult:
+def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[float], None],
+         num_samples: int = LIME_SAMPLES) -> LimeResult:
     """LIME of one view, kept per input in the session (its progress bar cannot live inside st.cache_data)."""
-    key = digest(folder, bundle_name, image)
+    key = digest(folder, bundle_name, image, str(num_samples))
     memo = st.session_state.setdefault("lime", {})
     if key not in memo:
         b = _model_set(folder).bundles[bundle_name]
-        memo[key] = lime_map(b.model, image, b.mean, b.std, progress=progress, temperature=b.temperature,
-                             prior_adjust=b.spec.get("prior_adjust"))
+        memo[key] = lime_map(b.model, image, b.mean, b.std, num_samples=num_samples, progress=progress,
+                             temperature=b.temperature, prior_adjust=b.spec.get("prior_adjust"))
         while len(memo) > 32:
             memo.pop(next(iter(memo)))
     return memo[key]

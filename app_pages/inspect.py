@@ -287,6 +287,12 @@ st.subheader("Where the model looked")
 mc1, mc2 = st.columns([2, 3])
 method = mc1.segmented_control("Map", list(common.MAP_METHODS), key="map_method") or "Grad-CAM"
 alpha = mc2.slider("Map opacity", 0.0, 1.0, step=0.05, key="alpha")
+lime_samples = common.LIME_PRECISION["Fast"][0]
+if common.MAP_METHODS[method] == "lime":
+    precision = st.segmented_control("LIME precision", list(common.LIME_PRECISION), key="lime_precision",
+                                     help="More perturbations give regions that change less from run to run.")
+    lime_samples, note = common.LIME_PRECISION[precision or "Fast"]
+    st.caption(note)
 map_views = [v for v in ("nodule", "slice") if f"{v}-binary" in ms.bundles and v in pred.images]
 maps: dict[str, np.ndarray] = {}
 map_cols = st.columns(4)
@@ -300,7 +306,7 @@ for i, view in enumerate(map_views):
         if common.MAP_METHODS[method] == "lime":
             bar = st.progress(0.0, text=f"LIME, {label}…")
             res = common.lime(folder, name, img, lambda f, bar=bar, label=label: bar.progress(
-                min(1.0, f), text=f"LIME, {label}: {f:.0%}"))
+                min(1.0, f), text=f"LIME, {label}: {f:.0%}"), num_samples=lime_samples)
             bar.progress(1.0, text=f"LIME, {label}: done ({res.num_samples} samples, fit R² {res.score:.2f})")
             shown = lime_overlay(big, res, k=5, alpha=alpha)
             caption = f"LIME, {label}: the 5 regions most in favour of '{call}'"

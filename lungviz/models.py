@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -163,6 +165,68 @@ class LungvizNet(nn.Module):
     def backbone_groups(self) -> list[list[nn.Parameter]]:
         """Parameter groups from the top down (head, last block(s), ..., stem); each parameter exactly once."""
         return [params for _, params in self.named_groups()]
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` with every batch norm folded into the convolution before it.
+
+    Each ``Conv2d`` followed directly by a ``BatchNorm2d`` (in the order the parent registers them, as in timm's
+    EfficientNets and the cnn4 baseline) gets the norm's running statistics and affine folded into its weights and
+    bias; the norm becomes its activation (timm's ``BatchNormAct2d``) or nothing. The same function up to float
+    rounding, with fewer operations per image; the original ``model`` is not touched. Callers check the outputs
+    agree before relying on it (see ``explain``).
+    """
+    import copy
+    import itertools
+
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    folded = copy.deepcopy(model).eval()
+    for parent in list(folded.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in itertools.pairwise(children):
+            if not (type(bn).__name__ in ("BatchNorm2d", "BatchNormAct2d") and isinstance(conv, nn.Conv2d)):
+                continue
+            if conv.out_channels != bn.num_features or bn.running_mean is None or conv.groups > conv.out_channels:
+                continue
+            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                bn.weight, bn.bias)
+            conv.weight, conv.bias = weight, bias
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            setattr(parent, bn_name, nn.Sequential(*after) if after else nn.Identity())
+    return folded
+
+
+# Batch inference (LIME's perturbations, the finder's patches) runs on a batch-norm-folded copy of the model (faster
+# per image on CPU), made once per model and weight version; None = folding changed the outputs, use the model.
+_FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[int, nn.Module | None]] = weakref.WeakKeyDictionary()
+_FOLD_LOCK = threading.Lock()
+
+
+def _weights_version(model: nn.Module) -> int:
+    """Changes whenever a parameter or buffer of ``model`` is modified in place (an optimiser step, a load)."""
+    return sum(t._version for t in (*model.parameters(), *model.buffers())) + id(next(model.parameters(), None))
+
+
+def inference_model(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """The batch-norm-folded copy of ``model`` (cached), after checking it gives ``model``'s logits on ``probe``."""
+    version = _weights_version(model)
+    with _FOLD_LOCK:
+        cached = _FOLDED.get(model)
+        if cached is not None and cached[0] == version:
+            return cached[1] or model
+        folded: nn.Module | None = fold_batchnorm(model).to(probe.device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                ref, out = model(probe).float(), folded(probe).float()
+        finally:
+            model.train(was_training)
+        if not torch.allclose(ref, out, rtol=1e-3, atol=1e-3):
+            folded = None
+        _FOLDED[model] = (version, folded)
+        return folded or model
 
 
 def _last_feature_module(backbone: nn.Module, in_chans: int, size: int) -> str:

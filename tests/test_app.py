@@ -13,7 +13,7 @@ import pytest
 from conftest import APP_CASES, encode_image, make_dicom
 from streamlit.testing.v1 import AppTest
 
-from lungviz import RESEARCH_NOTICE
+from lungviz import RESEARCH_NOTICE, explain
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 TIMEOUT = 120
@@ -144,7 +144,11 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     at.button_group(key="map_method").set_value("LIME").run()
     assert not at.exception
     assert [p.value for p in at.progress] == [100, 100]
+    assert all(f"({explain.LIME_SAMPLES} samples" in p.text for p in at.progress)
     assert sum(img.captions[0].startswith("LIME,") for img in at.image) == 2
+    at.button_group(key="lime_precision").set_value("Stable").run()  # more perturbations, a new run per view
+    assert not at.exception
+    assert all(f"({explain.LIME_STABLE_SAMPLES} samples" in p.text for p in at.progress)
 
     # a review is saved to the log in LUNGVIZ_HOME, with what the model said
     form = next(t for t in at.text_area if t.label == "Note")

@@ -13,7 +13,7 @@ import torch
 
 from lungviz import explain
 from lungviz.errors import LungvizError
-from lungviz.models import create_model
+from lungviz.models import create_model, inference_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 SIDE = 32
@@ -227,10 +227,12 @@ def test_lime_top_segment_covers_the_bright_square(model, image) -> None:
 
 def test_fast_lime_agrees_with_stock_lime_with_fewer_model_calls(model, image) -> None:
     seg = explain.segment(image, n_segments=16)
-    sizes, handle = _count_images(model)
+    probe = explain._model_input(model, image, MEAN, STD)[None]
+    sizes, handle = _count_images(inference_model(model, probe))  # the folded copy LIME runs
     fast = explain.lime_map(model, image, MEAN, STD, segments=seg, seed=0, hide_value=HIDE)
+    handle.remove()
     fast_calls, fast_images = len(sizes), sum(sizes)
-    sizes.clear()
+    sizes, handle = _count_images(model)
     stock = explain.stock_lime(model, image, MEAN, STD, seg, target_class=None, seed=0, hide_value=HIDE)
     handle.remove()
     assert stock.target_class == fast.target_class == 1
@@ -241,17 +243,22 @@ def test_fast_lime_agrees_with_stock_lime_with_fewer_model_calls(model, image) -
     assert fast_images == explain.LIME_SAMPLES and fast_calls == -(-explain.LIME_SAMPLES // explain.LIME_CPU_BATCH)
 
 
-def test_lime_design_is_balanced_and_orthogonal() -> None:
-    masks = explain._design(64, 20, np.random.default_rng(0))
-    assert masks.shape == (64, 20) and masks.dtype == np.int8 and np.all(masks[0] == 1)
-    signs = 2 * masks[1:].astype(int) - 1  # row 0 (the image itself) replaced one row of the Hadamard matrix
+def test_lime_design_is_balanced_orthogonal_and_folded_over() -> None:
+    masks = explain._design(128, 20, np.random.default_rng(0))
+    assert masks.shape == (128, 20) and masks.dtype == np.int8 and np.all(masks[0] == 1)
+    np.testing.assert_array_equal(masks[65:], 1 - masks[1:64])  # the second half flips every segment
+    signs = 2 * masks.astype(int) - 1  # row 0 (the image itself) replaced one row of the design
     gram = signs.T @ signs
-    assert np.all(np.abs(gram - np.diag(np.diag(gram))) <= 1)  # columns orthogonal up to that one row
-    assert np.all(np.abs(signs.sum(axis=0)) <= 1)  # each segment on in half of the masks
-    assert len({tuple(r) for r in masks}) == 64
-    assert not np.array_equal(masks, explain._design(64, 20, np.random.default_rng(1)))
-    sub = explain._design(40, 50, np.random.default_rng(0))  # fewer samples than segments + 1: rows of a larger design
-    assert sub.shape == (40, 50) and np.all(sub[0] == 1)
+    assert np.all(np.abs(gram - np.diag(np.diag(gram))) <= 2)  # columns orthogonal up to that one row
+    assert np.all(np.abs(signs.sum(axis=0)) <= 2)  # each segment on in half of the masks
+    # fold-over: every segment is orthogonal to every two-segment interaction (a plain Hadamard design aliases some)
+    inter = np.stack([signs[:, i] * signs[:, j] for i in range(20) for j in range(i + 1, 20)], axis=1)
+    assert np.abs(signs.T @ inter).max() <= 2
+    assert len({tuple(r) for r in masks}) == 128
+    assert not np.array_equal(masks, explain._design(128, 20, np.random.default_rng(1)))
+    sub = explain._design(41, 50, np.random.default_rng(0))  # fewer samples than segments + 1, odd count
+    assert sub.shape == (41, 50) and np.all(sub[0] == 1)
+    np.testing.assert_array_equal(sub[22:], 1 - sub[1:20])
 
 
 def test_lime_kernel_matches_lime() -> None:

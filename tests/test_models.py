@@ -438,3 +438,27 @@ def test_bundle_never_unpickles(saved, monkeypatch):
     raw = (saved / "m.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int(np.frombuffer(raw[:8], dtype="<u8")[0])])
     assert header["__metadata__"]["arch"] == "cnn4"
+
+
+@pytest.mark.parametrize("arch", ["cnn4", "tf_efficientnet_lite0"])
+def test_inference_model_folds_batchnorm_with_the_same_outputs(arch: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(arch, 2).eval()
+    for m in model.modules():  # trained-like statistics, so folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    x = torch.randn(4, 3, 64, 64)
+    fast = models.inference_model(model, x[:1])
+    assert fast is not model and fast is models.inference_model(model, x[:1])  # folded once, then cached
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.classifier.weight.mul_(-1.0)  # new weights (an optimiser step): a new folded copy
+    refolded = models.inference_model(model, x[:1])
+    assert refolded is not fast
+    with torch.inference_mode():
+        torch.testing.assert_close(refolded(x), model(x), rtol=1e-4, atol=1e-4)
