@@ -6,12 +6,14 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from lungviz.models import load_bundle
-from training.augment import AugmentConfig, affine, augment
-from training.data import class_weights, epoch_plan
-from training.loop import stage_of
+from lungviz.models import create_model, load_bundle
+from training.augment import AugmentConfig, affine, augment, augment_pair
+from training.data import SliceStore, ViewConfig, class_weights, epoch_plan, train_batch_with_masks
+from training.loop import MaskAuxLoss, stage_of
+from training.train import mask_layer
 
 
 def test_affine_identity_and_quarter_turn():
@@ -31,6 +33,47 @@ def test_augment_is_seeded_and_bounded():
     assert a.min() >= 0.0 and a.max() <= 1.0
     off = AugmentConfig(rotate_deg=0, flip=False, shift_frac=0, scale=0, brightness=0, contrast=0, gamma=0, noise=0)
     assert np.allclose(augment(img, np.random.default_rng(0), off), img)
+
+
+def test_augment_pair_moves_the_mask_with_the_image():
+    img = np.full((48, 48), 0.2, np.float32)
+    img[8:20, 26:40] = 0.9  # a bright block off the centre
+    mask = (img > 0.5).astype(np.float32)
+    for seed in range(5):
+        a, m = augment_pair(img, mask, np.random.default_rng(seed))
+        np.testing.assert_array_equal(a, augment(img, np.random.default_rng(seed)))  # the same draws as augment
+        assert m is not None and m.shape == img.shape and m.min() >= 0.0 and m.max() <= 1.0
+        assert np.corrcoef(a.ravel(), m.ravel())[0, 1] > 0.9  # the mask went where the block went
+        assert not np.array_equal(m, mask)
+    assert augment_pair(img, None, np.random.default_rng(0))[1] is None
+
+
+def test_mask_targets_and_the_auxiliary_loss(tmp_path):
+    from lungviz.lidc import import_slices
+
+    cases, _ = import_slices(_synthetic_slices(tmp_path / "s", n_patients=4))
+    store = SliceStore(cases, progress=False, masks=True)
+    vc = ViewConfig("slice", 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    labels = np.array([0, 1, 0, 1])
+    off = AugmentConfig(rotate_deg=0, flip=False, shift_frac=0, scale=0, brightness=0, contrast=0, gamma=0, noise=0)
+    x, y = train_batch_with_masks(store, np.arange(4), labels, vc, np.random.default_rng(0), off, grid=4)
+    assert x.shape == (4, 3, 32, 32) and y.shape == (4, 17)
+    np.testing.assert_array_equal(y[:, 0], labels)
+    cells = y[:, 1:].reshape(4, 4, 4)
+    assert np.all(cells[:, 1:3, 1:3].mean(axis=(1, 2)) > cells[:, 0, 0])  # the disc sits in the middle cells
+    model = create_model("cnn4", 2)
+    layer, channels, side = mask_layer(model, 64)
+    assert (layer, channels, side) == ("backbone.blocks.3", 256, 4)
+    layer, channels, side = mask_layer(model, 32)
+    aux = MaskAuxLoss(model, layer, channels, 1.0, torch.nn.CrossEntropyLoss())
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y[:, [0, *range(1, 17, 4)]])  # 2 x 2 grid at 32 px
+    loss = aux(model(xt), yt)
+    plain = torch.nn.functional.cross_entropy(model(xt), yt[:, 0].long())
+    assert loss.item() > plain.item()  # the mask term adds to the class loss
+    loss.backward()
+    assert aux.head.weight.grad is not None and model.backbone.blocks[0][0].weight.grad is not None
+    aux.close()
+    assert not model.get_submodule(layer)._forward_hooks
 
 
 def test_upsampling_plan_brings_every_class_to_largest_plus_200():

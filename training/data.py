@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from lungviz.cases import Case
 from lungviz.preprocess import to_model_input, view_from_context
-from training.augment import AugmentConfig, augment
+from training.augment import AugmentConfig, augment, augment_pair
 
 
 @dataclass
@@ -28,11 +28,14 @@ class ViewConfig:
 class SliceStore:
     """All slices of a list of cases, held as ``uint8`` stacks (about 16 KB per 128 px slice)."""
 
-    def __init__(self, cases: Sequence[Case], progress: bool = True) -> None:
+    def __init__(self, cases: Sequence[Case], progress: bool = True, masks: bool = False) -> None:
         self.cases = list(cases)
         self.stacks: list[np.ndarray] = []
+        self.masks: list[np.ndarray | None] = []  # readers' consensus per slice (fraction x 255), when asked for
         for c in tqdm(self.cases, desc="loading slices", unit="case", disable=not progress):
             self.stacks.append(np.round(c.load_slices() * 255.0).astype(np.uint8))
+            m = c.load_masks() if masks else None
+            self.masks.append(None if m is None else np.round(m * 255.0).astype(np.uint8))
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -40,6 +43,13 @@ class SliceStore:
     def slice01(self, case_index: int, slice_index: int) -> np.ndarray:
         """One slice as ``(H, W) float32 in [0, 1]``."""
         return self.stacks[case_index][slice_index].astype(np.float32) / 255.0
+
+    def mask01(self, case_index: int, slice_index: int) -> np.ndarray:
+        """The readers' consensus on one slice, ``(H, W) float32`` fraction of readers (zeros when unknown)."""
+        m = self.masks[case_index] if self.masks else None
+        if m is None:
+            return np.zeros_like(self.slice01(case_index, slice_index))
+        return m[slice_index].astype(np.float32) / 255.0
 
     def n_slices(self, case_index: int) -> int:
         return int(self.stacks[case_index].shape[0])
@@ -132,6 +142,27 @@ def train_batch(
 ) -> np.ndarray:
     """A batch of augmented inputs, one random slice of each listed case."""
     return np.stack([make_input(store, int(i), store.train_slice(int(i), rng), vc, rng, aug) for i in case_indices])
+
+
+def train_batch_with_masks(
+    store: SliceStore, case_indices: np.ndarray, labels: np.ndarray, vc: ViewConfig, rng: np.random.Generator,
+    aug: AugmentConfig, grid: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`train_batch` plus, per input, the readers' consensus mask in the same augmented view averaged to
+    ``grid x grid`` cells: targets ``(N, 1 + grid**2) float32`` = (class label, mask cells row by row)."""
+    xs, ys = [], []
+    for i, y in zip(case_indices, labels, strict=True):
+        i = int(i)
+        k = store.train_slice(i, rng)
+        ctx, mask = augment_pair(store.slice01(i, k), store.mask01(i, k), rng, aug)
+        spacing = store.cases[i].pixel_spacing_mm
+        view = view_from_context(ctx, vc.view, vc.input_size, spacing, vc.field_mm)
+        mview = view_from_context(mask, vc.view, vc.input_size, spacing, vc.field_mm)
+        cell = vc.input_size // grid
+        cells = mview[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+        xs.append(to_model_input(view, vc.mean, vc.std))
+        ys.append(np.concatenate([[float(y)], cells.ravel()]).astype(np.float32))
+    return np.stack(xs), np.stack(ys)
 
 
 def view_config_from_spec(spec: dict) -> ViewConfig:

@@ -55,6 +55,33 @@ def stage_of(epoch: int, stages: tuple[int, ...]) -> int:
     return sum(epoch >= s for s in stages)
 
 
+class MaskAuxLoss(nn.Module):
+    """Class cross-entropy plus ``weight`` x a mask loss: a 1x1-conv head on the feature map of ``layer`` predicts
+    the readers' consensus mask (block-averaged to that map's grid), so the features must encode where the nodule
+    is and how large. Targets come packed as ``(label, mask cells...)`` (see ``train_batch_with_masks``). The head
+    is used in training only; :meth:`close` removes the feature hook from the model."""
+
+    def __init__(self, model: nn.Module, layer: str, channels: int, weight: float, class_loss: nn.Module) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(channels, 1, kernel_size=1)
+        self.weight = float(weight)
+        self.class_loss = class_loss
+        self._features: list[torch.Tensor] = []
+        self._hook = model.get_submodule(layer).register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        self._features[:] = [output] if torch.is_grad_enabled() else []
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.class_loss(logits, target[:, 0].long())
+        cells = self.head(self._features[0].float()).flatten(1)
+        return loss + self.weight * nn.functional.binary_cross_entropy_with_logits(cells, target[:, 1:].float())
+
+    def close(self) -> None:
+        self._hook.remove()
+        self._features.clear()
+
+
 BatchFn = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
@@ -95,6 +122,9 @@ def fit(
                                                cfg.epoch_samples)) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     groups = [{"params": g, "lr": cfg.lr * cfg.layer_decay**k} for k, g in enumerate(model.backbone_groups())]
+    loss_fn.to(device)
+    if extra := list(loss_fn.parameters()):  # a loss with its own head (MaskAuxLoss) learns at the head's rate
+        groups.append({"params": extra, "lr": cfg.lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * 0.5 * (1 + math.cos(math.pi * min(s / total, 1)))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from lungviz import metrics, paths
 from lungviz.cases import Case, data_fingerprint
@@ -19,10 +21,10 @@ from lungviz.models import ModelSpec, create_model, resolve_device, save_bundle
 from lungviz.preprocess import VIEWS
 from lungviz.splits import Split, holdout_split
 from training.augment import AugmentConfig
-from training.data import SliceStore, ViewConfig
+from training.data import SliceStore, ViewConfig, class_weights, train_batch_with_masks
 from training.datasets import load_cases
 from training.evaluate import full_report, nodule_logits, selection_score
-from training.loop import LoopConfig, fit
+from training.loop import LoopConfig, MaskAuxLoss, fit
 
 log = logging.getLogger("training")
 
@@ -52,6 +54,7 @@ class TrainConfig:
     epoch_samples: int = 1536
     patience: int = 4
     label_smoothing: float = 0.0
+    mask_weight: float = 0.0  # > 0: also learn the readers' mask from a stride-16 feature map (training only)
     val_slices: int = 5
     central_fraction: float = 0.5  # nodule prediction = mean logit over the central half of its slices
     seed: int = 0
@@ -71,6 +74,29 @@ SHIPPED: dict[str, dict] = {
     "slice-score": {"view": "slice", "task": "score"},
     "histology": {"dataset": "histology", "view": "slice", "task": "histology", "input_size": 96},
 }
+
+
+def mask_layer(model: nn.Module, input_size: int) -> tuple[str, int, int]:
+    """The deepest ``backbone.blocks`` stage at stride 16 (4 x 4 at 64 px): its name, channels and grid side."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    blocks = model.get_submodule("backbone.blocks")
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, tuple(out.shape)))
+             for n, m in blocks.named_children()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, int(getattr(model, "in_chans", 3)), input_size, input_size,
+                              device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    side = max(1, input_size // 16)
+    found = [n for n, shp in shapes.items() if shp[-1] == side]
+    if not found:
+        raise ValueError(f"no backbone stage has a {side} x {side} feature map at {input_size} px")
+    return f"backbone.blocks.{found[-1]}", int(shapes[found[-1]][1]), side
 
 
 def _split_for(cases: list[Case], cfg: TrainConfig) -> Split:
@@ -133,7 +159,7 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
     field_mm = cfg.field_mm or VIEWS[cfg.view].field_mm
     vc = ViewConfig(cfg.view, cfg.input_size, mean, std, field_mm if cfg.view == "nodule" else None,
                     cfg.central_fraction)
-    store = SliceStore(cases, progress=progress)
+    store = SliceStore(cases, progress=progress, masks=cfg.mask_weight > 0)
     loop_cfg = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, layer_decay=cfg.layer_decay,
                           weight_decay=cfg.weight_decay,
                           stages=cfg.stages, stage_groups=cfg.stage_groups, balance=cfg.balance,
@@ -144,7 +170,21 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
         return selection_score(labels[idx["val"]], nodule_logits(m, store, idx["val"], vc, device, cfg.val_slices),
                                scheme)
 
-    run = fit(model, store, idx["train"], labels[idx["train"]], vc, loop_cfg, device, validate, progress)
+    batch_fn, aux = None, None
+    if cfg.mask_weight > 0:
+        layer, channels, grid = mask_layer(model, cfg.input_size)
+        weight = class_weights(labels[idx["train"]], scheme.n_classes) if cfg.balance == "weighted" else None
+        aux = MaskAuxLoss(model, layer, channels, cfg.mask_weight, nn.CrossEntropyLoss(
+            weight=None if weight is None else torch.from_numpy(weight).to(device),
+            label_smoothing=cfg.label_smoothing))
+
+        def batch_fn(items: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+            return train_batch_with_masks(store, items, labels[items], vc, rng, loop_cfg.aug, grid)
+
+    run = fit(model, store, idx["train"], labels[idx["train"]], vc, loop_cfg, device, validate, progress,
+              batch_fn=batch_fn, loss_fn=aux)
+    if aux is not None:
+        aux.close()
     # Calibration on validation: undo balanced sampling (prior shift), then temperature.
     train_prior = np.bincount(labels[idx["train"]], minlength=scheme.n_classes) / len(idx["train"])
     prior_adjust = None
