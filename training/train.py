@@ -68,10 +68,10 @@ class TrainConfig:
 
 #: The shipped models: overrides of the defaults above. ``python -m training train --all`` reproduces them.
 SHIPPED: dict[str, dict] = {
-    "nodule-binary": {"view": "nodule", "task": "binary"},
-    "nodule-score": {"view": "nodule", "task": "score"},
-    "slice-binary": {"view": "slice", "task": "binary"},
-    "slice-score": {"view": "slice", "task": "score"},
+    "nodule-binary": {"view": "nodule", "task": "binary", "epochs": 30, "stages": (2, 10), "patience": 8},
+    "nodule-score": {"view": "nodule", "task": "score", "epochs": 30, "stages": (2, 10), "patience": 8},
+    "slice-binary": {"view": "slice", "task": "binary", "epochs": 30, "stages": (2, 10), "patience": 8},
+    "slice-score": {"view": "slice", "task": "score", "epochs": 30, "stages": (2, 10), "patience": 8},
     "histology": {"dataset": "histology", "view": "slice", "task": "histology", "input_size": 96},
 }
 
