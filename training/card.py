@@ -24,6 +24,13 @@ PUBLISHED = {
 ORDER = ("nodule-binary", "slice-binary", "fused-binary", "nodule-score", "slice-score", "fused-score", "histology")
 
 
+def _budget(setup: dict) -> str:
+    """One line on the training budget of a screen or CV run, which may be shorter than the shipped models'."""
+    return (f"Budget per run: {setup.get('epochs')} epochs of {setup.get('epoch_samples')} samples, unfreezing at "
+            f"epochs {', '.join(str(e) for e in setup.get('stages', []))} (the shipped models' own budgets are under "
+            "'Per model').")
+
+
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
 
@@ -263,6 +270,7 @@ def write_card(folder: Path | None = None) -> Path:
           f"**{retrieval['precision_at_5_test_vs_train']:.3f}** (chance {retrieval['chance_precision_at_5']:.3f}).\n")
     if screen:
         w("## Backbone screen (validation split only)\n")
+        w(_budget(screen["setup"]) + "\n")
         w("| backbone | pretrained | val AUROC | val malignant F1 | best epoch | minutes | images/s |")
         w("| --- | --- | --- | --- | --- | --- | --- |")
         for r in screen["results"]:
@@ -271,6 +279,7 @@ def write_card(folder: Path | None = None) -> Path:
         w("")
     if cv:
         w(f"## {cv['k']}-fold patient-level cross-validation ({cv['setup'].get('view')}-{cv['setup'].get('task')})\n")
+        w(_budget(cv["setup"]) + "\n")
         w("| fold | n test | AUROC | malignant F1 | weighted F1 | ECE |")
         w("| --- | --- | --- | --- | --- | --- |")
         for r in cv["folds"]:
@@ -293,7 +302,8 @@ def write_card(folder: Path | None = None) -> Path:
             w(f"`{s['arch']}` ({'ImageNet-pretrained' if tr.get('pretrained') else 'from scratch'}), view "
               f"`{s['view']}`, input {s['input_size']} px, {s['preprocessing'].get('aggregate', '')}; temperature "
               f"{s['temperature']:.2f}. Trained on {tr.get('device', '?')} for {tr.get('train_seconds', 0) / 60:.1f} "
-              f"min ({tr.get('images_per_second', 0):.0f} images/s, best epoch {tr.get('best_epoch')}); "
+              f"min ({tr.get('images_per_second', 0):.0f} images/s; up to {tr.get('epochs')} epochs of "
+              f"{tr.get('epoch_samples')} samples, best epoch {tr.get('best_epoch')}); "
               f"train/val/test {tr.get('n_train')}/{tr.get('n_val')}/{tr.get('n_test')} nodules.\n")
         if n in figs:
             w(f"![confusion]({figs[n]['confusion']}) ![reliability]({figs[n]['reliability']})\n")
