@@ -173,8 +173,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     Each ``Conv2d`` followed directly by a ``BatchNorm2d`` (in the order the parent registers them, as in timm's
     EfficientNets and the cnn4 baseline) gets the norm's running statistics and affine folded into its weights and
     bias; the norm becomes its activation (timm's ``BatchNormAct2d``) or nothing. The same function up to float
-    rounding, with fewer operations per image; the original ``model`` is not touched. Callers check the outputs
-    agree before relying on it (see ``explain``).
+    rounding, with fewer operations per image; the original ``model`` is not touched. :func:`inference_model`
+    checks the outputs agree before relying on it.
     """
     import copy
     import itertools
@@ -185,9 +185,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     for parent in list(folded.modules()):
         children = list(parent.named_children())
         for (_, conv), (bn_name, bn) in itertools.pairwise(children):
-            if not (type(bn).__name__ in ("BatchNorm2d", "BatchNormAct2d") and isinstance(conv, nn.Conv2d)):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):  # timm's BatchNormAct2d too
                 continue
-            if conv.out_channels != bn.num_features or bn.running_mean is None or conv.groups > conv.out_channels:
+            if conv.out_channels != bn.num_features or bn.running_mean is None:
                 continue
             weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                                 bn.weight, bn.bias)
@@ -197,8 +197,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-# Batch inference (LIME's perturbations, the finder's patches) runs on a batch-norm-folded copy of the model (faster
-# per image on CPU), made once per model and weight version; None = folding changed the outputs, use the model.
+# LIME's batches of perturbed images run on a batch-norm-folded copy of the model (faster per image on CPU), made
+# once per model and weight version; None = folding changed the outputs, use the model.
 _FOLDED: weakref.WeakKeyDictionary[nn.Module, tuple[int, nn.Module | None]] = weakref.WeakKeyDictionary()
 _FOLD_LOCK = threading.Lock()
 

@@ -55,6 +55,14 @@ def stage_of(epoch: int, stages: tuple[int, ...]) -> int:
     return sum(epoch >= s for s in stages)
 
 
+def class_loss(cfg: LoopConfig, train_labels: np.ndarray, n_classes: int, device: torch.device) -> nn.Module:
+    """The classification loss of a run: cross-entropy, class-weighted when ``cfg.balance`` is "weighted"."""
+    weight = None
+    if cfg.balance == "weighted":
+        weight = torch.from_numpy(class_weights(train_labels, n_classes)).to(device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+
 class MaskAuxLoss(nn.Module):
     """Class cross-entropy plus ``weight`` x a mask loss: a 1x1-conv head on the feature map of ``layer`` predicts
     the readers' consensus mask (block-averaged to that map's grid), so the features must encode where the nodule
@@ -112,11 +120,8 @@ def fit(
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    weight = None
-    if cfg.balance == "weighted":
-        weight = torch.from_numpy(class_weights(train_labels, n_classes)).to(device)
     if loss_fn is None:
-        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+        loss_fn = class_loss(cfg, train_labels, n_classes, device)
     plan_kind = "upsample" if cfg.balance == "upsample" else "none"
     steps_per_epoch = math.ceil(len(epoch_plan(train_labels, np.random.default_rng(0), plan_kind, cfg.balance_extra,
                                                cfg.epoch_samples)) / cfg.batch_size)

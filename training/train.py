@@ -21,10 +21,10 @@ from lungviz.models import ModelSpec, create_model, resolve_device, save_bundle
 from lungviz.preprocess import VIEWS
 from lungviz.splits import Split, holdout_split
 from training.augment import AugmentConfig
-from training.data import SliceStore, ViewConfig, class_weights, train_batch_with_masks
+from training.data import SliceStore, ViewConfig, train_batch_with_masks
 from training.datasets import load_cases
 from training.evaluate import full_report, nodule_logits, selection_score
-from training.loop import LoopConfig, MaskAuxLoss, fit
+from training.loop import LoopConfig, MaskAuxLoss, class_loss, fit
 
 log = logging.getLogger("training")
 
@@ -173,10 +173,8 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
     batch_fn, aux = None, None
     if cfg.mask_weight > 0:
         layer, channels, grid = mask_layer(model, cfg.input_size)
-        weight = class_weights(labels[idx["train"]], scheme.n_classes) if cfg.balance == "weighted" else None
-        aux = MaskAuxLoss(model, layer, channels, cfg.mask_weight, nn.CrossEntropyLoss(
-            weight=None if weight is None else torch.from_numpy(weight).to(device),
-            label_smoothing=cfg.label_smoothing))
+        aux = MaskAuxLoss(model, layer, channels, cfg.mask_weight,
+                          class_loss(loop_cfg, labels[idx["train"]], scheme.n_classes, device))
 
         def batch_fn(items: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return train_batch_with_masks(store, items, labels[items], vc, rng, loop_cfg.aug, grid)
