@@ -14,7 +14,7 @@ import streamlit as st
 
 from lungviz import paths
 from lungviz.errors import LungvizError
-from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, cam, lime_map
+from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundle_cam, lime_map
 from lungviz.finder import Finder, load_finder, scan
 from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
@@ -205,7 +205,7 @@ def prediction(folder: str, context: np.ndarray | None, nodule_crop: np.ndarray 
 @st.cache_data(show_spinner=False, max_entries=256)
 def cam_map(folder: str, bundle_name: str, image: np.ndarray, method: str) -> np.ndarray:
     b = _model_set(folder).bundles[bundle_name]
-    return cam(b.model, image, b.mean, b.std, method=method, prior_adjust=b.spec.get("prior_adjust"))
+    return bundle_cam(b, image, method)
 
 
 def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[float], None],

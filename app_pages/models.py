@@ -181,10 +181,12 @@ if retrieval or camloc:
                     f"{retrieval.get('chance_precision_at_5', float('nan')):.0%}).")
     if camloc and camloc.get("models"):
         st.markdown("Does the Grad-CAM peak fall inside the readers' outline? (test split)")
-        st.dataframe([{"model": n, "n": r.get("n"), "peak inside outline": f"{r.get('peak_inside', 0):.0%}",
+        st.dataframe([{"model": n, "map layer": r.get("layer", "last"), "n": r.get("n"),
+                       "peak inside outline": f"{r.get('peak_inside', 0):.0%}",
                        "CAM mass inside": f"{r.get('mass_inside', 0):.0%}",
-                       "outline share of image": f"{r.get('mask_area', 0):.0%}"}
+                       "outline share of image (chance)": f"{r.get('mask_area', 0):.0%}"}
                       for n, r in camloc["models"].items()], hide_index=True)
+        st.caption("Each model's map layer was chosen on the validation split; the figures are on the test split.")
 
 st.subheader("Data and label provenance")
 st.markdown(

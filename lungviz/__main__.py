@@ -55,7 +55,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
     if args.explain:
         if not args.out:
             raise LungvizError("--explain needs --out DIR for the overlay images.")
-        from lungviz.explain import cam, lime_map, lime_overlay, overlay
+        from lungviz.explain import bundle_cam, lime_map, lime_overlay, overlay
 
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
                                prior_adjust=prior)
                 files[view] = _save_png(lime_overlay(image, res), folder / f"{view}-lime.png")
             else:
-                heat = cam(bundle.model, image, bundle.mean, bundle.std, args.explain, prior_adjust=prior)
+                heat = bundle_cam(bundle, image, args.explain)
                 files[view] = _save_png(overlay(image, heat, 0.4), folder / f"{view}-{args.explain}.png")
             _save_png(image, folder / f"{view}-input.png")
         out["explanations"] = {"method": args.explain, "files": files}

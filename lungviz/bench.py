@@ -103,7 +103,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
     """Time every step the app runs for one case; returns the figures the README and the issue ask for."""
     import torch
 
-    from lungviz.explain import LIME_STABLE_SAMPLES, cam, lime_map, segment, stock_lime, top_k_overlap
+    from lungviz.explain import LIME_STABLE_SAMPLES, bundle_cam, lime_map, segment, stock_lime, top_k_overlap
     from lungviz.predict import embed_view, load_models, predict
     from lungviz.retrieval import load_index, set_server_threads
 
@@ -120,10 +120,8 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
             b = models.bundle(view, "binary")
             if b is None:
                 continue
-            prior = b.spec.get("prior_adjust")
             for method in ("gradcam", "gradcampp"):
-                ms = _median_ms(lambda b=b, im=image, m=method, pr=prior: cam(b.model, im, b.mean, b.std, m,
-                                                                              prior_adjust=pr), max(5, repeats // 2))
+                ms = _median_ms(lambda b=b, im=image, m=method: bundle_cam(b, im, m), max(5, repeats // 2))
                 cam_ms.setdefault(f"{method}_{view}", []).append(ms)
     # LIME on the nodule view: fast (and stable) vs stock lime with defaults, same model, image and superpixels;
     # top-5 overlaps are means over the cases and over the three stock runs (pairs of them for stock vs stock).

@@ -21,7 +21,7 @@ from torch import nn
 
 from lungviz import metrics
 from lungviz.errors import LungvizError
-from lungviz.models import inference_model
+from lungviz.models import Bundle, inference_model
 from lungviz.preprocess import resize, to_model_input
 
 #: Grad-CAM variants by the name the app and the CLI use.
@@ -183,6 +183,14 @@ def cam(
     if heat is None or heat.shape != view.shape:
         raise LungvizError(f"the {method} map could not be computed for this model and image.")
     return np.clip(np.nan_to_num(heat), 0.0, 1.0).astype(np.float32)
+
+
+def bundle_cam(
+    bundle: Bundle, image: np.ndarray, method: str = "gradcam", target_class: int | None = None
+) -> np.ndarray:
+    """:func:`cam` of a shipped model on its view, on the bundle's chosen layer (``cam_layer``) and with its prior."""
+    return cam(bundle.model, image, bundle.mean, bundle.std, method, target_class,
+               prior_adjust=bundle.spec.get("prior_adjust"), layer=bundle.cam_layer)
 
 
 # --------------------------------------------------------------------------------------------------- LIME
@@ -564,6 +572,7 @@ __all__ = [
     "LIME_SAMPLES",
     "LIME_STABLE_SAMPLES",
     "LimeResult",
+    "bundle_cam",
     "calibrated_probabilities",
     "cam",
     "cam_in_mask",

@@ -593,6 +593,12 @@ class Bundle:
         """Preprocessing parameters (window, contrast, field of view...)."""
         return dict(self.spec.get("preprocessing", {}))
 
+    @property
+    def cam_layer(self) -> str | None:
+        """Dotted name of the Grad-CAM target layer chosen for this model (None = its last feature layer)."""
+        layer = self.spec.get("cam_layer")
+        return str(layer) if layer else None
+
 
 def _check_name(name: str) -> None:
     """Bundle names become file names: letters, digits, dot, dash and underscore only."""
@@ -654,13 +660,22 @@ def save_bundle(
     tmp = weights.with_name(weights.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "arch": model.arch})
     os.replace(tmp, weights)
-    written = {**data, "weights_file": weights.name, "weights_sha256": _sha256(weights)}
-    text = json.dumps(written, indent=2, default=_json_default)
-    spec_path = folder / f"{name}.json"
+    return _write_spec(folder, name, {**data, "weights_file": weights.name, "weights_sha256": _sha256(weights)})
+
+
+def _write_spec(folder: Path, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``<name>.json`` atomically; returns the spec as written."""
+    text = json.dumps(dict(spec), indent=2, default=_json_default)
+    spec_path = Path(folder) / f"{name}.json"
     tmp = spec_path.with_name(spec_path.name + ".tmp")
     tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, spec_path)
     return json.loads(text)
+
+
+def update_spec(folder: Path, name: str, **changes: Any) -> dict[str, Any]:
+    """Set top-level fields of bundle ``name``'s spec (e.g. ``cam_layer``); the weights are not touched."""
+    return _write_spec(folder, name, {**read_spec(folder, name), **changes})
 
 
 def read_spec(folder: Path, name: str) -> dict[str, Any]:
@@ -749,4 +764,5 @@ __all__ = [
     "read_spec",
     "resolve_device",
     "save_bundle",
+    "update_spec",
 ]

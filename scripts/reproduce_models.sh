@@ -8,7 +8,7 @@ python -m training train --all                                         # 5 bundl
 for m in nodule-binary slice-binary fused-binary nodule-score slice-score fused-score; do  # app reference cases
   python -m training evaluate --model "$m" --split test --n-boot 200 --predictions "weights/reference/$m-test.csv"
 done
-python -m training camloc                                              # weights/cam_localisation.json
+python -m training camloc                                              # cam_layer in each spec + weights/cam_localisation.json
 python -m training screen --epochs 5 --epoch-samples 1024              # weights/screen.json (validation only)
 python -m training cv --epochs 6 --epoch-samples 1024                  # weights/cv.json (5 patient-level folds)
 python -m training finder                                              # nodule finder bundles + weights/finder.json

@@ -13,7 +13,7 @@ import torch
 
 from lungviz import explain
 from lungviz.errors import LungvizError
-from lungviz.models import create_model, inference_model
+from lungviz.models import ModelSpec, create_model, inference_model, load_bundle, save_bundle, update_spec
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 SIDE = 32
@@ -108,6 +108,19 @@ def test_cam_shape_range_and_hooks_released(networks, arch: str, side: int, meth
     assert _no_hooks(net), "pytorch-grad-cam hooks were left on the model"
     assert net.training
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_bundle_cam_uses_the_bundle_layer(tmp_path, networks) -> None:
+    net = networks["tf_efficientnet_lite0"]
+    save_bundle(net, ModelSpec.from_model(net, classes=["a", "b"], view="nodule", task="binary"), tmp_path, "m")
+    img = np.random.default_rng(3).random((64, 64), dtype=np.float32)
+    last = explain.bundle_cam(load_bundle(tmp_path, "m", "cpu"), img)
+    update_spec(tmp_path, "m", cam_layer="backbone.blocks.2")
+    bundle = load_bundle(tmp_path, "m", "cpu")
+    chosen = explain.bundle_cam(bundle, img)
+    expected = explain.cam(bundle.model, img, bundle.mean, bundle.std, layer="backbone.blocks.2")
+    np.testing.assert_array_equal(chosen, expected)
+    assert not np.allclose(chosen, last)  # an 8 x 8 map, not the last layer's 2 x 2
 
 
 @pytest.mark.parametrize("method", sorted(explain.CAM_METHODS))

@@ -26,6 +26,7 @@ from lungviz.models import (
     pretrained_lite_state_dict,
     resolve_device,
     save_bundle,
+    update_spec,
 )
 
 LITE_INSTALLED = all(importlib.util.find_spec(module) is not None for module, _ in models.LITE_PACKAGES.values())
@@ -311,6 +312,19 @@ def test_bundle_round_trip(tmp_path, arch):
         expected, got = model(x), bundle.model(x)
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
     assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_update_spec_sets_fields_and_keeps_the_weights(tmp_path):
+    model = _with_running_stats(_seeded("cnn4", 2))
+    written = save_bundle(model, _spec(model), tmp_path, "m1")
+    assert load_bundle(tmp_path, "m1", "cpu").cam_layer is None  # no choice made: the last feature layer
+    updated = update_spec(tmp_path, "m1", cam_layer="backbone.blocks.2")
+    assert updated == {**written, "cam_layer": "backbone.blocks.2"}
+    bundle = load_bundle(tmp_path, "m1", "cpu")  # the checksum still matches: only the JSON changed
+    assert bundle.cam_layer == "backbone.blocks.2" and bundle.spec == updated
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(LungvizError, match="not found"):
+        update_spec(tmp_path, "absent", cam_layer="x")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -171,3 +171,16 @@ def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
     assert abs(sum(float(rows[0][f"p_{k}"]) for k in range(1, 6)) - 1) < 1e-3
     assert main(["evaluate", "--data", str(tmp_path / "nowhere"), "--model", "tiny", "--weights",
                  str(tmp_path / "w")]) == 2
+
+
+def test_cam_layer_candidates_are_stride_8_to_32_stages_then_the_last_layer(tmp_path):
+    from lungviz.models import ModelSpec, save_bundle
+    from training.cam_eval import cam_layer_candidates
+
+    net = create_model("tf_efficientnet_lite0", 2)
+    save_bundle(net, ModelSpec.from_model(net, classes=["a", "b"], view="nodule", task="binary", input_size=64),
+                tmp_path, "m")
+    bundle = load_bundle(tmp_path, "m", "cpu")
+    # Lite0 at 64 px: stages 0-1 are at stride 2-4 (too fine to be semantic), 2 at 8, 3-4 at 16, 5-6 at 32
+    assert cam_layer_candidates(bundle) == [f"backbone.blocks.{i}" for i in range(2, 7)] + ["backbone.bn2"]
+    assert not any(m._forward_hooks for m in bundle.model.modules())

@@ -257,10 +257,13 @@ def write_card(folder: Path | None = None) -> Path:
     w("")
     if cam:
         w("## Does the map point at the nodule? (Grad-CAM, test split)\n")
-        w("| model | n | CAM peak inside the readers' mask | share of CAM mass inside the mask | mask share of image |")
-        w("| --- | --- | --- | --- | --- |")
+        w("| model | CAM layer (chosen on validation) | n | CAM peak inside the readers' mask | share of CAM mass "
+          "inside the mask | mask share of image (chance) | last feature layer: peak inside, mass inside |")
+        w("| --- | --- | --- | --- | --- | --- | --- |")
         for n, r in cam.get("models", {}).items():
-            w(f"| {n} | {r['n']} | {r['peak_inside']:.1%} | {r['mass_inside']:.1%} | {r['mask_area']:.1%} |")
+            last = r.get("last_layer", r)
+            w(f"| {n} | `{r.get('layer', 'last')}` | {r['n']} | {r['peak_inside']:.1%} | {r['mass_inside']:.1%} | "
+              f"{r['mask_area']:.1%} | {last['peak_inside']:.1%}, {last['mass_inside']:.1%} |")
         w(f"\n{cam.get('method', '')}\n")
     if retrieval:
         w("## Similar-case retrieval\n")
@@ -315,9 +318,10 @@ def write_card(folder: Path | None = None) -> Path:
       "teaching example only.\n")
     w("- Calibration was fitted on the validation split of this data; probabilities will drift on other data.\n")
     if cam and any(r["peak_inside"] < 0.2 for r in cam.get("models", {}).values()):
-        w("- The Grad-CAM maps of these models are coarse (EfficientNet-Lite's last feature map is 2 x 2 at 64 px) "
-          "and do not localise the nodule better than chance (table above): read them as a rough indication of "
-          "the region, not as the nodule's outline.\n")
+        w("- The Grad-CAM maps are coarse: EfficientNet-Lite's last feature map is 2 x 2 at 64 px, so each model's "
+          "map is taken on an earlier layer chosen on validation (4 x 4 or 8 x 8). Even so they put little more "
+          "of their mass on the nodule than chance (table above): read them as a rough indication of the region "
+          "the model used, not as the nodule's outline.\n")
     w("- Training times above were measured on a shared 2-core machine while other jobs ran; the uncontended "
       "throughput of the same setup is in the backbone screen table.\n")
     path = folder / "README.md"
