@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,33 @@ def _last_feature_module(backbone: nn.Module, in_chans: int, size: int) -> str:
             # Outer modules finish after their children, so the last hit is the outermost one.
             return name
     raise LungvizError(f"could not find the last feature layer of '{type(backbone).__name__}'.")
+
+
+def stage_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
+    """``{"backbone.blocks.<i>": (N, C, H, W)}``: the output shape of each backbone stage at ``input_size`` px
+    (one dummy pass; empty for a backbone without a ``blocks`` sequence). Mode and hooks are left as found."""
+    blocks = getattr(getattr(model, "backbone", None), "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Callable[..., None]:  # a forward hook must return None, or it replaces the output
+        def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+            shapes[name] = tuple(out.shape)
+        return hook
+
+    hooks = [m.register_forward_hook(record(f"backbone.blocks.{n}")) for n, m in blocks.named_children()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, int(getattr(model, "in_chans", 3)), input_size, input_size,
+                              device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return shapes
 
 
 def _timm_data_config(backbone: nn.Module, in_chans: int) -> dict[str, Any]:
@@ -764,5 +791,6 @@ __all__ = [
     "read_spec",
     "resolve_device",
     "save_bundle",
+    "stage_shapes",
     "update_spec",
 ]

@@ -10,12 +10,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from lungviz import paths
 from lungviz.explain import cam, cam_in_mask
-from lungviz.models import Bundle, load_bundle, update_spec
+from lungviz.models import Bundle, load_bundle, stage_shapes, update_spec
 from lungviz.preprocess import view_from_context
 from training.data import central_slices, view_config_from_spec
 from training.datasets import load_cases
@@ -28,25 +27,11 @@ MIN_STRIDE, MAX_STRIDE = 8, 32
 
 def cam_layer_candidates(bundle: Bundle) -> list[str]:
     """Layers a Grad-CAM can be taken on: each stage of the backbone with output stride 8-32, then the last one."""
-    model, size = bundle.model, bundle.input_size
-    stages = getattr(model.backbone, "blocks", None)
-    names = [f"backbone.blocks.{i}" for i in range(len(stages))] if isinstance(stages, torch.nn.Sequential) else []
-    sides: dict[str, int] = {}
-
-    def record(name: str):  # a forward hook must return None, or it replaces the module's output
-        def hook(_module, _inputs, out) -> None:
-            sides[name] = int(out.shape[-1])
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, bundle.in_chans, size, size, device=bundle.device))
-    finally:
-        for h in handles:
-            h.remove()
-    keep = [n for n in names if MIN_STRIDE <= size // max(1, sides.get(n, size)) <= MAX_STRIDE]
-    return [*keep, model.feature_layer_name] if model.feature_layer_name not in keep else keep
+    size = bundle.input_size
+    keep = [n for n, shape in stage_shapes(bundle.model, size).items()
+            if MIN_STRIDE <= size // max(1, shape[-1]) <= MAX_STRIDE]
+    last = bundle.model.feature_layer_name
+    return keep if last in keep else [*keep, last]
 
 
 def _views(bundle: Bundle, cases: list) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from lungviz import metrics, paths
 from lungviz.cases import Case, data_fingerprint
 from lungviz.labels import get_scheme
-from lungviz.models import ModelSpec, create_model, resolve_device, save_bundle
+from lungviz.models import ModelSpec, create_model, resolve_device, save_bundle, stage_shapes
 from lungviz.preprocess import VIEWS
 from lungviz.splits import Split, holdout_split
 from training.augment import AugmentConfig
@@ -78,25 +77,12 @@ SHIPPED: dict[str, dict] = {
 
 def mask_layer(model: nn.Module, input_size: int) -> tuple[str, int, int]:
     """The deepest ``backbone.blocks`` stage at stride 16 (4 x 4 at 64 px): its name, channels and grid side."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    blocks = model.get_submodule("backbone.blocks")
-    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: shapes.__setitem__(n, tuple(out.shape)))
-             for n, m in blocks.named_children()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, int(getattr(model, "in_chans", 3)), input_size, input_size,
-                              device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    shapes = stage_shapes(model, input_size)
     side = max(1, input_size // 16)
     found = [n for n, shp in shapes.items() if shp[-1] == side]
     if not found:
         raise ValueError(f"no backbone stage has a {side} x {side} feature map at {input_size} px")
-    return f"backbone.blocks.{found[-1]}", int(shapes[found[-1]][1]), side
+    return found[-1], int(shapes[found[-1]][1]), side
 
 
 def _split_for(cases: list[Case], cfg: TrainConfig) -> Split:
