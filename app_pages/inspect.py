@@ -12,6 +12,7 @@ from lungviz import RESEARCH_NOTICE, paths
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
+from lungviz.inventory import map_localisation_note
 from lungviz.io import LoadedImage
 from lungviz.metrics import reliability_bin
 from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize
@@ -319,7 +320,8 @@ for i, view in enumerate(map_views):
     if method != "Grad-CAM":  # the report always carries Grad-CAM too
         maps[f"Grad-CAM, {label}"] = overlay(big, common.cam_map(folder, name, img, "gradcam"), alpha)
 st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Red/yellow = "
-           "strong evidence (Grad-CAM), green = regions supporting the call (LIME).")
+           "strong evidence (Grad-CAM), green = regions supporting the call (LIME). "
+           + (map_localisation_note("nodule-binary", folder) or ""))
 
 # ------------------------------------------------------------------------------------------------ similar cases
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from lungviz.errors import LungvizError
-from lungviz.inventory import card_parts, installed_models, model_card, read_result, reference_predictions
+from lungviz.inventory import (
+    card_parts,
+    installed_models,
+    map_localisation_note,
+    model_card,
+    read_result,
+    reference_predictions,
+)
 
 REFERENCE = """patient_id,nodule,p_benign,p_malignant,prediction,truth
 P1,nodule-0,0.9,0.1,benign,benign
@@ -73,3 +80,15 @@ def test_model_card_and_result_files(tmp_path: Path):
     assert model_card(tmp_path) == [("markdown", "# Card\n")]
     assert read_result("retrieval.json", tmp_path) == {"n": 5}
     assert read_result("cv.json", tmp_path) is None  # not an object
+
+
+def test_map_localisation_note(tmp_path: Path):
+    assert map_localisation_note("nodule-binary", tmp_path) is None  # no camloc run yet
+    result = {"models": {"nodule-binary": {"n": 325, "peak_inside": 0.058, "mass_inside": 0.057, "mask_area": 0.046},
+                         "slice-binary": {"n": 3}}}
+    (tmp_path / "cam_localisation.json").write_text(json.dumps(result))
+    note = map_localisation_note("nodule-binary", tmp_path)
+    assert note.startswith("On 325 test nodules the nodule-binary Grad-CAM put 6% of its weight inside")
+    assert "covers 5% of the view" in note and "peaked inside it in 6%" in note
+    assert map_localisation_note("slice-binary", tmp_path) is None  # incomplete entry
+    assert map_localisation_note("absent", tmp_path) is None

@@ -203,7 +203,8 @@ def write_card(folder: Path | None = None) -> Path:
       "groups 1-3 as benign and 4-5 as malignant. Nodules read by one radiologist carry that reader's score only.\n")
     w("- Split: patient-level, stratified 70/15/15 (`weights/splits/holdout.json`, fingerprint "
       f"`{next(iter(specs.values()))['split_fingerprint'] if specs else '–'}`). Train fits the weights, validation "
-      "drives early stopping, prior correction and temperature scaling, test is used once for this card.\n")
+      "drives early stopping, prior correction, temperature scaling and the choice of Grad-CAM layer, test is used "
+      "once for this card.\n")
     w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs.\n")
     w("## Results on the test split (95% patient-bootstrap intervals)\n")
     w("| model | n | AUROC | weighted AUPRC | weighted F1 | malignant F1 | kappa (QWK) | ECE raw → calibrated |")
