@@ -37,7 +37,7 @@ MAP_METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcampp", "LIME": "lime"}
 LIME_PRECISION = {
     "Fast": (LIME_SAMPLES, f"{LIME_SAMPLES} perturbations, under a second; the 5 regions shown can change "
                            "between runs more than they do with stock LIME."),
-    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, a few seconds; the 5 regions shown are "
+    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, a second or two; the 5 regions shown are "
                                     "as repeatable as stock LIME's (1,000 coin-flip perturbations)."),
 }
 VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}

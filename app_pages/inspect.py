@@ -231,6 +231,10 @@ with est:
               common.percent(p), help="Panel score 4-5 (malignant) against 1-3 (benign).")
     common.show_flag(pred)
     st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
+    if pred.diameter_mm is not None:
+        st.caption(f"Nodule diameter measured on this image by the finder's localiser: about "
+                   f"{pred.diameter_mm:.0f} mm (used by the fused model; it tends to read smaller than the "
+                   "readers' longest diameter, and the readers' own measurements are never inputs).")
 fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")

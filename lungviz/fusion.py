@@ -1,4 +1,5 @@
-"""Two-view late fusion: fused logits = sum of per-view weights x the views' prior-adjusted logits + class bias.
+"""Two-view late fusion: fused logits = sum of per-view weights x the views' prior-adjusted logits + class bias,
+optionally plus per-class weights x image-derived features (the finder's estimate of the nodule's log diameter).
 
 Fitted by maximum likelihood on the validation split (which also calibrates it), so the fused model
 never sees the test split before its final report.
@@ -7,58 +8,86 @@ never sees the test split before its final report.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from lungviz.errors import LungvizError
 from lungviz.metrics import nll, softmax
 
+#: The one feature a fusion can add so far: log of the nodule diameter (mm) the finder's localiser measures on the
+#: image (never the readers' measurement).
+SIZE_FEATURE = "log_diameter_mm"
+
+
+def size_feature(diameter_mm: float | np.ndarray) -> np.ndarray:
+    """:data:`SIZE_FEATURE` of a diameter in mm (floored at 1 mm)."""
+    return np.log(np.maximum(np.asarray(diameter_mm, np.float64), 1.0))
+
 
 @dataclass
 class Fusion:
-    """Per-view weights ``(V,)`` and a class bias ``(C,)``."""
+    """Per-view weights ``(V,)``, a class bias ``(C,)`` and, optionally, per-class weights ``(F, C)`` of features."""
 
     views: list[str]
     weights: np.ndarray
     bias: np.ndarray
+    features: list[str] = field(default_factory=list)
+    feature_weights: np.ndarray | None = None
 
-    def logits(self, view_logits: Sequence[np.ndarray]) -> np.ndarray:
-        """``V`` arrays ``(N, C)`` -> fused ``(N, C)``."""
+    def logits(self, view_logits: Sequence[np.ndarray], features: np.ndarray | None = None) -> np.ndarray:
+        """``V`` arrays ``(N, C)`` (and ``(N, F)`` features when the fusion uses any) -> fused ``(N, C)``."""
         if len(view_logits) != len(self.weights):
             raise LungvizError(f"the fused model needs {len(self.weights)} views, got {len(view_logits)}.")
         out = sum(w * np.asarray(lg, np.float64) for w, lg in zip(self.weights, view_logits, strict=True))
-        return np.asarray(out + self.bias[None, :])
+        out = np.asarray(out + self.bias[None, :])
+        if self.features:
+            if features is None:
+                raise LungvizError(f"the fused model also needs {', '.join(self.features)}.")
+            f = np.asarray(features, np.float64).reshape(len(out), len(self.features))
+            out = out + f @ np.asarray(self.feature_weights, np.float64).reshape(len(self.features), -1)
+        return out
 
-    def probabilities(self, view_logits: Sequence[np.ndarray]) -> np.ndarray:
-        return softmax(self.logits(view_logits))
+    def probabilities(self, view_logits: Sequence[np.ndarray], features: np.ndarray | None = None) -> np.ndarray:
+        return softmax(self.logits(view_logits, features))
 
     def to_dict(self) -> dict:
-        return {"views": self.views, "weights": self.weights.tolist(), "bias": self.bias.tolist()}
+        out = {"views": self.views, "weights": self.weights.tolist(), "bias": self.bias.tolist()}
+        if self.features:
+            out |= {"features": self.features, "feature_weights": np.asarray(self.feature_weights).tolist()}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Fusion:
-        return cls(list(d["views"]), np.asarray(d["weights"], np.float64), np.asarray(d["bias"], np.float64))
+        features = [str(f) for f in d.get("features") or []]
+        fw = np.asarray(d["feature_weights"], np.float64) if features else None
+        return cls(list(d["views"]), np.asarray(d["weights"], np.float64), np.asarray(d["bias"], np.float64),
+                   features, fw)
 
 
-def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarray, l2: float = 1e-3) -> Fusion:
-    """Maximum-likelihood weights and bias (small L2 on the bias) on held-out logits.
+def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarray, l2: float = 1e-3,
+               features: np.ndarray | None = None, feature_names: Sequence[str] = ()) -> Fusion:
+    """Maximum-likelihood weights and bias (small L2 on the bias and feature weights) on held-out logits.
 
     View weights are kept non-negative: a view's evidence for a class may count less, never against it
-    (a negative weight on correlated views is an artefact of fitting on a small validation split)."""
+    (a negative weight on correlated views is an artefact of fitting on a small validation split).
+    ``features`` ``(N, F)`` named ``feature_names`` get one free weight per class each."""
     from scipy.optimize import minimize
 
     y = np.asarray(y, int)
-    V, C = len(view_logits), view_logits[0].shape[1]
+    V, C, F = len(view_logits), view_logits[0].shape[1], len(feature_names)
+    if F and (features is None or np.asarray(features).shape != (len(y), F)):
+        raise LungvizError(f"expected features of shape ({len(y)}, {F}) for {', '.join(feature_names)}.")
 
     def unpack(theta: np.ndarray) -> Fusion:
-        return Fusion(views, theta[:V], theta[V:])
+        fw = theta[V + C:].reshape(F, C) if F else None
+        return Fusion(views, theta[:V], theta[V : V + C], list(feature_names), fw)
 
     def objective(theta: np.ndarray) -> float:
         f = unpack(theta)
-        return nll(f.logits(view_logits), y) + l2 * float(np.sum(theta[V:] ** 2))
+        return nll(f.logits(view_logits, features), y) + l2 * float(np.sum(theta[V:] ** 2))
 
-    theta0 = np.concatenate([np.full(V, 1.0 / V), np.zeros(C)])
-    bounds = [(0.0, None)] * V + [(None, None)] * C
+    theta0 = np.concatenate([np.full(V, 1.0 / V), np.zeros(C + F * C)])
+    bounds = [(0.0, None)] * V + [(None, None)] * (C + F * C)
     res = minimize(objective, theta0, method="L-BFGS-B", bounds=bounds)
     return unpack(res.x)

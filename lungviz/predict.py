@@ -14,10 +14,12 @@ import torch
 
 from lungviz import paths
 from lungviz.errors import LungvizError
-from lungviz.fusion import Fusion
+from lungviz.finder import Finder, centre_diameter_mm, load_finder
+from lungviz.fusion import SIZE_FEATURE, Fusion, size_feature
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle, read_spec
 from lungviz.preprocess import (
+    DEFAULT_SPACING_MM,
     pad_to_square,
     resize,
     to_model_input,
@@ -33,11 +35,13 @@ DISAGREEMENT = 0.35
 
 @dataclass
 class ModelSet:
-    """The shipped bundles (``<view>-<task>``) and fusion specs (``fused-<task>``), loaded once."""
+    """The shipped bundles (``<view>-<task>``) and fusion specs (``fused-<task>``), loaded once; the nodule finder
+    too when a fusion uses its size measurement."""
 
     bundles: dict[str, Bundle]
     fusions: dict[str, dict]
     folder: Path
+    finder: Finder | None = None
 
     def bundle(self, view: str, task: str) -> Bundle | None:
         return self.bundles.get(f"{view}-{task}")
@@ -61,7 +65,8 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
             fusions[task] = read_spec(folder, f"fused-{task}")
     if not bundles:
         raise LungvizError(f"no trained models are installed in {folder}; run `python -m training train --all`.")
-    return ModelSet(bundles, fusions, folder)
+    needs_size = any(SIZE_FEATURE in (s.get("fusion", {}).get("features") or []) for s in fusions.values())
+    return ModelSet(bundles, fusions, folder, load_finder(folder, device) if needs_size else None)
 
 
 def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.ndarray | None,
@@ -108,6 +113,7 @@ class Prediction:
     views: dict[str, dict[str, TaskPrediction]]  # view -> task -> prediction; view "fused" when both ran
     images: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # view -> what the model saw
     flags: list[str] = field(default_factory=list)
+    diameter_mm: float | None = None  # the finder's measurement on the image, when a fusion used it
 
     def malignant_probability(self, view: str = "fused") -> float | None:
         v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
@@ -126,6 +132,7 @@ class Prediction:
             "malignant_probability": self.malignant_probability(),
             "flag": "refer / uncertain" if self.refer else "confident",
             "reasons": self.flags,
+            "estimated_diameter_mm": None if self.diameter_mm is None else round(self.diameter_mm, 1),
         }
 
 
@@ -172,13 +179,23 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         logits[(view, task)] = lg
         views.setdefault(view, {})[task] = TaskPrediction(list(bundle.classes), softmax(lg[None])[0].tolist(),
                                                           lg.tolist())
+    diameter = None
     for task, spec in models.fusions.items():
         comps = [(c.split("-", 1)[0], task) for c in spec["components"]]
-        if all(c in logits for c in comps):
-            fused = Fusion.from_dict(spec["fusion"]).logits([logits[c][None] for c in comps])[0]
-            probs = softmax(fused[None])[0].tolist()
-            views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist())
-    return Prediction(views, images, uncertainty_flags(views))
+        fusion = Fusion.from_dict(spec["fusion"])
+        if not all(c in logits for c in comps):
+            continue
+        features = None
+        if fusion.features:  # only the size feature exists; it is measured on the context crop
+            if models.finder is None or context is None:
+                continue
+            if diameter is None:
+                diameter = centre_diameter_mm(models.finder, context, spacing_mm or DEFAULT_SPACING_MM)
+            features = size_feature(np.array([[diameter]]))
+        fused = fusion.logits([logits[c][None] for c in comps], features)[0]
+        probs = softmax(fused[None])[0].tolist()
+        views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist())
+    return Prediction(views, images, uncertainty_flags(views), diameter)
 
 
 def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:

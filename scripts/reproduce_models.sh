@@ -4,13 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m training splits                                              # weights/splits/*.json (deterministic)
-python -m training train --all                                         # 5 bundles, fused-binary/score, index
+python -m training finder                                              # nodule finder bundles + weights/finder.json
+python -m training finder --only mine                                  # one round of hard-negative mining
+python -m training train --all                                         # 5 bundles, fused-binary (uses the finder)/score, index
 for m in nodule-binary slice-binary fused-binary nodule-score slice-score fused-score; do  # app reference cases
   python -m training evaluate --model "$m" --split test --n-boot 200 --predictions "weights/reference/$m-test.csv"
 done
 python -m training camloc                                              # cam_layer in each spec + weights/cam_localisation.json
 python -m training screen --epochs 5 --epoch-samples 1024              # weights/screen.json (validation only)
-python -m training cv --epochs 6 --epoch-samples 1024                  # weights/cv.json (5 patient-level folds)
-python -m training finder                                              # nodule finder bundles + weights/finder.json
-python -m training finder --only mine                                  # one round of hard-negative mining
+python -m training cv --epochs 30 --stages 2,10 --patience 8 --epoch-samples 1536  # weights/cv.json (5 folds)
 python -m training card                                                # weights/README.md + figures

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lungviz.errors import LungvizError
-from lungviz.fusion import Fusion, fit_fusion
+from lungviz.fusion import SIZE_FEATURE, Fusion, fit_fusion, size_feature
 from lungviz.metrics import nll
 from lungviz.retrieval import build_index, load_index, normalise, precision_at_k
 
@@ -56,3 +56,26 @@ def test_fusion_weights_never_negative():
     anti = np.stack([np.zeros(300), good[:, 1] * 1.5 - (2 * y - 1) * 2.0], 1)  # correlated, misleading view
     f = fit_fusion(["slice", "nodule"], [anti, good], y)
     assert (f.weights >= 0).all()
+
+
+def test_fusion_with_a_size_feature():
+    rng = np.random.default_rng(2)
+    n = 400
+    log_d = rng.normal(2.0, 0.5, n)  # log diameter (mm)
+    y = (rng.random(n) < 1 / (1 + np.exp(-3.0 * (log_d - 2.0)))).astype(int)  # bigger = more often malignant
+    weak = np.stack([np.zeros(n), rng.normal(0, 1, n) + 0.5 * (2 * y - 1)], 1)
+    other = np.stack([np.zeros(n), rng.normal(0, 1, n)], 1)
+    plain = fit_fusion(["slice", "nodule"], [other, weak], y)
+    sized = fit_fusion(["slice", "nodule"], [other, weak], y, features=log_d[:, None], feature_names=[SIZE_FEATURE])
+    fw = sized.feature_weights
+    assert fw.shape == (1, 2) and fw[0, 1] - fw[0, 0] > 1.5  # size pushes towards malignant
+    assert nll(sized.logits([other, weak], log_d[:, None]), y) < nll(plain.logits([other, weak]), y) - 0.05
+    again = Fusion.from_dict(sized.to_dict())
+    assert again.features == [SIZE_FEATURE]
+    assert np.allclose(again.logits([other, weak], log_d[:, None]), sized.logits([other, weak], log_d[:, None]))
+    assert "features" not in plain.to_dict() and Fusion.from_dict(plain.to_dict()).features == []
+    with pytest.raises(LungvizError, match="also needs log_diameter_mm"):
+        sized.logits([other, weak])
+    with pytest.raises(LungvizError, match="features of shape"):
+        fit_fusion(["slice", "nodule"], [other, weak], y, features=log_d[:10, None], feature_names=[SIZE_FEATURE])
+    assert size_feature(np.array([0.0, 1.0, np.e])).tolist() == pytest.approx([0.0, 0.0, 1.0])

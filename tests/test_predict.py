@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from lungviz.errors import LungvizError
 from lungviz.inputs import context_from_whole
@@ -91,3 +92,35 @@ def test_context_from_hu_matches_slices_set_convention():
     ctx = context_from_whole(hu, (256.0, 256.0))
     assert ctx.shape == (128, 128) and ctx.min() == 0.0 and ctx.max() == 1.0
     assert ctx[64, 64] == 1.0 and ctx[0, 0] == 0.0
+
+
+def test_size_fusion_measures_the_nodule_with_the_finder(weights, tmp_path):
+    import shutil
+
+    from lungviz.finder import centre_diameter_mm
+    from lungviz.fusion import SIZE_FEATURE, size_feature
+    from tests.conftest import build_finder_weights
+
+    folder = tmp_path / "w"
+    shutil.copytree(weights, folder)
+    spec = json.loads((folder / "fused-binary.json").read_text())
+    spec["fusion"] |= {"features": [SIZE_FEATURE], "feature_weights": [[-0.5, 0.5]]}
+    (folder / "fused-binary.json").write_text(json.dumps(spec))
+    with pytest.raises(LungvizError, match="finder"):
+        load_models(folder)  # the fused model needs the finder, which is not installed
+    build_finder_weights(folder)
+    models = load_models(folder)
+    assert models.finder is not None
+    head = models.finder.locate.model.head[-1]
+    with torch.no_grad():
+        head.bias[2] = 6.0  # the untrained localiser would measure nothing: make it measure a nodule
+    ctx = np.random.default_rng(1).random((128, 128)).astype(np.float32)
+    pred = predict(models, ctx, spacing_mm=0.7)
+    d = centre_diameter_mm(models.finder, ctx, 0.7)
+    assert d > 1.0 and pred.diameter_mm == pytest.approx(d)
+    s, n = (np.array(pred.views[v]["binary"].logits) for v in ("slice", "nodule"))
+    expected = 0.5 * s + 0.5 * n + float(size_feature(d)) * np.array([-0.5, 0.5])
+    assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
+    assert pred.to_dict()["estimated_diameter_mm"] == pytest.approx(round(d, 1))
+    assert "diameter" not in json.dumps(predict(load_models(weights), ctx, spacing_mm=0.7).to_dict()).replace(
+        '"estimated_diameter_mm": null', "")  # no size fusion, no measurement

@@ -73,15 +73,15 @@ def train_all(base: TrainConfig) -> dict:
 
     from training.fuse import train_fusion
     from training.index import build_library_index
-    from training.train import SHIPPED, train_model
+    from training.train import SHIPPED, SHIPPED_FUSIONS, train_model
 
     done = {}
     for name, preset in SHIPPED.items():
         cfg = dataclasses.replace(base, all=False, name=name, **preset)
         spec = train_model(cfg)
         done[name] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk", "ece")}
-    for task in ("binary", "score"):
-        spec = train_fusion(task, base.out)
+    for task, preset in SHIPPED_FUSIONS.items():
+        spec = train_fusion(task, base.out, **preset)
         done[f"fused-{task}"] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk")}
     done["index"] = build_library_index("nodule-binary")
     return done
@@ -125,8 +125,13 @@ def cmd_index(cfg: IndexConfig) -> dict:
 def cmd_fuse(cfg: FuseConfig) -> dict:
     """Fit the two-view fused model (fused-<task>) on the validation split and report it on test."""
     from training.fuse import train_fusion
+    from training.train import SHIPPED_FUSIONS
 
-    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot)
+    choice = cfg.size.strip().lower()
+    if choice not in ("shipped", "yes", "no"):
+        raise LungvizError(f"--size takes shipped, yes or no, got '{cfg.size}'.")
+    size = SHIPPED_FUSIONS.get(cfg.task, {}).get("size", False) if choice == "shipped" else choice == "yes"
+    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size)
     test = spec["metrics"]["test"]
     return {"name": f"fused-{cfg.task}", "fusion": spec["fusion"],
             **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}

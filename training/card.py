@@ -205,7 +205,8 @@ def write_card(folder: Path | None = None) -> Path:
       f"`{next(iter(specs.values()))['split_fingerprint'] if specs else '–'}`). Train fits the weights, validation "
       "drives early stopping, prior correction, temperature scaling and the choice of Grad-CAM layer, test is used "
       "once for this card.\n")
-    w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs.\n")
+    w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs. "
+      "fused-binary adds the diameter that the nodule finder measures on the image.\n")
     w("## Results on the test split (95% patient-bootstrap intervals)\n")
     w("| model | n | AUROC | weighted AUPRC | weighted F1 | malignant F1 | kappa (QWK) | ECE raw → calibrated |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -302,6 +303,14 @@ def write_card(folder: Path | None = None) -> Path:
             f = s["fusion"]
             w(f"Late fusion of {', '.join(s['components'])}: weights {', '.join(f'{v:.2f}' for v in f['weights'])} "
               "on the views' calibrated logits plus a class bias, fitted on the validation split.\n")
+            if f.get("features"):
+                w("It also uses the nodule's size as the nodule finder's localiser measures it on the image (log "
+                  "diameter at the crop centre, averaged over the central half of the slices), with per-class "
+                  f"weights {', '.join(f'{v:+.2f}' for v in f['feature_weights'][0])}. On validation (AUROC for "
+                  f"binary, kappa for score) it scores {_fmt(tr.get('val_score'))}, against "
+                  f"{_fmt(tr.get('val_score_views_only'))} for the views alone. The localiser never sees the "
+                  "readers' measurements.\n")
+
         else:
             w(f"`{s['arch']}` ({'ImageNet-pretrained' if tr.get('pretrained') else 'from scratch'}), view "
               f"`{s['view']}`, input {s['input_size']} px, {s['preprocessing'].get('aggregate', '')}; temperature "

@@ -110,6 +110,7 @@ class FuseConfig:
     task: str = "binary"
     weights: str = ""  # folder holding slice-<task> and nodule-<task>; empty = weights/
     n_boot: int = 1000
+    size: str = "shipped"  # add the finder's diameter measured on the image: shipped (as SHIPPED_FUSIONS) | yes | no
 
 
 @dataclasses.dataclass

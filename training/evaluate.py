@@ -110,6 +110,23 @@ def read_any_spec(folder: Path, name: str) -> dict:
     return read_spec(Path(folder), name)
 
 
+def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indices: np.ndarray) -> np.ndarray:
+    """``(N, F)`` image-derived fusion features per nodule; the size feature is the finder's diameter at the crop
+    centre, averaged over the central half of the nodule's slices (as the models' logits are)."""
+    from lungviz.errors import LungvizError
+    from lungviz.finder import centre_diameter_mm, load_finder
+    from lungviz.fusion import SIZE_FEATURE, size_feature
+
+    unknown = [n for n in names if n != SIZE_FEATURE]
+    if unknown:
+        raise LungvizError(f"unknown fusion feature(s): {', '.join(unknown)}.")
+    finder = load_finder(folder)
+    diam = np.array([np.mean([centre_diameter_mm(finder, store.slice01(int(ci), k),
+                                                 store.cases[int(ci)].pixel_spacing_mm)
+                              for k in store.eval_slices(int(ci), 0, 0.5)]) for ci in case_indices])
+    return np.repeat(size_feature(diam)[:, None], len(names), axis=1)
+
+
 def calibrated_logits(
     folder: Path, name: str, store: SliceStore, case_indices: np.ndarray, max_slices: int = 0
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -126,7 +143,8 @@ def calibrated_logits(
         parts = [calibrated_logits(folder, comp, store, case_indices, max_slices) for comp in spec["components"]]
         fusion = Fusion.from_dict(spec["fusion"])
         raw = np.mean([p[1] for p in parts], axis=0)
-        return fusion.logits([p[0] for p in parts]).astype(np.float32), raw, spec
+        features = fusion_features(fusion.features, folder, store, case_indices) if fusion.features else None
+        return fusion.logits([p[0] for p in parts], features).astype(np.float32), raw, spec
     bundle = load_bundle(Path(folder), name)
     logits = nodule_logits(bundle.model, store, case_indices, view_config_from_spec(spec), bundle.device, max_slices)
     prior = spec.get("prior_adjust")

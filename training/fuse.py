@@ -8,15 +8,24 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import paths
-from lungviz.fusion import fit_fusion
+from lungviz.fusion import SIZE_FEATURE, fit_fusion
 from lungviz.labels import get_scheme
 from training.data import SliceStore
 from training.datasets import load_cases
-from training.evaluate import calibrated_logits, read_any_spec, report_from_logits, select_split
+from training.evaluate import (
+    calibrated_logits,
+    fusion_features,
+    read_any_spec,
+    report_from_logits,
+    select_split,
+    selection_score,
+)
 
 
-def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, progress: bool = True) -> dict:
-    """Fit ``fused-<task>`` from ``slice-<task>`` and ``nodule-<task>`` on the validation split; test once."""
+def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, progress: bool = True,
+                 size: bool = True) -> dict:
+    """Fit ``fused-<task>`` from ``slice-<task>`` and ``nodule-<task>`` (and, with ``size``, the finder's diameter
+    measured on the image) on the validation split; test once."""
     folder = Path(weights) if weights else paths.weights_dir()
     components = [f"slice-{task}", f"nodule-{task}"]
     specs = [read_any_spec(folder, c) for c in components]
@@ -24,6 +33,7 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     if any(s["split_fingerprint"] != fingerprint for s in specs):
         raise ValueError("the two view models were trained on different splits")
     scheme = get_scheme(task)
+    names = [SIZE_FEATURE] if size else []
     cases, _ = load_cases("lidc")
     parts = {}
     for split in ("val", "test"):
@@ -31,21 +41,30 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
         kept = [c for c, _ in pairs]
         store = SliceStore(kept, progress=progress)
         outs = [calibrated_logits(folder, c, store, np.arange(len(kept))) for c in components]
-        parts[split] = (kept, np.array([y for _, y in pairs]), [o[0] for o in outs], [o[1] for o in outs])
-    kept, y, cal, _ = parts["val"]
-    fusion = fit_fusion(["slice", "nodule"], cal, y)
+        feats = fusion_features(names, folder, store, np.arange(len(kept))) if names else None
+        parts[split] = (kept, np.array([y for _, y in pairs]), [o[0] for o in outs], [o[1] for o in outs], feats)
+    kept, y, cal, _, feats = parts["val"]
+    fusion = fit_fusion(["slice", "nodule"], cal, y, features=feats, feature_names=names)
+    # What the features add, on validation (the split the choice is made on): the same fusion without them.
+    views_only = fit_fusion(["slice", "nodule"], cal, y).logits(cal)
+    val_views_only = float(selection_score(y, views_only, scheme))
     reports = {}
     for split in ("val", "test"):
-        kept, y, cal, raw = parts[split]
-        reports[split] = report_from_logits(y, fusion.logits(cal), np.mean(raw, axis=0), scheme,
+        kept, y, cal, raw, feats = parts[split]
+        reports[split] = report_from_logits(y, fusion.logits(cal, feats), np.mean(raw, axis=0), scheme,
                                             [c.patient_id for c in kept], [c.reader_scores for c in kept],
                                             n_boot if split == "test" else 200)
     spec = {"kind": "fusion", "view": "fused", "task": task, "classes": list(scheme.classes),
             "components": components, "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
             "dataset": "lidc", "metrics": reports,
-            "training": {"method": "late fusion: per-view weight x calibrated logits + class bias, maximum "
-                                   "likelihood on the validation split", "n_val": len(parts["val"][0]),
-                         "n_test": len(parts["test"][0])}}
+            "training": {"method": "late fusion: per-view weight x calibrated logits + class bias"
+                                   + (" + per-class weights x the log of the nodule diameter the finder measures "
+                                      "on the image (central half of the slices)" if names else "")
+                                   + ", maximum likelihood on the validation split", "n_val": len(parts["val"][0]),
+                         "n_test": len(parts["test"][0]), "features": names,
+                         "val_score_views_only": val_views_only,
+                         "val_score": float(selection_score(parts["val"][1], fusion.logits(parts["val"][2],
+                                                                                           parts["val"][4]), scheme))}}
     path = folder / f"fused-{task}.json"
     path.write_text(json.dumps(spec, indent=2) + "\n")
     return spec
