@@ -110,9 +110,11 @@ def read_any_spec(folder: Path, name: str) -> dict:
     return read_spec(Path(folder), name)
 
 
-def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indices: np.ndarray) -> np.ndarray:
+def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indices: np.ndarray,
+                    central: float = 0.5) -> np.ndarray:
     """``(N, F)`` image-derived fusion features per nodule; the size feature is the finder's diameter at the crop
-    centre, averaged over the central half of the nodule's slices (as the models' logits are)."""
+    centre, averaged over the ``central`` share of the nodule's slices (as the models' logits are; 0 = the middle
+    slice only, as the app sees one slice)."""
     from lungviz.errors import LungvizError
     from lungviz.finder import centre_diameter_mm, load_finder
     from lungviz.fusion import SIZE_FEATURE, size_feature
@@ -123,30 +125,39 @@ def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indi
     finder = load_finder(folder)
     diam = np.array([np.mean([centre_diameter_mm(finder, store.slice01(int(ci), k),
                                                  store.cases[int(ci)].pixel_spacing_mm)
-                              for k in store.eval_slices(int(ci), 0, 0.5)]) for ci in case_indices])
+                              for k in store.eval_slices(int(ci), 0, central)]) for ci in case_indices])
     return np.repeat(size_feature(diam)[:, None], len(names), axis=1)
 
 
 def calibrated_logits(
-    folder: Path, name: str, store: SliceStore, case_indices: np.ndarray, max_slices: int = 0
+    folder: Path, name: str, store: SliceStore, case_indices: np.ndarray, max_slices: int = 0,
+    central: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(calibrated, raw)`` per-nodule logits of a shipped model (a network or a two-view fusion) and its spec.
 
-    Calibrated logits give calibrated probabilities through a plain softmax.
+    Calibrated logits give calibrated probabilities through a plain softmax. ``central`` overrides the share of
+    each nodule's slices that is averaged (None = as the spec says; 0 = the middle slice, what the app sees).
     """
+    import dataclasses
+
     from lungviz.fusion import Fusion
     from lungviz.models import load_bundle
     from training.data import view_config_from_spec
 
     spec = read_any_spec(folder, name)
     if spec.get("kind") == "fusion":
-        parts = [calibrated_logits(folder, comp, store, case_indices, max_slices) for comp in spec["components"]]
+        parts = [calibrated_logits(folder, comp, store, case_indices, max_slices, central)
+                 for comp in spec["components"]]
         fusion = Fusion.from_dict(spec["fusion"])
         raw = np.mean([p[1] for p in parts], axis=0)
-        features = fusion_features(fusion.features, folder, store, case_indices) if fusion.features else None
+        features = (fusion_features(fusion.features, folder, store, case_indices, 0.5 if central is None else central)
+                    if fusion.features else None)
         return fusion.logits([p[0] for p in parts], features).astype(np.float32), raw, spec
     bundle = load_bundle(Path(folder), name)
-    logits = nodule_logits(bundle.model, store, case_indices, view_config_from_spec(spec), bundle.device, max_slices)
+    vc = view_config_from_spec(spec)
+    if central is not None:
+        vc = dataclasses.replace(vc, central_fraction=float(central))
+    logits = nodule_logits(bundle.model, store, case_indices, vc, bundle.device, max_slices)
     prior = spec.get("prior_adjust")
     adj = adjusted_logits(logits, None if prior is None else np.asarray(prior, np.float32))
     return (adj / float(spec.get("temperature", 1.0))).astype(np.float32), logits, spec

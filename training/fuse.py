@@ -35,11 +35,11 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     scheme = get_scheme(task)
     names = [SIZE_FEATURE] if size else []
     cases, _ = load_cases("lidc")
-    parts = {}
+    parts, stores = {}, {}
     for split in ("val", "test"):
         pairs = scheme.labelled(select_split(cases, split, fingerprint))
         kept = [c for c, _ in pairs]
-        store = SliceStore(kept, progress=progress)
+        store = stores[split] = SliceStore(kept, progress=progress)
         outs = [calibrated_logits(folder, c, store, np.arange(len(kept))) for c in components]
         feats = fusion_features(names, folder, store, np.arange(len(kept))) if names else None
         parts[split] = (kept, np.array([y for _, y in pairs]), [o[0] for o in outs], [o[1] for o in outs], feats)
@@ -54,6 +54,14 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
         reports[split] = report_from_logits(y, fusion.logits(cal, feats), np.mean(raw, axis=0), scheme,
                                             [c.patient_id for c in kept], [c.reader_scores for c in kept],
                                             n_boot if split == "test" else 200)
+    # What the app sees: the middle slice only (views and size measured on it).
+    kept, y, _, _, _ = parts["test"]
+    every = np.arange(len(kept))
+    single = [calibrated_logits(folder, c, stores["test"], every, central=0.0) for c in components]
+    feats = fusion_features(names, folder, stores["test"], every, 0.0) if names else None
+    reports["test_single_slice"] = report_from_logits(y, fusion.logits([o[0] for o in single], feats),
+                                                      np.mean([o[1] for o in single], axis=0), scheme,
+                                                      [c.patient_id for c in kept], None, 200)
     spec = {"kind": "fusion", "view": "fused", "task": task, "classes": list(scheme.classes),
             "components": components, "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
             "dataset": "lidc", "metrics": reports,
