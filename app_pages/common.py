@@ -37,7 +37,7 @@ MAP_METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcampp", "LIME": "lime"}
 LIME_PRECISION = {
     "Fast": (LIME_SAMPLES, f"{LIME_SAMPLES} perturbations, under a second; the 5 regions shown can change "
                            "between runs more than they do with stock LIME."),
-    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, a second or two; the 5 regions shown are "
+    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, a few seconds; the 5 regions shown are "
                                     "as repeatable as stock LIME's (1,000 coin-flip perturbations)."),
 }
 VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}
@@ -95,7 +95,11 @@ def _case_index(folder: str) -> CaseIndex:
 
 @st.cache_resource(show_spinner="Loading the nodule finder…")
 def _finder(folder: str) -> Finder:
-    return load_finder(Path(folder))
+    try:  # already loaded when a fused model measures the nodule with it
+        loaded = _model_set(folder).finder
+    except LungvizError:
+        loaded = None
+    return loaded if loaded is not None else load_finder(Path(folder))
 
 
 def finder_available() -> bool:
@@ -127,10 +131,13 @@ def weights_folder() -> str:
 def models() -> ModelSet | None:
     """The installed models, or None after telling the user why there are none."""
     try:
-        return _model_set(weights_folder())
+        ms = _model_set(weights_folder())
     except LungvizError as err:
         st.error(str(err), icon=":material/error:")
         return None
+    for note in ms.notes:
+        st.warning(note, icon=":material/warning:")
+    return ms
 
 
 def case_index(quiet: bool = False) -> CaseIndex | None:

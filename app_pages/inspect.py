@@ -232,8 +232,10 @@ with est:
     common.show_flag(pred)
     st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
     if pred.diameter_mm is not None:
+        known = case.spacing_mm is not None and np.isfinite(case.spacing_mm) and case.spacing_mm > 0
+        assumed = "" if known else f", assuming {DEFAULT_SPACING_MM:.2f} mm per pixel"
         st.caption(f"Nodule diameter measured on this image by the finder's localiser: about "
-                   f"{pred.diameter_mm:.0f} mm (used by the fused model; it tends to read smaller than the "
+                   f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; it tends to read smaller than the "
                    "readers' longest diameter, and the readers' own measurements are never inputs).")
 fig = common.probability_bars(pred, "score")
 if fig is not None:
@@ -325,7 +327,8 @@ for i, view in enumerate(map_views):
         maps[f"Grad-CAM, {label}"] = overlay(big, common.cam_map(folder, name, img, "gradcam"), alpha)
 st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Red/yellow = "
            "strong evidence (Grad-CAM), green = regions supporting the call (LIME). "
-           + (map_localisation_note("nodule-binary", folder) or ""))
+           + (map_localisation_note("nodule-binary", folder, getattr(ms.bundle("nodule", "binary"), "cam_layer", ""))
+              or ""))
 
 # ------------------------------------------------------------------------------------------------ similar cases
 

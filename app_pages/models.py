@@ -131,7 +131,8 @@ if not models:
 else:
     st.dataframe(
         [{"model": m["_file"].removesuffix(".json"), "view": m.get("view"), "task": m.get("task"),
-          "architecture": m.get("arch") or "late fusion of " + " + ".join(m.get("components", [])),
+          "architecture": m.get("arch") or "late fusion of " + " + ".join(m.get("components", []))
+                          + (" + finder's diameter" if (m.get("fusion") or {}).get("features") else ""),
           "input size": m.get("input_size"), "temperature": m.get("temperature"),
           "weights present": m["_weights_present"]} for m in models],
         hide_index=True,
@@ -199,10 +200,12 @@ st.markdown(
     "class). Nodules whose slices matched the readers' outlines less surely are marked `zextent_mismatch`; "
     "nodules without reader labels are left out.\n"
     "- **Split:** by patient, stratified 70/15/15 (`weights/splits/holdout.json`): train fits the weights, "
-    "validation drives early stopping and calibration, test is used once for the figures above.\n"
+    "validation drives early stopping, calibration, the fusion weights and the Grad-CAM layer, test is used once "
+    "for the figures above.\n"
     "- **Chest CT-Scan images** (Kaggle, listed as CC0): screenshots of mixed provenance, used only for the "
     "histology teaching model.\n"
-    "- The models see images only; diameter and characteristics are shown for context and never used as inputs."
+    "- The models see images only; the readers' diameter and characteristics are shown for context and never used "
+    "as inputs. The fused benign/malignant model adds the diameter the nodule finder measures on the image."
 )
 st.caption(RESEARCH_NOTICE)
 

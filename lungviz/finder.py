@@ -249,6 +249,8 @@ def centre_diameter_mm(finder: Finder, context: np.ndarray, spacing_mm: float) -
     img = np.asarray(context, np.float32)
     if img.ndim != 2 or img.size == 0:
         raise LungvizError(f"a 2D crop is needed to measure the nodule, got shape {img.shape}.")
+    if not (np.isfinite(spacing_mm) and spacing_mm > 0) or not np.isfinite(img).all():
+        raise LungvizError("the nodule cannot be measured: the pixel spacing or the image values are not valid.")
     lo, hi = np.full_like(img, img.min()), np.full_like(img, img.max())
     centre = np.array([[(img.shape[0] - 1) / 2.0, (img.shape[1] - 1) / 2.0]])
     loc = locate_patches(finder.locate, normalised_patches(img, lo, hi, centre, finder.locate, float(spacing_mm)))

@@ -59,10 +59,21 @@ class Fusion:
 
     @classmethod
     def from_dict(cls, d: dict) -> Fusion:
-        features = [str(f) for f in d.get("features") or []]
-        fw = np.asarray(d["feature_weights"], np.float64) if features else None
-        return cls(list(d["views"]), np.asarray(d["weights"], np.float64), np.asarray(d["bias"], np.float64),
-                   features, fw)
+        """Read a fusion from its spec, checking it (a damaged spec is a clear error, not a crash later)."""
+        try:
+            views, weights = list(d["views"]), np.asarray(d["weights"], np.float64)
+            bias = np.asarray(d["bias"], np.float64)
+            features = [str(f) for f in d.get("features") or []]
+            fw = np.asarray(d["feature_weights"], np.float64) if features else None
+        except (KeyError, TypeError, ValueError) as err:
+            raise LungvizError(f"the fused model's description is incomplete or damaged ({err}).") from err
+        unknown = [f for f in features if f != SIZE_FEATURE]
+        if unknown:
+            raise LungvizError(f"the fused model uses unknown feature(s): {', '.join(unknown)}.")
+        if weights.shape != (len(views),) or bias.ndim != 1 or (fw is not None and fw.shape != (len(features),
+                                                                                                   len(bias))):
+            raise LungvizError("the fused model's weights do not match its views, classes and features.")
+        return cls(views, weights, bias, features, fw)
 
 
 def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarray, l2: float = 1e-3,

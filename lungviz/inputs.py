@@ -104,8 +104,9 @@ def from_series(series: list[DicomSlice], index: int, centre_rc: tuple[float, fl
     if not 0 <= index < len(series):
         raise LungvizError(f"slice {index} does not exist; the series has {len(series)} slices (0-{len(series) - 1}).")
     sl = series[index]
-    loaded = LoadedImage(sl.hu, True, sl.name, pixel_spacing_mm=float(np.mean(sl.pixel_spacing_mm)),
-                         meta={"z_mm": sl.z_mm})
+    spacing = float(np.mean(sl.pixel_spacing_mm))
+    loaded = LoadedImage(sl.hu, True, sl.name, pixel_spacing_mm=spacing if np.isfinite(spacing) and spacing > 0
+                         else None, meta={"z_mm": sl.z_mm})
     return from_loaded(loaded, None, centre_rc)
 
 

@@ -159,10 +159,13 @@ def read_result(name: str, folder: Path | None = None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def map_localisation_note(model: str, folder: Path | None = None) -> str | None:
-    """One sentence on how well ``model``'s Grad-CAM finds the nodule on the test split (from ``camloc``), or None."""
+def map_localisation_note(model: str, folder: Path | None = None, layer: str | None = "") -> str | None:
+    """One sentence on how well ``model``'s Grad-CAM finds the nodule on the test split (from ``camloc``), or None;
+    also None when ``layer`` (the model's current CAM layer; "" = do not check) is not the layer measured."""
     r = ((read_result("cam_localisation.json", folder) or {}).get("models") or {}).get(model)
     if not isinstance(r, dict) or not all(k in r for k in ("n", "peak_inside", "mass_inside", "mask_area")):
+        return None
+    if layer != "" and r.get("layer") != layer:
         return None
     return (f"On {r['n']} test nodules the {model} Grad-CAM put {r['mass_inside']:.0%} of its weight inside the "
             f"readers' outline, which covers {r['mask_area']:.0%} of the view (the chance level), and peaked inside "

@@ -19,9 +19,9 @@ from lungviz.fusion import SIZE_FEATURE, Fusion, size_feature
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle, read_spec
 from lungviz.preprocess import (
-    DEFAULT_SPACING_MM,
     pad_to_square,
     resize,
+    spacing_or_default,
     to_model_input,
     view_from_context,
 )
@@ -42,6 +42,7 @@ class ModelSet:
     fusions: dict[str, dict]
     folder: Path
     finder: Finder | None = None
+    notes: list[str] = field(default_factory=list)  # what could not be loaded, for the user
 
     def bundle(self, view: str, task: str) -> Bundle | None:
         return self.bundles.get(f"{view}-{task}")
@@ -65,8 +66,23 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
             fusions[task] = read_spec(folder, f"fused-{task}")
     if not bundles:
         raise LungvizError(f"no trained models are installed in {folder}; run `python -m training train --all`.")
-    needs_size = any(SIZE_FEATURE in (s.get("fusion", {}).get("features") or []) for s in fusions.values())
-    return ModelSet(bundles, fusions, folder, load_finder(folder, device) if needs_size else None)
+    parsed, notes = {}, []
+    for task, spec in list(fusions.items()):
+        try:
+            parsed[task] = Fusion.from_dict(spec.get("fusion", {}))
+        except LungvizError as err:
+            del fusions[task]
+            notes.append(f"The fused {task} model is not available: {err}")
+    finder = None
+    if any(SIZE_FEATURE in f.features for f in parsed.values()):
+        try:
+            finder = load_finder(folder, device)
+        except LungvizError as err:
+            for task in [t for t, f in parsed.items() if SIZE_FEATURE in f.features]:
+                del fusions[task]
+                notes.append(f"The fused {task} model is not available: it measures the nodule with the nodule "
+                             f"finder, which could not be loaded ({err}).")
+    return ModelSet(bundles, fusions, folder, finder, notes)
 
 
 def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.ndarray | None,
@@ -159,7 +175,8 @@ def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]]) -> list[str]:
 
 def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarray | None = None,
             spacing_mm: float | None = None) -> Prediction:
-    """Calibrated predictions for every installed view and task, and the fused two-view model.
+    """Calibrated predictions for every installed view and task, and the fused models (both views; fused-binary
+    also the nodule diameter the finder measures on the context crop, at the default spacing when it is unknown).
 
     ``context``: the ~9 cm crop centred on the nodule (``(H, W) float32 in [0, 1]``, as the slices set);
     ``nodule_crop``: an optional zoomed crop; ``spacing_mm``: the context's pixel spacing when known.
@@ -190,7 +207,7 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
             if models.finder is None or context is None:
                 continue
             if diameter is None:
-                diameter = centre_diameter_mm(models.finder, context, spacing_mm or DEFAULT_SPACING_MM)
+                diameter = centre_diameter_mm(models.finder, context, spacing_or_default(spacing_mm))
             features = size_feature(np.array([[diameter]]))
         fused = fusion.logits([logits[c][None] for c in comps], features)[0]
         probs = softmax(fused[None])[0].tolist()

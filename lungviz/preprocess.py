@@ -149,12 +149,20 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(img, np.float32)
 
 
+def spacing_or_default(spacing_mm: float | None) -> float:
+    """A pixel spacing usable in arithmetic: the given one when it is a positive number, else the default."""
+    try:
+        sp = float(spacing_mm) if spacing_mm is not None else float("nan")
+    except (TypeError, ValueError):
+        sp = float("nan")
+    return sp if np.isfinite(sp) and sp > 0 else DEFAULT_SPACING_MM
+
+
 def mm_to_px(size_mm: float, spacing_mm: float | None) -> int:
     """Number of pixels covering ``size_mm`` at ``spacing_mm`` (default spacing when unknown)."""
     if not (np.isfinite(size_mm) and size_mm > 0):
         raise LungvizError(f"a field of view must be a positive number of millimetres, got {size_mm}.")
-    spacing = spacing_mm if spacing_mm and spacing_mm > 0 else DEFAULT_SPACING_MM  # NaN/None/0 -> default
-    return max(1, round(size_mm / spacing))
+    return max(1, round(size_mm / spacing_or_default(spacing_mm)))  # NaN/None/0 -> default
 
 
 def crop_mm(

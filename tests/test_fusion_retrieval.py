@@ -79,3 +79,18 @@ def test_fusion_with_a_size_feature():
     with pytest.raises(LungvizError, match="features of shape"):
         fit_fusion(["slice", "nodule"], [other, weak], y, features=log_d[:10, None], feature_names=[SIZE_FEATURE])
     assert size_feature(np.array([0.0, 1.0, np.e])).tolist() == pytest.approx([0.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"views": ["slice"], "weights": [1.0]}, "incomplete or damaged"),
+    ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE]},
+     "incomplete or damaged"),
+    ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": ["shape"],
+      "feature_weights": [[0, 1]]}, "unknown feature"),
+    ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE],
+      "feature_weights": [[0, 1, 2]]}, "do not match"),
+    ({"views": ["slice", "nodule"], "weights": [1.0], "bias": [0, 0]}, "do not match"),
+])
+def test_damaged_fusion_specs_are_clear_errors(spec, message):
+    with pytest.raises(LungvizError, match=message):
+        Fusion.from_dict(spec)

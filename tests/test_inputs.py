@@ -47,6 +47,8 @@ def test_series_slice_and_display_window():
     assert ci.context[64, 64] == 1.0
     with pytest.raises(LungvizError, match="does not exist"):
         from_series([sl], 3)
+    no_spacing = DicomSlice(_hu_slice(), (float("nan"), float("nan")), 10.0, 1, "1.2", "9", "x.dcm")
+    assert ci.spacing_mm == pytest.approx(0.7) and from_series([no_spacing], 0, (305.0, 205.0)).spacing_mm is None
     shown = display_image(_hu_slice(), True, "lung")
     assert shown[0, 0] == pytest.approx((-1000 + 1350) / 1500)
 

@@ -91,4 +91,8 @@ def test_map_localisation_note(tmp_path: Path):
     assert note.startswith("On 325 test nodules the nodule-binary Grad-CAM put 6% of its weight inside")
     assert "covers 5% of the view" in note and "peaked inside it in 6%" in note
     assert map_localisation_note("slice-binary", tmp_path) is None  # incomplete entry
+    result["models"]["nodule-binary"]["layer"] = "backbone.blocks.4"
+    (tmp_path / "cam_localisation.json").write_text(json.dumps(result))
+    assert map_localisation_note("nodule-binary", tmp_path, "backbone.blocks.4") == note
+    assert map_localisation_note("nodule-binary", tmp_path, None) is None  # the app now maps another layer
     assert map_localisation_note("absent", tmp_path) is None

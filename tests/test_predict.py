@@ -106,8 +106,10 @@ def test_size_fusion_measures_the_nodule_with_the_finder(weights, tmp_path):
     spec = json.loads((folder / "fused-binary.json").read_text())
     spec["fusion"] |= {"features": [SIZE_FEATURE], "feature_weights": [[-0.5, 0.5]]}
     (folder / "fused-binary.json").write_text(json.dumps(spec))
-    with pytest.raises(LungvizError, match="finder"):
-        load_models(folder)  # the fused model needs the finder, which is not installed
+    without = load_models(folder)  # the fused model needs the finder, which is not installed: the rest still works
+    assert set(without.fusions) == {"score"} and "fused binary model is not available" in without.notes[0]
+    ctx0 = np.random.default_rng(2).random((128, 128)).astype(np.float32)
+    assert predict(without, ctx0, spacing_mm=0.7).diameter_mm is None
     build_finder_weights(folder)
     models = load_models(folder)
     assert models.finder is not None
@@ -115,12 +117,18 @@ def test_size_fusion_measures_the_nodule_with_the_finder(weights, tmp_path):
     with torch.no_grad():
         head.bias[2] = 6.0  # the untrained localiser would measure nothing: make it measure a nodule
     ctx = np.random.default_rng(1).random((128, 128)).astype(np.float32)
-    pred = predict(models, ctx, spacing_mm=0.7)
-    d = centre_diameter_mm(models.finder, ctx, 0.7)
+    pred = predict(models, ctx, spacing_mm=0.5)
+    d = centre_diameter_mm(models.finder, ctx, 0.5)
     assert d > 1.0 and pred.diameter_mm == pytest.approx(d)
     s, n = (np.array(pred.views[v]["binary"].logits) for v in ("slice", "nodule"))
     expected = 0.5 * s + 0.5 * n + float(size_feature(d)) * np.array([-0.5, 0.5])
     assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
     assert pred.to_dict()["estimated_diameter_mm"] == pytest.approx(round(d, 1))
+    for unknown in (None, float("nan"), 0.0):  # no usable spacing (e.g. a DICOM without PixelSpacing): the default
+        p = predict(models, ctx, spacing_mm=unknown)
+        assert p.diameter_mm == pytest.approx(centre_diameter_mm(models.finder, ctx, 0.7))
+        assert np.isfinite(p.views["fused"]["binary"].probs).all()
+    with pytest.raises(LungvizError, match="cannot be measured"):
+        centre_diameter_mm(models.finder, ctx, float("nan"))
     assert "diameter" not in json.dumps(predict(load_models(weights), ctx, spacing_mm=0.7).to_dict()).replace(
         '"estimated_diameter_mm": null', "")  # no size fusion, no measurement

@@ -75,6 +75,10 @@ def train_all(base: TrainConfig) -> dict:
     from training.index import build_library_index
     from training.train import SHIPPED, SHIPPED_FUSIONS, train_model
 
+    if any(p.get("size") for p in SHIPPED_FUSIONS.values()):
+        from lungviz.finder import load_finder
+
+        load_finder(Path(base.out) if base.out else None)  # fail now, not after hours of training
     done = {}
     for name, preset in SHIPPED.items():
         cfg = dataclasses.replace(base, all=False, name=name, **preset)
@@ -160,7 +164,8 @@ def cmd_card(cfg: CardConfig) -> dict:
 
 
 def cmd_camloc(cfg: CardConfig) -> dict:
-    """Grad-CAM localisation on the test split: CAM peak and mass inside the readers' masks."""
+    """Choose each model's Grad-CAM layer on validation (written into its spec as cam_layer), then report on test
+    how much of the map falls inside the readers' masks (weights/cam_localisation.json)."""
     from training.cam_eval import cam_localisation
 
     return cam_localisation()

@@ -111,21 +111,22 @@ def read_any_spec(folder: Path, name: str) -> dict:
 
 
 def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indices: np.ndarray,
-                    central: float = 0.5) -> np.ndarray:
+                    central: float = 0.5, max_slices: int = 0) -> np.ndarray:
     """``(N, F)`` image-derived fusion features per nodule; the size feature is the finder's diameter at the crop
     centre, averaged over the ``central`` share of the nodule's slices (as the models' logits are; 0 = the middle
     slice only, as the app sees one slice)."""
     from lungviz.errors import LungvizError
     from lungviz.finder import centre_diameter_mm, load_finder
     from lungviz.fusion import SIZE_FEATURE, size_feature
+    from lungviz.preprocess import spacing_or_default
 
     unknown = [n for n in names if n != SIZE_FEATURE]
     if unknown:
         raise LungvizError(f"unknown fusion feature(s): {', '.join(unknown)}.")
     finder = load_finder(folder)
     diam = np.array([np.mean([centre_diameter_mm(finder, store.slice01(int(ci), k),
-                                                 store.cases[int(ci)].pixel_spacing_mm)
-                              for k in store.eval_slices(int(ci), 0, central)]) for ci in case_indices])
+                                                 spacing_or_default(store.cases[int(ci)].pixel_spacing_mm))
+                              for k in store.eval_slices(int(ci), max_slices, central)]) for ci in case_indices])
     return np.repeat(size_feature(diam)[:, None], len(names), axis=1)
 
 
@@ -150,8 +151,8 @@ def calibrated_logits(
                  for comp in spec["components"]]
         fusion = Fusion.from_dict(spec["fusion"])
         raw = np.mean([p[1] for p in parts], axis=0)
-        features = (fusion_features(fusion.features, folder, store, case_indices, 0.5 if central is None else central)
-                    if fusion.features else None)
+        features = (fusion_features(fusion.features, folder, store, case_indices,
+                                    0.5 if central is None else central, max_slices) if fusion.features else None)
         return fusion.logits([p[0] for p in parts], features).astype(np.float32), raw, spec
     bundle = load_bundle(Path(folder), name)
     vc = view_config_from_spec(spec)
