@@ -15,7 +15,7 @@ from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, i
 from lungviz.inventory import map_localisation_note
 from lungviz.io import LoadedImage
 from lungviz.metrics import reliability_bin
-from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize
+from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize, valid_spacing
 from lungviz.report import (
     VIEW_LABELS,
     CaseReport,
@@ -232,8 +232,7 @@ with est:
     common.show_flag(pred)
     st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
     if pred.diameter_mm is not None:
-        known = case.spacing_mm is not None and np.isfinite(case.spacing_mm) and case.spacing_mm > 0
-        assumed = "" if known else f", assuming {DEFAULT_SPACING_MM:.2f} mm per pixel"
+        assumed = "" if valid_spacing(case.spacing_mm) else f", assuming {DEFAULT_SPACING_MM:.2f} mm per pixel"
         st.caption(f"Nodule diameter measured on this image by the finder's localiser: about "
                    f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; it tends to read smaller than the "
                    "readers' longest diameter, and the readers' own measurements are never inputs).")

@@ -23,7 +23,7 @@ from lungviz import paths
 from lungviz.errors import LungvizError
 from lungviz.lidc_dicom import AIR_HU
 from lungviz.models import Bundle, load_bundle
-from lungviz.preprocess import DEFAULT_SPACING_MM
+from lungviz.preprocess import DEFAULT_SPACING_MM, valid_spacing
 
 PRESENCE = "finder-presence"
 LOCATE = "finder-locate"
@@ -249,7 +249,7 @@ def centre_diameter_mm(finder: Finder, context: np.ndarray, spacing_mm: float) -
     img = np.asarray(context, np.float32)
     if img.ndim != 2 or img.size == 0:
         raise LungvizError(f"a 2D crop is needed to measure the nodule, got shape {img.shape}.")
-    if not (np.isfinite(spacing_mm) and spacing_mm > 0) or not np.isfinite(img).all():
+    if valid_spacing(spacing_mm) is None or not np.isfinite(img).all():
         raise LungvizError("the nodule cannot be measured: the pixel spacing or the image values are not valid.")
     lo, hi = np.full_like(img, img.min()), np.full_like(img, img.max())
     centre = np.array([[(img.shape[0] - 1) / 2.0, (img.shape[1] - 1) / 2.0]])

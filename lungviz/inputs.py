@@ -12,7 +12,7 @@ import numpy as np
 
 from lungviz.errors import LungvizError
 from lungviz.io import DicomSlice, LoadedImage
-from lungviz.preprocess import SLICE_CROP_PX, crop_around, minmax, window_preset
+from lungviz.preprocess import SLICE_CROP_PX, crop_around, minmax, valid_spacing, window_preset
 
 #: An image up to this side is taken as a nodule-centred context crop; a larger one as a whole slice.
 MAX_CONTEXT_SIDE = 192
@@ -104,9 +104,8 @@ def from_series(series: list[DicomSlice], index: int, centre_rc: tuple[float, fl
     if not 0 <= index < len(series):
         raise LungvizError(f"slice {index} does not exist; the series has {len(series)} slices (0-{len(series) - 1}).")
     sl = series[index]
-    spacing = float(np.mean(sl.pixel_spacing_mm))
-    loaded = LoadedImage(sl.hu, True, sl.name, pixel_spacing_mm=spacing if np.isfinite(spacing) and spacing > 0
-                         else None, meta={"z_mm": sl.z_mm})
+    loaded = LoadedImage(sl.hu, True, sl.name, pixel_spacing_mm=valid_spacing(float(np.mean(sl.pixel_spacing_mm))),
+                         meta={"z_mm": sl.z_mm})
     return from_loaded(loaded, None, centre_rc)
 
 

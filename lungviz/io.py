@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lungviz.errors import LungvizError
+from lungviz.preprocess import valid_spacing
 
 MAX_SIDE_PX = 8192
 MIN_SIDE_PX = 16
@@ -345,9 +346,8 @@ def load_image(src: Source, name: str | None = None) -> LoadedImage:
         return load_npy(data, name=label)
     if is_dicom_bytes(data) or lower.endswith((".dcm", ".dicom")):
         sl = read_dicom(data, name=label)
-        spacing = float(np.mean(sl.pixel_spacing_mm))
         return LoadedImage(
-            sl.hu, True, label, pixel_spacing_mm=spacing if np.isfinite(spacing) and spacing > 0 else None,
+            sl.hu, True, label, pixel_spacing_mm=valid_spacing(float(np.mean(sl.pixel_spacing_mm))),
             meta={"format": "dicom", "z_mm": sl.z_mm, "series_uid": sl.series_uid},
         )
     if lower.endswith(".zip") or data[:2] == b"PK":

@@ -43,6 +43,7 @@ class ModelSet:
     folder: Path
     finder: Finder | None = None
     notes: list[str] = field(default_factory=list)  # what could not be loaded, for the user
+    fusion_models: dict[str, Fusion] = field(default_factory=dict)  # fusions[task]["fusion"], read once
 
     def bundle(self, view: str, task: str) -> Bundle | None:
         return self.bundles.get(f"{view}-{task}")
@@ -82,7 +83,7 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
                 del fusions[task]
                 notes.append(f"The fused {task} model is not available: it measures the nodule with the nodule "
                              f"finder, which could not be loaded ({err}).")
-    return ModelSet(bundles, fusions, folder, finder, notes)
+    return ModelSet(bundles, fusions, folder, finder, notes, {t: parsed[t] for t in fusions})
 
 
 def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.ndarray | None,
@@ -199,7 +200,7 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
     diameter = None
     for task, spec in models.fusions.items():
         comps = [(c.split("-", 1)[0], task) for c in spec["components"]]
-        fusion = Fusion.from_dict(spec["fusion"])
+        fusion = models.fusion_models.get(task) or Fusion.from_dict(spec["fusion"])
         if not all(c in logits for c in comps):
             continue
         features = None

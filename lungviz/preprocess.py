@@ -149,13 +149,15 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(img, np.float32)
 
 
+def valid_spacing(spacing_mm: float | None) -> float | None:
+    """The pixel spacing when it is a positive finite number, else None (unknown: missing, NaN, zero)."""
+    return float(spacing_mm) if spacing_mm is not None and np.isfinite(spacing_mm) and spacing_mm > 0 else None
+
+
 def spacing_or_default(spacing_mm: float | None) -> float:
-    """A pixel spacing usable in arithmetic: the given one when it is a positive number, else the default."""
-    try:
-        sp = float(spacing_mm) if spacing_mm is not None else float("nan")
-    except (TypeError, ValueError):
-        sp = float("nan")
-    return sp if np.isfinite(sp) and sp > 0 else DEFAULT_SPACING_MM
+    """A pixel spacing usable in arithmetic: the given one when it is valid, else the default."""
+    sp = valid_spacing(spacing_mm)
+    return DEFAULT_SPACING_MM if sp is None else sp
 
 
 def mm_to_px(size_mm: float, spacing_mm: float | None) -> int:

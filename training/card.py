@@ -310,7 +310,6 @@ def write_card(folder: Path | None = None) -> Path:
                   f"binary, kappa for score) it scores {_fmt(tr.get('val_score'))}, against "
                   f"{_fmt(tr.get('val_score_views_only'))} for the views alone. The localiser never sees the "
                   "readers' measurements.\n")
-
         else:
             w(f"`{s['arch']}` ({'ImageNet-pretrained' if tr.get('pretrained') else 'from scratch'}), view "
               f"`{s['view']}`, input {s['input_size']} px, {s['preprocessing'].get('aggregate', '')}; temperature "
