@@ -12,7 +12,7 @@ from lungviz import RESEARCH_NOTICE, paths
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
-from lungviz.inventory import map_localisation_note
+from lungviz.inventory import map_localisation_note, size_only_note
 from lungviz.io import LoadedImage
 from lungviz.metrics import reliability_bin
 from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize, valid_spacing
@@ -235,7 +235,8 @@ with est:
         assumed = "" if valid_spacing(case.spacing_mm) else f", assuming {DEFAULT_SPACING_MM:.2f} mm per pixel"
         st.caption(f"Nodule diameter measured on this image by the finder's localiser: about "
                    f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; it tends to read smaller than the "
-                   "readers' longest diameter, and the readers' own measurements are never inputs).")
+                   "readers' longest diameter, and the readers' own measurements are never inputs). "
+                   + (size_only_note(folder) or ""))
 fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")

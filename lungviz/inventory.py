@@ -170,3 +170,17 @@ def map_localisation_note(model: str, folder: Path | None = None, layer: str | N
     return (f"On {r['n']} test nodules the {model} Grad-CAM put {r['mass_inside']:.0%} of its weight inside the "
             f"readers' outline, which covers {r['mask_area']:.0%} of the view (the chance level), and peaked inside "
             f"it in {r['peak_inside']:.0%}: read the map as the region the model used, not as the nodule's outline.")
+
+
+def size_only_note(folder: Path | None = None) -> str | None:
+    """One sentence comparing fused-binary with the image-measured size alone on the test split (from ``fuse``), or
+    None when either figure is missing."""
+    spec = read_result("fused-binary.json", folder) or {}
+    size = ((spec.get("size_only_auroc") or {}).get("test")) or {}
+    fused = ((spec.get("metrics") or {}).get("test") or {}).get("auroc")
+    if not isinstance(size.get("auroc"), (int, float)) or not isinstance(fused, (int, float)):
+        return None
+    gap = size["auroc"] - fused
+    compare = "better than" if gap > 0.005 else "less well than" if gap < -0.005 else "about as well as"
+    return (f"On {size.get('n', '?')} test nodules this measured size alone separated benign from malignant "
+            f"{compare} the fused model (AUROC {size['auroc']:.2f} against {fused:.2f}).")

@@ -157,6 +157,20 @@ def bootstrap_ci(
     return {k: (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2))) for k, v in draws.items()}
 
 
+def score_auroc(
+    y: np.ndarray, score: np.ndarray, groups: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """AUROC of one number per case (larger = more likely positive, e.g. a diameter) for binary ``y``, with a
+    patient-bootstrap 95% interval: ``{"n", "auroc", "ci95": {"auroc": (lo, hi)}}``."""
+    y = np.asarray(y, int)
+    s = np.asarray(score, np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError("score_auroc takes one label and one score per case")
+    P = np.stack([-s, s], axis=1)  # auroc() reads column 1 as the positive class's score
+    ci = bootstrap_ci(lambda i: {"auroc": auroc(y[i], P[i])}, len(y), groups, n_boot, seed)
+    return {"n": len(y), "auroc": auroc(y, P), "ci95": ci}
+
+
 def evaluate_probabilities(
     y: np.ndarray,
     P: np.ndarray,

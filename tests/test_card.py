@@ -38,3 +38,22 @@ def test_card_lists_every_model_with_its_figures(tmp_path):
     assert "**0.810** (chance 0.670)" in card
     assert (tmp_path / "figures" / "nodule-binary-confusion.png").stat().st_size > 1000
     assert "figures/nodule-binary-reliability.png" in card
+
+
+def test_card_sets_the_fused_model_beside_the_image_measured_size(tmp_path):
+    fused = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
+             "components": ["slice-binary", "nodule-binary"], "split_fingerprint": "abc",
+             "fusion": {"views": ["slice", "nodule"], "weights": [0.1, 0.6], "bias": [1.0, -1.0],
+                        "features": ["log_diameter_mm"], "feature_weights": [[-0.5, 0.5]]},
+             "training": {"val_score": 0.888, "val_score_views_only": 0.866},
+             "metrics": {"test": _rep(0.831, 2), "val": _rep(0.888, 2)},
+             "size_only_auroc": {"val": {"n": 336, "auroc": 0.88, "ci95": {"auroc": [0.83, 0.92]}},
+                                 "test": {"n": 332, "auroc": 0.849, "ci95": {"auroc": [0.797, 0.896]}}}}
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
+    card = write_card(tmp_path).read_text()
+    assert "test AUROC 0.849 [0.797, 0.896] on 332 nodules, validation 0.880" in card
+    assert "the two image views do not add to the measured size" in card and "scored 0.888 against 0.880" in card
+    fused["size_only_auroc"]["test"]["auroc"] = 0.80  # below the fused model: no such warning
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
+    card = write_card(tmp_path).read_text()
+    assert "AUROC 0.800" in card and "do not add to the measured size" not in card

@@ -15,6 +15,7 @@ from lungviz.inventory import (
     model_card,
     read_result,
     reference_predictions,
+    size_only_note,
 )
 
 REFERENCE = """patient_id,nodule,p_benign,p_malignant,prediction,truth
@@ -96,3 +97,21 @@ def test_map_localisation_note(tmp_path: Path):
     assert map_localisation_note("nodule-binary", tmp_path, "backbone.blocks.4") == note
     assert map_localisation_note("nodule-binary", tmp_path, None) is None  # the app now maps another layer
     assert map_localisation_note("absent", tmp_path) is None
+
+
+def test_size_only_note(tmp_path: Path):
+    assert size_only_note(tmp_path) is None  # no fused model
+    spec = {"kind": "fusion", "metrics": {"test": {"auroc": 0.831}},
+            "size_only_auroc": {"test": {"n": 332, "auroc": 0.849}}}
+    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
+    assert size_only_note(tmp_path) == ("On 332 test nodules this measured size alone separated benign from malignant "
+                                        "better than the fused model (AUROC 0.85 against 0.83).")
+    spec["size_only_auroc"]["test"]["auroc"] = 0.80
+    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
+    assert "less well than the fused model (AUROC 0.80 against 0.83)" in size_only_note(tmp_path)
+    spec["size_only_auroc"]["test"]["auroc"] = 0.833
+    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
+    assert "about as well as" in size_only_note(tmp_path)
+    del spec["size_only_auroc"]  # a fusion without the size feature
+    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
+    assert size_only_note(tmp_path) is None

@@ -107,3 +107,17 @@ def test_format_ci():
     assert M.format_ci(rep, "auroc") == "0.812 [0.750, 0.860]"
     assert M.format_ci(rep, "f1", 2) == "0.50"
     assert M.format_ci(rep, "qwk") == "–" and M.format_ci(rep, "missing") == "–"
+
+
+def test_score_auroc_ranks_one_number_per_case_with_a_patient_interval():
+    y = np.array([0, 0, 0, 1, 1, 0, 1, 1])
+    diameter = np.array([4.0, 5.0, 6.0, 12.0, 9.0, 7.0, 15.0, 8.0])  # every malignant nodule is the larger
+    res = M.score_auroc(y, diameter, groups=[str(i // 2) for i in range(8)], n_boot=200)
+    assert res["n"] == 8 and res["auroc"] == pytest.approx(1.0)
+    assert M.score_auroc(y, -diameter, n_boot=50)["auroc"] == pytest.approx(0.0)
+    mixed = M.score_auroc(y, np.array([4.0, 9.0, 6.0, 5.0, 12.0, 7.0, 15.0, 8.0]), n_boot=200)
+    assert mixed["auroc"] == pytest.approx(12 / 16)  # 4 of the 16 benign-malignant pairs are ranked the wrong way
+    lo, hi = mixed["ci95"]["auroc"]
+    assert lo <= mixed["auroc"] <= hi < 1.0 + 1e-9
+    with pytest.raises(ValueError):
+        M.score_auroc(y, diameter[:5])

@@ -104,13 +104,30 @@ def diameter_baseline(folder: Path, split_name: str = "test") -> dict | None:
         return None
     split = Split.load(split_file)
     sel = [c for c in split.select(cases, split_name) if c.malignant is not None and c.diameter_mm is not None]
-    y = np.array([c.malignant for c in sel])
-    d = np.array([c.diameter_mm for c in sel])
-    P = np.stack([1 - d / d.max(), d / d.max()], 1)
-    point = metrics.auroc(y, P)
-    ci = metrics.bootstrap_ci(lambda i: {"auroc": metrics.auroc(y[i], P[i])}, len(y),
-                              [c.patient_id for c in sel], 1000)
-    return {"n": len(y), "auroc": point, "ci95": ci}
+    return metrics.score_auroc(np.array([c.malignant for c in sel]), np.array([c.diameter_mm for c in sel]),
+                               [c.patient_id for c in sel], 1000)
+
+
+def fused_test_auroc(specs: dict) -> float | None:
+    """The shipped fused-binary model's test AUROC (None without it)."""
+    return specs.get("fused-binary", {}).get("metrics", {}).get("test", {}).get("auroc")
+
+
+def size_only_text(specs: dict) -> str | None:
+    """The card's paragraph on the image-measured size alone beside fused-binary (None when not measured)."""
+    size = specs.get("fused-binary", {}).get("size_only_auroc", {})
+    t, fused = size.get("test"), fused_test_auroc(specs)
+    if not t:
+        return None
+    val_size = _fmt(size.get("val", {}).get("auroc"))
+    text = (f"**Image-measured size alone** (the nodule finder's diameter, the size input of `fused-binary`, with no "
+            f"malignancy CNN): test AUROC {t['auroc']:.3f} [{t['ci95']['auroc'][0]:.3f}, {t['ci95']['auroc'][1]:.3f}] "
+            f"on {t['n']} nodules, validation {val_size}; `fused-binary` (views + size) scores {_fmt(fused)} on test.")
+    if fused is not None and fused < t["auroc"]:
+        val_fused = _fmt(specs["fused-binary"].get("training", {}).get("val_score"))
+        text += (" **On the test split the two image views do not add to the measured size.** The fusion was chosen "
+                 f"on validation, where views + size scored {val_fused} against {val_size} for the size alone.")
+    return text
 
 
 def finder_section(w, folder: Path) -> None:
@@ -243,6 +260,9 @@ def write_card(folder: Path | None = None) -> Path:
         if best is not None and best < diam["auroc"]:
             w(f"**The image models do not yet reach this baseline** (best binary AUROC {best:.3f}): treat their "
               "malignancy estimates as weaker than the nodule's measured size.\n")
+    size = size_only_text(specs)
+    if size:
+        w(size + "\n")
     w("**Against one radiologist.** For nodules read by two or more radiologists, each reader in turn is the "
       "predictor and the median of the others the truth; the model is scored on the very same pairs.\n")
     w("| model | pairs | single reader | model |")

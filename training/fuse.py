@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungviz import paths
+from lungviz import metrics, paths
 from lungviz.fusion import SIZE_FEATURE, fit_fusion
 from lungviz.labels import get_scheme
 from training.data import SliceStore
@@ -62,9 +62,17 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     reports["test_single_slice"] = report_from_logits(y, fusion.logits([o[0] for o in single], feats),
                                                       np.mean([o[1] for o in single], axis=0), scheme,
                                                       [c.patient_id for c in kept], None, 200)
+    # The image-measured size alone (no malignancy CNN), for binary: what the views add beyond it.
+    size_only = {}
+    if names and scheme.positive_class is not None:
+        columns = {"val": parts["val"][4], "test": parts["test"][4], "test_single_slice": feats}
+        for name, f in columns.items():
+            split_kept, split_y = parts[name.split("_")[0]][:2]
+            size_only[name] = metrics.score_auroc(split_y == scheme.positive_class, f[:, 0],
+                                                  [c.patient_id for c in split_kept], n_boot if name == "test" else 200)
     spec = {"kind": "fusion", "view": "fused", "task": task, "classes": list(scheme.classes),
             "components": components, "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
-            "dataset": "lidc", "metrics": reports,
+            "dataset": "lidc", "metrics": reports, "size_only_auroc": size_only,
             "training": {"method": "late fusion: per-view weight x calibrated logits + class bias"
                                    + (" + per-class weights x the log of the nodule diameter the finder measures "
                                       "on the image (central half of the slices)" if names else "")
