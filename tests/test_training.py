@@ -11,8 +11,15 @@ from PIL import Image
 
 from lungviz.models import create_model, load_bundle
 from training.augment import AugmentConfig, affine, augment, augment_pair
-from training.data import SliceStore, ViewConfig, class_weights, epoch_plan, train_batch_with_masks
-from training.loop import MaskAuxLoss, stage_of
+from training.data import (
+    SliceStore,
+    ViewConfig,
+    attribute_targets,
+    class_weights,
+    epoch_plan,
+    train_batch_with_masks,
+)
+from training.loop import AttributeAuxLoss, MaskAuxLoss, stage_of
 from training.train import mask_layer
 
 
@@ -74,6 +81,40 @@ def test_mask_targets_and_the_auxiliary_loss(tmp_path):
     assert aux.head.weight.grad is not None and model.backbone.blocks[0][0].weight.grad is not None
     aux.close()
     assert not model.get_submodule(layer)._forward_hooks
+
+
+def test_attribute_targets_are_standardised_on_train_and_the_loss_reads_pooled_features():
+    from lungviz.cases import CHARACTERISTICS, Case
+
+    def case(i: int, spic: float | None, diam: float | None) -> Case:
+        chars = {k: 3.0 for k in CHARACTERISTICS} | ({"spiculation": spic} if spic is not None else {})
+        if spic is None:
+            chars.pop("spiculation")
+        return Case(patient_id=f"P{i}", nodule_id="n0", source="t", image_paths=(), characteristics=chars,
+                    diameter_mm=diam)
+
+    cases = [case(0, 1.0, 5.0), case(1, 3.0, 20.0), case(2, 5.0, 10.0), case(3, None, None)]
+    z, names = attribute_targets(cases, np.array([0, 1]))  # standardised on the first two only
+    assert names[-1] == "log_diameter_mm" and len(names) == len(CHARACTERISTICS) + 1 and z.shape == (4, len(names))
+    spic = names.index("spiculation")
+    np.testing.assert_allclose(z[:3, spic], [-1.0, 1.0, 3.0])  # train mean 2, sd 1
+    assert np.all(z[3, [spic, -1]] == 0.0)  # missing = the training mean
+    assert z[1, -1] > z[2, -1] > z[0, -1]  # 20 mm > 10 mm > 5 mm
+    assert np.all(z[:, names.index("texture")] == 0.0)  # a constant characteristic carries no signal
+
+    model = create_model("cnn4", 2)
+    aux = AttributeAuxLoss(model, len(names), 1.0, torch.nn.CrossEntropyLoss())
+    x = torch.randn(4, 3, 32, 32)
+    target = torch.cat([torch.tensor([[0.0], [1.0], [0.0], [1.0]]), torch.from_numpy(z)], dim=1)
+    loss = aux(model(x), target)
+    assert loss.item() > torch.nn.functional.cross_entropy(model(x), target[:, 0].long()).item()
+    loss.backward()
+    assert aux.head.weight.grad is not None and model.classifier.weight.grad is not None
+    aux.close()
+    assert not model.head._forward_pre_hooks
+    with torch.no_grad():  # evaluation passes leave nothing behind
+        model(x)
+    assert aux._features == []
 
 
 def test_upsampling_plan_brings_every_class_to_largest_plus_200():

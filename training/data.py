@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from lungviz.cases import Case
+from lungviz.cases import CHARACTERISTICS, Case
 from lungviz.preprocess import to_model_input, view_from_context
 from training.augment import AugmentConfig, augment, augment_pair
 
@@ -171,3 +171,17 @@ def view_config_from_spec(spec: dict) -> ViewConfig:
     return ViewConfig(str(spec["view"]), int(spec["input_size"]), tuple(spec["mean"]), tuple(spec["std"]),
                       pre.get("field_mm") if spec["view"] == "nodule" else None,
                       float(pre.get("central_fraction", 1.0)))
+
+
+def attribute_targets(cases: Sequence[Case], train_idx: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The readers' median characteristics and log diameter per case, standardised on the training cases (missing
+    = the training mean, 0): ``(N, A) float32`` auxiliary targets (training only, never a model input)."""
+    names = (*CHARACTERISTICS, "log_diameter_mm")
+    raw = np.array([[c.characteristics.get(k, np.nan) for k in CHARACTERISTICS]
+                    + [np.log(c.diameter_mm) if c.diameter_mm and c.diameter_mm > 0 else np.nan] for c in cases],
+                   np.float64)
+    train = raw[np.asarray(train_idx, int)]
+    mean = np.nanmean(train, axis=0)
+    std = np.nanstd(train, axis=0)
+    z = (raw - mean) / np.where(std > 0, std, 1.0)
+    return np.nan_to_num(z, nan=0.0).astype(np.float32), names

@@ -90,6 +90,32 @@ class MaskAuxLoss(nn.Module):
         self._features.clear()
 
 
+class AttributeAuxLoss(nn.Module):
+    """Class cross-entropy plus ``weight`` x the mean squared error of a linear head that reads the readers'
+    characteristics and the nodule's log diameter (standardised) off the pooled features, so they must encode what
+    radiologists grade. Targets come packed as ``(label, attributes...)``; the head is used in training only and
+    :meth:`close` removes the hook that reads the pooled features."""
+
+    def __init__(self, model: LungvizNet, n_attributes: int, weight: float, class_loss: nn.Module) -> None:
+        super().__init__()
+        self.head = nn.Linear(model.embed_dim, n_attributes)
+        self.weight = float(weight)
+        self.class_loss = class_loss
+        self._features: list[torch.Tensor] = []
+        self._hook = model.head.register_forward_pre_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        self._features[:] = [inputs[0]] if torch.is_grad_enabled() else []
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.class_loss(logits, target[:, 0].long())
+        return loss + self.weight * nn.functional.mse_loss(self.head(self._features[0].float()), target[:, 1:].float())
+
+    def close(self) -> None:
+        self._hook.remove()
+        self._features.clear()
+
+
 BatchFn = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 
 
