@@ -18,10 +18,10 @@ from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundl
 from lungviz.finder import Finder, load_finder, scan
 from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
-from lungviz.library import similar_cases
+from lungviz.library import series_split, similar_cases
 from lungviz.lidc import load_case
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
-from lungviz.report import VIEW_LABELS, pct
+from lungviz.report import VIEW_LABELS, prob_pct
 from lungviz.retrieval import CaseIndex, load_index, set_server_threads
 from lungviz.reviews import VERDICTS, ReviewStore
 
@@ -35,25 +35,18 @@ STATE = {"lime": {}, "saved_reviews": {}}
 MAP_METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcampp", "LIME": "lime"}
 #: LIME precision choices: perturbations per run, and what the choice means for the user.
 LIME_PRECISION = {
-    "Fast": (LIME_SAMPLES, f"{LIME_SAMPLES} perturbations, under a second; the 5 regions shown can change "
-                           "between runs more than they do with stock LIME."),
-    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, a few seconds; the 5 regions shown are "
-                                    "as repeatable as stock LIME's (1,000 coin-flip perturbations)."),
+    "Fast": (LIME_SAMPLES, f"{LIME_SAMPLES} perturbations, about half a second per view on a 2-core server; the 5 "
+                           "regions shown can change between runs more than they do with stock LIME."),
+    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, about 2-3 s per view; the 5 regions shown "
+                                    "are as repeatable as stock LIME's (1,000 coin-flip perturbations)."),
 }
 VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}
 VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
-CALIBRATION_CAVEAT = (
-    "Probabilities are calibrated on the LIDC validation split: they estimate how the LIDC radiologist panel would "
-    "rate the nodule (a suspicion rating, not pathology) and may be miscalibrated on other scanners, protocols or "
-    "populations."
-)
 
 
 def percent(p: float | None) -> str:
     """A model probability for display: whole percent, but never a certain-looking 0% or 100%."""
-    if p is None:
-        return "-"
-    return "<1%" if p < 0.005 else (">99%" if p > 0.995 else pct(p))
+    return prob_pct(p)
 
 
 def init_state() -> None:
@@ -100,6 +93,12 @@ def _finder(folder: str) -> Finder:
     except LungvizError:
         loaded = None
     return loaded if loaded is not None else load_finder(Path(folder))
+
+
+@st.cache_data(show_spinner=False)
+def library_series(series_uid: str) -> tuple[str, str] | None:
+    """``(patient_id, split)`` when an uploaded DICOM series is one of the library's own LIDC scans."""
+    return series_split(series_uid, paths.data_dir(), Path(weights_folder()) / "splits" / "holdout.json")
 
 
 def finder_available() -> bool:
@@ -275,8 +274,9 @@ def show_flag(pred: Prediction) -> None:
         reasons = "".join(f"\n- {r}" for r in pred.flags)
         st.warning(f"**Refer / uncertain.** Do not rely on this estimate:{reasons}", icon=":material/flag:")
     else:
-        st.success("No uncertainty flag: the estimate is outside the uncertain band and the views agree. This does "
-                   "not make it correct.", icon=":material/check_circle:")
+        agree = " and the views agree" if len([v for v in pred.views if v != "fused"]) > 1 else ""
+        st.success(f"No uncertainty flag: the estimate is outside the uncertain band{agree}. This does not make it "
+                   "correct.", icon=":material/check_circle:")
 
 
 def view_table(pred: Prediction) -> list[dict]:
@@ -323,7 +323,8 @@ def similar_case_cards(cases: list[dict], key: str) -> None:
     if not cases:
         st.info("No similar cases were found.")
         return
-    cols = st.columns(len(cases))
+    per_row = 5  # more per row squeezes the text to a letter per line
+    cols = [col for start in range(0, len(cases), per_row) for col in st.columns(per_row)][: len(cases)]
     for i, (col, c) in enumerate(zip(cols, cases, strict=True)):
         with col.container(border=True):
             if c.get("thumbnail") is not None:

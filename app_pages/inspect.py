@@ -14,9 +14,11 @@ from lungviz.explain import lime_overlay, overlay
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
 from lungviz.inventory import map_localisation_note, size_only_note
 from lungviz.io import LoadedImage
+from lungviz.library import series_split_note
 from lungviz.metrics import reliability_bin
 from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize, valid_spacing
 from lungviz.report import (
+    CALIBRATION_CAVEAT,
     VIEW_LABELS,
     CaseReport,
     build_html,
@@ -138,16 +140,23 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
         return (f"{i + 1}. row {c['y']:.0f}, column {c['x']:.0f} — about {c['diameter_mm']:.0f} mm, "
                 f"score {c['score']:.2f}")
 
+    # One widget per candidate list: on another slice of a series the list changes, and a widget kept across lists
+    # would hold an entry of the old one.
+    where = np.array([[c["x"], c["y"]] for c in cands], np.float64)
+    ckey_list = f"cand-{common.digest(key, where)}"
+
     def accept() -> None:
-        c = cands[st.session_state[f"cand-{key}"]]
-        st.session_state[rkey], st.session_state[ckey] = int(round(c["y"])), int(round(c["x"]))
+        i = st.session_state.get(ckey_list)
+        if isinstance(i, int) and 0 <= i < len(cands):
+            st.session_state[rkey], st.session_state[ckey] = int(round(cands[i]["y"])), int(round(cands[i]["x"]))
 
     st.selectbox("Nodule candidates (orange circles, best first)", range(len(cands)), format_func=label,
-                 key=f"cand-{key}", on_change=accept,
+                 key=ckey_list, on_change=accept,
                  help="Proposed by the nodule finder (a presence classifier and a localiser trained on LIDC "
                       "patches). It often also proposes vessels seen end-on: check each candidate yourself.")
-    st.button("Use this candidate", key=f"use-{key}", on_click=accept, icon=":material/my_location:")
-    st.caption("The crop starts at candidate 1. Check it is the nodule you mean before reading the estimate.")
+    st.button("Use this candidate", key=f"use-{ckey_list}", on_click=accept, icon=":material/my_location:")
+    st.caption("The centre (red cross) starts at the best candidate of the first slice shown and stays where you "
+               "put it when you change slices. Check it is the nodule you mean before reading the estimate.")
 
 
 def common_field_mm() -> float:
@@ -167,8 +176,9 @@ def _window_select(is_hu: bool) -> None:
                              help="The models always see the crop min-max scaled from HU, as in training.")
 
 
-def _case_input() -> tuple[CaseInput, str]:
-    """Widgets for the uploaded files -> the model inputs and a label for the case."""
+def _case_input() -> tuple[CaseInput, str, str]:
+    """Widgets for the uploaded files -> the model inputs, a label for the case and the DICOM series UID ("" when
+    not DICOM)."""
     loaded = _read(main_file) if main_file is not None else None
     crop = _read(crop_file) if crop_file is not None else None
     key = common.digest(main_file.file_id if main_file else "", crop_file.file_id if crop_file else "")
@@ -183,10 +193,11 @@ def _case_input() -> tuple[CaseInput, str]:
                 _window_select(True)
                 index = st.slider("Slice (inferior → superior)", 0, n - 1, n // 2, key=f"slice-{key}") if n > 1 else 0
                 sl = loaded[index]
-                st.caption(f"Slice {index} of {n}, z = {sl.z_mm:.1f} mm, instance {sl.instance_number}")
+                st.caption(f"Slice {index + 1} of {n} (slider position {index}), z = {sl.z_mm:.1f} mm, "
+                           f"instance {sl.instance_number}")
             with picture:
                 centre = _centre_picker(sl.hu, True, float(np.mean(sl.pixel_spacing_mm)), key, controls)
-        return from_series(loaded, index, centre), f"{main_file.name} slice {index}"
+        return from_series(loaded, index, centre), f"{main_file.name} slice {index + 1}", loaded[index].series_uid
     centre = None
     if loaded is not None and (loaded.is_hu or is_whole_slice(loaded.pixels)):
         with st.container(border=True):
@@ -201,17 +212,20 @@ def _case_input() -> tuple[CaseInput, str]:
                 else:
                     st.image(display_image(loaded.pixels, True, _window()), width=SHOW_PX, clamp=True)
     names = [f.name for f in (main_file, crop_file) if f is not None]
-    return from_loaded(loaded, crop, centre), " + ".join(names)
+    uid = str(loaded.meta.get("series_uid", "")) if loaded is not None else ""
+    return from_loaded(loaded, crop, centre), " + ".join(names), uid
 
 
 try:
-    case, case_label = _case_input()
+    case, case_label, series_uid = _case_input()
     pred = common.prediction(folder, case.context, case.nodule_crop, case.spacing_mm)
 except LungvizError as err:
     st.error(str(err), icon=":material/error:")
     st.stop()
 for note in case.notes:
     st.caption(f":material/info: {note}")
+if (known := common.library_series(series_uid)) is not None:
+    (st.info if known[1] == "test" else st.warning)(series_split_note(*known), icon=":material/database:")
 
 # ----------------------------------------------------------------------------------------------- estimate
 
@@ -227,7 +241,7 @@ with seen:
         col.image(resize(img, SHOW_PX), caption=f"{VIEW_LABELS.get(view, view)} ({field})", width="stretch",
                   clamp=True)
 with est:
-    st.metric(f"Malignant probability ({VIEW_LABELS.get(head_view or '', '-').lower()})",
+    st.metric(f"Malignant probability: {VIEW_LABELS.get(head_view or '', '-').lower()}",
               common.percent(p), help="Panel score 4-5 (malignant) against 1-3 (benign).")
     common.show_flag(pred)
     st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
@@ -241,7 +255,7 @@ fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")
     st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
-st.caption(common.CALIBRATION_CAVEAT)
+st.caption(CALIBRATION_CAVEAT)
 
 # ------------------------------------------------------------------------------------- confidence in context
 
@@ -263,8 +277,8 @@ with hist_col:
             hfig.add_histogram(x=probs[truths == label], name=f"panel: {label} (n={int((truths == label).sum())})",
                                xbins={"start": 0, "end": 1, "size": 0.05}, marker_color=colour, opacity=0.7)
         if p is not None:
-            hfig.add_vline(x=p, line_width=3, line_color="black",
-                           annotation_text=f"this case {common.percent(p)}", annotation_position="top")
+            hfig.add_vline(x=p, line_width=3, line_color="black", annotation_text=f"this case {common.percent(p)}",
+                           annotation_position="top left" if p > 0.5 else "top right")  # label inside the plot
         hfig.update_layout(barmode="overlay", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                            xaxis={"title": f"{headline} malignant probability", "tickformat": ".0%",
                                   "range": [0, 1]},
@@ -314,7 +328,8 @@ for i, view in enumerate(map_views):
             bar = st.progress(0.0, text=f"LIME, {label}…")
             res = common.lime(folder, name, img, lambda f, bar=bar, label=label: bar.progress(
                 min(1.0, f), text=f"LIME, {label}: {f:.0%}"), num_samples=lime_samples)
-            bar.progress(1.0, text=f"LIME, {label}: done ({res.num_samples} samples, fit R² {res.score:.2f})")
+            bar.progress(1.0, text=f"LIME, {label}: done ({res.num_samples} samples; LIME's linear fit explains "
+                                   f"{max(res.score, 0.0):.0%} of the model's response, lower = read with caution)")
             shown = lime_overlay(big, res, k=5, alpha=alpha)
             caption = f"LIME, {label}: the 5 regions most in favour of '{call}'"
         else:

@@ -19,7 +19,7 @@ from lungviz.library import (
 )
 from lungviz.predict import view_image
 from lungviz.preprocess import resize
-from lungviz.report import VIEW_LABELS, reader_spread
+from lungviz.report import CALIBRATION_CAVEAT, VIEW_LABELS, reader_spread
 
 SHOW_PX = 256
 
@@ -127,7 +127,7 @@ def _show_case(record: dict) -> None:
     fig = common.probability_bars(pred, "score")
     if fig is not None:
         st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})
-    st.caption(f"On the middle slice ({middle}, the largest reader outline). {common.CALIBRATION_CAVEAT}")
+    st.caption(f"On the middle slice ({middle}, the largest reader outline). {CALIBRATION_CAVEAT}")
     if case_id in correct:
         st.caption(f"On the test split the model ({head}) was **{'right' if correct[case_id] else 'wrong'}** for this "
                    "nodule (all central slices averaged).")

@@ -84,7 +84,7 @@ def _results(models: list[dict]) -> None:
             continue
         st.markdown(f"**{TASK_TITLES[task]}**")
         st.dataframe(_test_table(group, "test", keys), hide_index=True)
-        single = _test_table(group, "test_single_slice", keys)
+        single = _test_table(group, "test_single_slice", keys) if task != "other" else None  # LIDC nodules only
         if single:
             st.caption("The same test nodules, one (middle) slice each, as the app usually sees a case:")
             st.dataframe(single, hide_index=True)

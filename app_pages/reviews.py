@@ -34,7 +34,8 @@ except LungvizError as err:
 m = st.columns(4)
 m[0].metric("Shown", len(rows))
 for col, v in zip(m[1:], VERDICTS, strict=True):
-    col.metric(common.VERDICT_LABELS[v], counts[v])
+    col.metric(common.VERDICT_LABELS[v], counts[v], help="Reviews matching the other filters, whatever the verdict "
+                                                         "filter shows.")
 if not rows:
     st.info("No reviews match these filters yet.")
 else:

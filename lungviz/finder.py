@@ -243,9 +243,9 @@ def normalised_patches(
     return out[:, 0] if len(fields) == 1 else out
 
 
-def centre_diameter_mm(finder: Finder, context: np.ndarray, spacing_mm: float) -> float:
-    """The localiser's diameter (mm) of the nodule at the centre of a crop centred on it (the slices set's
-    ``context``: ``(H, W)`` grey, min-max scaled over the crop as the finder was trained)."""
+def _centre_patch(bundle: Bundle, context: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """A finder bundle's patch at the centre of a crop (the slices set's ``context``: ``(H, W)`` grey, min-max
+    scaled over the crop as the finder was trained)."""
     img = np.asarray(context, np.float32)
     if img.ndim != 2 or img.size == 0:
         raise LungvizError(f"a 2D crop is needed to measure the nodule, got shape {img.shape}.")
@@ -253,8 +253,18 @@ def centre_diameter_mm(finder: Finder, context: np.ndarray, spacing_mm: float) -
         raise LungvizError("the nodule cannot be measured: the pixel spacing or the image values are not valid.")
     lo, hi = np.full_like(img, img.min()), np.full_like(img, img.max())
     centre = np.array([[(img.shape[0] - 1) / 2.0, (img.shape[1] - 1) / 2.0]])
-    loc = locate_patches(finder.locate, normalised_patches(img, lo, hi, centre, finder.locate, float(spacing_mm)))
+    return normalised_patches(img, lo, hi, centre, bundle, float(spacing_mm))
+
+
+def centre_diameter_mm(finder: Finder, context: np.ndarray, spacing_mm: float) -> float:
+    """The localiser's diameter (mm) of the nodule at the centre of a crop centred on it."""
+    loc = locate_patches(finder.locate, _centre_patch(finder.locate, context, spacing_mm))
     return max(float(loc[0, 2]), 0.0) * channel_fields(finder.locate.spec)[0] / finder.locate.input_size
+
+
+def centre_presence(finder: Finder, context: np.ndarray, spacing_mm: float) -> float:
+    """The presence classifier's calibrated probability that a nodule sits at the centre of a crop."""
+    return float(presence_scores(finder.presence, _centre_patch(finder.presence, context, spacing_mm))[0])
 
 
 def refine(finder: Finder, img: np.ndarray, lo: np.ndarray, hi: np.ndarray, lung: np.ndarray,

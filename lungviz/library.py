@@ -27,6 +27,39 @@ SPLIT_NOTES = {
     "test": "Test case: held out, never seen in training (the model card's figures come from these).",
 }
 
+def series_split(series_uid: str, data_root: Path | None = None, split_file: Path | None = None
+                 ) -> tuple[str, str] | None:
+    """``(patient_id, split)`` of an uploaded DICOM series that is one of the library's LIDC scans (matched on the
+    SeriesInstanceUID in ``lidc-slices/labels.csv``), or None when it is not, or the labels or split are missing."""
+    import csv
+
+    from lungviz.splits import Split
+
+    if not series_uid:
+        return None
+    labels = (Path(data_root) if data_root else paths.data_dir()) / "lidc-slices" / "labels.csv"
+    split_file = split_file or paths.weights_dir() / "splits" / "holdout.json"
+    try:
+        with labels.open(newline="", encoding="utf-8") as fh:
+            patient = next((r["patient_id"] for r in csv.DictReader(fh)
+                            if (r.get("series_uid") or "").strip() == series_uid), None)
+        split = Split.load(split_file).assignment.get(patient or "") if patient else None
+    except (OSError, KeyError, ValueError, LungvizError):
+        return None
+    return (patient, split) if patient and split else None
+
+
+def series_split_note(patient_id: str, split: str) -> str:
+    """What an upload of one of the library's own scans means for its estimate."""
+    return {
+        "train": f"This series is {patient_id}, a patient the models were trained on: the estimate, the maps and the "
+                 "similar cases are optimistic and are not a test of the models.",
+        "val": f"This series is {patient_id}, a validation patient (used to stop training and to calibrate): the "
+               "estimate is not a fully independent test.",
+        "test": f"This series is {patient_id}, a held-out test patient: the models never saw it.",
+    }.get(split, f"This series is {patient_id} of the case library ({split} split).")
+
+
 #: LIDC reader rating scales for the characteristics (panel medians are shown against them).
 CHARACTERISTIC_SCALES = {
     "subtlety": "1 extremely subtle … 5 obvious",
@@ -121,8 +154,8 @@ def library_rows(records: Iterable[Mapping], correct_by_case: Mapping[str, bool]
 
 
 def characteristic_rows(characteristics: Mapping[str, float]) -> list[dict]:
-    """The readers' characteristics (panel medians) with the LIDC scale each is rated on."""
-    return [{"characteristic": k, "panel median": float(v), "scale": CHARACTERISTIC_SCALES.get(k, "")}
+    """The readers' characteristics (panel medians, as text: "5", "3.5") with the LIDC scale each is rated on."""
+    return [{"characteristic": k, "panel median": f"{float(v):g}", "scale": CHARACTERISTIC_SCALES.get(k, "")}
             for k, v in characteristics.items()]
 
 

@@ -14,7 +14,7 @@ import torch
 
 from lungviz import paths
 from lungviz.errors import LungvizError
-from lungviz.finder import Finder, centre_diameter_mm, load_finder
+from lungviz.finder import Finder, centre_diameter_mm, centre_presence, load_finder
 from lungviz.fusion import SIZE_FEATURE, Fusion, size_feature
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle, read_spec
@@ -31,12 +31,16 @@ TASKS = ("binary", "score")
 #: Below this top-class probability, or when the two views disagree by more than this, a case is flagged.
 UNCERTAIN_BAND = (0.25, 0.75)
 DISAGREEMENT = 0.35
+#: Below this probability that a nodule sits at the centre of the crop (the finder's presence classifier), a case
+#: is flagged. On the validation nodules' middle slices it flags 8.9% of crops centred on a nodule and 87% of the
+#: same crops re-centred 20-30 pixels (about 15-25 mm) away.
+PRESENCE_FLAG = 0.5
 
 
 @dataclass
 class ModelSet:
-    """The shipped bundles (``<view>-<task>``) and fusion specs (``fused-<task>``), loaded once; the nodule finder
-    too when a fusion uses its size measurement."""
+    """The shipped bundles (``<view>-<task>``) and fusion specs (``fused-<task>``), loaded once, and the nodule finder
+    when installed (it checks that a nodule sits at the crop's centre and measures it for the size-aware fusion)."""
 
     bundles: dict[str, Bundle]
     fusions: dict[str, dict]
@@ -75,14 +79,14 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
             del fusions[task]
             notes.append(f"The fused {task} model is not available: {err}")
     finder = None
-    if any(SIZE_FEATURE in f.features for f in parsed.values()):
-        try:
-            finder = load_finder(folder, device)
-        except LungvizError as err:
-            for task in [t for t, f in parsed.items() if SIZE_FEATURE in f.features]:
-                del fusions[task]
-                notes.append(f"The fused {task} model is not available: it measures the nodule with the nodule "
-                             f"finder, which could not be loaded ({err}).")
+    try:
+        finder = load_finder(folder, device)
+    except LungvizError as err:
+        for task in [t for t, f in parsed.items() if SIZE_FEATURE in f.features]:
+            del fusions[task]
+            notes.append(f"The fused {task} model is not available: it measures the nodule with the nodule "
+                         f"finder, which could not be loaded ({err}).")
+        notes.append("Without the nodule finder, nothing checks that the crop is centred on a nodule.")
     return ModelSet(bundles, fusions, folder, finder, notes, {t: parsed[t] for t in fusions})
 
 
@@ -131,6 +135,7 @@ class Prediction:
     images: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # view -> what the model saw
     flags: list[str] = field(default_factory=list)
     diameter_mm: float | None = None  # the finder's measurement on the image, when a fusion used it
+    presence: float | None = None  # the finder's probability that a nodule sits at the crop's centre
 
     def malignant_probability(self, view: str = "fused") -> float | None:
         v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
@@ -147,15 +152,20 @@ class Prediction:
             "views": {v: {t: {"classes": p.classes, "probabilities": [round(x, 4) for x in p.probs],
                               "prediction": p.top} for t, p in tasks.items()} for v, tasks in self.views.items()},
             "malignant_probability": self.malignant_probability(),
-            "flag": "refer / uncertain" if self.refer else "confident",
+            "flag": "refer / uncertain" if self.refer else "no uncertainty flag",
             "reasons": self.flags,
             "estimated_diameter_mm": None if self.diameter_mm is None else round(self.diameter_mm, 1),
+            "nodule_presence_at_centre": None if self.presence is None else round(self.presence, 3),
         }
 
 
-def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]]) -> list[str]:
-    """Reasons to refer: an uncertain malignant probability, or views that disagree."""
+def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]], presence: float | None = None) -> list[str]:
+    """Reasons to refer: no nodule seen at the crop's centre, an uncertain malignant probability, or views that
+    disagree."""
     reasons = []
+    if presence is not None and presence < PRESENCE_FLAG:
+        reasons.append(f"the nodule finder does not see a nodule at the centre of the crop (probability "
+                       f"{presence:.0%}): check that the crop is centred on the nodule")
     main = views.get("fused") or views.get("nodule") or views.get("slice") or {}
     if "binary" in main:
         p = main["binary"].probs[1]
@@ -213,7 +223,10 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         fused = fusion.logits([logits[c][None] for c in comps], features)[0]
         probs = softmax(fused[None])[0].tolist()
         views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist())
-    return Prediction(views, images, uncertainty_flags(views), diameter)
+    presence = None
+    if models.finder is not None and context is not None:
+        presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))
+    return Prediction(views, images, uncertainty_flags(views, presence), diameter, presence)
 
 
 def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:

@@ -111,8 +111,30 @@ def data_uri(image: np.ndarray) -> str:
 # ------------------------------------------------------------------------------------- content, shared by both
 
 
+CALIBRATION_CAVEAT = (
+    "Probabilities are calibrated on the LIDC validation split: they estimate how the LIDC radiologist panel would "
+    "rate the nodule (a suspicion rating, not pathology) and may be miscalibrated on other scanners, protocols or "
+    "populations."
+)
+
+
+def estimate_notes(prediction: dict | None) -> list[str]:
+    """What a reader of the estimate must know: the measured diameter the fused model used, and the calibration."""
+    d = (prediction or {}).get("estimated_diameter_mm")
+    notes = [f"Nodule diameter measured on the image by the nodule finder: about {float(d):.0f} mm (an input of the "
+             "fused model; it reads smaller than the readers' longest diameter, most for large nodules)."] if d else []
+    return [*notes, CALIBRATION_CAVEAT]
+
+
 def pct(p: float | None) -> str:
     return "-" if p is None else f"{float(p):.0%}"
+
+
+def prob_pct(p: float | None) -> str:
+    """A model probability for display: whole percent, but never a certain-looking 0% or 100%."""
+    if p is None:
+        return "-"
+    return "<1%" if p < 0.005 else (">99%" if p > 0.995 else pct(p))
 
 
 def reader_spread(scores: Sequence[Any] | str | None) -> str:
@@ -159,8 +181,8 @@ def prediction_rows(prediction: dict | None) -> list[dict]:
                 row["score_classes"], row["score_probs"] = classes, probs
                 row["score_top"] = str(tp.get("prediction", "-"))
             else:
-                row["other"].append(f"{task}: {tp.get('prediction', '-')} ("
-                                    + ", ".join(f"{c} {pct(p)}" for c, p in zip(classes, probs, strict=False)) + ")")
+                shown = ", ".join(f"{c} {prob_pct(p)}" for c, p in zip(classes, probs, strict=False))
+                row["other"].append(f"{task}: {tp.get('prediction', '-')} ({shown})")
         rows.append(row)
     return rows
 
@@ -226,7 +248,7 @@ figcaption{font-size:12px;color:#57606a;margin-top:2px;max-width:220px}
 img{image-rendering:pixelated}
 img.thumb{width:64px;height:auto;border:1px solid #d0d7de}
 .headline{font-size:16px;padding:8px 12px;border-radius:6px;margin:0 0 8px}
-.refer{background:#fffaeb;border:1px solid #f79009}.confident{background:#ecfdf3;border:1px solid #12b76a}
+.refer{background:#fffaeb;border:1px solid #f79009}.noflag{background:#f2f4f7;border:1px solid #98a2b3}
 .note{white-space:pre-wrap;border:1px solid #d0d7de;padding:8px;border-radius:4px;background:#fafbfc}
 .missing{color:#57606a;font-style:italic}
 code{font-size:12px}
@@ -258,8 +280,9 @@ def _html_prediction(prediction: dict | None) -> str:
     pred = prediction or {}
     p, flag, reasons = pred.get("malignant_probability"), str(pred.get("flag") or ""), pred.get("reasons") or []
     refer = bool(reasons) or "refer" in flag.lower()
-    parts = [f'<div class="headline {"refer" if refer else "confident"}">Malignant probability: '
-             f"<strong>{pct(p)}</strong> &middot; Flag: <strong>{_e(flag or '-')}</strong></div>"]
+    parts = [f'<div class="headline {"refer" if refer else "noflag"}">Malignant probability: '
+             f"<strong>{_e(prob_pct(p))}</strong> &middot; Flag: <strong>{_e(flag or '-')}</strong>"
+             + ("" if refer else " (this does not make the estimate correct)") + "</div>"]
     if reasons:
         parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>")
     scores = score_classes(rows)
@@ -272,11 +295,12 @@ def _html_prediction(prediction: dict | None) -> str:
         for c in scores:
             q = probs.get(c)
             cells.append('<td class="num">-</td>' if q is None else
-                         f'<td class="num bar"><span style="width:{100 * q:.0f}%"></span><b>{pct(q)}</b></td>')
+                         f'<td class="num bar"><span style="width:{100 * q:.0f}%"></span><b>{_e(prob_pct(q))}</b></td>')
         other = "".join(f"<br><small>{_e(o)}</small>" for o in r["other"])
-        parts.append(f"<tr><td>{_e(r['view'])}{other}</td><td class=\"num\">{pct(r['malignant'])}</td>"
+        parts.append(f"<tr><td>{_e(r['view'])}{other}</td><td class=\"num\">{_e(prob_pct(r['malignant']))}</td>"
                      f"<td>{_e(r['call'])}</td>{''.join(cells)}<td>{_e(r['score_top'])}</td></tr>")
     parts.append("</tbody></table>")
+    parts += [f'<p class="small">{_e(n)}</p>' for n in estimate_notes(prediction)]
     return "".join(parts)
 
 
@@ -418,12 +442,13 @@ def build_pdf(report: CaseReport) -> bytes:
         for r in rows:
             probs = dict(zip(r["score_classes"], r["score_probs"], strict=False))
             view = r["view"] + "".join(f"\n{o}" for o in r["other"])
-            data.append([p(view), pct(r["malignant"]), p(r["call"]), *[pct(probs.get(c)) for c in scores],
+            data.append([p(view), prob_pct(r["malignant"]), p(r["call"]), *[prob_pct(probs.get(c)) for c in scores],
                          r["score_top"]])
-        headline = p(f"Malignant probability: {pct(pred.get('malignant_probability'))} - Flag: {flag}",
+        headline = p(f"Malignant probability: {prob_pct(pred.get('malignant_probability'))} - Flag: {flag}",
                      ParagraphStyle("headline", parent=body, fontName="Helvetica-Bold", fontSize=10.5, spaceAfter=3))
         story += section("Model estimate", headline, *[p(f"- {r}") for r in reasons], Spacer(1, 4),
-                         table(data, [3.6 * cm, 1.9 * cm, 2 * cm] + [1.4 * cm] * len(scores) + [1.9 * cm]))
+                         table(data, [3.6 * cm, 1.9 * cm, 2 * cm] + [1.4 * cm] * len(scores) + [1.9 * cm]),
+                         *[p(n, small) for n in estimate_notes(pred)])
     else:
         story += section("Model estimate", p("No model estimate is included in this report.", small))
 

@@ -332,6 +332,10 @@ def build_app_weights(folder: Path, slices_root: Path) -> Path:
                                                   c.pixel_spacing_mm)) for c in cases])
     records = [case_record(c, APP_CASES[c.case_id], slices_root, c.middle_index()) for c in cases]
     build_index(emb, records, "nodule-binary").save(folder, "index-nodule-binary")
+    from lungviz.splits import Split
+
+    patients = {cid.split("/")[0]: split for cid, split in APP_CASES.items()}  # one split per patient
+    Split(patients, "fixture", 42, "holdout", {}).save(folder / "splits" / "holdout.json")
     (folder / "retrieval.json").write_text(json.dumps({"model": "nodule-binary", "n": len(cases), "dim": 256,
                                                        "precision_at_5_test_vs_train": 0.7,
                                                        "chance_precision_at_5": 0.6}))

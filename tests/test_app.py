@@ -118,7 +118,7 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     at = _upload(at, "slice-4.png", (lidc_slices_dir / REAL_SLICE).read_bytes())
     assert not at.exception and not at.error
     headline = at.metric[0]
-    assert headline.label.startswith("Malignant probability (fused") and headline.value.endswith("%")
+    assert headline.label.startswith("Malignant probability: fused") and headline.value.endswith("%")
     assert any(w.value.startswith("**Refer / uncertain.**") for w in at.warning) or any(
         "No uncertainty flag" in s.value for s in at.success)
     views = at.dataframe[0].value
@@ -229,7 +229,21 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     assert slider.value == 1 and slider.max == 2
     slider.set_value(2).run()
     assert not at.exception and at.metric[0].value.endswith("%")
-    assert "Slice 2 of 3" in _texts(at)
+    assert "Slice 3 of 3 (slider position 2)" in _texts(at)
+    assert any(m.value.startswith("This series is LIDC-IDRI-0001") for m in [*at.warning, *at.info])  # a library scan
+    # Moving through the slices and then accepting a candidate of the slice shown (a stale candidate list once
+    # crashed the page here): the centre moves to that slice's candidate.
+    for index in (0, 1, 0):
+        next(s for s in at.slider if s.label.startswith("Slice")).set_value(index).run()
+        assert not at.exception and not at.error
+    pick = next(s for s in at.selectbox if s.label.startswith("Nodule candidates"))
+    last = len(pick.options) - 1
+    pick.set_value(last).run()
+    assert not at.exception
+    want_row, want_col = (float(v.strip()) for v in pick.options[last].split("row ")[1].split(" —")[0]
+                          .split(", column"))
+    row, col = at.number_input
+    assert (row.value, col.value) == (round(want_row), round(want_col))
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -289,7 +303,7 @@ def test_nodule_crop_alone_gives_a_nodule_view_prediction(app_env, lidc_slices_d
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     at = _upload(at, "crop.png", (lidc_slices_dir / REAL_SLICE).read_bytes(), which=1)
     assert not at.exception and not at.error
-    assert at.metric[0].label == "Malignant probability (nodule view)"
+    assert at.metric[0].label == "Malignant probability: nodule view"
     assert list(at.dataframe[0].value["view"]) == ["Nodule view"]
 
 

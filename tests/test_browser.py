@@ -91,7 +91,7 @@ def test_upload_shows_estimate_gradcam_and_similar_cases(app_server: str, lidc_s
 
             value = page.locator('[data-testid="stMetricValue"]').first
             expect(value).to_have_text(re.compile(r"^[<>]?\d+%$"), timeout=90_000)
-            expect(page.get_by_text("Malignant probability (fused (both views))")).to_be_visible()
+            expect(page.get_by_text("Malignant probability: fused (both views)")).to_be_visible()
             cam = page.get_by_text("Grad-CAM, nodule view: evidence for")
             expect(cam).to_be_visible(timeout=60_000)
             overlay = page.locator('[data-testid="stImage"]', has=cam).locator("img")

@@ -33,7 +33,7 @@ def test_predict_json_and_gradcam_files(weights, crop_png, tmp_path, capsys):  #
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["views"]) == {"slice", "nodule", "fused"}
-    assert 0.0 <= out["malignant_probability"] <= 1.0 and out["flag"] in ("confident", "refer / uncertain")
+    assert 0.0 <= out["malignant_probability"] <= 1.0 and out["flag"] in ("no uncertainty flag", "refer / uncertain")
     assert "Research and education use only" in out["notice"]
     files = out["explanations"]["files"]
     assert set(files) == {"slice", "nodule"} and all(Path(f).stat().st_size > 100 for f in files.values())

@@ -214,6 +214,27 @@ def test_shipped_localiser_measures_real_nodules_in_step_with_the_readers(real_l
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the shipped finder bundles are not installed")
+def test_shipped_presence_check_sees_centred_nodules_and_flags_crops_centred_elsewhere(real_lidc):
+    """The refer flag's presence check: on 40 real test-split nodules (middle slice) the finder sees a nodule at the
+    centre of most crops centred on one, and of few crops re-centred 25 px (about 18 mm) away."""
+    from lungviz.finder import centre_presence
+    from lungviz.predict import PRESENCE_FLAG
+    from lungviz.preprocess import crop_around, spacing_or_default
+    from lungviz.splits import Split
+
+    cases = Split.load(WEIGHTS / "splits" / "holdout.json").select(real_lidc[0], "test")[::8][:40]
+    finder = load_finder(WEIGHTS)
+    centred, moved = [], []
+    for c in cases:
+        img, sp = c.load_slice(c.n_slices // 2), spacing_or_default(c.pixel_spacing_mm)
+        centred.append(centre_presence(finder, img, sp))
+        moved.append(centre_presence(finder, crop_around(img, (64.0, 64.0 + 25.0), 128), sp))
+    centred, moved = np.array(centred), np.array(moved)
+    assert len(cases) == 40 and np.mean(centred >= PRESENCE_FLAG) > 0.8 and np.mean(moved < PRESENCE_FLAG) > 0.6
+    assert np.median(centred) > np.median(moved) + 0.3
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the shipped finder bundles are not installed")
 def test_fusion_size_feature_averages_the_central_slices_or_takes_the_middle_one(real_lidc):
     from lungviz.finder import centre_diameter_mm
     from lungviz.fusion import SIZE_FEATURE

@@ -81,9 +81,9 @@ def test_record_image_path_defaults_to_middle_slice(tmp_path):
 
 def test_characteristic_rows_carry_the_lidc_scale():
     rows = characteristic_rows({"texture": 5.0, "spiculation": 1.5, "odd": 2})
-    assert rows[0] == {"characteristic": "texture", "panel median": 5.0,
+    assert rows[0] == {"characteristic": "texture", "panel median": "5",
                        "scale": "1 non-solid (ground glass) … 3 part solid … 5 solid"}
-    assert rows[2]["scale"] == ""
+    assert rows[1]["panel median"] == "1.5" and rows[2]["scale"] == ""
 
 
 def test_similar_cases_attach_similarity_and_thumbnail(tmp_path):
@@ -137,3 +137,32 @@ def test_load_case_reads_one_real_nodule(real_labels, lidc_slices_dir: Path):
     assert got.n_slices == int(row["n_slices"]) and got.malignancy == int(row["malignancy"])
     assert got.reader_scores == tuple(int(s) for s in row["malignancy_readers"].split())
     assert got.load_masks().shape == got.load_slices().shape
+
+
+def test_series_split_matches_an_upload_to_the_librarys_scans(tmp_path):
+    from lungviz.library import series_split, series_split_note
+    from lungviz.splits import Split
+
+    labels = tmp_path / "data" / "lidc-slices" / "labels.csv"
+    labels.parent.mkdir(parents=True)
+    labels.write_text("patient_id,nodule,series_uid\nLIDC-IDRI-0001,nodule-0,1.2.3\nLIDC-IDRI-0002,nodule-0,1.2.4\n")
+    split = tmp_path / "holdout.json"
+    Split({"LIDC-IDRI-0001": "train", "LIDC-IDRI-0002": "test"}, "fp", 42, "holdout", {}).save(split)
+    assert series_split("1.2.3", tmp_path / "data", split) == ("LIDC-IDRI-0001", "train")
+    assert series_split("1.2.4", tmp_path / "data", split) == ("LIDC-IDRI-0002", "test")
+    assert series_split("9.9", tmp_path / "data", split) is None  # not a library scan
+    assert series_split("", tmp_path / "data", split) is None  # not DICOM
+    assert series_split("1.2.3", tmp_path / "nowhere", split) is None  # no labels
+    assert series_split("1.2.3", tmp_path / "data", tmp_path / "missing.json") is None  # no split
+    assert "trained on" in series_split_note("LIDC-IDRI-0001", "train")
+    assert "never saw it" in series_split_note("LIDC-IDRI-0002", "test")
+
+
+def test_the_real_dicom_series_are_found_in_the_library(lidc_dicom_dir):
+    """LIDC-IDRI-0001..0003's series carry the UIDs of labels.csv, so the app can say which split they are in."""
+    from lungviz.io import read_dicom
+    from lungviz.library import series_split
+
+    dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[0]
+    found = series_split(read_dicom(dcm).series_uid)
+    assert found is not None and found[0] == "LIDC-IDRI-0001" and found[1] in ("train", "val", "test")

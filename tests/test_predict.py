@@ -61,7 +61,7 @@ def test_predict_all_views_calibrated_and_fused(weights):
     assert np.allclose(pred.views["fused"]["binary"].logits, fused, atol=1e-5)
     assert pred.images["nodule"].shape == (32, 32)
     d = pred.to_dict()
-    assert d["flag"] in ("refer / uncertain", "confident") and 0 <= d["malignant_probability"] <= 1
+    assert d["flag"] in ("refer / uncertain", "no uncertainty flag") and 0 <= d["malignant_probability"] <= 1
 
 
 def test_nodule_crop_only_and_no_input(weights):
@@ -84,6 +84,10 @@ def test_uncertainty_flags():
     flags = uncertainty_flags({"slice": {"binary": tp(0.1)}, "nodule": {"binary": tp(0.9)},
                                "fused": {"binary": tp(0.9)}})
     assert any("disagree" in f for f in flags)
+    assert uncertainty_flags({"fused": {"binary": tp(0.95)}}, presence=0.8) == []
+    off = uncertainty_flags({"fused": {"binary": tp(0.95)}}, presence=0.12)
+    assert off == ["the nodule finder does not see a nodule at the centre of the crop (probability 12%): check that "
+                   "the crop is centred on the nodule"]
 
 
 def test_context_from_hu_matches_slices_set_convention():
@@ -124,6 +128,10 @@ def test_size_fusion_measures_the_nodule_with_the_finder(weights, tmp_path):
     expected = 0.5 * s + 0.5 * n + float(size_feature(d)) * np.array([-0.5, 0.5])
     assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
     assert pred.to_dict()["estimated_diameter_mm"] == pytest.approx(round(d, 1))
+    assert pred.presence is not None and 0.0 <= pred.presence <= 1.0  # the finder also checks the crop's centre
+    assert pred.to_dict()["nodule_presence_at_centre"] == pytest.approx(round(pred.presence, 3))
+    assert any("does not see a nodule" in f for f in pred.flags) == (pred.presence < 0.5)
+    assert predict(models, None, ctx[32:96, 32:96]).presence is None  # a nodule crop alone: no context to check
     for unknown in (None, float("nan"), 0.0):  # no usable spacing (e.g. a DICOM without PixelSpacing): the default
         p = predict(models, ctx, spacing_mm=unknown)
         assert p.diameter_mm == pytest.approx(centre_diameter_mm(models.finder, ctx, 0.7))

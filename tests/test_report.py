@@ -146,10 +146,22 @@ def test_minimal_report_builds_and_says_what_is_missing() -> None:
 
 def test_prediction_without_score_or_fused_view() -> None:
     pred = {"views": {"nodule": {"binary": _task(BINARY, [0.9, 0.1])}}, "malignant_probability": 0.1,
-            "flag": "confident", "reasons": []}
+            "flag": "no uncertainty flag", "reasons": []}
     page = build_html(CaseReport(case_id="c", prediction=pred, images={"nodule": _gray()}))
-    assert "10%" in page and "confident" in page and "Score 1" not in page
+    assert "10%" in page and "no uncertainty flag" in page and "Score 1" not in page
+    assert "this does not make the estimate correct" in page and 'class="headline noflag"' in page
+    assert "calibrated on the LIDC validation split" in page and "diameter measured" not in page
     assert page.count("data:image/png;base64,") == 1
+
+
+def test_model_probabilities_never_read_as_certain_and_the_measured_diameter_is_reported() -> None:
+    pred = {"views": {"nodule": {"binary": _task(BINARY, [0.999, 0.001])}}, "malignant_probability": 0.001,
+            "flag": "no uncertainty flag", "reasons": [], "estimated_diameter_mm": 16.6}
+    report = CaseReport(case_id="c", prediction=pred, images={"nodule": _gray()})
+    page = build_html(report)
+    assert "&lt;1%" in page and ">99%" not in page and "<strong>0%</strong>" not in page
+    assert "about 17 mm (an input of the fused model" in page
+    assert build_pdf(report).startswith(b"%PDF")  # "<1%" must not break the PDF's paragraph markup
 
 
 def test_real_prediction_to_dict_renders() -> None:
