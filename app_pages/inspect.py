@@ -12,7 +12,7 @@ from lungviz import RESEARCH_NOTICE, paths
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
-from lungviz.inventory import map_localisation_note, size_only_note
+from lungviz.inventory import diameter_note, map_localisation_note, size_only_note
 from lungviz.io import LoadedImage
 from lungviz.library import series_split_note
 from lungviz.metrics import reliability_bin
@@ -248,9 +248,8 @@ with est:
     if pred.diameter_mm is not None:
         assumed = "" if valid_spacing(case.spacing_mm) else f", assuming {DEFAULT_SPACING_MM:.2f} mm per pixel"
         st.caption(f"Nodule diameter measured on this image by the finder's localiser: about "
-                   f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; it tends to read smaller than the "
-                   "readers' longest diameter, and the readers' own measurements are never inputs). "
-                   + (size_only_note(folder) or ""))
+                   f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; the readers' own measurements are "
+                   "never inputs). " + " ".join(n for n in (diameter_note(folder), size_only_note(folder)) if n))
 fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")

@@ -184,3 +184,27 @@ def size_only_note(folder: Path | None = None) -> str | None:
     compare = "better than" if gap > 0.005 else "less well than" if gap < -0.005 else "about as well as"
     return (f"On {size.get('n', '?')} test nodules this measured size alone separated benign from malignant "
             f"{compare} the fused model (AUROC {size['auroc']:.2f} against {fused:.2f}).")
+
+
+def diameter_note(folder: Path | None = None) -> str | None:
+    """One sentence on how the finder's diameter compares with the readers' on the test split (from ``fuse``), or
+    None when not measured."""
+    return diameter_sentence((read_result("fused-binary.json", folder) or {}).get("size_vs_readers_test"))
+
+
+def diameter_sentence(size_vs_readers: list | None) -> str | None:
+    """The sentence of :func:`diameter_note` from a fused spec's ``size_vs_readers_test`` bands."""
+    bands = [b for b in size_vs_readers or [] if isinstance(b, dict) and b.get("n")]
+    if not bands:
+        return None
+
+    def where(b: dict) -> str:
+        if b.get("hi") is None:
+            return "overall" if not b.get("lo") else f"above {b['lo']:.0f} mm"
+        return f"below {b['hi']:.0f} mm" if not b.get("lo") else f"at {b['lo']:.0f}-{b['hi']:.0f} mm"
+
+    overall = next((b for b in bands if b.get("hi") is None and not b.get("lo")), None)
+    parts = ", ".join(f"{b['median']:.0%} {where(b)}" for b in bands if b is not overall)
+    head = f"On {overall['n']} test nodules its measurement was a median {overall['median']:.0%}" if overall else \
+        "On the test nodules its measurement was a median"
+    return f"{head} of the readers' longest diameter ({parts}): it reads small, most for large nodules."

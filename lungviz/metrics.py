@@ -5,6 +5,7 @@ Inputs are class indices ``y`` of shape ``(N,)`` and probabilities ``P`` of shap
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -169,6 +170,23 @@ def score_auroc(
     P = np.stack([-s, s], axis=1)  # auroc() reads column 1 as the positive class's score
     ci = bootstrap_ci(lambda i: {"auroc": auroc(y[i], P[i])}, len(y), groups, n_boot, seed)
     return {"n": len(y), "auroc": auroc(y, P), "ci95": ci}
+
+
+def ratio_by_band(measured: np.ndarray, reference: np.ndarray, edges: Sequence[float] = (10.0, 20.0)) -> list[dict]:
+    """How a measurement compares with a reference (e.g. a diameter with the readers'), per band of the reference:
+    ``[{"lo", "hi", "n", "median", "q25", "q75"}]`` of ``measured / reference``, then one row for all (finite
+    pairs with a positive reference only; ``hi`` None = open-ended)."""
+    m, r = np.asarray(measured, np.float64), np.asarray(reference, np.float64)
+    ok = np.isfinite(m) & np.isfinite(r) & (r > 0)
+    ratio, r = m[ok] / r[ok], r[ok]
+    bounds = [0.0, *map(float, edges), None]
+    rows = []
+    for lo, hi in [*itertools.pairwise(bounds), (0.0, None)]:
+        sel = ratio[(r >= lo) & (r < hi if hi is not None else True)]
+        q = np.quantile(sel, [0.25, 0.5, 0.75]) if len(sel) else [float("nan")] * 3
+        rows.append({"lo": lo, "hi": hi, "n": int(len(sel)), "median": float(q[1]), "q25": float(q[0]),
+                     "q75": float(q[2])})
+    return rows
 
 
 def evaluate_probabilities(

@@ -10,6 +10,7 @@ import pytest
 from lungviz.errors import LungvizError
 from lungviz.inventory import (
     card_parts,
+    diameter_note,
     installed_models,
     map_localisation_note,
     model_card,
@@ -115,3 +116,15 @@ def test_size_only_note(tmp_path: Path):
     del spec["size_only_auroc"]  # a fusion without the size feature
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
     assert size_only_note(tmp_path) is None
+
+
+def test_diameter_note(tmp_path: Path):
+    assert diameter_note(tmp_path) is None
+    bands = [{"lo": 0.0, "hi": 10.0, "n": 231, "median": 0.70}, {"lo": 10.0, "hi": 20.0, "n": 68, "median": 0.61},
+             {"lo": 20.0, "hi": None, "n": 33, "median": 0.42}, {"lo": 0.0, "hi": None, "n": 332, "median": 0.66}]
+    (tmp_path / "fused-binary.json").write_text(json.dumps({"size_vs_readers_test": bands}))
+    assert diameter_note(tmp_path) == ("On 332 test nodules its measurement was a median 66% of the readers' longest "
+                                       "diameter (70% below 10 mm, 61% at 10-20 mm, 42% above 20 mm): it reads small, "
+                                       "most for large nodules.")
+    (tmp_path / "fused-binary.json").write_text(json.dumps({"size_vs_readers_test": [{"n": 0}]}))
+    assert diameter_note(tmp_path) is None

@@ -121,3 +121,14 @@ def test_score_auroc_ranks_one_number_per_case_with_a_patient_interval():
     assert lo <= mixed["auroc"] <= hi < 1.0 + 1e-9
     with pytest.raises(ValueError):
         M.score_auroc(y, diameter[:5])
+
+
+def test_ratio_by_band_summarises_a_measurement_against_a_reference_per_size_band():
+    reference = np.array([5.0, 8.0, 12.0, 15.0, 25.0, 30.0, np.nan, 0.0])
+    measured = np.array([4.0, 4.0, 6.0, 9.0, 10.0, 12.0, 3.0, 2.0])  # the last two pairs are not usable
+    bands = M.ratio_by_band(measured, reference)
+    assert [(b["lo"], b["hi"], b["n"]) for b in bands] == [(0.0, 10.0, 2), (10.0, 20.0, 2), (20.0, None, 2),
+                                                           (0.0, None, 6)]
+    assert bands[0]["median"] == pytest.approx(0.65) and bands[2]["median"] == pytest.approx(0.4)
+    assert bands[1]["q25"] <= bands[1]["median"] <= bands[1]["q75"]
+    assert M.ratio_by_band(np.array([1.0]), np.array([50.0]))[0]["n"] == 0  # an empty band is reported, as NaN

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import RESEARCH_NOTICE, metrics, paths
-from lungviz.inventory import read_result
+from lungviz.inventory import diameter_sentence, read_result
 from lungviz.metrics import format_ci
 
 #: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
@@ -127,7 +127,8 @@ def size_only_text(specs: dict) -> str | None:
         val_fused = _fmt(specs["fused-binary"].get("training", {}).get("val_score"))
         text += (" **On the test split the two image views do not add to the measured size.** The fusion was chosen "
                  f"on validation, where views + size scored {val_fused} against {val_size} for the size alone.")
-    return text
+    agreement = diameter_sentence(specs["fused-binary"].get("size_vs_readers_test"))
+    return f"{text} {agreement}" if agreement else text
 
 
 def finder_section(w, folder: Path) -> None:

@@ -70,9 +70,13 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
             split_kept, split_y = parts[name.split("_")[0]][:2]
             size_only[name] = metrics.score_auroc(split_y == scheme.positive_class, f[:, 0],
                                                   [c.patient_id for c in split_kept], n_boot if name == "test" else 200)
+    # The measurement against the readers' diameter (a label, never an input), on one middle slice as the app sees.
+    size_vs_readers = metrics.ratio_by_band(np.exp(feats[:, 0]), np.array(
+        [c.diameter_mm if c.diameter_mm else np.nan for c in parts["test"][0]])) if names else []
     spec = {"kind": "fusion", "view": "fused", "task": task, "classes": list(scheme.classes),
             "components": components, "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
             "dataset": "lidc", "metrics": reports, "size_only_auroc": size_only,
+            "size_vs_readers_test": size_vs_readers,
             "training": {"method": "late fusion: per-view weight x calibrated logits + class bias"
                                    + (" + per-class weights x the log of the nodule diameter the finder measures "
                                       "on the image (central half of the slices)" if names else "")
