@@ -15,7 +15,7 @@ from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, i
 from lungviz.inventory import diameter_note, map_localisation_note, size_only_note
 from lungviz.io import LoadedImage
 from lungviz.library import series_split_note
-from lungviz.metrics import reliability_bin
+from lungviz.metrics import reliability_bin, wilson_interval
 from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize, valid_spacing
 from lungviz.report import (
     CALIBRATION_CAVEAT,
@@ -295,8 +295,10 @@ with rel_col:
     else:
         st.metric(f"Observed malignant rate, band {pct(band['lo'])}-{pct(band['hi'])}", pct(band["observed"]),
                   help="Among held-out test nodules the model placed in the same probability band.")
+        lo_ci, hi_ci = wilson_interval(band["observed"] * band["n"], int(band["n"]))
         st.markdown(f"Of **{band['n']}** test nodules given {pct(band['lo'])}-{pct(band['hi'])} "
-                    f"(mean {pct(band['mean_p'])}), the panel rated **{pct(band['observed'])}** malignant.")
+                    f"(mean {pct(band['mean_p'])}), the panel rated **{pct(band['observed'])}** malignant "
+                    f"(95% interval {pct(lo_ci)}-{pct(hi_ci)}).")
         if band["n"] < 20:
             st.caption(":material/warning: Few cases in this band: the observed rate is imprecise.")
         st.caption(f"From the {which.replace('_', ' ')} reliability table of {headline}.")

@@ -282,6 +282,16 @@ def reliability_bin(bins: Sequence[dict], p: float) -> dict | None:
     return dict(bins[int(np.clip(np.digitize(float(p), upper[:-1], right=True), 0, len(bins) - 1))])
 
 
+def wilson_interval(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a proportion ``k / n``; (0, 1) when ``n`` is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = float(k) / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
 def format_ci(report: dict, key: str, digits: int = 3) -> str:
     """``"0.812 [0.760, 0.861]"``: a figure of a metrics report with its 95% interval (``"–"`` when absent)."""
     value = report.get(key)

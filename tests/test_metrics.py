@@ -132,3 +132,12 @@ def test_ratio_by_band_summarises_a_measurement_against_a_reference_per_size_ban
     assert bands[0]["median"] == pytest.approx(0.65) and bands[2]["median"] == pytest.approx(0.4)
     assert bands[1]["q25"] <= bands[1]["median"] <= bands[1]["q75"]
     assert M.ratio_by_band(np.array([1.0]), np.array([50.0]))[0]["n"] == 0  # an empty band is reported, as NaN
+
+
+def test_wilson_interval_brackets_the_proportion_and_narrows_with_n():
+    lo, hi = M.wilson_interval(11, 13)
+    assert lo < 11 / 13 < hi and hi <= 1.0 and lo == pytest.approx(0.578, abs=0.005)
+    assert M.wilson_interval(0, 10)[0] == 0.0 and M.wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    wide, narrow = M.wilson_interval(5, 10), M.wilson_interval(50, 100)
+    assert wide[1] - wide[0] > narrow[1] - narrow[0]
+    assert M.wilson_interval(0, 0) == (0.0, 1.0)
