@@ -358,11 +358,12 @@ def lime_map(
     on the calibrated probability of ``target_class`` (None = the predicted class). The masks are the rows of a
     randomised, folded-over Hadamard design instead of coin flips (see :func:`_design`), and the model calls run in
     batches of 32, channels-last, on a batch-norm-folded copy of the model (:func:`inference_model`).
-    Precision is set by ``num_samples``; the design is worth only a little over lime's coin flips. Measured with
-    ``python -m lungviz bench`` (EfficientNet-Lite0 at 64 px, 12 LIDC test nodule views, one CPU thread, three
-    lime runs each): 256 samples (the default) take 0.56 s, 11.6x faster than lime's 6.6 s, and share 0.70 of the
-    top-5 segments with a lime run where two lime runs share 0.77; ``LIME_STABLE_SAMPLES`` (1024) share 0.77 in
-    2.3 s (2.8x faster than lime). On validation nodules, other estimators gained at most 0.03 of overlap at 256
+    Precision is set by ``num_samples``; at 256 samples the design shares 0.71 of the top-5 segments with a lime run
+    where 256 coin flips share 0.64 (24 validation nodules). Measured with ``python -m lungviz bench``
+    (EfficientNet-Lite0 at 64 px, 12 LIDC test nodule views, one CPU thread, three lime runs each): 256 samples (the
+    default) take 0.56-0.62 s, 10-12x faster than lime's 6.2-6.6 s, and share 0.70 of the top-5 segments with a
+    lime run where two lime runs share 0.77; ``LIME_STABLE_SAMPLES`` (1024) share 0.77 in 2.3 s (2.7x faster than
+    lime). On validation nodules, other estimators gained at most 0.03 of overlap at 256
     samples: other designs (the most important segments kept free of aliasing; coin flips are worse), control
     variates, a logit-scale linear surrogate scored under lime's own sampling, and nuisance terms for the number of
     segments switched on; a 4096-sample run shares 0.84 with a lime run.
