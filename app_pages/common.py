@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,42 @@ VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
 def percent(p: float | None) -> str:
     """A model probability for display: whole percent, but never a certain-looking 0% or 100%."""
     return prob_pct(p)
+
+
+@dataclass(frozen=True)
+class KeptUpload:
+    """An uploaded file kept in the session, so that the Inspect page still has it after a visit to another page
+    (Streamlit forgets a file uploader's file when its page is left)."""
+
+    name: str
+    data: bytes = field(repr=False)
+    file_id: str
+
+    def getvalue(self) -> bytes:
+        return self.data
+
+
+def kept_upload(widget_key: str, present: bool, file) -> tuple[KeptUpload | None, bool]:
+    """The file of the uploader ``widget_key``, kept across pages, and whether it came back from an earlier visit
+    (the uploader itself then shows no file). ``present``: whether the uploader's key was in the session before the
+    widget ran; absent means the page was just re-entered, so the kept file comes back. A file removed from the
+    uploader (present, empty, not a file that came back) is forgotten."""
+    kept: dict = st.session_state.setdefault("kept_uploads", {})
+    restored: set = st.session_state.setdefault("kept_restored", set())
+    if file is not None:
+        kept[widget_key] = KeptUpload(file.name, file.getvalue(), file.file_id)
+        restored.discard(widget_key)
+    elif not present and widget_key in kept:
+        restored.add(widget_key)
+    elif widget_key not in restored:
+        kept.pop(widget_key, None)
+    return kept.get(widget_key), widget_key in restored
+
+
+def forget_upload(widget_key: str) -> None:
+    """Drop a kept upload (the "forget" button of a file that came back)."""
+    st.session_state.setdefault("kept_uploads", {}).pop(widget_key, None)
+    st.session_state.setdefault("kept_restored", set()).discard(widget_key)
 
 
 def init_state() -> None:

@@ -43,6 +43,7 @@ if ms is None:
 folder = common.weights_folder()
 
 up1, up2 = st.columns(2)
+present = {k: k in st.session_state for k in ("upload_slice", "upload_crop")}  # before the uploaders run
 main_file = up1.file_uploader("Slice image, DICOM slice or DICOM series (.zip)", type=[*IMAGE_TYPES, "zip"],
                               key="upload_slice",
                               help="PNG, JPG, TIFF, NPY or DICOM (.dcm). A crop about 9 cm wide centred on the "
@@ -50,6 +51,15 @@ main_file = up1.file_uploader("Slice image, DICOM slice or DICOM series (.zip)",
 crop_file = up2.file_uploader("Nodule crop (optional)", type=IMAGE_TYPES, key="upload_crop",
                               help="A zoomed crop of the nodule, taken to span about 32 mm. Without it the nodule "
                                    "view is cut from the slice in millimetres.")
+# A file uploaded before a visit to another page comes back (the uploader forgets it).
+main_file, main_back = common.kept_upload("upload_slice", present["upload_slice"], main_file)
+crop_file, crop_back = common.kept_upload("upload_crop", present["upload_crop"], crop_file)
+for col, f, back, k in ((up1, main_file, main_back, "upload_slice"), (up2, crop_file, crop_back, "upload_crop")):
+    if back and f is not None:
+        col.caption(f":material/history: Still inspecting `{f.name}` from earlier in this session; upload a file to "
+                    "replace it.")
+        col.button("Forget it", key=f"forget-{k}", on_click=common.forget_upload, args=(k,),
+                   icon=":material/close:")
 if main_file is None and crop_file is None:
     st.info("Upload a file to start, for example a slice PNG from the LIDC slices set "
             "(`lidc-slices/<patient>/<nodule>/images/slice-N.png`), a DICOM slice or a zipped DICOM series.",

@@ -404,3 +404,16 @@ def test_default_data_folder_is_shared_data_beside_repo(monkeypatch):
 
     monkeypatch.delenv("LUNGVIZ_DATA", raising=False)
     assert paths.data_dir() == (paths.REPO_ROOT.parent / "shared" / "data").resolve()
+
+
+def test_an_upload_survives_a_visit_to_another_page_until_forgotten(app_env, lidc_slices_dir):
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "slice-4.png",
+                 (lidc_slices_dir / REAL_SLICE).read_bytes())
+    first = at.metric[0].value
+    at = at.switch_page("app_pages/library.py").run().switch_page("app_pages/inspect.py").run()
+    assert not at.exception and at.metric and at.metric[0].value == first  # the same case, not "upload a file"
+    assert "Still inspecting `slice-4.png`" in _texts(at)
+    at.slider(key="alpha").set_value(0.7).run()  # later interactions keep it
+    assert not at.exception and at.metric[0].value == first
+    next(b for b in at.button if b.label == "Forget it").click().run()
+    assert not at.metric and "Upload a file to start" in _texts(at)
