@@ -92,6 +92,24 @@ def thumbnail(record: Mapping, root: Path | None = None) -> np.ndarray | None:
         return None
 
 
+def matching_slice(image: np.ndarray | None, records: Iterable[Mapping], root: Path | None = None,
+                   tol: float = 1e-3) -> tuple[Mapping, int] | None:
+    """The record and slice index whose image is this one (same shape, pixel values within ``tol``), among
+    ``records`` (e.g. the similar cases); None when the image is not one of their slices."""
+    if image is None:
+        return None
+    a = np.asarray(image, np.float32)
+    for rec in records:
+        for i in range(len(rec.get("images") or [])):
+            try:
+                b = load_gray(record_image_path(rec, i, root))
+            except LungvizError:
+                continue
+            if b.shape == a.shape and float(np.max(np.abs(b - a))) <= tol:
+                return rec, i
+    return None
+
+
 def diameter_range(records: Iterable[Mapping]) -> tuple[float, float]:
     """Smallest and largest diameter (mm) among the records that have one; ``(0, 0)`` when none does."""
     d = [float(r["diameter_mm"]) for r in records if r.get("diameter_mm") is not None]
