@@ -353,8 +353,9 @@ for i, view in enumerate(map_views):
     maps[f"{method}, {label}"] = shown
     if method != "Grad-CAM":  # the report always carries Grad-CAM too
         maps[f"Grad-CAM, {label}"] = overlay(big, common.cam_map(folder, name, img, "gradcam"), alpha)
-st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Red/yellow = "
-           "strong evidence (Grad-CAM), green = regions supporting the call (LIME). "
+st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Grad-CAM colours "
+           "run blue (none) → green → yellow → red (strongest), scaled to each map's own maximum, so colours do not "
+           "compare between maps; LIME tints green (outlined in yellow) the regions supporting the call. "
            + (map_localisation_note("nodule-binary", folder, getattr(ms.bundle("nodule", "binary"), "cam_layer", ""))
               or ""))
 
