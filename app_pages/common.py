@@ -31,6 +31,9 @@ LIBRARY_PAGE = "app_pages/library.py"
 #: Preferences kept across pages (widget keys re-assigned each run, so leaving a page does not reset them).
 PREFERENCES = {"alpha": 0.4, "map_method": "Grad-CAM", "lime_precision": "Fast", "k_similar": 5, "window": "lung",
                "reviewer": ""}
+#: Prefixes of per-upload widget keys (DICOM slice, nodule centre) kept like the preferences, so that an upload kept
+#: across pages (:func:`kept_upload`) comes back at the slice and centre the user chose.
+UPLOAD_VIEW_KEYS = ("slice-", "row-", "col-")
 #: Other session values: LIME results per input, saved reviews per case (for the report).
 STATE = {"lime": {}, "saved_reviews": {}}
 MAP_METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcampp", "LIME": "lime"}
@@ -93,6 +96,8 @@ def init_state() -> None:
             st.session_state[key] = type(value)()
     for key, value in PREFERENCES.items():
         st.session_state[key] = st.session_state.get(key, value)
+    for key in [k for k in st.session_state if isinstance(k, str) and k.startswith(UPLOAD_VIEW_KEYS)]:
+        st.session_state[key] = st.session_state[key]
 
 
 def digest(*parts: bytes | str | np.ndarray | None) -> str:
@@ -125,7 +130,7 @@ def _case_index(folder: str) -> CaseIndex:
 
 @st.cache_resource(show_spinner="Loading the nodule finder…")
 def _finder(folder: str) -> Finder:
-    try:  # already loaded when a fused model measures the nodule with it
+    try:  # already loaded by load_models whenever it is installed
         loaded = _model_set(folder).finder
     except LungvizError:
         loaded = None
@@ -133,9 +138,13 @@ def _finder(folder: str) -> Finder:
 
 
 @st.cache_data(show_spinner=False)
+def _library_series(series_uid: str, data_root: str, split_file: str) -> tuple[str, str] | None:
+    return series_split(series_uid, Path(data_root), Path(split_file))
+
+
 def library_series(series_uid: str) -> tuple[str, str] | None:
     """``(patient_id, split)`` when an uploaded DICOM series is one of the library's own LIDC scans."""
-    return series_split(series_uid, paths.data_dir(), Path(weights_folder()) / "splits" / "holdout.json")
+    return _library_series(series_uid, str(paths.data_dir()), str(Path(weights_folder()) / "splits" / "holdout.json"))
 
 
 def finder_available() -> bool:
@@ -312,8 +321,9 @@ def show_flag(pred: Prediction) -> None:
         st.warning(f"**Refer / uncertain.** Do not rely on this estimate:{reasons}", icon=":material/flag:")
     else:
         agree = " and the views agree" if len([v for v in pred.views if v != "fused"]) > 1 else ""
+        centre = "" if pred.presence is not None else " (Whether a nodule sits at the crop's centre was not checked.)"
         st.success(f"No uncertainty flag: the estimate is outside the uncertain band{agree}. This does not make it "
-                   "correct.", icon=":material/check_circle:")
+                   f"correct.{centre}", icon=":material/check_circle:")
 
 
 def view_table(pred: Prediction) -> list[dict]:

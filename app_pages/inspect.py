@@ -203,7 +203,8 @@ def _case_input() -> tuple[CaseInput, str, str]:
             with controls:
                 st.markdown(f"**DICOM series** `{main_file.name}`: {n} slices")
                 _window_select(True)
-                index = st.slider("Slice (inferior → superior)", 0, n - 1, n // 2, key=f"slice-{key}") if n > 1 else 0
+                st.session_state.setdefault(f"slice-{key}", n // 2)
+                index = st.slider("Slice (inferior → superior)", 0, n - 1, key=f"slice-{key}") if n > 1 else 0
                 sl = loaded[index]
                 st.caption(f"Slice {index + 1} of {n} (slider position {index}), z = {sl.z_mm:.1f} mm, "
                            f"instance {sl.instance_number}")

@@ -180,10 +180,11 @@ def size_only_note(folder: Path | None = None) -> str | None:
     fused = ((spec.get("metrics") or {}).get("test") or {}).get("auroc")
     if not isinstance(size.get("auroc"), (int, float)) or not isinstance(fused, (int, float)):
         return None
-    gap = size["auroc"] - fused
-    compare = "better than" if gap > 0.005 else "less well than" if gap < -0.005 else "about as well as"
+    ci = (size.get("ci95") or {}).get("auroc") or ()
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 else ""
+    compare = "as well as the fused model or better" if size["auroc"] >= fused else "less well than the fused model"
     return (f"On {size.get('n', '?')} test nodules this measured size alone separated benign from malignant "
-            f"{compare} the fused model (AUROC {size['auroc']:.2f} against {fused:.2f}).")
+            f"{compare} (AUROC {size['auroc']:.2f}{interval} against {fused:.2f}).")
 
 
 def diameter_note(folder: Path | None = None) -> str | None:
@@ -204,7 +205,13 @@ def diameter_sentence(size_vs_readers: list | None) -> str | None:
         return f"below {b['hi']:.0f} mm" if not b.get("lo") else f"at {b['lo']:.0f}-{b['hi']:.0f} mm"
 
     overall = next((b for b in bands if b.get("hi") is None and not b.get("lo")), None)
-    parts = ", ".join(f"{b['median']:.0%} {where(b)}" for b in bands if b is not overall)
+    by_size = [b for b in bands if b is not overall]
+    parts = ", ".join(f"{b['median']:.0%} {where(b)}" for b in by_size)
     head = f"On {overall['n']} test nodules its measurement was a median {overall['median']:.0%}" if overall else \
         "On the test nodules its measurement was a median"
-    return f"{head} of the readers' longest diameter ({parts}): it reads small, most for large nodules."
+    ratio = (overall or bands[0])["median"]
+    verdict = "it reads small" if ratio < 0.9 else "it reads large" if ratio > 1.1 else "it reads about right"
+    if len(by_size) > 1 and abs(by_size[-1]["median"] - by_size[0]["median"]) > 0.1:
+        verdict += ", most for large nodules" if (by_size[-1]["median"] < by_size[0]["median"]) == (ratio < 1) \
+            else ", most for small nodules"
+    return f"{head} of the readers' longest diameter ({parts}): {verdict}."

@@ -40,7 +40,7 @@ def series_split(series_uid: str, data_root: Path | None = None, split_file: Pat
     labels = (Path(data_root) if data_root else paths.data_dir()) / "lidc-slices" / "labels.csv"
     split_file = split_file or paths.weights_dir() / "splits" / "holdout.json"
     try:
-        with labels.open(newline="", encoding="utf-8") as fh:
+        with labels.open(newline="", encoding="utf-8-sig") as fh:  # a spreadsheet may have added a BOM
             patient = next((r["patient_id"] for r in csv.DictReader(fh)
                             if (r.get("series_uid") or "").strip() == series_uid), None)
         split = Split.load(split_file).assignment.get(patient or "") if patient else None

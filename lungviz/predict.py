@@ -19,10 +19,12 @@ from lungviz.fusion import SIZE_FEATURE, Fusion, size_feature
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle, read_spec
 from lungviz.preprocess import (
+    DEFAULT_SPACING_MM,
     pad_to_square,
     resize,
     spacing_or_default,
     to_model_input,
+    valid_spacing,
     view_from_context,
 )
 
@@ -33,7 +35,8 @@ UNCERTAIN_BAND = (0.25, 0.75)
 DISAGREEMENT = 0.35
 #: Below this probability that a nodule sits at the centre of the crop (the finder's presence classifier), a case
 #: is flagged. On the validation nodules' middle slices it flags 8.9% of crops centred on a nodule and 87% of the
-#: same crops re-centred 20-30 pixels (about 15-25 mm) away.
+#: same crops re-centred 20-30 pixels (about 15-25 mm) away. It flags large nodules more often (15% of the test
+#: nodules over 20 mm in a review check), and cannot check a nodule crop uploaded without its slice.
 PRESENCE_FLAG = 0.5
 
 
@@ -136,6 +139,7 @@ class Prediction:
     flags: list[str] = field(default_factory=list)
     diameter_mm: float | None = None  # the finder's measurement on the image, when a fusion used it
     presence: float | None = None  # the finder's probability that a nodule sits at the crop's centre
+    spacing_assumed: bool = False  # the diameter was measured at the default pixel spacing (none was known)
 
     def malignant_probability(self, view: str = "fused") -> float | None:
         v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
@@ -155,6 +159,7 @@ class Prediction:
             "flag": "refer / uncertain" if self.refer else "no uncertainty flag",
             "reasons": self.flags,
             "estimated_diameter_mm": None if self.diameter_mm is None else round(self.diameter_mm, 1),
+            "diameter_assumes_spacing_mm": DEFAULT_SPACING_MM if self.spacing_assumed and self.diameter_mm else None,
             "nodule_presence_at_centre": None if self.presence is None else round(self.presence, 3),
         }
 
@@ -226,7 +231,8 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
     presence = None
     if models.finder is not None and context is not None:
         presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))
-    return Prediction(views, images, uncertainty_flags(views, presence), diameter, presence)
+    return Prediction(views, images, uncertainty_flags(views, presence), diameter, presence,
+                      valid_spacing(spacing_mm) is None)
 
 
 def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:

@@ -121,8 +121,10 @@ CALIBRATION_CAVEAT = (
 def estimate_notes(prediction: dict | None) -> list[str]:
     """What a reader of the estimate must know: the measured diameter the fused model used, and the calibration."""
     d = (prediction or {}).get("estimated_diameter_mm")
-    notes = [f"Nodule diameter measured on the image by the nodule finder: about {float(d):.0f} mm (an input of the "
-             "fused model; it reads smaller than the readers' longest diameter, most for large nodules)."] if d else []
+    assumed = (prediction or {}).get("diameter_assumes_spacing_mm")
+    at = f", assuming {float(assumed):.2f} mm per pixel" if assumed else ""
+    notes = [f"Nodule diameter measured on the image by the nodule finder: about {float(d):.0f} mm{at} (an input of "
+             "the fused model, not the readers' measurement; the model card compares the two)."] if d else []
     return [*notes, CALIBRATION_CAVEAT]
 
 
@@ -132,7 +134,7 @@ def pct(p: float | None) -> str:
 
 def prob_pct(p: float | None) -> str:
     """A model probability for display: whole percent, but never a certain-looking 0% or 100%."""
-    if p is None:
+    if p is None or not np.isfinite(p):
         return "-"
     return "<1%" if p < 0.005 else (">99%" if p > 0.995 else pct(p))
 

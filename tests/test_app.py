@@ -233,8 +233,9 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     assert not at.exception and at.metric[0].value.endswith("%")
     assert "Slice 3 of 3 (slider position 2)" in _texts(at)
     assert any(m.value.startswith("This series is LIDC-IDRI-0001") for m in [*at.warning, *at.info])  # a library scan
-    # Moving through the slices and then accepting a candidate of the slice shown (a stale candidate list once
-    # crashed the page here): the centre moves to that slice's candidate.
+    # Moving through the slices and then accepting a candidate of the slice shown moves the centre to that slice's
+    # candidate. (The browser-only crash of a stale candidate list, fixed by one widget per list, does not reproduce
+    # in AppTest; it was checked in Chromium.)
     for index in (0, 1, 0):
         next(s for s in at.slider if s.label.startswith("Slice")).set_value(index).run()
         assert not at.exception and not at.error
@@ -419,3 +420,18 @@ def test_an_upload_survives_a_visit_to_another_page_until_forgotten(app_env, lid
     assert not at.exception and at.metric[0].value == first
     next(b for b in at.button if b.label == "Forget it").click().run()
     assert not at.metric and "Upload a file to start" in _texts(at)
+
+
+def test_a_kept_dicom_series_comes_back_at_the_chosen_slice_and_centre(app_env, lidc_dicom_dir):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[:3]:
+            zf.write(p, f"series/{p.name}")
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "series.zip", buf.getvalue())
+    next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
+    at.number_input[0].set_value(100).run()
+    before = at.metric[0].value
+    at = at.switch_page("app_pages/library.py").run().switch_page("app_pages/inspect.py").run()
+    assert not at.exception and "Still inspecting `series.zip`" in _texts(at)
+    assert next(s for s in at.slider if s.label.startswith("Slice")).value == 0
+    assert at.number_input[0].value == 100 and at.metric[0].value == before

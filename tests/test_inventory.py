@@ -106,13 +106,16 @@ def test_size_only_note(tmp_path: Path):
             "size_only_auroc": {"test": {"n": 332, "auroc": 0.849}}}
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
     assert size_only_note(tmp_path) == ("On 332 test nodules this measured size alone separated benign from malignant "
-                                        "better than the fused model (AUROC 0.85 against 0.83).")
+                                        "as well as the fused model or better (AUROC 0.85 against 0.83).")
+    spec["size_only_auroc"]["test"]["ci95"] = {"auroc": [0.797, 0.896]}
+    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
+    assert "(AUROC 0.85 [0.80, 0.90] against 0.83)" in size_only_note(tmp_path)
     spec["size_only_auroc"]["test"]["auroc"] = 0.80
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert "less well than the fused model (AUROC 0.80 against 0.83)" in size_only_note(tmp_path)
-    spec["size_only_auroc"]["test"]["auroc"] = 0.833
+    assert "less well than the fused model (AUROC 0.80 [0.80, 0.90] against 0.83)" in size_only_note(tmp_path)
+    spec["size_only_auroc"]["test"]["auroc"] = 0.831
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert "about as well as" in size_only_note(tmp_path)
+    assert "as well as the fused model or better" in size_only_note(tmp_path)
     del spec["size_only_auroc"]  # a fusion without the size feature
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
     assert size_only_note(tmp_path) is None

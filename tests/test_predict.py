@@ -129,6 +129,8 @@ def test_size_fusion_measures_the_nodule_with_the_finder(weights, tmp_path):
     assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
     assert pred.to_dict()["estimated_diameter_mm"] == pytest.approx(round(d, 1))
     assert pred.presence is not None and 0.0 <= pred.presence <= 1.0  # the finder also checks the crop's centre
+    assert not pred.spacing_assumed and pred.to_dict()["diameter_assumes_spacing_mm"] is None
+    assert predict(models, ctx, spacing_mm=None).to_dict()["diameter_assumes_spacing_mm"] == pytest.approx(0.7)
     assert pred.to_dict()["nodule_presence_at_centre"] == pytest.approx(round(pred.presence, 3))
     assert any("does not see a nodule" in f for f in pred.flags) == (pred.presence < 0.5)
     assert predict(models, None, ctx[32:96, 32:96]).presence is None  # a nodule crop alone: no context to check
@@ -138,5 +140,5 @@ def test_size_fusion_measures_the_nodule_with_the_finder(weights, tmp_path):
         assert np.isfinite(p.views["fused"]["binary"].probs).all()
     with pytest.raises(LungvizError, match="cannot be measured"):
         centre_diameter_mm(models.finder, ctx, float("nan"))
-    assert "diameter" not in json.dumps(predict(load_models(weights), ctx, spacing_mm=0.7).to_dict()).replace(
-        '"estimated_diameter_mm": null', "")  # no size fusion, no measurement
+    plain = predict(load_models(weights), ctx, spacing_mm=0.7).to_dict()  # no size fusion, no measurement
+    assert plain["estimated_diameter_mm"] is None and plain["diameter_assumes_spacing_mm"] is None

@@ -160,8 +160,10 @@ def test_model_probabilities_never_read_as_certain_and_the_measured_diameter_is_
     report = CaseReport(case_id="c", prediction=pred, images={"nodule": _gray()})
     page = build_html(report)
     assert "&lt;1%" in page and ">99%" not in page and "<strong>0%</strong>" not in page
-    assert "about 17 mm (an input of the fused model" in page
+    assert "about 17 mm (an input of the fused model" in page and "assuming" not in page
     assert build_pdf(report).startswith(b"%PDF")  # "<1%" must not break the PDF's paragraph markup
+    pred["diameter_assumes_spacing_mm"] = 0.7  # a PNG without spacing: the measurement assumed one
+    assert "about 17 mm, assuming 0.70 mm per pixel (an input" in build_html(report)
 
 
 def test_real_prediction_to_dict_renders() -> None:

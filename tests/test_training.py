@@ -110,11 +110,13 @@ def test_attribute_targets_are_standardised_on_train_and_the_loss_reads_pooled_f
     assert loss.item() > torch.nn.functional.cross_entropy(model(x), target[:, 0].long()).item()
     loss.backward()
     assert aux.head.weight.grad is not None and model.classifier.weight.grad is not None
-    aux.close()
-    assert not model.head._forward_pre_hooks
-    with torch.no_grad():  # evaluation passes leave nothing behind
+    with torch.no_grad():  # evaluation passes (hook still on) keep no features
         model(x)
     assert aux._features == []
+    model(x)  # a training pass keeps them
+    assert len(aux._features) == 1
+    aux.close()
+    assert not model.head._forward_pre_hooks and aux._features == []
 
 
 def test_upsampling_plan_brings_every_class_to_largest_plus_200():

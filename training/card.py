@@ -120,9 +120,11 @@ def size_only_text(specs: dict) -> str | None:
     if not t:
         return None
     val_size = _fmt(size.get("val", {}).get("auroc"))
+    ci = (t.get("ci95") or {}).get("auroc") or ()
+    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if len(ci) == 2 else ""
     text = (f"**Image-measured size alone** (the nodule finder's diameter, the size input of `fused-binary`, with no "
-            f"malignancy CNN): test AUROC {t['auroc']:.3f} [{t['ci95']['auroc'][0]:.3f}, {t['ci95']['auroc'][1]:.3f}] "
-            f"on {t['n']} nodules, validation {val_size}; `fused-binary` (views + size) scores {_fmt(fused)} on test.")
+            f"malignancy CNN): test AUROC {t['auroc']:.3f}{interval} on {t['n']} nodules, validation {val_size}; "
+            f"`fused-binary` (views + size) scores {_fmt(fused)} on test.")
     if fused is not None and fused < t["auroc"]:
         val_fused = _fmt(specs["fused-binary"].get("training", {}).get("val_score"))
         text += (" **On the test split the two image views do not add to the measured size.** The fusion was chosen "

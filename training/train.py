@@ -124,6 +124,8 @@ def fold_split(folds: Split, k: int) -> Split:
 def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = None, save: bool = True) -> dict:
     """Train, calibrate and evaluate one bundle; returns its spec (written to the bundle folder when ``save``)."""
     t_start = time.perf_counter()
+    if cfg.mask_weight > 0 and cfg.attr_weight > 0:
+        raise ValueError("choose one auxiliary task: mask_weight or attr_weight")
     scheme = get_scheme(cfg.task)
     all_cases, report = load_cases(cfg.dataset, cfg.data)
     split = split or _split_for(all_cases, cfg)
@@ -172,8 +174,6 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
             return train_batch_with_masks(store, items, labels[items], vc, rng, loop_cfg.aug, grid)
 
     if cfg.attr_weight > 0:
-        if aux is not None:
-            raise ValueError("choose one auxiliary task: mask_weight or attr_weight")
         attrs, _ = attribute_targets(cases, idx["train"])
         aux = AttributeAuxLoss(model, attrs.shape[1], cfg.attr_weight,
                                class_loss(loop_cfg, labels[idx["train"]], scheme.n_classes, device))
