@@ -19,7 +19,7 @@ from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundl
 from lungviz.finder import Finder, load_finder, scan
 from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
-from lungviz.library import series_split, similar_cases
+from lungviz.library import library_slice_of, series_split, similar_cases, slice_file_table
 from lungviz.lidc import load_case
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
 from lungviz.report import VIEW_LABELS, prob_pct
@@ -140,6 +140,19 @@ def _finder(folder: str) -> Finder:
 @st.cache_data(show_spinner=False)
 def _library_series(series_uid: str, data_root: str, split_file: str) -> tuple[str, str] | None:
     return series_split(series_uid, Path(data_root), Path(split_file))
+
+
+@st.cache_resource(show_spinner="Indexing the library's slice files…")
+def _slice_table(slices_root: str) -> dict[str, str]:
+    return slice_file_table(Path(slices_root))
+
+
+def library_slice(data: bytes) -> tuple[str, str, str | None] | None:
+    """``(case_id, file name, split)`` when an upload is one of the library's own slice image files."""
+    root = paths.lidc_slices_dir()
+    if not root.is_dir():
+        return None
+    return library_slice_of(data, _slice_table(str(root)), Path(weights_folder()) / "splits" / "holdout.json")
 
 
 def library_series(series_uid: str) -> tuple[str, str] | None:

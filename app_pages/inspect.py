@@ -3,8 +3,6 @@ context, saliency maps, similar library cases, review and report."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -16,7 +14,7 @@ from lungviz.explain import lime_overlay, overlay
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
 from lungviz.inventory import diameter_note, map_localisation_note, size_only_note
 from lungviz.io import LoadedImage
-from lungviz.library import SPLIT_NOTES, matching_slice, series_split_note
+from lungviz.library import SPLIT_NOTES, series_split_note
 from lungviz.metrics import reliability_bin, wilson_interval
 from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize, valid_spacing
 from lungviz.report import (
@@ -239,6 +237,10 @@ for note in case.notes:
     st.caption(f":material/info: {note}")
 if (known := common.library_series(series_uid)) is not None:
     (st.info if known[1] == "test" else st.warning)(series_split_note(*known), icon=":material/database:")
+elif main_file is not None and (same := common.library_slice(main_file.getvalue())) is not None:
+    case_id, name, split = same
+    (st.info if split == "test" else st.warning)(f"This image is `{name}` of library case {case_id}. "
+                                                 + SPLIT_NOTES.get(str(split), ""), icon=":material/database:")
 
 # ----------------------------------------------------------------------------------------------- estimate
 
@@ -374,12 +376,6 @@ if index is not None:
         st.warning(f"Similar cases are not available: {err}", icon=":material/info:")
     st.caption("Nearest cases by the nodule model's features. The library holds training cases too (seen by the "
                "model); the panel and reader scores are the LIDC radiologists' ratings, not pathology.")
-    same = matching_slice(case.context, similar, paths.lidc_slices_dir()) if not series_uid else None
-    if same is not None:
-        rec, i = same
-        (st.info if rec.get("split") == "test" else st.warning)(
-            f"This image is `{Path(rec['images'][i]).name}` of library case {rec['case_id']}. "
-            + SPLIT_NOTES.get(str(rec.get("split")), ""), icon=":material/database:")
     common.similar_case_cards(similar, "inspect")
 
 # ------------------------------------------------------------------------------------------- review and report

@@ -8,6 +8,7 @@ A record is one row of the index metadata (:func:`lungviz.retrieval.load_index`)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -92,22 +93,32 @@ def thumbnail(record: Mapping, root: Path | None = None) -> np.ndarray | None:
         return None
 
 
-def matching_slice(image: np.ndarray | None, records: Iterable[Mapping], root: Path | None = None,
-                   tol: float = 1e-3) -> tuple[Mapping, int] | None:
-    """The record and slice index whose image is this one (same shape, pixel values within ``tol``), among
-    ``records`` (e.g. the similar cases); None when the image is not one of their slices."""
-    if image is None:
+def slice_file_table(slices_root: Path | None = None) -> dict[str, str]:
+    """SHA-1 of every slice image file in the ``lidc-slices`` folder -> its path relative to that folder (about 1 s
+    for the 13,207 files; build once per server)."""
+    import hashlib
+
+    root = Path(slices_root) if slices_root else paths.lidc_slices_dir()
+    return {hashlib.sha1(p.read_bytes()).hexdigest(): p.relative_to(root).as_posix()
+            for p in sorted(root.glob("*/*/images/*")) if p.is_file()}
+
+
+def library_slice_of(data: bytes, table: Mapping[str, str], split_file: Path | None = None
+                     ) -> tuple[str, str, str | None] | None:
+    """``(case_id, file name, split)`` when an uploaded file is, byte for byte, one of the library's slice images
+    (split None when the split file does not list the patient); None otherwise."""
+    import hashlib
+
+    from lungviz.splits import Split
+
+    rel = table.get(hashlib.sha1(data).hexdigest())
+    if rel is None:
         return None
-    a = np.asarray(image, np.float32)
-    for rec in records:
-        for i in range(len(rec.get("images") or [])):
-            try:
-                b = load_gray(record_image_path(rec, i, root))
-            except LungvizError:
-                continue
-            if b.shape == a.shape and float(np.max(np.abs(b - a))) <= tol:
-                return rec, i
-    return None
+    parts = rel.split("/")
+    split = None
+    with contextlib.suppress(LungvizError):  # no split file: the case is still named
+        split = Split.load(split_file or paths.weights_dir() / "splits" / "holdout.json").assignment.get(parts[0])
+    return f"{parts[0]}/{parts[1]}", parts[-1], split
 
 
 def diameter_range(records: Iterable[Mapping]) -> tuple[float, float]:

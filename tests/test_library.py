@@ -168,22 +168,21 @@ def test_the_real_dicom_series_are_found_in_the_library(lidc_dicom_dir):
     assert found is not None and found[0] == "LIDC-IDRI-0001" and found[1] in ("train", "val", "test")
 
 
-def test_matching_slice_recognises_an_upload_that_is_a_library_slice(tmp_path):
+def test_library_slice_of_names_an_upload_that_is_a_library_slice_file(tmp_path):
     from conftest import write_png
 
-    from lungviz.library import matching_slice
+    from lungviz.library import library_slice_of, slice_file_table
+    from lungviz.splits import Split
 
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 256, (16, 16)) for _ in range(2))
-    write_png(tmp_path / "P1" / "n0" / "images" / "slice-0.png", a)
-    write_png(tmp_path / "P1" / "n0" / "images" / "slice-1.png", b)
-    records = [{"case_id": "P0/n0", "images": ["P0/n0/images/slice-0.png"]},  # not in the data folder: skipped
-               {"case_id": "P1/n0", "split": "train", "images": ["P1/n0/images/slice-0.png",
-                                                                  "P1/n0/images/slice-1.png"]}]
-    rec, i = matching_slice(b.astype(np.float32) / 255.0, records, tmp_path)
-    assert rec["case_id"] == "P1/n0" and i == 1
-    changed = b.astype(np.float32) / 255.0
-    changed[3, 3] = 1.0 - changed[3, 3]
-    assert matching_slice(changed, records, tmp_path) is None  # one pixel differs
-    assert matching_slice(np.zeros((8, 8), np.float32), records, tmp_path) is None  # another shape
-    assert matching_slice(None, records, tmp_path) is None
+    root = tmp_path / "lidc-slices"
+    write_png(root / "P1" / "n0" / "images" / "slice-0.png", a)
+    second = write_png(root / "P1" / "n0" / "images" / "slice-1.png", b)
+    write_png(root / "P1" / "n0" / "consensus" / "slice-1.png", b * 0)  # masks are not slices
+    table = slice_file_table(root)
+    assert sorted(table.values()) == ["P1/n0/images/slice-0.png", "P1/n0/images/slice-1.png"]
+    split = Split({"P1": "train"}, "fp", 42, "holdout", {}).save(tmp_path / "holdout.json")
+    assert library_slice_of(second.read_bytes(), table, split) == ("P1/n0", "slice-1.png", "train")
+    assert library_slice_of(second.read_bytes(), table, tmp_path / "none.json") == ("P1/n0", "slice-1.png", None)
+    assert library_slice_of(second.read_bytes() + b"x", table, split) is None  # another file
