@@ -48,9 +48,8 @@ VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}
 VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
 
 
-def percent(p: float | None) -> str:
-    """A model probability for display: whole percent, but never a certain-looking 0% or 100%."""
-    return prob_pct(p)
+#: A model probability for display: whole percent, but never a certain-looking 0% or 100%.
+percent = prob_pct
 
 
 @dataclass(frozen=True)

@@ -28,25 +28,31 @@ SPLIT_NOTES = {
     "test": "Test case: held out, never seen in training (the model card's figures come from these).",
 }
 
+
+def patient_split(patient_id: str, split_file: Path | None = None) -> str | None:
+    """The split a patient is in (default split file: the shipped holdout), or None when it is not listed or the
+    split file is missing."""
+    from lungviz.splits import Split
+
+    with contextlib.suppress(LungvizError):
+        return Split.load(split_file or paths.weights_dir() / "splits" / "holdout.json").assignment.get(patient_id)
+    return None
+
+
 def series_split(series_uid: str, data_root: Path | None = None, split_file: Path | None = None
                  ) -> tuple[str, str] | None:
     """``(patient_id, split)`` of an uploaded DICOM series that is one of the library's LIDC scans (matched on the
     SeriesInstanceUID in ``lidc-slices/labels.csv``), or None when it is not, or the labels or split are missing."""
-    import csv
-
-    from lungviz.splits import Split
+    from lungviz.lidc import read_labels
 
     if not series_uid:
         return None
-    labels = (Path(data_root) if data_root else paths.data_dir()) / "lidc-slices" / "labels.csv"
-    split_file = split_file or paths.weights_dir() / "splits" / "holdout.json"
     try:
-        with labels.open(newline="", encoding="utf-8-sig") as fh:  # a spreadsheet may have added a BOM
-            patient = next((r["patient_id"] for r in csv.DictReader(fh)
-                            if (r.get("series_uid") or "").strip() == series_uid), None)
-        split = Split.load(split_file).assignment.get(patient or "") if patient else None
-    except (OSError, KeyError, ValueError, LungvizError):
+        rows = read_labels((Path(data_root) if data_root else paths.data_dir()) / "lidc-slices" / "labels.csv")
+    except LungvizError:
         return None
+    patient = next((r["patient_id"] for r in rows if (r.get("series_uid") or "").strip() == series_uid), None)
+    split = patient_split(patient, split_file) if patient else None
     return (patient, split) if patient and split else None
 
 
@@ -109,16 +115,11 @@ def library_slice_of(data: bytes, table: Mapping[str, str], split_file: Path | N
     (split None when the split file does not list the patient); None otherwise."""
     import hashlib
 
-    from lungviz.splits import Split
-
     rel = table.get(hashlib.sha1(data).hexdigest())
     if rel is None:
         return None
     parts = rel.split("/")
-    split = None
-    with contextlib.suppress(LungvizError):  # no split file: the case is still named
-        split = Split.load(split_file or paths.weights_dir() / "splits" / "holdout.json").assignment.get(parts[0])
-    return f"{parts[0]}/{parts[1]}", parts[-1], split
+    return f"{parts[0]}/{parts[1]}", parts[-1], patient_split(parts[0], split_file)
 
 
 def diameter_range(records: Iterable[Mapping]) -> tuple[float, float]:

@@ -252,7 +252,7 @@ img.thumb{width:64px;height:auto;border:1px solid #d0d7de}
 .headline{font-size:16px;padding:8px 12px;border-radius:6px;margin:0 0 8px}
 .refer{background:#fffaeb;border:1px solid #f79009}.noflag{background:#f2f4f7;border:1px solid #98a2b3}
 .note{white-space:pre-wrap;border:1px solid #d0d7de;padding:8px;border-radius:4px;background:#fafbfc}
-.missing{color:#57606a;font-style:italic}
+.missing{color:#57606a;font-style:italic}.small{font-size:12px;color:#57606a}
 code{font-size:12px}
 footer{color:#57606a;font-size:12px;border-top:1px solid #d0d7de;padding-top:6px}
 @page{size:A4;margin:14mm}

@@ -145,7 +145,8 @@ def test_series_split_matches_an_upload_to_the_librarys_scans(tmp_path):
 
     labels = tmp_path / "data" / "lidc-slices" / "labels.csv"
     labels.parent.mkdir(parents=True)
-    labels.write_text("patient_id,nodule,series_uid\nLIDC-IDRI-0001,nodule-0,1.2.3\nLIDC-IDRI-0002,nodule-0,1.2.4\n")
+    labels.write_text("patient_id,nodule,n_readers,malignancy_readers,series_uid\n"
+                      "LIDC-IDRI-0001,nodule-0,1,3,1.2.3\nLIDC-IDRI-0002,nodule-0,1,4,1.2.4\n")
     split = tmp_path / "holdout.json"
     Split({"LIDC-IDRI-0001": "train", "LIDC-IDRI-0002": "test"}, "fp", 42, "holdout", {}).save(split)
     assert series_split("1.2.3", tmp_path / "data", split) == ("LIDC-IDRI-0001", "train")
