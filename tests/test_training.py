@@ -17,6 +17,7 @@ from training.data import (
     attribute_targets,
     class_weights,
     epoch_plan,
+    reader_targets,
     train_batch_with_masks,
 )
 from training.loop import AttributeAuxLoss, MaskAuxLoss, stage_of
@@ -81,6 +82,28 @@ def test_mask_targets_and_the_auxiliary_loss(tmp_path):
     assert aux.head.weight.grad is not None and model.backbone.blocks[0][0].weight.grad is not None
     aux.close()
     assert not model.get_submodule(layer)._forward_hooks
+
+
+def test_reader_targets_mix_the_panel_label_with_the_readers_votes():
+    from lungviz.cases import Case
+    from lungviz.labels import get_scheme
+
+    def case(scores: tuple[int, ...]) -> Case:
+        return Case(patient_id="P", nodule_id="n0", source="t", image_paths=(), reader_scores=scores)
+
+    cases = [case((3, 4, 4, 5)), case((2, 3)), case(()), case((4,))]
+    binary = get_scheme("binary")
+    labels = np.array([1, 0, 0, 1])
+    np.testing.assert_allclose(reader_targets(cases, labels, binary, 1.0), [[0.25, 0.75], [1, 0], [1, 0], [0, 1]])
+    half = reader_targets(cases, labels, binary, 0.5)
+    np.testing.assert_allclose(half[0], [0.125, 0.875])  # half the panel's one-hot, half the readers' share
+    np.testing.assert_allclose(reader_targets(cases, labels, binary, 0.0), np.eye(2)[labels])
+    score = reader_targets(cases, np.array([3, 2, 2, 3]), get_scheme("score"), 1.0)
+    np.testing.assert_allclose(score[0], [0, 0, 0.25, 0.5, 0.25])
+    np.testing.assert_allclose(score[2], [0, 0, 1, 0, 0])  # no readers: the panel's class
+    assert np.allclose(score.sum(axis=1), 1.0) and score.dtype == np.float32
+    loss = torch.nn.CrossEntropyLoss()(torch.zeros(4, 5), torch.from_numpy(score))  # soft targets train as they are
+    assert loss.item() == pytest.approx(np.log(5), rel=1e-5)
 
 
 def test_attribute_targets_are_standardised_on_train_and_the_loss_reads_pooled_features():

@@ -9,6 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lungviz.cases import CHARACTERISTICS, Case
+from lungviz.labels import LabelScheme
 from lungviz.preprocess import to_model_input, view_from_context
 from training.augment import AugmentConfig, augment, augment_pair
 
@@ -185,3 +186,19 @@ def attribute_targets(cases: Sequence[Case], train_idx: np.ndarray) -> tuple[np.
     std = np.nanstd(train, axis=0)
     z = (raw - mean) / np.where(std > 0, std, 1.0)
     return np.nan_to_num(z, nan=0.0).astype(np.float32), names
+
+
+def reader_targets(cases: Sequence[Case], labels: np.ndarray, scheme: LabelScheme, weight: float) -> np.ndarray:
+    """Soft class targets ``(N, C) float32``: ``(1 - weight)`` x the panel's class + ``weight`` x the share of the
+    readers who rated the nodule into each class (``binary``: 1-3 / 4-5; ``score``: 1..5). A case without reader
+    scores (or another scheme) keeps its one-hot label. Training only; the panel label stays the evaluation truth."""
+    n_classes = scheme.n_classes
+    out = np.eye(n_classes, dtype=np.float32)[np.asarray(labels, int)]
+    for i, c in enumerate(cases):
+        scores = [int(s) for s in c.reader_scores if 1 <= int(s) <= 5]
+        if not scores or scheme.name not in ("binary", "score"):
+            continue
+        cls = [int(s >= 4) for s in scores] if scheme.name == "binary" else [s - 1 for s in scores]
+        share = np.bincount(cls, minlength=n_classes)[:n_classes] / len(cls)
+        out[i] = (1.0 - weight) * out[i] + weight * share
+    return out
