@@ -13,4 +13,5 @@ done
 python -m training camloc                                              # cam_layer in each spec + weights/cam_localisation.json
 python -m training screen --epochs 5 --epoch-samples 1024              # weights/screen.json (validation only)
 python -m training cv --epochs 30 --stages 2,10 --patience 8 --epoch-samples 1536  # weights/cv.json (5 folds)
+python -m training ablate --epochs 30 --stages 2,10 --patience 8 --epoch-samples 1536  # weights/ablation.json (validation)
 python -m training card                                                # weights/README.md + figures

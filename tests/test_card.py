@@ -57,3 +57,19 @@ def test_card_sets_the_fused_model_beside_the_image_measured_size(tmp_path):
     (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
     card = write_card(tmp_path).read_text()
     assert "AUROC 0.800" in card and "do not add to the measured size" not in card
+
+
+def test_card_lists_what_else_was_tried_on_validation(tmp_path):
+    ablation = {"setup": {"view": "nodule", "task": "binary", "epochs": 30, "epoch_samples": 1536, "stages": [2, 10]},
+                "results": [{"variant": "recipe", "val_auroc": 0.8634, "val_auroc_ci95": [0.81, 0.91],
+                             "val_f1_malignant": 0.6, "val_ece": 0.04, "best_epoch": 23, "seconds": 480},
+                            {"variant": "nodule view 48 mm", "val_auroc": 0.822, "val_auroc_ci95": None,
+                             "val_f1_malignant": None, "val_ece": 0.05, "best_epoch": 19, "seconds": 420}]}
+    (tmp_path / "ablation.json").write_text(json.dumps(ablation))
+    card = write_card(tmp_path).read_text()
+    assert "## What else was tried (nodule-binary, validation split only)" in card
+    assert "| recipe | 0.863 [0.810, 0.910] | 0.600 | 0.040 | 23 | 8.0 |" in card
+    assert "| nodule view 48 mm | 0.822 | – | 0.050 | 19 | 7.0 |" in card
+    assert "30 epochs of 1536 samples" in card
+    (tmp_path / "ablation.json").unlink()
+    assert "What else was tried" not in write_card(tmp_path).read_text()

@@ -162,6 +162,31 @@ def test_unfreezing_stages():
     assert [stage_of(e, (2, 5)) for e in range(7)] == [0, 0, 1, 1, 1, 2, 2]
 
 
+def test_weight_average_is_what_is_validated_and_kept():
+    from training.loop import LoopConfig, fit
+
+    torch.manual_seed(0)
+    model = create_model("cnn4", 2)
+    seen: list[dict] = []
+
+    def validate(m) -> float:
+        seen.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        assert m is not model  # the average, not the raw weights
+        return [0.5, 0.9, 0.7][len(seen) - 1]
+
+    def batch_fn(items, rng):
+        return rng.normal(size=(len(items), 3, 32, 32)).astype(np.float32), (np.arange(len(items)) % 2).astype(np.int64)
+
+    labels = np.array([0, 1] * 16)
+    cfg = LoopConfig(epochs=3, batch_size=16, stages=(), stage_groups=(0,), patience=5, ema=0.5, lr=1e-2)
+    run = fit(model, None, np.arange(32), labels, None, cfg, torch.device("cpu"), validate, progress=False,
+              batch_fn=batch_fn)
+    assert run["best_epoch"] == 2
+    final = model.state_dict()
+    assert all(torch.equal(final[k], seen[1][k]) for k in final)  # the average at the best epoch was kept
+    assert not all(torch.equal(seen[1][k], seen[2][k]) for k in final)  # the average moved on after it
+
+
 def _synthetic_slices(root, n_patients=40, seed=0):
     """A tiny lidc-slices tree: malignant nodules are big bright discs, benign ones small and faint."""
     rng = np.random.default_rng(seed)
@@ -207,6 +232,29 @@ def test_tiny_end_to_end_training_learns_and_writes_a_bundle(tmp_path):
     assert bundle.input_size == 32 and bundle.view == "slice"
     rows = list(csv.DictReader((tmp_path / "r" / "test_predictions.csv").open()))
     assert rows and {"patient_id", "nodule", "p_benign", "p_malignant", "prediction"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_ablation_trains_each_variation_and_records_validation_only(tmp_path, monkeypatch):
+    import json
+
+    from training.experiments import ablate
+    from training.train import TrainConfig
+
+    monkeypatch.setenv("LUNGVIZ_RUNS", str(tmp_path / "runs"))
+    data = _synthetic_slices(tmp_path / "slices")
+    base = TrainConfig(data=str(data), view="slice", task="binary", arch="cnn4", pretrained=False, input_size=32,
+                       epochs=2, stages=(1,), stage_groups=(1, 0), lr=3e-3, batch_size=32, patience=10)
+    variants = {"recipe": {}, "soft": {"soft_labels": 1.0}}
+    result = ablate(base, variants, out=str(tmp_path / "ablation.json"))
+    assert json.loads((tmp_path / "ablation.json").read_text()) == json.loads(json.dumps(result, default=str))
+    rows = result["results"]
+    assert [r["variant"] for r in rows] == ["recipe", "soft"] and rows[1]["overrides"] == {"soft_labels": 1.0}
+    assert all(0.0 <= r["val_auroc"] <= 1.0 and 1 <= r["best_epoch"] <= 2 for r in rows)
+    assert not any("test" in key for r in rows for key in r)  # the comparison never reads the test split
+    assert (tmp_path / "runs" / "ablate" / "soft" / "config.json").is_file()
+    assert json.loads((tmp_path / "runs" / "ablate" / "soft" / "config.json").read_text())["soft_labels"] == 1.0
+    assert result["setup"]["epochs"] == 2
 
 
 @pytest.mark.slow

@@ -155,6 +155,13 @@ def cmd_cv(cfg: TrainConfig) -> dict:
     return cross_validate(cfg)
 
 
+def cmd_ablate(cfg: TrainConfig) -> dict:
+    """Variations of a setup (training.experiments.ABLATIONS) against it, on validation (weights/ablation.json)."""
+    from training.experiments import ablate
+
+    return ablate(cfg)
+
+
 def cmd_card(cfg: CardConfig) -> dict:
     """Regenerate the model card weights/README.md and its figures from the shipped files."""
     from training.card import write_card
@@ -186,6 +193,7 @@ COMMANDS = {
     "index": (cmd_index, IndexConfig),
     "fuse": (cmd_fuse, FuseConfig),
     "screen": (cmd_screen, TrainConfig),
+    "ablate": (cmd_ablate, TrainConfig),
     "cv": (cmd_cv, TrainConfig),
     "card": (cmd_card, CardConfig),
     "camloc": (cmd_camloc, CardConfig),

@@ -6,6 +6,7 @@ except the published reference figures, which are labelled as such.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -197,12 +198,29 @@ def finder_section(w, folder: Path) -> None:
       "validated for screening.\n")
 
 
+def ablation_section(w: Callable[[str], None], ablation: dict) -> None:
+    """What else was tried on the shipped recipe, validation split only."""
+    setup = ablation["setup"]
+    w(f"## What else was tried ({setup.get('view')}-{setup.get('task')}, validation split only)\n")
+    w(_budget(setup) + " One training seed per row: the two recipe rows differ only in the seed, which shows how "
+      "far the figures move by chance. The shipped model uses the recipe; the test split was not used to compare.\n")
+    w("| variation | val AUROC [95% CI] | val malignant F1 | val ECE | best epoch | minutes |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for r in ablation["results"]:
+        ci = r.get("val_auroc_ci95") or []
+        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if len(ci) == 2 else ""
+        w(f"| {r['variant']} | {_fmt(r.get('val_auroc'))}{interval} | {_fmt(r.get('val_f1_malignant'))} | "
+          f"{_fmt(r.get('val_ece'))} | {r['best_epoch']} | {r['seconds'] / 60:.1f} |")
+    w("")
+
+
 def write_card(folder: Path | None = None) -> Path:
     """Regenerate ``weights/README.md`` and ``weights/figures/``."""
     folder = folder or paths.weights_dir()
     specs = {n: s for n in ORDER if (s := read_result(f"{n}.json", folder)) is not None}
     figs = {n: figures(n, s, folder / "figures") for n, s in specs.items()}
     screen, cv = read_result("screen.json", folder), read_result("cv.json", folder)
+    ablation = read_result("ablation.json", folder)
     cam, retrieval = read_result("cam_localisation.json", folder), read_result("retrieval.json", folder)
     diam = diameter_baseline(folder)
     L: list[str] = []
@@ -317,6 +335,8 @@ def write_card(folder: Path | None = None) -> Path:
         w(f"| mean ± sd | | {sm['auroc']['mean']:.3f} ± {sm['auroc']['sd']:.3f} | "
           f"{sm['f1_malignant']['mean']:.3f} ± {sm['f1_malignant']['sd']:.3f} | "
           f"{sm['f1_weighted']['mean']:.3f} ± {sm['f1_weighted']['sd']:.3f} | {sm['ece']['mean']:.3f} |\n")
+    if ablation:
+        ablation_section(w, ablation)
     finder_section(w, folder)
     w("## Per model\n")
     for n, s in specs.items():

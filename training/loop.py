@@ -39,6 +39,7 @@ class LoopConfig:
     patience: int = 4
     label_smoothing: float = 0.0
     seed: int = 0
+    ema: float = 0.0  # > 0: validate and keep an exponential moving average of the weights (decay per step)
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -162,6 +163,11 @@ def fit(
     )
     scaler = torch.amp.GradScaler("cuda") if cuda else None
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    ema = None
+    if cfg.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     best, best_state, best_epoch, bad = -math.inf, None, -1, 0
     history: list[dict] = []
     n_images, t_train = 0, 0.0
@@ -195,18 +201,21 @@ def fit(
                 loss.backward()
                 opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(float(loss.detach()))
             n_images += len(chunk)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         t_train += time.perf_counter() - t0
-        score = float(validate(model))
+        kept = model if ema is None else ema.module
+        score = float(validate(kept))
         row = {"epoch": epoch + 1, "stage": stage, "loss": float(np.mean(losses)), "val_score": score,
                "lr": float(sched.get_last_lr()[0]), "seconds": time.perf_counter() - t0}
         history.append(row)
         log.info("epoch %d stage %d loss %.4f val %.4f (%.0f s)", epoch + 1, stage, row["loss"], score, row["seconds"])
         if score > best:
             best, best_epoch, bad = score, epoch + 1, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
         else:
             bad += 1
             if bad >= cfg.patience and stage >= len(cfg.stages):

@@ -67,6 +67,7 @@ class TrainConfig:
     # > 0: train on soft targets mixing the panel's class with the share of readers per class (``reader_targets``).
     # At 1.0: nodule-binary best validation AUROC 0.862 against 0.863, nodule-score kappa 0.549 against 0.567: unused.
     soft_labels: float = 0.0
+    ema: float = 0.0  # > 0: keep an exponential moving average of the weights (decay per step), validated each epoch
     val_slices: int = 5
     central_fraction: float = 0.5  # nodule prediction = mean logit over the central half of its slices
     seed: int = 0
@@ -168,7 +169,8 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
                           weight_decay=cfg.weight_decay,
                           stages=cfg.stages, stage_groups=cfg.stage_groups, balance=cfg.balance,
                           epoch_samples=cfg.epoch_samples, patience=cfg.patience,
-                          label_smoothing=cfg.label_smoothing, seed=cfg.seed, aug=AugmentConfig())
+                          label_smoothing=cfg.label_smoothing, seed=cfg.seed, ema=cfg.ema,
+                          aug=AugmentConfig())
 
     def validate(m) -> float:
         return selection_score(labels[idx["val"]], nodule_logits(m, store, idx["val"], vc, device, cfg.val_slices),
