@@ -21,13 +21,16 @@ def _rep(auroc: float, n_classes: int) -> dict:
                         "ci95": {"reader_auroc": [0.6, 0.8], "model_auroc": [0.8, 0.95]}}}
 
 
-def test_card_lists_every_model_with_its_figures(tmp_path):
-    spec = {"arch": "tf_efficientnet_lite0", "view": "nodule", "task": "binary", "classes": ["benign", "malignant"],
+def _binary_spec() -> dict:
+    return {"arch": "tf_efficientnet_lite0", "view": "nodule", "task": "binary", "classes": ["benign", "malignant"],
             "input_size": 64, "temperature": 1.3, "preprocessing": {"aggregate": "mean logit"},
             "split_fingerprint": "abc", "training": {"pretrained": True, "device": "cpu", "train_seconds": 600,
                                                     "images_per_second": 40, "best_epoch": 7},
             "metrics": {"test": _rep(0.931, 2), "val": _rep(0.9, 2), "test_single_slice": _rep(0.9, 2)}}
-    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+
+
+def test_card_lists_every_model_with_its_figures(tmp_path):
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(_binary_spec()))
     (tmp_path / "retrieval.json").write_text(json.dumps({"n": 2236, "index": "index-nodule-binary.faiss",
                                                          "precision_at_5_test_vs_train": 0.81,
                                                          "chance_precision_at_5": 0.67}))
@@ -61,15 +64,19 @@ def test_card_sets_the_fused_model_beside_the_image_measured_size(tmp_path):
 
 def test_card_lists_what_else_was_tried_on_validation(tmp_path):
     ablation = {"setup": {"view": "nodule", "task": "binary", "epochs": 30, "epoch_samples": 1536, "stages": [2, 10]},
-                "results": [{"variant": "recipe", "val_auroc": 0.8634, "val_auroc_ci95": [0.81, 0.91],
+                "results": [{"variant": "recipe", "overrides": {}, "val_auroc": 0.8634, "val_auroc_ci95": [0.81, 0.91],
                              "val_f1_malignant": 0.6, "val_ece": 0.04, "best_epoch": 23, "seconds": 480},
-                            {"variant": "nodule view 48 mm", "val_auroc": 0.822, "val_auroc_ci95": None,
+                            {"variant": "nodule view 48 mm", "overrides": {"field_mm": 48.0}, "val_auroc": 0.822,
+                             "val_auroc_ci95": None,
                              "val_f1_malignant": None, "val_ece": 0.05, "best_epoch": 19, "seconds": 420}]}
     (tmp_path / "ablation.json").write_text(json.dumps(ablation))
     card = write_card(tmp_path).read_text()
     assert "## What else was tried (nodule-binary, validation split only)" in card
     assert "| recipe | 0.863 [0.810, 0.910] | 0.600 | 0.040 | 23 | 8.0 |" in card
     assert "| nodule view 48 mm | 0.822 | – | 0.050 | 19 | 7.0 |" in card
-    assert "30 epochs of 1536 samples" in card
+    assert "30 epochs of 1536 samples" in card and "span" not in card  # no shipped model to compare the seeds with
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(_binary_spec()))  # validation AUROC 0.900
+    card = write_card(tmp_path).read_text()
+    assert "(the shipped nodule-binary included, validation AUROC 0.900) span 0.863-0.900" in card
     (tmp_path / "ablation.json").unlink()
     assert "What else was tried" not in write_card(tmp_path).read_text()

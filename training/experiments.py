@@ -71,7 +71,10 @@ ABLATIONS: dict[str, dict] = {
 
 def ablate(base: TrainConfig, variants: dict[str, dict] | None = None, out: str = "") -> dict:
     """Train ``base`` and each variation of it; compare on the validation split only (test stays untouched)."""
-    rows = []
+    rows: list[dict] = []
+    result = {"setup": {k: v for k, v in dataclasses.asdict(base).items() if k not in ("name", "runs")},
+              "selection": "validation split, one training seed per row", "results": rows}
+    path = Path(out) if out else paths.weights_dir() / "ablation.json"
     for label, overrides in (ABLATIONS if variants is None else variants).items():
         slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
         cfg = dataclasses.replace(base, **overrides, name=f"ablate-{slug}",
@@ -83,8 +86,5 @@ def ablate(base: TrainConfig, variants: dict[str, dict] | None = None, out: str 
                      "val_auroc_ci95": val["ci95"].get("auroc"), "val_f1_malignant": val.get("f1_malignant"),
                      "val_qwk": val.get("qwk"), "val_ece": val.get("ece"),
                      "best_epoch": spec["training"]["best_epoch"], "seconds": time.perf_counter() - t0})
-    result = {"setup": {k: v for k, v in dataclasses.asdict(base).items() if k not in ("name", "runs")},
-              "selection": "validation split, one training seed per row", "results": rows}
-    path = Path(out) if out else paths.weights_dir() / "ablation.json"
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        path.write_text(json.dumps(result, indent=1, default=str) + "\n")  # after each row: an hour-long run
     return result
