@@ -121,10 +121,8 @@ def size_only_text(specs: dict) -> str | None:
     if not t:
         return None
     val_size = _fmt(size.get("val", {}).get("auroc"))
-    ci = (t.get("ci95") or {}).get("auroc") or ()
-    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if len(ci) == 2 else ""
     text = (f"**Image-measured size alone** (the nodule finder's diameter, the size input of `fused-binary`, with no "
-            f"malignancy CNN): test AUROC {t['auroc']:.3f}{interval} on {t['n']} nodules, validation {val_size}; "
+            f"malignancy CNN): test AUROC {format_ci(t, 'auroc')} on {t['n']} nodules, validation {val_size}; "
             f"`fused-binary` (views + size) scores {_fmt(fused)} on test.")
     if fused is not None and fused < t["auroc"]:
         val_fused = _fmt(specs["fused-binary"].get("training", {}).get("val_score"))
@@ -214,9 +212,8 @@ def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | N
     w("| variation | val AUROC [95% CI] | val malignant F1 | val ECE | best epoch | minutes |")
     w("| --- | --- | --- | --- | --- | --- |")
     for r in ablation["results"]:
-        ci = r.get("val_auroc_ci95") or []
-        interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if len(ci) == 2 else ""
-        w(f"| {r['variant']} | {_fmt(r.get('val_auroc'))}{interval} | {_fmt(r.get('val_f1_malignant'))} | "
+        auroc = format_ci({"auroc": r.get("val_auroc"), "ci95": {"auroc": r.get("val_auroc_ci95")}}, "auroc")
+        w(f"| {r['variant']} | {auroc} | {_fmt(r.get('val_f1_malignant'))} | "
           f"{_fmt(r.get('val_ece'))} | {r['best_epoch']} | {r['seconds'] / 60:.1f} |")
     w("")
 
