@@ -68,6 +68,28 @@ def ece(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> float:
     return float(sum(b["n"] / n * abs(b["accuracy"] - b["confidence"]) for b in reliability(y, P, n_bins) if b["n"]))
 
 
+def ece_if_calibrated(P: np.ndarray, y: np.ndarray | None = None, n_bins: int = 10, n_sims: int = 2000,
+                      seed: int = 0) -> dict[str, float]:
+    """What ECE a perfectly calibrated model with these confidences would show on this many cases.
+
+    Under calibration each top-label prediction is right with probability equal to its confidence, so labels
+    are redrawn as Bernoulli(confidence) (consistency resampling). Returns the median and 95th percentile of
+    that ECE and, given ``y``, the share of draws at least as large as the observed ECE (a one-sided p-value).
+    """
+    conf = np.asarray(P, np.float64).max(axis=1)
+    n = len(conf)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    onehot = np.eye(n_bins)[idx]  # (N, B)
+    conf_sum = conf @ onehot
+    draws = (np.random.default_rng(seed).random((n_sims, n)) < conf).astype(np.float64)
+    sims = np.abs(draws @ onehot - conf_sum).sum(axis=1) / n
+    out = {"median": float(np.median(sims)), "p95": float(np.quantile(sims, 0.95)), "n_sims": n_sims}
+    if y is not None:
+        out["p_value"] = float(np.mean(sims >= ece(y, P) - 1e-12))
+    return out
+
+
 def binary_reliability(y_pos: np.ndarray, p_pos: np.ndarray, n_bins: int = 10) -> list[dict]:
     """Reliability of a malignant probability: per probability bin, the count, mean p and observed rate."""
     return _binned(np.asarray(p_pos, float), np.asarray(y_pos, float), n_bins, "mean_p", "observed")
@@ -209,6 +231,7 @@ def evaluate_probabilities(
         "ci95": ci,
         "confusion": skm.confusion_matrix(y, P.argmax(axis=1), labels=list(range(P.shape[1]))).tolist(),
         "ece": ece(y, P),
+        "ece_if_calibrated": ece_if_calibrated(P, y, seed=seed),
         "reliability": reliability(y, P),
     }
 

@@ -661,6 +661,15 @@ def _to_storage(tensor: torch.Tensor, fp16: bool) -> torch.Tensor:
     return t.contiguous().clone()
 
 
+@torch.no_grad()
+def round_to_storage(model: nn.Module, fp16: bool = True) -> None:
+    """Round the weights in place to what :func:`save_bundle` stores, so that calibration and every figure
+    measured afterwards describe the shipped weights rather than their float32 originals."""
+    for tensor in model.state_dict().values():  # the state dict's tensors share storage with the model's
+        if tensor.is_floating_point():
+            tensor.copy_(_to_storage(tensor, fp16).to(tensor.device, tensor.dtype))
+
+
 def save_bundle(
     model: LungvizNet, spec: Mapping[str, Any] | ModelSpec, folder: Path, name: str, fp16: bool = True
 ) -> dict[str, Any]:

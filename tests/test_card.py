@@ -39,6 +39,16 @@ def test_card_lists_every_model_with_its_figures(tmp_path):
     assert "| nodule-binary | 10 | 0.931 [0.831, 0.990]" in card
     assert "0.120 → 0.040" in card and "AUROC 0.730 [0.600, 0.800]" in card
     assert "**0.810** (chance 0.670)" in card
+    assert "How much of the ECE is chance" not in card  # no band recorded: no section
+    spec = _binary_spec()
+    spec["metrics"]["test"]["ece_if_calibrated"] = {"median": 0.031, "p95": 0.052, "p_value": 0.4}
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    card = write_card(tmp_path).read_text()
+    assert "How much of the ECE is chance" in card and "| nodule-binary | 10 | 0.040 | 0.031 [0.052] | 0.40 |" in card
+    assert "stored float16 weights" not in card  # this spec does not say its figures came from the stored weights
+    spec["metrics_of"] = "the stored (float16) weights"
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    assert "Every figure is measured with the stored float16 weights" in write_card(tmp_path).read_text()
     assert (tmp_path / "figures" / "nodule-binary-confusion.png").stat().st_size > 1000
     assert "figures/nodule-binary-reliability.png" in card
 

@@ -35,6 +35,20 @@ def test_ece_hand_computed():
     assert sum(b["n"] for b in table) == 4
 
 
+def test_ece_if_calibrated_is_the_noise_floor_of_a_calibrated_model():
+    rng = np.random.default_rng(3)
+    P = rng.dirichlet([1.0, 1.0, 1.0, 1.0, 1.0], size=300)
+    y = (rng.random(300)[:, None] > P.cumsum(1)).sum(1)  # labels drawn from P: calibrated by construction
+    band = M.ece_if_calibrated(P, y)
+    assert 0.02 < band["median"] < band["p95"] < 0.12  # 300 cases: a calibrated model is not at ECE 0
+    assert band["p_value"] > 0.05 and M.ece(y, P) < band["p95"]
+    sharp = P**4 / (P**4).sum(1, keepdims=True)  # the same ranking, far too confident
+    worse = M.ece_if_calibrated(sharp, y)
+    assert M.ece(y, sharp) > worse["p95"] and worse["p_value"] < 0.01
+    more = M.ece_if_calibrated(np.tile(P, (10, 1)))  # ten times the cases: a lower floor, no p-value without y
+    assert more["p95"] < band["median"] and "p_value" not in more
+
+
 def test_quadratic_kappa_hand_computed():
     assert M.quadratic_kappa(np.array([0, 1, 2]), np.array([0, 1, 2]), 3) == pytest.approx(1.0)
     # y=[0,0,1,1], pred=[0,1,1,1]: observed weighted disagreement 1/4 * (1/4) ... computed by hand:

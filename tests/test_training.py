@@ -187,8 +187,9 @@ def test_weight_average_is_what_is_validated_and_kept():
     assert not all(torch.equal(seen[1][k], seen[2][k]) for k in final)  # the average moved on after it
 
 
-def _synthetic_slices(root, n_patients=40, seed=0):
-    """A tiny lidc-slices tree: malignant nodules are big bright discs, benign ones small and faint."""
+def _synthetic_slices(root, n_patients=40, seed=0, mislabelled=0.0):
+    """A tiny lidc-slices tree: malignant nodules are big bright discs, benign ones small and faint; a share
+    ``mislabelled`` of the nodules carry a random score instead, so that no model can be certain."""
     rng = np.random.default_rng(seed)
     rows = []
     yy, xx = np.mgrid[:48, :48]
@@ -204,6 +205,8 @@ def _synthetic_slices(root, n_patients=40, seed=0):
             img = rng.normal(40, 8, (48, 48)) + disc * (60 + 30 * score)
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / "images" / f"slice-{s}.png")
             Image.fromarray((disc * 2).astype(np.uint8)).save(folder / "consensus" / f"slice-{s}.png")
+        if mislabelled and rng.random() < mislabelled:
+            score = int(rng.integers(1, 6))
         rows.append({"patient_id": pid, "nodule": "nodule-0", "n_slices": 3, "n_readers": 2,
                      "malignancy_readers": f"{score} {score}", "malignancy_median": score, "malignancy": score,
                      "malignant": int(score >= 4), "diameter_mm": 2 * radius, "pixel_spacing_mm": 0.7,
@@ -232,6 +235,38 @@ def test_tiny_end_to_end_training_learns_and_writes_a_bundle(tmp_path):
     assert bundle.input_size == 32 and bundle.view == "slice"
     rows = list(csv.DictReader((tmp_path / "r" / "test_predictions.csv").open()))
     assert rows and {"patient_id", "nodule", "p_benign", "p_malignant", "prediction"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_spec_figures_are_those_of_the_stored_weights_and_refresh_recomputes_them(tmp_path):
+    from lungviz.models import read_spec, update_spec
+    from training.evaluate import calibrated_logits, report_from_logits
+    from training.train import TrainConfig, config_of, prepare, refresh_model, train_model
+
+    data = _synthetic_slices(tmp_path / "slices", n_patients=60, mislabelled=0.4)
+    cfg = TrainConfig(name="tiny", data=str(data), view="nodule", task="score", arch="cnn4", pretrained=False,
+                      input_size=32, epochs=2, stages=(1,), stage_groups=(1, 0), batch_size=32, n_boot=20,
+                      out=str(tmp_path / "w"), runs=str(tmp_path / "r"))
+    spec = train_model(cfg, progress=False)
+    assert 0.1 < spec["temperature"] < 10  # not at a bound: it depends on every logit
+    # The stored float16 weights, reloaded, give exactly the figures the spec states.
+    prep = prepare(config_of(spec))
+    test = prep.idx["test"]
+    store = SliceStore([prep.cases[i] for i in test], progress=False)
+    cal, raw, _ = calibrated_logits(tmp_path / "w", "tiny", store, np.arange(len(test)))
+    rep = report_from_logits(prep.labels[test], cal, raw, prep.scheme, [prep.cases[i].patient_id for i in test],
+                             None, 20)
+    for key in ("ece", "auroc", "qwk", "f1_weighted"):
+        assert rep[key] == pytest.approx(spec["metrics"]["test"][key], abs=1e-7), key
+    # A spec whose calibration and figures went stale is re-measured from the weights, which stay untouched.
+    update_spec(tmp_path / "w", "tiny", temperature=7.0, metrics={})
+    fresh = refresh_model("tiny", tmp_path / "w", progress=False, n_boot=20)
+    assert fresh == read_spec(tmp_path / "w", "tiny") and fresh["weights_sha256"] == spec["weights_sha256"]
+    assert fresh["temperature"] == pytest.approx(spec["temperature"], rel=1e-7)
+    for split in ("val", "test", "test_single_slice"):
+        for key in ("ece", "auroc", "qwk"):
+            assert fresh["metrics"][split][key] == pytest.approx(spec["metrics"][split][key], abs=1e-7)
+    assert fresh["metrics"]["test"]["ece_if_calibrated"]["p95"] > 0
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from training.config import (
     FuseConfig,
     IndexConfig,
     OutlierConfig,
+    RefreshConfig,
     SplitConfig,
     add_config_args,
     config_from_args,
@@ -141,6 +142,26 @@ def cmd_fuse(cfg: FuseConfig) -> dict:
             **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}
 
 
+def cmd_refresh(cfg: RefreshConfig) -> dict:
+    """Re-measure saved bundles' stored weights (calibration on validation, every figure of the spec); without
+    --model, every shipped network and then the fused models built on them."""
+    from training.fuse import train_fusion
+    from training.train import SHIPPED, SHIPPED_FUSIONS, refresh_model
+
+    folder = Path(cfg.weights) if cfg.weights else None
+    keys = ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece")
+    done = {}
+    for name in [cfg.model] if cfg.model else list(SHIPPED):
+        spec = refresh_model(name, folder, n_boot=cfg.n_boot)
+        done[name] = {"temperature": spec["temperature"],
+                      **{k: spec["metrics"]["test"][k] for k in keys if k in spec["metrics"]["test"]}}
+    if not cfg.model:
+        for task, preset in SHIPPED_FUSIONS.items():
+            spec = train_fusion(task, cfg.weights, cfg.n_boot, **preset)
+            done[f"fused-{task}"] = {k: spec["metrics"]["test"][k] for k in keys if k in spec["metrics"]["test"]}
+    return done
+
+
 def cmd_screen(cfg: TrainConfig) -> dict:
     """Backbone screen (cnn4, Lite0, Lite2) of a setup on a short budget; compared on validation."""
     from training.experiments import screen_backbones
@@ -190,6 +211,7 @@ COMMANDS = {
     "outliers": (cmd_outliers, OutlierConfig),
     "train": (cmd_train, TrainConfig),
     "evaluate": (cmd_evaluate, EvalConfig),
+    "refresh": (cmd_refresh, RefreshConfig),
     "index": (cmd_index, IndexConfig),
     "fuse": (cmd_fuse, FuseConfig),
     "screen": (cmd_screen, TrainConfig),

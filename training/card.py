@@ -218,6 +218,24 @@ def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | N
     w("")
 
 
+def calibration_section(w: Callable[[str], None], specs: dict) -> None:
+    """Each model's test ECE beside the ECE a perfectly calibrated model would show on as many cases."""
+    rows = [(n, s["metrics"]["test"]) for n, s in specs.items() if s["metrics"]["test"].get("ece_if_calibrated")]
+    if not rows:
+        return
+    w("**How much of the ECE is chance.** ECE is never zero on a finite test set: even a perfectly calibrated "
+      "model, whose every prediction comes true as often as it says, shows some. Redrawing each test nodule's "
+      "outcome from the model's own confidence gives the ECE such a model would show on as many nodules. An ECE "
+      "above that band's 95th percentile is evidence of miscalibration; below it the test set cannot tell.\n")
+    w("| model | n | ECE after calibration | a calibrated model: median [95th percentile] | share of draws ≥ ours |")
+    w("| --- | --- | --- | --- | --- |")
+    for n, t in rows:
+        band = t["ece_if_calibrated"]
+        w(f"| {n} | {t['n']} | {t['ece']:.3f} | {band['median']:.3f} [{band['p95']:.3f}] | "
+          f"{band.get('p_value', float('nan')):.2f} |")
+    w("")
+
+
 def write_card(folder: Path | None = None) -> Path:
     """Regenerate ``weights/README.md`` and ``weights/figures/``."""
     folder = folder or paths.weights_dir()
@@ -258,6 +276,9 @@ def write_card(folder: Path | None = None) -> Path:
           f"{format_ci(t, 'f1_weighted')} | {format_ci(t, 'f1_malignant')} | {format_ci(t, 'qwk')} | "
           f"{_fmt(t.get('ece_raw'))} → {_fmt(t.get('ece'))} |")
     w("")
+    if all(s.get("metrics_of") or s.get("kind") == "fusion" for s in specs.values()):
+        w("Every figure is measured with the stored float16 weights, as the app loads them.\n")
+    calibration_section(w, specs)
     w("Nodule-level figures average the logits of the central half of each nodule's slices. The app usually sees "
       "one slice; the same models on the single middle slice of each test nodule:\n")
     w("| model | AUROC | weighted F1 | malignant F1 | kappa (QWK) | ECE |")

@@ -118,3 +118,12 @@ class CardConfig:
     """The model card."""
 
     weights: str = ""  # empty = weights/
+
+
+@dataclasses.dataclass
+class RefreshConfig:
+    """Re-measure saved bundles on their own split: calibration refitted on validation, every figure recomputed."""
+
+    model: str = ""  # bundle name; empty = every shipped network, then the fused models refitted on them
+    weights: str = ""  # bundle folder; empty = weights/
+    n_boot: int = 1000

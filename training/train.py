@@ -11,12 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from lungviz import metrics, paths
 from lungviz.cases import Case, data_fingerprint
-from lungviz.labels import get_scheme
-from lungviz.models import ModelSpec, create_model, resolve_device, save_bundle, stage_shapes
+from lungviz.labels import LabelScheme, get_scheme
+from lungviz.models import (
+    LungvizNet,
+    ModelSpec,
+    create_model,
+    load_bundle,
+    resolve_device,
+    round_to_storage,
+    save_bundle,
+    stage_shapes,
+    update_spec,
+)
 from lungviz.preprocess import VIEWS
 from lungviz.splits import Split, holdout_split
 from training.augment import AugmentConfig
@@ -29,7 +40,7 @@ from training.data import (
     train_batch_with_masks,
 )
 from training.datasets import load_cases
-from training.evaluate import full_report, nodule_logits, selection_score
+from training.evaluate import adjusted_logits, full_report, nodule_logits, selection_score
 from training.loop import AttributeAuxLoss, LoopConfig, MaskAuxLoss, class_loss, fit
 
 log = logging.getLogger("training")
@@ -130,11 +141,20 @@ def fold_split(folds: Split, k: int) -> Split:
     return Split(assignment, folds.fingerprint, folds.seed, "cv-round", {"k": n, "round": k})
 
 
-def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = None, save: bool = True) -> dict:
-    """Train, calibrate and evaluate one bundle; returns its spec (written to the bundle folder when ``save``)."""
-    t_start = time.perf_counter()
-    if sum(v > 0 for v in (cfg.mask_weight, cfg.attr_weight, cfg.soft_labels)) > 1:
-        raise ValueError("choose one of mask_weight, attr_weight and soft_labels")
+@dataclass
+class Prepared:
+    """The labelled nodules of one model's task, ordered train, val, test, with the split they come from."""
+
+    scheme: LabelScheme
+    cases: list[Case]
+    labels: np.ndarray
+    idx: dict[str, np.ndarray]
+    split: Split
+    leaks: dict[str, int]
+
+
+def prepare(cfg: TrainConfig, split: Split | None = None) -> Prepared:
+    """Import the data, split it by patient and keep the nodules labelled for ``cfg.task``."""
     scheme = get_scheme(cfg.task)
     all_cases, report = load_cases(cfg.dataset, cfg.data)
     split = split or _split_for(all_cases, cfg)
@@ -156,6 +176,53 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
     offsets = np.cumsum([0] + [len(parts[n]) for n in ("train", "val", "test")])
     idx = {n: np.arange(offsets[k], offsets[k + 1]) for k, n in enumerate(("train", "val", "test"))}
     log.info("%s: %s; train %d, val %d, test %d nodules", cfg.name, report.summary(), *(len(idx[n]) for n in idx))
+    return Prepared(scheme, cases, labels, idx, split, leaks)
+
+
+def calibrate_and_report(model: LungvizNet, cfg: TrainConfig, prep: Prepared, store: SliceStore, vc: ViewConfig,
+                         device: torch.device, runs_dir: Path) -> dict:
+    """Calibrate on validation (undo balanced sampling, then temperature) and measure val, test and the single
+    middle slice the app sees; writes the test predictions. Returns the spec fields these decide."""
+    scheme, labels, idx, cases = prep.scheme, prep.labels, prep.idx, prep.cases
+    train_prior = np.bincount(labels[idx["train"]], minlength=scheme.n_classes) / len(idx["train"])
+    prior_adjust = None
+    if cfg.balance == "upsample":
+        prior_adjust = (np.log(np.maximum(train_prior, 1e-6)) - np.log(1.0 / scheme.n_classes)).astype(np.float32)
+    val_logits = nodule_logits(model, store, idx["val"], vc, device)
+    temperature = metrics.fit_temperature(adjusted_logits(val_logits, prior_adjust), labels[idx["val"]])
+    groups = {n: [cases[i].patient_id for i in idx[n]] for n in idx}
+    readers = {n: [cases[i].reader_scores for i in idx[n]] for n in idx}
+    val_rep = full_report(labels[idx["val"]], val_logits, scheme, temperature, prior_adjust, groups["val"],
+                          readers["val"], n_boot=200)
+    test_logits = nodule_logits(model, store, idx["test"], vc, device)
+    test_rep = full_report(labels[idx["test"]], test_logits, scheme, temperature, prior_adjust, groups["test"],
+                           readers["test"], n_boot=cfg.n_boot)
+    # What the app sees: one slice through the nodule's middle, no aggregation.
+    single_vc = dataclasses.replace(vc, central_fraction=0.0)
+    single_logits = nodule_logits(model, store, idx["test"], single_vc, device)
+    single_rep = full_report(labels[idx["test"]], single_logits, scheme, temperature, prior_adjust, groups["test"],
+                             None, n_boot=200)
+    P_test = metrics.softmax(adjusted_logits(test_logits, prior_adjust), temperature)
+    _write_predictions(runs_dir / "test_predictions.csv", [cases[i] for i in idx["test"]], P_test,
+                       list(scheme.classes))
+    return {"temperature": temperature, "prior_adjust": None if prior_adjust is None else prior_adjust.tolist(),
+            "metrics": {"test": test_rep, "val": val_rep, "test_single_slice": single_rep}}
+
+
+def _runs_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.runs) if cfg.runs else paths.runs_dir() / cfg.name
+
+
+def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = None, save: bool = True) -> dict:
+    """Train, calibrate and evaluate one bundle; returns its spec (written to the bundle folder when ``save``).
+
+    The weights are rounded to the precision the bundle stores before calibration, so the temperature and every
+    figure in the spec are those of the shipped weights."""
+    t_start = time.perf_counter()
+    if sum(v > 0 for v in (cfg.mask_weight, cfg.attr_weight, cfg.soft_labels)) > 1:
+        raise ValueError("choose one of mask_weight, attr_weight and soft_labels")
+    prep = prepare(cfg, split)
+    scheme, cases, labels, idx = prep.scheme, prep.cases, prep.labels, prep.idx
     device = resolve_device()
     model = create_model(cfg.arch, scheme.n_classes, pretrained=cfg.pretrained, drop_rate=cfg.drop_rate)
     mean, std = tuple(model.data_config["mean"]), tuple(model.data_config["std"])
@@ -202,49 +269,57 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
               batch_fn=batch_fn, loss_fn=aux)
     if aux is not None:
         aux.close()
-    # Calibration on validation: undo balanced sampling (prior shift), then temperature.
-    train_prior = np.bincount(labels[idx["train"]], minlength=scheme.n_classes) / len(idx["train"])
-    prior_adjust = None
-    if cfg.balance == "upsample":
-        prior_adjust = (np.log(np.maximum(train_prior, 1e-6)) - np.log(1.0 / scheme.n_classes)).astype(np.float32)
-    val_logits = nodule_logits(model, store, idx["val"], vc, device)
-    adj_val = val_logits + (prior_adjust if prior_adjust is not None else 0.0)
-    temperature = metrics.fit_temperature(adj_val, labels[idx["val"]])
-    groups = {n: [cases[i].patient_id for i in idx[n]] for n in idx}
-    readers = {n: [cases[i].reader_scores for i in idx[n]] for n in idx}
-    val_rep = full_report(labels[idx["val"]], val_logits, scheme, temperature, prior_adjust, groups["val"],
-                          readers["val"], n_boot=200)
-    test_logits = nodule_logits(model, store, idx["test"], vc, device)
-    test_rep = full_report(labels[idx["test"]], test_logits, scheme, temperature, prior_adjust, groups["test"],
-                           readers["test"], n_boot=cfg.n_boot)
-    # What the app sees: one slice through the nodule's middle, no aggregation.
-    single_vc = dataclasses.replace(vc, central_fraction=0.0)
-    single_logits = nodule_logits(model, store, idx["test"], single_vc, device)
-    single_rep = full_report(labels[idx["test"]], single_logits, scheme, temperature, prior_adjust, groups["test"],
-                             None, n_boot=200)
-    runs_dir = Path(cfg.runs) if cfg.runs else paths.runs_dir() / cfg.name
-    P_test = metrics.softmax(test_logits + (prior_adjust if prior_adjust is not None else 0.0), temperature)
-    _write_predictions(runs_dir / "test_predictions.csv", [cases[i] for i in idx["test"]], P_test,
-                       list(scheme.classes))
+    round_to_storage(model)
+    runs_dir = _runs_dir(cfg)
+    measured = calibrate_and_report(model, cfg, prep, store, vc, device, runs_dir)
     spec = ModelSpec.from_model(
         model, classes=list(scheme.classes), view=cfg.view, task=cfg.task, input_size=cfg.input_size,
         preprocessing={"view": cfg.view, "field_mm": vc.field_mm, "context_px": 128,
                        "context_intensity": "minmax",  # the slices set stores each crop min-max scaled from HU
                        "central_fraction": cfg.central_fraction,
                        "aggregate": f"mean logit over the central {cfg.central_fraction:.0%} of the nodule's slices"},
-        temperature=temperature,
-        metrics={"test": test_rep, "val": val_rep, "test_single_slice": single_rep},
+        temperature=measured["temperature"],
+        metrics=measured["metrics"],
         training={**dataclasses.asdict(cfg), **{k: v for k, v in run.items() if k != "history"},
                   "history": run["history"], "total_seconds": time.perf_counter() - t_start,
                   "n_train": len(idx["train"]), "n_val": len(idx["val"]), "n_test": len(idx["test"])},
-        split_fingerprint=split.fingerprint,
-        extra={"prior_adjust": None if prior_adjust is None else prior_adjust.tolist(),
-               "removed_near_duplicates_of_train": leaks,
+        split_fingerprint=prep.split.fingerprint,
+        extra={"prior_adjust": measured["prior_adjust"],
+               "removed_near_duplicates_of_train": prep.leaks,
                "dataset": cfg.dataset, "label_scheme": scheme.name,
-               "split": {"kind": split.kind, "seed": split.seed}},
+               "split": {"kind": prep.split.kind, "seed": prep.split.seed}},
     )
     (runs_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     if not save:
         return spec.to_dict()
     out = Path(cfg.out) if cfg.out else paths.weights_dir()
     return save_bundle(model, spec, out, cfg.name)
+
+
+def config_of(spec: dict) -> TrainConfig:
+    """The training settings a bundle's spec records, as a :class:`TrainConfig`."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {k: v for k, v in (spec.get("training") or {}).items() if k in fields}
+    for key in ("stages", "stage_groups"):
+        if key in settings:
+            settings[key] = tuple(settings[key])
+    return TrainConfig(**settings)
+
+
+def refresh_model(name: str, folder: Path | None = None, progress: bool = True, n_boot: int = 1000) -> dict:
+    """Re-measure a saved bundle's stored weights: refit its calibration on validation and recompute every figure
+    of its spec (val, test, single slice), on the split it was trained with. The weights are not touched."""
+    from lungviz.errors import LungvizError
+    from training.data import view_config_from_spec
+
+    folder = Path(folder) if folder else paths.weights_dir()
+    bundle = load_bundle(folder, name)
+    spec = bundle.spec
+    cfg = dataclasses.replace(config_of(spec), n_boot=n_boot)
+    prep = prepare(cfg)
+    if prep.split.fingerprint != spec.get("split_fingerprint"):
+        raise LungvizError(f"model '{name}' was trained on another split of the data; it cannot be re-measured here.")
+    store = SliceStore(prep.cases, progress=progress)
+    measured = calibrate_and_report(bundle.model, cfg, prep, store, view_config_from_spec(spec), bundle.device,
+                                    _runs_dir(cfg))
+    return update_spec(folder, name, **measured, metrics_of="the stored (float16) weights")
