@@ -11,11 +11,13 @@ from app_pages import common
 from lungviz import RESEARCH_NOTICE, paths
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
+from lungviz.fusion import SIZE_SOURCES
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
 from lungviz.inventory import diameter_note, map_localisation_note, size_only_note
 from lungviz.io import LoadedImage
 from lungviz.library import SPLIT_NOTES, series_split_note
 from lungviz.metrics import reliability_bin, wilson_interval
+from lungviz.outline import outline_overlay
 from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize, valid_spacing
 from lungviz.report import (
     CALIBRATION_CAVEAT,
@@ -250,11 +252,14 @@ p = pred.malignant_probability(head_view) if head_view else None
 seen, est = st.columns([2, 3], gap="large")
 with seen:
     st.markdown("**What the models see**")
-    cols = st.columns(len(pred.images))
-    for col, (view, img) in zip(cols, pred.images.items(), strict=True):
+    cols = st.columns(len(pred.images) + (pred.outline is not None))
+    for col, (view, img) in zip(cols, pred.images.items(), strict=False):
         field = "whole crop, about 9 cm" if view == "slice" else f"central {common_field_mm():.0f} mm"
         col.image(resize(img, SHOW_PX), caption=f"{VIEW_LABELS.get(view, view)} ({field})", width="stretch",
                   clamp=True)
+    if pred.outline is not None and case.context is not None:
+        cols[-1].image(outline_overlay(case.context, pred.outline.mask), width="stretch",
+                       caption=f"Outline (nodule outliner): about {pred.outline.diameter_mm:.0f} mm across")
 with est:
     st.metric(f"Malignant probability: {VIEW_LABELS.get(head_view or '', '-').lower()}",
               common.percent(p), help="Panel score 4-5 (malignant) against 1-3 (benign).")
@@ -262,7 +267,8 @@ with est:
     st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
     if pred.diameter_mm is not None:
         assumed = "" if valid_spacing(case.spacing_mm) else f", assuming {DEFAULT_SPACING_MM:.2f} mm per pixel"
-        st.caption(f"Nodule diameter measured on this image by the finder's localiser: about "
+        by = SIZE_SOURCES.get(pred.size_source or "", "a measuring tool")
+        st.caption(f"Nodule diameter measured on this image by {by}: about "
                    f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; the readers' own measurements are "
                    "never inputs). " + " ".join(n for n in (diameter_note(folder), size_only_note(folder)) if n))
 fig = common.probability_bars(pred, "score")

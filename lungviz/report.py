@@ -23,6 +23,7 @@ from PIL import Image
 
 from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.errors import LungvizError
+from lungviz.fusion import SIZE_SOURCES
 
 #: Order and names of the prediction views in the report.
 VIEW_LABELS = {"fused": "Fused (both views)", "nodule": "Nodule view", "slice": "Slice view"}
@@ -123,7 +124,8 @@ def estimate_notes(prediction: dict | None) -> list[str]:
     d = (prediction or {}).get("estimated_diameter_mm")
     assumed = (prediction or {}).get("diameter_assumes_spacing_mm")
     at = f", assuming {float(assumed):.2f} mm per pixel" if assumed else ""
-    notes = [f"Nodule diameter measured on the image by the nodule finder: about {float(d):.0f} mm{at} (an input of "
+    by = SIZE_SOURCES.get(str((prediction or {}).get("diameter_measured_by") or "finder"), "a measuring model")
+    notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
              "the fused model, not the readers' measurement; the model card compares the two)."] if d else []
     return [*notes, CALIBRATION_CAVEAT]
 

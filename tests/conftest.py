@@ -293,6 +293,26 @@ def build_finder_weights(folder: Path, input_size: int = 16) -> Path:
     return folder
 
 
+def build_outliner_weights(folder: Path, input_size: int = 32, bias: float = 0.0) -> Path:
+    """A tiny untrained nodule outliner bundle with a real spec (``bias`` added to its output logits), for wiring
+    tests."""
+    import torch
+
+    from lungviz.models import ModelSpec, create_model, save_bundle
+    from lungviz.outline import OUTLINER
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(4)
+    model = create_model("tf_efficientnet_lite0+fpn", 1)
+    with torch.no_grad():
+        model.out[-1].bias += bias
+    spec = ModelSpec.from_model(model, classes=["nodule"], view="nodule", task="outline", input_size=input_size,
+                                preprocessing={"view": "nodule", "field_mm": 48.0, "threshold": 0.5},
+                                split_fingerprint="fixture", metrics={"test": {"n": 10, "dice": 0.7}})
+    save_bundle(model, spec, folder, OUTLINER)
+    return folder
+
+
 def build_app_weights(folder: Path, slices_root: Path) -> Path:
     """Everything the app loads from a weights folder, tiny: four cnn4 bundles (32 px), both fusion specs, a
     FAISS index over :data:`APP_CASES` (real images), reference test predictions, a model card with a figure."""
@@ -325,6 +345,7 @@ def build_app_weights(folder: Path, slices_root: Path) -> Path:
             "components": [f"slice-{task}", f"nodule-{task}"],
             "fusion": {"views": ["slice", "nodule"], "weights": [0.6, 0.6], "bias": [0.0] * len(classes)},
             "split_fingerprint": "fixture", "metrics": {"test": _test_report(task, classes)}}))
+    build_outliner_weights(folder, bias=2.0)  # the app shows its outline and measured diameter
     models = load_models(folder, device="cpu")
     bundle = models.bundle("nodule", "binary")
     cases = [load_case(slices_root, cid) for cid in APP_CASES]

@@ -90,3 +90,28 @@ def test_card_lists_what_else_was_tried_on_validation(tmp_path):
     assert "(the shipped nodule-binary included, validation AUROC 0.900) span 0.863-0.900" in card
     (tmp_path / "ablation.json").unlink()
     assert "What else was tried" not in write_card(tmp_path).read_text()
+
+
+def test_card_reports_the_outliner_and_names_the_fused_models_size_source(tmp_path):
+    rep = {"n": 332, "dice": 0.76, "ci95": {"dice": [0.74, 0.78]}, "ratio_to_readers_median": 0.71,
+           "size_auroc": {"n": 332, "auroc": 0.842, "ci95": {"auroc": [0.79, 0.89]}}}
+    outliner = {"arch": "tf_efficientnet_lite0+fpn", "input_size": 96, "task": "outline", "classes": ["nodule"],
+                "preprocessing": {"field_mm": 48.0, "target": "union", "threshold": 0.5},
+                "training": {"device": "cpu", "train_seconds": 840, "images_per_second": 45, "best_epoch": 18,
+                             "epochs": 20},
+                "metrics": {"val": {**rep, "n": 336}, "test": rep}}
+    (tmp_path / "outliner.json").write_text(json.dumps(outliner))
+    fused = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
+             "components": ["slice-binary", "nodule-binary"], "split_fingerprint": "abc",
+             "fusion": {"views": ["slice", "nodule"], "weights": [0.1, 0.6], "bias": [1.0, -1.0],
+                        "features": ["log_diameter_mm"], "feature_weights": [[-0.5, 0.5]], "size_source": "outliner"},
+             "training": {"val_score": 0.9, "val_score_views_only": 0.866},
+             "metrics": {"test": _rep(0.85, 2), "val": _rep(0.9, 2)},
+             "size_only_auroc": {"test": {"n": 332, "auroc": 0.842, "ci95": {"auroc": [0.79, 0.89]}}}}
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
+    card = write_card(tmp_path).read_text()
+    assert "## Nodule outliner (segmentation and measured size)" in card
+    assert "| test | 332 | 0.760 [0.740, 0.780] | 71% | 0.842 [0.790, 0.890] |" in card
+    assert "| validation | 336 |" in card and "best epoch 18 of 20" in card
+    assert "the diameter measured by the nodule outliner" in card
+    assert "size as the nodule outliner measures it on the image" in card

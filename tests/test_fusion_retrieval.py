@@ -71,7 +71,13 @@ def test_fusion_with_a_size_feature():
     assert fw.shape == (1, 2) and fw[0, 1] - fw[0, 0] > 1.5  # size pushes towards malignant
     assert nll(sized.logits([other, weak], log_d[:, None]), y) < nll(plain.logits([other, weak]), y) - 0.05
     again = Fusion.from_dict(sized.to_dict())
-    assert again.features == [SIZE_FEATURE]
+    assert again.features == [SIZE_FEATURE] and again.size_source == "finder"  # the default, as older specs
+    outlined = fit_fusion(["slice", "nodule"], [other, weak], y, features=log_d[:, None],
+                          feature_names=[SIZE_FEATURE], size_source="outliner")
+    assert outlined.to_dict()["size_source"] == "outliner" and Fusion.from_dict(outlined.to_dict()).size_source == \
+        "outliner"
+    legacy = {k: v for k, v in sized.to_dict().items() if k != "size_source"}  # written before the outliner
+    assert Fusion.from_dict(legacy).size_source == "finder"
     assert np.allclose(again.logits([other, weak], log_d[:, None]), sized.logits([other, weak], log_d[:, None]))
     assert "features" not in plain.to_dict() and Fusion.from_dict(plain.to_dict()).features == []
     with pytest.raises(LungvizError, match="also needs log_diameter_mm"):
@@ -90,6 +96,8 @@ def test_fusion_with_a_size_feature():
     ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE],
       "feature_weights": [[0, 1, 2]]}, "do not match"),
     ({"views": ["slice", "nodule"], "weights": [1.0], "bias": [0, 0]}, "do not match"),
+    ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE],
+      "feature_weights": [[0, 1]], "size_source": "ruler"}, "unknown tool"),
 ])
 def test_damaged_fusion_specs_are_clear_errors(spec, message):
     with pytest.raises(LungvizError, match=message):

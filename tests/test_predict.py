@@ -142,3 +142,35 @@ def test_size_fusion_measures_the_nodule_with_the_finder(weights, tmp_path):
         centre_diameter_mm(models.finder, ctx, float("nan"))
     plain = predict(load_models(weights), ctx, spacing_mm=0.7).to_dict()  # no size fusion, no measurement
     assert plain["estimated_diameter_mm"] is None and plain["diameter_assumes_spacing_mm"] is None
+
+
+def test_size_fusion_measures_the_nodule_with_the_outliner_when_its_spec_says_so(weights, tmp_path):
+    import shutil
+
+    from lungviz.fusion import SIZE_FEATURE, size_feature
+    from lungviz.outline import outline_nodule
+    from tests.conftest import build_finder_weights, build_outliner_weights
+
+    folder = tmp_path / "w"
+    shutil.copytree(weights, folder)
+    build_finder_weights(folder)
+    spec = json.loads((folder / "fused-binary.json").read_text())
+    spec["fusion"] |= {"features": [SIZE_FEATURE], "feature_weights": [[-0.5, 0.5]], "size_source": "outliner"}
+    (folder / "fused-binary.json").write_text(json.dumps(spec))
+    without = load_models(folder)  # the finder is there, but this fusion measures with the outliner
+    assert set(without.fusions) == {"score"} and any("nodule outliner" in n for n in without.notes)
+    build_outliner_weights(folder, bias=8.0)  # outlines the whole view: a large, known measurement
+    models = load_models(folder)
+    assert models.outliner is not None and set(models.fusions) == {"binary", "score"}
+    ctx = np.random.default_rng(1).random((128, 128)).astype(np.float32)
+    pred = predict(models, ctx, spacing_mm=0.5)
+    d = outline_nodule(models.outliner, ctx, 0.5).diameter_mm
+    assert d == pytest.approx(2 * np.sqrt(48.0**2 / np.pi), rel=0.02)  # the whole 48 mm view, as a circle
+    assert pred.size_source == "outliner" and pred.diameter_mm == pytest.approx(d)
+    assert pred.outline is not None and pred.outline.mask.shape == (128, 128)
+    assert pred.outline.mask.sum() == 96 * 96 and pred.outline.mask[16:112, 16:112].all()  # 48 mm = central 96 px
+    s, n = (np.array(pred.views[v]["binary"].logits) for v in ("slice", "nodule"))
+    expected = 0.5 * s + 0.5 * n + float(size_feature(d)) * np.array([-0.5, 0.5])
+    assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
+    assert pred.to_dict()["diameter_measured_by"] == "outliner"
+    assert predict(models, None, ctx[32:96, 32:96]).outline is None  # a nodule crop alone: nothing to outline

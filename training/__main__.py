@@ -18,6 +18,7 @@ from training.config import (
     FuseConfig,
     IndexConfig,
     OutlierConfig,
+    OutlinerConfig,
     RefreshConfig,
     SplitConfig,
     add_config_args,
@@ -76,10 +77,13 @@ def train_all(base: TrainConfig) -> dict:
     from training.index import build_library_index
     from training.train import SHIPPED, SHIPPED_FUSIONS, train_model
 
-    if any(p.get("size") for p in SHIPPED_FUSIONS.values()):
-        from lungviz.finder import load_finder
+    for preset in SHIPPED_FUSIONS.values():  # fail now, not after hours of training
+        if preset.get("size"):
+            from lungviz.finder import load_finder
+            from lungviz.outline import load_outliner
 
-        load_finder(Path(base.out) if base.out else None)  # fail now, not after hours of training
+            load = load_outliner if preset.get("size_source") == "outliner" else load_finder
+            load(Path(base.out) if base.out else None)
     done = {}
     for name, preset in SHIPPED.items():
         cfg = dataclasses.replace(base, all=False, name=name, **preset)
@@ -136,7 +140,8 @@ def cmd_fuse(cfg: FuseConfig) -> dict:
     if choice not in ("shipped", "yes", "no"):
         raise LungvizError(f"--size takes shipped, yes or no, got '{cfg.size}'.")
     size = SHIPPED_FUSIONS.get(cfg.task, {}).get("size", False) if choice == "shipped" else choice == "yes"
-    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size)
+    source = cfg.size_source or SHIPPED_FUSIONS.get(cfg.task, {}).get("size_source", "outliner")
+    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size, size_source=source)
     test = spec["metrics"]["test"]
     return {"name": f"fused-{cfg.task}", "fusion": spec["fusion"],
             **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}
@@ -199,6 +204,16 @@ def cmd_camloc(cfg: CardConfig) -> dict:
     return cam_localisation()
 
 
+def cmd_outliner(cfg: OutlinerConfig) -> dict:
+    """Train the nodule outliner (a segmenter of the readers' outline that measures the nodule) and report it."""
+    from training.outliner import train_outliner
+
+    spec = train_outliner(cfg)
+    keys = ("n", "dice", "ratio_to_readers_median", "ratio_to_target_median")
+    return {split: {**{k: rep[k] for k in keys}, "size_auroc": rep.get("size_auroc", {}).get("auroc")}
+            for split, rep in spec["metrics"].items()}
+
+
 def cmd_finder(cfg: FinderConfig) -> dict:
     """Train the nodule finder (presence classifier + localiser) and scan the DICOM test series."""
     from training.finder import train_finder
@@ -220,6 +235,7 @@ COMMANDS = {
     "card": (cmd_card, CardConfig),
     "camloc": (cmd_camloc, CardConfig),
     "finder": (cmd_finder, FinderConfig),
+    "outliner": (cmd_outliner, OutlinerConfig),
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import RESEARCH_NOTICE, metrics, paths
+from lungviz.fusion import SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
 from lungviz.metrics import format_ci
 
@@ -121,8 +122,10 @@ def size_only_text(specs: dict) -> str | None:
     if not t:
         return None
     val_size = _fmt(size.get("val", {}).get("auroc"))
-    text = (f"**Image-measured size alone** (the nodule finder's diameter, the size input of `fused-binary`, with no "
-            f"malignancy CNN): test AUROC {format_ci(t, 'auroc')} on {t['n']} nodules, validation {val_size}; "
+    source = (specs["fused-binary"].get("fusion") or {}).get("size_source", "finder")
+    text = (f"**Image-measured size alone** (the diameter measured by {SIZE_SOURCES.get(source, source)}, the size "
+            f"input of `fused-binary`, with no malignancy CNN): test AUROC {format_ci(t, 'auroc')} on {t['n']} "
+            f"nodules, validation {val_size}; "
             f"`fused-binary` (views + size) scores {_fmt(fused)} on test.")
     if fused is not None and fused < t["auroc"]:
         val_fused = _fmt(specs["fused-binary"].get("training", {}).get("val_score"))
@@ -196,6 +199,39 @@ def finder_section(w, folder: Path) -> None:
       "validated for screening.\n")
 
 
+def outliner_section(w: Callable[[str], None], folder: Path) -> None:
+    """The nodule outliner: overlap with the readers' outline, its diameter against theirs, size alone as a test."""
+    spec = read_result("outliner.json", folder)
+    if not spec:
+        return
+    pre, tr, m = spec["preprocessing"], spec.get("training", {}), spec["metrics"]
+    w("## Nodule outliner (segmentation and measured size)\n")
+    w(f"`{spec['arch']}`: the ImageNet-pretrained `{spec['arch'].split('+')[0]}` up to stride 16 with a "
+      "feature-pyramid decoder, on the central "
+      f"{pre['field_mm']:g} mm of each slice at {spec['input_size']} px. It learns the {pre.get('target', 'union')} "
+      "of the readers' outlines (inside any reader's outline) on every outlined slice of the training nodules, with "
+      "the classifiers' augmentation; validation Dice chose the epoch. The outline is the region above "
+      f"{pre.get('threshold', 0.5):g} nearest the centre; its size is the diameter of the circle of the same area, "
+      "averaged over the central half of the slices as the classifiers' logits are. Trained on "
+      f"{tr.get('device', '?')} for {tr.get('train_seconds', 0) / 60:.1f} min "
+      f"({tr.get('images_per_second', 0):.0f} images/s; best epoch {tr.get('best_epoch', '?')} of "
+      f"{tr.get('epochs', '?')}).\n")
+    w("| split | n | Dice with the readers' outline | measured / readers' diameter (median) | "
+      "measured size alone: AUROC malignant |")
+    w("| --- | --- | --- | --- | --- |")
+    for name, label in (("val", "validation"), ("test", "test"), ("test_single_slice", "test, middle slice")):
+        r = m.get(name)
+        if r:
+            size = r.get("size_auroc") or {}
+            w(f"| {label} | {r['n']} | {format_ci(r, 'dice')} | {r['ratio_to_readers_median']:.0%} | "
+              f"{format_ci(size, 'auroc') if size else '–'} |")
+    w("")
+    w("The readers' diameter is the longest axis on their largest slice; the outliner's is a same-area circle on "
+      "the central slices, so the two differ by construction for elongated or irregular nodules. The outline is "
+      "shown in the app so that a reader can see what was measured; it is a research measurement, not a "
+      "volumetry tool.\n")
+
+
 def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | None = None) -> None:
     """What else was tried on the shipped recipe (``shipped``: that model's spec), validation split only."""
     setup = ablation["setup"]
@@ -266,7 +302,8 @@ def write_card(folder: Path | None = None) -> Path:
       "drives early stopping, prior correction, temperature scaling and the choice of Grad-CAM layer, test is used "
       "once for this card.\n")
     w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs. "
-      "fused-binary adds the diameter that the nodule finder measures on the image.\n")
+      "fused-binary adds the nodule's diameter measured on the image by "
+      f"{SIZE_SOURCES.get((specs.get('fused-binary', {}).get('fusion') or {}).get('size_source', 'finder'), '?')}.\n")
     w("## Results on the test split (95% patient-bootstrap intervals)\n")
     w("| model | n | AUROC | weighted AUPRC | weighted F1 | malignant F1 | kappa (QWK) | ECE raw → calibrated |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -362,6 +399,7 @@ def write_card(folder: Path | None = None) -> Path:
           f"{sm['f1_weighted']['mean']:.3f} ± {sm['f1_weighted']['sd']:.3f} | {sm['ece']['mean']:.3f} |\n")
     if ablation:
         ablation_section(w, ablation, specs.get(f"{ablation['setup'].get('view')}-{ablation['setup'].get('task')}"))
+    outliner_section(w, folder)
     finder_section(w, folder)
     w("## Per model\n")
     for n, s in specs.items():
@@ -372,11 +410,12 @@ def write_card(folder: Path | None = None) -> Path:
             w(f"Late fusion of {', '.join(s['components'])}: weights {', '.join(f'{v:.2f}' for v in f['weights'])} "
               "on the views' calibrated logits plus a class bias, fitted on the validation split.\n")
             if f.get("features"):
-                w("It also uses the nodule's size as the nodule finder's localiser measures it on the image (log "
-                  "diameter at the crop centre, averaged over the central half of the slices), with per-class "
+                w(f"It also uses the nodule's size as {SIZE_SOURCES.get(f.get('size_source', 'finder'), '?')} "
+                  "measures it on the image (log diameter at the crop centre, averaged over the central half of the "
+                  "slices), with per-class "
                   f"weights {', '.join(f'{v:+.2f}' for v in f['feature_weights'][0])}. On validation (AUROC for "
                   f"binary, kappa for score) it scores {_fmt(tr.get('val_score'))}, against "
-                  f"{_fmt(tr.get('val_score_views_only'))} for the views alone. The localiser never sees the "
+                  f"{_fmt(tr.get('val_score_views_only'))} for the views alone. The measuring model never sees the "
                   "readers' measurements.\n")
         else:
             w(f"`{s['arch']}` ({'ImageNet-pretrained' if tr.get('pretrained') else 'from scratch'}), view "

@@ -110,7 +110,8 @@ class FuseConfig:
     task: str = "binary"
     weights: str = ""  # folder holding slice-<task> and nodule-<task>; empty = weights/
     n_boot: int = 1000
-    size: str = "shipped"  # add the finder's diameter measured on the image: shipped (as SHIPPED_FUSIONS) | yes | no
+    size: str = "shipped"  # add the diameter measured on the image: shipped (as SHIPPED_FUSIONS) | yes | no
+    size_source: str = ""  # what measures it: outliner | finder; empty = as SHIPPED_FUSIONS (else the outliner)
 
 
 @dataclasses.dataclass
@@ -127,3 +128,26 @@ class RefreshConfig:
     model: str = ""  # bundle name; empty = every shipped network, then the fused models refitted on them
     weights: str = ""  # bundle folder; empty = weights/
     n_boot: int = 1000
+
+
+@dataclasses.dataclass
+class OutlinerConfig:
+    """The nodule outliner: a segmenter of the readers' outline on a nodule view, measuring the nodule's size."""
+
+    data: str = ""  # lidc-slices folder; empty = the configured data folder
+    arch: str = "tf_efficientnet_lite0+fpn"
+    pretrained: bool = True
+    input_size: int = 96  # 0.5 mm per pixel: 64 px (0.75 mm) measured validation nodules less well
+    field_mm: float = 48.0  # wider than the classifiers' 32 mm: large nodules must fit inside the view
+    target: str = "union"  # union: inside any reader's outline | half: inside at least half of the outlines
+    epochs: int = 20
+    batch_size: int = 64
+    epoch_samples: int = 1536
+    lr: float = 2e-3
+    layer_decay: float = 0.6
+    weight_decay: float = 1e-2
+    patience: int = 6
+    val_slices: int = 5
+    seed: int = 0
+    n_boot: int = 1000
+    out: str = ""  # bundle folder; empty = weights/

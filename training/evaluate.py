@@ -111,23 +111,37 @@ def read_any_spec(folder: Path, name: str) -> dict:
 
 
 def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indices: np.ndarray,
-                    central: float = 0.5, max_slices: int = 0) -> np.ndarray:
-    """``(N, F)`` image-derived fusion features per nodule; the size feature is the finder's diameter at the crop
-    centre, averaged over the ``central`` share of the nodule's slices (as the models' logits are; 0 = the middle
-    slice only, as the app sees one slice)."""
+                    central: float = 0.5, max_slices: int = 0, source: str = "finder") -> np.ndarray:
+    """``(N, F)`` image-derived fusion features per nodule; the size feature is the diameter that ``source`` (the
+    outliner or the finder) measures at the crop centre, averaged over the ``central`` share of the nodule's slices
+    (as the models' logits are; 0 = the middle slice only, as the app sees one slice)."""
     from lungviz.errors import LungvizError
-    from lungviz.finder import centre_diameter_mm, load_finder
-    from lungviz.fusion import SIZE_FEATURE, size_feature
+    from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, size_feature
     from lungviz.preprocess import spacing_or_default
 
     unknown = [n for n in names if n != SIZE_FEATURE]
     if unknown:
         raise LungvizError(f"unknown fusion feature(s): {', '.join(unknown)}.")
-    finder = load_finder(folder)
-    diam = np.array([np.mean([centre_diameter_mm(finder, store.slice01(int(ci), k),
-                                                 spacing_or_default(store.cases[int(ci)].pixel_spacing_mm))
-                              for k in store.eval_slices(int(ci), max_slices, central)]) for ci in case_indices])
-    return np.repeat(size_feature(diam)[:, None], len(names), axis=1)
+    if source not in SIZE_SOURCES:
+        raise LungvizError(f"unknown size source '{source}'; choose one of {', '.join(SIZE_SOURCES)}.")
+    diam = []
+    if source == "outliner":
+        from lungviz.outline import crops_diameter_mm, load_outliner
+
+        outliner = load_outliner(folder)
+        for ci in case_indices:
+            ks = store.eval_slices(int(ci), max_slices, central)
+            diam.append(float(np.mean(crops_diameter_mm(outliner, [store.slice01(int(ci), k) for k in ks],
+                                                        spacing_or_default(store.cases[int(ci)].pixel_spacing_mm)))))
+    else:
+        from lungviz.finder import centre_diameter_mm, load_finder
+
+        finder = load_finder(folder)
+        for ci in case_indices:
+            sp = spacing_or_default(store.cases[int(ci)].pixel_spacing_mm)
+            diam.append(float(np.mean([centre_diameter_mm(finder, store.slice01(int(ci), k), sp)
+                                       for k in store.eval_slices(int(ci), max_slices, central)])))
+    return np.repeat(size_feature(np.asarray(diam))[:, None], len(names), axis=1)
 
 
 def calibrated_logits(
@@ -152,7 +166,8 @@ def calibrated_logits(
         fusion = Fusion.from_dict(spec["fusion"])
         raw = np.mean([p[1] for p in parts], axis=0)
         features = (fusion_features(fusion.features, folder, store, case_indices,
-                                    0.5 if central is None else central, max_slices) if fusion.features else None)
+                                    0.5 if central is None else central, max_slices, fusion.size_source)
+                    if fusion.features else None)
         return fusion.logits([p[0] for p in parts], features).astype(np.float32), raw, spec
     bundle = load_bundle(Path(folder), name)
     vc = view_config_from_spec(spec)

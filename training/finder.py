@@ -33,7 +33,7 @@ from lungviz.splits import Split
 from training.augment import AugmentConfig, augment
 from training.data import SliceStore, centre_weights
 from training.datasets import load_cases
-from training.loop import LoopConfig, fit
+from training.loop import LoopConfig, fit, seed_everything
 
 log = logging.getLogger("training")
 
@@ -420,6 +420,7 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
             loop = dataclasses.replace(loop, epochs=cfg.mine_epochs, lr=cfg.lr / 4)
         else:
             base_training = None
+            seed_everything(cfg.seed)  # the finder trains from scratch: its initialisation is seeded too
             model = create_model(cfg.arch, 2, drop_rate=0.3, in_chans=in_chans)
         mean, std = tuple(model.data_config["mean"]), tuple(model.data_config["std"])
         tr = idx["train"]
@@ -457,6 +458,7 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
         save_bundle(model, spec, out, PRESENCE)
         results["presence"] = {k: test[k] for k in ("n", "accuracy", "f1_nodule", "auroc", "ece", "ci95")}
     if cfg.only in ("", "locate"):
+        seed_everything(cfg.seed)
         model = create_model(cfg.arch, 3, drop_rate=0.1, in_chans=in_chans)
         mean, std = tuple(model.data_config["mean"]), tuple(model.data_config["std"])
         tr = idx["train"]

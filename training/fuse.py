@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import metrics, paths
-from lungviz.fusion import SIZE_FEATURE, fit_fusion
+from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, fit_fusion
 from lungviz.labels import get_scheme
 from training.data import SliceStore
 from training.datasets import load_cases
@@ -23,9 +23,9 @@ from training.evaluate import (
 
 
 def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, progress: bool = True,
-                 size: bool = True) -> dict:
-    """Fit ``fused-<task>`` from ``slice-<task>`` and ``nodule-<task>`` (and, with ``size``, the finder's diameter
-    measured on the image) on the validation split; test once."""
+                 size: bool = True, size_source: str = "outliner") -> dict:
+    """Fit ``fused-<task>`` from ``slice-<task>`` and ``nodule-<task>`` (and, with ``size``, the nodule's diameter
+    measured on the image by ``size_source``: the outliner or the finder) on the validation split; test once."""
     folder = Path(weights) if weights else paths.weights_dir()
     components = [f"slice-{task}", f"nodule-{task}"]
     specs = [read_any_spec(folder, c) for c in components]
@@ -41,10 +41,10 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
         kept = [c for c, _ in pairs]
         store = stores[split] = SliceStore(kept, progress=progress)
         outs = [calibrated_logits(folder, c, store, np.arange(len(kept))) for c in components]
-        feats = fusion_features(names, folder, store, np.arange(len(kept))) if names else None
+        feats = fusion_features(names, folder, store, np.arange(len(kept)), source=size_source) if names else None
         parts[split] = (kept, np.array([y for _, y in pairs]), [o[0] for o in outs], [o[1] for o in outs], feats)
     kept, y, cal, _, feats = parts["val"]
-    fusion = fit_fusion(["slice", "nodule"], cal, y, features=feats, feature_names=names)
+    fusion = fit_fusion(["slice", "nodule"], cal, y, features=feats, feature_names=names, size_source=size_source)
     # What the features add, on validation (the split the choice is made on): the same fusion without them.
     views_only = fit_fusion(["slice", "nodule"], cal, y).logits(cal)
     val_views_only = float(selection_score(y, views_only, scheme))
@@ -58,7 +58,7 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     kept, y, _, _, _ = parts["test"]
     every = np.arange(len(kept))
     single = [calibrated_logits(folder, c, stores["test"], every, central=0.0) for c in components]
-    feats = fusion_features(names, folder, stores["test"], every, 0.0) if names else None
+    feats = fusion_features(names, folder, stores["test"], every, 0.0, source=size_source) if names else None
     reports["test_single_slice"] = report_from_logits(y, fusion.logits([o[0] for o in single], feats),
                                                       np.mean([o[1] for o in single], axis=0), scheme,
                                                       [c.patient_id for c in kept], None, 200)
@@ -78,8 +78,8 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
             "dataset": "lidc", "metrics": reports, "size_only_auroc": size_only,
             "size_vs_readers_test": size_vs_readers,
             "training": {"method": "late fusion: per-view weight x calibrated logits + class bias"
-                                   + (" + per-class weights x the log of the nodule diameter the finder measures "
-                                      "on the image (central half of the slices)" if names else "")
+                                   + (" + per-class weights x the log of the nodule diameter measured on the image "
+                                      f"by {SIZE_SOURCES[size_source]} (central half of the slices)" if names else "")
                                    + ", maximum likelihood on the validation split", "n_val": len(parts["val"][0]),
                          "n_test": len(parts["test"][0]), "features": names,
                          "val_score_views_only": val_views_only,

@@ -43,6 +43,13 @@ class LoopConfig:
     aug: AugmentConfig = field(default_factory=AugmentConfig)
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA) and numpy's legacy global generator: call before building a model, so that its
+    random initialisation (a new head, a decoder, a network trained from scratch) is reproducible too."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
 def _trainable_groups(model: LungvizNet, n: int) -> None:
     groups = model.backbone_groups()
     keep = len(groups) if n == 0 else min(n, len(groups))

@@ -1,0 +1,138 @@
+"""Outline the nodule at the centre of a crop and measure it with the outliner bundle (``outliner``).
+
+The outliner (:class:`lungviz.models.LungvizSegNet`) maps its nodule view to the probability that each pixel lies
+inside the outline any LIDC reader drew. The outline is the connected region above :data:`THRESHOLD` nearest the
+view's centre; its size is the diameter of the circle with the same area. Nothing here reads the readers'
+measurements: it is an image-derived size, like the finder's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from lungviz.errors import LungvizError
+from lungviz.models import Bundle, load_bundle
+from lungviz.preprocess import mm_to_px, spacing_or_default, to_model_input, view_from_context
+
+#: The bundle name of the shipped outliner.
+OUTLINER = "outliner"
+#: A pixel is inside the outline when its probability exceeds this.
+THRESHOLD = 0.5
+#: The outline must reach within this share of the view's side from its centre (else: nothing outlined).
+CENTRE_REACH = 0.2
+
+
+@dataclass
+class Outline:
+    """The outlined nodule: its mask in the crop's pixels, the view's probabilities and its size."""
+
+    mask: np.ndarray  # (H, W) bool, in the context crop's pixels
+    probability: np.ndarray  # (S, S) float32, in the outliner's view
+    area_mm2: float
+    diameter_mm: float  # of the circle with the same area; 0 when nothing is outlined
+
+
+def load_outliner(folder: Path | None = None, device: str | None = None) -> Bundle:
+    """The shipped outliner bundle (a clear error when it is not installed)."""
+    from lungviz import paths
+
+    folder = Path(folder) if folder else paths.weights_dir()
+    if not (folder / f"{OUTLINER}.json").is_file():
+        raise LungvizError(f"the nodule outliner is not installed (no {OUTLINER}.json in {folder}); "
+                           "train it with `python -m training outliner`.")
+    bundle = load_bundle(folder, OUTLINER, device)
+    if bundle.spec.get("task") != "outline":
+        raise LungvizError(f"'{OUTLINER}' in {folder} is not a nodule outliner.")
+    return bundle
+
+
+def central_region(mask: np.ndarray, reach: float = CENTRE_REACH) -> np.ndarray:
+    """The connected region of ``mask`` (8-connectivity) nearest the centre, if it comes within ``reach`` x side
+    of it; else an empty mask."""
+    m = np.asarray(mask, bool)
+    labels, n = ndimage.label(m, structure=np.ones((3, 3)))
+    if n == 0:
+        return np.zeros_like(m)
+    rr, cc = np.indices(m.shape)
+    dist = np.hypot(rr - (m.shape[0] - 1) / 2.0, cc - (m.shape[1] - 1) / 2.0)
+    nearest = ndimage.minimum(dist, labels, index=np.arange(1, n + 1))
+    best = int(np.argmin(nearest))
+    if nearest[best] > reach * max(m.shape):
+        return np.zeros_like(m)
+    return labels == best + 1
+
+
+@torch.inference_mode()
+def view_probabilities(bundle: Bundle, views01: np.ndarray, batch: int = 256) -> np.ndarray:
+    """``(N, S, S)`` outliner views in [0, 1] -> ``(N, S, S)`` probabilities of being inside the outline."""
+    views = np.asarray(views01, np.float32).reshape(-1, bundle.input_size, bundle.input_size)
+    out = []
+    for i in range(0, len(views), batch):
+        x = np.stack([to_model_input(v, bundle.mean, bundle.std, bundle.in_chans) for v in views[i : i + batch]])
+        logits = bundle.model(torch.from_numpy(x).to(bundle.device))[:, 0]
+        out.append(torch.sigmoid(logits.float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, bundle.input_size, bundle.input_size), np.float32)
+
+
+def view_mm_per_px(bundle: Bundle, spacing_mm: float | None) -> float:
+    """Millimetres per outliner view pixel for a crop at ``spacing_mm`` (the default spacing when unknown)."""
+    field = float(bundle.spec["preprocessing"]["field_mm"])
+    return mm_to_px(field, spacing_mm) * spacing_or_default(spacing_mm) / bundle.input_size
+
+
+def measure_views(bundle: Bundle, views01: np.ndarray, mm_per_px: np.ndarray | float) -> tuple[np.ndarray, ...]:
+    """Outline each view: ``(probabilities (N, S, S), outline masks (N, S, S) bool, diameters (N,) mm)``."""
+    probs = view_probabilities(bundle, views01)
+    masks = np.stack([central_region(p > THRESHOLD) for p in probs]) if len(probs) else probs.astype(bool)
+    area = masks.sum(axis=(1, 2)) * np.broadcast_to(np.asarray(mm_per_px, np.float64), (len(probs),)) ** 2
+    return probs, masks, 2.0 * np.sqrt(area / np.pi)
+
+
+def crops_diameter_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> np.ndarray:
+    """The outlined diameter (mm) at the centre of each of several crops at one pixel spacing (e.g. the slices of
+    one nodule)."""
+    field = float(bundle.spec["preprocessing"]["field_mm"])
+    views = np.stack([view_from_context(c, "nodule", bundle.input_size, spacing_mm, field) for c in contexts01])
+    return measure_views(bundle, views, view_mm_per_px(bundle, spacing_mm))[2]
+
+
+def outline_nodule(bundle: Bundle, context01: np.ndarray, spacing_mm: float | None) -> Outline:
+    """Outline the nodule at the centre of a nodule-centred crop (the slices set's context, values in [0, 1]); an
+    unknown pixel spacing is taken as the default one."""
+    img = np.asarray(context01, np.float32)
+    if img.ndim != 2 or img.size == 0 or not np.isfinite(img).all():
+        raise LungvizError("the nodule cannot be outlined: a 2D crop with valid values is needed.")
+    spacing_mm = spacing_or_default(spacing_mm)  # unknown: the default spacing, which the app then says it assumed
+    field = float(bundle.spec["preprocessing"]["field_mm"])
+    view = view_from_context(img, "nodule", bundle.input_size, spacing_mm, field)
+    mm_px = view_mm_per_px(bundle, spacing_mm)
+    probs, masks, diam = measure_views(bundle, view[None], mm_px)
+    # Back to the crop: the view resamples the central n x n pixels (n = the field at this spacing), which start
+    # where lungviz.preprocess.crop_around puts them.
+    h, w = img.shape
+    n = mm_to_px(field, spacing_mm)
+    s = bundle.input_size
+    r0, c0 = int(np.floor(h / 2.0 - n / 2.0 + 0.5)), int(np.floor(w / 2.0 - n / 2.0 + 0.5))
+    vr = np.floor((np.arange(h) - r0 + 0.5) * s / n).astype(int)
+    vc = np.floor((np.arange(w) - c0 + 0.5) * s / n).astype(int)
+    inside = (vr[:, None] >= 0) & (vr[:, None] < s) & (vc[None, :] >= 0) & (vc[None, :] < s)
+    mask = np.zeros((h, w), bool)
+    mask[inside] = masks[0][np.clip(vr, 0, s - 1)[:, None], np.clip(vc, 0, s - 1)[None, :]][inside]
+    area = float(masks[0].sum()) * mm_px**2
+    return Outline(mask, probs[0], area, float(diam[0]))
+
+
+def outline_overlay(context01: np.ndarray, mask: np.ndarray,
+                    colour: tuple[int, int, int] = (230, 60, 60)) -> np.ndarray:
+    """``(H, W, 3) uint8``: the grey crop with the outline's boundary drawn in ``colour``."""
+    grey = np.clip(np.asarray(context01, np.float32), 0.0, 1.0)
+    rgb = np.repeat((grey * 255.0).round().astype(np.uint8)[..., None], 3, axis=2)
+    m = np.asarray(mask, bool)
+    edge = m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3)), border_value=0)
+    rgb[edge] = colour
+    return rgb

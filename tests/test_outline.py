@@ -1,0 +1,105 @@
+"""The nodule outliner: the segmentation network, the outline at the crop's centre and its measured size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lungviz.errors import LungvizError
+from lungviz.models import Bundle, ModelSpec, create_model, load_bundle, save_bundle
+from lungviz.outline import central_region, crops_diameter_mm, load_outliner, outline_nodule, outline_overlay
+
+
+class _Disc(nn.Module):
+    """A stand-in outliner whose logits are +10 inside a centred disc of ``radius`` view pixels, -10 outside."""
+
+    def __init__(self, size: int, radius: float) -> None:
+        super().__init__()
+        yy, xx = np.mgrid[:size, :size] - (size - 1) / 2.0
+        self.register_buffer("map", torch.from_numpy(np.where(np.hypot(yy, xx) <= radius, 10.0, -10.0)).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.map.expand(x.shape[0], 1, -1, -1)
+
+
+def _disc_bundle(size: int = 32, radius: float = 6.0, field_mm: float = 16.0) -> Bundle:
+    spec = {"input_size": size, "mean": [0.5] * 3, "std": [0.5] * 3, "in_chans": 3, "task": "outline",
+            "preprocessing": {"field_mm": field_mm}}
+    return Bundle(model=_Disc(size, radius), spec=spec, name="outliner", folder=Path("."), device=torch.device("cpu"))
+
+
+def test_the_segmentation_network_maps_every_pixel_and_round_trips_as_a_bundle(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("tf_efficientnet_lite0+fpn", 1)
+    assert net(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 64, 64)
+    assert net(torch.zeros(1, 3, 96, 96)).shape == (1, 1, 96, 96)
+    groups = net.backbone_groups()
+    assert sum(len(g) for g in groups) == len(list(net.parameters()))  # each parameter in exactly one group
+    assert len({id(p) for g in groups for p in g}) == len(list(net.parameters()))
+    assert not any("conv_head" in k or k.startswith("blocks.5") for k in net.state_dict())  # no dead stages shipped
+    spec = ModelSpec.from_model(net, classes=["nodule"], view="nodule", task="outline", input_size=64,
+                                preprocessing={"field_mm": 48.0})
+    save_bundle(net, spec, tmp_path, "outliner")
+    loaded = load_outliner(tmp_path, "cpu")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x), loaded.model(x), atol=0.05)  # float16 storage
+    with pytest.raises(LungvizError, match="EfficientNet-style"):
+        create_model("cnn4+fpn", 1)
+    with pytest.raises(LungvizError, match="not installed"):
+        load_outliner(tmp_path / "nowhere")
+
+
+def test_the_region_nearest_the_centre_is_the_outline():
+    m = np.zeros((40, 40), bool)
+    m[17:24, 17:24] = True  # at the centre
+    m[2:8, 30:38] = True  # a vessel elsewhere, larger
+    picked = central_region(m)
+    assert picked.sum() == 49 and picked[20, 20] and not picked[5, 33]
+    far = np.zeros((40, 40), bool)
+    far[0:5, 0:5] = True
+    assert not central_region(far).any()  # nothing near the centre: nothing outlined
+    assert not central_region(np.zeros((8, 8), bool)).any()
+
+
+def test_outline_size_and_its_place_on_the_crop():
+    bundle = _disc_bundle(size=32, radius=6.0, field_mm=16.0)  # 16 mm at 0.5 mm/px: the central 32 px, 1:1
+    ctx = np.random.default_rng(0).random((128, 128)).astype(np.float32)
+    out = outline_nodule(bundle, ctx, 0.5)
+    view_px = int((np.hypot(*(np.mgrid[:32, :32] - 15.5)) <= 6.0).sum())
+    assert out.area_mm2 == pytest.approx(view_px * 0.25)
+    assert out.diameter_mm == pytest.approx(2 * np.sqrt(view_px * 0.25 / np.pi))
+    assert out.diameter_mm == pytest.approx(6.0, abs=0.3)  # a 12 px (6 mm) disc
+    assert out.mask.shape == (128, 128) and out.mask.sum() == view_px  # one crop pixel per view pixel here
+    rows, cols = np.nonzero(out.mask)
+    assert rows.mean() == pytest.approx(63.5, abs=0.5) and cols.mean() == pytest.approx(63.5, abs=0.5)
+    fine = outline_nodule(bundle, ctx, 0.25)  # a finer crop: the view covers 64 crop px, still 0.5 mm per view px
+    assert fine.diameter_mm == pytest.approx(out.diameter_mm)  # millimetres do not depend on the crop's pixels
+    assert fine.mask.sum() == pytest.approx(4 * view_px, rel=0.05)
+    assert outline_nodule(bundle, ctx, None).diameter_mm > 0  # unknown spacing: the default one
+    assert crops_diameter_mm(bundle, [ctx, ctx], 0.5) == pytest.approx([out.diameter_mm] * 2)
+    with pytest.raises(LungvizError):
+        outline_nodule(bundle, np.zeros((4, 4, 3), np.float32), 0.5)
+
+
+def test_outline_overlay_draws_the_boundary_only():
+    ctx = np.full((20, 20), 0.5, np.float32)
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    rgb = outline_overlay(ctx, mask)
+    assert rgb.shape == (20, 20, 3) and rgb.dtype == np.uint8
+    assert tuple(rgb[5, 10]) == (230, 60, 60) and tuple(rgb[10, 10]) == (128, 128, 128)
+    assert tuple(rgb[0, 0]) == (128, 128, 128)
+
+
+def test_the_outliner_bundle_is_checked(tmp_path):
+    net = create_model("tf_efficientnet_lite0", 2)
+    save_bundle(net, ModelSpec.from_model(net, classes=["a", "b"], view="nodule", task="binary", input_size=32),
+                tmp_path, "outliner")
+    with pytest.raises(LungvizError, match="not a nodule outliner"):
+        load_outliner(tmp_path)
+    assert load_bundle(tmp_path, "outliner").spec["task"] == "binary"
