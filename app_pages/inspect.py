@@ -398,7 +398,7 @@ with rep_col:
         similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",
                                         "thumbnail")} for s in similar],
         verdict=saved.get("verdict"), note=saved.get("note", ""), reviewer=saved.get("reviewer", ""),
-        models=model_versions(ms.bundles), notice=RESEARCH_NOTICE,
+        models=model_versions(ms.networks), notice=RESEARCH_NOTICE,
     )
     st.markdown("**Download the case report**")
     st.caption("Inputs, estimate, maps, similar cases, your saved review and the research-use notice.")

@@ -50,7 +50,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
     models = load_models(Path(args.weights) if args.weights else None)
     pred = predict(models, case.context, case.nodule_crop, case.spacing_mm)
     out: dict = {"inputs": case.names, "notes": case.notes, **pred.to_dict(),
-                 "models": {k: b.spec.get("weights_sha256", "")[:12] for k, b in models.bundles.items()},
+                 "models": {k: b.spec.get("weights_sha256", "")[:12] for k, b in models.networks.items()},
                  "notice": RESEARCH_NOTICE}
     if args.explain:
         if not args.out:

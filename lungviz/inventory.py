@@ -212,6 +212,11 @@ def diameter_sentence(size_vs_readers: list | None) -> str | None:
     ratio = (overall or bands[0])["median"]
     verdict = "it reads small" if ratio < 0.9 else "it reads large" if ratio > 1.1 else "it reads about right"
     if len(by_size) > 1 and abs(by_size[-1]["median"] - by_size[0]["median"]) > 0.1:
-        verdict += ", most for large nodules" if (by_size[-1]["median"] < by_size[0]["median"]) == (ratio < 1) \
-            else ", most for small nodules"
+        if verdict.endswith("about right"):  # right overall: say which sizes it misjudges
+            off = [f"{'small' if b['median'] < 1 else 'large'} {where(b)}" for b in (by_size[0], by_size[-1])
+                   if abs(b["median"] - 1.0) > 0.1]
+            verdict += " overall" + (f", but {' and '.join(off)}" if off else "")
+        else:
+            verdict += ", most for large nodules" if (by_size[-1]["median"] < by_size[0]["median"]) == (ratio < 1) \
+                else ", most for small nodules"
     return f"{head} of the readers' longest diameter ({parts}): {verdict}."

@@ -59,6 +59,11 @@ class ModelSet:
         return self.bundles.get(f"{view}-{task}")
 
     @property
+    def networks(self) -> dict[str, Bundle]:
+        """Every network a prediction runs, by bundle name: the classifiers and the outliner (for provenance)."""
+        return {**self.bundles, **({self.outliner.name: self.outliner} if self.outliner else {})}
+
+    @property
     def device(self) -> torch.device:
         return next(iter(self.bundles.values())).device if self.bundles else torch.device("cpu")
 

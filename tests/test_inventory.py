@@ -129,5 +129,9 @@ def test_diameter_note(tmp_path: Path):
     assert diameter_note(tmp_path) == ("On 332 test nodules its measurement was a median 66% of the readers' longest "
                                        "diameter (70% below 10 mm, 61% at 10-20 mm, 42% above 20 mm): it reads small, "
                                        "most for large nodules.")
+    right = [{**b, "median": m} for b, m in zip(bands, (1.05, 0.92, 0.71, 0.98), strict=True)]
+    (tmp_path / "fused-binary.json").write_text(json.dumps({"size_vs_readers_test": right}))
+    assert diameter_note(tmp_path).endswith("(105% below 10 mm, 92% at 10-20 mm, 71% above 20 mm): it reads about "
+                                            "right overall, but small above 20 mm.")
     (tmp_path / "fused-binary.json").write_text(json.dumps({"size_vs_readers_test": [{"n": 0}]}))
     assert diameter_note(tmp_path) is None

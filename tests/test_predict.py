@@ -162,6 +162,7 @@ def test_size_fusion_measures_the_nodule_with_the_outliner_when_its_spec_says_so
     build_outliner_weights(folder, bias=8.0)  # outlines the whole view: a large, known measurement
     models = load_models(folder)
     assert models.outliner is not None and set(models.fusions) == {"binary", "score"}
+    assert set(models.networks) == {*models.bundles, "outliner"}  # provenance names every network that ran
     ctx = np.random.default_rng(1).random((128, 128)).astype(np.float32)
     pred = predict(models, ctx, spacing_mm=0.5)
     d = outline_nodule(models.outliner, ctx, 0.5).diameter_mm
