@@ -70,7 +70,7 @@ def _readers(readers: dict) -> dict:
 def _results(models: list[dict]) -> None:
     """The held-out test results of the installed models (validation and training figures are never shown)."""
     tested = {m["_file"].removesuffix(".json"): m for m in models
-              if (m.get("metrics") or {}).get("test") and m.get("view") != "patch"}
+              if (m.get("metrics") or {}).get("test") and m.get("view") != "patch" and m.get("task") != "outline"}
     st.subheader("Results on the held-out test split")
     if not tested:
         st.info("No installed model records results on held-out test data, so no performance figure is shown.")
@@ -168,7 +168,27 @@ def _finder(models: list[dict]) -> None:
                     f"{dicom['mean_false_candidates_per_slice']:.0f} false candidates per slice among the top 10.")
 
 
+def _outliner(models: list[dict]) -> None:
+    """The nodule outliner's held-out figures: overlap with the readers' outline and the size it measures."""
+    spec = next((m for m in models if m.get("task") == "outline" and (m.get("metrics") or {}).get("test")), None)
+    if spec is None:
+        return
+    st.subheader("Nodule outliner (test split)")
+    rows = []
+    for split, label in (("test", "central half of each nodule's slices"), ("test_single_slice", "middle slice")):
+        t = spec["metrics"].get(split)
+        if t:
+            ratio = t.get("ratio_to_readers_median")
+            rows.append({"slices": label, "nodules": t.get("n"), "Dice with the readers' outline": format_ci(t, "dice"),
+                         "measured / readers' diameter (median)": "–" if ratio is None else f"{ratio:.0%}",
+                         "size alone: AUROC malignant": format_ci(t.get("size_auroc") or {}, "auroc")})
+    st.dataframe(rows, hide_index=True)
+    st.caption("The outline is the area any reader drew; the measured size is the diameter of a circle of the same "
+               "area, which the fused benign/malignant model uses. A research measurement, not volumetry.")
+
+
 if models:
+    _outliner(models)
     _finder(models)
 
 retrieval = read_result("retrieval.json")

@@ -93,6 +93,9 @@ def test_models_page_shows_held_out_results_card_and_provenance(app_env, monkeyp
     readers = next(t for t in tables if "single radiologist AUROC" in t.columns)
     assert readers.iloc[0]["single radiologist AUROC"] == "0.720 [0.600, 0.800]"
     assert len(at.get("plotly_chart")) == 2  # confusion matrix and reliability diagram
+    assert "outliner" not in at.selectbox(key="models-detail").options  # no confusion matrix for an outline
+    outliner = next(t for t in tables if "Dice with the readers' outline" in t.columns)
+    assert outliner.iloc[0]["Dice with the readers' outline"] == "0.700"  # the fixture's test figure
     text = _texts(at)
     assert "10.7937/K9/TCIA.2015.LO9QL9SX" in text and "not pathology" in text
     assert "Fixture card." in text and "figure missing" in text  # the card, its missing figure named

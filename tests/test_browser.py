@@ -98,7 +98,8 @@ def test_upload_shows_estimate_gradcam_and_similar_cases(app_server: str, lidc_s
             expect(overlay).to_have_count(1)
             expect(overlay).to_have_js_property("naturalWidth", 256, timeout=30_000)  # the 256 px overlay, loaded
             expect(page.get_by_text("LIDC-IDRI-0001/nodule-0").first).to_be_visible(timeout=60_000)
-            expect(page.get_by_role("button", name="Open in library")).to_have_count(5)
+            # the five similar cases render one after another: on a loaded machine that takes more than 5 s
+            expect(page.get_by_role("button", name="Open in library")).to_have_count(5, timeout=60_000)
             expect(page.get_by_text("Readers: 4, 5, 5, 5").first).to_be_visible()
             assert page.locator('[data-testid="stException"]').count() == 0
             page.wait_for_timeout(1000)  # let the charts finish drawing before the screenshot
