@@ -392,8 +392,12 @@ with rev_col:
     common.review_form(case_label, "upload", pred.to_dict(), common.digest(case_label, case.context))
 with rep_col:
     saved = st.session_state["saved_reviews"].get(case_label, {})
+    images = dict(pred.images)
+    if pred.outline is not None and case.context is not None:  # what was measured, beside what the models saw
+        images[f"Outline (nodule outliner), about {pred.outline.diameter_mm:.0f} mm across"] = outline_overlay(
+            case.context, pred.outline.mask)
     report = CaseReport(
-        case_id=case_label, source="upload", file_names=list(case.names), images=dict(pred.images),
+        case_id=case_label, source="upload", file_names=list(case.names), images=images,
         prediction=pred.to_dict(), maps=maps,
         similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",
                                         "thumbnail")} for s in similar],
