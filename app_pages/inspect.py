@@ -250,15 +250,17 @@ st.subheader("Model estimate")
 head_view, headline = common.headline(pred)
 p = pred.malignant_probability(head_view) if head_view else None
 seen, est = st.columns([2, 3], gap="large")
+outline_image = (outline_overlay(case.context, pred.outline.mask)  # what the outliner measured, shown and reported
+                 if pred.outline is not None and case.context is not None else None)
 with seen:
     st.markdown("**What the models see**")
-    cols = st.columns(len(pred.images) + (pred.outline is not None))
+    cols = st.columns(len(pred.images) + (outline_image is not None))
     for col, (view, img) in zip(cols, pred.images.items(), strict=False):
         field = "whole crop, about 9 cm" if view == "slice" else f"central {common_field_mm():.0f} mm"
         col.image(resize(img, SHOW_PX), caption=f"{VIEW_LABELS.get(view, view)} ({field})", width="stretch",
                   clamp=True)
-    if pred.outline is not None and case.context is not None:
-        cols[-1].image(outline_overlay(case.context, pred.outline.mask), width="stretch",
+    if outline_image is not None:
+        cols[-1].image(outline_image, width="stretch",
                        caption=f"Outline (nodule outliner): about {pred.outline.diameter_mm:.0f} mm across")
 with est:
     st.metric(f"Malignant probability: {VIEW_LABELS.get(head_view or '', '-').lower()}",
@@ -392,12 +394,10 @@ with rev_col:
     common.review_form(case_label, "upload", pred.to_dict(), common.digest(case_label, case.context))
 with rep_col:
     saved = st.session_state["saved_reviews"].get(case_label, {})
-    images = dict(pred.images)
-    if pred.outline is not None and case.context is not None:  # what was measured, beside what the models saw
-        images[f"Outline (nodule outliner), about {pred.outline.diameter_mm:.0f} mm across"] = outline_overlay(
-            case.context, pred.outline.mask)
     report = CaseReport(
-        case_id=case_label, source="upload", file_names=list(case.names), images=images,
+        case_id=case_label, source="upload", file_names=list(case.names),
+        images={**pred.images, **({f"Outline (nodule outliner), about {pred.outline.diameter_mm:.0f} mm across":
+                                    outline_image} if outline_image is not None else {})},
         prediction=pred.to_dict(), maps=maps,
         similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",
                                         "thumbnail")} for s in similar],

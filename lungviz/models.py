@@ -307,13 +307,9 @@ class LungvizSegNet(nn.Module):
         if not all(hasattr(bb, a) for a in ("conv_stem", "bn1", "blocks")):
             raise LungvizError(f"'{arch}': only EfficientNet-style backbones can be turned into an outliner.")
         self.stem = nn.Sequential(bb.conv_stem, bb.bn1)
-        probe = 64
-        with torch.no_grad():
-            x = self.stem(torch.zeros(1, encoder.in_chans, probe, probe))
-            shapes = []
-            for blk in bb.blocks:
-                x = blk(x)
-                shapes.append((probe // x.shape[-1], x.shape[1]))
+        # (stride, channels) of each stage, from one eval-mode pass (a train-mode pass would move the batch norms'
+        # pretrained running statistics towards a blank image)
+        shapes = [(64 // shp[-1], shp[1]) for shp in stage_shapes(encoder, 64).values()]
         self.taps = [max(i for i, (st, _) in enumerate(shapes) if st == stride) for stride in self.strides]
         self.blocks = nn.Sequential(*list(bb.blocks)[: self.taps[-1] + 1])
         self.lateral = nn.ModuleList([nn.Conv2d(shapes[i][1], width, 1) for i in self.taps])

@@ -124,24 +124,26 @@ def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indi
         raise LungvizError(f"unknown fusion feature(s): {', '.join(unknown)}.")
     if source not in SIZE_SOURCES:
         raise LungvizError(f"unknown size source '{source}'; choose one of {', '.join(SIZE_SOURCES)}.")
-    diam = []
     if source == "outliner":
         from lungviz.outline import crops_diameter_mm, load_outliner
 
         outliner = load_outliner(folder)
-        for ci in case_indices:
-            ks = store.eval_slices(int(ci), max_slices, central)
-            diam.append(float(np.mean(crops_diameter_mm(outliner, [store.slice01(int(ci), k) for k in ks],
-                                                        spacing_or_default(store.cases[int(ci)].pixel_spacing_mm)))))
+
+        def measure(crops: list[np.ndarray], sp: float) -> np.ndarray:
+            return crops_diameter_mm(outliner, crops, sp)
     else:
         from lungviz.finder import centre_diameter_mm, load_finder
 
         finder = load_finder(folder)
-        for ci in case_indices:
-            sp = spacing_or_default(store.cases[int(ci)].pixel_spacing_mm)
-            diam.append(float(np.mean([centre_diameter_mm(finder, store.slice01(int(ci), k), sp)
-                                       for k in store.eval_slices(int(ci), max_slices, central)])))
-    return np.repeat(size_feature(np.asarray(diam))[:, None], len(names), axis=1)
+
+        def measure(crops: list[np.ndarray], sp: float) -> np.ndarray:
+            return np.array([centre_diameter_mm(finder, c, sp) for c in crops])
+
+    diam = np.array([np.mean(measure([store.slice01(int(ci), k) for k in store.eval_slices(int(ci), max_slices,
+                                                                                            central)],
+                                     spacing_or_default(store.cases[int(ci)].pixel_spacing_mm)))
+                     for ci in case_indices])
+    return np.repeat(size_feature(diam)[:, None], len(names), axis=1)
 
 
 def calibrated_logits(

@@ -18,14 +18,14 @@ from torch import nn
 
 from lungviz import metrics, paths
 from lungviz.models import Bundle, ModelSpec, create_model, resolve_device, round_to_storage, save_bundle
-from lungviz.outline import OUTLINER, measure_views, view_mm_per_px
+from lungviz.outline import OUTLINER, THRESHOLD, measure_views, view_mm_per_px
 from lungviz.preprocess import to_model_input, view_from_context
-from lungviz.splits import Split, holdout_split
 from training.augment import AugmentConfig, augment_pair
 from training.config import OutlinerConfig
 from training.data import SliceStore, central_slices
 from training.datasets import load_cases
 from training.loop import LoopConfig, fit, seed_everything
+from training.train import split_for
 
 log = logging.getLogger("training")
 
@@ -112,9 +112,7 @@ def train_outliner(cfg: OutlinerConfig, progress: bool = True) -> dict:
     """Train, select on validation, report on test and save the ``outliner`` bundle (weights/ by default)."""
     t_start = time.perf_counter()
     cases, report = load_cases("lidc", cfg.data)
-    split_file = paths.weights_dir() / "splits" / "holdout.json"
-    split = Split.load(split_file) if split_file.is_file() and not cfg.data else holdout_split(cases, seed=42)
-    split.check(cases)  # the shipped split must describe this very data
+    split = split_for(cases, data=cfg.data)
     parts = {n: [c for c in split.select(cases, n) if c.has_masks] for n in ("train", "val", "test")}
     log.info("outliner: %s; train %d, val %d, test %d nodules", report.summary(), *(len(parts[n]) for n in parts))
     stores = {n: SliceStore(parts[n], progress=progress, masks=True) for n in parts}
@@ -123,7 +121,7 @@ def train_outliner(cfg: OutlinerConfig, progress: bool = True) -> dict:
     model = create_model(cfg.arch, 1, pretrained=cfg.pretrained)
     spec = ModelSpec.from_model(model, classes=["nodule"], view="nodule", task="outline", input_size=cfg.input_size,
                                 preprocessing={"view": "nodule", "field_mm": cfg.field_mm, "context_px": 128,
-                                               "context_intensity": "minmax", "threshold": 0.5,
+                                               "context_intensity": "minmax", "threshold": THRESHOLD,
                                                "target": cfg.target})
     loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, layer_decay=cfg.layer_decay,
                       weight_decay=cfg.weight_decay, stages=(), stage_groups=(0,), balance="none",

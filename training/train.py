@@ -113,17 +113,19 @@ def mask_layer(model: nn.Module, input_size: int) -> tuple[str, int, int]:
     return found[-1], int(shapes[found[-1]][1]), side
 
 
-def _split_for(cases: list[Case], cfg: TrainConfig) -> Split:
-    if cfg.dataset == "histology":
+def split_for(cases: list[Case], dataset: str = "lidc", data: str = "", split_seed: int = 42) -> Split:
+    """The split a model trains on: the histology set's own folders; for LIDC the shipped patient-level split
+    (checked against this very data) unless another data folder or split seed is asked for."""
+    if dataset == "histology":
         assignment = {c.patient_id: (c.split_hint or "train") for c in cases}
         return Split(assignment, data_fingerprint(cases), 0, "given", {"source": "folders"})
     saved = paths.weights_dir() / "splits" / "holdout.json"
-    if saved.is_file() and not cfg.data:
+    if saved.is_file() and not data:
         split = Split.load(saved)
-        if split.seed == cfg.split_seed:
+        if split.seed == split_seed:
             split.check(cases)  # the shipped split must describe this very data
             return split
-    return holdout_split(cases, seed=cfg.split_seed)
+    return holdout_split(cases, seed=split_seed)
 
 
 def _write_predictions(path: Path, cases: list[Case], P: np.ndarray, classes: list[str]) -> None:
@@ -159,7 +161,7 @@ def prepare(cfg: TrainConfig, split: Split | None = None) -> Prepared:
     """Import the data, split it by patient and keep the nodules labelled for ``cfg.task``."""
     scheme = get_scheme(cfg.task)
     all_cases, report = load_cases(cfg.dataset, cfg.data)
-    split = split or _split_for(all_cases, cfg)
+    split = split or split_for(all_cases, cfg.dataset, cfg.data, cfg.split_seed)
     if cfg.limit:
         keep = sorted({c.patient_id for c in all_cases})[: cfg.limit]
         all_cases = [c for c in all_cases if c.patient_id in set(keep)]
