@@ -12,7 +12,7 @@ import numpy as np
 
 from lungviz.errors import LungvizError
 from lungviz.io import DicomSlice, LoadedImage
-from lungviz.preprocess import SLICE_CROP_PX, crop_around, minmax, valid_spacing, window_preset
+from lungviz.preprocess import SLICE_CROP_PX, VIEWS, crop_around, minmax, valid_spacing, window_preset
 
 #: An image up to this side is taken as a nodule-centred context crop; a larger one as a whole slice.
 MAX_CONTEXT_SIDE = 192
@@ -93,7 +93,8 @@ def from_loaded(slice_img: LoadedImage | None, nodule_img: LoadedImage | None = 
             raise LungvizError("the nodule crop is larger than a crop should be; upload it as the slice image "
                                "instead and choose the nodule centre.", source=nodule_img.name)
         out.nodule_crop = minmax(crop)
-        out.notes.append("The uploaded nodule crop is used for the nodule view; it is taken to span about 32 mm.")
+        out.notes.append("The uploaded nodule crop is used for the nodule view; it is taken to span about "
+                         f"{VIEWS['nodule'].field_mm:g} mm.")
     return out
 
 

@@ -21,12 +21,11 @@ from lungviz.models import Bundle, load_bundle, read_spec
 from lungviz.outline import Outline, load_outliner, outline_nodule
 from lungviz.preprocess import (
     DEFAULT_SPACING_MM,
-    pad_to_square,
-    resize,
     spacing_or_default,
     to_model_input,
     valid_spacing,
     view_from_context,
+    view_from_nodule_crop,
 )
 
 VIEW_NAMES = ("slice", "nodule")
@@ -113,12 +112,12 @@ def _drop_fusions_measured_by(source: str, err: LungvizError, parsed: dict[str, 
 
 def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.ndarray | None,
                spacing_mm: float | None) -> np.ndarray:
-    """The ``(S, S)`` image a bundle sees: its view cut from the context crop, or an uploaded nodule crop
-    (taken to cover the view's field) resized."""
+    """The ``(S, S)`` image a bundle sees: its view cut from the context crop, or from an uploaded nodule crop
+    (taken to span the default nodule field; see :func:`view_from_nodule_crop`)."""
     view, size = bundle_spec["view"], int(bundle_spec["input_size"])
     field_mm = bundle_spec.get("preprocessing", {}).get("field_mm")
     if view == "nodule" and nodule_crop is not None:
-        return resize(pad_to_square(nodule_crop), size)
+        return view_from_nodule_crop(nodule_crop, size, field_mm)
     if context is None:
         raise LungvizError(f"the {view} model needs a slice image around the nodule.")
     return view_from_context(context, view, size, spacing_mm, field_mm if view == "nodule" else None)

@@ -192,6 +192,19 @@ def view_from_context(
     return resize(crop_mm(a, (h / 2.0, w / 2.0), size_mm, spacing_mm), input_size)
 
 
+def view_from_nodule_crop(crop: np.ndarray, input_size: int, field_mm: float | None = None) -> np.ndarray:
+    """A nodule view from an uploaded nodule crop, which is taken to span the default nodule field
+    (:data:`VIEWS`, 32 mm): a model with a narrower ``field_mm`` sees its central share, a wider one the crop on a
+    margin of its darkest value; resized to ``input_size``."""
+    a = pad_to_square(_image2d(crop, "nodule crop"))
+    upload_mm = VIEWS["nodule"].field_mm
+    side = max(1, int(round(a.shape[0] * (field_mm or upload_mm) / upload_mm)))
+    if side != a.shape[0]:
+        h = a.shape[0] / 2.0
+        a = crop_around(a, (h, h), side, fill=float(a.min()))
+    return resize(a, input_size)
+
+
 def view_from_whole_slice(
     image: np.ndarray,
     centre_rc: tuple[float, float],

@@ -85,9 +85,14 @@ def test_card_lists_what_else_was_tried_on_validation(tmp_path):
     assert "| recipe | 0.863 [0.810, 0.910] | 0.600 | 0.040 | 23 | 8.0 |" in card
     assert "| nodule view 48 mm | 0.822 | – | 0.050 | 19 | 7.0 |" in card
     assert "30 epochs of 1536 samples" in card and "span" not in card  # no shipped model to compare the seeds with
-    (tmp_path / "nodule-binary.json").write_text(json.dumps(_binary_spec()))  # validation AUROC 0.900
+    spec = _binary_spec()  # validation AUROC 0.900
+    spec["training"].update(epochs=30, epoch_samples=1536)
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
     card = write_card(tmp_path).read_text()
     assert "(the shipped nodule-binary included, validation AUROC 0.900) span 0.863-0.900" in card
+    spec["training"].update(epochs=60, epoch_samples=3072)  # shipped from another recipe: not one of its seeds
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    assert "span" not in write_card(tmp_path).read_text()
     (tmp_path / "ablation.json").unlink()
     assert "What else was tried" not in write_card(tmp_path).read_text()
 
@@ -115,3 +120,30 @@ def test_card_reports_the_outliner_and_names_the_fused_models_size_source(tmp_pa
     assert "| validation | 336 |" in card and "best epoch 18 of 20" in card
     assert "the diameter measured by the nodule outliner" in card
     assert "size as the nodule outliner measures it on the image" in card
+
+
+def test_card_reports_the_recipe_search_and_the_shipped_settings(tmp_path):
+    from training.experiments import summarise_search
+
+    spec = _binary_spec()
+    spec["preprocessing"]["field_mm"] = 24.0
+    spec["training"].update(epochs=60, epoch_samples=3072, seed=1, device="cuda",
+                            trained_on="trained on a GPU from a WebP copy of the images")
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    rows = [{"model": "nodule-binary", "recipe": "64 px", "seed": s, "val_auroc": v} for s, v in enumerate((0.8, 0.84))]
+    rows.append({"model": "nodule-binary", "recipe": "128 px, 4x training", "seed": 0, "val_auroc": 0.87})
+    search = {"setup": "each recipe overrides the recipe {}", "selection": "validation split", "run_on": "one H100",
+              "results": rows, "summary": summarise_search(rows)}
+    (tmp_path / "search.json").write_text(json.dumps(search))
+    card = write_card(tmp_path).read_text()
+    assert "## Recipe search (validation split only)" in card and "Run on one H100." in card
+    # best mean first; the 64 px recipe's two seeds give their mean and range
+    assert card.index("| nodule-binary | 128 px, 4x training | 1 | 0.870 | 0.870 - 0.870 |") < card.index(
+        "| nodule-binary | 64 px | 2 | 0.820 | 0.800 - 0.840 |")
+    assert "| nodule-binary | 64 px | 24 mm | 60 x 3072 | 1 | cuda | AUROC 0.900 |" in card
+    assert "compressed copy" not in card  # no figure on a training copy recorded
+    spec["training"]["val_on_training_copy"] = 0.92
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    card = write_card(tmp_path).read_text()
+    assert "| AUROC 0.900 (on the copy: 0.920) |" in card and "score -0.020 (nodule-binary) against the copy" in card
+    assert "Trained on a GPU from a WebP copy of the images." in card

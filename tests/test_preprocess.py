@@ -409,3 +409,15 @@ MODEL_INPUT_INVALID = [
 def test_to_model_input_invalid_raises(image, mean, std, channels, words):
     with pytest.raises(LungvizError, match=words):
         pp.to_model_input(image, mean, std, channels=channels)
+
+
+@pytest.mark.parametrize("field_mm, share",
+                         [(None, 0.25), (32.0, 0.25), (24.0, (16 / 24) ** 2), (48.0, (16 / 48) ** 2)])
+def test_an_uploaded_nodule_crop_is_cut_to_each_model_field(field_mm, share):
+    """The upload is taken to span the default 32 mm: a 16 mm square in its middle fills (16 / field)^2 of a view."""
+    crop = np.zeros((96, 96), np.float32)
+    crop[24:72, 24:72] = 1.0  # 48 of 96 px = 16 of 32 mm
+    view = pp.view_from_nodule_crop(crop, 48, field_mm)
+    assert view.shape == (48, 48)
+    assert view.mean() == pytest.approx(share, abs=0.02)
+    assert view[24, 24] == pytest.approx(1.0) and view[0, 0] == pytest.approx(0.0)  # centred, margin = darkest value

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from lungviz.errors import LungvizError
 from lungviz.models import create_model, load_bundle
 from training.augment import AugmentConfig, affine, augment, augment_pair
 from training.data import (
@@ -384,3 +386,47 @@ def test_cam_layer_candidates_are_stride_8_to_32_stages_then_the_last_layer(tmp_
     # Lite0 at 64 px: stages 0-1 are at stride 2-4 (too fine to be semantic), 2 at 8, 3-4 at 16, 5-6 at 32
     assert cam_layer_candidates(bundle) == [f"backbone.blocks.{i}" for i in range(2, 7)] + ["backbone.bn2"]
     assert not any(m._forward_hooks for m in bundle.model.modules())
+
+
+@pytest.mark.slow
+def test_search_trains_every_recipe_seed_in_parallel_and_keeps_validation_only(tmp_path, monkeypatch):
+    import json
+
+    from lungviz.models import load_bundle
+    from training.experiments import search
+    from training.train import TrainConfig
+
+    monkeypatch.setenv("LUNGVIZ_RUNS", str(tmp_path / "runs"))
+    data = _synthetic_slices(tmp_path / "slices")
+    base = TrainConfig(data=str(data), arch="cnn4", pretrained=False, epochs=2, stages=(1,), stage_groups=(1, 0),
+                       lr=3e-3, batch_size=32, patience=10)
+    grid = {"slice-binary": {"32 px": ({"input_size": 32}, (0, 1)), "48 px": ({"input_size": 48}, (0,))}}
+    result = search(base, workers=2, grid=grid, out=str(tmp_path / "search.json"), recipe={})
+    assert json.loads((tmp_path / "search.json").read_text()) == json.loads(json.dumps(result, default=str))
+    rows = result["results"]
+    assert sorted((r["recipe"], r["seed"]) for r in rows) == [("32 px", 0), ("32 px", 1), ("48 px", 0)]
+    assert not any("test" in key for r in rows for key in r)  # the comparison never reads the test split
+    summary = result["summary"]["slice-binary"]
+    assert summary["32 px"]["n_seeds"] == 2 and summary["48 px"]["n_seeds"] == 1
+    mine = [r["val_auroc"] for r in rows if r["recipe"] == "32 px"]
+    assert summary["32 px"]["mean"] == pytest.approx(np.mean(mine)) and summary["32 px"]["max"] == max(mine)
+    # each run's bundle is kept, so the chosen one can be shipped as it is
+    best = max(rows, key=lambda r: r["val_auroc"])
+    bundle = load_bundle(Path(best["bundle"]), "slice-binary")
+    assert bundle.spec["training"]["seed"] == best["seed"] and bundle.spec["view"] == "slice"
+    assert bundle.spec["input_size"] == (32 if best["recipe"] == "32 px" else 48)
+
+
+def test_train_shipped_takes_each_model_preset_and_refuses_unknown_names(monkeypatch):
+    import training.__main__ as cli
+    import training.train as T
+
+    seen = []
+    monkeypatch.setattr(T, "train_model", lambda cfg: seen.append(cfg) or {"metrics": {"test": {"n": 1}}})
+    done = cli.cmd_train(T.TrainConfig(shipped="slice-binary, nodule-score", data="somewhere"))
+    assert list(done) == ["slice-binary", "nodule-score"]
+    for cfg in seen:
+        preset = T.SHIPPED[cfg.name]
+        assert all(getattr(cfg, k) == v for k, v in preset.items()) and cfg.data == "somewhere" and not cfg.shipped
+    with pytest.raises(LungvizError, match="no shipped model called nodule-size"):
+        cli.cmd_train(T.TrainConfig(shipped="nodule-size"))

@@ -20,6 +20,7 @@ from training.config import (
     OutlierConfig,
     OutlinerConfig,
     RefreshConfig,
+    SearchConfig,
     SplitConfig,
     add_config_args,
     config_from_args,
@@ -69,13 +70,28 @@ def cmd_outliers(cfg: OutlierConfig) -> dict:
             "most_unusual": [result.case_ids[i] for i in top], **{k: str(v) for k, v in files.items()}}
 
 
-def train_all(base: TrainConfig) -> dict:
-    """Every shipped model with its preset, then the two fused models and the similar-case index."""
+def train_shipped(base: TrainConfig, names: list[str]) -> dict:
+    """The named shipped models, each with its preset (SHIPPED); test figures of each."""
     import dataclasses
 
+    from training.train import SHIPPED, train_model
+
+    unknown = [n for n in names if n not in SHIPPED]
+    if unknown:
+        raise LungvizError(f"no shipped model called {', '.join(unknown)}; choose from {', '.join(SHIPPED)}.")
+    done = {}
+    for name in names:
+        cfg = dataclasses.replace(base, all=False, shipped="", name=name, **SHIPPED[name])
+        spec = train_model(cfg)
+        done[name] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk", "ece")}
+    return done
+
+
+def train_all(base: TrainConfig) -> dict:
+    """Every shipped model with its preset, then the two fused models and the similar-case index."""
     from training.fuse import train_fusion
     from training.index import build_library_index
-    from training.train import SHIPPED, SHIPPED_FUSIONS, train_model
+    from training.train import SHIPPED, SHIPPED_FUSIONS
 
     for preset in SHIPPED_FUSIONS.values():  # fail now, not after hours of training
         if preset.get("size"):
@@ -84,11 +100,7 @@ def train_all(base: TrainConfig) -> dict:
 
             load = load_outliner if preset.get("size_source") == "outliner" else load_finder
             load(Path(base.out) if base.out else None)
-    done = {}
-    for name, preset in SHIPPED.items():
-        cfg = dataclasses.replace(base, all=False, name=name, **preset)
-        spec = train_model(cfg)
-        done[name] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk", "ece")}
+    done = train_shipped(base, list(SHIPPED))
     for task, preset in SHIPPED_FUSIONS.items():
         spec = train_fusion(task, base.out, **preset)
         done[f"fused-{task}"] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk")}
@@ -102,6 +114,8 @@ def cmd_train(cfg: TrainConfig) -> dict:
 
     if cfg.all:
         return train_all(cfg)
+    if cfg.shipped:
+        return train_shipped(cfg, [n.strip() for n in cfg.shipped.split(",") if n.strip()])
     spec = train_model(cfg)
     test = spec["metrics"]["test"]
     keys = ("n", "auroc", "auprc_weighted", "f1_weighted", "f1_macro", "f1_malignant", "qwk", "accuracy", "ece",
@@ -188,6 +202,13 @@ def cmd_ablate(cfg: TrainConfig) -> dict:
     return ablate(cfg)
 
 
+def cmd_search(cfg: SearchConfig) -> dict:
+    """Train every recipe of training.experiments.SEARCH with its seeds; compare on validation (weights/search.json)."""
+    from training.experiments import search
+
+    return search(TrainConfig(data=cfg.data), cfg.workers, out=cfg.out)["summary"]
+
+
 def cmd_card(cfg: CardConfig) -> dict:
     """Regenerate the model card weights/README.md and its figures from the shipped files."""
     from training.card import write_card
@@ -231,6 +252,7 @@ COMMANDS = {
     "fuse": (cmd_fuse, FuseConfig),
     "screen": (cmd_screen, TrainConfig),
     "ablate": (cmd_ablate, TrainConfig),
+    "search": (cmd_search, SearchConfig),
     "cv": (cmd_cv, TrainConfig),
     "card": (cmd_card, CardConfig),
     "camloc": (cmd_camloc, CardConfig),

@@ -237,7 +237,9 @@ def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | N
     setup = ablation["setup"]
     name = f"{setup.get('view')}-{setup.get('task')}"
     w(f"## What else was tried ({name}, validation split only)\n")
-    own = (shipped or {}).get("metrics", {}).get("val", {}).get("auroc")
+    trained = (shipped or {}).get("training", {})
+    same = all(trained.get(k) == setup.get(k) for k in ("input_size", "field_mm", "epochs", "epoch_samples"))
+    own = (shipped or {}).get("metrics", {}).get("val", {}).get("auroc") if same else None
     recipe = [r["val_auroc"] for r in ablation["results"] if set(r.get("overrides") or {}) <= {"seed"}]
     recipe += [own] if own is not None else []
     spread = (f" The recipe's own runs (the shipped {name} included, validation AUROC {own:.3f}) span "
@@ -252,6 +254,47 @@ def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | N
         w(f"| {r['variant']} | {auroc} | {_fmt(r.get('val_f1_malignant'))} | "
           f"{_fmt(r.get('val_ece'))} | {r['best_epoch']} | {r['seconds'] / 60:.1f} |")
     w("")
+
+
+def search_section(w: Callable[[str], None], search: dict, specs: dict) -> None:
+    """The recipe search behind the shipped networks: each recipe's validation figure over its seeds."""
+    w("## Recipe search (validation split only)\n")
+    w(f"Run on {search.get('run_on', 'the training machine')}. {search['setup'].capitalize()}; selection on the "
+      f"{search['selection']}. A recipe is judged by its mean over seeds: one seed moves these figures by up to "
+      "0.05.\n")
+    w("| model | recipe | seeds | val mean | min - max |")
+    w("| --- | --- | --- | --- | --- |")
+    for model, recipes in search["summary"].items():
+        for label, r in sorted(recipes.items(), key=lambda kv: -kv[1]["mean"]):
+            w(f"| {model} | {label} | {r['n_seeds']} | {r['mean']:.3f} | {r['min']:.3f} - {r['max']:.3f} |")
+    w("")
+    w("Shipped: the recipe with the best mean, as its best seed on validation, unless the network already shipped "
+      "scored higher there. Each shipped network's settings and its figures re-measured on the original images:\n")
+    w("| model | input | field | epochs x samples | seed | trained on | val (original images) |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for model in search["summary"]:
+        s = specs.get(model)
+        if not s:
+            continue
+        tr, val = s.get("training", {}), s["metrics"]["val"]
+        key, label = ("auroc", "AUROC") if model.endswith("binary") else ("qwk", "kappa")
+        copy = tr.get("val_on_training_copy")
+        figure = f"{label} {val[key]:.3f}" + (f" (on the copy: {copy:.3f})" if copy is not None else "")
+        field = f"{s['preprocessing']['field_mm']:g} mm" if s["preprocessing"].get("field_mm") else "whole crop"
+        w(f"| {model} | {s['input_size']} px | {field} | {tr.get('epochs')} x {tr.get('epoch_samples')} | "
+          f"{tr.get('seed')} | {tr.get('device', '?')} | {figure} |")
+    w("")
+    shifts = {}
+    for model in search["summary"]:
+        s = specs.get(model) or {}
+        copy = s.get("training", {}).get("val_on_training_copy")
+        if copy is not None:
+            shifts[model] = s["metrics"]["val"]["auroc" if model.endswith("binary") else "qwk"] - copy
+    if shifts:
+        w("On the original images the networks trained on the compressed copy score "
+          f"{', '.join(f'{d:+.3f} ({m})' for m, d in shifts.items())} against the copy"
+          + ("; the likeliest cause is the compression they trained with, so retraining them on lossless images "
+             "(on a GPU) is left to do.\n" if all(d < 0 for d in shifts.values()) else ".\n"))
 
 
 def calibration_section(w: Callable[[str], None], specs: dict) -> None:
@@ -278,7 +321,7 @@ def write_card(folder: Path | None = None) -> Path:
     specs = {n: s for n in ORDER if (s := read_result(f"{n}.json", folder)) is not None}
     figs = {n: figures(n, s, folder / "figures") for n, s in specs.items()}
     screen, cv = read_result("screen.json", folder), read_result("cv.json", folder)
-    ablation = read_result("ablation.json", folder)
+    ablation, search = read_result("ablation.json", folder), read_result("search.json", folder)
     cam, retrieval = read_result("cam_localisation.json", folder), read_result("retrieval.json", folder)
     diam = diameter_baseline(folder)
     L: list[str] = []
@@ -397,6 +440,8 @@ def write_card(folder: Path | None = None) -> Path:
         w(f"| mean ± sd | | {sm['auroc']['mean']:.3f} ± {sm['auroc']['sd']:.3f} | "
           f"{sm['f1_malignant']['mean']:.3f} ± {sm['f1_malignant']['sd']:.3f} | "
           f"{sm['f1_weighted']['mean']:.3f} ± {sm['f1_weighted']['sd']:.3f} | {sm['ece']['mean']:.3f} |\n")
+    if search:
+        search_section(w, search, specs)
     if ablation:
         ablation_section(w, ablation, specs.get(f"{ablation['setup'].get('view')}-{ablation['setup'].get('task')}"))
     outliner_section(w, folder)
@@ -424,6 +469,8 @@ def write_card(folder: Path | None = None) -> Path:
               f"min ({tr.get('images_per_second', 0):.0f} images/s; up to {tr.get('epochs')} epochs of "
               f"{tr.get('epoch_samples')} samples, best epoch {tr.get('best_epoch')}); "
               f"train/val/test {tr.get('n_train')}/{tr.get('n_val')}/{tr.get('n_test')} nodules.\n")
+            if tr.get("trained_on"):
+                w(f"{tr['trained_on'][0].upper()}{tr['trained_on'][1:]}.\n")
         if n in figs:
             w(f"![confusion]({figs[n]['confusion']}) ![reliability]({figs[n]['reliability']})\n")
     w("## Known limits\n")
@@ -434,12 +481,14 @@ def write_card(folder: Path | None = None) -> Path:
       "teaching example only.\n")
     w("- Calibration was fitted on the validation split of this data; probabilities will drift on other data.\n")
     if cam and any(r["peak_inside"] < 0.2 for r in cam.get("models", {}).values()):
-        w("- The Grad-CAM maps are coarse: EfficientNet-Lite's last feature map is 2 x 2 at 64 px, so each model's "
-          "map is taken on an earlier layer chosen on validation (4 x 4 or 8 x 8). Even so they put little more "
+        w("- The Grad-CAM maps are coarse: EfficientNet-Lite's last feature map is 1/32 of the input (2 x 2 at 64 px, "
+          "4 x 4 at 128 px), so each model's map is taken on an earlier layer chosen on validation. Even so they "
+          "put little more "
           "of their mass on the nodule than chance (table above): read them as a rough indication of the region "
           "the model used, not as the nodule's outline.\n")
-    w("- Training times above were measured on a shared 2-core machine while other jobs ran; the uncontended "
-      "throughput of the same setup is in the backbone screen table.\n")
+    w("- Training times above were measured either on a shared 2-core CPU while other jobs ran or on one H100 "
+      "running 16 trainings at once (the 'trained on' column); the uncontended CPU throughput of the 64 px setup is "
+      "in the backbone screen table.\n")
     path = folder / "README.md"
     path.write_text("\n".join(L) + "\n")
     return path

@@ -115,6 +115,15 @@ class FuseConfig:
 
 
 @dataclasses.dataclass
+class SearchConfig:
+    """The recipe search behind the shipped networks (training.experiments.SEARCH), on validation only."""
+
+    data: str = ""  # lidc-slices folder; empty = the configured data folder
+    workers: int = 1  # trainings at a time: 16 suit one GPU with 16 cores
+    out: str = ""  # record; empty = weights/search.json
+
+
+@dataclasses.dataclass
 class CardConfig:
     """The model card."""
 

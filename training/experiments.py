@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lungviz import paths
 from lungviz.splits import Split
-from training.train import TrainConfig, fold_split, train_model
+from training.train import LONGER, TrainConfig, fold_split, train_model
 
 PUBLISHED_SCREEN = ("cnn4", "tf_efficientnet_lite0", "tf_efficientnet_lite2")
 
@@ -87,4 +88,109 @@ def ablate(base: TrainConfig, variants: dict[str, dict] | None = None, out: str 
                      "val_qwk": val.get("qwk"), "val_ece": val.get("ece"),
                      "best_epoch": spec["training"]["best_epoch"], "seconds": time.perf_counter() - t0})
         path.write_text(json.dumps(result, indent=1, default=str) + "\n")  # after each row: an hour-long run
+    return result
+
+
+#: The 64 px recipe the search starts from; it also tries four times the training (:data:`training.train.LONGER`:
+#: twice the epochs, twice the samples per epoch, later unfreezing).
+RECIPE_64: dict = {"epochs": 30, "stages": (2, 10), "patience": 8}
+#: The GPU search behind the shipped networks (``python -m training search``, weights/search.json): per model, each
+#: recipe's overrides of :data:`RECIPE_64` and the seeds it was trained with. Recipes that competed for shipping
+#: ran with three seeds, so a recipe is judged by its mean, not by one lucky seed.
+SEARCH: dict[str, dict[str, tuple[dict, tuple[int, ...]]]] = {
+    "nodule-binary": {
+        "64 px": ({}, (0, 1, 2)),
+        "96 px": ({"input_size": 96}, (0,)),
+        "128 px": ({"input_size": 128}, (0, 1, 2)),
+        "128 px, readers' mask as auxiliary target": ({"input_size": 128, "mask_weight": 0.5}, (0,)),
+        "128 px, 48 mm field": ({"input_size": 128, "field_mm": 48.0}, (0,)),
+        "128 px, 24 mm field": ({"input_size": 128, "field_mm": 24.0}, (0, 1, 2)),
+        "64 px, 4x training": (LONGER, (0, 1, 2)),
+        "128 px, 4x training": ({"input_size": 128, **LONGER}, (0, 1, 2)),
+        "128 px, 24 mm field, 4x training": ({"input_size": 128, "field_mm": 24.0, **LONGER}, (0, 1, 2)),
+        "64 px, 24 mm field, 4x training": ({"field_mm": 24.0, **LONGER}, (0,)),
+    },
+    "slice-binary": {
+        "64 px": ({}, (0,)),
+        "128 px": ({"input_size": 128}, (0, 1, 2)),
+        "128 px, 4x training": ({"input_size": 128, **LONGER}, (0, 1, 2)),
+    },
+    "nodule-score": {
+        "64 px": ({}, (0, 1, 2)),
+        "128 px": ({"input_size": 128}, (0, 1)),
+        "64 px, 4x training": (LONGER, (0, 1)),
+        "64 px, 24 mm field": ({"field_mm": 24.0}, (0,)),
+        "128 px, 24 mm field": ({"input_size": 128, "field_mm": 24.0}, (0,)),
+        "128 px, 24 mm field, 4x training": ({"input_size": 128, "field_mm": 24.0, **LONGER}, (0,)),
+    },
+    "slice-score": {
+        "128 px": ({"input_size": 128}, (0, 1, 2)),
+        "128 px, 4x training": ({"input_size": 128, **LONGER}, (0, 1, 2)),
+    },
+}
+
+
+def search_runs(base: TrainConfig, grid: dict | None = None, recipe: dict | None = None
+                ) -> list[tuple[str, str, TrainConfig]]:
+    """Every (model, recipe, settings) of the search, one per seed: ``base`` with ``recipe`` (default
+    :data:`RECIPE_64`) and the recipe's overrides; bundles go to runs/search/<model>/<recipe>-seed<n>."""
+    recipe = RECIPE_64 if recipe is None else recipe
+    runs = []
+    for model, recipes in (SEARCH if grid is None else grid).items():
+        view, task = model.split("-")
+        for label, (overrides, seeds) in recipes.items():
+            slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
+            for seed in seeds:
+                folder = paths.runs_dir() / "search" / model / f"{slug}-seed{seed}"
+                cfg = dataclasses.replace(base, name=model, view=view, task=task, **{**recipe, **overrides},
+                                          seed=seed, n_boot=200, out=str(folder), runs=str(folder))
+                runs.append((model, label, cfg))
+    return runs
+
+
+def _search_row(job: tuple[str, str, TrainConfig, int]) -> dict:
+    """Train one search run (in a worker process) and keep its validation figures only."""
+    model, label, cfg, threads = job
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    spec = train_model(cfg, progress=False)  # the bundle is kept in runs/search, so a winner can be shipped as is
+    val, tr = spec["metrics"]["val"], spec["training"]
+    return {"model": model, "recipe": label, "seed": cfg.seed, "val_auroc": val.get("auroc"),
+            "val_f1_malignant": val.get("f1_malignant"), "val_qwk": val.get("qwk"),
+            "val_f1_weighted": val.get("f1_weighted"), "val_ece": val.get("ece"), "best_epoch": tr["best_epoch"],
+            "train_seconds": tr["train_seconds"], "seconds": time.perf_counter() - t0, "device": tr["device"],
+            "bundle": cfg.out}
+
+
+def summarise_search(rows: list[dict]) -> dict:
+    """Per model and recipe: the selection figure (AUROC for binary, kappa for score) over seeds."""
+    out: dict = {}
+    for r in rows:
+        key = "val_auroc" if r["model"].endswith("binary") else "val_qwk"
+        out.setdefault(r["model"], {}).setdefault(r["recipe"], []).append(r[key])
+    return {m: {label: {"n_seeds": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+                for label, v in recipes.items()} for m, recipes in out.items()}
+
+
+def search(base: TrainConfig, workers: int = 1, grid: dict | None = None, out: str = "",
+           recipe: dict | None = None) -> dict:
+    """Run :data:`SEARCH` on the validation split, ``workers`` trainings at a time (16 suit one GPU and 16 cores;
+    on a 2-core CPU use 1 and expect about a day). Test stays untouched: only validation figures are kept."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+
+    runs = search_runs(base, grid, recipe)
+    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    rows: list[dict] = []
+    result = {"setup": "each recipe changes the base recipe " + json.dumps(RECIPE_64 if recipe is None else recipe),
+              "selection": "validation split: AUROC (binary) or quadratic kappa (score); test untouched",
+              "results": rows}
+    path = Path(out) if out else paths.weights_dir() / "search.json"
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = sorted(runs, key=lambda r: -r[2].epochs * r[2].epoch_samples * r[2].input_size ** 2)  # longest first
+        for row in pool.map(_search_row, [(m, label, cfg, threads) for m, label, cfg in jobs]):
+            rows.append(row)
+            result["summary"] = summarise_search(rows)
+            path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
