@@ -39,9 +39,9 @@ STATE = {"lime": {}, "saved_reviews": {}}
 MAP_METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcampp", "LIME": "lime"}
 #: LIME precision choices: perturbations per run, and what the choice means for the user.
 LIME_PRECISION = {
-    "Fast": (LIME_SAMPLES, f"{LIME_SAMPLES} perturbations, about half a second per view on a 2-core server; the 5 "
-                           "regions shown can change between runs more than they do with stock LIME."),
-    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, about 2-3 s per view; the 5 regions shown "
+    "Fast": (LIME_SAMPLES, f"{LIME_SAMPLES} perturbations, about 2-3 s per 128 px view on a 2-core server; the "
+                           "5 regions shown can change between runs a little more than they do with stock LIME."),
+    "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, about 10 s per view; the 5 regions shown "
                                     "are as repeatable as stock LIME's (1,000 coin-flip perturbations)."),
 }
 VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}

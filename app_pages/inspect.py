@@ -32,7 +32,7 @@ from lungviz.report import (
 )
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "npy", "dcm", "dicom"]
-SHOW_PX = 256  # side at which the model's 64 px views and their maps are shown
+SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are shown
 
 st.title("Inspect a nodule")
 st.caption("Upload a CT slice centred on the nodule (or a whole slice, then choose the nodule), optionally a nodule "

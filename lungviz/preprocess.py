@@ -198,10 +198,8 @@ def view_from_nodule_crop(crop: np.ndarray, input_size: int, field_mm: float | N
     margin of its darkest value; resized to ``input_size``."""
     a = pad_to_square(_image2d(crop, "nodule crop"))
     upload_mm = VIEWS["nodule"].field_mm
-    side = max(1, int(round(a.shape[0] * (field_mm or upload_mm) / upload_mm)))
-    if side != a.shape[0]:
-        h = a.shape[0] / 2.0
-        a = crop_around(a, (h, h), side, fill=float(a.min()))
+    h = a.shape[0] / 2.0
+    a = crop_mm(a, (h, h), upload_mm if field_mm is None else field_mm, upload_mm / a.shape[0])
     return resize(a, input_size)
 
 

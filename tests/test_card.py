@@ -146,4 +146,5 @@ def test_card_reports_the_recipe_search_and_the_shipped_settings(tmp_path):
     (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
     card = write_card(tmp_path).read_text()
     assert "| AUROC 0.900 (on the copy: 0.920) |" in card and "score -0.020 (nodule-binary) against the copy" in card
+    assert "the seeds of one recipe differ by up to 0.040" in card
     assert "Trained on a GPU from a WebP copy of the images." in card

@@ -421,3 +421,9 @@ def test_an_uploaded_nodule_crop_is_cut_to_each_model_field(field_mm, share):
     assert view.shape == (48, 48)
     assert view.mean() == pytest.approx(share, abs=0.02)
     assert view[24, 24] == pytest.approx(1.0) and view[0, 0] == pytest.approx(0.0)  # centred, margin = darkest value
+
+
+@pytest.mark.parametrize("field_mm", [0.0, -24.0, float("nan")])
+def test_a_nodule_field_that_is_no_size_is_refused(field_mm):
+    with pytest.raises(LungvizError, match="positive number of millimetres"):
+        pp.view_from_nodule_crop(np.zeros((40, 40), np.float32), 48, field_mm)

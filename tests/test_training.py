@@ -392,7 +392,6 @@ def test_cam_layer_candidates_are_stride_8_to_32_stages_then_the_last_layer(tmp_
 def test_search_trains_every_recipe_seed_in_parallel_and_keeps_validation_only(tmp_path, monkeypatch):
     import json
 
-    from lungviz.models import load_bundle
     from training.experiments import search
     from training.train import TrainConfig
 
@@ -405,7 +404,7 @@ def test_search_trains_every_recipe_seed_in_parallel_and_keeps_validation_only(t
     assert json.loads((tmp_path / "search.json").read_text()) == json.loads(json.dumps(result, default=str))
     rows = result["results"]
     assert sorted((r["recipe"], r["seed"]) for r in rows) == [("32 px", 0), ("32 px", 1), ("48 px", 0)]
-    assert not any("test" in key for r in rows for key in r)  # the comparison never reads the test split
+    assert not any("test" in key for r in rows for key in r)  # the record holds validation figures only
     summary = result["summary"]["slice-binary"]
     assert summary["32 px"]["n_seeds"] == 2 and summary["48 px"]["n_seeds"] == 1
     mine = [r["val_auroc"] for r in rows if r["recipe"] == "32 px"]

@@ -206,7 +206,7 @@ def cmd_search(cfg: SearchConfig) -> dict:
     """Train every recipe of training.experiments.SEARCH with its seeds; compare on validation (weights/search.json)."""
     from training.experiments import search
 
-    return search(TrainConfig(data=cfg.data), cfg.workers, out=cfg.out)["summary"]
+    return search(TrainConfig(data=cfg.data), cfg.workers, out=cfg.out, run_on=cfg.run_on)["summary"]
 
 
 def cmd_card(cfg: CardConfig) -> dict:

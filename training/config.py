@@ -121,6 +121,7 @@ class SearchConfig:
     data: str = ""  # lidc-slices folder; empty = the configured data folder
     workers: int = 1  # trainings at a time: 16 suit one GPU with 16 cores
     out: str = ""  # record; empty = weights/search.json
+    run_on: str = ""  # the machine, for the record (e.g. "one H100, 16 CPU cores")
 
 
 @dataclasses.dataclass

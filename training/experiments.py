@@ -12,7 +12,7 @@ import torch
 
 from lungviz import paths
 from lungviz.splits import Split
-from training.train import LONGER, TrainConfig, fold_split, train_model
+from training.train import LONGER, RECIPE_64, TrainConfig, fold_split, train_model
 
 PUBLISHED_SCREEN = ("cnn4", "tf_efficientnet_lite0", "tf_efficientnet_lite2")
 
@@ -91,9 +91,6 @@ def ablate(base: TrainConfig, variants: dict[str, dict] | None = None, out: str 
     return result
 
 
-#: The 64 px recipe the search starts from; it also tries four times the training (:data:`training.train.LONGER`:
-#: twice the epochs, twice the samples per epoch, later unfreezing).
-RECIPE_64: dict = {"epochs": 30, "stages": (2, 10), "patience": 8}
 #: The GPU search behind the shipped networks (``python -m training search``, weights/search.json): per model, each
 #: recipe's overrides of :data:`RECIPE_64` and the seeds it was trained with. Recipes that competed for shipping
 #: ran with three seeds, so a recipe is judged by its mean, not by one lucky seed.
@@ -148,6 +145,11 @@ def search_runs(base: TrainConfig, grid: dict | None = None, recipe: dict | None
     return runs
 
 
+def selection_figure(model: str) -> str:
+    """The validation figure a model is chosen by: AUROC for a binary model, quadratic kappa for a score model."""
+    return "val_auroc" if model.endswith("binary") else "val_qwk"
+
+
 def _search_row(job: tuple[str, str, TrainConfig, int]) -> dict:
     """Train one search run (in a worker process) and keep its validation figures only."""
     model, label, cfg, threads = job
@@ -163,29 +165,32 @@ def _search_row(job: tuple[str, str, TrainConfig, int]) -> dict:
 
 
 def summarise_search(rows: list[dict]) -> dict:
-    """Per model and recipe: the selection figure (AUROC for binary, kappa for score) over seeds."""
+    """Per model and recipe: the selection figure (:func:`selection_figure`) over seeds; runs without one skipped."""
     out: dict = {}
     for r in rows:
-        key = "val_auroc" if r["model"].endswith("binary") else "val_qwk"
-        out.setdefault(r["model"], {}).setdefault(r["recipe"], []).append(r[key])
+        value = r.get(selection_figure(r["model"]))
+        if value is not None:
+            out.setdefault(r["model"], {}).setdefault(r["recipe"], []).append(value)
     return {m: {label: {"n_seeds": len(v), "mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
                 for label, v in recipes.items()} for m, recipes in out.items()}
 
 
 def search(base: TrainConfig, workers: int = 1, grid: dict | None = None, out: str = "",
-           recipe: dict | None = None) -> dict:
+           recipe: dict | None = None, run_on: str = "") -> dict:
     """Run :data:`SEARCH` on the validation split, ``workers`` trainings at a time (16 suit one GPU and 16 cores;
-    on a 2-core CPU use 1 and expect about a day). Test stays untouched: only validation figures are kept."""
+    on a 2-core CPU use 1 and expect days). Each run also reports on test, as every training does, but only the
+    validation figures are recorded and compared. ``run_on`` describes the machine for the record."""
     import concurrent.futures
     import multiprocessing
     import os
 
+    workers = max(1, workers)
     runs = search_runs(base, grid, recipe)
-    threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    threads = max(1, (os.cpu_count() or 1) // workers)
     rows: list[dict] = []
     result = {"setup": "each recipe changes the base recipe " + json.dumps(RECIPE_64 if recipe is None else recipe),
-              "selection": "validation split: AUROC (binary) or quadratic kappa (score); test untouched",
-              "results": rows}
+              "selection": "validation split: AUROC (binary) or quadratic kappa (score); test not used to compare",
+              "run_on": run_on or f"{workers} trainings at a time", "results": rows}
     path = Path(out) if out else paths.weights_dir() / "search.json"
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = sorted(runs, key=lambda r: -r[2].epochs * r[2].epoch_samples * r[2].input_size ** 2)  # longest first
