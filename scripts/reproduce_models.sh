@@ -17,6 +17,7 @@ if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then 
   python -m training search --workers 16                               # weights/search.json (validation)
 fi
 python -m training screen --epochs 5 --epoch-samples 1024              # weights/screen.json (validation only)
-python -m training cv --epochs 30 --stages 2,10 --patience 8 --epoch-samples 1536  # weights/cv.json (5 folds)
+python -m training cv --input-size 128 --field-mm 24 --epochs 60 --epoch-samples 3072 --patience 12 \
+  --stages 4,20 --seed 1                                               # weights/cv.json: nodule-binary's setup, 5 folds
 python -m training ablate --epochs 30 --stages 2,10 --patience 8 --epoch-samples 1536  # weights/ablation.json (validation)
 python -m training card                                                # weights/README.md + figures

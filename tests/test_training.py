@@ -429,3 +429,17 @@ def test_train_shipped_takes_each_model_preset_and_refuses_unknown_names(monkeyp
         assert all(getattr(cfg, k) == v for k, v in preset.items()) and cfg.data == "somewhere" and not cfg.shipped
     with pytest.raises(LungvizError, match="no shipped model called nodule-size"):
         cli.cmd_train(T.TrainConfig(shipped="nodule-size"))
+
+
+def test_cv_result_summarises_the_folds_with_mean_and_spread():
+    from training.experiments import cv_result
+    from training.train import TrainConfig
+
+    rows = [{"fold": r, "n_test": 10, "auroc": a, "f1_malignant": 0.5, "f1_weighted": 0.8, "ece": 0.03}
+            for r, a in enumerate((0.80, 0.90))]
+    res = cv_result(TrainConfig(input_size=128, name="x", runs="y"), 2, rows)
+    assert res["k"] == 2 and res["folds"] == rows and res["setup"]["input_size"] == 128
+    assert "name" not in res["setup"] and "runs" not in res["setup"]
+    assert res["summary"]["auroc"]["mean"] == pytest.approx(0.85)
+    assert res["summary"]["auroc"]["sd"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert res["summary"]["ece"]["sd"] == 0.0

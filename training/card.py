@@ -28,7 +28,10 @@ ORDER = ("nodule-binary", "slice-binary", "fused-binary", "nodule-score", "slice
 
 def _budget(setup: dict) -> str:
     """One line on the training budget of a screen or CV run, which may be shorter than the shipped models'."""
-    return (f"Budget per run: {setup.get('epochs')} epochs of {setup.get('epoch_samples')} samples, unfreezing at "
+    size = f" at {setup['input_size']} px" if setup.get("input_size") else ""
+    field = f", {setup['field_mm']:g} mm nodule field" if setup.get("field_mm") else ""
+    return (f"Budget per run{size}{field}: {setup.get('epochs')} epochs of {setup.get('epoch_samples')} samples, "
+            "unfreezing at "
             f"epochs {', '.join(str(e) for e in setup.get('stages', []))} (the shipped models' own budgets are under "
             "'Per model').")
 
@@ -435,7 +438,7 @@ def write_card(folder: Path | None = None) -> Path:
         w("")
     if cv:
         w(f"## {cv['k']}-fold patient-level cross-validation ({cv['setup'].get('view')}-{cv['setup'].get('task')})\n")
-        w(_budget(cv["setup"]) + "\n")
+        w(_budget(cv["setup"]) + (f" Run on {cv['run_on']}." if cv.get("run_on") else "") + "\n")
         w("| fold | n test | AUROC | malignant F1 | weighted F1 | ECE |")
         w("| --- | --- | --- | --- | --- | --- |")
         for r in cv["folds"]:

@@ -37,21 +37,29 @@ def screen_backbones(base: TrainConfig, archs: tuple[str, ...] = PUBLISHED_SCREE
     return result
 
 
-def cross_validate(base: TrainConfig, k: int = 5, out: str = "") -> dict:
-    """Patient-level k-fold CV: each fold is the test set once (the next fold validates)."""
+def cv_fold(base: TrainConfig, r: int, k: int = 5) -> dict:
+    """Round ``r`` of the patient-level k-fold CV: train on the other folds, report on fold ``r``."""
     folds = Split.load(paths.weights_dir() / "splits" / f"kfold{k}.json")
-    rows = []
-    for r in range(k):
-        cfg = dataclasses.replace(base, name=f"cv-{r}", runs=str(paths.runs_dir() / "cv" / str(r)), n_boot=200)
-        t0 = time.perf_counter()
-        spec = train_model(cfg, split=fold_split(folds, r), save=False)
-        test = spec["metrics"]["test"]
-        rows.append({"fold": r, "n_test": test["n"], "auroc": test["auroc"], "f1_malignant": test.get("f1_malignant"),
-                     "f1_weighted": test["f1_weighted"], "ece": test["ece"], "seconds": time.perf_counter() - t0})
+    cfg = dataclasses.replace(base, name=f"cv-{r}", runs=str(paths.runs_dir() / "cv" / str(r)), n_boot=200)
+    t0 = time.perf_counter()
+    spec = train_model(cfg, split=fold_split(folds, r), save=False)
+    test = spec["metrics"]["test"]
+    return {"fold": r, "n_test": test["n"], "auroc": test["auroc"], "f1_malignant": test.get("f1_malignant"),
+            "f1_weighted": test["f1_weighted"], "ece": test["ece"], "seconds": time.perf_counter() - t0,
+            "device": spec["training"]["device"]}
+
+
+def cv_result(base: TrainConfig, k: int, rows: list[dict]) -> dict:
+    """The CV record: setup, each fold's row and the mean and spread of its figures."""
     summary = {m: {"mean": float(np.mean([r[m] for r in rows])), "sd": float(np.std([r[m] for r in rows], ddof=1))}
                for m in ("auroc", "f1_malignant", "f1_weighted", "ece")}
-    result = {"setup": {kk: v for kk, v in dataclasses.asdict(base).items() if kk not in ("name", "runs")},
-              "k": k, "folds": rows, "summary": summary}
+    return {"setup": {kk: v for kk, v in dataclasses.asdict(base).items() if kk not in ("name", "runs")},
+            "k": k, "folds": rows, "summary": summary}
+
+
+def cross_validate(base: TrainConfig, k: int = 5, out: str = "") -> dict:
+    """Patient-level k-fold CV: each fold is the test set once (the next fold validates)."""
+    result = cv_result(base, k, [cv_fold(base, r, k) for r in range(k)])
     path = Path(out) if out else paths.weights_dir() / "cv.json"
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
