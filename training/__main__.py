@@ -19,6 +19,7 @@ from training.config import (
     IndexConfig,
     OutlierConfig,
     OutlinerConfig,
+    PackConfig,
     RefreshConfig,
     SearchConfig,
     SplitConfig,
@@ -209,6 +210,23 @@ def cmd_search(cfg: SearchConfig) -> dict:
     return search(TrainConfig(data=cfg.data), cfg.workers, out=cfg.out, run_on=cfg.run_on)["summary"]
 
 
+def cmd_pack(cfg: PackConfig) -> dict:
+    """Pack the lidc-slices set into parts small enough for the GPU machine's link (see training.devicepack)."""
+    from training.devicepack import pack_slices
+
+    src = Path(cfg.data) if cfg.data else paths.lidc_slices_dir()
+    archives = pack_slices(src, Path(cfg.out), cfg.parts, cfg.quality)
+    return {"parts": {a.name: a.stat().st_size for a in archives}, "pretrained": str(Path(cfg.out) / "site")}
+
+
+def cmd_unpack(cfg: PackConfig) -> dict:
+    """On the GPU machine: rebuild the lidc-slices layout from the parts carried so far."""
+    from training.devicepack import unpack_slices
+
+    n = unpack_slices(Path(cfg.out), Path(cfg.dest))
+    return {"files": n, "data": cfg.dest, "use": f"LUNGVIZ_DATA={cfg.dest} PYTHONPATH=.:{cfg.out}/site"}
+
+
 def cmd_card(cfg: CardConfig) -> dict:
     """Regenerate the model card weights/README.md and its figures from the shipped files."""
     from training.card import write_card
@@ -258,6 +276,8 @@ COMMANDS = {
     "camloc": (cmd_camloc, CardConfig),
     "finder": (cmd_finder, FinderConfig),
     "outliner": (cmd_outliner, OutlinerConfig),
+    "pack": (cmd_pack, PackConfig),
+    "unpack": (cmd_unpack, PackConfig),
 }
 
 

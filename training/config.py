@@ -125,6 +125,17 @@ class SearchConfig:
 
 
 @dataclasses.dataclass
+class PackConfig:
+    """Carry the lidc-slices set to a lent GPU machine in parts (training.devicepack)."""
+
+    data: str = ""  # lidc-slices folder to pack; empty = the configured data folder
+    out: str = ".device"  # where pack writes the parts (git-ignored) and unpack reads them
+    parts: int = 3  # lossless images are about 100 MB: three parts of about 35 MB each
+    quality: int = 0  # 0 = lossless WebP (the pixels come back exactly); 1-100 = lossy WebP at that quality
+    dest: str = "/tmp/lungviz-data"  # unpack: the data folder to rebuild (point LUNGVIZ_DATA at it)
+
+
+@dataclasses.dataclass
 class CardConfig:
     """The model card."""
 
