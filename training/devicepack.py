@@ -17,7 +17,6 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -92,7 +91,7 @@ def _unpacked(job: tuple[str, bytes, Path]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.suffix == ".webp":
         with Image.open(io.BytesIO(data)) as im:
-            Image.fromarray(np.asarray(im.convert("L"))).save(target.with_suffix(".png"))
+            im.convert("L").save(target.with_suffix(".png"))
     else:
         target.write_bytes(data)
 

@@ -17,6 +17,11 @@ from training.train import LONGER, RECIPE_64, TrainConfig, fold_split, train_mod
 PUBLISHED_SCREEN = ("cnn4", "tf_efficientnet_lite0", "tf_efficientnet_lite2")
 
 
+def _slug(label: str) -> str:
+    """A folder name for a row label: letters and digits kept, everything else a dash."""
+    return "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
+
+
 def screen_backbones(base: TrainConfig, archs: tuple[str, ...] = PUBLISHED_SCREEN, out: str = "") -> dict:
     """Train ``base`` once per backbone; compare on the validation split only (test stays untouched)."""
     rows = []
@@ -85,7 +90,7 @@ def ablate(base: TrainConfig, variants: dict[str, dict] | None = None, out: str 
               "selection": "validation split, one training seed per row", "results": rows}
     path = Path(out) if out else paths.weights_dir() / "ablation.json"
     for label, overrides in (ABLATIONS if variants is None else variants).items():
-        slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
+        slug = _slug(label)
         cfg = dataclasses.replace(base, **overrides, name=f"ablate-{slug}",
                                   runs=str(paths.runs_dir() / "ablate" / slug), n_boot=200)
         t0 = time.perf_counter()
@@ -144,7 +149,7 @@ def search_runs(base: TrainConfig, grid: dict | None = None, recipe: dict | None
     for model, recipes in (SEARCH if grid is None else grid).items():
         view, task = model.split("-")
         for label, (overrides, seeds) in recipes.items():
-            slug = "".join(ch if ch.isalnum() else "-" for ch in label.lower()).strip("-")
+            slug = _slug(label)
             for seed in seeds:
                 folder = paths.runs_dir() / "search" / model / f"{slug}-seed{seed}"
                 cfg = dataclasses.replace(base, name=model, view=view, task=task, **{**recipe, **overrides},
