@@ -131,7 +131,9 @@ if not models:
 else:
     st.dataframe(
         [{"model": m["_file"].removesuffix(".json"), "view": m.get("view"), "task": m.get("task"),
-          "architecture": m.get("arch") or "late fusion of " + " + ".join(m.get("components", []))
+          "architecture": m.get("arch") or "late fusion of " + " + ".join(
+              c if len(nets) == 1 else f"{c} (mean of {len(nets)} networks)"
+              for c, nets in m.get("_networks", {}).items())
                           + (f" + {(m.get('fusion') or {}).get('size_source', 'finder')}'s diameter"
                              if (m.get("fusion") or {}).get("features") else ""),
           "input size": m.get("input_size"), "temperature": m.get("temperature"),

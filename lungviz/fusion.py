@@ -2,6 +2,9 @@
 optionally plus per-class weights x image-derived features (the log of the nodule's diameter measured on the image
 by the outliner or the finder, as the fusion's ``size_source`` says).
 
+A view may be an ensemble: the spec's ``members`` names, per component, further networks of the same task whose
+calibrated logits are averaged with the component's (equal weights, fixed) before the fusion weighs the view.
+
 Fitted by maximum likelihood on the validation split (which also calibrates it), so the fused model
 never sees the test split before its final report.
 """
@@ -26,6 +29,24 @@ SIZE_SOURCES = {"outliner": "the nodule outliner", "finder": "the nodule finder'
 def size_feature(diameter_mm: float | np.ndarray) -> np.ndarray:
     """:data:`SIZE_FEATURE` of a diameter in mm (floored at 1 mm)."""
     return np.log(np.maximum(np.asarray(diameter_mm, np.float64), 1.0))
+
+
+def component_networks(spec: dict) -> dict[str, list[str]]:
+    """Per component of a fusion spec, the networks whose calibrated logits are averaged for it: the component
+    itself, then the members the spec lists for it (a damaged list is a clear error)."""
+    members = spec.get("members") or {}
+    components = list(spec.get("components") or [])
+    if not isinstance(members, dict) or any(
+            c not in components or not isinstance(m, list) or not all(isinstance(n, str) and n for n in m)
+            for c, m in members.items()):
+        raise LungvizError("the fused model's ensemble members are damaged (each must list network names of one "
+                           "of its components).")
+    return {c: [c, *members.get(c, [])] for c in components}
+
+
+def mean_logits(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean-logit ensemble of a view's networks (equal weights)."""
+    return np.mean(np.stack([np.asarray(p, np.float64) for p in parts]), axis=0)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lungviz import paths
 from lungviz.errors import LungvizError
+from lungviz.fusion import component_networks
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,14 @@ def installed_models(folder: Path | None = None) -> list[dict]:
             present = (root / f"{spec_path.stem}.safetensors").is_file()
             out.append({**spec, "_file": spec_path.name, "_kind": "bundle", "_weights_present": present})
         elif spec.get("kind") == "fusion":
-            parts = [str(c) for c in spec.get("components", [])]
+            try:
+                nets = component_networks(spec)
+            except LungvizError:
+                nets = {str(c): [str(c)] for c in spec.get("components", [])}
+            parts = [n for group in nets.values() for n in group]
             present = bool(parts) and all((root / f"{c}.safetensors").is_file() for c in parts)
-            out.append({**spec, "_file": spec_path.name, "_kind": "fusion", "_weights_present": present})
+            out.append({**spec, "_file": spec_path.name, "_kind": "fusion", "_weights_present": present,
+                        "_networks": nets})
     return out
 
 

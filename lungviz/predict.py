@@ -15,7 +15,7 @@ import torch
 from lungviz import paths
 from lungviz.errors import LungvizError
 from lungviz.finder import Finder, centre_diameter_mm, centre_presence, load_finder
-from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, Fusion, size_feature
+from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, Fusion, component_networks, mean_logits, size_feature
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle, read_spec
 from lungviz.outline import Outline, load_outliner, outline_nodule
@@ -53,6 +53,7 @@ class ModelSet:
     notes: list[str] = field(default_factory=list)  # what could not be loaded, for the user
     fusion_models: dict[str, Fusion] = field(default_factory=dict)  # fusions[task]["fusion"], read once
     outliner: Bundle | None = None
+    members: dict[str, Bundle] = field(default_factory=dict)  # networks a fusion averages into one of its views
 
     def bundle(self, view: str, task: str) -> Bundle | None:
         return self.bundles.get(f"{view}-{task}")
@@ -60,7 +61,7 @@ class ModelSet:
     @property
     def networks(self) -> dict[str, Bundle]:
         """Every network a prediction runs, by bundle name: the classifiers and the outliner (for provenance)."""
-        return {**self.bundles, **({self.outliner.name: self.outliner} if self.outliner else {})}
+        return {**self.bundles, **self.members, **({self.outliner.name: self.outliner} if self.outliner else {})}
 
     @property
     def device(self) -> torch.device:
@@ -81,12 +82,17 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
             fusions[task] = read_spec(folder, f"fused-{task}")
     if not bundles:
         raise LungvizError(f"no trained models are installed in {folder}; run `python -m training train --all`.")
-    parsed, notes = {}, []
+    parsed, notes, members = {}, [], {}
     for task, spec in list(fusions.items()):
         try:
             parsed[task] = Fusion.from_dict(spec.get("fusion", {}))
+            for nets in component_networks(spec).values():
+                for name in nets[1:]:
+                    if name not in members:
+                        members[name] = load_bundle(folder, name, device)
         except LungvizError as err:
             del fusions[task]
+            parsed.pop(task, None)
             notes.append(f"The fused {task} model is not available: {err}")
     finder = outliner = None
     try:
@@ -98,7 +104,9 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
         outliner = load_outliner(folder, device)
     except LungvizError as err:
         _drop_fusions_measured_by("outliner", err, parsed, fusions, notes)
-    return ModelSet(bundles, fusions, folder, finder, notes, {t: parsed[t] for t in fusions}, outliner)
+    used = {n for spec in fusions.values() for nets in component_networks(spec).values() for n in nets[1:]}
+    return ModelSet(bundles, fusions, folder, finder, notes, {t: parsed[t] for t in fusions}, outliner,
+                    {n: b for n, b in members.items() if n in used})
 
 
 def _drop_fusions_measured_by(source: str, err: LungvizError, parsed: dict[str, Fusion], fusions: dict[str, dict],
@@ -249,7 +257,10 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
             else:
                 continue
             features = size_feature(np.array([[diameter]]))
-        fused = fusion.logits([logits[c][None] for c in comps], features)[0]
+        view_logits = [mean_logits([logits[c], *(calibrated_logits(models.members[m], view_image(
+            models.members[m].spec, context, nodule_crop, spacing_mm)) for m in nets[1:])])[None]
+            for c, nets in zip(comps, component_networks(spec).values(), strict=True)]
+        fused = fusion.logits(view_logits, features)[0]
         probs = softmax(fused[None])[0].tolist()
         views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist())
     presence = None

@@ -148,3 +148,26 @@ def test_card_reports_the_recipe_search_and_the_shipped_settings(tmp_path):
     assert "| AUROC 0.900 (on the copy: 0.920) |" in card and "score -0.020 (nodule-binary) against the copy" in card
     assert "the seeds of one recipe differ by up to 0.040" in card
     assert "Trained on a GPU from a WebP copy of the images." in card
+
+
+def test_card_describes_a_fused_views_ensemble_and_what_it_added(tmp_path):
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(_binary_spec()))
+    member = _binary_spec()
+    member["training"].update(epochs=30, epoch_samples=1536, ema=0.99)
+    member["preprocessing"]["field_mm"] = 32.0
+    (tmp_path / "nodule-binary-64-ema.json").write_text(json.dumps(member))
+    fused = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
+             "components": ["slice-binary", "nodule-binary"], "split_fingerprint": "abc",
+             "members": {"nodule-binary": ["nodule-binary-64-ema"]},
+             "fusion": {"views": ["slice", "nodule"], "weights": [0.2, 0.7], "bias": [1.0, -1.0]},
+             "training": {"val_score": 0.91}, "without_members": {"val": 0.898, "test": 0.864},
+             "metrics": {"test": _rep(0.851, 2), "val": _rep(0.91, 2)}}
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
+    card = write_card(tmp_path).read_text()
+    assert "Its `nodule` view is the mean of the calibrated logits of 2 networks" in card
+    assert ("| nodule-binary-64-ema | 64 px, 32.0 mm | 30 epochs of 1536 samples, weight averaging (EMA 0.99) "
+            "| cpu, 10 min | 0.900 |") in card
+    assert "scores 0.898 on validation and 0.864 on test (AUROC), against 0.910 and 0.851 with the ensemble" in card
+    del fused["members"], fused["without_members"]
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
+    assert "mean of the calibrated logits" not in write_card(tmp_path).read_text()

@@ -102,3 +102,17 @@ def test_fusion_with_a_size_feature():
 def test_damaged_fusion_specs_are_clear_errors(spec, message):
     with pytest.raises(LungvizError, match=message):
         Fusion.from_dict(spec)
+
+
+def test_fusion_components_and_their_ensemble_members():
+    from lungviz.fusion import component_networks, mean_logits
+
+    spec = {"components": ["slice-binary", "nodule-binary"],
+            "members": {"nodule-binary": ["nodule-binary-64", "nodule-binary-b"]}}
+    assert component_networks(spec) == {"slice-binary": ["slice-binary"],
+                                        "nodule-binary": ["nodule-binary", "nodule-binary-64", "nodule-binary-b"]}
+    assert component_networks({"components": ["a"]}) == {"a": ["a"]}
+    for bad in ({"x": ["m"]}, {"a": "m"}, {"a": [""]}, ["m"]):
+        with pytest.raises(LungvizError, match="ensemble members"):
+            component_networks({"components": ["a"], "members": bad})
+    assert np.allclose(mean_logits([np.array([[0.0, 2.0]]), np.array([[2.0, 1.0]])]), [[1.0, 1.5]])

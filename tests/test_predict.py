@@ -98,6 +98,43 @@ def test_context_from_hu_matches_slices_set_convention():
     assert ctx[64, 64] == 1.0 and ctx[0, 0] == 0.0
 
 
+def test_fused_view_averages_its_ensemble_members(weights, tmp_path):
+    """A fusion may name members for a view: each sees its own view image at its own size and calibration, the
+    mean of their calibrated logits is what the fusion weighs; a member that is not installed drops that fusion."""
+    import shutil
+
+    from lungviz.predict import calibrated_logits, view_image
+
+    folder = tmp_path / "w"
+    shutil.copytree(weights, folder)
+    torch.manual_seed(1)
+    model = create_model("cnn4", 2)
+    spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view="nodule", task="binary", input_size=48,
+                                preprocessing={"view": "nodule", "field_mm": 24.0}, temperature=1.5,
+                                split_fingerprint="x")
+    save_bundle(model, spec, folder, "nodule-binary-m")
+    fused = json.loads((folder / "fused-binary.json").read_text())
+    (folder / "fused-binary.json").write_text(json.dumps(fused | {"members": {"nodule-binary": ["nodule-binary-m"]}}))
+    models = load_models(folder)
+    assert set(models.bundles) == {"slice-binary", "slice-score", "nodule-binary", "nodule-score"}  # no view of its own
+    assert set(models.members) == {"nodule-binary-m"} and "nodule-binary-m" in models.networks
+    ctx = np.random.default_rng(2).random((128, 128)).astype(np.float32)
+    pred = predict(models, ctx, spacing_mm=0.7)
+    m = models.members["nodule-binary-m"]
+    image = view_image(m.spec, ctx, None, 0.7)
+    assert image.shape == (48, 48)
+    nodule = (np.array(pred.views["nodule"]["binary"].logits) + calibrated_logits(m, image)) / 2
+    expected = 0.5 * np.array(pred.views["slice"]["binary"].logits) + 0.5 * nodule
+    assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
+    assert not np.allclose(pred.views["fused"]["binary"].logits, 0.5 * np.array(pred.views["slice"]["binary"].logits)
+                           + 0.5 * np.array(pred.views["nodule"]["binary"].logits), atol=1e-4)
+    (folder / "nodule-binary-m.safetensors").unlink()
+    without = load_models(folder)
+    assert set(without.fusions) == {"score"} and not without.members
+    assert "fused binary model is not available" in without.notes[0] and "nodule-binary-m" in without.notes[0]
+    assert "binary" in predict(without, ctx, spacing_mm=0.7).views["nodule"]
+
+
 def test_size_fusion_measures_the_nodule_with_the_finder(weights, tmp_path):
     import shutil
 

@@ -475,3 +475,41 @@ def test_device_pack_splits_patients_into_parts_and_unpacks_the_exact_pixels(tmp
     assert {part_of(f"LIDC-IDRI-{i:04d}", 3) for i in range(30)} == {0, 1, 2}
     with pytest.raises(LungvizError, match="no packed slices"):
         unpack_slices(tmp_path / "nothing", tmp_path / "x")
+
+
+def test_a_fused_view_with_ensemble_members_averages_their_calibrated_logits(tmp_path):
+    """Evaluation of a fusion whose nodule view is a mean-logit ensemble: each network with its own view, size
+    and calibration, then the mean, then the fusion weights."""
+    import json
+
+    from lungviz.fusion import Fusion
+    from lungviz.lidc import import_slices
+    from lungviz.models import ModelSpec, save_bundle
+    from training.evaluate import calibrated_logits
+
+    cases, _ = import_slices(_synthetic_slices(tmp_path / "s", n_patients=6))
+    store = SliceStore(cases, progress=False)
+    folder = tmp_path / "w"
+    for name, view, size, temperature in (("slice-binary", "slice", 32, 1.0), ("nodule-binary", "nodule", 32, 2.0),
+                                          ("nodule-binary-m", "nodule", 48, 0.5)):
+        torch.manual_seed(len(name))
+        model = create_model("cnn4", 2)
+        spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view=view, task="binary",
+                                    input_size=size, preprocessing={"view": view, "field_mm": 24.0 if view ==
+                                                                    "nodule" else None, "central_fraction": 0.5},
+                                    temperature=temperature, split_fingerprint="x")
+        save_bundle(model, spec, folder, name)
+    fusion = {"views": ["slice", "nodule"], "weights": [0.3, 0.9], "bias": [0.2, -0.2]}
+    fused = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
+             "components": ["slice-binary", "nodule-binary"], "fusion": fusion, "split_fingerprint": "x"}
+    (folder / "fused-binary.json").write_text(json.dumps(fused))
+    idx = np.arange(len(cases))
+    one = {n: calibrated_logits(folder, n, store, idx)[0] for n in ("slice-binary", "nodule-binary",
+                                                                    "nodule-binary-m")}
+    plain = calibrated_logits(folder, "fused-binary", store, idx)[0]
+    assert np.allclose(plain, Fusion.from_dict(fusion).logits([one["slice-binary"], one["nodule-binary"]]), atol=1e-5)
+    (folder / "fused-binary.json").write_text(json.dumps(fused | {"members": {"nodule-binary": ["nodule-binary-m"]}}))
+    ensembled = calibrated_logits(folder, "fused-binary", store, idx)[0]
+    nodule = (one["nodule-binary"] + one["nodule-binary-m"]) / 2
+    assert np.allclose(ensembled, Fusion.from_dict(fusion).logits([one["slice-binary"], nodule]), atol=1e-5)
+    assert not np.allclose(ensembled, plain, atol=1e-3)  # the member counts

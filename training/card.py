@@ -118,6 +118,26 @@ def fused_test_auroc(specs: dict) -> float | None:
     return specs.get("fused-binary", {}).get("metrics", {}).get("test", {}).get("auroc")
 
 
+def members_text(component: str, members: list[str], folder: Path | None) -> str:
+    """What a fused view's mean-logit ensemble is made of: each network's recipe and validation figure."""
+    nets = [component, *members]
+    rows = []
+    for n in nets:
+        spec = read_result(f"{n}.json", folder) or {}
+        tr, val = spec.get("training", {}), (spec.get("metrics") or {}).get("val", {})
+        extra = [f"weight averaging (EMA {tr['ema']})" if tr.get("ema") else "",
+                 f"the readers' own scores as soft labels (weight {tr['soft_labels']:g})" if tr.get("soft_labels")
+                 else ""]
+        rows.append(f"| {n} | {spec.get('input_size', '?')} px, {(spec.get('preprocessing') or {}).get('field_mm')} mm"
+                    f" | {tr.get('epochs', '?')} epochs of {tr.get('epoch_samples', '?')} samples"
+                    f"{''.join(', ' + e for e in extra if e)} | {tr.get('device', '?')}, "
+                    f"{(tr.get('train_seconds') or 0) / 60:.0f} min | {_fmt(val.get('auroc'))} |")
+    return (f"\nIts `{component.split('-')[0]}` view is the mean of the calibrated logits of {len(nets)} networks "
+            "(equal weights), each with its own input size and calibration:\n\n"
+            "| network | input, nodule field | training | trained on | val AUROC |\n| --- | --- | --- | --- | --- |\n"
+            + "\n".join(rows) + "\n")
+
+
 def size_only_text(specs: dict) -> str | None:
     """The card's paragraph on the image-measured size alone beside fused-binary (None when not measured)."""
     size = specs.get("fused-binary", {}).get("size_only_auroc", {})
@@ -462,6 +482,16 @@ def write_card(folder: Path | None = None) -> Path:
             f = s["fusion"]
             w(f"Late fusion of {', '.join(s['components'])}: weights {', '.join(f'{v:.2f}' for v in f['weights'])} "
               "on the views' calibrated logits plus a class bias, fitted on the validation split.\n")
+            for comp, members in (s.get("members") or {}).items():
+                w(members_text(comp, members, folder))
+            if s.get("without_members"):
+                alone, test = s["without_members"], s["metrics"].get("test") or {}
+                key = "auroc" if s["task"] == "binary" else "qwk"
+                w(f"With each view's own network alone, the same fusion, fitted the same way, scores "
+                  f"{_fmt(alone.get('val'))} on validation and {_fmt(alone.get('test'))} on test "
+                  f"({'AUROC' if key == 'auroc' else 'kappa'}), against "
+                  f"{_fmt(tr.get('val_score'))} and {_fmt(test.get(key))} with the ensemble. The members were chosen "
+                  "on validation; this test comparison came after the choice and did not change it.\n")
             if f.get("features"):
                 w(f"It also uses the nodule's size as {SIZE_SOURCES.get(f.get('size_source', 'finder'), '?')} "
                   "measures it on the image (log diameter at the crop centre, averaged over the central half of the "

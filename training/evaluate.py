@@ -157,14 +157,14 @@ def calibrated_logits(
     """
     import dataclasses
 
-    from lungviz.fusion import Fusion
+    from lungviz.fusion import Fusion, component_networks
     from lungviz.models import load_bundle
     from training.data import view_config_from_spec
 
     spec = read_any_spec(folder, name)
     if spec.get("kind") == "fusion":
-        parts = [calibrated_logits(folder, comp, store, case_indices, max_slices, central)
-                 for comp in spec["components"]]
+        parts = [ensemble_logits(folder, nets, store, case_indices, max_slices, central)
+                 for nets in component_networks(spec).values()]
         fusion = Fusion.from_dict(spec["fusion"])
         raw = np.mean([p[1] for p in parts], axis=0)
         features = (fusion_features(fusion.features, folder, store, case_indices,
@@ -179,6 +179,16 @@ def calibrated_logits(
     prior = spec.get("prior_adjust")
     adj = adjusted_logits(logits, None if prior is None else np.asarray(prior, np.float32))
     return (adj / float(spec.get("temperature", 1.0))).astype(np.float32), logits, spec
+
+
+def ensemble_logits(folder: Path, names: list[str], store: SliceStore, case_indices: np.ndarray,
+                    max_slices: int = 0, central: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(calibrated, raw)`` per-nodule logits of a mean-logit ensemble of networks (one network: its own)."""
+    from lungviz.fusion import mean_logits
+
+    parts = [calibrated_logits(folder, n, store, case_indices, max_slices, central) for n in names]
+    return (mean_logits([p[0] for p in parts]).astype(np.float32),
+            mean_logits([p[1] for p in parts]).astype(np.float32))
 
 
 def report_from_logits(y: np.ndarray, calibrated: np.ndarray, raw: np.ndarray, scheme: LabelScheme,

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import metrics, paths
-from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, fit_fusion
+from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, fit_fusion, mean_logits
 from lungviz.labels import get_scheme
 from training.data import SliceStore
 from training.datasets import load_cases
 from training.evaluate import (
     calibrated_logits,
+    ensemble_logits,
     fusion_features,
     read_any_spec,
     report_from_logits,
@@ -23,15 +24,25 @@ from training.evaluate import (
 
 
 def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, progress: bool = True,
-                 size: bool = True, size_source: str = "outliner") -> dict:
+                 size: bool = True, size_source: str = "outliner", members: dict[str, list[str]] | None = None) -> dict:
     """Fit ``fused-<task>`` from ``slice-<task>`` and ``nodule-<task>`` (and, with ``size``, the nodule's diameter
-    measured on the image by ``size_source``: the outliner or the finder) on the validation split; test once."""
+    measured on the image by ``size_source``: the outliner or the finder) on the validation split; test once.
+
+    ``members`` names, per component, further networks of the task whose calibrated logits are averaged with the
+    component's (a mean-logit ensemble for that view)."""
     folder = Path(weights) if weights else paths.weights_dir()
     components = [f"slice-{task}", f"nodule-{task}"]
-    specs = [read_any_spec(folder, c) for c in components]
+    members = {c: list(m) for c, m in (members or {}).items() if m}
+    unknown = [c for c in members if c not in components]
+    if unknown:
+        raise ValueError(f"ensemble members given for {', '.join(unknown)}, which is no component of fused-{task}")
+    nets = {c: [c, *members.get(c, [])] for c in components}
+    specs = [read_any_spec(folder, n) for group in nets.values() for n in group]
     fingerprint = specs[0]["split_fingerprint"]
     if any(s["split_fingerprint"] != fingerprint for s in specs):
-        raise ValueError("the two view models were trained on different splits")
+        raise ValueError("the fused model's networks were trained on different splits")
+    if any(s["task"] != task for s in specs):
+        raise ValueError(f"every network of fused-{task} must be a {task} model")
     scheme = get_scheme(task)
     names = [SIZE_FEATURE] if size else []
     cases, _ = load_cases("lidc")
@@ -40,24 +51,35 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
         pairs = scheme.labelled(select_split(cases, split, fingerprint))
         kept = [c for c, _ in pairs]
         store = stores[split] = SliceStore(kept, progress=progress)
-        outs = [calibrated_logits(folder, c, store, np.arange(len(kept))) for c in components]
+        per_net = {n: calibrated_logits(folder, n, store, np.arange(len(kept)))[:2]
+                   for group in nets.values() for n in group}
+        cal = [mean_logits([per_net[n][0] for n in nets[c]]) for c in components]
+        raw = [mean_logits([per_net[n][1] for n in nets[c]]) for c in components]
         feats = fusion_features(names, folder, store, np.arange(len(kept)), source=size_source) if names else None
-        parts[split] = (kept, np.array([y for _, y in pairs]), [o[0] for o in outs], [o[1] for o in outs], feats)
-    kept, y, cal, _, feats = parts["val"]
+        parts[split] = (kept, np.array([y for _, y in pairs]), cal, raw, feats, [per_net[c][0] for c in components])
+    kept, y, cal, _, feats, _ = parts["val"]
     fusion = fit_fusion(["slice", "nodule"], cal, y, features=feats, feature_names=names, size_source=size_source)
     # What the features add, on validation (the split the choice is made on): the same fusion without them.
     views_only = fit_fusion(["slice", "nodule"], cal, y).logits(cal)
     val_views_only = float(selection_score(y, views_only, scheme))
+    # What the ensemble members add: the same fusion fitted on each component alone, on validation and on test.
+    without_members = {}
+    if members:
+        alone = fit_fusion(["slice", "nodule"], parts["val"][5], y, features=feats, feature_names=names,
+                           size_source=size_source)
+        without_members = {split: float(selection_score(parts[split][1], alone.logits(parts[split][5],
+                                                                                     parts[split][4]), scheme))
+                           for split in ("val", "test")}
     reports = {}
     for split in ("val", "test"):
-        kept, y, cal, raw, feats = parts[split]
+        kept, y, cal, raw, feats, _ = parts[split]
         reports[split] = report_from_logits(y, fusion.logits(cal, feats), np.mean(raw, axis=0), scheme,
                                             [c.patient_id for c in kept], [c.reader_scores for c in kept],
                                             n_boot if split == "test" else 200)
     # What the app sees: the middle slice only (views and size measured on it).
-    kept, y, _, _, _ = parts["test"]
+    kept, y = parts["test"][:2]
     every = np.arange(len(kept))
-    single = [calibrated_logits(folder, c, stores["test"], every, central=0.0) for c in components]
+    single = [ensemble_logits(folder, nets[c], stores["test"], every, central=0.0) for c in components]
     feats = fusion_features(names, folder, stores["test"], every, 0.0, source=size_source) if names else None
     reports["test_single_slice"] = report_from_logits(y, fusion.logits([o[0] for o in single], feats),
                                                       np.mean([o[1] for o in single], axis=0), scheme,
@@ -74,10 +96,15 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     size_vs_readers = metrics.ratio_by_band(np.exp(feats[:, 0]), np.array(
         [c.diameter_mm if c.diameter_mm else np.nan for c in parts["test"][0]])) if names else []
     spec = {"kind": "fusion", "view": "fused", "task": task, "classes": list(scheme.classes),
-            "components": components, "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
+            "components": components, **({"members": members} if members else {}),
+            "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
             "dataset": "lidc", "metrics": reports, "size_only_auroc": size_only,
             "size_vs_readers_test": size_vs_readers,
-            "training": {"method": "late fusion: per-view weight x calibrated logits + class bias"
+            **({"without_members": without_members} if members else {}),
+            "training": {"method": "late fusion: per-view weight x calibrated logits"
+                                   + (" (" + "; ".join(f"{c}: the mean of {len(m) + 1} networks' calibrated logits"
+                                                       for c, m in members.items()) + ")" if members else "")
+                                   + " + class bias"
                                    + (" + per-class weights x the log of the nodule diameter measured on the image "
                                       f"by {SIZE_SOURCES[size_source]} (central half of the slices)" if names else "")
                                    + ", maximum likelihood on the validation split", "n_val": len(parts["val"][0]),
