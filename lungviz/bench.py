@@ -154,7 +154,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
         "repeats": repeats,
         "predict_ms": float(np.median(predict_ms)),
         "predict_ms_per_case": predict_ms,
-        "models_in_predict": sorted(models.bundles) + [f"fused-{t}" for t in models.fusions],
+        "models_in_predict": sorted(models.bundles) + sorted(models.members) + [f"fused-{t}" for t in models.fusions],
         "gradcam_ms": float(np.median([v for k, vs in cam_ms.items() if k.startswith("gradcam_") for v in vs])),
         "gradcampp_ms": float(np.median([v for k, vs in cam_ms.items() if k.startswith("gradcampp_") for v in vs])),
         "cam_ms_by_view": {k: float(np.median(v)) for k, v in cam_ms.items()},

@@ -34,14 +34,38 @@ def size_feature(diameter_mm: float | np.ndarray) -> np.ndarray:
 def component_networks(spec: dict) -> dict[str, list[str]]:
     """Per component of a fusion spec, the networks whose calibrated logits are averaged for it: the component
     itself, then the members the spec lists for it (a damaged list is a clear error)."""
-    members = spec.get("members") or {}
-    components = list(spec.get("components") or [])
-    if not isinstance(members, dict) or any(
-            c not in components or not isinstance(m, list) or not all(isinstance(n, str) and n for n in m)
-            for c, m in members.items()):
+    components, members = spec.get("components"), spec.get("members") or {}
+    if (not isinstance(components, list) or not components or len(set(map(str, components))) != len(components)
+            or not all(isinstance(c, str) and c for c in components)):
+        raise LungvizError("the fused model's list of views is damaged (it must name each view's network once).")
+    named = [n for m in members.values() for n in m] if isinstance(members, dict) and all(
+        isinstance(m, list) for m in members.values()) else None
+    if (named is None or any(c not in components for c in members)
+            or not all(isinstance(n, str) and n for n in named)
+            or len(set(named)) != len(named) or set(named) & set(components)):
         raise LungvizError("the fused model's ensemble members are damaged (each must list network names of one "
-                           "of its components).")
+                           "of its components, each network once).")
     return {c: [c, *members.get(c, [])] for c in components}
+
+
+def check_networks(fusion_spec: dict, network_specs: dict[str, dict]) -> None:
+    """Refuse networks that do not fit a fusion: each must be a model of its task with its classes, see the view of
+    its component, come from its split and (where the fusion recorded them) carry the very weights it was fitted on."""
+    task = fusion_spec.get("task")
+    hashes = fusion_spec.get("networks_sha256") or {}
+    for comp, group in component_networks(fusion_spec).items():
+        for name in group:
+            net = network_specs[name]
+            if (net.get("task") != task or list(net.get("classes") or []) != list(fusion_spec.get("classes") or [])
+                    or net.get("view") != network_specs[comp].get("view")):
+                raise LungvizError(f"the network '{name}' does not fit the fused {task} model (another task, classes "
+                                   "or view).")
+            split = fusion_spec.get("split_fingerprint")
+            if split and net.get("split_fingerprint") != split:
+                raise LungvizError(f"the network '{name}' was trained on another split than the fused {task} model.")
+            if name in hashes and net.get("weights_sha256") != hashes[name]:
+                raise LungvizError(f"it was fitted on other weights of '{name}'; refit it with "
+                                   f"`python -m training fuse --task {task}`.")
 
 
 def mean_logits(parts: Sequence[np.ndarray]) -> np.ndarray:

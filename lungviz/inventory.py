@@ -61,8 +61,8 @@ def installed_models(folder: Path | None = None) -> list[dict]:
         elif spec.get("kind") == "fusion":
             try:
                 nets = component_networks(spec)
-            except LungvizError:
-                nets = {str(c): [str(c)] for c in spec.get("components", [])}
+            except LungvizError:  # damaged: listed, never usable
+                nets = {}
             parts = [n for group in nets.values() for n in group]
             present = bool(parts) and all((root / f"{c}.safetensors").is_file() for c in parts)
             out.append({**spec, "_file": spec_path.name, "_kind": "fusion", "_weights_present": present,

@@ -15,7 +15,15 @@ import torch
 from lungviz import paths
 from lungviz.errors import LungvizError
 from lungviz.finder import Finder, centre_diameter_mm, centre_presence, load_finder
-from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, Fusion, component_networks, mean_logits, size_feature
+from lungviz.fusion import (
+    SIZE_FEATURE,
+    SIZE_SOURCES,
+    Fusion,
+    check_networks,
+    component_networks,
+    mean_logits,
+    size_feature,
+)
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle, read_spec
 from lungviz.outline import Outline, load_outliner, outline_nodule
@@ -90,6 +98,9 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
                 for name in nets[1:]:
                     if name not in members:
                         members[name] = load_bundle(folder, name, device)
+            installed = {n: b.spec for n, b in (bundles | members).items()}
+            if all(n in installed for nets in component_networks(spec).values() for n in nets):
+                check_networks(spec, installed)
         except LungvizError as err:
             del fusions[task]
             parsed.pop(task, None)
@@ -257,9 +268,11 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
             else:
                 continue
             features = size_feature(np.array([[diameter]]))
-        view_logits = [mean_logits([logits[c], *(calibrated_logits(models.members[m], view_image(
-            models.members[m].spec, context, nodule_crop, spacing_mm)) for m in nets[1:])])[None]
-            for c, nets in zip(comps, component_networks(spec).values(), strict=True)]
+        view_logits = []
+        for c, nets in zip(comps, component_networks(spec).values(), strict=True):
+            extra = [models.members[m] for m in nets[1:]]  # the view's ensemble members, each with its own view
+            view_logits.append(mean_logits([logits[c], *(calibrated_logits(b, view_image(
+                b.spec, context, nodule_crop, spacing_mm)) for b in extra)])[None])
         fused = fusion.logits(view_logits, features)[0]
         probs = softmax(fused[None])[0].tolist()
         views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist())

@@ -160,14 +160,20 @@ def test_card_describes_a_fused_views_ensemble_and_what_it_added(tmp_path):
              "components": ["slice-binary", "nodule-binary"], "split_fingerprint": "abc",
              "members": {"nodule-binary": ["nodule-binary-64-ema"]},
              "fusion": {"views": ["slice", "nodule"], "weights": [0.2, 0.7], "bias": [1.0, -1.0]},
-             "training": {"val_score": 0.91}, "without_members": {"val": 0.898, "test": 0.864},
+             "training": {"val_score": 0.91},
+             "without_members": {"val": 0.898, "test": 0.864, "test_difference_ci95": [-0.038, 0.006]},
              "metrics": {"test": _rep(0.851, 2), "val": _rep(0.91, 2)}}
     (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
     card = write_card(tmp_path).read_text()
     assert "Its `nodule` view is the mean of the calibrated logits of 2 networks" in card
-    assert ("| nodule-binary-64-ema | 64 px, 32.0 mm | 30 epochs of 1536 samples, weight averaging (EMA 0.99) "
+    assert ("| nodule-binary-64-ema | 64 px, 32 mm | 30 epochs of 1536 samples, weight averaging (EMA 0.99) "
             "| cpu, 10 min | 0.900 |") in card
-    assert "scores 0.898 on validation and 0.864 on test (AUROC), against 0.910 and 0.851 with the ensemble" in card
+    assert ("scores 0.898 on validation and 0.864 on test (AUROC), against 0.910 and 0.851 with the ensemble (test "
+            "difference -0.013, patient bootstrap 95% interval [-0.038, +0.006])") in card
+    fused["members"]["nodule-binary"].append("nodule-binary-gone")
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
+    card = write_card(tmp_path).read_text()
+    assert "| nodule-binary-gone | not installed | – | – | – |" in card and "of 3 networks" in card
     del fused["members"], fused["without_members"]
     (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
     assert "mean of the calibrated logits" not in write_card(tmp_path).read_text()

@@ -112,7 +112,10 @@ def test_fusion_components_and_their_ensemble_members():
     assert component_networks(spec) == {"slice-binary": ["slice-binary"],
                                         "nodule-binary": ["nodule-binary", "nodule-binary-64", "nodule-binary-b"]}
     assert component_networks({"components": ["a"]}) == {"a": ["a"]}
-    for bad in ({"x": ["m"]}, {"a": "m"}, {"a": [""]}, ["m"]):
+    for bad in ({"x": ["m"]}, {"a": "m"}, {"a": [""]}, ["m"], {"a": ["m", "m"]}, {"a": ["a"]}, {"a": [3]}):
         with pytest.raises(LungvizError, match="ensemble members"):
             component_networks({"components": ["a"], "members": bad})
+    for bad in ("a", [], ["a", "a"], [""], None):
+        with pytest.raises(LungvizError, match="list of views is damaged"):
+            component_networks({"components": bad})
     assert np.allclose(mean_logits([np.array([[0.0, 2.0]]), np.array([[2.0, 1.0]])]), [[1.0, 1.5]])

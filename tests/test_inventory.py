@@ -38,6 +38,19 @@ def test_installed_models_lists_bundles_and_fusion_specs(tmp_path: Path):
     got = {m["_file"]: (m["_kind"], m["_weights_present"]) for m in installed_models(tmp_path)}
     assert got == {"fused-binary.json": ("fusion", False),  # its slice component has no weights
                    "nodule-binary.json": ("bundle", True), "slice-binary.json": ("bundle", False)}
+    (tmp_path / "slice-binary.safetensors").write_bytes(b"x")
+    fused = {"kind": "fusion", "components": ["slice-binary", "nodule-binary"],
+             "members": {"nodule-binary": ["nodule-binary-m"]}}
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
+    listed = {m["_file"]: m for m in installed_models(tmp_path)}["fused-binary.json"]
+    assert listed["_networks"] == {"slice-binary": ["slice-binary"],
+                                   "nodule-binary": ["nodule-binary", "nodule-binary-m"]}
+    assert not listed["_weights_present"]  # a member without weights
+    (tmp_path / "nodule-binary-m.safetensors").write_bytes(b"x")
+    assert {m["_file"]: m for m in installed_models(tmp_path)}["fused-binary.json"]["_weights_present"]
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused | {"members": {"nodule-binary": ["nodule-binary"]}}))
+    damaged = {m["_file"]: m for m in installed_models(tmp_path)}["fused-binary.json"]
+    assert not damaged["_weights_present"] and damaged["_networks"] == {}
 
 
 def test_reference_predictions(tmp_path: Path):

@@ -128,6 +128,25 @@ def test_fused_view_averages_its_ensemble_members(weights, tmp_path):
     assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
     assert not np.allclose(pred.views["fused"]["binary"].logits, 0.5 * np.array(pred.views["slice"]["binary"].logits)
                            + 0.5 * np.array(pred.views["nodule"]["binary"].logits), atol=1e-4)
+    crop = np.random.default_rng(3).random((40, 40)).astype(np.float32)  # an uploaded nodule crop: members see it too
+    zoomed = predict(models, ctx, crop, spacing_mm=0.7)
+    nodule = (np.array(zoomed.views["nodule"]["binary"].logits) + calibrated_logits(m, view_image(m.spec, ctx, crop,
+                                                                                                   0.7))) / 2
+    assert np.allclose(zoomed.views["fused"]["binary"].logits,
+                       0.5 * np.array(zoomed.views["slice"]["binary"].logits) + 0.5 * nodule, atol=1e-5)
+    # The fusion recorded the weights it was fitted on: other weights of a member drop it, with the reason.
+    spec_now = json.loads((folder / "fused-binary.json").read_text())
+    hashes = {n: b.spec["weights_sha256"] for n, b in models.networks.items()}
+    (folder / "fused-binary.json").write_text(json.dumps(spec_now | {"networks_sha256": hashes}))
+    assert set(load_models(folder).fusions) == {"binary", "score"}
+    (folder / "fused-binary.json").write_text(json.dumps(spec_now | {"networks_sha256": hashes | {
+        "nodule-binary-m": "0" * 64}}))
+    stale = load_models(folder)
+    assert set(stale.fusions) == {"score"} and "other weights of 'nodule-binary-m'" in stale.notes[0]
+    # A member of another view does not fit.
+    (folder / "fused-binary.json").write_text(json.dumps(fused | {"members": {"slice-binary": ["nodule-binary-m"]}}))
+    assert "does not fit the fused binary model" in load_models(folder).notes[0]
+    (folder / "fused-binary.json").write_text(json.dumps(fused | {"members": {"nodule-binary": ["nodule-binary-m"]}}))
     (folder / "nodule-binary-m.safetensors").unlink()
     without = load_models(folder)
     assert set(without.fusions) == {"score"} and not without.members

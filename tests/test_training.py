@@ -513,3 +513,14 @@ def test_a_fused_view_with_ensemble_members_averages_their_calibrated_logits(tmp
     nodule = (one["nodule-binary"] + one["nodule-binary-m"]) / 2
     assert np.allclose(ensembled, Fusion.from_dict(fusion).logits([one["slice-binary"], nodule]), atol=1e-5)
     assert not np.allclose(ensembled, plain, atol=1e-3)  # the member counts
+    # The app computes the same fused logits from the middle slice as evaluation does with central=0.
+    from lungviz.predict import load_models, predict
+    from training.data import central_slices
+
+    middle = calibrated_logits(folder, "fused-binary", store, idx, central=0.0)[0]
+    models = load_models(folder)
+    assert set(models.members) == {"nodule-binary-m"}
+    for ci, case in enumerate(cases):
+        k = central_slices(store.n_slices(ci), 0, 0.0)[0]
+        pred = predict(models, store.slice01(ci, k), spacing_mm=case.pixel_spacing_mm)
+        assert np.allclose(pred.views["fused"]["binary"].logits, middle[ci], atol=1e-4)

@@ -156,8 +156,10 @@ def cmd_fuse(cfg: FuseConfig) -> dict:
         raise LungvizError(f"--size takes shipped, yes or no, got '{cfg.size}'.")
     size = SHIPPED_FUSIONS.get(cfg.task, {}).get("size", False) if choice == "shipped" else choice == "yes"
     source = cfg.size_source or SHIPPED_FUSIONS.get(cfg.task, {}).get("size_source", "outliner")
-    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size, size_source=source,
-                        members=SHIPPED_FUSIONS.get(cfg.task, {}).get("members"))
+    if cfg.members not in ("shipped", "none"):
+        raise LungvizError(f"--members takes shipped or none, got '{cfg.members}'.")
+    members = SHIPPED_FUSIONS.get(cfg.task, {}).get("members") if cfg.members == "shipped" else None
+    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size, size_source=source, members=members)
     test = spec["metrics"]["test"]
     return {"name": f"fused-{cfg.task}", "fusion": spec["fusion"],
             **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}

@@ -123,16 +123,20 @@ def members_text(component: str, members: list[str], folder: Path | None) -> str
     nets = [component, *members]
     rows = []
     for n in nets:
-        spec = read_result(f"{n}.json", folder) or {}
+        spec = read_result(f"{n}.json", folder)
+        if spec is None:
+            rows.append(f"| {n} | not installed | – | – | – |")
+            continue
         tr, val = spec.get("training", {}), (spec.get("metrics") or {}).get("val", {})
         extra = [f"weight averaging (EMA {tr['ema']})" if tr.get("ema") else "",
                  f"the readers' own scores as soft labels (weight {tr['soft_labels']:g})" if tr.get("soft_labels")
                  else ""]
-        rows.append(f"| {n} | {spec.get('input_size', '?')} px, {(spec.get('preprocessing') or {}).get('field_mm')} mm"
+        field_mm = (spec.get("preprocessing") or {}).get("field_mm")
+        rows.append(f"| {n} | {spec.get('input_size', '?')} px, {f'{field_mm:g} mm' if field_mm else '–'}"
                     f" | {tr.get('epochs', '?')} epochs of {tr.get('epoch_samples', '?')} samples"
                     f"{''.join(', ' + e for e in extra if e)} | {tr.get('device', '?')}, "
                     f"{(tr.get('train_seconds') or 0) / 60:.0f} min | {_fmt(val.get('auroc'))} |")
-    return (f"\nIts `{component.split('-')[0]}` view is the mean of the calibrated logits of {len(nets)} networks "
+    return (f"Its `{component.split('-')[0]}` view is the mean of the calibrated logits of {len(nets)} networks "
             "(equal weights), each with its own input size and calibration:\n\n"
             "| network | input, nodule field | training | trained on | val AUROC |\n| --- | --- | --- | --- | --- |\n"
             + "\n".join(rows) + "\n")
@@ -487,18 +491,22 @@ def write_card(folder: Path | None = None) -> Path:
             if s.get("without_members"):
                 alone, test = s["without_members"], s["metrics"].get("test") or {}
                 key = "auroc" if s["task"] == "binary" else "qwk"
+                ci = alone.get("test_difference_ci95")
                 w(f"With each view's own network alone, the same fusion, fitted the same way, scores "
                   f"{_fmt(alone.get('val'))} on validation and {_fmt(alone.get('test'))} on test "
                   f"({'AUROC' if key == 'auroc' else 'kappa'}), against "
-                  f"{_fmt(tr.get('val_score'))} and {_fmt(test.get(key))} with the ensemble. The members were chosen "
-                  "on validation; this test comparison came after the choice and did not change it.\n")
+                  f"{_fmt(tr.get('val_score'))} and {_fmt(test.get(key))} with the ensemble"
+                  + (f" (test difference {test.get(key, 0) - alone.get('test', 0):+.3f}, patient bootstrap 95% "
+                     f"interval [{ci[0]:+.3f}, {ci[1]:+.3f}])" if ci and test.get(key) is not None else "")
+                  + ". The members were chosen on validation; this test comparison came after the choice and did not "
+                  "change it.\n")
             if f.get("features"):
                 w(f"It also uses the nodule's size as {SIZE_SOURCES.get(f.get('size_source', 'finder'), '?')} "
                   "measures it on the image (log diameter at the crop centre, averaged over the central half of the "
                   "slices), with per-class "
                   f"weights {', '.join(f'{v:+.2f}' for v in f['feature_weights'][0])}. On validation (AUROC for "
                   f"binary, kappa for score) it scores {_fmt(tr.get('val_score'))}, against "
-                  f"{_fmt(tr.get('val_score_views_only'))} for the views alone. The measuring model never sees the "
+                  f"{_fmt(tr.get('val_score_views_only'))} without the size. The measuring model never sees the "
                   "readers' measurements.\n")
         else:
             w(f"`{s['arch']}` ({'ImageNet-pretrained' if tr.get('pretrained') else 'from scratch'}), view "

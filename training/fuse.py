@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import metrics, paths
-from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, fit_fusion, mean_logits
+from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, check_networks, component_networks, fit_fusion, mean_logits
 from lungviz.labels import get_scheme
 from training.data import SliceStore
 from training.datasets import load_cases
@@ -31,19 +31,15 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     ``members`` names, per component, further networks of the task whose calibrated logits are averaged with the
     component's (a mean-logit ensemble for that view)."""
     folder = Path(weights) if weights else paths.weights_dir()
+    scheme = get_scheme(task)
     components = [f"slice-{task}", f"nodule-{task}"]
     members = {c: list(m) for c, m in (members or {}).items() if m}
-    unknown = [c for c in members if c not in components]
-    if unknown:
-        raise ValueError(f"ensemble members given for {', '.join(unknown)}, which is no component of fused-{task}")
-    nets = {c: [c, *members.get(c, [])] for c in components}
-    specs = [read_any_spec(folder, n) for group in nets.values() for n in group]
-    fingerprint = specs[0]["split_fingerprint"]
-    if any(s["split_fingerprint"] != fingerprint for s in specs):
-        raise ValueError("the fused model's networks were trained on different splits")
-    if any(s["task"] != task for s in specs):
-        raise ValueError(f"every network of fused-{task} must be a {task} model")
-    scheme = get_scheme(task)
+    head = {"kind": "fusion", "view": "fused", "task": task, "classes": list(scheme.classes),
+            "components": components, **({"members": members} if members else {})}
+    nets = component_networks(head)
+    specs = {n: read_any_spec(folder, n) for group in nets.values() for n in group}
+    fingerprint = specs[components[0]]["split_fingerprint"]
+    check_networks(head | {"split_fingerprint": fingerprint}, specs)
     names = [SIZE_FEATURE] if size else []
     cases, _ = load_cases("lidc")
     parts, stores = {}, {}
@@ -56,28 +52,35 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
         cal = [mean_logits([per_net[n][0] for n in nets[c]]) for c in components]
         raw = [mean_logits([per_net[n][1] for n in nets[c]]) for c in components]
         feats = fusion_features(names, folder, store, np.arange(len(kept)), source=size_source) if names else None
-        parts[split] = (kept, np.array([y for _, y in pairs]), cal, raw, feats, [per_net[c][0] for c in components])
-    kept, y, cal, _, feats, _ = parts["val"]
+        parts[split] = {"kept": kept, "y": np.array([y for _, y in pairs]), "cal": cal, "raw": raw, "feats": feats,
+                        "alone": [per_net[c][0] for c in components]}
+    kept, y, cal, feats = (parts["val"][k] for k in ("kept", "y", "cal", "feats"))
     fusion = fit_fusion(["slice", "nodule"], cal, y, features=feats, feature_names=names, size_source=size_source)
     # What the features add, on validation (the split the choice is made on): the same fusion without them.
     views_only = fit_fusion(["slice", "nodule"], cal, y).logits(cal)
     val_views_only = float(selection_score(y, views_only, scheme))
-    # What the ensemble members add: the same fusion fitted on each component alone, on validation and on test.
+    # What the ensemble members add: the same fusion fitted on each component alone, on validation and on test, and
+    # a patient-bootstrap interval of the paired difference (with members minus without).
     without_members = {}
     if members:
-        alone = fit_fusion(["slice", "nodule"], parts["val"][5], y, features=feats, feature_names=names,
+        alone = fit_fusion(["slice", "nodule"], parts["val"]["alone"], y, features=feats, feature_names=names,
                            size_source=size_source)
-        without_members = {split: float(selection_score(parts[split][1], alone.logits(parts[split][5],
-                                                                                     parts[split][4]), scheme))
-                           for split in ("val", "test")}
+        for split in ("val", "test"):
+            sp = parts[split]
+            a, b = fusion.logits(sp["cal"], sp["feats"]), alone.logits(sp["alone"], sp["feats"])
+            without_members[split] = float(selection_score(sp["y"], b, scheme))
+            without_members[f"{split}_difference_ci95"] = metrics.bootstrap_ci(
+                lambda i, sp=sp, a=a, b=b: {"d": selection_score(sp["y"][i], a[i], scheme)
+                                            - selection_score(sp["y"][i], b[i], scheme)},
+                len(sp["y"]), [c.patient_id for c in sp["kept"]], n_boot if split == "test" else 200).get("d")
     reports = {}
     for split in ("val", "test"):
-        kept, y, cal, raw, feats, _ = parts[split]
+        kept, y, cal, raw, feats = (parts[split][k] for k in ("kept", "y", "cal", "raw", "feats"))
         reports[split] = report_from_logits(y, fusion.logits(cal, feats), np.mean(raw, axis=0), scheme,
                                             [c.patient_id for c in kept], [c.reader_scores for c in kept],
                                             n_boot if split == "test" else 200)
     # What the app sees: the middle slice only (views and size measured on it).
-    kept, y = parts["test"][:2]
+    kept, y = parts["test"]["kept"], parts["test"]["y"]
     every = np.arange(len(kept))
     single = [ensemble_logits(folder, nets[c], stores["test"], every, central=0.0) for c in components]
     feats = fusion_features(names, folder, stores["test"], every, 0.0, source=size_source) if names else None
@@ -87,17 +90,16 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     # The image-measured size alone (no malignancy CNN), for binary: what the views add beyond it.
     size_only = {}
     if names and scheme.positive_class is not None:
-        columns = {"val": parts["val"][4], "test": parts["test"][4], "test_single_slice": feats}
+        columns = {"val": parts["val"]["feats"], "test": parts["test"]["feats"], "test_single_slice": feats}
         for name, f in columns.items():
-            split_kept, split_y = parts[name.split("_")[0]][:2]
+            split_kept, split_y = parts[name.split("_")[0]]["kept"], parts[name.split("_")[0]]["y"]
             size_only[name] = metrics.score_auroc(split_y == scheme.positive_class, f[:, 0],
                                                   [c.patient_id for c in split_kept], n_boot if name == "test" else 200)
     # The measurement against the readers' diameter (a label, never an input), on one middle slice as the app sees.
     size_vs_readers = metrics.ratio_by_band(np.exp(feats[:, 0]), np.array(
-        [c.diameter_mm if c.diameter_mm else np.nan for c in parts["test"][0]])) if names else []
-    spec = {"kind": "fusion", "view": "fused", "task": task, "classes": list(scheme.classes),
-            "components": components, **({"members": members} if members else {}),
-            "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
+        [c.diameter_mm if c.diameter_mm else np.nan for c in parts["test"]["kept"]])) if names else []
+    spec = {**head, "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
+            "networks_sha256": {n: s.get("weights_sha256") for n, s in specs.items()},
             "dataset": "lidc", "metrics": reports, "size_only_auroc": size_only,
             "size_vs_readers_test": size_vs_readers,
             **({"without_members": without_members} if members else {}),
@@ -107,11 +109,11 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
                                    + " + class bias"
                                    + (" + per-class weights x the log of the nodule diameter measured on the image "
                                       f"by {SIZE_SOURCES[size_source]} (central half of the slices)" if names else "")
-                                   + ", maximum likelihood on the validation split", "n_val": len(parts["val"][0]),
-                         "n_test": len(parts["test"][0]), "features": names,
+                                   + ", maximum likelihood on the validation split", "n_val": len(parts["val"]["y"]),
+                         "n_test": len(parts["test"]["y"]), "features": names,
                          "val_score_views_only": val_views_only,
-                         "val_score": float(selection_score(parts["val"][1], fusion.logits(parts["val"][2],
-                                                                                           parts["val"][4]), scheme))}}
+                         "val_score": float(selection_score(parts["val"]["y"], fusion.logits(
+                             parts["val"]["cal"], parts["val"]["feats"]), scheme))}}
     path = folder / f"fused-{task}.json"
     path.write_text(json.dumps(spec, indent=2) + "\n")
     return spec

@@ -73,7 +73,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mask_weight: float = 0.0  # > 0: also learn the readers' mask from a stride-16 feature map (training only)
     # The three options below are tried against the recipe by ``python -m training ablate`` (weights/ablation.json);
-    # none beat the recipe's seed-to-seed spread there, so the shipped models use none of them.
+    # none beat the recipe's seed-to-seed spread there. Two networks with them serve only as ensemble members of
+    # fused-binary's nodule view (SHIPPED: nodule-binary-64-ema, nodule-binary-64-soft).
     attr_weight: float = 0.0  # > 0: also regress the readers' characteristics and log diameter (training only)
     soft_labels: float = 0.0  # > 0: soft targets mixing the panel's class with the readers' votes (reader_targets)
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights (decay per step), validated each epoch
@@ -100,7 +101,7 @@ LONGER: dict = {"epochs": 60, "epoch_samples": 3072, "patience": 12, "stages": (
 #: slice-binary AUROC 0.776 -> 0.815, slice-score kappa 0.313 -> 0.407, nodule-binary 0.864 -> 0.866 (level; kept
 #: for its Grad-CAM map, twice as fine and on validation twice as often on the nodule). nodule-score keeps its 64 px
 #: network (0.537; the best candidate scored 0.530 on the copy). On a 2-core CPU one 128 px, 4x training run takes
-#: about four hours; on one H100 about four minutes. histology: the 64 px recipe's longer schedule at 128 px raised
+#: about four hours; on one H100 about four minutes. histology: RECIPE_64's 30-epoch schedule at 128 px raised
 #: validation macro F1 (the selection figure, 40 images) from 0.64 to 0.88 over the default 8 epochs at 96 px (the
 #: same schedule at 96 px: 0.74); 15 minutes on the CPU.
 SHIPPED: dict[str, dict] = {
@@ -109,9 +110,10 @@ SHIPPED: dict[str, dict] = {
     "slice-binary": {"view": "slice", "task": "binary", "input_size": 128, **LONGER, "seed": 2},
     "slice-score": {"view": "slice", "task": "score", "input_size": 128, **LONGER, "seed": 2},
     "histology": {"dataset": "histology", "view": "slice", "task": "histology", "input_size": 128, **RECIPE_64},
-    # Members of fused-binary's nodule view (SHIPPED_FUSIONS): the 64 px networks trained on the shipped split that
-    # came within 0.005 of nodule-binary's validation AUROC (0.864, 0.866, 0.865 against 0.866): the network
-    # nodule-binary replaced and the two ablation variants (weight averaging; the readers' own scores as soft labels).
+    # Members of fused-binary's nodule view (SHIPPED_FUSIONS): of the seven 64 px nodule-binary networks trained on
+    # the shipped split (the network nodule-binary replaced and the ablation variants: weight averaging, soft labels,
+    # characteristics, mask, longer training, 24 mm field), those within 0.005 of nodule-binary's validation AUROC
+    # in their specs (0.864, 0.866, 0.865 against 0.866; the others 0.847-0.859).
     "nodule-binary-64": {"view": "nodule", "task": "binary", **RECIPE_64},
     "nodule-binary-64-ema": {"view": "nodule", "task": "binary", **RECIPE_64, "ema": 0.99},
     "nodule-binary-64-soft": {"view": "nodule", "task": "binary", **RECIPE_64, "soft_labels": 1.0},
@@ -120,9 +122,9 @@ SHIPPED: dict[str, dict] = {
 #: finder's) and did not raise validation kappa for score (0.519 -> 0.517), so only fused-binary uses it. Within
 #: validation (5-fold CV) views + the outliner's size scored 0.895 against 0.880 with the finder's: the outliner
 #: measures it (needs the outliner). fused-binary's nodule view is the mean-logit ensemble of nodule-binary and the
-#: three 64 px members above: on validation the ensemble scored AUROC 0.883 against 0.866 for nodule-binary alone,
-#: and within validation (5-fold CV, 20 repeats) the fusion with it 0.909 against 0.901. On test, measured after the
-#: choice, the fusion scored 0.851 against 0.864 without the members (the model card has both).
+#: three 64 px members above: on validation the ensemble scored AUROC 0.883 against 0.866 for nodule-binary alone
+#: and the fusion with it 0.910 against 0.898. On test, measured after the choice, the fusion scored 0.851 against
+#: 0.864 without the members (the spec's without_members and the model card have both, with paired intervals).
 SHIPPED_FUSIONS: dict[str, dict] = {
     "binary": {"size": True, "size_source": "outliner",
                "members": {"nodule-binary": ["nodule-binary-64", "nodule-binary-64-ema", "nodule-binary-64-soft"]}},
