@@ -229,9 +229,7 @@ st.markdown(
     "histology teaching model.\n"
     "- The models see images only; the readers' diameter and characteristics are shown for context and never used "
     "as inputs. The fused benign/malignant model adds the nodule's diameter measured on the image (by the nodule "
-    "outliner in the shipped model), and its nodule view averages the networks its specification lists (the "
-    "shipped one: nodule-binary and three 64 px nodule networks, see the model card); the app's nodule row and "
-    "its Grad-CAM map are nodule-binary's alone."
+    "outliner in the shipped model)."
 )
 st.caption(RESEARCH_NOTICE)
 

@@ -8,7 +8,7 @@ python -m training splits                                              # weights
 python -m training finder                                              # nodule finder bundles + weights/finder.json
 python -m training finder --only mine                                  # one round of hard-negative mining
 python -m training outliner                                            # nodule outliner bundle (~10 min CPU)
-python -m training train --all                                         # 8 bundles (3: fused-binary members), fused-binary/score, index
+python -m training train --all                                         # 5 bundles, fused-binary (uses the outliner)/score, index
 for m in nodule-binary slice-binary fused-binary nodule-score slice-score fused-score; do  # app reference cases
   python -m training evaluate --model "$m" --split test --n-boot 200 --predictions "weights/reference/$m-test.csv"
 done

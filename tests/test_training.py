@@ -524,3 +524,16 @@ def test_a_fused_view_with_ensemble_members_averages_their_calibrated_logits(tmp
         k = central_slices(store.n_slices(ci), 0, 0.0)[0]
         pred = predict(models, store.slice01(ci, k), spacing_mm=case.pixel_spacing_mm)
         assert np.allclose(pred.views["fused"]["binary"].logits, middle[ci], atol=1e-4)
+
+
+def test_fuse_members_option_reads_presets_and_explicit_lists():
+    from training.__main__ import parse_members
+
+    preset = {"nodule-binary": ["a"]}
+    assert parse_members("shipped", preset) == preset and parse_members("shipped", None) is None
+    assert parse_members("none", preset) is None
+    assert parse_members("nodule-binary=m1, m2; slice-binary=s1", None) == {"nodule-binary": ["m1", "m2"],
+                                                                            "slice-binary": ["s1"]}
+    for bad in ("nodule-binary", "nodule-binary=", "=m1"):
+        with pytest.raises(LungvizError, match="--members takes"):
+            parse_members(bad, None)

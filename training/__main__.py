@@ -146,6 +146,21 @@ def cmd_index(cfg: IndexConfig) -> dict:
     return build_library_index(cfg.model, cfg.data, cfg.out, cfg.max_slices)
 
 
+def parse_members(text: str, shipped: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+    """``--members``: shipped (the preset's), none, or ``COMPONENT=NET[,NET][;COMPONENT=NET...]``."""
+    text = text.strip()
+    if text in ("shipped", "none", ""):
+        return shipped if text == "shipped" else None
+    out: dict[str, list[str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        comp, sep, nets = part.partition("=")
+        names = [n.strip() for n in nets.split(",") if n.strip()]
+        if not sep or not comp.strip() or not names:
+            raise LungvizError(f"--members takes shipped, none or COMPONENT=NET[,NET]; got '{text}'.")
+        out[comp.strip()] = names
+    return out
+
+
 def cmd_fuse(cfg: FuseConfig) -> dict:
     """Fit the two-view fused model (fused-<task>) on the validation split and report it on test."""
     from training.fuse import train_fusion
@@ -156,9 +171,7 @@ def cmd_fuse(cfg: FuseConfig) -> dict:
         raise LungvizError(f"--size takes shipped, yes or no, got '{cfg.size}'.")
     size = SHIPPED_FUSIONS.get(cfg.task, {}).get("size", False) if choice == "shipped" else choice == "yes"
     source = cfg.size_source or SHIPPED_FUSIONS.get(cfg.task, {}).get("size_source", "outliner")
-    if cfg.members not in ("shipped", "none"):
-        raise LungvizError(f"--members takes shipped or none, got '{cfg.members}'.")
-    members = SHIPPED_FUSIONS.get(cfg.task, {}).get("members") if cfg.members == "shipped" else None
+    members = parse_members(cfg.members, SHIPPED_FUSIONS.get(cfg.task, {}).get("members"))
     spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size, size_source=source, members=members)
     test = spec["metrics"]["test"]
     return {"name": f"fused-{cfg.task}", "fusion": spec["fusion"],

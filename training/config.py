@@ -109,7 +109,8 @@ class FuseConfig:
 
     task: str = "binary"
     weights: str = ""  # folder holding slice-<task>, nodule-<task> (and any members); empty = weights/
-    members: str = "shipped"  # the views' ensemble members: shipped (as SHIPPED_FUSIONS) | none
+    # the views' ensemble members: shipped (as SHIPPED_FUSIONS) | none | COMPONENT=NET[,NET][;COMPONENT=NET...]
+    members: str = "shipped"
     n_boot: int = 1000
     size: str = "shipped"  # add the diameter measured on the image: shipped (as SHIPPED_FUSIONS) | yes | no
     size_source: str = ""  # what measures it: outliner | finder; empty = as SHIPPED_FUSIONS (else the outliner)

@@ -73,8 +73,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mask_weight: float = 0.0  # > 0: also learn the readers' mask from a stride-16 feature map (training only)
     # The three options below are tried against the recipe by ``python -m training ablate`` (weights/ablation.json);
-    # none beat the recipe's seed-to-seed spread there. Two networks with them serve only as ensemble members of
-    # fused-binary's nodule view (SHIPPED: nodule-binary-64-ema, nodule-binary-64-soft).
+    # none beat the recipe's seed-to-seed spread there, so the shipped models use none of them.
     attr_weight: float = 0.0  # > 0: also regress the readers' characteristics and log diameter (training only)
     soft_labels: float = 0.0  # > 0: soft targets mixing the panel's class with the readers' votes (reader_targets)
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights (decay per step), validated each epoch
@@ -110,26 +109,16 @@ SHIPPED: dict[str, dict] = {
     "slice-binary": {"view": "slice", "task": "binary", "input_size": 128, **LONGER, "seed": 2},
     "slice-score": {"view": "slice", "task": "score", "input_size": 128, **LONGER, "seed": 2},
     "histology": {"dataset": "histology", "view": "slice", "task": "histology", "input_size": 128, **RECIPE_64},
-    # Members of fused-binary's nodule view (SHIPPED_FUSIONS): of the seven 64 px nodule-binary networks trained on
-    # the shipped split (the network nodule-binary replaced and the ablation variants: weight averaging, soft labels,
-    # characteristics, mask, longer training, 24 mm field), those within 0.005 of nodule-binary's validation AUROC
-    # in their specs (0.864, 0.866, 0.865 against 0.866; the others 0.847-0.859).
-    "nodule-binary-64": {"view": "nodule", "task": "binary", **RECIPE_64},
-    "nodule-binary-64-ema": {"view": "nodule", "task": "binary", **RECIPE_64, "ema": 0.99},
-    "nodule-binary-64-soft": {"view": "nodule", "task": "binary", **RECIPE_64, "soft_labels": 1.0},
 }
 #: The shipped fused models: an image-measured size raised validation AUROC for binary (0.866 -> 0.888 with the
 #: finder's) and did not raise validation kappa for score (0.519 -> 0.517), so only fused-binary uses it. Within
 #: validation (5-fold CV) views + the outliner's size scored 0.895 against 0.880 with the finder's: the outliner
-#: measures it (needs the outliner). fused-binary's nodule view is the mean-logit ensemble of nodule-binary and the
-#: three 64 px members above: on validation the ensemble scored AUROC 0.883 against 0.866 for nodule-binary alone
-#: and the fusion with it 0.910 against 0.898. On test, measured after the choice, the fusion scored 0.851 against
-#: 0.864 without the members (the spec's without_members and the model card have both, with paired intervals).
-SHIPPED_FUSIONS: dict[str, dict] = {
-    "binary": {"size": True, "size_source": "outliner",
-               "members": {"nodule-binary": ["nodule-binary-64", "nodule-binary-64-ema", "nodule-binary-64-soft"]}},
-    "score": {"size": False},
-}
+#: measures it (needs the outliner). Tried in session 9 and not shipped: fused-binary's nodule view as the mean-logit
+#: ensemble of nodule-binary and three 64 px nodule-binary networks (``members``; lungviz.fusion.component_networks).
+#: On validation it scored 0.910 against 0.898; on test 0.851 against 0.864 (paired difference -0.014 [-0.039,
+#: +0.007]); and the members, trained with an earlier version of this code, were not reproduced by it (a retrained
+#: member reached validation AUROC 0.848 against 0.865), so `train --all` could not rebuild the fused model.
+SHIPPED_FUSIONS: dict[str, dict] = {"binary": {"size": True, "size_source": "outliner"}, "score": {"size": False}}
 
 
 def mask_layer(model: nn.Module, input_size: int) -> tuple[str, int, int]:
