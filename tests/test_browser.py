@@ -50,6 +50,23 @@ def _wait_idle(page, timeout_ms: int = 60_000) -> None:
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_ms)
 
 
+def _download(page, button: str, attempts: int = 3, first_timeout_ms: int = 20_000) -> Path | None:
+    """Click a deferred download button and return the downloaded file. A deferred download is sometimes lost
+    (seen about 1 run in 3 for a second download right after a first, and once for a first one; not yet
+    understood): click again, as a user would, at most ``attempts`` times."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for k in range(attempts):
+        _wait_idle(page)
+        try:
+            with page.expect_download(timeout=first_timeout_ms if k == 0 else 20_000) as download:
+                page.get_by_role("button", name=button).click()
+            return Path(download.value.path())
+        except PlaywrightTimeout:
+            continue
+    return None
+
+
 @pytest.fixture
 def app_server(app_weights: Path, tmp_path: Path):
     """The real app served by `streamlit run` on a free port, with the fixture weights; stopped afterwards."""
@@ -76,7 +93,6 @@ def app_server(app_weights: Path, tmp_path: Path):
 
 
 def test_upload_shows_estimate_gradcam_and_similar_cases(app_server: str, lidc_slices_dir: Path):
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
     image = lidc_slices_dir / "LIDC-IDRI-0001" / "nodule-0" / "images" / "slice-4.png"
@@ -105,25 +121,14 @@ def test_upload_shows_estimate_gradcam_and_similar_cases(app_server: str, lidc_s
             page.wait_for_timeout(1000)  # let the charts finish drawing before the screenshot
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
-            _wait_idle(page)
-            with page.expect_download(timeout=60_000) as html_download:  # the deferred report downloads
-                page.get_by_role("button", name="HTML report").click()
-            html = Path(html_download.value.path()).read_text(encoding="utf-8")
+            html_file = _download(page, "HTML report", first_timeout_ms=60_000)  # the deferred report downloads
+            assert html_file is not None
+            html = html_file.read_text(encoding="utf-8")
             assert "Research and education use only" in html and "slice-4.png" in html
             assert "Grad-CAM, nodule view" in html and "LIDC-IDRI-0001/nodule-0" in html
             assert "Outline (nodule outliner), about " in html  # the measured outline travels with the report
-            # A second deferred download right after the first is sometimes lost (about 1 run in 3 here; not yet
-            # understood, see the closing note): click again, as a user would, at most three times.
-            pdf = None
-            for _ in range(3):
-                _wait_idle(page)
-                try:
-                    with page.expect_download(timeout=20_000) as pdf_download:
-                        page.get_by_role("button", name="PDF report").click()
-                    pdf = Path(pdf_download.value.path()).read_bytes()
-                    break
-                except PlaywrightTimeout:
-                    continue
+            pdf_file = _download(page, "PDF report")
+            pdf = pdf_file.read_bytes() if pdf_file else None
             assert pdf is not None and pdf[:5] == b"%PDF-"
         finally:
             browser.close()
