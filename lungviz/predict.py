@@ -94,12 +94,11 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
     for task, spec in list(fusions.items()):
         try:
             parsed[task] = Fusion.from_dict(spec.get("fusion", {}))
-            for nets in component_networks(spec).values():
-                for name in nets[1:]:
-                    if name not in members:
-                        members[name] = load_bundle(folder, name, device)
+            groups = component_networks(spec).values()
+            for name in (n for group in groups for n in group[1:] if n not in members):  # ensemble members
+                members[name] = load_bundle(folder, name, device)
             installed = {n: b.spec for n, b in (bundles | members).items()}
-            if all(n in installed for nets in component_networks(spec).values() for n in nets):
+            if all(n in installed for group in groups for n in group):
                 check_networks(spec, installed)
         except LungvizError as err:
             del fusions[task]
