@@ -119,7 +119,7 @@ SHIPPED: dict[str, dict] = {
 #: measures it (needs the outliner). Tried in session 9 and not shipped: fused-binary's nodule view as the mean-logit
 #: ensemble of nodule-binary and three 64 px nodule-binary networks (``members``; lungviz.fusion.component_networks).
 #: On validation it scored 0.910 against 0.898; on test 0.851 against 0.864 (paired difference -0.014 [-0.039,
-#: +0.007]); and the members, trained with an earlier version of this code, were not reproduced by it (a retrained
+#: +0.007]); and the members, trained before a fresh head was seeded, were not reproduced by it (a retrained
 #: member reached validation AUROC 0.848 against 0.865), so `train --all` could not rebuild the fused model.
 SHIPPED_FUSIONS: dict[str, dict] = {"binary": {"size": True, "size_source": "outliner"}, "score": {"size": False}}
 
