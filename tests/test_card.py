@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from training.card import write_card
+from training.card import members_text, write_card
 
 
 def _rep(auroc: float, n_classes: int) -> dict:
@@ -153,7 +153,7 @@ def test_card_reports_the_recipe_search_and_the_shipped_settings(tmp_path):
 def test_card_describes_a_fused_views_ensemble_and_what_it_added(tmp_path):
     (tmp_path / "nodule-binary.json").write_text(json.dumps(_binary_spec()))
     member = _binary_spec()
-    member["training"].update(epochs=30, epoch_samples=1536, ema=0.99)
+    member["training"].update(epochs=30, epoch_samples=1536, ema=0.99, seed=3)
     member["preprocessing"]["field_mm"] = 32.0
     (tmp_path / "nodule-binary-64-ema.json").write_text(json.dumps(member))
     fused = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
@@ -167,7 +167,7 @@ def test_card_describes_a_fused_views_ensemble_and_what_it_added(tmp_path):
     card = write_card(tmp_path).read_text()
     assert "Its `nodule` view is the mean of the calibrated logits of 2 networks" in card
     assert ("| nodule-binary-64-ema | 64 px, 32 mm | 30 epochs of 1536 samples, weight averaging (EMA 0.99) "
-            "| cpu, 10 min | 0.900 |") in card
+            "| cpu, 10 min, seed 3 | 0.900 |") in card and "| val AUROC |" in card
     assert ("scores 0.898 on validation and 0.864 on test (AUROC), against 0.910 and 0.851 with the ensemble (test "
             "difference -0.013, patient bootstrap 95% interval [-0.038, +0.006])") in card
     fused["members"]["nodule-binary"].append("nodule-binary-gone")
@@ -177,3 +177,12 @@ def test_card_describes_a_fused_views_ensemble_and_what_it_added(tmp_path):
     del fused["members"], fused["without_members"]
     (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
     assert "mean of the calibrated logits" not in write_card(tmp_path).read_text()
+
+
+def test_a_score_views_ensemble_is_listed_with_each_networks_validation_kappa(tmp_path):
+    member = _binary_spec() | {"task": "score"}
+    member["training"]["seed"] = 4
+    (tmp_path / "nodule-score-s4.json").write_text(json.dumps(member))
+    text = members_text("nodule-score", ["nodule-score-s4"], tmp_path)
+    assert "| val kappa |" in text and "AUROC" not in text
+    assert "| nodule-score | not installed |" in text and "| cpu, 10 min, seed 4 | 0.610 |" in text

@@ -119,8 +119,10 @@ def fused_test_auroc(specs: dict) -> float | None:
 
 
 def members_text(component: str, members: list[str], folder: Path | None) -> str:
-    """What a fused view's mean-logit ensemble is made of: each network's recipe and validation figure."""
+    """What a fused view's mean-logit ensemble is made of: each network's recipe and validation figure (AUROC for
+    binary, kappa for score: the figure each was selected on)."""
     nets = [component, *members]
+    key, label = ("auroc", "AUROC") if component.endswith("-binary") else ("qwk", "kappa")
     rows = []
     for n in nets:
         spec = read_result(f"{n}.json", folder)
@@ -135,10 +137,12 @@ def members_text(component: str, members: list[str], folder: Path | None) -> str
         rows.append(f"| {n} | {spec.get('input_size', '?')} px, {f'{field_mm:g} mm' if field_mm else '–'}"
                     f" | {tr.get('epochs', '?')} epochs of {tr.get('epoch_samples', '?')} samples"
                     f"{''.join(', ' + e for e in extra if e)} | {tr.get('device', '?')}, "
-                    f"{(tr.get('train_seconds') or 0) / 60:.0f} min | {_fmt(val.get('auroc'))} |")
+                    f"{(tr.get('train_seconds') or 0) / 60:.0f} min, seed {tr.get('seed', '?')}"
+                    f" | {_fmt(val.get(key))} |")
     return (f"Its `{component.split('-')[0]}` view is the mean of the calibrated logits of {len(nets)} networks "
             "(equal weights), each with its own input size and calibration:\n\n"
-            "| network | input, nodule field | training | trained on | val AUROC |\n| --- | --- | --- | --- | --- |\n"
+            f"| network | input, nodule field | training | trained on | val {label} |\n"
+            "| --- | --- | --- | --- | --- |\n"
             + "\n".join(rows) + "\n")
 
 
