@@ -183,6 +183,6 @@ def test_a_score_views_ensemble_is_listed_with_each_networks_validation_kappa(tm
     member = _binary_spec() | {"task": "score"}
     member["training"]["seed"] = 4
     (tmp_path / "nodule-score-s4.json").write_text(json.dumps(member))
-    text = members_text("nodule-score", ["nodule-score-s4"], tmp_path)
+    text = members_text("nodule-score", ["nodule-score-s4"], tmp_path, "qwk")
     assert "| val kappa |" in text and "AUROC" not in text
     assert "| nodule-score | not installed |" in text and "| cpu, 10 min, seed 4 | 0.610 |" in text

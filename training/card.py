@@ -118,11 +118,11 @@ def fused_test_auroc(specs: dict) -> float | None:
     return specs.get("fused-binary", {}).get("metrics", {}).get("test", {}).get("auroc")
 
 
-def members_text(component: str, members: list[str], folder: Path | None) -> str:
-    """What a fused view's mean-logit ensemble is made of: each network's recipe and validation figure (AUROC for
-    binary, kappa for score: the figure each was selected on)."""
+def members_text(component: str, members: list[str], folder: Path | None, key: str = "auroc") -> str:
+    """What a fused view's mean-logit ensemble is made of: each network's recipe and validation figure ``key``
+    (the figure each was selected on: auroc for binary, qwk for score)."""
     nets = [component, *members]
-    key, label = ("auroc", "AUROC") if component.endswith("-binary") else ("qwk", "kappa")
+    label = "AUROC" if key == "auroc" else "kappa"
     rows = []
     for n in nets:
         spec = read_result(f"{n}.json", folder)
@@ -490,11 +490,11 @@ def write_card(folder: Path | None = None) -> Path:
             f = s["fusion"]
             w(f"Late fusion of {', '.join(s['components'])}: weights {', '.join(f'{v:.2f}' for v in f['weights'])} "
               "on the views' calibrated logits plus a class bias, fitted on the validation split.\n")
+            key = "auroc" if s["task"] == "binary" else "qwk"
             for comp, members in (s.get("members") or {}).items():
-                w(members_text(comp, members, folder))
+                w(members_text(comp, members, folder, key))
             if s.get("without_members"):
                 alone, test = s["without_members"], s["metrics"].get("test") or {}
-                key = "auroc" if s["task"] == "binary" else "qwk"
                 ci = alone.get("test_difference_ci95")
                 w(f"With each view's own network alone, the same fusion, fitted the same way, scores "
                   f"{_fmt(alone.get('val'))} on validation and {_fmt(alone.get('test'))} on test "
