@@ -27,6 +27,7 @@ from lungviz.report import (
     build_pdf,
     data_uri,
     model_versions,
+    outline_caption,
     pct,
     report_filename,
 )
@@ -261,7 +262,7 @@ with seen:
                   clamp=True)
     if outline_image is not None:
         cols[-1].image(outline_image, width="stretch",
-                       caption=f"Outline (nodule outliner): about {pred.outline.diameter_mm:.0f} mm across")
+                       caption=outline_caption(pred.outline))
 with est:
     st.metric(f"Malignant probability: {VIEW_LABELS.get(head_view or '', '-').lower()}",
               common.percent(p), help="Panel score 4-5 (malignant) against 1-3 (benign).")
@@ -396,8 +397,7 @@ with rep_col:
     saved = st.session_state["saved_reviews"].get(case_label, {})
     report = CaseReport(
         case_id=case_label, source="upload", file_names=list(case.names),
-        images={**pred.images, **({f"Outline (nodule outliner), about {pred.outline.diameter_mm:.0f} mm across":
-                                    outline_image} if outline_image is not None else {})},
+        images={**pred.images, **({outline_caption(pred.outline): outline_image} if outline_image is not None else {})},
         prediction=pred.to_dict(), maps=maps,
         similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",
                                         "thumbnail")} for s in similar],

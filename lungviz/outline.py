@@ -2,8 +2,9 @@
 
 The outliner (:class:`lungviz.models.LungvizSegNet`) maps its nodule view to the probability that each pixel lies
 inside the outline any LIDC reader drew. The outline is the connected region above :data:`THRESHOLD` nearest the
-view's centre; its size is the diameter of the circle with the same area. Nothing here reads the readers'
-measurements: it is an image-derived size, like the finder's.
+view's centre; its size is the diameter of the circle with the same area (what the fused model uses), and its long
+and short axis as a reader measures them on a slice. Nothing here reads the readers' measurements: these are
+image-derived sizes, like the finder's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Outline:
     probability: np.ndarray  # (S, S) float32, in the outliner's view
     area_mm2: float
     diameter_mm: float  # of the circle with the same area; 0 when nothing is outlined
+    long_axis_mm: float = 0.0  # the widest extent of the outline (see axes_px)
+    short_axis_mm: float = 0.0  # its widest cross-section at right angles to the long axis
 
 
 def load_outliner(folder: Path | None = None, device: str | None = None) -> Bundle:
@@ -67,6 +70,32 @@ def central_region(mask: np.ndarray, reach: float = CENTRE_REACH) -> np.ndarray:
     return labels == best + 1
 
 
+#: Directions (degrees, half a turn) over which :func:`axes_px` looks for the longest axis.
+AXIS_ANGLES = np.deg2rad(np.arange(180.0))
+
+
+def axes_px(mask: np.ndarray) -> tuple[float, float]:
+    """``(long axis, short axis)`` of a 2D mask in pixels, as a reader measures on a slice: the long axis is the
+    widest extent over all directions (the maximum caliper, each pixel counted whole); the short axis the longest
+    chord at right angles to it (the widest cross-section, in one-pixel bands along the long axis). ``(0, 0)`` for
+    an empty mask."""
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return 0.0, 0.0
+    pts = np.argwhere(m).astype(np.float64)
+    edge = pts[(m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3)), border_value=0))[m]]
+    proj = edge @ np.stack([np.cos(AXIS_ANGLES), np.sin(AXIS_ANGLES)])  # (P, A): extents live on the edge
+    extent = proj.max(axis=0) - proj.min(axis=0) + 1.0
+    best = int(np.argmax(extent))
+    theta = AXIS_ANGLES[best]
+    along = np.floor(pts @ np.array([np.cos(theta), np.sin(theta)]))
+    across = pts @ np.array([-np.sin(theta), np.cos(theta)])
+    _, band = np.unique(along, return_inverse=True)
+    width = ndimage.maximum(across, band, np.arange(band.max() + 1)) - ndimage.minimum(
+        across, band, np.arange(band.max() + 1))
+    return float(extent[best]), float(np.max(width) + 1.0)
+
+
 @torch.inference_mode()
 def view_probabilities(bundle: Bundle, views01: np.ndarray, batch: int = 256) -> np.ndarray:
     """``(N, S, S)`` outliner views in [0, 1] -> ``(N, S, S)`` probabilities of being inside the outline."""
@@ -93,12 +122,32 @@ def measure_views(bundle: Bundle, views01: np.ndarray, mm_per_px: np.ndarray | f
     return probs, masks, 2.0 * np.sqrt(area / np.pi)
 
 
-def crops_diameter_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> np.ndarray:
-    """The outlined diameter (mm) at the centre of each of several crops at one pixel spacing (e.g. the slices of
-    one nodule)."""
+#: The sizes :func:`mask_sizes_mm` measures: same-area circle diameter, long and short axis, and their mean (the
+#: Fleischner / Lung-RADS average diameter).
+SIZE_MEASURES = ("circle", "long_axis", "short_axis", "mean_axes")
+
+
+def mask_sizes_mm(masks: np.ndarray, mm_per_px: float) -> dict[str, np.ndarray]:
+    """Per outline mask ``(N, S, S)``, each of :data:`SIZE_MEASURES` in mm."""
+    m = np.asarray(masks, bool).reshape(-1, *np.shape(masks)[-2:])
+    axes = np.array([axes_px(k) for k in m], np.float64).reshape(-1, 2) * float(mm_per_px)
+    circle = 2.0 * np.sqrt(m.sum(axis=(1, 2)) * float(mm_per_px) ** 2 / np.pi)
+    return {"circle": circle, "long_axis": axes[:, 0], "short_axis": axes[:, 1], "mean_axes": axes.mean(axis=1)}
+
+
+def crops_sizes_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> dict[str, np.ndarray]:
+    """Each of :data:`SIZE_MEASURES` (mm) of the outline at the centre of each of several crops at one pixel
+    spacing (e.g. the slices of one nodule)."""
     field = float(bundle.spec["preprocessing"]["field_mm"])
     views = np.stack([view_from_context(c, "nodule", bundle.input_size, spacing_mm, field) for c in contexts01])
-    return measure_views(bundle, views, view_mm_per_px(bundle, spacing_mm))[2]
+    mm_px = view_mm_per_px(bundle, spacing_mm)
+    return mask_sizes_mm(measure_views(bundle, views, mm_px)[1], mm_px)
+
+
+def crops_diameter_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> np.ndarray:
+    """The outlined diameter (mm) at the centre of each of several crops at one pixel spacing (e.g. the slices of
+    one nodule): the same-area circle's, as the fused model uses it."""
+    return crops_sizes_mm(bundle, contexts01, spacing_mm)["circle"]
 
 
 def outline_nodule(bundle: Bundle, context01: np.ndarray, spacing_mm: float | None) -> Outline:
@@ -124,7 +173,8 @@ def outline_nodule(bundle: Bundle, context01: np.ndarray, spacing_mm: float | No
     mask = np.zeros((h, w), bool)
     mask[inside] = masks[0][np.clip(vr, 0, s - 1)[:, None], np.clip(vc, 0, s - 1)[None, :]][inside]
     area = float(masks[0].sum()) * mm_px**2
-    return Outline(mask, probs[0], area, float(diam[0]))
+    sizes = mask_sizes_mm(masks[:1], mm_px)
+    return Outline(mask, probs[0], area, float(diam[0]), float(sizes["long_axis"][0]), float(sizes["short_axis"][0]))
 
 
 def outline_overlay(context01: np.ndarray, mask: np.ndarray,

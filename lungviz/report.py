@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
@@ -24,6 +24,9 @@ from PIL import Image
 from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.errors import LungvizError
 from lungviz.fusion import SIZE_SOURCES
+
+if TYPE_CHECKING:
+    from lungviz.outline import Outline
 
 #: Order and names of the prediction views in the report.
 VIEW_LABELS = {"fused": "Fused (both views)", "nodule": "Nodule view", "slice": "Slice view"}
@@ -128,6 +131,13 @@ def estimate_notes(prediction: dict | None) -> list[str]:
     notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
              "the fused model, not the readers' measurement; the model card compares the two)."] if d else []
     return [*notes, CALIBRATION_CAVEAT]
+
+
+def outline_caption(outline: Outline) -> str:
+    """What the outliner measured on the shown slice: its same-area diameter (the fused model's size input) and the
+    long and short axis a reader would measure."""
+    return (f"Outline (nodule outliner): about {outline.diameter_mm:.0f} mm across; long axis "
+            f"{outline.long_axis_mm:.0f} mm, short axis {outline.short_axis_mm:.0f} mm on this slice")
 
 
 def pct(p: float | None) -> str:

@@ -135,7 +135,8 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     # maps (two views as seen + two Grad-CAM overlays) and five similar-case thumbnails
     captions = [img.captions[0] for img in at.image]
     assert sum(c.startswith("Grad-CAM,") for c in captions) == 2
-    assert sum(c.startswith("Outline (nodule outliner): about ") and c.endswith(" mm across") for c in captions) == 1
+    assert sum(c.startswith("Outline (nodule outliner): about ") and " mm across; long axis " in c
+               and c.endswith(" mm on this slice") for c in captions) == 1
     assert "LIDC-IDRI-0001/nodule-0" in text and "Readers: 4, 5, 5, 5" in text
     assert any(w.value.startswith("This image is `slice-4.png` of library case LIDC-IDRI-0001/nodule-0. Train case")
                for w in at.warning)  # the upload is one of the library's own (training) slices

@@ -126,7 +126,7 @@ def test_upload_shows_estimate_gradcam_and_similar_cases(app_server: str, lidc_s
             html = html_file.read_text(encoding="utf-8")
             assert "Research and education use only" in html and "slice-4.png" in html
             assert "Grad-CAM, nodule view" in html and "LIDC-IDRI-0001/nodule-0" in html
-            assert "Outline (nodule outliner), about " in html  # the measured outline travels with the report
+            assert "Outline (nodule outliner): about " in html and "long axis" in html  # the measured outline travels
             pdf_file = _download(page, "PDF report")
             pdf = pdf_file.read_bytes() if pdf_file else None
             assert pdf is not None and pdf[:5] == b"%PDF-"

@@ -119,3 +119,16 @@ def test_fusion_components_and_their_ensemble_members():
         with pytest.raises(LungvizError, match="list of views is damaged"):
             component_networks({"components": bad})
     assert np.allclose(mean_logits([np.array([[0.0, 2.0]]), np.array([[2.0, 1.0]])]), [[1.0, 1.5]])
+
+
+def test_grouped_folds_keep_each_patient_whole_and_are_reproducible():
+    from training.fuse import grouped_folds
+
+    groups = [f"P{i // 3}" for i in range(60)] + ["P99"]  # 21 patients, most with 3 nodules
+    fold = grouped_folds(groups, 5, seed=0)
+    assert set(fold) == set(range(5))
+    assert all(len({f for g, f in zip(groups, fold, strict=True) if g == p}) == 1 for p in set(groups))
+    patients_per_fold = [len({g for g, f in zip(groups, fold, strict=True) if f == k}) for k in range(5)]
+    assert max(patients_per_fold) - min(patients_per_fold) <= 1  # dealt round-robin
+    assert np.array_equal(fold, grouped_folds(groups, 5, seed=0))
+    assert not np.array_equal(fold, grouped_folds(groups, 5, seed=1))

@@ -11,7 +11,16 @@ from torch import nn
 
 from lungviz.errors import LungvizError
 from lungviz.models import Bundle, ModelSpec, create_model, load_bundle, save_bundle
-from lungviz.outline import central_region, crops_diameter_mm, load_outliner, outline_nodule, outline_overlay
+from lungviz.outline import (
+    SIZE_MEASURES,
+    axes_px,
+    central_region,
+    crops_diameter_mm,
+    crops_sizes_mm,
+    load_outliner,
+    outline_nodule,
+    outline_overlay,
+)
 
 
 class _Disc(nn.Module):
@@ -66,6 +75,24 @@ def test_the_region_nearest_the_centre_is_the_outline():
     assert not central_region(np.zeros((8, 8), bool)).any()
 
 
+def test_long_and_short_axis_as_a_reader_measures_them():
+    rr, cc = np.indices((80, 80))
+    # An ellipse with semi-axes 20 and 8 pixels, turned 30 degrees: long axis 41, short 17 (pixels counted whole).
+    t = np.deg2rad(30.0)
+    u, v = (rr - 40) * np.cos(t) + (cc - 40) * np.sin(t), -(rr - 40) * np.sin(t) + (cc - 40) * np.cos(t)
+    long_ax, short_ax = axes_px((u / 20.0) ** 2 + (v / 8.0) ** 2 <= 1.0)
+    assert long_ax == pytest.approx(41.0, abs=1.0) and short_ax == pytest.approx(17.0, abs=1.0)
+    # A 4 x 40 bar: the short axis is its width, not its extent across a slightly tilted long axis.
+    bar = np.zeros((64, 64), bool)
+    bar[10:14, 5:45] = True
+    long_ax, short_ax = axes_px(bar)
+    assert 40.0 <= long_ax < 40.5 and short_ax == pytest.approx(4.0, abs=0.1)
+    # A disc measures the same both ways; one pixel is one pixel; nothing is nothing.
+    disc = np.hypot(rr - 40, cc - 40) <= 10
+    assert axes_px(disc) == pytest.approx((21.0, 21.0), abs=0.5)
+    assert axes_px(np.ones((1, 1), bool)) == (1.0, 1.0) and axes_px(np.zeros((5, 5), bool)) == (0.0, 0.0)
+
+
 def test_outline_size_and_its_place_on_the_crop():
     bundle = _disc_bundle(size=32, radius=6.0, field_mm=16.0)  # 16 mm at 0.5 mm/px: the central 32 px, 1:1
     ctx = np.random.default_rng(0).random((128, 128)).astype(np.float32)
@@ -82,6 +109,13 @@ def test_outline_size_and_its_place_on_the_crop():
     assert fine.mask.sum() == pytest.approx(4 * view_px, rel=0.05)
     assert outline_nodule(bundle, ctx, None).diameter_mm > 0  # unknown spacing: the default one
     assert crops_diameter_mm(bundle, [ctx, ctx], 0.5) == pytest.approx([out.diameter_mm] * 2)
+    # A disc's long and short axis are its width (13 view px of 0.5 mm), whatever the crop's pixels.
+    assert out.long_axis_mm == pytest.approx(6.5, abs=0.3) and out.short_axis_mm == pytest.approx(6.5, abs=0.3)
+    assert fine.long_axis_mm == pytest.approx(out.long_axis_mm)
+    sizes = crops_sizes_mm(bundle, [ctx], 0.5)
+    assert set(sizes) == set(SIZE_MEASURES) and sizes["circle"] == pytest.approx([out.diameter_mm])
+    assert sizes["long_axis"] == pytest.approx([out.long_axis_mm])
+    assert sizes["mean_axes"] == pytest.approx([(out.long_axis_mm + out.short_axis_mm) / 2])
     with pytest.raises(LungvizError):
         outline_nodule(bundle, np.zeros((4, 4, 3), np.float32), 0.5)
 

@@ -291,3 +291,12 @@ def test_save_report_by_suffix(tmp_path: Path) -> None:
         save_report(report, tmp_path / "r.docx")
     pytest.importorskip("reportlab")
     assert save_report(report, tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_outline_caption_gives_the_size_and_both_axes() -> None:
+    from lungviz.outline import Outline
+    from lungviz.report import outline_caption
+
+    out = Outline(np.zeros((4, 4), bool), np.zeros((4, 4), np.float32), 80.0, 10.1, 13.6, 7.2)
+    text = outline_caption(out)
+    assert "about 10 mm across" in text and "long axis 14 mm" in text and "short axis 7 mm" in text

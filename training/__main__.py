@@ -22,6 +22,7 @@ from training.config import (
     PackConfig,
     RefreshConfig,
     SearchConfig,
+    SizesConfig,
     SplitConfig,
     add_config_args,
     config_from_args,
@@ -178,6 +179,16 @@ def cmd_fuse(cfg: FuseConfig) -> dict:
             **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}
 
 
+def cmd_sizes(cfg: SizesConfig) -> dict:
+    """Compare the outliner's size measures as fused-binary's size input (chosen on validation; test after)."""
+    from training.fuse import compare_size_measures
+
+    result = compare_size_measures(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
+    return {"chosen_on_validation": result["chosen_on_validation"],
+            **{r["measure"]: {"val_oof_auroc": round(r["val_oof_auroc_mean"], 4),
+                              "test_fused_auroc": round(r["test_fused"]["auroc"], 4)} for r in result["results"]}}
+
+
 def cmd_refresh(cfg: RefreshConfig) -> dict:
     """Re-measure saved bundles' stored weights (calibration on validation, every figure of the spec); without
     --model, every shipped network and then the fused models built on them."""
@@ -284,6 +295,7 @@ COMMANDS = {
     "refresh": (cmd_refresh, RefreshConfig),
     "index": (cmd_index, IndexConfig),
     "fuse": (cmd_fuse, FuseConfig),
+    "sizes": (cmd_sizes, SizesConfig),
     "screen": (cmd_screen, TrainConfig),
     "ablate": (cmd_ablate, TrainConfig),
     "search": (cmd_search, SearchConfig),

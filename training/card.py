@@ -259,8 +259,32 @@ def outliner_section(w: Callable[[str], None], folder: Path) -> None:
     w("")
     w("The readers' diameter is the longest axis on their largest slice; the outliner's is a same-area circle on "
       "the central slices, so the two differ by construction for elongated or irregular nodules. The outline is "
-      "shown in the app so that a reader can see what was measured; it is a research measurement, not a "
-      "volumetry tool.\n")
+      "shown in the app so that a reader can see what was measured, with its long and short axis on that slice; it "
+      "is a research measurement, not a volumetry tool.\n")
+    sizes_section(w, folder)
+
+
+def sizes_section(w: Callable[[str], None], folder: Path) -> None:
+    """Which of the outliner's sizes fused-binary uses: the comparison `python -m training sizes` wrote."""
+    res = read_result("size_measures.json", folder)
+    if not res:
+        return
+    labels = {"circle": "same-area circle", "long_axis": "long axis", "mean_axes": "mean of long and short axis"}
+    w("### Which size fused-binary uses\n")
+    w(f"The outline measured three ways, each averaged over the central half of the slices, each tried as "
+      f"fused-binary's size input. Chosen on the validation split ({res['n_val']} nodules) by the {res['selection']}; "
+      f"test ({res['n_test']} nodules) was read once, after the choice. Chosen: "
+      f"**{labels.get(res['chosen_on_validation'])}**; shipped: {labels.get(res['shipped_measure'])}.\n")
+    w("| size measure | val: fused-binary, out-of-fold AUROC (mean, range over fold draws) | val: size alone | "
+      "test: fused-binary AUROC | test: size alone | test: measured / readers' diameter (median) |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for r in res["results"]:
+        every = r["test_vs_readers"][-1] if r["test_vs_readers"] else {}  # the last row: every nodule
+        lo, hi = r["val_oof_auroc_range"]
+        w(f"| {labels.get(r['measure'], r['measure'])} | {r['val_oof_auroc_mean']:.3f} ({lo:.3f} - {hi:.3f}) | "
+          f"{r['val_size_alone_auroc']:.3f} | {format_ci(r['test_fused'], 'auroc')} | "
+          f"{format_ci(r['test_size_alone'], 'auroc')} | {every.get('median', float('nan')):.0%} |")
+    w("")
 
 
 def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | None = None) -> None:

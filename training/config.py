@@ -117,6 +117,17 @@ class FuseConfig:
 
 
 @dataclasses.dataclass
+class SizesConfig:
+    """Which of the outliner's size measures fused-binary should use (validation decides, test after)."""
+
+    weights: str = ""  # folder holding slice-binary, nodule-binary and the outliner; empty = weights/
+    seeds: int = 20  # draws of the patient-grouped validation folds
+    folds: int = 5
+    n_boot: int = 1000
+    out: str = ""  # result file; empty = size_measures.json next to the weights
+
+
+@dataclasses.dataclass
 class SearchConfig:
     """The recipe search behind the shipped networks (training.experiments.SEARCH), on validation only."""
 

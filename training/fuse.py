@@ -9,7 +9,7 @@ import numpy as np
 
 from lungviz import metrics, paths
 from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, check_networks, component_networks, fit_fusion, mean_logits
-from lungviz.labels import get_scheme
+from lungviz.labels import LabelScheme, get_scheme
 from training.data import SliceStore
 from training.datasets import load_cases
 from training.evaluate import (
@@ -21,6 +21,19 @@ from training.evaluate import (
     select_split,
     selection_score,
 )
+
+
+def split_logits(cases: list, scheme: LabelScheme, split: str, fingerprint: str, folder: Path,
+                 nets: dict[str, list[str]], progress: bool = True,
+                 ) -> tuple[list, np.ndarray, SliceStore, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The labelled nodules of one split, their labels, their slices and every network's ``(calibrated, raw)``
+    per-nodule logits."""
+    pairs = scheme.labelled(select_split(cases, split, fingerprint))
+    kept = [c for c, _ in pairs]
+    store = SliceStore(kept, progress=progress)
+    per_net = {n: calibrated_logits(folder, n, store, np.arange(len(kept)))[:2]
+               for group in nets.values() for n in group}
+    return kept, np.array([y for _, y in pairs]), store, per_net
 
 
 def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, progress: bool = True,
@@ -44,15 +57,12 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     cases, _ = load_cases("lidc")
     parts, stores = {}, {}
     for split in ("val", "test"):
-        pairs = scheme.labelled(select_split(cases, split, fingerprint))
-        kept = [c for c, _ in pairs]
-        store = stores[split] = SliceStore(kept, progress=progress)
-        per_net = {n: calibrated_logits(folder, n, store, np.arange(len(kept)))[:2]
-                   for group in nets.values() for n in group}
+        kept, y, store, per_net = split_logits(cases, scheme, split, fingerprint, folder, nets, progress)
+        stores[split] = store
         cal = [mean_logits([per_net[n][0] for n in nets[c]]) for c in components]
         raw = [mean_logits([per_net[n][1] for n in nets[c]]) for c in components]
         feats = fusion_features(names, folder, store, np.arange(len(kept)), source=size_source) if names else None
-        parts[split] = {"kept": kept, "y": np.array([y for _, y in pairs]), "cal": cal, "raw": raw, "feats": feats,
+        parts[split] = {"kept": kept, "y": y, "cal": cal, "raw": raw, "feats": feats,
                         "alone": [per_net[c][0] for c in components]}
     kept, y, cal, feats = (parts["val"][k] for k in ("kept", "y", "cal", "feats"))
     fusion = fit_fusion(["slice", "nodule"], cal, y, features=feats, feature_names=names, size_source=size_source)
@@ -117,3 +127,89 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     path = folder / f"fused-{task}.json"
     path.write_text(json.dumps(spec, indent=2) + "\n")
     return spec
+
+
+def grouped_folds(groups: list[str], k: int, seed: int) -> np.ndarray:
+    """A fold number per case, whole patients to a fold (patients shuffled by ``seed``, dealt round-robin)."""
+    uniq = np.unique(np.asarray(groups))
+    fold_of = dict(zip(np.random.default_rng(seed).permutation(uniq), np.arange(len(uniq)) % k, strict=True))
+    return np.array([fold_of[g] for g in groups])
+
+
+def compare_size_measures(weights: str = "", seeds: int = 20, k: int = 5, n_boot: int = 1000, out: str = "",
+                          progress: bool = True) -> dict:
+    """Which of the outliner's sizes (:data:`lungviz.outline.SIZE_MEASURES`) serves fused-binary best as its size
+    input. Chosen on validation only: out-of-fold AUROC of the fusion refitted in ``k`` patient-grouped folds of the
+    validation split (``seeds`` fold draws); test, and the measurement against the readers' diameter, reported
+    after. Writes ``size_measures.json`` next to the weights (or to ``out``)."""
+    from lungviz.outline import SIZE_MEASURES, crops_sizes_mm, load_outliner
+    from lungviz.preprocess import spacing_or_default
+
+    folder = Path(weights) if weights else paths.weights_dir()
+    scheme = get_scheme("binary")
+    components = ["slice-binary", "nodule-binary"]
+    nets = {c: [c] for c in components}
+    specs = {c: read_any_spec(folder, c) for c in components}
+    fingerprint = specs[components[0]]["split_fingerprint"]
+    outliner = load_outliner(folder)
+    cases, _ = load_cases("lidc")
+    data = {}
+    for split in ("val", "test"):
+        kept, y, store, per_net = split_logits(cases, scheme, split, fingerprint, folder, nets, progress)
+        sizes = {m: [] for m in SIZE_MEASURES}
+        for ci, case in enumerate(kept):
+            got = crops_sizes_mm(outliner, [store.slice01(ci, s) for s in store.eval_slices(ci, 0, 0.5)],
+                                 spacing_or_default(case.pixel_spacing_mm))
+            for m in SIZE_MEASURES:
+                sizes[m].append(float(np.mean(got[m])))
+        data[split] = {"y": y, "groups": [c.patient_id for c in kept], "logits": [per_net[c][0] for c in components],
+                       "sizes": {m: np.asarray(v) for m, v in sizes.items() if m != "short_axis"},  # not a size alone
+                       "readers_mm": np.array([c.diameter_mm if c.diameter_mm else np.nan for c in kept])}
+    result = {"task": "binary", "components": components, "shipped_measure": "circle",
+              **size_measure_comparison(data, scheme, seeds, k, n_boot)}
+    path = Path(out) if out else folder / "size_measures.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def size_measure_comparison(data: dict[str, dict], scheme: LabelScheme, seeds: int = 20, k: int = 5,
+                            n_boot: int = 1000) -> dict:
+    """The choice :func:`compare_size_measures` makes, on its gathered data: per split ``y``, ``groups`` (patients),
+    ``logits`` (the views' calibrated logits), ``sizes`` (measure -> mm per nodule) and, for test, ``readers_mm``."""
+    from lungviz.fusion import size_feature
+
+    val, test = data["val"], data["test"]
+    measures = list(val["sizes"])
+
+    def fit(measure: str, rows: np.ndarray) -> tuple:
+        x = size_feature(val["sizes"][measure])[:, None]
+        return fit_fusion(["slice", "nodule"], [lg[rows] for lg in val["logits"]], val["y"][rows], features=x[rows],
+                          feature_names=[SIZE_FEATURE], size_source="outliner"), x
+
+    oof_auroc: dict[str, list[float]] = {m: [] for m in measures}
+    for seed in range(seeds):
+        fold = grouped_folds(val["groups"], k, seed)
+        for m in measures:
+            oof = np.zeros((len(val["y"]), scheme.n_classes))
+            for f in range(k):
+                fusion, x = fit(m, fold != f)
+                oof[fold == f] = fusion.logits([lg[fold == f] for lg in val["logits"]], x[fold == f])
+            oof_auroc[m].append(float(metrics.auroc(val["y"], metrics.softmax(oof))))
+    chosen = max(measures, key=lambda m: (np.mean(oof_auroc[m]), m == "circle"))  # a tie keeps the shipped one
+    positive, rows = scheme.positive_class, []
+    for m in measures:
+        fusion, _ = fit(m, np.ones(len(val["y"]), bool))
+        probs = metrics.softmax(fusion.logits(test["logits"], size_feature(test["sizes"][m])[:, None]))
+        rows.append({
+            "measure": m, "val_oof_auroc_mean": float(np.mean(oof_auroc[m])),
+            "val_oof_auroc_range": [float(np.min(oof_auroc[m])), float(np.max(oof_auroc[m]))],
+            "val_size_alone_auroc": metrics.score_auroc(val["y"] == positive, val["sizes"][m], None, 0)["auroc"],
+            "test_fused": {"n": len(test["y"]), "auroc": float(metrics.auroc(test["y"], probs)),
+                           "ci95": metrics.bootstrap_ci(lambda i, p=probs: {"auroc": metrics.auroc(test["y"][i], p[i])},
+                                                        len(test["y"]), test["groups"], n_boot)},
+            "test_size_alone": metrics.score_auroc(test["y"] == positive, test["sizes"][m], test["groups"], n_boot),
+            "test_vs_readers": metrics.ratio_by_band(test["sizes"][m], test["readers_mm"])})
+    return {"chosen_on_validation": chosen,
+            "selection": f"mean out-of-fold validation AUROC of fused-binary refitted in {k} patient-grouped "
+                         f"folds of the validation split ({seeds} fold draws)",
+            "n_val": len(val["y"]), "n_test": len(test["y"]), "results": rows}
