@@ -136,6 +136,8 @@ def estimate_notes(prediction: dict | None) -> list[str]:
 def outline_caption(outline: Outline) -> str:
     """What the outliner measured on the shown slice: its same-area diameter (the fused model's size input) and the
     long and short axis a reader would measure."""
+    if outline.diameter_mm <= 0:
+        return "Outline (nodule outliner): nothing outlined at the centre of the crop"
     return (f"Outline (nodule outliner): about {outline.diameter_mm:.0f} mm across; long axis "
             f"{outline.long_axis_mm:.0f} mm, short axis {outline.short_axis_mm:.0f} mm on this slice")
 

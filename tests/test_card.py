@@ -216,3 +216,23 @@ def test_the_size_measure_is_chosen_on_validation_folds_and_reported_with_test(t
     card = write_card(tmp_path).read_text()
     assert "### Which size fused-binary uses" in card and "Chosen: **long axis**; shipped: same-area circle" in card
     assert f"| long axis | {rows['long_axis']['val_oof_auroc_mean']:.3f} (" in card and "| 110% |" in card
+
+
+def test_card_reports_the_test_time_augmentation_check(tmp_path):
+    from training.experiments import tta_decision
+
+    def fig(plain: float, tta: float) -> dict:
+        return {"n": 330, "plain": plain, "tta": tta, "difference_ci95": [-0.02, 0.03], "ece_plain": 0.02,
+                "ece_tta": 0.03}
+
+    rows = [{"model": m, "selection": "auroc" if m.endswith("binary") else "qwk", "val": fig(*v), "test": fig(*t)}
+            for m, v, t in (("nodule-binary", (0.866, 0.861), (0.825, 0.835)),
+                            ("slice-binary", (0.815, 0.822), (0.810, 0.808)),
+                            ("nodule-score", (0.528, 0.540), (0.633, 0.647)),
+                            ("slice-score", (0.407, 0.389), (0.415, 0.488)))]
+    res = {"transforms": "8 dihedral", "selection": "validation", "adopted": tta_decision(rows), "results": rows}
+    (tmp_path / "tta.json").write_text(json.dumps(res))
+    card = write_card(tmp_path).read_text()
+    assert "## Test-time augmentation (validation decides)" in card
+    assert "Decision: binary: not adopted, score: not adopted." in card
+    assert "| slice-score | qwk | 0.407 → 0.389 | [-0.020, +0.030] | 0.415 → 0.488 |" in card

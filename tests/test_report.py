@@ -300,3 +300,5 @@ def test_outline_caption_gives_the_size_and_both_axes() -> None:
     out = Outline(np.zeros((4, 4), bool), np.zeros((4, 4), np.float32), 80.0, 10.1, 13.6, 7.2)
     text = outline_caption(out)
     assert "about 10 mm across" in text and "long axis 14 mm" in text and "short axis 7 mm" in text
+    empty = Outline(np.zeros((4, 4), bool), np.zeros((4, 4), np.float32), 0.0, 0.0)
+    assert outline_caption(empty) == "Outline (nodule outliner): nothing outlined at the centre of the crop"

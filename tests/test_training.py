@@ -537,3 +537,38 @@ def test_fuse_members_option_reads_presets_and_explicit_lists():
     for bad in ("nodule-binary", "nodule-binary=", "=m1"):
         with pytest.raises(LungvizError, match="--members takes"):
             parse_members(bad, None)
+
+
+def test_test_time_augmentation_averages_the_eight_dihedral_views():
+    from training.evaluate import dihedral_logits
+
+    torch.manual_seed(0)
+    model = create_model("cnn4", 3, in_chans=3).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        views = [torch.rot90(m, q, dims=[2, 3]) for m in (x, torch.flip(x, dims=[3])) for q in range(4)]
+        expected = torch.stack([model(v) for v in views]).mean(0)
+        got = dihedral_logits(model, x)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert not torch.allclose(got, model(x), atol=1e-3)  # this input is not symmetric: TTA changes the logits
+        # A turned or mirrored input has the very same TTA logits: the average is invariant to the 8 transforms.
+        assert torch.allclose(dihedral_logits(model, torch.rot90(x, 1, dims=[2, 3])), got, atol=1e-5)
+        assert torch.allclose(dihedral_logits(model, torch.flip(x, dims=[2])), got, atol=1e-5)
+
+
+def test_tta_is_adopted_per_family_only_when_every_network_rises_on_validation():
+    from lungviz.labels import get_scheme
+    from training.experiments import tta_decision, tta_figures
+
+    def row(model: str, plain: float, tta: float) -> dict:
+        return {"model": model, "val": {"plain": plain, "tta": tta}, "test": {"plain": 0.0, "tta": 1.0}}
+
+    rows = [row("nodule-binary", 0.86, 0.87), row("slice-binary", 0.81, 0.82),
+            row("nodule-score", 0.52, 0.54), row("slice-score", 0.41, 0.39)]
+    assert tta_decision(rows) == {"binary": True, "score": False}  # test figures never decide
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    plain = np.stack([np.zeros(120), rng.normal(0, 1, 120)], 1)
+    better = plain + np.stack([np.zeros(120), 2.0 * y], 1)
+    fig = tta_figures(y, plain, better, get_scheme("binary"), [f"P{i // 2}" for i in range(120)], 100)
+    assert fig["tta"] > fig["plain"] + 0.2 and fig["difference_ci95"][0] > 0 and fig["n"] == 120

@@ -24,6 +24,7 @@ from training.config import (
     SearchConfig,
     SizesConfig,
     SplitConfig,
+    TtaConfig,
     add_config_args,
     config_from_args,
     save_config,
@@ -189,6 +190,15 @@ def cmd_sizes(cfg: SizesConfig) -> dict:
                               "test_fused_auroc": round(r["test_fused"]["auroc"], 4)} for r in result["results"]}}
 
 
+def cmd_tta(cfg: TtaConfig) -> dict:
+    """Check test-time augmentation (8 dihedral transforms) on each shipped network (validation decides)."""
+    from training.experiments import compare_tta
+
+    result = compare_tta(cfg.weights, cfg.n_boot, cfg.out)
+    return {"adopted": result["adopted"], **{r["model"]: {s: [round(r[s]["plain"], 4), round(r[s]["tta"], 4)]
+                                                          for s in ("val", "test")} for r in result["results"]}}
+
+
 def cmd_refresh(cfg: RefreshConfig) -> dict:
     """Re-measure saved bundles' stored weights (calibration on validation, every figure of the spec); without
     --model, every shipped network and then the fused models built on them."""
@@ -296,6 +306,7 @@ COMMANDS = {
     "index": (cmd_index, IndexConfig),
     "fuse": (cmd_fuse, FuseConfig),
     "sizes": (cmd_sizes, SizesConfig),
+    "tta": (cmd_tta, TtaConfig),
     "screen": (cmd_screen, TrainConfig),
     "ablate": (cmd_ablate, TrainConfig),
     "search": (cmd_search, SearchConfig),

@@ -230,6 +230,34 @@ def finder_section(w, folder: Path) -> None:
       "validated for screening.\n")
 
 
+def tta_section(w: Callable[[str], None], folder: Path) -> None:
+    """Test-time augmentation, checked on each shipped network: the comparison `python -m training tta` wrote."""
+    res = read_result("tta.json", folder)
+    if not res:
+        return
+
+    def ci(d: list | None) -> str:
+        return f"[{d[0]:+.3f}, {d[1]:+.3f}]" if d else "–"
+
+    w("## Test-time augmentation (validation decides)\n")
+    adopted = ", ".join(f"{family}: {'adopted' if yes else 'not adopted'}" for family, yes in res["adopted"].items())
+    w(f"Transforms: {res['transforms']}; each network keeps its own calibration. A task family adopts it only if "
+      f"every one of its networks rises on validation ({res['selection']}); test is reported, never used to decide. "
+      f"Decision: {adopted}.\n")
+    w("| model | figure | val: without → with | val: difference, 95% interval | test: without → with | "
+      "test: difference, 95% interval | test ECE: without → with |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["results"]:
+        v, t = r["val"], r["test"]
+        w(f"| {r['model']} | {r['selection']} | {v['plain']:.3f} → {v['tta']:.3f} | {ci(v['difference_ci95'])} | "
+          f"{t['plain']:.3f} → {t['tta']:.3f} | {ci(t['difference_ci95'])} | {t['ece_plain']:.3f} → "
+          f"{t['ece_tta']:.3f} |")
+    w("")
+    w("The ECE columns keep the shipped temperature, fitted without TTA; a network that adopted TTA would have it "
+      "refitted on validation. Where validation and test move in opposite directions, the split of about 330 "
+      "nodules cannot tell the two apart.\n")
+
+
 def outliner_section(w: Callable[[str], None], folder: Path) -> None:
     """The nodule outliner: overlap with the readers' outline, its diameter against theirs, size alone as a test."""
     spec = read_result("outliner.json", folder)
@@ -504,6 +532,7 @@ def write_card(folder: Path | None = None) -> Path:
         search_section(w, search, specs)
     if ablation:
         ablation_section(w, ablation, specs.get(f"{ablation['setup'].get('view')}-{ablation['setup'].get('task')}"))
+    tta_section(w, folder)
     outliner_section(w, folder)
     finder_section(w, folder)
     w("## Per model\n")

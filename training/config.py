@@ -128,6 +128,15 @@ class SizesConfig:
 
 
 @dataclasses.dataclass
+class TtaConfig:
+    """Would test-time augmentation help the shipped networks (validation decides, test reported)?"""
+
+    weights: str = ""  # folder holding the shipped networks; empty = weights/
+    n_boot: int = 500
+    out: str = ""  # result file; empty = tta.json next to the weights
+
+
+@dataclasses.dataclass
 class SearchConfig:
     """The recipe search behind the shipped networks (training.experiments.SEARCH), on validation only."""
 

@@ -13,6 +13,17 @@ from lungviz.models import LungvizNet
 from training.data import SliceStore, ViewConfig, make_input
 
 
+def dihedral_logits(model: LungvizNet, x: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean logits over the 8 dihedral transforms of a batch ``(B, C, S, S)`` (quarter
+    turns, each also mirrored; all within the training augmentation's rotations and flips)."""
+    total = None
+    for mirrored in (x, torch.flip(x, dims=[3])):
+        for quarter in range(4):
+            out = model(torch.rot90(mirrored, quarter, dims=[2, 3])).float()
+            total = out if total is None else total + out
+    return total / 8.0
+
+
 @torch.inference_mode()
 def nodule_outputs(
     model: LungvizNet,
@@ -22,9 +33,11 @@ def nodule_outputs(
     device: torch.device,
     max_slices: int = 0,
     batch_size: int = 128,
+    tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per nodule: the mean of its slices' logits ``(N, C)`` and the mean of their L2-normalised embeddings
-    ``(N, D)`` (all slices, or ``max_slices`` spread through the nodule)."""
+    ``(N, D)`` (all slices, or ``max_slices`` spread through the nodule). With ``tta``, each slice's logits are the
+    mean over its 8 dihedral transforms (:func:`dihedral_logits`; the embeddings stay the untransformed slice's)."""
     model.eval()
     owners, inputs = [], []
     for k, ci in enumerate(case_indices):
@@ -37,7 +50,8 @@ def nodule_outputs(
         chunk = inputs[start : start + batch_size]
         x = torch.from_numpy(np.stack([make_input(store, ci, s, vc) for ci, s in chunk])).to(device)
         e = model.embed(x)
-        logits[start : start + len(chunk)] = model.head(e).float().cpu().numpy()
+        out = dihedral_logits(model, x) if tta else model.head(e)
+        logits[start : start + len(chunk)] = out.float().cpu().numpy()
         embeds[start : start + len(chunk)] = torch.nn.functional.normalize(e.float(), dim=1).cpu().numpy()
     owners_a = np.asarray(owners)
     counts = np.maximum(np.bincount(owners_a, minlength=len(case_indices)), 1)[:, None]
@@ -56,9 +70,10 @@ def nodule_logits(
     vc: ViewConfig,
     device: torch.device,
     max_slices: int = 0,
+    tta: bool = False,
 ) -> np.ndarray:
-    """``(N, C)`` logits per nodule: the mean of its slices' logits."""
-    return nodule_outputs(model, store, case_indices, vc, device, max_slices)[0]
+    """``(N, C)`` logits per nodule: the mean of its slices' logits (``tta``: see :func:`nodule_outputs`)."""
+    return nodule_outputs(model, store, case_indices, vc, device, max_slices, tta=tta)[0]
 
 
 def selection_score(y: np.ndarray, logits: np.ndarray, scheme: LabelScheme) -> float:
@@ -148,12 +163,13 @@ def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indi
 
 def calibrated_logits(
     folder: Path, name: str, store: SliceStore, case_indices: np.ndarray, max_slices: int = 0,
-    central: float | None = None,
+    central: float | None = None, tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(calibrated, raw)`` per-nodule logits of a shipped model (a network or a two-view fusion) and its spec.
 
     Calibrated logits give calibrated probabilities through a plain softmax. ``central`` overrides the share of
     each nodule's slices that is averaged (None = as the spec says; 0 = the middle slice, what the app sees).
+    ``tta`` (networks only) averages each slice's logits over its dihedral transforms, with the spec's calibration.
     """
     import dataclasses
 
@@ -175,7 +191,7 @@ def calibrated_logits(
     vc = view_config_from_spec(spec)
     if central is not None:
         vc = dataclasses.replace(vc, central_fraction=float(central))
-    logits = nodule_logits(bundle.model, store, case_indices, vc, bundle.device, max_slices)
+    logits = nodule_logits(bundle.model, store, case_indices, vc, bundle.device, max_slices, tta=tta)
     prior = spec.get("prior_adjust")
     adj = adjusted_logits(logits, None if prior is None else np.asarray(prior, np.float32))
     return (adj / float(spec.get("temperature", 1.0))).astype(np.float32), logits, spec

@@ -1,9 +1,11 @@
-"""Backbone screening and k-fold cross-validation, on short budgets, for the model card."""
+"""Backbone screening, k-fold cross-validation, ablations, the recipe search and the test-time augmentation check,
+for the model card."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -11,8 +13,11 @@ import numpy as np
 import torch
 
 from lungviz import paths
+from lungviz.labels import LabelScheme
 from lungviz.splits import Split
 from training.train import LONGER, RECIPE_64, TrainConfig, fold_split, train_model
+
+log = logging.getLogger("training.experiments")
 
 PUBLISHED_SCREEN = ("cnn4", "tf_efficientnet_lite0", "tf_efficientnet_lite2")
 
@@ -212,3 +217,63 @@ def search(base: TrainConfig, workers: int = 1, grid: dict | None = None, out: s
             result["summary"] = summarise_search(rows)
             path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
+
+
+#: The networks test-time augmentation is judged on, per task family: a family adopts it only if every one of its
+#: networks rises on validation (the fused model combines them, so its views should be treated alike).
+TTA_FAMILIES = {"binary": ("nodule-binary", "slice-binary"), "score": ("nodule-score", "slice-score")}
+
+
+def tta_figures(y: np.ndarray, plain: np.ndarray, tta: np.ndarray, scheme: LabelScheme, groups: list[str],
+                n_boot: int) -> dict:
+    """One network on one split: its selection figure without and with TTA, a patient-bootstrap interval of the
+    paired difference (TTA minus plain) and the ECE both ways."""
+    from lungviz import metrics
+    from training.evaluate import selection_score
+
+    diff = metrics.bootstrap_ci(lambda i: {"d": selection_score(y[i], tta[i], scheme)
+                                           - selection_score(y[i], plain[i], scheme)}, len(y), groups, n_boot)
+    return {"n": len(y), "plain": float(selection_score(y, plain, scheme)),
+            "tta": float(selection_score(y, tta, scheme)), "difference_ci95": diff.get("d"),
+            "ece_plain": metrics.ece(y, metrics.softmax(plain)),
+            "ece_tta": metrics.ece(y, metrics.softmax(tta))}
+
+
+def tta_decision(rows: list[dict]) -> dict[str, bool]:
+    """Per family of :data:`TTA_FAMILIES`: adopt TTA only if every network of it rises on validation."""
+    by_model = {r["model"]: r for r in rows}
+    return {family: all(by_model[m]["val"]["tta"] > by_model[m]["val"]["plain"] for m in models)
+            for family, models in TTA_FAMILIES.items() if all(m in by_model for m in models)}
+
+
+def compare_tta(weights: str = "", n_boot: int = 500, out: str = "", progress: bool = True) -> dict:
+    """Would test-time augmentation (each slice's logits averaged over its 8 dihedral transforms) help the shipped
+    networks? Per network, validation and test with the spec's own calibration, without and with it; the decision
+    (:func:`tta_decision`) reads validation only. Writes ``tta.json`` next to the weights (or to ``out``)."""
+    from lungviz.labels import get_scheme
+    from training.datasets import load_cases
+    from training.evaluate import calibrated_logits, read_any_spec
+    from training.fuse import split_logits
+
+    folder = Path(weights) if weights else paths.weights_dir()
+    cases, _ = load_cases("lidc")
+    rows = []
+    for name in [m for models in TTA_FAMILIES.values() for m in models]:
+        spec = read_any_spec(folder, name)
+        scheme = get_scheme(spec["task"])
+        row: dict = {"model": name, "selection": selection_figure(name).removeprefix("val_")}
+        for split in ("val", "test"):
+            kept, y, store, per_net = split_logits(cases, scheme, split, spec["split_fingerprint"], folder,
+                                                   {name: [name]}, progress)
+            tta = calibrated_logits(folder, name, store, np.arange(len(kept)), tta=True)[0]
+            row[split] = tta_figures(y, per_net[name][0], tta, scheme, [c.patient_id for c in kept],
+                                     n_boot if split == "test" else 200)
+        rows.append(row)
+        log.info("tta %s: val %.3f -> %.3f", name, row["val"]["plain"], row["val"]["tta"])
+    result = {"transforms": "8 dihedral (quarter turns, each also mirrored), logits averaged per slice",
+              "selection": "validation split: AUROC (binary) or quadratic kappa (score), shipped calibration",
+              "adopted": tta_decision(rows), "results": rows}
+    path = Path(out) if out else folder / "tta.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
