@@ -76,9 +76,10 @@ AXIS_ANGLES = np.deg2rad(np.arange(180.0))
 
 def axes_px(mask: np.ndarray) -> tuple[float, float]:
     """``(long axis, short axis)`` of a 2D mask in pixels, as a reader measures on a slice: the long axis is the
-    widest extent over all directions (the maximum caliper, each pixel counted whole); the short axis the longest
-    chord at right angles to it (the widest cross-section, in one-pixel bands along the long axis). ``(0, 0)`` for
-    an empty mask."""
+    widest extent over all directions (the maximum caliper, edge to edge: each pixel counted whole, so one pixel
+    longer than the distance between the extreme pixels' centres); the short axis the widest spread at right angles
+    to it within any one-pixel band along the long axis (the longest perpendicular chord for a convex outline; a
+    band may span a concave outline's gap). ``(0, 0)`` for an empty mask."""
     m = np.asarray(mask, bool)
     if not m.any():
         return 0.0, 0.0

@@ -194,20 +194,24 @@ def test_the_size_measure_is_chosen_on_validation_folds_and_reported_with_test(t
 
     rng = np.random.default_rng(0)
 
-    def split(n: int) -> dict:
+    def split(n: int, telling: str) -> dict:
+        """``telling``: the size measure that separates malignant from benign on this split; the other is noise."""
         y = rng.integers(0, 2, n)
         noise = rng.normal(0, 1, (n, 2))
         logits = [np.stack([-x, x], 1) for x in (0.3 * (2 * y - 1) + noise[:, 0], 0.3 * (2 * y - 1) + noise[:, 1])]
         informative = np.exp(2.0 + 0.6 * y + rng.normal(0, 0.2, n))  # malignant nodules are larger
-        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "logits": logits,
-                "sizes": {"circle": rng.uniform(4, 30, n), "long_axis": informative},
-                "readers_mm": informative / 1.1}
+        sizes = {m: informative if m == telling else rng.uniform(4, 30, n) for m in ("circle", "long_axis")}
+        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "logits": logits, "sizes": sizes,
+                "readers_mm": sizes["long_axis"] / 1.1}
 
-    res = size_measure_comparison({"val": split(200), "test": split(200)}, get_scheme("binary"), seeds=3, n_boot=50)
+    # The long axis tells on validation, the circle on test: the choice must follow validation.
+    res = size_measure_comparison({"val": split(200, "long_axis"), "test": split(200, "circle")},
+                                  get_scheme("binary"), seeds=3, n_boot=50)
     rows = {r["measure"]: r for r in res["results"]}
     assert res["chosen_on_validation"] == "long_axis"
+    assert rows["circle"]["test_fused"]["auroc"] > rows["long_axis"]["test_fused"]["auroc"] + 0.1
     assert rows["long_axis"]["val_oof_auroc_mean"] > rows["circle"]["val_oof_auroc_mean"] + 0.05
-    assert rows["long_axis"]["test_fused"]["auroc"] > 0.8 and len(rows["circle"]["val_oof_auroc_range"]) == 2
+    assert len(rows["circle"]["val_oof_auroc_range"]) == 2
     assert abs(rows["long_axis"]["test_vs_readers"][-1]["median"] - 1.1) < 1e-9  # every nodule, the last row
     (tmp_path / "size_measures.json").write_text(json.dumps({"shipped_measure": "circle", **res}))
     outliner = {"arch": "tf_efficientnet_lite0+fpn", "input_size": 96, "task": "outline", "classes": ["nodule"],

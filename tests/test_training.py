@@ -556,6 +556,20 @@ def test_test_time_augmentation_averages_the_eight_dihedral_views():
         assert torch.allclose(dihedral_logits(model, torch.flip(x, dims=[2])), got, atol=1e-5)
 
 
+
+def test_test_time_augmentation_is_refused_for_a_fused_model(tmp_path):
+    import json
+
+    from training.evaluate import calibrated_logits
+
+    spec = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
+            "components": ["slice-binary", "nodule-binary"],
+            "fusion": {"views": ["slice", "nodule"], "weights": [0.5, 0.5], "bias": [0.0, 0.0]}}
+    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
+    with pytest.raises(LungvizError, match="network by network"):
+        calibrated_logits(tmp_path, "fused-binary", None, np.arange(0), tta=True)
+
+
 def test_tta_is_adopted_per_family_only_when_every_network_rises_on_validation():
     from lungviz.labels import get_scheme
     from training.experiments import tta_decision, tta_figures

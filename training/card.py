@@ -313,6 +313,9 @@ def sizes_section(w: Callable[[str], None], folder: Path) -> None:
           f"{r['val_size_alone_auroc']:.3f} | {format_ci(r['test_fused'], 'auroc')} | "
           f"{format_ci(r['test_size_alone'], 'auroc')} | {every.get('median', float('nan')):.0%} |")
     w("")
+    w("The axes are measured edge to edge on the outliner's view (each pixel counted whole), so they read about one "
+      "view pixel longer than a distance between outline points; the readers' diameter is the longest axis on "
+      "their largest slice, these are means over the central half of the slices.\n")
 
 
 def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | None = None) -> None:

@@ -179,6 +179,10 @@ def calibrated_logits(
 
     spec = read_any_spec(folder, name)
     if spec.get("kind") == "fusion":
+        if tta:
+            from lungviz.errors import LungvizError
+
+            raise LungvizError("test-time augmentation is checked network by network, not on a fused model.")
         parts = [ensemble_logits(folder, nets, store, case_indices, max_slices, central)
                  for nets in component_networks(spec).values()]
         fusion = Fusion.from_dict(spec["fusion"])
