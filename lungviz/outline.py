@@ -136,19 +136,25 @@ def mask_sizes_mm(masks: np.ndarray, mm_per_px: float) -> dict[str, np.ndarray]:
     return {"circle": circle, "long_axis": axes[:, 0], "short_axis": axes[:, 1], "mean_axes": axes.mean(axis=1)}
 
 
+def _crop_views(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> tuple[np.ndarray, float]:
+    """The outliner's views of several crops at one pixel spacing, and millimetres per view pixel."""
+    field = float(bundle.spec["preprocessing"]["field_mm"])
+    views = np.stack([view_from_context(c, "nodule", bundle.input_size, spacing_mm, field) for c in contexts01])
+    return views, view_mm_per_px(bundle, spacing_mm)
+
+
 def crops_sizes_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> dict[str, np.ndarray]:
     """Each of :data:`SIZE_MEASURES` (mm) of the outline at the centre of each of several crops at one pixel
     spacing (e.g. the slices of one nodule)."""
-    field = float(bundle.spec["preprocessing"]["field_mm"])
-    views = np.stack([view_from_context(c, "nodule", bundle.input_size, spacing_mm, field) for c in contexts01])
-    mm_px = view_mm_per_px(bundle, spacing_mm)
+    views, mm_px = _crop_views(bundle, contexts01, spacing_mm)
     return mask_sizes_mm(measure_views(bundle, views, mm_px)[1], mm_px)
 
 
 def crops_diameter_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> np.ndarray:
     """The outlined diameter (mm) at the centre of each of several crops at one pixel spacing (e.g. the slices of
-    one nodule): the same-area circle's, as the fused model uses it."""
-    return crops_sizes_mm(bundle, contexts01, spacing_mm)["circle"]
+    one nodule): the same-area circle's, as the fused model uses it (no axes measured)."""
+    views, mm_px = _crop_views(bundle, contexts01, spacing_mm)
+    return measure_views(bundle, views, mm_px)[2]
 
 
 def outline_nodule(bundle: Bundle, context01: np.ndarray, spacing_mm: float | None) -> Outline:
