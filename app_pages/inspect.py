@@ -407,6 +407,6 @@ with rep_col:
     st.markdown("**Download the case report**")
     st.caption("Inputs, estimate, maps, similar cases, your saved review and the research-use notice.")
     st.download_button("HTML report", lambda: build_html(report), file_name=report_filename(report, "html"),
-                       mime="text/html", icon=":material/download:", key="report-html")
+                       mime="text/html", icon=":material/download:", key="report-html", on_click="ignore")
     st.download_button("PDF report", lambda: build_pdf(report), file_name=report_filename(report, "pdf"),
-                       mime="application/pdf", icon=":material/picture_as_pdf:", key="report-pdf")
+                       mime="application/pdf", icon=":material/picture_as_pdf:", key="report-pdf", on_click="ignore")

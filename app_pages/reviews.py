@@ -47,4 +47,5 @@ else:
         hide_index=True, width="stretch",
     )
 st.download_button("Download as CSV", lambda: store.to_csv_text(**filters), file_name="lungviz-reviews.csv",
-                   mime="text/csv", icon=":material/download:", disabled=not rows, key="rev-csv")
+                   mime="text/csv", icon=":material/download:", disabled=not rows, key="rev-csv",
+                   on_click="ignore")

@@ -142,6 +142,8 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
                for w in at.warning)  # the upload is one of the library's own (training) slices
     assert len([b for b in at.button if b.label == "Open in library"]) == 5
     assert {b.label for b in at.download_button} == {"HTML report", "PDF report"}
+    # a click must not rerun the page: a rerun can revoke the deferred report before the browser fetches it
+    assert all(b.proto.ignore_rerun for b in at.download_button)
 
     # other maps: Grad-CAM++ and LIME (with its progress bar), at another opacity
     at.slider(key="alpha").set_value(0.8)
@@ -392,7 +394,7 @@ def test_review_log_lists_filters_and_exports(app_env):
     at.text_input(key="rev-reviewer").set_value("dr a").run()
     assert set(at.dataframe[0].value["case"]) == {"LIDC-IDRI-0001/nodule-0", "slice-9.png"}
     button = at.download_button[0]
-    assert button.label == "Download as CSV" and not button.proto.disabled
+    assert button.label == "Download as CSV" and not button.proto.disabled and button.proto.ignore_rerun
 
 
 # ------------------------------------------------------------------------------------------------------ paths

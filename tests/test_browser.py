@@ -50,21 +50,21 @@ def _wait_idle(page, timeout_ms: int = 60_000) -> None:
     page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_ms)
 
 
-def _download(page, button: str, attempts: int = 3, first_timeout_ms: int = 20_000) -> Path | None:
-    """Click a deferred download button and return the downloaded file. A deferred download is sometimes lost
-    (seen about 1 run in 3 for a second download right after a first, and once for a first one; not yet
-    understood): click again, as a user would, at most ``attempts`` times."""
+def _download(page, button: str, timeout_ms: int = 30_000) -> Path | None:
+    """Click a deferred download button once and return the downloaded file, or None if nothing came.
+
+    The app's download buttons do not rerun the page on a click (``on_click="ignore"``). Before, a click also
+    reran the page, and the run's end revokes deferred files no longer on the page, so a download could be
+    lost on a loaded machine (about 1 in 3 here); a single click must now be enough."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    for k in range(attempts):
-        _wait_idle(page)
-        try:
-            with page.expect_download(timeout=first_timeout_ms if k == 0 else 20_000) as download:
-                page.get_by_role("button", name=button).click()
-            return Path(download.value.path())
-        except PlaywrightTimeout:
-            continue
-    return None
+    _wait_idle(page)
+    try:
+        with page.expect_download(timeout=timeout_ms) as download:
+            page.get_by_role("button", name=button).click()
+    except PlaywrightTimeout:
+        return None
+    return Path(download.value.path())
 
 
 @pytest.fixture
@@ -90,6 +90,7 @@ def app_server(app_weights: Path, tmp_path: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        print("streamlit log (tail):", *(tmp_path / "streamlit.log").read_text().splitlines()[-30:], sep="\n")
 
 
 def test_upload_shows_estimate_gradcam_and_similar_cases(app_server: str, lidc_slices_dir: Path):
@@ -121,7 +122,7 @@ def test_upload_shows_estimate_gradcam_and_similar_cases(app_server: str, lidc_s
             page.wait_for_timeout(1000)  # let the charts finish drawing before the screenshot
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
-            html_file = _download(page, "HTML report", first_timeout_ms=60_000)  # the deferred report downloads
+            html_file = _download(page, "HTML report", timeout_ms=60_000)  # the deferred report downloads
             assert html_file is not None
             html = html_file.read_text(encoding="utf-8")
             assert "Research and education use only" in html and "slice-4.png" in html
