@@ -97,6 +97,9 @@ LONGER: dict = {"epochs": 60, "epoch_samples": 3072, "patience": 12, "stages": (
 #: nodule-score (session 10): the session 3 network (validation kappa 0.537) could not be rebuilt by any code, as
 #: its head was initialised unseeded then (seed_everything came later); RECIPE_64 with the current code over
 #: seeds 0-4 gave validation kappa 0.478, 0.517, 0.528, 0.522, 0.501, and the best (seed 2) replaced it.
+#: Session 13: the same recipe plus the readers' characteristics as an auxiliary target (attr_weight 0.5) and a
+#: weight average (ema 0.99), each of which had raised nodule-binary's validation AUROC at 64 px, gave validation
+#: kappa 0.507, 0.499, 0.506 over seeds 0-2 (mean 0.504 against 0.509): not adopted (test 0.598, 0.540, 0.598).
 #: Recipes come from the GPU search (training.experiments.SEARCH, weights/search.json, validation only, measured on
 #: a compressed copy of the images): per model the recipe with the best mean over seeds, as its best seed. It
 #: replaced the shipped network where, re-measured on the original images, it scored higher on validation:
