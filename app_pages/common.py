@@ -354,7 +354,8 @@ def view_table(pred: Prediction) -> list[dict]:
 
 
 def review_form(case_id: str, source: str, summary: dict | None, key: str) -> None:
-    """Agree / disagree / unsure and a note, saved to the review log (and kept for this case's report)."""
+    """Agree / disagree / unsure and a note, saved to the review log and kept under ``key`` (the input's content key)
+    for this case's report."""
     store = review_store()
     if store is None:
         return
@@ -373,7 +374,7 @@ def review_form(case_id: str, source: str, summary: dict | None, key: str) -> No
             st.error(str(err), icon=":material/error:")
             return
         st.session_state["reviewer"] = reviewer
-        st.session_state["saved_reviews"][case_id] = {"verdict": verdict, "note": note, "reviewer": reviewer}
+        st.session_state["saved_reviews"][key] = {"verdict": verdict, "note": note, "reviewer": reviewer}
         st.success(f"Review #{rid} saved to the review log.", icon=":material/check:")
 
 

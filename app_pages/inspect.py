@@ -194,7 +194,8 @@ def _case_input() -> tuple[CaseInput, str, str]:
     not DICOM)."""
     loaded = _read(main_file) if main_file is not None else None
     crop = _read(crop_file) if crop_file is not None else None
-    key = common.digest(main_file.file_id if main_file else "", crop_file.file_id if crop_file else "")
+    # the slice and centre widgets belong to the main file: adding or removing a crop must not reset them
+    key = common.digest(main_file.file_id if main_file else "")
     if isinstance(loaded, list):  # a DICOM series
         if crop is not None:
             st.info("The nodule crop is not used with a DICOM series: the nodule view is cut from the chosen slice.")
@@ -210,7 +211,8 @@ def _case_input() -> tuple[CaseInput, str, str]:
                 st.caption(f"Slice {index + 1} of {n} (slider position {index}), z = {sl.z_mm:.1f} mm, "
                            f"instance {sl.instance_number}")
             with picture:
-                centre = _centre_picker(sl.hu, True, float(np.mean(sl.pixel_spacing_mm)), key, controls)
+                centre = _centre_picker(sl.hu, True, valid_spacing(float(np.mean(sl.pixel_spacing_mm))), key,
+                                         controls)
         return from_series(loaded, index, centre), f"{main_file.name} slice {index + 1}", loaded[index].series_uid
     centre = None
     if loaded is not None and (loaded.is_hu or is_whole_slice(loaded.pixels)):
@@ -392,9 +394,10 @@ if index is not None:
 st.subheader("Review and report")
 rev_col, rep_col = st.columns([3, 2], gap="large")
 with rev_col:
-    common.review_form(case_label, "upload", pred.to_dict(), common.digest(case_label, case.context))
+    review_key = common.digest(case_label, case.context, case.nodule_crop)  # this input, not just its file name
+    common.review_form(case_label, "upload", {**pred.to_dict(), "input_digest": review_key}, review_key)
 with rep_col:
-    saved = st.session_state["saved_reviews"].get(case_label, {})
+    saved = st.session_state["saved_reviews"].get(review_key, {})
     report = CaseReport(
         case_id=case_label, source="upload", file_names=list(case.names),
         images={**pred.images, **({outline_caption(pred.outline): outline_image} if outline_image is not None else {})},

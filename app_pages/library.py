@@ -83,7 +83,8 @@ def _show_case(record: dict) -> None:
     img = slices[index_]
     cols = st.columns(3)
     cols[0].image(mask_outline(resize(img, SHOW_PX), mask) if outline and mask is not None else resize(img, SHOW_PX),
-                  caption=f"Slice {index_} of {n}" + (" with the readers' outline" if outline else ""),
+                  caption=f"Slice {index_ + 1} of {n} (slider position {index_})"
+                          + (" with the readers' outline" if outline else ""),
                   width="stretch", clamp=True)
     if ms is not None:
         for col, view in zip(cols[1:], ("slice", "nodule"), strict=True):

@@ -4,7 +4,6 @@ import streamlit as st
 
 from app_pages import common
 from lungviz.errors import LungvizError
-from lungviz.report import pct
 from lungviz.reviews import SOURCES, VERDICTS
 
 st.title("Review log")
@@ -42,7 +41,7 @@ else:
     st.dataframe(
         [{"when (UTC)": r["created_utc"][:16].replace("T", " "), "case": r["case_id"], "source": r["source"],
           "verdict": r["verdict"], "note": r["note"], "reviewer": r["reviewer"],
-          "model: malignant": pct((r["model_summary"] or {}).get("malignant_probability")),
+          "model: malignant": common.percent((r["model_summary"] or {}).get("malignant_probability")),
           "model flag": (r["model_summary"] or {}).get("flag", "-")} for r in rows],
         hide_index=True, width="stretch",
     )

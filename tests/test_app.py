@@ -175,6 +175,47 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     assert at.title[0].value == "Case library" and at.header[0].value in APP_CASES
 
 
+def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, lidc_slices_dir, monkeypatch):
+    """Every LIDC nodule folder names its files slice-N.png: a review saved on one patient's slice-4.png must not
+    appear in the report of another patient's slice-4.png."""
+    from lungviz import report
+
+    built: list[report.CaseReport] = []
+
+    class Recorded(report.CaseReport):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            built.append(self)
+
+    monkeypatch.setattr(report, "CaseReport", Recorded)
+    first = (lidc_slices_dir / REAL_SLICE).read_bytes()
+    other = (lidc_slices_dir / "LIDC-IDRI-0003" / "nodule-0" / "images" / "slice-4.png").read_bytes()
+    assert first != other
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "slice-4.png", first)
+    next(t for t in at.text_area if t.label == "Note").set_value("about patient 0001")
+    at.radio[0].set_value("disagree")
+    next(b for b in at.button if b.label == "Save review").click().run()
+    assert not at.exception and (built[-1].verdict, built[-1].note) == ("disagree", "about patient 0001")
+    at = _upload(at, "slice-4.png", other)
+    assert not at.exception and built[-1].case_id == "slice-4.png"
+    assert (built[-1].verdict, built[-1].note) == (None, "") and at.radio[0].value == "agree"
+    at = _upload(at, "slice-4.png", first)  # the first image again: its review comes back
+    assert (built[-1].verdict, built[-1].note) == ("disagree", "about patient 0001")
+    from lungviz.reviews import ReviewStore
+
+    summary = ReviewStore(app_env / "reviews.sqlite3").list()[0]["model_summary"]
+    assert len(summary["input_digest"]) >= 8  # the log tells two uploads of one file name apart
+
+
+def test_a_dicom_series_without_pixel_spacing_says_so(app_env):
+    hu = np.random.default_rng(0).normal(-700, 200, (96, 96))
+    files = {f"s{i}.dcm": make_dicom(hu + 1024, z_mm=2.5 * i, instance=i + 1, spacing=None) for i in range(3)}
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "series.zip", _zip(files))
+    assert not at.exception
+    picker = next(c.value for c in at.caption if c.value.startswith("Click the nodule"))
+    assert "unknown spacing (0.70 mm/pixel assumed)" in picker and "nan" not in picker
+
+
 def test_inspect_whole_dicom_slice_asks_for_the_centre(app_env, lidc_dicom_dir):
     dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[8]
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
@@ -187,6 +228,8 @@ def test_inspect_whole_dicom_slice_asks_for_the_centre(app_env, lidc_dicom_dir):
     row.set_value(316)
     col.set_value(367).run()
     assert not at.exception and at.metric[0].value.endswith("%")
+    at = _upload(at, "crop.png", encode_image(np.full((46, 46), 60, np.uint8)), which=1)  # adding a crop keeps
+    assert not at.exception and [n.value for n in at.number_input] == [316, 367]  # ... the chosen centre
     window = at.button_group(key="window")
     window.set_value("mediastinum").run()
     assert not at.exception
@@ -239,6 +282,9 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     slider.set_value(2).run()
     assert not at.exception and at.metric[0].value.endswith("%")
     assert "Slice 3 of 3 (slider position 2)" in _texts(at)
+    at = _upload(at, "crop.png", encode_image(np.full((46, 46), 90, np.uint8)), which=1)
+    assert "The nodule crop is not used with a DICOM series" in _texts(at)
+    assert next(s for s in at.slider if s.label.startswith("Slice")).value == 2  # the crop kept the chosen slice
     assert any(m.value.startswith("This series is LIDC-IDRI-0001") for m in [*at.warning, *at.info])  # a library scan
     # Moving through the slices and then accepting a candidate of the slice shown moves the centre to that slice's
     # candidate. (The browser-only crash of a stale candidate list, fixed by one widget per list, does not reproduce
@@ -353,11 +399,11 @@ def test_library_case_view_of_a_training_case(app_env):
     chars = at.table[0].value
     assert "spiculation" in set(chars["characteristic"])
     captions = [img.captions[0] for img in at.image]
-    assert "Slice 3 of 9 with the readers' outline" in captions  # the middle slice (largest outline)
+    assert "Slice 4 of 9 (slider position 3) with the readers' outline" in captions  # the middle (largest outline)
     assert {"Grad-CAM, slice view", "Grad-CAM, nodule view"} <= set(captions)
     assert at.metric[3].label.startswith("Malignant probability") and at.metric[3].value.endswith("%")
     next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
-    assert not at.exception and "Slice 0 of 9 with the readers' outline" in [
+    assert not at.exception and "Slice 1 of 9 (slider position 0) with the readers' outline" in [
         img.captions[0] for img in at.image]
     next(b for b in at.button if b.label == "Save review").click().run()
     rows = ReviewStore(app_env / "reviews.sqlite3").list()
@@ -382,7 +428,7 @@ def test_review_log_lists_filters_and_exports(app_env):
     store.add("LIDC-IDRI-0001/nodule-0", "library", "agree", "fine", "dr a")
     store.add("slice-4.png", "upload", "disagree", "too low", "dr b", {"malignant_probability": 0.31,
                                                                         "flag": "refer / uncertain"})
-    store.add("slice-9.png", "upload", "unsure", "", "dr a")
+    store.add("slice-9.png", "upload", "unsure", "", "dr a", {"malignant_probability": 0.998})
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/reviews.py").run()
     assert not at.exception and at.title[0].value == "Review log"
     assert len(at.dataframe[0].value) == 3
@@ -392,7 +438,9 @@ def test_review_log_lists_filters_and_exports(app_env):
     assert list(shown["case"]) == ["slice-4.png"] and list(shown["model: malignant"]) == ["31%"]
     at.selectbox(key="rev-verdict").set_value("all")
     at.text_input(key="rev-reviewer").set_value("dr a").run()
-    assert set(at.dataframe[0].value["case"]) == {"LIDC-IDRI-0001/nodule-0", "slice-9.png"}
+    shown = at.dataframe[0].value
+    assert set(shown["case"]) == {"LIDC-IDRI-0001/nodule-0", "slice-9.png"}
+    assert list(shown[shown["case"] == "slice-9.png"]["model: malignant"]) == [">99%"]  # as the Inspect page says
     button = at.download_button[0]
     assert button.label == "Download as CSV" and not button.proto.disabled and button.proto.ignore_rerun
 

@@ -51,6 +51,12 @@ def test_series_slice_and_display_window():
     assert ci.spacing_mm == pytest.approx(0.7) and from_series([no_spacing], 0, (305.0, 205.0)).spacing_mm is None
     shown = display_image(_hu_slice(), True, "lung")
     assert shown[0, 0] == pytest.approx((-1000 + 1350) / 1500)
+    # a 16-bit export of HU + 1024 reads as [0, 0.06]: shown stretched to its range, not almost black
+    export = (_hu_slice() + 1024.0) / 65535.0
+    shown = display_image(export, False)
+    assert shown.min() == 0.0 and shown.max() == pytest.approx(1.0)
+    assert np.allclose(shown, (export - export.min()) / (export.max() - export.min()), atol=1e-6)
+    assert not display_image(np.full((8, 8), 0.3, np.float32), False).any()  # a flat image: black, not NaN
 
 
 @pytest.mark.parametrize(("mode", "expected"), [
