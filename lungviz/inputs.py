@@ -38,7 +38,9 @@ def conversion_note(image: LoadedImage) -> str | None:
     if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         return (f"{image.name}: the image has a transparency channel; transparent areas were taken as black and the "
                 "image converted to grey.")
-    if mode in ("RGB", "CMYK", "YCbCr", "P", "LAB", "HSV"):
+    if mode == "P":  # a palette may be grey already: say what happened, not that it was in colour
+        return f"{image.name}: the palette (indexed) image was converted to grey (luminance)."
+    if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
         return f"{image.name}: the colour image was converted to grey (luminance)."
     if mode.startswith("I;16"):
         return (f"{image.name}: the 16-bit image was scaled to grey over its full 0-65535 range. If it holds "

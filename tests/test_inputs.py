@@ -61,7 +61,7 @@ def test_series_slice_and_display_window():
 
 @pytest.mark.parametrize(("mode", "expected"), [
     ("RGBA", "transparency channel"), ("LA", "transparency channel"), ("RGB", "colour image"),
-    ("P", "colour image"), ("I;16", "16-bit"), ("F", "32-bit"), ("L", None), ("", None),
+    ("P", "palette (indexed) image"), ("I;16", "16-bit"), ("F", "32-bit"), ("L", None), ("", None),
 ])
 def test_conversion_note_tells_what_reading_changed(mode, expected):
     from lungviz.inputs import conversion_note
