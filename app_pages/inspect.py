@@ -240,12 +240,17 @@ except LungvizError as err:
     st.stop()
 for note in case.notes:
     st.caption(f":material/info: {note}")
+input_notes = list(case.notes)  # what the page says about the input goes into the report too
 if (known := common.library_series(series_uid)) is not None:
-    (st.info if known[1] == "test" else st.warning)(series_split_note(*known), icon=":material/database:")
+    input_notes.append(series_split_note(*known))
+    (st.info if known[1] == "test" else st.warning)(input_notes[-1], icon=":material/database:")
 elif main_file is not None and (same := common.library_slice(main_file.getvalue())) is not None:
     case_id, name, split = same
-    (st.info if split == "test" else st.warning)(f"This image is `{name}` of library case {case_id}. "
-                                                 + SPLIT_NOTES.get(str(split), ""), icon=":material/database:")
+    input_notes.append(f"This image is `{name}` of library case {case_id}. " + SPLIT_NOTES.get(str(split), ""))
+    (st.info if split == "test" else st.warning)(input_notes[-1], icon=":material/database:")
+if case.centre_rc is not None:
+    input_notes.append(f"Nodule centre used: row {case.centre_rc[0]:.0f}, column {case.centre_rc[1]:.0f} "
+                       f"(pixels of {case_label}).")
 
 # ----------------------------------------------------------------------------------------------- estimate
 
@@ -399,7 +404,7 @@ with rev_col:
 with rep_col:
     saved = st.session_state["saved_reviews"].get(review_key, {})
     report = CaseReport(
-        case_id=case_label, source="upload", file_names=list(case.names),
+        case_id=case_label, source="upload", file_names=list(case.names), input_notes=input_notes,
         images={**pred.images, **({outline_caption(pred.outline): outline_image} if outline_image is not None else {})},
         prediction=pred.to_dict(), maps=maps,
         similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",

@@ -25,6 +25,8 @@ def _centre(text: str | None) -> tuple[float, float] | None:
         r, c = (float(v) for v in text.split(","))
     except ValueError as err:
         raise LungvizError(f"--centre must be ROW,COLUMN in pixels (e.g. 256,310), got '{text}'.") from err
+    if not (np.isfinite(r) and np.isfinite(c)):
+        raise LungvizError(f"--centre must be two finite numbers of pixels (ROW,COLUMN), got '{text}'.")
     return r, c
 
 
@@ -32,7 +34,10 @@ def _save_png(image: np.ndarray, path: Path) -> str:
     from PIL import Image
 
     arr = image if image.dtype == np.uint8 else (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    try:
+        Image.fromarray(arr).save(path)
+    except OSError as err:
+        raise LungvizError(f"cannot write {path}: {err.strerror or err}.") from err
     return str(path)
 
 
@@ -58,7 +63,11 @@ def cmd_predict(args: argparse.Namespace) -> dict:
         from lungviz.explain import bundle_cam, lime_map, lime_overlay, overlay
 
         folder = Path(args.out)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise LungvizError(f"--out {folder} cannot be used as a folder for the overlay images: "
+                               f"{err.strerror or err}.") from err
         files = {}
         for view, image in pred.images.items():
             bundle = models.bundle(view, "binary")
@@ -102,6 +111,8 @@ def cmd_locate(args: argparse.Namespace) -> dict:
 
 
 def _print_human(result: dict) -> None:
+    from lungviz.report import prob_pct
+
     if "candidates" in result:
         print(result.get("notice", RESEARCH_NOTICE))
         for i, c in enumerate(result["candidates"], 1):
@@ -113,10 +124,10 @@ def _print_human(result: dict) -> None:
     print(result.get("notice", RESEARCH_NOTICE))
     for view, tasks in result.get("views", {}).items():
         if "binary" in tasks:
-            print(f"{view:>7}: malignant {tasks['binary']['probabilities'][1]:.0%}", end="")
+            print(f"{view:>7}: malignant {prob_pct(tasks['binary']['probabilities'][1])}", end="")
         if "score" in tasks:
             probs = tasks["score"]["probabilities"]
-            print(f"   score 1-5: {', '.join(f'{p:.0%}' for p in probs)}", end="")
+            print(f"   score 1-5: {', '.join(prob_pct(p) for p in probs)}", end="")
         print()
     print(f"flag: {result.get('flag')}" + (f" ({'; '.join(result['reasons'])})" if result.get("reasons") else ""))
     for note in result.get("notes", []):
@@ -157,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from lungviz.bench import run_bench
 
+            if args.repeats < 1 or args.cases < 1:
+                raise LungvizError("--repeats and --cases must be at least 1.")
             result = run_bench(args.repeats, args.cases, Path(args.weights) if args.weights else None)
     except LungvizError as err:
         print(f"error: {err}", file=sys.stderr)

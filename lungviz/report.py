@@ -44,6 +44,8 @@ class CaseReport:
     case_id: str  # the library case id, or a label for an upload
     source: str = "library"  # "library" | "upload"
     file_names: list[str] = field(default_factory=list)  # uploaded files, when source is "upload"
+    #: what the app said about the input (conversions, the centre used, a library training case's warning)
+    input_notes: list[str] = field(default_factory=list)
     created: datetime | None = None  # defaults to now (UTC)
     images: dict[str, np.ndarray] = field(default_factory=dict)  # view ("slice", "nodule") -> what the model saw
     prediction: dict | None = None  # Prediction.to_dict()
@@ -128,8 +130,14 @@ def estimate_notes(prediction: dict | None) -> list[str]:
     assumed = (prediction or {}).get("diameter_assumes_spacing_mm")
     at = f", assuming {float(assumed):.2f} mm per pixel" if assumed else ""
     by = SIZE_SOURCES.get(str((prediction or {}).get("diameter_measured_by") or "finder"), "a measuring model")
-    notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
-             "the fused model, not the readers' measurement; the model card compares the two)."] if d else []
+    if d is None:
+        notes = []
+    elif float(d) <= 0:
+        notes = [f"{by[0].upper()}{by[1:]} found no nodule at the centre, so the fused model took the smallest "
+                 "size (1 mm): check the centre before reading the fused estimate."]
+    else:
+        notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
+                 "the fused model, not the readers' measurement; the model card compares the two)."]
     return [*notes, CALIBRATION_CAVEAT]
 
 
@@ -233,6 +241,7 @@ def case_lines(report: CaseReport) -> list[tuple[str, str]]:
     if report.source == "upload":
         lines.append(("Source", "uploaded by the user"))
         lines.append(("Files", ", ".join(report.file_names) or "-"))
+        lines += [("Input note", n) for n in report.input_notes]
     else:
         lines.append(("Source", "lungviz library (LIDC-IDRI)" if report.source == "library" else report.source))
     lines.append(("Report date", report.created_text))

@@ -196,6 +196,8 @@ def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, lidc_sli
     at.radio[0].set_value("disagree")
     next(b for b in at.button if b.label == "Save review").click().run()
     assert not at.exception and (built[-1].verdict, built[-1].note) == ("disagree", "about patient 0001")
+    assert any(n.startswith("This image is `slice-4.png` of library case LIDC-IDRI-0001/nodule-0. Train case")
+               for n in built[-1].input_notes)  # the page's training-case warning is in the report too
     at = _upload(at, "slice-4.png", other)
     assert not at.exception and built[-1].case_id == "slice-4.png"
     assert (built[-1].verdict, built[-1].note) == (None, "") and at.radio[0].value == "agree"

@@ -63,3 +63,34 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
 def test_explain_without_out_is_a_user_error(weights, crop_png, capsys):  # noqa: F811
     assert main(["predict", "--slice", str(crop_png), "--weights", str(weights), "--explain", "lime"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--explain", "gradcam", "--out", "{crop}"], "cannot be used as a folder"),  # --out names an existing file
+    (["--centre", "nan,nan"], "finite"),
+])
+def test_unusable_options_are_user_errors(weights, crop_png, argv, says, capsys):  # noqa: F811
+    argv = [a.replace("{crop}", str(crop_png)) for a in argv]
+    assert main(["predict", "--slice", str(crop_png), "--weights", str(weights), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err
+
+
+def test_bench_needs_at_least_one_repeat_and_case(capsys):
+    assert main(["bench", "--repeats", "0"]) == 2 and "at least 1" in capsys.readouterr().err
+
+
+def test_plain_output_never_prints_a_certain_looking_percentage(weights, crop_png, capsys, monkeypatch):  # noqa: F811
+    import lungviz.__main__ as cli
+
+    real = cli.cmd_predict
+
+    def extreme(args):
+        out = real(args)
+        out["views"]["fused"]["binary"]["probabilities"] = [0.998, 0.002]
+        return out
+
+    monkeypatch.setattr(cli, "cmd_predict", extreme)
+    assert main(["predict", "--slice", str(crop_png), "--weights", str(weights)]) == 0
+    text = capsys.readouterr().out
+    assert "fused: malignant <1%" in text and " 0%" not in text and "100%" not in text

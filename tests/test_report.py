@@ -302,3 +302,16 @@ def test_outline_caption_gives_the_size_and_both_axes() -> None:
     assert "about 10 mm across" in text and "long axis 14 mm" in text and "short axis 7 mm" in text
     empty = Outline(np.zeros((4, 4), bool), np.zeros((4, 4), np.float32), 0.0, 0.0)
     assert outline_caption(empty) == "Outline (nodule outliner): nothing outlined at the centre of the crop"
+
+
+def test_nothing_outlined_is_reported_and_input_notes_reach_the_report() -> None:
+    pred = {"views": {"nodule": {"binary": _task(BINARY, [0.99, 0.01])}}, "malignant_probability": 0.01,
+            "flag": "no uncertainty flag", "reasons": [], "estimated_diameter_mm": 0.0,
+            "diameter_measured_by": "outliner"}
+    warning = "This image is `slice-4.png` of library case LIDC-IDRI-0001/nodule-0. Train case: optimistic."
+    report = CaseReport(case_id="slice-4.png", source="upload", file_names=["slice-4.png"], prediction=pred,
+                        images={"nodule": _gray()}, input_notes=[warning, "Nodule centre used: row 3, column 4."])
+    page = build_html(report)
+    assert "The nodule outliner found no nodule at the centre, so the fused model took the smallest size" in page
+    assert "LIDC-IDRI-0001/nodule-0. Train case: optimistic." in page and "Nodule centre used: row 3" in page
+    assert build_pdf(report).startswith(b"%PDF")
