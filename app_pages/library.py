@@ -105,7 +105,7 @@ def _show_case(record: dict) -> None:
         for start in range(0, n, per_row):
             row = st.columns(per_row)
             for j, col in enumerate(row[: min(per_row, n - start)]):
-                col.image(slices[start + j], caption=f"{start + j}", width="stretch", clamp=True)
+                col.image(slices[start + j], caption=f"{start + j + 1}", width="stretch", clamp=True)
 
     st.subheader("The model on this case")
     if split == "train":
@@ -128,7 +128,7 @@ def _show_case(record: dict) -> None:
     fig = common.probability_bars(pred, "score")
     if fig is not None:
         st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})
-    st.caption(f"On the middle slice ({middle}, the largest reader outline). {CALIBRATION_CAVEAT}")
+    st.caption(f"On the middle slice ({middle + 1} of {n}, the largest reader outline). {CALIBRATION_CAVEAT}")
     if case_id in correct:
         st.caption(f"On the test split the model ({head}) was **{'right' if correct[case_id] else 'wrong'}** for this "
                    "nodule (all central slices averaged).")

@@ -402,6 +402,8 @@ def test_library_case_view_of_a_training_case(app_env):
     assert "spiculation" in set(chars["characteristic"])
     captions = [img.captions[0] for img in at.image]
     assert "Slice 4 of 9 (slider position 3) with the readers' outline" in captions  # the middle (largest outline)
+    assert [c for c in captions if c.isdigit()] == [str(k) for k in range(1, 10)]  # thumbnails numbered from 1
+    assert "On the middle slice (4 of 9, the largest reader outline)." in _texts(at)
     assert {"Grad-CAM, slice view", "Grad-CAM, nodule view"} <= set(captions)
     assert at.metric[3].label.startswith("Malignant probability") and at.metric[3].value.endswith("%")
     next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
