@@ -116,8 +116,4 @@ def display_image(image: np.ndarray, is_hu: bool, window: str = "lung") -> np.nd
     """``(H, W) float32 in [0, 1]`` for showing a slice: HU through a window preset, else stretched to its own
     range (a 16-bit export of HU + 1024 fills only 6% of [0, 1] and would show black; the models min-max scale
     their crops anyway)."""
-    if is_hu:
-        return window_preset(image, window)
-    a = np.asarray(image, np.float32)
-    lo, hi = float(a.min()), float(a.max())
-    return np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo)
+    return window_preset(image, window) if is_hu else minmax(image)
