@@ -19,7 +19,7 @@ from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundl
 from lungviz.finder import Finder, load_finder, scan
 from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
-from lungviz.library import library_slice_of, series_split, similar_cases, slice_file_table
+from lungviz.library import library_slice_of, same_patient_cases, series_split, similar_cases, slice_file_table
 from lungviz.lidc import load_case
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
 from lungviz.report import VIEW_LABELS, prob_pct
@@ -288,14 +288,16 @@ def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[f
 
 @st.cache_data(show_spinner="Finding similar cases…", max_entries=64)
 def similar(folder: str, data_root: str, context: np.ndarray | None, nodule_crop: np.ndarray | None,
-            spacing_mm: float | None, k: int) -> list[dict]:
-    """The ``k`` nearest library cases, queried with the index model's view of this input."""
+            spacing_mm: float | None, k: int, own_patient: str = "") -> list[dict]:
+    """The ``k`` nearest library cases, queried with the index model's view of this input; when the input is one of
+    the library's own images, its patient's cases (``own_patient``: a case or patient id) are left out."""
     index = _case_index(folder)
     bundle = _model_set(folder).bundles.get(index.model)
     if bundle is None:
         raise LungvizError(f"the index was built with model '{index.model}', which is not installed.")
     query = embed_view(bundle, view_image(bundle.spec, context, nodule_crop, spacing_mm))
-    return similar_cases(index, query, k, root=Path(data_root))
+    exclude = same_patient_cases(index.records, own_patient) if own_patient else None
+    return similar_cases(index, query, k, root=Path(data_root), exclude=exclude)
 
 
 @st.cache_data(show_spinner="Loading the case…", max_entries=16)

@@ -241,11 +241,14 @@ except LungvizError as err:
 for note in case.notes:
     st.caption(f":material/info: {note}")
 input_notes = list(case.notes)  # what the page says about the input goes into the report too
+own_patient = ""  # the library patient this input comes from, when it is one of the library's own images
 if (known := common.library_series(series_uid)) is not None:
+    own_patient = known[0]
     input_notes.append(series_split_note(*known))
     (st.info if known[1] == "test" else st.warning)(input_notes[-1], icon=":material/database:")
 elif main_file is not None and (same := common.library_slice(main_file.getvalue())) is not None:
     case_id, name, split = same
+    own_patient = case_id
     input_notes.append(f"This image is `{name}` of library case {case_id}. " + SPLIT_NOTES.get(str(split), ""))
     (st.info if split == "test" else st.warning)(input_notes[-1], icon=":material/database:")
 if case.centre_rc is not None:
@@ -387,11 +390,16 @@ if index is not None:
     k = st.columns([1, 3])[0].slider("How many", 1, 10, key="k_similar")
     try:
         similar = common.similar(folder, str(paths.lidc_slices_dir()), case.context, case.nodule_crop,
-                                 case.spacing_mm, k)
+                                 case.spacing_mm, k, own_patient)
     except LungvizError as err:
         st.warning(f"Similar cases are not available: {err}", icon=":material/info:")
+    own = ""
+    if own_patient:
+        own = (f"This input is one of the library's own images: the cases of its patient "
+               f"({own_patient.split('/')[0]}) are left out of the similar cases.")
+        input_notes.append(own)
     st.caption("Nearest cases by the nodule model's features. The library holds training cases too (seen by the "
-               "model); the panel and reader scores are the LIDC radiologists' ratings, not pathology.")
+               "model); the panel and reader scores are the LIDC radiologists' ratings, not pathology. " + own)
     common.similar_case_cards(similar, "inspect")
 
 # ------------------------------------------------------------------------------------------- review and report
@@ -410,7 +418,7 @@ with rep_col:
         similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",
                                         "thumbnail")} for s in similar],
         verdict=saved.get("verdict"), note=saved.get("note", ""), reviewer=saved.get("reviewer", ""),
-        models=model_versions(ms.networks), notice=RESEARCH_NOTICE,
+        models=model_versions(ms.provenance), notice=RESEARCH_NOTICE,
     )
     st.markdown("**Download the case report**")
     st.caption("Inputs, estimate, maps, similar cases, your saved review and the research-use notice.")

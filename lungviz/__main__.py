@@ -43,19 +43,31 @@ def _save_png(image: np.ndarray, path: Path) -> str:
 
 def cmd_predict(args: argparse.Namespace) -> dict:
     """Predict one case from files; optionally write explanation overlays."""
-    from lungviz.inputs import from_loaded
-    from lungviz.io import load_image
+    from lungviz.inputs import from_loaded, from_series
+    from lungviz.io import load_image, read_series
 
     # Read and check the inputs before the heavy imports, so bad input is answered at once.
-    slice_img = load_image(args.slice) if args.slice else None
-    nodule_img = load_image(args.nodule) if args.nodule else None
-    case = from_loaded(slice_img, nodule_img, _centre(args.centre))
+    centre = _centre(args.centre)
+    source = Path(args.slice) if args.slice else None
+    if source is not None and (source.is_dir() or source.suffix.lower() == ".zip"):
+        series = read_series(source)
+        index = len(series) // 2 if args.index is None else args.index
+        case = from_series(series, index, centre, load_image(args.nodule) if args.nodule else None)
+        case.notes.append(f"Slice {index + 1} of {len(series)} of the series was used (--index {index}; "
+                          "0 = most inferior).")
+    else:
+        if args.index is not None:
+            raise LungvizError("--index applies to a DICOM series given as --slice (a folder or a zip), "
+                               "not to a single image.")
+        slice_img = load_image(args.slice) if args.slice else None
+        case = from_loaded(slice_img, load_image(args.nodule) if args.nodule else None, centre)
     from lungviz.predict import load_models, predict
+    from lungviz.report import spec_version
 
     models = load_models(Path(args.weights) if args.weights else None)
     pred = predict(models, case.context, case.nodule_crop, case.spacing_mm)
     out: dict = {"inputs": case.names, "notes": case.notes, **pred.to_dict(),
-                 "models": {k: b.spec.get("weights_sha256", "")[:12] for k, b in models.networks.items()},
+                 "models": {k: spec_version(s)[:12] for k, s in models.provenance.items()},
                  "notice": RESEARCH_NOTICE}
     if args.explain:
         if not args.out:
@@ -115,11 +127,16 @@ def _print_human(result: dict) -> None:
 
     if "candidates" in result:
         print(result.get("notice", RESEARCH_NOTICE))
+        if result.get("slice_index") is not None:
+            print(f"{result['input']}: slice {result['slice_index'] + 1} of {result['n_slices']} "
+                  f"(--slice {result['slice_index']}; 0 = most inferior)")
         for i, c in enumerate(result["candidates"], 1):
             print(f"{i:>2}. x {c['x']:.0f}, y {c['y']:.0f} px   diameter {c['diameter_mm']:.1f} mm   "
                   f"score {c['score']:.2f}")
         if not result["candidates"]:
             print("no candidates found")
+        for note in result.get("notes", []):
+            print(f"note: {note}")
         return
     print(result.get("notice", RESEARCH_NOTICE))
     for view, tasks in result.get("views", {}).items():
@@ -138,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lungviz", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="predict one case from image files")
-    p.add_argument("--slice", help="slice image: a nodule-centred crop or a whole slice (PNG/JPG/TIFF/NPY/DICOM)")
+    p.add_argument("--slice", help="slice image: a nodule-centred crop or a whole slice (PNG/JPG/TIFF/NPY/DICOM), "
+                   "or a DICOM series (folder or zip) with --index")
+    p.add_argument("--index", type=int, help="slice of a DICOM series given as --slice (0 = most inferior; default "
+                   "the middle one)")
     p.add_argument("--nodule", help="optional zoomed nodule crop")
     p.add_argument("--centre", help="nodule centre ROW,COLUMN in a whole slice (default: the image centre)")
     p.add_argument("--explain", choices=EXPLAIN_METHODS, help="write explanation overlays to --out")
@@ -164,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise LungvizError("give --slice (and optionally --nodule).")
             result = cmd_predict(args)
         elif args.command == "locate":
+            if args.top_k < 1 or not 0.0 <= args.min_score <= 1.0:
+                raise LungvizError("--top-k must be at least 1 and --min-score between 0 and 1.")
             result = cmd_locate(args)
         else:
             from lungviz.bench import run_bench

@@ -380,7 +380,7 @@ def read_search_slice(src: str | Path, slice_index: int | None = None) -> Search
     if path.is_dir() or path.suffix.lower() == ".zip":
         return series_slice(read_series(path), slice_index, name)
     if slice_index not in (None, 0):
-        raise LungvizError("--slice applies to a DICOM series (a folder or a zip), not to a single image.",
+        raise LungvizError("a slice number applies to a DICOM series (a folder or a zip), not to a single image.",
                            source=name)
     img = load_image(path)
     return SearchSlice(img.pixels, img.is_hu, img.pixel_spacing_mm, img.name)

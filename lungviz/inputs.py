@@ -88,6 +88,9 @@ def from_loaded(slice_img: LoadedImage | None, nodule_img: LoadedImage | None = 
             if not slice_img.is_hu:
                 out.notes.append("The slice image was taken as a crop centred on the nodule (about 9 cm wide), "
                                  "as in the LIDC slices set.")
+            if centre_rc is not None:
+                out.notes.append("The nodule centre given was not used: the slice image is a crop, which is taken "
+                                 "to be centred on the nodule. A centre applies to a whole slice.")
     if nodule_img is not None:
         out.names.append(nodule_img.name)
         crop = nodule_img.pixels
@@ -100,8 +103,10 @@ def from_loaded(slice_img: LoadedImage | None, nodule_img: LoadedImage | None = 
     return out
 
 
-def from_series(series: list[DicomSlice], index: int, centre_rc: tuple[float, float] | None = None) -> CaseInput:
-    """Model inputs from one slice of a DICOM series (HU), cut around the chosen nodule centre."""
+def from_series(series: list[DicomSlice], index: int, centre_rc: tuple[float, float] | None = None,
+                nodule_img: LoadedImage | None = None) -> CaseInput:
+    """Model inputs from one slice of a DICOM series (HU), cut around the chosen nodule centre, and an optional
+    nodule crop."""
     if not series:
         raise LungvizError("the DICOM series holds no slices.")
     if not 0 <= index < len(series):
@@ -109,7 +114,7 @@ def from_series(series: list[DicomSlice], index: int, centre_rc: tuple[float, fl
     sl = series[index]
     loaded = LoadedImage(sl.hu, True, sl.name, pixel_spacing_mm=valid_spacing(float(np.mean(sl.pixel_spacing_mm))),
                          meta={"z_mm": sl.z_mm})
-    return from_loaded(loaded, None, centre_rc)
+    return from_loaded(loaded, nodule_img, centre_rc)
 
 
 def display_image(image: np.ndarray, is_hu: bool, window: str = "lung") -> np.ndarray:

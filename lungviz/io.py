@@ -351,7 +351,8 @@ def load_image(src: Source, name: str | None = None) -> LoadedImage:
             meta={"format": "dicom", "z_mm": sl.z_mm, "series_uid": sl.series_uid},
         )
     if lower.endswith(".zip") or data[:2] == b"PK":
-        raise LungvizError("this is a zip archive; upload it as a DICOM series instead of a single image.",
+        raise LungvizError("this is a zip archive, not a single image; open it as a DICOM series (a folder or a zip of "
+                           "its slices).",
                            source=label)
     pixels = load_gray(data, name=label)
     return LoadedImage(pixels, False, label, meta={"format": "raster", "mode": Image.open(_io.BytesIO(data)).mode})

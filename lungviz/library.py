@@ -189,6 +189,12 @@ def characteristic_rows(characteristics: Mapping[str, float]) -> list[dict]:
             for k, v in characteristics.items()]
 
 
+def same_patient_cases(records: Sequence[Mapping], case_or_patient: str) -> set[str]:
+    """The case ids of every library record of one patient, given a case id or a patient id (empty if unknown)."""
+    patient = next((r.get("patient_id") for r in records if r.get("case_id") == case_or_patient), case_or_patient)
+    return {str(r["case_id"]) for r in records if patient and r.get("patient_id") == patient}
+
+
 def similar_cases(index, query: np.ndarray, k: int = 5, root: Path | None = None,
                   exclude: set[str] | None = None) -> list[dict]:
     """The ``k`` library cases nearest a ``(D,)`` query embedding: each record with ``similarity`` and

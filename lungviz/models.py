@@ -694,7 +694,7 @@ def _check_name(name: str) -> None:
         raise LungvizError(f"'{name}' is not a valid model name; use letters, digits, '.', '-' and '_' only.")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -757,7 +757,7 @@ def save_bundle(
     tmp = weights.with_name(weights.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "arch": model.arch})
     os.replace(tmp, weights)
-    return _write_spec(folder, name, {**data, "weights_file": weights.name, "weights_sha256": _sha256(weights)})
+    return _write_spec(folder, name, {**data, "weights_file": weights.name, "weights_sha256": file_sha256(weights)})
 
 
 def _write_spec(folder: Path, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -800,7 +800,7 @@ def load_bundle(folder: Path, name: str, device: str | torch.device | None = Non
     if not weights.is_file():
         raise LungvizError(f"the weights of model '{name}' are missing ({weights.name} not found).", source=folder)
     expected = spec.get("weights_sha256")
-    if expected and _sha256(weights) != expected:
+    if expected and file_sha256(weights) != expected:
         raise LungvizError(f"the weights of model '{name}' are corrupted (checksum mismatch); re-download or retrain.")
     try:
         state = load_file(str(weights), device="cpu")

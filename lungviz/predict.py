@@ -25,7 +25,7 @@ from lungviz.fusion import (
     size_feature,
 )
 from lungviz.metrics import softmax
-from lungviz.models import Bundle, load_bundle, read_spec
+from lungviz.models import Bundle, file_sha256, load_bundle, read_spec
 from lungviz.outline import Outline, load_outliner, outline_nodule
 from lungviz.preprocess import (
     DEFAULT_SPACING_MM,
@@ -68,8 +68,16 @@ class ModelSet:
 
     @property
     def networks(self) -> dict[str, Bundle]:
-        """Every network a prediction runs, by bundle name: the classifiers and the outliner (for provenance)."""
-        return {**self.bundles, **self.members, **({self.outliner.name: self.outliner} if self.outliner else {})}
+        """Every network a prediction runs, by bundle name: the classifiers, a fusion's ensemble members, the nodule
+        finder and the outliner."""
+        finder = {b.name: b for b in (self.finder.presence, self.finder.locate)} if self.finder else {}
+        outliner = {self.outliner.name: self.outliner} if self.outliner else {}
+        return {**self.bundles, **self.members, **finder, **outliner}
+
+    @property
+    def provenance(self) -> dict[str, dict]:
+        """The spec of every model a prediction uses, by name: the networks and the fused models (for reports)."""
+        return {**{n: b.spec for n, b in self.networks.items()}, **{f"fused-{t}": s for t, s in self.fusions.items()}}
 
     @property
     def device(self) -> torch.device:
@@ -87,7 +95,8 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
                 bundles[name] = load_bundle(folder, name, device)
     for task in TASKS:
         if (folder / f"fused-{task}.json").is_file():
-            fusions[task] = read_spec(folder, f"fused-{task}")
+            fusions[task] = {**read_spec(folder, f"fused-{task}"),
+                             "spec_sha256": file_sha256(folder / f"fused-{task}.json")}
     if not bundles:
         raise LungvizError(f"no trained models are installed in {folder}; run `python -m training train --all`.")
     parsed, notes, members = {}, [], {}

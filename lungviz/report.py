@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape as xml_escape
@@ -55,7 +56,7 @@ class CaseReport:
     verdict: str | None = None  # "agree" | "disagree" | "unsure"
     note: str = ""
     reviewer: str = ""
-    models: dict[str, str] = field(default_factory=dict)  # model name -> weights SHA-256
+    models: dict[str, str] = field(default_factory=dict)  # model -> SHA-256 of its weights (a fused model: its spec)
     title: str = "lungviz case report"
     notice: str = RESEARCH_NOTICE
 
@@ -74,13 +75,22 @@ class CaseReport:
         return f"{self.created_utc:%Y-%m-%d %H:%M} UTC"
 
 
+def spec_version(spec: Mapping[str, Any]) -> str:
+    """What identifies a model's version: its weights' SHA-256, or for a fused model (no weights) its spec file's."""
+    return str(spec.get("weights_sha256") or spec.get("spec_sha256") or "")
+
+
 def model_versions(bundles: Mapping[str, Any]) -> dict[str, str]:
-    """``{name (arch): weights SHA-256}`` from loaded bundles (``ModelSet.bundles``) or their spec dicts."""
+    """``{name (arch): SHA-256}`` from loaded bundles or their spec dicts (``ModelSet.provenance``): the weights'
+    digest, or for a fused model (a spec without weights) the spec file's, labelled with the networks it fuses."""
     out = {}
     for name, bundle in bundles.items():
         spec = bundle if isinstance(bundle, Mapping) else getattr(bundle, "spec", {})
-        label = f"{name} ({spec['arch']})" if spec.get("arch") else str(name)
-        out[label] = str(spec.get("weights_sha256") or "")
+        if spec.get("kind") == "fusion":
+            label = f"{name} (fusion of {' + '.join(map(str, spec.get('components', [])))}; spec file)"
+        else:
+            label = f"{name} ({spec['arch']})" if spec.get("arch") else str(name)
+        out[label] = spec_version(spec)
     return out
 
 
@@ -361,7 +371,7 @@ def _html_models(models: dict[str, str]) -> str:
         return _missing("No model versions were recorded.")
     rows = "".join(f"<tr><td>{_e(n)}</td><td><code>{_e(sha[:SHA_PREFIX] or '-')}</code></td></tr>"
                    for n, sha in models.items())
-    head = "<tr><th>Model</th><th>Weights SHA-256 (prefix)</th></tr>"
+    head = "<tr><th>Model</th><th>SHA-256 (prefix)</th></tr>"
     return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>"
 
 
@@ -395,6 +405,106 @@ def build_html(report: CaseReport) -> str:
 
 # ------------------------------------------------------------------------------------------------------- PDF
 
+#: Fonts the PDF embeds (subset), in order, for characters Helvetica (WinAnsi, Western European) cannot draw:
+#: ``{bold: ((reportlab name, file name), ...)}``. DejaVu Sans (Greek, Cyrillic, Hebrew, symbols) comes with
+#: matplotlib, a dependency; a CJK font (Debian's fonts-droid-fallback or fonts-wqy-zenhei) where the system has one.
+EMBEDDED_FONTS = {
+    False: (("DejaVuSans", "DejaVuSans.ttf"), ("DroidSansFallback", "DroidSansFallbackFull.ttf"),
+            ("WenQuanYiZenHei", "wqy-zenhei.ttc")),
+    True: (("DejaVuSans-Bold", "DejaVuSans-Bold.ttf"), ("DroidSansFallback", "DroidSansFallbackFull.ttf"),
+           ("WenQuanYiZenHei", "wqy-zenhei.ttc")),
+}
+SYSTEM_FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts")
+#: Without an embedded CJK font, Adobe's CJK fonts, which PDF readers supply: (first, last code point, font).
+CJK_RANGES = ((0x1100, 0x11FF, "HYGothic-Medium"), (0x3130, 0x318F, "HYGothic-Medium"),
+              (0xAC00, 0xD7AF, "HYGothic-Medium"), (0x3040, 0x30FF, "HeiseiKakuGo-W5"),
+              (0x31F0, 0x31FF, "HeiseiKakuGo-W5"), (0x2E80, 0x303F, "STSong-Light"), (0x3400, 0x9FFF, "STSong-Light"),
+              (0xF900, 0xFAFF, "STSong-Light"), (0xFF00, 0xFFEF, "STSong-Light"))
+REPLACEMENT = 0xFFFD  # drawn for a character no font has
+
+
+@cache
+def _font_file(file_name: str) -> Path | None:
+    """``file_name`` in matplotlib's fonts or the system's font folders, or None."""
+    try:
+        import matplotlib
+
+        found = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / file_name
+        if found.is_file():
+            return found
+    except ImportError:
+        pass
+    for root in map(Path, SYSTEM_FONT_DIRS):
+        if root.is_dir():
+            found = next(root.rglob(file_name), None)
+            if found is not None:
+                return found
+    return None
+
+
+@cache
+def _embedded_fonts(bold: bool) -> tuple[tuple[str, frozenset[int]], ...]:
+    """Register the embedded fonts found with reportlab: ``((name, the code points it draws), ...)`` in order."""
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.ttfonts import TTFError, TTFont
+
+    out = []
+    for name, file_name in EMBEDDED_FONTS[bold]:
+        path = _font_file(file_name)
+        if path is None:
+            continue
+        try:
+            font = TTFont(name, str(path), subfontIndex=0)
+        except (OSError, TTFError):
+            continue
+        pdfmetrics.registerFont(font)
+        out.append((name, frozenset(font.face.charToGlyph)))
+    return tuple(out)
+
+
+@cache
+def _cid_font(name: str) -> str:
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+
+    pdfmetrics.registerFont(UnicodeCIDFont(name))
+    return name
+
+
+def _pdf_font(ch: str, bold: bool) -> tuple[str | None, str]:
+    """The font that draws ``ch`` (None: the paragraph's own Helvetica) and the character drawn (U+FFFD, or '?',
+    where no font has it)."""
+    try:
+        ch.encode("cp1252")
+        return None, ch
+    except UnicodeEncodeError:
+        pass
+    code, fonts = ord(ch), _embedded_fonts(bold)
+    for name, codes in fonts:
+        if code in codes:
+            return name, ch
+    for first, last, font in CJK_RANGES:
+        if first <= code <= last:
+            return _cid_font(font), ch
+    return next(((name, chr(REPLACEMENT)) for name, codes in fonts if REPLACEMENT in codes), (None, "?"))
+
+
+def pdf_markup(text: Any, bold: bool = False) -> str:
+    """``text`` as reportlab paragraph markup: escaped, line breaks kept, and each run of characters Helvetica cannot
+    draw (Greek, Cyrillic, CJK, ...) set in a font that can, so a note or a name in any script prints."""
+    runs: list[tuple[str | None, str]] = []
+    for ch in str(text):
+        font, drawn = _pdf_font(ch, bold) if ch != "\n" else (None, ch)
+        if runs and runs[-1][0] == font:
+            runs[-1] = (font, runs[-1][1] + drawn)
+        else:
+            runs.append((font, drawn))
+    parts = []
+    for font, run in runs:
+        escaped = xml_escape(run).replace("\n", "<br/>")
+        parts.append(f'<font name="{font}">{escaped}</font>' if font else escaped)
+    return "".join(parts)
+
 
 def build_pdf(report: CaseReport) -> bytes:
     """The report as A4 PDF bytes (reportlab); the notice heads the first page and footers every page."""
@@ -420,7 +530,7 @@ def build_pdf(report: CaseReport) -> bytes:
     head_bg = colors.HexColor("#f6f8fa")
 
     def p(text: Any, style: ParagraphStyle = body) -> Paragraph:
-        return Paragraph(xml_escape(str(text)).replace("\n", "<br/>"), style)
+        return Paragraph(pdf_markup(text, bold="Bold" in style.fontName), style)
 
     def img(image: np.ndarray, width: float) -> RLImage:
         h, w = np.asarray(image).shape[:2]
@@ -503,7 +613,7 @@ def build_pdf(report: CaseReport) -> bytes:
         story += section("Review", p("This case has not been reviewed.", small))
 
     if report.models:
-        data = [["Model", "Weights SHA-256 (prefix)"]] + [[p(n), sha[:SHA_PREFIX] or "-"]
+        data = [["Model", "SHA-256 (prefix)"]] + [[p(n), sha[:SHA_PREFIX] or "-"]
                                                           for n, sha in report.models.items()]
         story += section("Models", table(data, [10 * cm, 6 * cm]))
     else:

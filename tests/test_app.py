@@ -137,7 +137,10 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     assert sum(c.startswith("Grad-CAM,") for c in captions) == 2
     assert sum(c.startswith("Outline (nodule outliner): about ") and " mm across; long axis " in c
                and c.endswith(" mm on this slice") for c in captions) == 1
-    assert "LIDC-IDRI-0001/nodule-0" in text and "Readers: 4, 5, 5, 5" in text
+    # similar cases: the upload is the library's own image, so its patient's cases are left out, and it says so
+    cards = [m.value for m in at.markdown if m.value.startswith("**LIDC-IDRI-")]
+    assert len(cards) == 5 and not any(c.startswith("**LIDC-IDRI-0001/") for c in cards), cards
+    assert "Readers: " in text and "the cases of its patient (LIDC-IDRI-0001) are left out" in text
     assert any(w.value.startswith("This image is `slice-4.png` of library case LIDC-IDRI-0001/nodule-0. Train case")
                for w in at.warning)  # the upload is one of the library's own (training) slices
     assert len([b for b in at.button if b.label == "Open in library"]) == 5

@@ -94,3 +94,51 @@ def test_plain_output_never_prints_a_certain_looking_percentage(weights, crop_pn
     assert main(["predict", "--slice", str(crop_png), "--weights", str(weights)]) == 0
     text = capsys.readouterr().out
     assert "fused: malignant <1%" in text and " 0%" not in text and "100%" not in text
+
+
+def _series(folder: Path, n: int = 5, spacing: tuple[float, float] | None = (0.7, 0.7)) -> Path:
+    """A small synthetic CT series on disk: n slices of 160 x 160 HU with a bright blob, inferior first."""
+    from tests.conftest import make_dicom
+
+    folder.mkdir(parents=True)
+    yy, xx = np.mgrid[:160, :160]
+    blob = ((yy - 90) ** 2 + (xx - 70) ** 2) < 36
+    for k in range(n):
+        raw = np.where(blob, 1024 + 40, 1024 - 800).astype(np.int16)  # stored values; HU = raw - 1024
+        (folder / f"s{k}.dcm").write_bytes(make_dicom(raw, z_mm=2.5 * k, instance=k + 1, spacing=spacing))
+    return folder
+
+
+def test_predict_reads_a_dicom_series_at_the_slice_asked_for(weights, tmp_path, capsys):  # noqa: F811
+    series = _series(tmp_path / "series")
+    code = main(["predict", "--slice", str(series), "--index", "1", "--centre", "90,70", "--weights", str(weights),
+                 "--json"])
+    assert code == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    assert any("Slice 2 of 5 of the series" in n for n in out["notes"])
+    assert not any("image centre was used" in n for n in out["notes"])  # the centre given was used
+    middle = main(["predict", "--slice", str(series), "--weights", str(weights), "--json"])
+    assert middle == 0 and any("Slice 3 of 5" in n for n in json.loads(capsys.readouterr().out)["notes"])
+    assert main(["predict", "--slice", str(series), "--index", "5", "--weights", str(weights)]) == 2
+    assert "slice 5 does not exist" in capsys.readouterr().err
+
+
+def test_options_that_do_not_apply_are_said_not_silently_dropped(weights, crop_png, capsys):  # noqa: F811
+    # a centre on a crop: the crop is taken as centred on the nodule, and the output says the centre was not used
+    assert main(["predict", "--slice", str(crop_png), "--centre", "10,10", "--weights", str(weights), "--json"]) == 0
+    assert any("centre given was not used" in n for n in json.loads(capsys.readouterr().out)["notes"])
+    assert main(["predict", "--slice", str(crop_png), "--index", "3", "--weights", str(weights)]) == 2
+    assert "applies to a DICOM series" in capsys.readouterr().err
+    assert main(["locate", str(crop_png), "--top-k", "0"]) == 2
+    assert "--top-k must be at least 1" in capsys.readouterr().err
+
+
+def test_locate_plain_output_names_the_slice_and_the_spacing_assumed(tmp_path, capsys):
+    from tests.conftest import build_finder_weights
+
+    finder = build_finder_weights(tmp_path / "w")
+    series = _series(tmp_path / "series", spacing=None)
+    assert main(["locate", str(series), "--slice", "3", "--weights", str(finder), "--top-k", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "series: slice 4 of 5 (--slice 3; 0 = most inferior)" in text
+    assert "note: pixel spacing unknown" in text

@@ -15,6 +15,7 @@ from lungviz.library import (
     library_rows,
     mask_outline,
     record_image_path,
+    same_patient_cases,
     similar_cases,
     thumbnail,
 )
@@ -99,6 +100,14 @@ def test_similar_cases_attach_similarity_and_thumbnail(tmp_path):
     assert hits[1]["thumbnail"] is None
     assert [h["case_id"] for h in similar_cases(index, emb[0], 1, tmp_path, exclude={"P1/nodule-0"})] == [
         "P2/nodule-0"]
+
+
+def test_same_patient_cases_from_a_case_or_a_patient_id():
+    records = [{"case_id": "P1/nodule-0", "patient_id": "P1"}, {"case_id": "P1/nodule-2", "patient_id": "P1"},
+               {"case_id": "P2/nodule-0", "patient_id": "P2"}]
+    assert same_patient_cases(records, "P1/nodule-2") == same_patient_cases(records, "P1") == {
+        "P1/nodule-0", "P1/nodule-2"}
+    assert same_patient_cases(records, "P9") == set() and same_patient_cases(records, "") == set()
 
 
 def test_mask_outline_draws_the_border_of_the_majority_region():

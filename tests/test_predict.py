@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -218,7 +219,11 @@ def test_size_fusion_measures_the_nodule_with_the_outliner_when_its_spec_says_so
     build_outliner_weights(folder, bias=8.0)  # outlines the whole view: a large, known measurement
     models = load_models(folder)
     assert models.outliner is not None and set(models.fusions) == {"binary", "score"}
-    assert set(models.networks) == {*models.bundles, "outliner"}  # provenance names every network that ran
+    # provenance names every network that ran, and the fused models by their spec file's digest
+    assert set(models.networks) == {*models.bundles, "finder-presence", "finder-locate", "outliner"}
+    assert set(models.provenance) == {*models.networks, "fused-binary", "fused-score"}
+    assert models.provenance["fused-binary"]["spec_sha256"] == hashlib.sha256(
+        (folder / "fused-binary.json").read_bytes()).hexdigest()
     ctx = np.random.default_rng(1).random((128, 128)).astype(np.float32)
     pred = predict(models, ctx, spacing_mm=0.5)
     d = outline_nodule(models.outliner, ctx, 0.5).diameter_mm

@@ -215,8 +215,11 @@ def test_model_versions_from_bundles_or_specs() -> None:
         def __init__(self) -> None:
             self.spec = {"arch": "tf_efficientnet_lite2", "weights_sha256": SHA}
 
-    out = model_versions({"slice-binary": FakeBundle(), "nodule-score": {"weights_sha256": "ab" * 32}})
-    assert out == {"slice-binary (tf_efficientnet_lite2)": SHA, "nodule-score": "ab" * 32}
+    fused = {"kind": "fusion", "components": ["slice-binary", "nodule-binary"], "spec_sha256": "cd" * 32}
+    out = model_versions({"slice-binary": FakeBundle(), "nodule-score": {"weights_sha256": "ab" * 32},
+                          "fused-binary": fused})
+    assert out == {"slice-binary (tf_efficientnet_lite2)": SHA, "nodule-score": "ab" * 32,
+                   "fused-binary (fusion of slice-binary + nodule-binary; spec file)": "cd" * 32}
 
 
 def test_report_filename_is_safe() -> None:
@@ -274,6 +277,45 @@ def test_pdf_minimal_report() -> None:
     text = _pdf_text(pdf)
     assert "Research and education use only" in text and "upload <1>" in text
     assert "No explanation maps" in text
+
+
+MANY_SCRIPTS = "Dr. Müller: Ωμέγα, Узел 8 мм, 肺结节，边缘毛刺。 결절 ノジュール"
+
+
+def test_pdf_sets_text_in_any_script_in_a_font_that_draws_it() -> None:
+    """A note or a name in Greek, Cyrillic or CJK must print, not come out as empty boxes in Helvetica."""
+    pytest.importorskip("reportlab")
+    from lungviz.report import pdf_markup
+
+    markup = pdf_markup(MANY_SCRIPTS)
+    outside = re.sub(r'<font name="[^"]+">.*?</font>', "", markup)
+    outside.encode("cp1252")  # only what Helvetica draws is left in it
+    assert outside.startswith("Dr. Müller: ") and " 8 " in outside
+    fonts = set(re.findall(r'<font name="([^"]+)">', markup))
+    assert "DejaVuSans" in fonts and len(fonts) >= 2
+    pdf = build_pdf(CaseReport(case_id="上传-Ω", note=MANY_SCRIPTS, reviewer="Иванов 李", verdict="agree"))
+    base_fonts = {f.split(b"+")[-1].decode() for f in re.findall(rb"/BaseFont\s*/([\w+-]+)", pdf)}
+    assert fonts <= {f.removesuffix("-0") for f in base_fonts}  # every font the markup names is in the PDF
+    assert pdf_markup("<b>&", bold=True) == "&lt;b&gt;&amp;" and pdf_markup("a\nb") == "a<br/>b"
+    assert pdf_markup("Ω", bold=True) == '<font name="DejaVuSans-Bold">Ω</font>'
+
+
+def test_pdf_without_a_cjk_font_file_uses_the_readers_cjk_fonts(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("reportlab")
+    from lungviz import report
+
+    monkeypatch.setattr(report, "EMBEDDED_FONTS", {b: fonts[:1] for b, fonts in report.EMBEDDED_FONTS.items()})
+    report._embedded_fonts.cache_clear()
+    try:
+        markup = report.pdf_markup("肺 결 ノ Ω \ue000")
+        assert markup == ('<font name="STSong-Light">肺</font> <font name="HYGothic-Medium">결</font> '
+                          '<font name="HeiseiKakuGo-W5">ノ</font> <font name="DejaVuSans">Ω</font> '
+                          '<font name="DejaVuSans">\ufffd</font>')  # no font has U+E000: the replacement sign
+        pdf = build_pdf(CaseReport(case_id="c", note="肺 결 ノ"))
+        for name in (b"STSong-Light", b"HYGothic-Medium", b"HeiseiKakuGo-W5"):
+            assert b"/BaseFont /" + name in pdf
+    finally:
+        report._embedded_fonts.cache_clear()
 
 
 def test_pdf_without_reportlab_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -569,12 +569,15 @@ def write_card(folder: Path | None = None) -> Path:
                   f"{_fmt(tr.get('val_score_views_only'))} without the size. The measuring model never sees the "
                   "readers' measurements.\n")
         else:
+            histology = s.get("task") == "histology"  # one image per case, not the slices of a nodule
+            unit = "images" if histology else "nodules"
+            aggregate = "one image per case" if histology else s["preprocessing"].get("aggregate", "")
             w(f"`{s['arch']}` ({'ImageNet-pretrained' if tr.get('pretrained') else 'from scratch'}), view "
-              f"`{s['view']}`, input {s['input_size']} px, {s['preprocessing'].get('aggregate', '')}; temperature "
+              f"`{s['view']}`, input {s['input_size']} px, {aggregate}; temperature "
               f"{s['temperature']:.2f}. Trained on {tr.get('device', '?')} for {tr.get('train_seconds', 0) / 60:.1f} "
               f"min ({tr.get('images_per_second', 0):.0f} images/s; up to {tr.get('epochs')} epochs of "
               f"{tr.get('epoch_samples')} samples, best epoch {tr.get('best_epoch')}); "
-              f"train/val/test {tr.get('n_train')}/{tr.get('n_val')}/{tr.get('n_test')} nodules.\n")
+              f"train/val/test {tr.get('n_train')}/{tr.get('n_val')}/{tr.get('n_test')} {unit}.\n")
             if tr.get("trained_on"):
                 w(f"{tr['trained_on'][0].upper()}{tr['trained_on'][1:]}.\n")
         if n in figs:
