@@ -288,6 +288,8 @@ fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")
     st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
+for note in pred.calibration_notes:
+    st.caption(f":material/warning: {note}")
 st.caption(CALIBRATION_CAVEAT)
 
 # ------------------------------------------------------------------------------------- confidence in context

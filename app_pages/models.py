@@ -7,15 +7,17 @@ import streamlit as st
 
 from lungviz import RESEARCH_NOTICE, paths
 from lungviz.inventory import data_status, installed_models, model_card, read_result
-from lungviz.metrics import format_ci
+from lungviz.metrics import format_ci, with_malignant_ece
 
 #: Columns of the test-results tables per task (metric key per column).
 TASK_COLUMNS = {
     "binary": {"AUROC": "auroc", "weighted AUPRC": "auprc_weighted", "malignant F1": "f1_malignant",
-               "sensitivity": "sensitivity", "specificity": "specificity", "ECE": "ece"},
+               "sensitivity": "sensitivity", "specificity": "specificity",
+               "ECE of the malignant probability": "ece_malignant", "top-class ECE": "ece"},
     "score": {"kappa (QWK)": "qwk", "within one score": "within_one", "weighted F1": "f1_weighted",
-              "AUROC (one-vs-rest)": "auroc", "ECE": "ece"},
-    "other": {"weighted F1": "f1_weighted", "macro F1": "f1_macro", "AUROC (one-vs-rest)": "auroc", "ECE": "ece"},
+              "AUROC (one-vs-rest)": "auroc", "top-class ECE": "ece"},
+    "other": {"weighted F1": "f1_weighted", "macro F1": "f1_macro", "AUROC (one-vs-rest)": "auroc",
+              "top-class ECE": "ece"},
 }
 TASK_TITLES = {"binary": "Benign (1-3) vs malignant (4-5)", "score": "Panel score 1-5",
                "other": "Other tasks (histology: a teaching model on Kaggle screenshots, its own test split)"}
@@ -23,14 +25,15 @@ TASK_TITLES = {"binary": "Benign (1-3) vs malignant (4-5)", "score": "Panel scor
 
 def _test_table(tested: dict[str, dict], which: str, keys: dict[str, str]) -> list[dict]:
     """One row per model: ``keys`` (column -> metric) of its ``which`` report, each with its interval."""
-    return [{"model": n, "n": m["metrics"][which]["n"], **{col: format_ci(m["metrics"][which], k)
-                                                          for col, k in keys.items()}}
+    return [{"model": n, "n": m["metrics"][which]["n"],
+             **{col: format_ci(with_malignant_ece(m["metrics"][which]), k) for col, k in keys.items()}}
             for n, m in tested.items() if m["metrics"].get(which)]
 
 
-def _confusion(test: dict, classes: list[str]) -> go.Figure:
+def _confusion(test: dict, classes: list[str], truth: str = "panel") -> go.Figure:
+    """Rows: the truth (``truth``: the LIDC panel, or the histology set's folder class); columns: the prediction."""
     cm = np.asarray(test.get("confusion") or [[0]])
-    fig = go.Figure(go.Heatmap(z=cm, x=[f"pred {c}" for c in classes], y=[f"panel {c}" for c in classes],
+    fig = go.Figure(go.Heatmap(z=cm, x=[f"pred {c}" for c in classes], y=[f"{truth} {c}" for c in classes],
                                colorscale="Blues", showscale=False, text=cm, texttemplate="%{text}"))
     fig.update_layout(height=340, margin={"l": 10, "r": 10, "t": 10, "b": 10},
                       yaxis={"autorange": "reversed", "type": "category"}, xaxis={"type": "category"})
@@ -75,14 +78,19 @@ def _results(models: list[dict]) -> None:
     if not tested:
         st.info("No installed model records results on held-out test data, so no performance figure is shown.")
         return
-    st.caption("Measured once on the patient-level test split (never used for training, early stopping or "
-               "calibration), per nodule (the central slices' logits averaged). 95% patient-bootstrap intervals.")
+    st.caption("LIDC models: measured once on the patient-level test split (never used for training, early "
+               "stopping or calibration), per nodule (the central slices' logits averaged). 95% patient-bootstrap "
+               "intervals. The top-class ECE bins cases by the probability of the class called; for the benign / "
+               "malignant models the ECE of the malignant probability, the number the app shows, is given too.")
     for task, keys in TASK_COLUMNS.items():
         group = {n: m for n, m in tested.items() if (m.get("task") if m.get("task") in TASK_COLUMNS else "other")
                  == task}
         if not group:
             continue
         st.markdown(f"**{TASK_TITLES[task]}**")
+        if task == "other":
+            st.caption("Histology: one image per case on the Kaggle set's own test folder; 95% bootstrap intervals "
+                       "over images.")
         st.dataframe(_test_table(group, "test", keys), hide_index=True)
         single = _test_table(group, "test_single_slice", keys) if task != "other" else None  # LIDC nodules only
         if single:
@@ -94,10 +102,14 @@ def _results(models: list[dict]) -> None:
     cm_col, rel_col = st.columns(2, gap="large")
     with cm_col:
         st.markdown(f"**Confusion matrix** (test, n = {test['n']})")
-        st.plotly_chart(_confusion(test, [str(c) for c in tested[name].get("classes", [])]), key="confusion",
+        truth = "true" if tested[name].get("task") == "histology" else "panel"
+        st.plotly_chart(_confusion(test, [str(c) for c in tested[name].get("classes", [])], truth), key="confusion",
                         config={"displayModeBar": False})
     with rel_col:
-        st.markdown(f"**Reliability** (test, ECE {test.get('ece', float('nan')):.3f})")
+        shown = with_malignant_ece(test)
+        ece = (f"ECE of this curve {shown['ece_malignant']:.3f}; top-class ECE {test.get('ece', float('nan')):.3f}"
+               if "ece_malignant" in shown else f"top-class ECE {test.get('ece', float('nan')):.3f}")
+        st.markdown(f"**Reliability** (test; {ece})")
         st.plotly_chart(_reliability(test, name), key="reliability", config={"displayModeBar": False})
         st.caption("Marker size = number of test nodules in the bin.")
     readers = test.get("readers") or {}

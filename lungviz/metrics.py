@@ -64,8 +64,35 @@ def reliability(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> list[dict]:
 
 def ece(y: np.ndarray, P: np.ndarray, n_bins: int = 10) -> float:
     """Expected calibration error (top label, equal-width bins)."""
-    n = len(y)
-    return float(sum(b["n"] / n * abs(b["accuracy"] - b["confidence"]) for b in reliability(y, P, n_bins) if b["n"]))
+    return binned_ece(reliability(y, P, n_bins), "confidence", "accuracy")
+
+
+def binned_ece(bins: Sequence[dict], predicted: str = "mean_p", observed: str = "observed") -> float:
+    """The ECE of a reliability table: the count-weighted mean gap between what was predicted and what was observed
+    in each bin. With the defaults, of a :func:`binary_reliability` curve: the calibration of the malignant
+    probability itself, which the top-label ECE can hide (a benign call at 66% and a malignant call at 66% share a
+    bin, and their errors cancel)."""
+    n = sum(int(b["n"]) for b in bins)
+    return float(sum(b["n"] / n * abs(b[observed] - b[predicted]) for b in bins if b["n"])) if n else float("nan")
+
+
+#: Above this ECE of its malignant-probability curve on test, a model's malignant probability is said to be off.
+MALIGNANT_ECE_LIMIT = 0.05
+
+
+def observed_rate(bins: Sequence[dict], observed: str = "observed") -> float:
+    """The overall observed rate of a reliability table (its count-weighted mean outcome)."""
+    n = sum(int(b["n"]) for b in bins)
+    return float(sum(b["n"] * b[observed] for b in bins if b["n"]) / n) if n else float("nan")
+
+
+def with_malignant_ece(report: dict) -> dict:
+    """A metrics report with ``ece_malignant`` (the ECE of its malignant-probability curve) and ``mean_malignant_p``
+    filled in from its ``reliability_malignant`` bins, where it has them and they are not there yet."""
+    bins = report.get("reliability_malignant")
+    if not bins or ("ece_malignant" in report and "mean_malignant_p" in report):
+        return report
+    return {**report, "ece_malignant": binned_ece(bins), "mean_malignant_p": observed_rate(bins, "mean_p")}
 
 
 def ece_if_calibrated(P: np.ndarray, y: np.ndarray | None = None, n_bins: int = 10, n_sims: int = 2000,

@@ -6,13 +6,14 @@ is the spec's prior correction and temperature, fitted on the validation split.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lungviz import paths
+from lungviz import metrics, paths
 from lungviz.errors import LungvizError
 from lungviz.finder import Finder, centre_diameter_mm, centre_presence, load_finder
 from lungviz.fusion import (
@@ -186,6 +187,7 @@ class Prediction:
     spacing_assumed: bool = False  # the diameter was measured at the default pixel spacing (none was known)
     size_source: str | None = None  # what measured it (a key of lungviz.fusion.SIZE_SOURCES)
     outline: Outline | None = field(repr=False, default=None)  # the outliner's outline on the context crop
+    calibration_notes: list[str] = field(default_factory=list)  # views whose malignant probability is off on test
 
     def malignant_probability(self, view: str = "fused") -> float | None:
         v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
@@ -208,7 +210,30 @@ class Prediction:
             "diameter_measured_by": self.size_source if self.diameter_mm is not None else None,
             "diameter_assumes_spacing_mm": DEFAULT_SPACING_MM if self.spacing_assumed and self.diameter_mm else None,
             "nodule_presence_at_centre": None if self.presence is None else round(self.presence, 3),
+            "calibration_notes": self.calibration_notes,
         }
+
+
+VIEW_NAMES_IN_TEXT = {"fused": "fused estimate", "nodule": "nodule view", "slice": "slice view"}
+
+
+def calibration_notes(models: ModelSet, views: Iterable[str]) -> list[str]:
+    """For each shown view whose malignant probability is miscalibrated on the held-out test nodules (the ECE of
+    its malignant-probability curve above ``MALIGNANT_ECE_LIMIT``, on one middle slice each as the app sees a case),
+    a note saying so with the measured figures."""
+    notes = []
+    for view in views:
+        spec = models.fusions.get("binary") if view == "fused" else getattr(models.bundle(view, "binary"), "spec", None)
+        reports = (spec or {}).get("metrics") or {}
+        t = metrics.with_malignant_ece(reports.get("test_single_slice") or reports.get("test") or {})
+        if t.get("ece_malignant") is None or not t["ece_malignant"] > metrics.MALIGNANT_ECE_LIMIT:
+            continue
+        rate = metrics.observed_rate(t["reliability_malignant"])
+        notes.append(f"The {VIEW_NAMES_IN_TEXT.get(view, view)}'s malignant probability runs "
+                     f"{'high' if t['mean_malignant_p'] > rate else 'low'} on the held-out test nodules (mean "
+                     f"{t['mean_malignant_p']:.0%} against {rate:.0%} malignant; calibration error "
+                     f"{t['ece_malignant']:.2f}): read it as a ranking among cases rather than as a rate.")
+    return notes
 
 
 def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]], presence: float | None = None) -> list[str]:
@@ -288,7 +313,8 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
     if models.finder is not None and context is not None:
         presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))
     return Prediction(views, images, uncertainty_flags(views, presence), diameter, presence,
-                      valid_spacing(spacing_mm) is None, source, outline)
+                      valid_spacing(spacing_mm) is None, source, outline,
+                      calibration_notes(models, [v for v in views if "binary" in views[v]]))
 
 
 def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:

@@ -148,7 +148,7 @@ def estimate_notes(prediction: dict | None) -> list[str]:
     else:
         notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
                  "the fused model, not the readers' measurement; the model card compares the two)."]
-    return [*notes, CALIBRATION_CAVEAT]
+    return [*notes, *[str(n) for n in (prediction or {}).get("calibration_notes") or []], CALIBRATION_CAVEAT]
 
 
 def outline_caption(outline: Outline) -> str:

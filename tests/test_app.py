@@ -89,11 +89,15 @@ def test_models_page_shows_held_out_results_card_and_provenance(app_env, monkeyp
     binary = next(t for t in tables if "sensitivity" in t.columns)
     row = binary[binary["model"] == "nodule-binary"].iloc[0]
     assert row["AUROC"] == "0.710 [0.600, 0.800]" and row["n"] == 40  # test figures, never the val 0.99
+    # the malignant probability's own calibration beside the top-class ECE (the fixture's curve is off by 0.2)
+    assert row["ECE of the malignant probability"] == "0.200" and row["top-class ECE"] == "0.050"
     assert not any("0.990" in str(t.to_dict()) for t in tables)
     readers = next(t for t in tables if "single radiologist AUROC" in t.columns)
     assert readers.iloc[0]["single radiologist AUROC"] == "0.720 [0.600, 0.800]"
     assert len(at.get("plotly_chart")) == 2  # confusion matrix and reliability diagram
     assert "outliner" not in at.selectbox(key="models-detail").options  # no confusion matrix for an outline
+    at.selectbox(key="models-detail").set_value("nodule-binary").run()
+    assert "**Reliability** (test; ECE of this curve 0.200; top-class ECE 0.050)" in _texts(at)
     outliner = next(t for t in tables if "Dice with the readers' outline" in t.columns)
     assert outliner.iloc[0]["Dice with the readers' outline"] == "0.700"  # the fixture's test figure
     text = _texts(at)

@@ -240,3 +240,17 @@ def test_card_reports_the_test_time_augmentation_check(tmp_path):
     assert "## Test-time augmentation (validation decides)" in card
     assert "Decision: binary: not adopted, score: not adopted." in card
     assert "| slice-score | qwk | 0.407 → 0.389 | [-0.020, +0.030] | 0.415 → 0.488 |" in card
+
+
+def test_card_gives_the_calibration_of_the_malignant_probability_and_says_when_it_is_off(tmp_path):
+    spec = _binary_spec()
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    card = write_card(tmp_path).read_text()
+    assert "**Calibration of the malignant probability.**" in card
+    assert "| nodule-binary | test | 10 | 50.0% | 50.0% | 0.000 |" in card and "not well calibrated" not in card
+    spec["metrics"]["test"]["reliability_malignant"] = [{"n": 5, "mean_p": 0.4, "observed": 0.2},
+                                                        {"n": 5, "mean_p": 0.8, "observed": 0.6}]
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    card = write_card(tmp_path).read_text()
+    assert "| nodule-binary | test | 10 | 60.0% | 40.0% | 0.200 |" in card
+    assert "nodule-binary's malignant probability is not well calibrated: it runs high (mean 60% against 40%" in card

@@ -35,6 +35,21 @@ def test_ece_hand_computed():
     assert sum(b["n"] for b in table) == 4
 
 
+def test_the_malignant_probabilitys_ece_sees_what_the_top_class_ece_hides():
+    """Benign calls at 40% that are all benign and malignant calls at 60% that are malignant 20% of the time: both
+    land in the 60% confidence bin at 60% accuracy (top-class ECE 0), while the malignant probability is off by 0.4
+    in both of its bins."""
+    p = np.array([0.4] * 10 + [0.6] * 10)
+    y = np.array([0] * 10 + [1, 1] + [0] * 8)
+    P = np.stack([1 - p, p], axis=1)
+    assert M.ece(y, P) == pytest.approx(0.0, abs=1e-9)
+    report = M.with_malignant_ece({"n": 20, "reliability_malignant": M.binary_reliability(y == 1, p)})
+    assert report["ece_malignant"] == pytest.approx(0.4) and report["mean_malignant_p"] == pytest.approx(0.5)
+    assert M.observed_rate(report["reliability_malignant"]) == pytest.approx(0.1)
+    assert M.with_malignant_ece({"n": 3}) == {"n": 3}  # a multi-class report has no malignant curve
+    assert np.isnan(M.binned_ece([]))
+
+
 def test_ece_if_calibrated_is_the_noise_floor_of_a_calibrated_model():
     rng = np.random.default_rng(3)
     P = rng.dirichlet([1.0, 1.0, 1.0, 1.0, 1.0], size=300)

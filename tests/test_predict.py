@@ -236,3 +236,21 @@ def test_size_fusion_measures_the_nodule_with_the_outliner_when_its_spec_says_so
     assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
     assert pred.to_dict()["diameter_measured_by"] == "outliner"
     assert predict(models, None, ctx[32:96, 32:96]).outline is None  # a nodule crop alone: nothing to outline
+
+
+def test_a_view_whose_malignant_probability_is_off_on_test_says_so(weights):
+    from lungviz.predict import calibration_notes
+    from lungviz.report import estimate_notes
+
+    models = load_models(weights)
+    off = [{"lo": 0.3, "hi": 0.4, "n": 10, "mean_p": 0.35, "observed": 0.1},
+           {"lo": 0.0, "hi": 0.1, "n": 10, "mean_p": 0.05, "observed": 0.0}]
+    good = [{"lo": 0.3, "hi": 0.4, "n": 10, "mean_p": 0.35, "observed": 0.35}]
+    models.bundles["slice-binary"].spec["metrics"] = {"test": {"n": 20, "reliability_malignant": off}}
+    models.bundles["nodule-binary"].spec["metrics"] = {"test": {"n": 10, "reliability_malignant": good}}
+    notes = calibration_notes(models, ["fused", "nodule", "slice"])
+    assert notes == ["The slice view's malignant probability runs high on the held-out test nodules (mean 20% "
+                     "against 5% malignant; calibration error 0.15): read it as a ranking among cases rather than "
+                     "as a rate."]
+    pred = predict(models, np.random.default_rng(0).random((128, 128)).astype(np.float32), spacing_mm=0.7)
+    assert pred.to_dict()["calibration_notes"] == notes and notes[0] in estimate_notes(pred.to_dict())

@@ -14,7 +14,7 @@ import numpy as np
 from lungviz import RESEARCH_NOTICE, metrics, paths
 from lungviz.fusion import SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
-from lungviz.metrics import format_ci
+from lungviz.metrics import MALIGNANT_ECE_LIMIT, format_ci, observed_rate, with_malignant_ece
 
 #: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
 PUBLISHED = {
@@ -85,7 +85,9 @@ def figures(name: str, spec: dict, out: Path) -> dict[str, str]:
     ax.plot(xs, ys, color="tab:red", lw=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(f"{name}: reliability (test), ECE {test['ece']:.3f}", fontsize=9)
+    curve = (f"ECE of this curve {with_malignant_ece(test)['ece_malignant']:.3f}, top-class {test['ece']:.3f}"
+             if test.get("reliability_malignant") else f"ECE {test['ece']:.3f}")
+    ax.set_title(f"{name}: reliability (test), {curve}", fontsize=9)
     fig.tight_layout()
     rel_path = out / f"{name}-reliability.png"
     fig.savefig(rel_path)
@@ -406,6 +408,44 @@ def calibration_section(w: Callable[[str], None], specs: dict) -> None:
     w("")
 
 
+def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
+    """The calibration of each binary model's malignant probability (the number the app shows), on val and test."""
+    rows = [(n, {k: with_malignant_ece(s["metrics"][k]) for k in ("val", "test") if s["metrics"].get(k)})
+            for n, s in specs.items() if s["metrics"]["test"].get("reliability_malignant")]
+    if not rows:
+        return
+    w("**Calibration of the malignant probability.** The ECE above is top-class: it bins each case by the "
+      "probability of the class called, so a benign call at 66% and a malignant call at 66% share a bin and their "
+      "errors can cancel. The app shows the malignant probability itself; its own ECE (the curve in the reliability "
+      "diagrams, 10 equal-width bins) and its mean against the observed malignant rate:\n")
+    w("| model | split | n | mean malignant probability | observed malignant rate | ECE of the malignant probability |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for n, reps in rows:
+        for split, t in reps.items():
+            w(f"| {n} | {split} | {t['n']} | {t['mean_malignant_p']:.1%} | "
+              f"{observed_rate(t['reliability_malignant']):.1%} | "
+              f"{t['ece_malignant']:.3f} |")
+    w("")
+    def observed(t: dict) -> float:
+        return observed_rate(t["reliability_malignant"])
+
+    fused = dict(rows).get("fused-binary", {}).get("test")
+    for n, r in rows:
+        t, v = r.get("test"), r.get("val")
+        if t is None or t["ece_malignant"] <= MALIGNANT_ECE_LIMIT:
+            continue
+        w(f"{n}'s malignant probability is not well calibrated: it runs "
+          f"{'high' if t['mean_malignant_p'] > observed(t) else 'low'} (mean {t['mean_malignant_p']:.0%} against "
+          f"{observed(t):.0%} malignant on test, ECE {t['ece_malignant']:.3f}"
+          + (f"; on validation {v['mean_malignant_p']:.0%} against {observed(v):.0%}, ECE {v['ece_malignant']:.3f}"
+             if v else "") + "). Its top-class ECE is low only because the errors of its benign and malignant calls "
+          "cancel. Read its probability as a ranking rather than a rate"
+          + (f"; the fused estimate, which the app leads with, is within {MALIGNANT_ECE_LIMIT} (ECE "
+             f"{fused['ece_malignant']:.3f})" if fused and fused["ece_malignant"] <= MALIGNANT_ECE_LIMIT else "")
+          + ". Its temperature divides the prior correction for balanced training as well as the logits, which "
+          "leaves part of the balanced sampling's upward shift in place.\n")
+
+
 def write_card(folder: Path | None = None) -> Path:
     """Regenerate ``weights/README.md`` and ``weights/figures/``."""
     folder = folder or paths.weights_dir()
@@ -439,7 +479,8 @@ def write_card(folder: Path | None = None) -> Path:
       "fused-binary adds the nodule's diameter measured on the image by "
       f"{SIZE_SOURCES.get((specs.get('fused-binary', {}).get('fusion') or {}).get('size_source', 'finder'), '?')}.\n")
     w("## Results on the test split (95% patient-bootstrap intervals)\n")
-    w("| model | n | AUROC | weighted AUPRC | weighted F1 | malignant F1 | kappa (QWK) | ECE raw → calibrated |")
+    w("| model | n | AUROC | weighted AUPRC | weighted F1 | malignant F1 | kappa (QWK) | "
+      "top-class ECE raw → calibrated |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n, s in specs.items():
         t = s["metrics"]["test"]
@@ -450,6 +491,7 @@ def write_card(folder: Path | None = None) -> Path:
     if all(s.get("metrics_of") or s.get("kind") == "fusion" for s in specs.values()):
         w("Every figure is measured with the stored float16 weights, as the app loads them.\n")
     calibration_section(w, specs)
+    malignant_calibration(w, specs)
     w("Nodule-level figures average the logits of the central half of each nodule's slices. The app usually sees "
       "one slice; the same models on the single middle slice of each test nodule:\n")
     w("| model | AUROC | weighted F1 | malignant F1 | kappa (QWK) | ECE |")
@@ -589,6 +631,12 @@ def write_card(folder: Path | None = None) -> Path:
     w("- The histology model is trained on a small set of screenshots of mixed provenance (not HU) and is a "
       "teaching example only.\n")
     w("- Calibration was fitted on the validation split of this data; probabilities will drift on other data.\n")
+    off = [n for n, s in specs.items() if s["metrics"]["test"].get("reliability_malignant")
+           and with_malignant_ece(s["metrics"]["test"])["ece_malignant"] > MALIGNANT_ECE_LIMIT]
+    if off:
+        w(f"- The malignant probability of {', '.join(off)} is off on test by more than {MALIGNANT_ECE_LIMIT} "
+          "(ECE of the malignant probability; see the calibration table above), although its top-class ECE is "
+          "within it; the app says so beside that view's estimate.\n")
     if cam and any(r["peak_inside"] < 0.2 for r in cam.get("models", {}).values()):
         w("- The Grad-CAM maps are coarse: EfficientNet-Lite's last feature map is 1/32 of the input (2 x 2 at 64 px, "
           "4 x 4 at 128 px), so each model's map is taken on an earlier layer chosen on validation. Even so they "

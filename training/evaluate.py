@@ -110,6 +110,7 @@ def full_report(
     rep["temperature"] = temperature
     if scheme.positive_class is not None:
         rep["reliability_malignant"] = metrics.binary_reliability(y == scheme.positive_class, P[:, 1])
+        rep = metrics.with_malignant_ece(rep)
     if reader_scores is not None and scheme.name in ("binary", "binary-no3", "score"):
         if scheme.name == "score":
             rep["readers"] = metrics.reader_comparison(reader_scores, P, "score", n_boot)
