@@ -130,8 +130,13 @@ def import_slices(root: Path, strict: bool = False) -> tuple[list[Case], ImportR
     rows = read_labels(root / "labels.csv")
     cases: list[Case] = []
     skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
     for line, row in enumerate(rows, start=2):
         key = f"{row.get('patient_id', '?')}/{row.get('nodule', '?')}"
+        if key in seen:  # a nodule listed twice would count twice in every figure
+            skipped.append((key, "listed again in labels.csv (the first row is used)"))
+            continue
+        seen.add(key)
         if (row.get("label_check") or "").strip() == "unmatched" or not (row.get("malignancy_readers") or "").strip():
             skipped.append((key, "unmatched (no reader labels)"))
             continue

@@ -373,6 +373,59 @@ def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
     assert abs(sum(float(rows[0][f"p_{k}"]) for k in range(1, 6)) - 1) < 1e-3
     assert main(["evaluate", "--data", str(tmp_path / "nowhere"), "--model", "tiny", "--weights",
                  str(tmp_path / "w")]) == 2
+    spec = json.loads((tmp_path / "w" / "tiny.json").read_text())
+    assert rep["temperature"] == pytest.approx(spec["temperature"])  # the temperature applied, not 1
+    capsys.readouterr()
+    for bad, says in ((["--split", "testing"], "unknown split 'testing'"),
+                      (["--predictions", str(tmp_path)], "is a folder"), (["--max-slices", "-1"], "--max-slices")):
+        assert main(["evaluate", "--data", str(data), "--model", "tiny", "--weights", str(tmp_path / "w"),
+                     "--json", *bad]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and says in errors[0], errors  # one line (the rest is the run's log)
+
+
+def test_json_output_has_no_nan():
+    """JSON has no NaN: an AUROC of a one-class folder is printed as null."""
+    import json
+
+    from training.__main__ import json_safe
+
+    out = json_safe({"auroc": float("nan"), "ci95": {"auroc": [np.float32(np.inf), 0.5]}, "n": np.int64(3)})
+    assert out == {"auroc": None, "ci95": {"auroc": [None, 0.5]}, "n": 3}
+    json.dumps(out, allow_nan=False)
+
+
+def test_evaluate_on_a_split_refuses_a_split_file_drawn_with_another_seed(tmp_path):
+    from lungviz.splits import holdout_split
+    from training.datasets import load_cases
+    from training.evaluate import select_split
+
+    data = _synthetic_slices(tmp_path / "slices", n_patients=20)
+    cases, _ = load_cases("lidc", str(data))
+    split = holdout_split(cases, seed=42)
+    split.save(tmp_path / "w" / "splits" / "holdout.json")
+    spec = {"split_fingerprint": split.fingerprint, "split": {"kind": "holdout", "seed": 42}}
+    test = select_split(cases, "test", spec, tmp_path / "w")
+    assert test and {c.patient_id for c in test} == {p for p, s in split.assignment.items() if s == "test"}
+    other = holdout_split(cases, seed=7)
+    assert other.fingerprint == split.fingerprint  # the fingerprint is of the data, so it cannot tell them apart
+    with pytest.raises(LungvizError, match="seed 7; the file holds seed 42"):
+        select_split(cases, "test", {**spec, "split": {"seed": 7}}, tmp_path / "w")
+    with pytest.raises(LungvizError, match="unknown split"):
+        select_split(cases, "testing", spec, tmp_path / "w")
+    train_only = [c for c in cases if split.assignment[c.patient_id] == "train"]
+    with pytest.raises(LungvizError, match="belongs to a test patient"):
+        select_split(train_only, "test", spec, tmp_path / "w")
+
+
+def test_a_nodule_listed_twice_in_labels_csv_counts_once(tmp_path):
+    from lungviz.lidc import import_slices
+
+    data = _synthetic_slices(tmp_path / "slices", n_patients=5)
+    lines = (data / "labels.csv").read_text().splitlines()
+    (data / "labels.csv").write_text("\n".join([*lines, lines[1]]) + "\n")
+    cases, report = import_slices(data)
+    assert len(cases) == 5 and "1 listed again in labels.csv" in report.summary()
 
 
 def test_cam_layer_candidates_are_stride_8_to_32_stages_then_the_last_layer(tmp_path):
@@ -586,3 +639,18 @@ def test_tta_is_adopted_per_family_only_when_every_network_rises_on_validation()
     better = plain + np.stack([np.zeros(120), 2.0 * y], 1)
     fig = tta_figures(y, plain, better, get_scheme("binary"), [f"P{i // 2}" for i in range(120)], 100)
     assert fig["tta"] > fig["plain"] + 0.2 and fig["difference_ci95"][0] > 0 and fig["n"] == 120
+
+
+def test_evaluating_histology_on_its_test_folder_drops_the_near_duplicates_of_training_images(histology_dir):
+    """As training does: 91 of the 259 test-folder images nearly duplicate a training image, and scoring them would
+    inflate the test figures; the shipped card's 168 test images are what remains."""
+    import json
+
+    from training.datasets import load_cases
+    from training.evaluate import select_split
+
+    cases, _ = load_cases("histology", str(histology_dir))
+    spec = json.loads((Path(__file__).resolve().parent.parent / "weights" / "histology.json").read_text())
+    test = select_split(cases, "test", spec)
+    assert len(test) == spec["metrics"]["test"]["n"] == 168
+    assert len([c for c in cases if c.split_hint == "test"]) == 259

@@ -1,4 +1,5 @@
-"""``python -m training <command>``: splits, outliers (training, evaluation and indexing follow)."""
+"""``python -m training <command>``: import the LIDC data, split it by patient, train, calibrate, evaluate and
+fuse the models, build the similar-case index and write the model card."""
 
 from __future__ import annotations
 
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, cls) in COMMANDS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        p = sub.add_parser(name, help=" ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()))
         add_config_args(p, cls)
     args = parser.parse_args(argv)
     fn, cls = COMMANDS[args.command]
@@ -350,8 +351,21 @@ def main(argv: list[str] | None = None) -> int:
     except LungvizError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=1))
+    print(json.dumps(json_safe(result), indent=1, allow_nan=False))
     return 0
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite number (an AUROC of one class, say) as None: JSON has no NaN or Infinity."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 if __name__ == "__main__":

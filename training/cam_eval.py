@@ -75,16 +75,15 @@ def cam_localisation(models: tuple[str, ...] = LIDC_MODELS, method: str = "gradc
         if not (folder / f"{name}.json").is_file():
             continue
         bundle = load_bundle(folder, name)
-        fingerprint = bundle.spec.get("split_fingerprint")
         if choose:
-            val = _views(bundle, [c for c in select_split(cases, "val", fingerprint) if c.has_masks])
+            val = _views(bundle, [c for c in select_split(cases, "val", bundle.spec, folder) if c.has_masks])
             tried = [_localisation(bundle, val, layer, method, progress, f"val {name} {layer}")
                      for layer in cam_layer_candidates(bundle)]
             best = max(tried, key=lambda r: (r["mass_inside"], r["peak_inside"]))
             selection[name] = {"chosen": best["layer"], "val": tried}
             update_spec(folder, name, cam_layer=best["layer"])
             bundle = load_bundle(folder, name)
-        test = _views(bundle, [c for c in select_split(cases, "test", fingerprint) if c.has_masks])
+        test = _views(bundle, [c for c in select_split(cases, "test", bundle.spec, folder) if c.has_masks])
         chosen = _localisation(bundle, test, bundle.cam_layer, method, progress, f"test {name}")
         last = (chosen if chosen["layer"] == bundle.model.feature_layer_name else
                 _localisation(bundle, test, None, method, progress, f"test {name} last layer"))

@@ -220,21 +220,41 @@ def report_from_logits(y: np.ndarray, calibrated: np.ndarray, raw: np.ndarray, s
     return rep
 
 
-def select_split(cases: list, split: str, fingerprint: str | None) -> list:
-    """Restrict cases to one split of the shipped split file, refusing a split the model was not trained with."""
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def select_split(cases: list, split: str, spec: dict, bundle_folder: Path | None = None) -> list:
+    """Restrict cases to one split of the split the model was trained on (the histology set's own folders, less the
+    val/test images that nearly duplicate a training image, as training drops them; for LIDC the saved holdout next
+    to the model, else the shipped one), refusing a split file that is not that one."""
     from lungviz import paths
     from lungviz.errors import LungvizError
     from lungviz.splits import Split
+    from training.train import split_for, without_train_duplicates
 
-    split_file = paths.weights_dir() / "splits" / "holdout.json"
+    if split not in SPLIT_NAMES:
+        raise LungvizError(f"unknown split '{split}'; choose one of {', '.join(SPLIT_NAMES)}.")
+    if spec.get("dataset") == "histology":  # its own folders, less the near duplicates of training images
+        folders = split_for(cases, "histology")
+        chosen = folders.select(cases, split)
+        return chosen if split == "train" else without_train_duplicates(chosen, folders.select(cases, "train"))
+    local = Path(bundle_folder) / "splits" / "holdout.json" if bundle_folder else None
+    split_file = local if local and local.is_file() else paths.weights_dir() / "splits" / "holdout.json"
     s = Split.load(split_file)
-    if fingerprint and s.fingerprint != fingerprint:
-        raise LungvizError("the saved split is not the one this model was trained with.", source=split_file)
+    trained = spec.get("split") or {}
+    if (spec.get("split_fingerprint") and s.fingerprint != spec["split_fingerprint"]) or (
+            trained.get("seed") is not None and int(trained["seed"]) != s.seed):
+        raise LungvizError(f"the saved split is not the one this model was trained with (it was trained on the "
+                           f"split drawn with seed {trained.get('seed', '?')}; the file holds seed {s.seed}).",
+                           source=split_file)
     unknown = [c for c in cases if c.patient_id not in s.assignment]
     if unknown:
         raise LungvizError(f"{len(unknown)} nodules belong to patients the split does not know "
                            f"(e.g. {unknown[0].patient_id}); use the data folder the model was trained on.")
-    return s.select(cases, split)
+    chosen = s.select(cases, split)
+    if cases and not chosen:
+        raise LungvizError(f"none of the {len(cases)} nodules in the data folder belongs to a {split} patient.")
+    return chosen
 
 
 def evaluate_bundle(
@@ -254,20 +274,26 @@ def evaluate_bundle(
     from lungviz.labels import get_scheme
     from training.datasets import load_cases
 
+    if predictions and Path(predictions).is_dir():
+        raise LungvizError(f"--predictions {predictions} is a folder; give a file name such as predictions.csv.")
+    if max_slices < 0:
+        raise LungvizError("--max-slices must be 0 (all of the central slices) or more.")
     spec = read_any_spec(Path(bundle_folder), name)
     scheme = get_scheme(spec["task"])
     cases, report = load_cases(spec.get("dataset", "lidc"), data)
     if split:
-        cases = select_split(cases, split, spec.get("split_fingerprint"))
+        cases = select_split(cases, split, spec, Path(bundle_folder))
     pairs = scheme.labelled(cases)
     if not pairs:
-        raise LungvizError(f"no nodule in {data or 'the data folder'} carries a label for task '{scheme.name}'.")
+        raise LungvizError(f"no nodule in {data or 'the data folder'} carries a label for task '{scheme.name}' "
+                           f"({report.summary()}).")
     kept = [c for c, _ in pairs]
     y = np.array([lab for _, lab in pairs])
     store = SliceStore(kept, progress=progress)
     cal, raw, _ = calibrated_logits(Path(bundle_folder), name, store, np.arange(len(kept)), max_slices)
     rep = report_from_logits(y, cal, raw, scheme, [c.patient_id for c in kept], [c.reader_scores for c in kept],
                              n_boot)
+    rep["temperature"] = spec.get("temperature", 1.0)  # what calibrated_logits applied (a fusion: none of its own)
     rep = {"model": name, "task": scheme.name, "view": spec["view"], "data": data or "default",
            "split": split or "all", "import": report.summary(), **rep}
     if predictions:

@@ -28,7 +28,7 @@ def split_logits(cases: list, scheme: LabelScheme, split: str, fingerprint: str,
                  ) -> tuple[list, np.ndarray, SliceStore, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """The labelled nodules of one split, their labels, their slices and every network's ``(calibrated, raw)``
     per-nodule logits."""
-    pairs = scheme.labelled(select_split(cases, split, fingerprint))
+    pairs = scheme.labelled(select_split(cases, split, {"split_fingerprint": fingerprint}, folder))
     kept = [c for c, _ in pairs]
     store = SliceStore(kept, progress=progress)
     per_net = {n: calibrated_logits(folder, n, store, np.arange(len(kept)))[:2]

@@ -181,6 +181,14 @@ class Prepared:
     leaks: dict[str, int]
 
 
+def without_train_duplicates(cases: list[Case], train_cases: list[Case]) -> list[Case]:
+    """``cases`` less the images that nearly duplicate a training image (the histology set's folders share some)."""
+    from lungviz.folders import leaked_cases
+
+    leaked = leaked_cases(cases, train_cases)
+    return [c for c in cases if c.case_id not in leaked]
+
+
 def prepare(cfg: TrainConfig, split: Split | None = None) -> Prepared:
     """Import the data, split it by patient and keep the nodules labelled for ``cfg.task``."""
     scheme = get_scheme(cfg.task)
@@ -192,13 +200,11 @@ def prepare(cfg: TrainConfig, split: Split | None = None) -> Prepared:
     parts = {name: scheme.labelled(split.select(all_cases, name)) for name in ("train", "val", "test")}
     leaks: dict[str, int] = {}
     if cfg.dataset == "histology":  # drop val/test images that nearly duplicate a training image
-        from lungviz.folders import leaked_cases
-
         train_cases = [c for c, _ in parts["train"]]
         for name in ("val", "test"):
-            leaked = leaked_cases([c for c, _ in parts[name]], train_cases)
-            leaks[name] = len(leaked)
-            parts[name] = [(c, y) for c, y in parts[name] if c.case_id not in leaked]
+            kept = {c.case_id for c in without_train_duplicates([c for c, _ in parts[name]], train_cases)}
+            leaks[name] = len(parts[name]) - len(kept)
+            parts[name] = [(c, y) for c, y in parts[name] if c.case_id in kept]
     cases = [c for name in ("train", "val", "test") for c, _ in parts[name]]
     labels = np.array([y for name in ("train", "val", "test") for _, y in parts[name]])
     offsets = np.cumsum([0] + [len(parts[n]) for n in ("train", "val", "test")])
