@@ -5,6 +5,7 @@ few widgets several pages show. Streamlit wiring only: every computation is a ``
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,6 +379,14 @@ def review_form(case_id: str, source: str, summary: dict | None, key: str) -> No
         st.session_state["reviewer"] = reviewer
         st.session_state["saved_reviews"][key] = {"verdict": verdict, "note": note, "reviewer": reviewer}
         st.success(f"Review #{rid} saved to the review log.", icon=":material/check:")
+
+
+def literal(text: str, limit: int = 80) -> str:
+    """Text from outside (a URL, a file name) shown as itself in Streamlit markdown: shortened, every markdown
+    character escaped, so it can never render as emphasis, a link or an image."""
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return re.sub(r"([\\`*_{}\[\]()<>#+\-.!|~:$])", r"\\\1", text)
 
 
 def similar_case_cards(cases: list[dict], key: str) -> None:

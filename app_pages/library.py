@@ -41,6 +41,13 @@ ref = common.reference(common.headline_model(ms)) if ms is not None else None
 correct = ref.correct_by_case() if ref is not None else {}
 
 
+#: The list's filter widgets: kept while a case is open (Streamlit forgets a widget's value when it is not drawn).
+FILTER_KEYS = ("lib-scores", "lib-panel", "lib-splits", "lib-diam", "lib-outcome")
+for _key in FILTER_KEYS:
+    if _key in st.session_state:
+        st.session_state[_key] = st.session_state[_key]
+
+
 def _close_case() -> None:
     st.query_params.clear()
 
@@ -180,5 +187,5 @@ if wanted and wanted in by_id:
     _show_case(by_id[wanted])
 else:
     if wanted:
-        st.warning(f"Case {wanted} is not in the library.", icon=":material/warning:")
+        st.warning(f"Case {common.literal(wanted)} is not in the library.", icon=":material/warning:")
     _browse()

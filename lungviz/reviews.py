@@ -302,17 +302,21 @@ class ReviewStore:
     def export_csv(self, dest: str | Path | TextIO, **filters: Any) -> int:
         """Write the matching reviews (newest first, :data:`CSV_FIELDS`) as UTF-8 CSV to a path or text buffer.
 
-        Notes keep their commas, quotes and line breaks (standard CSV quoting). Returns the number of rows.
+        Notes keep their commas, quotes and line breaks (standard CSV quoting). The text starts with a UTF-8
+        byte-order mark, so that spreadsheet programs read accented and non-Latin text right (read it back with
+        ``encoding="utf-8-sig"``), and a text cell that a spreadsheet would run as a formula (starting with ``=``,
+        ``+``, ``-``, ``@``) is written with a leading apostrophe. Returns the number of rows.
         """
         rows = self.list(**filters)
         if isinstance(dest, (str, Path)):
             target = Path(dest).expanduser()
             try:
-                with target.open("w", newline="", encoding="utf-8") as fh:
+                with target.open("w", newline="", encoding="utf-8-sig") as fh:
                     _write_csv(fh, rows)
             except OSError as err:
                 raise LungvizError(f"cannot write the review export ({err.strerror}).", source=target) from err
         else:
+            dest.write(BOM)
             _write_csv(dest, rows)
         return len(rows)
 
@@ -323,6 +327,16 @@ class ReviewStore:
         return buf.getvalue()
 
 
+BOM = "\ufeff"
+#: A text cell starting with one of these is a formula to a spreadsheet (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a formula-like string gets a leading apostrophe."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
+
+
 def _write_csv(fh: TextIO, rows: list[dict]) -> None:
     writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, lineterminator="\r\n")
     writer.writeheader()
@@ -330,4 +344,5 @@ def _write_csv(fh: TextIO, rows: list[dict]) -> None:
         p, flag = _summary_headline(rec["model_summary"])
         summary = "" if rec["model_summary"] is None else json.dumps(rec["model_summary"], ensure_ascii=False,
                                                                      sort_keys=True)
-        writer.writerow({**rec, "malignant_probability": p, "flag": flag, "model_summary": summary})
+        row = {**rec, "malignant_probability": p, "flag": flag, "model_summary": summary}
+        writer.writerow({k: _cell(v) for k, v in row.items() if k in CSV_FIELDS})

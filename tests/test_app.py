@@ -390,6 +390,19 @@ def test_library_lists_filters_and_opens_a_case(app_env):
     at.button(key="lib-open-btn").click().run()
     assert not at.exception and at.header[0].value == "LIDC-IDRI-0003/nodule-1"
     assert any(s.value.startswith("Test case: held out") for s in at.success)  # the split, labelled
+    # back to the list: the filters set before opening the case are still set
+    next(b for b in at.button if b.label == "Back to the list").click().run()
+    assert not at.exception and at.multiselect(key="lib-splits").value == ["test"]
+    assert at.button_group(key="lib-outcome").value == "wrong" and list(at.dataframe[0].value["case"]) == list(
+        wrong["case"])
+
+
+def test_library_shows_an_unknown_case_id_as_text_never_as_markdown(app_env):
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/library.py")
+    at.query_params["case"] = "x. **Reviewed: benign.** [Open the case](https://example.invalid/login)"
+    at.run()
+    warning = next(w.value for w in at.warning if "is not in the library" in w.value)
+    assert "**Reviewed" not in warning and "](" not in warning and "\\*\\*Reviewed" in warning
 
 
 def test_library_case_view_of_a_training_case(app_env):

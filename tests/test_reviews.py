@@ -158,7 +158,8 @@ def test_csv_export_columns_and_content(store: ReviewStore, tmp_path: Path) -> N
     store.add("c2", "upload", "disagree", note="plain")
     out = tmp_path / "reviews.csv"
     assert store.export_csv(out) == 2
-    with out.open(newline="", encoding="utf-8") as fh:
+    assert out.read_bytes().startswith(b"\xef\xbb\xbf")  # a BOM, so spreadsheets read UTF-8 as UTF-8
+    with out.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames or ()) == CSV_FIELDS
         rows = list(reader)
@@ -171,7 +172,8 @@ def test_csv_export_columns_and_content(store: ReviewStore, tmp_path: Path) -> N
     assert json.loads(c1["model_summary"]) == SUMMARY
     assert rows[0]["model_summary"] == rows[0]["malignant_probability"] == ""
     # filters apply to the export; the text form matches the file
-    only = list(csv.DictReader(io.StringIO(store.to_csv_text(verdict="disagree"), newline="")))
+    only = list(csv.DictReader(io.StringIO(store.to_csv_text(verdict="disagree").removeprefix("\ufeff"),
+                                           newline="")))
     assert [r["case_id"] for r in only] == ["c2"]
     assert store.to_csv_text() == out.read_bytes().decode("utf-8")
 
@@ -179,7 +181,17 @@ def test_csv_export_columns_and_content(store: ReviewStore, tmp_path: Path) -> N
 def test_csv_export_to_buffer_and_empty(store: ReviewStore) -> None:
     buf = io.StringIO()
     assert store.export_csv(buf) == 0
-    assert buf.getvalue().strip() == ",".join(CSV_FIELDS)
+    assert buf.getvalue().strip() == "\ufeff" + ",".join(CSV_FIELDS)
+
+
+def test_csv_export_neutralises_formulas_and_keeps_non_latin_text(store: ReviewStore) -> None:
+    store.add("c1", "upload", "unsure", note='=HYPERLINK("https://example.invalid","x")', reviewer="Dr Ä 李")
+    store.add("c2", "upload", "agree", note="-3 mm since the last scan, spiculé 结节")
+    text = store.to_csv_text()
+    assert text.startswith("\ufeff")
+    rows = {r["case_id"]: r for r in csv.DictReader(io.StringIO(text.removeprefix("\ufeff"), newline=""))}
+    assert rows["c1"]["note"] == "'=HYPERLINK(\"https://example.invalid\",\"x\")"  # shown as text, never run
+    assert rows["c1"]["reviewer"] == "Dr Ä 李" and rows["c2"]["note"] == "'-3 mm since the last scan, spiculé 结节"
 
 
 # ------------------------------------------------------------------------------------------ concurrent writers
