@@ -19,7 +19,7 @@ with st.container(border=True):
     source = c2.selectbox("Case source", ["all", *SOURCES], key="rev-source",
                           format_func=lambda s: {"upload": "uploads", "library": "library cases"}.get(s, s))
     case_query = c3.text_input("Case contains", key="rev-case")
-    reviewer = c4.text_input("Reviewer", key="rev-reviewer")
+    reviewer = c4.text_input("Reviewer contains", key="rev-reviewer", help="Part of the name, in any case.")
     since = c5.date_input("Since (UTC)", value=None, key="rev-since")
 filters = {"verdict": None if verdict == "all" else verdict, "source": None if source == "all" else source,
            "case_query": case_query or None, "reviewer": reviewer or None, "since": since}

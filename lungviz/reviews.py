@@ -145,6 +145,8 @@ class ReviewStore:
             conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.create_function("casefold", 1, lambda v: v.casefold() if isinstance(v, str) else v,
+                                 deterministic=True)  # SQLite's lower() folds ASCII only
             yield conn
         except sqlite3.OperationalError as err:
             if "locked" in str(err) or "busy" in str(err):
@@ -256,8 +258,8 @@ class ReviewStore:
             clauses.append("case_id LIKE ? ESCAPE '\\'")
             args.append(f"%{q}%")
         if reviewer and reviewer.strip():
-            clauses.append("reviewer = ?")
-            args.append(reviewer.strip())
+            clauses.append("instr(casefold(reviewer), ?) > 0")  # part of the name, in any case ("dr ä": "Dr Ä")
+            args.append(reviewer.strip().casefold())
         if since is not None and since != "":
             clauses.append("created_utc >= ?")
             args.append(_utc_text(since))
@@ -268,7 +270,8 @@ class ReviewStore:
              limit: int | None = None) -> list[dict]:
         """Reviews newest first, as dicts with :data:`FIELDS` (``model_summary`` parsed back to a dict).
 
-        ``case_query`` matches part of the case id (any case); ``since`` keeps reviews at or after that UTC time.
+        ``case_query`` matches part of the case id and ``reviewer`` part of the reviewer's name (both in any case);
+        ``since`` keeps reviews at or after that UTC time.
         """
         where, args = self._where(verdict, source, case_query, reviewer, since)
         sql = f"SELECT {', '.join(FIELDS)} FROM reviews{where} ORDER BY created_utc DESC, id DESC"

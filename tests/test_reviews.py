@@ -136,6 +136,8 @@ def test_filters_and_newest_first(store: ReviewStore) -> None:
     assert store.list(case_query="%") == []  # LIKE wildcards are taken literally
     assert store.count(reviewer="ann") == 3
     assert store.counts_by_verdict(source="library") == {"agree": 1, "disagree": 2, "unsure": 0}
+    store.add("LIDC-0003/nodule-0", "upload", "agree", reviewer="Dr Äsa Öberg")  # part of a name, in any case
+    assert store.count(reviewer="ÄSA") == store.count(reviewer="dr äsa") == store.count(reviewer=" öberg ") == 1
     with pytest.raises(LungvizError, match="verdict"):
         store.list(verdict="nope")
 
