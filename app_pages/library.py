@@ -16,6 +16,7 @@ from lungviz.library import (
     filter_records,
     library_rows,
     mask_outline,
+    reader_count_note,
 )
 from lungviz.predict import view_image
 from lungviz.preprocess import resize
@@ -78,6 +79,8 @@ def _show_case(record: dict) -> None:
                     f"Panel: **{ {1: 'malignant (4-5)', 0: 'benign (1-3)'}.get(case.malignant, '-') }**  \n"
                     f"Label check: `{case.label_check}` · pixel spacing "
                     f"{'-' if case.pixel_spacing_mm is None else f'{case.pixel_spacing_mm:.2f} mm'}")
+        if note := reader_count_note(case.n_readers):
+            st.caption(f":material/info: {note}")
     with chars:
         st.markdown("**Readers' characteristics (panel medians)**")
         st.table(characteristic_rows(case.characteristics), hide_index=True, border="horizontal")

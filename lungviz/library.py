@@ -190,6 +190,18 @@ def characteristic_rows(characteristics: Mapping[str, float]) -> list[dict]:
             for k, v in characteristics.items()]
 
 
+#: LIDC-IDRI scans were usually read by four radiologists.
+MAX_LIDC_READERS = 4
+
+
+def reader_count_note(n_readers: int | None) -> str | None:
+    """What a nodule with more ratings than LIDC's usual four readers means (11 nodules of the slices set)."""
+    if n_readers is None or int(n_readers) <= MAX_LIDC_READERS:
+        return None
+    return (f"{int(n_readers)} ratings, more than the {MAX_LIDC_READERS} readers of a usual LIDC scan: the source "
+            "data attached more reader marks than that to this nodule. The panel score is the median of all of them.")
+
+
 def same_patient_cases(records: Sequence[Mapping], case_or_patient: str) -> set[str]:
     """The case ids of every library record of one patient, given a case id or a patient id (empty if unknown)."""
     patient = next((r.get("patient_id") for r in records if r.get("case_id") == case_or_patient), case_or_patient)

@@ -196,3 +196,10 @@ def test_library_slice_of_names_an_upload_that_is_a_library_slice_file(tmp_path)
     assert library_slice_of(second.read_bytes(), table, split) == ("P1/n0", "slice-1.png", "train")
     assert library_slice_of(second.read_bytes(), table, tmp_path / "none.json") == ("P1/n0", "slice-1.png", None)
     assert library_slice_of(second.read_bytes() + b"x", table, split) is None  # another file
+
+
+def test_a_nodule_with_more_ratings_than_lidc_readers_says_so():
+    from lungviz.library import reader_count_note
+
+    assert reader_count_note(4) is None and reader_count_note(None) is None and reader_count_note(1) is None
+    assert reader_count_note(8).startswith("8 ratings, more than the 4 readers of a usual LIDC scan")

@@ -14,6 +14,7 @@ import numpy as np
 from lungviz import RESEARCH_NOTICE, metrics, paths
 from lungviz.fusion import SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
+from lungviz.library import MAX_LIDC_READERS
 from lungviz.metrics import MALIGNANT_ECE_LIMIT, format_ci, observed_rate, with_malignant_ece
 
 #: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
@@ -471,6 +472,12 @@ def write_card(folder: Path | None = None) -> Path:
       "Each crop is min-max scaled from HU as the slices set stores it.\n")
     w("- Label = the panel: median of 1-4 readers' malignancy ratings rounded half up (`score`, 1-5); `binary` "
       "groups 1-3 as benign and 4-5 as malignant. Nodules read by one radiologist carry that reader's score only.\n")
+    records = (read_result("index-nodule-binary.json", folder) or {}).get("records") or []
+    many = [int(r["n_readers"]) for r in records if int(r.get("n_readers") or 0) > MAX_LIDC_READERS]
+    if many:
+        w(f"- {len(many)} nodules carry {min(many)}-{max(many)} ratings, more than the {MAX_LIDC_READERS} readers of a "
+          "usual LIDC scan: the source data attached more reader marks than that to them; their panel score is the "
+          "median of all of them.\n")
     w("- Split: patient-level, stratified 70/15/15 (`weights/splits/holdout.json`, fingerprint "
       f"`{next(iter(specs.values()))['split_fingerprint'] if specs else '–'}`). Train fits the weights, validation "
       "drives early stopping, prior correction, temperature scaling and the choice of Grad-CAM layer, test is used "
