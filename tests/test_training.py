@@ -359,6 +359,12 @@ def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
                       out=str(tmp_path / "w"), runs=str(tmp_path / "r"))
     train_model(cfg, progress=False)
     capsys.readouterr()
+    rows = list(csv.DictReader((data / "labels.csv").open()))
+    rows[0]["pixel_spacing_mm"] = ""  # a folder row without spacing: evaluated at the default, and said so
+    with (data / "labels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     code = main(["evaluate", "--data", str(data), "--task", "score", "--model", "tiny", "--weights",
                  str(tmp_path / "w"), "--json", "--n-boot", "20", "--predictions", str(tmp_path / "p.csv")])
     assert code == 0
@@ -367,6 +373,9 @@ def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
                 "confusion", "ece_raw", "ece", "ci95", "readers"):
         assert key in rep, key
     assert rep["n"] == 40 and np.array(rep["confusion"]).sum() == 40 and len(rep["confusion"]) == 5
+    assert rep["notes"] == ["1 of 40 nodules have no pixel spacing in labels.csv (e.g. LIDC-IDRI-0000/nodule-0): 0.7 "
+                            "mm per pixel was assumed for them, which sets the nodule view's field and the measured "
+                            "size."]
     assert rep["readers"]["n_pairs"] == 80  # 40 nodules x 2 readers
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert len(rows) == 40 and {"p_1", "p_5", "prediction"} <= set(rows[0])

@@ -139,7 +139,7 @@ def cmd_evaluate(cfg: EvalConfig) -> dict:
     if cfg.json:
         return rep
     keys = ("n", "auroc", "auprc_weighted", "f1_weighted", "f1_macro", "f1_malignant", "qwk", "accuracy", "ece")
-    return {k: rep[k] for k in ("model", "split", *keys) if k in rep}
+    return {k: rep[k] for k in ("model", "split", *keys, "notes") if k in rep}
 
 
 def cmd_index(cfg: IndexConfig) -> dict:

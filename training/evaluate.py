@@ -272,6 +272,7 @@ def evaluate_bundle(
 
     from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
+    from lungviz.preprocess import DEFAULT_SPACING_MM, valid_spacing
     from training.datasets import load_cases
 
     if predictions and Path(predictions).is_dir():
@@ -296,6 +297,11 @@ def evaluate_bundle(
     rep["temperature"] = spec.get("temperature", 1.0)  # what calibrated_logits applied (a fusion: none of its own)
     rep = {"model": name, "task": scheme.name, "view": spec["view"], "data": data or "default",
            "split": split or "all", "import": report.summary(), **rep}
+    unknown = [c for c in kept if valid_spacing(c.pixel_spacing_mm) is None]
+    if unknown and spec.get("dataset", "lidc") == "lidc":
+        rep["notes"] = [f"{len(unknown)} of {len(kept)} nodules have no pixel spacing in labels.csv (e.g. "
+                        f"{unknown[0].case_id}): {DEFAULT_SPACING_MM} mm per pixel was assumed for them, which sets "
+                        "the nodule view's field and the measured size."]
     if predictions:
         P = metrics.softmax(cal)
         out = Path(predictions)
