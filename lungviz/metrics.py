@@ -86,13 +86,19 @@ def observed_rate(bins: Sequence[dict], observed: str = "observed") -> float:
     return float(sum(b["n"] * b[observed] for b in bins if b["n"]) / n) if n else float("nan")
 
 
+#: What :func:`with_malignant_ece` adds to a binary report.
+MALIGNANT_CALIBRATION_KEYS = ("ece_malignant", "mean_malignant_p", "observed_malignant_rate")
+
+
 def with_malignant_ece(report: dict) -> dict:
-    """A metrics report with ``ece_malignant`` (the ECE of its malignant-probability curve) and ``mean_malignant_p``
-    filled in from its ``reliability_malignant`` bins, where it has them and they are not there yet."""
+    """A metrics report with ``ece_malignant`` (the ECE of its malignant-probability curve), ``mean_malignant_p``
+    and ``observed_malignant_rate`` filled in from its ``reliability_malignant`` bins, where it has them and they
+    are not there yet."""
     bins = report.get("reliability_malignant")
-    if not bins or ("ece_malignant" in report and "mean_malignant_p" in report):
+    if not bins or all(k in report for k in MALIGNANT_CALIBRATION_KEYS):
         return report
-    return {**report, "ece_malignant": binned_ece(bins), "mean_malignant_p": observed_rate(bins, "mean_p")}
+    return {**report, "ece_malignant": binned_ece(bins), "mean_malignant_p": observed_rate(bins, "mean_p"),
+            "observed_malignant_rate": observed_rate(bins)}
 
 
 def ece_if_calibrated(P: np.ndarray, y: np.ndarray | None = None, n_bins: int = 10, n_sims: int = 2000,

@@ -228,7 +228,7 @@ def calibration_notes(models: ModelSet, views: Iterable[str]) -> list[str]:
         t = metrics.with_malignant_ece(reports.get("test_single_slice") or reports.get("test") or {})
         if t.get("ece_malignant") is None or not t["ece_malignant"] > metrics.MALIGNANT_ECE_LIMIT:
             continue
-        rate = metrics.observed_rate(t["reliability_malignant"])
+        rate = t["observed_malignant_rate"]
         notes.append(f"The {VIEW_NAMES_IN_TEXT.get(view, view)}'s malignant probability runs "
                      f"{'high' if t['mean_malignant_p'] > rate else 'low'} on the held-out test nodules (mean "
                      f"{t['mean_malignant_p']:.0%} against {rate:.0%} malignant; calibration error "

@@ -15,7 +15,7 @@ from lungviz import RESEARCH_NOTICE, metrics, paths
 from lungviz.fusion import SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
 from lungviz.library import MAX_LIDC_READERS
-from lungviz.metrics import MALIGNANT_ECE_LIMIT, format_ci, observed_rate, with_malignant_ece
+from lungviz.metrics import MALIGNANT_ECE_LIMIT, format_ci, with_malignant_ece
 
 #: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
 PUBLISHED = {
@@ -423,22 +423,20 @@ def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
     w("| --- | --- | --- | --- | --- | --- |")
     for n, reps in rows:
         for split, t in reps.items():
-            w(f"| {n} | {split} | {t['n']} | {t['mean_malignant_p']:.1%} | "
-              f"{observed_rate(t['reliability_malignant']):.1%} | "
+            w(f"| {n} | {split} | {t['n']} | {t['mean_malignant_p']:.1%} | {t['observed_malignant_rate']:.1%} | "
               f"{t['ece_malignant']:.3f} |")
     w("")
-    def observed(t: dict) -> float:
-        return observed_rate(t["reliability_malignant"])
-
     fused = dict(rows).get("fused-binary", {}).get("test")
     for n, r in rows:
         t, v = r.get("test"), r.get("val")
         if t is None or t["ece_malignant"] <= MALIGNANT_ECE_LIMIT:
             continue
         w(f"{n}'s malignant probability is not well calibrated: it runs "
-          f"{'high' if t['mean_malignant_p'] > observed(t) else 'low'} (mean {t['mean_malignant_p']:.0%} against "
-          f"{observed(t):.0%} malignant on test, ECE {t['ece_malignant']:.3f}"
-          + (f"; on validation {v['mean_malignant_p']:.0%} against {observed(v):.0%}, ECE {v['ece_malignant']:.3f}"
+          f"{'high' if t['mean_malignant_p'] > t['observed_malignant_rate'] else 'low'} (mean "
+          f"{t['mean_malignant_p']:.0%} against {t['observed_malignant_rate']:.0%} malignant on test, ECE "
+          f"{t['ece_malignant']:.3f}"
+          + (f"; on validation {v['mean_malignant_p']:.0%} against {v['observed_malignant_rate']:.0%}, ECE "
+             f"{v['ece_malignant']:.3f}"
              if v else "") + "). Its top-class ECE is low only because the errors of its benign and malignant calls "
           "cancel. Read its probability as a ranking rather than a rate"
           + (f"; the fused estimate, which the app leads with, is within {MALIGNANT_ECE_LIMIT} (ECE "
