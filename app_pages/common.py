@@ -281,7 +281,7 @@ def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[f
     if key not in memo:
         b = _model_set(folder).bundles[bundle_name]
         memo[key] = lime_map(b.model, image, b.mean, b.std, num_samples=num_samples, progress=progress,
-                             temperature=b.temperature, prior_adjust=b.spec.get("prior_adjust"))
+                             calibration=b.calibration)
         while len(memo) > 32:
             memo.pop(next(iter(memo)))
     return memo[key]
@@ -342,7 +342,8 @@ def show_flag(pred: Prediction) -> None:
 
 
 def view_table(pred: Prediction) -> list[dict]:
-    """One row per view: malignant probability, the binary call and the most likely panel score."""
+    """One row per view: malignant probability, the binary call and the probability it is made from, and the
+    called panel score."""
     rows = []
     for view in ("fused", "nodule", "slice"):
         tasks = pred.views.get(view)
@@ -352,7 +353,8 @@ def view_table(pred: Prediction) -> list[dict]:
         rows.append({"view": VIEW_LABELS.get(view, view),
                      "malignant probability": percent(b.probs[b.classes.index("malignant")]) if b else "-",
                      "call": b.top if b else "-",
-                     "most likely score": f"{s.top} ({percent(max(s.probs))})" if s else "-"})
+                     "calls malignant from": percent(b.threshold) if b else "-",
+                     "panel score call": f"{s.top} ({percent(s.probs[s.classes.index(s.top)])})" if s else "-"})
     return rows
 
 

@@ -25,6 +25,7 @@ from lungviz.report import (
     CaseReport,
     build_html,
     build_pdf,
+    call_note,
     data_uri,
     model_versions,
     outline_caption,
@@ -288,6 +289,8 @@ fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")
     st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
+if (how_called := call_note(pred.to_dict())) is not None:
+    st.caption(f":material/info: {how_called}")
 for note in pred.calibration_notes:
     st.caption(f":material/warning: {note}")
 st.caption(CALIBRATION_CAVEAT)
@@ -314,6 +317,11 @@ with hist_col:
         if p is not None:
             hfig.add_vline(x=p, line_width=3, line_color="black", annotation_text=f"this case {common.percent(p)}",
                            annotation_position="top left" if p > 0.5 else "top right")  # label inside the plot
+            called_from = pred.views[head_view]["binary"].threshold
+            if abs(called_from - 0.5) > 5e-3:  # where this model's malignant call starts
+                hfig.add_vline(x=called_from, line_width=1, line_dash="dash", line_color="#57606a",
+                               annotation_text=f"calls malignant from {common.percent(called_from)}",
+                               annotation_position="bottom right")
         hfig.update_layout(barmode="overlay", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
                            xaxis={"title": f"{headline} malignant probability", "tickformat": ".0%",
                                   "range": [0, 1]},

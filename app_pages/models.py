@@ -12,7 +12,8 @@ from lungviz.metrics import format_ci, with_malignant_ece
 #: Columns of the test-results tables per task (metric key per column).
 TASK_COLUMNS = {
     "binary": {"AUROC": "auroc", "weighted AUPRC": "auprc_weighted", "malignant F1": "f1_malignant",
-               "sensitivity": "sensitivity", "specificity": "specificity",
+               "calls malignant from": "decision_threshold", "sensitivity": "sensitivity",
+               "specificity": "specificity",
                "ECE of the malignant probability": "ece_malignant", "top-class ECE": "ece"},
     "score": {"kappa (QWK)": "qwk", "within one score": "within_one", "weighted F1": "f1_weighted",
               "AUROC (one-vs-rest)": "auroc", "top-class ECE": "ece"},
@@ -25,8 +26,13 @@ TASK_TITLES = {"binary": "Benign (1-3) vs malignant (4-5)", "score": "Panel scor
 
 def _test_table(tested: dict[str, dict], which: str, keys: dict[str, str]) -> list[dict]:
     """One row per model: ``keys`` (column -> metric) of its ``which`` report, each with its interval."""
+    def cell(report: dict, key: str) -> str:
+        if key == "decision_threshold":  # an operating point, not an estimate: no interval
+            return f"{report[key]:.0%}" if report.get(key) is not None else "50%"
+        return format_ci(report, key)
+
     return [{"model": n, "n": m["metrics"][which]["n"],
-             **{col: format_ci(with_malignant_ece(m["metrics"][which]), k) for col, k in keys.items()}}
+             **{col: cell(with_malignant_ece(m["metrics"][which]), k) for col, k in keys.items()}}
             for n, m in tested.items() if m["metrics"].get(which)]
 
 
@@ -80,8 +86,11 @@ def _results(models: list[dict]) -> None:
         return
     st.caption("LIDC models: measured once on the patient-level test split (never used for training, early "
                "stopping or calibration), per nodule (the central slices' logits averaged). 95% patient-bootstrap "
-               "intervals. The top-class ECE bins cases by the probability of the class called; for the benign / "
-               "malignant models the ECE of the malignant probability, the number the app shows, is given too.")
+               "intervals. The top-class ECE bins cases by the probability of their most probable class; for the "
+               "benign / malignant models the ECE of the malignant probability, the number the app shows, is given "
+               "too. F1, sensitivity, specificity, kappa and the confusion matrix score each model's call: a network "
+               "calls the class of its prior-corrected logits, which for the benign / malignant networks means "
+               "malignant from the probability in the 'calls malignant from' column (see the model card).")
     for task, keys in TASK_COLUMNS.items():
         group = {n: m for n, m in tested.items() if (m.get("task") if m.get("task") in TASK_COLUMNS else "other")
                  == task}

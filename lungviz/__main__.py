@@ -85,10 +85,8 @@ def cmd_predict(args: argparse.Namespace) -> dict:
             bundle = models.bundle(view, "binary")
             if bundle is None:
                 continue
-            prior = bundle.spec.get("prior_adjust")
             if args.explain == "lime":
-                res = lime_map(bundle.model, image, bundle.mean, bundle.std, temperature=bundle.temperature,
-                               prior_adjust=prior)
+                res = lime_map(bundle.model, image, bundle.mean, bundle.std, calibration=bundle.calibration)
                 files[view] = _save_png(lime_overlay(image, res), folder / f"{view}-lime.png")
             else:
                 heat = bundle_cam(bundle, image, args.explain)
@@ -141,10 +139,13 @@ def _print_human(result: dict) -> None:
     print(result.get("notice", RESEARCH_NOTICE))
     for view, tasks in result.get("views", {}).items():
         if "binary" in tasks:
-            print(f"{view:>7}: malignant {prob_pct(tasks['binary']['probabilities'][1])}", end="")
+            b = tasks["binary"]
+            print(f"{view:>7}: malignant {prob_pct(b['probabilities'][1])} (call: {b['prediction']}; malignant from "
+                  f"{prob_pct(b.get('calls_malignant_from', 0.5))})", end="")
         if "score" in tasks:
             probs = tasks["score"]["probabilities"]
-            print(f"   score 1-5: {', '.join(prob_pct(p) for p in probs)}", end="")
+            print(f"   score 1-5: {', '.join(prob_pct(p) for p in probs)} (call: {tasks['score']['prediction']})",
+                  end="")
         print()
     print(f"flag: {result.get('flag')}" + (f" ({'; '.join(result['reasons'])})" if result.get("reasons") else ""))
     for note in result.get("notes", []):

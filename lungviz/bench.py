@@ -130,7 +130,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
                   for c in bench_cases(lime_cases)]
     lime_t: dict[str, list[float]] = {"fast": [], "stable": [], "stock": []}
     lime_ov: dict[str, list[float]] = {"fast": [], "stable": [], "stock": []}
-    kw = {"temperature": b.temperature, "prior_adjust": b.spec.get("prior_adjust")}
+    kw = {"calibration": b.calibration}
     for image in lime_views:
         seg = segment(image)
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Saliency for one model view: Grad-CAM / Grad-CAM++, a fast LIME, overlays and a "does it point at the nodule" score.
 
 Images are ``(S, S) float32 in [0, 1]`` at the model's input size (the view the model sees); maps come back at the
-same size. Probabilities follow the bundle's calibration: ``softmax((logits + prior_adjust) / temperature)``.
+same size. Probabilities and the explained call follow the bundle's calibration (:mod:`lungviz.calibration`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sklearn.linear_model import Ridge
 from torch import nn
 
 from lungviz import metrics
+from lungviz.calibration import Calibration
 from lungviz.errors import LungvizError
 from lungviz.models import Bundle, inference_model
 from lungviz.preprocess import resize, to_model_input
@@ -99,12 +100,15 @@ def _prior(prior_adjust: Sequence[float] | None, n_classes: int) -> np.ndarray:
     return prior
 
 
-def calibrated_probabilities(
-    logits: np.ndarray, temperature: float = 1.0, prior_adjust: Sequence[float] | None = None
-) -> np.ndarray:
-    """``(N, K)`` logits -> probabilities ``softmax((logits + prior_adjust) / temperature)`` (as training fits them)."""
+def calibrated_probabilities(logits: np.ndarray, calibration: Calibration | None = None) -> np.ndarray:
+    """``(N, K)`` logits -> the model's calibrated probabilities (None = plain softmax)."""
     z = np.asarray(logits, np.float64)
-    return metrics.softmax(z + _prior(prior_adjust, z.shape[1]), temperature)
+    return metrics.softmax(z) if calibration is None else calibration.probabilities(z)
+
+
+def _called(probs: np.ndarray, calibration: Calibration | None) -> int:
+    """The model's call on one row of calibrated probabilities."""
+    return int(metrics.decide(probs[None], None if calibration is None else calibration.decision_bias)[0])
 
 
 # ----------------------------------------------------------------------------------------------- Grad-CAM
@@ -347,15 +351,15 @@ def lime_map(
     segments: np.ndarray | None = None,
     hide_value: float | None = None,
     batch_size: int | None = None,
-    temperature: float = 1.0,
-    prior_adjust: Sequence[float] | None = None,
+    calibration: Calibration | None = None,
 ) -> LimeResult:
     """LIME for one view, fast: lime_image's estimator with fewer model calls (by default), batched and vectorised.
 
     Segments (default :func:`segment`) are switched off by painting them with their mean grey (lime's default) or
     ``hide_value`` (0.0 = black: "what if this region were air"; a uniform nodule painted with its own mean does
     not change). A kernel-weighted ridge on the on/off masks, exactly as lime fits it, gives each segment's weight
-    on the calibrated probability of ``target_class`` (None = the predicted class). The masks are the rows of a
+    on the calibrated probability (``calibration``, None = plain softmax) of ``target_class`` (None = the model's
+    call). The masks are the rows of a
     randomised, folded-over Hadamard design instead of coin flips (see :func:`_design`), and the model calls run in
     batches of 32, channels-last, on a batch-norm-folded copy of the model (:func:`inference_model`).
     Precision is set by ``num_samples``; at 256 samples the design shares 0.71 of the top-5 segments with a lime run
@@ -386,8 +390,8 @@ def lime_map(
         batch_size = LIME_CPU_BATCH if x_on.device.type == "cpu" else int(num_samples)
     fast = inference_model(model, x_on.reshape(1, *x_on.shape[-3:]))
     logits = _predict_masks(fast, x_on, x_off, seg, masks, max(1, int(batch_size)), progress)
-    probs = calibrated_probabilities(logits, temperature, prior_adjust)
-    label = int(np.argmax(probs[0])) if target_class is None else _check_class(model, target_class)
+    probs = calibrated_probabilities(logits, calibration)
+    label = _called(probs[0], calibration) if target_class is None else _check_class(model, target_class)
     weights, intercept, score = _fit(masks, probs[:, label])
     return LimeResult(seg, weights, intercept, score, label, float(probs[0, label]), int(num_samples))
 
@@ -402,8 +406,7 @@ def stock_lime(
     seed: int = 0,
     *,
     hide_value: float | None = None,
-    temperature: float = 1.0,
-    prior_adjust: Sequence[float] | None = None,
+    calibration: Calibration | None = None,
 ) -> LimeResult:
     """The reference: ``lime.lime_image`` with its defaults (1000 samples, batches of 10) on the same segments.
 
@@ -420,12 +423,12 @@ def stock_lime(
         x = np.stack([to_model_input(rgb[..., 0], tuple(mean), tuple(std), channels=chans) for rgb in batch])
         with torch.inference_mode():
             logits = model(torch.from_numpy(x).to(device)).float().cpu().numpy()
-        return calibrated_probabilities(logits, temperature, prior_adjust)
+        return calibrated_probabilities(logits, calibration)
 
     was_training = model.training
     model.eval()
     try:
-        label = int(np.argmax(classifier(view[None, ..., None])[0])) if target_class is None else target_class
+        label = _called(classifier(view[None, ..., None])[0], calibration) if target_class is None else target_class
         label = _check_class(model, label)
         explainer = LimeImageExplainer(random_state=seed)
         exp = explainer.explain_instance(

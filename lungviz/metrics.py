@@ -22,25 +22,50 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true classes."""
-    p = softmax(logits, temperature)[np.arange(len(y)), np.asarray(y, int)]
+def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0, offset: np.ndarray | None = None) -> float:
+    """Mean negative log-likelihood of the true classes under ``softmax(logits / temperature + offset)``."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    if offset is not None:
+        z = z + np.asarray(offset, np.float64)
+    p = softmax(z)[np.arange(len(y)), np.asarray(y, int)]
     return float(-np.mean(np.log(np.clip(p, 1e-12, 1.0))))
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.05, hi: float = 20.0) -> float:
-    """Temperature minimising the NLL on held-out logits (golden-section search on log T)."""
+def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.05, hi: float = 20.0,
+                    offset: np.ndarray | None = None) -> float:
+    """Temperature minimising the NLL of ``softmax(logits / T + offset)`` on held-out logits (golden-section search
+    on log T)."""
     a, b = np.log(lo), np.log(hi)
     g = (np.sqrt(5.0) - 1.0) / 2.0
     c, d = b - g * (b - a), a + g * (b - a)
     for _ in range(80):
-        if nll(logits, y, np.exp(c)) < nll(logits, y, np.exp(d)):
+        if nll(logits, y, np.exp(c), offset) < nll(logits, y, np.exp(d), offset):
             b, d = d, c
             c = b - g * (b - a)
         else:
             a, c = c, d
             d = a + g * (b - a)
     return float(np.exp((a + b) / 2.0))
+
+
+def decide(P: np.ndarray, decision_bias: np.ndarray | None = None) -> np.ndarray:
+    """The called class of each row of probabilities: ``argmax(log P + decision_bias)`` (None = the most probable
+    class; see :class:`lungviz.calibration.Calibration`)."""
+    P = np.asarray(P, np.float64)
+    if decision_bias is None:
+        return P.argmax(axis=1)
+    return (np.log(np.clip(P, 1e-300, 1.0)) + np.asarray(decision_bias, np.float64)[None, :]).argmax(axis=1)
+
+
+def decision_threshold(decision_bias: Sequence[float] | np.ndarray | None, positive: int = 1) -> float:
+    """Two classes: the probability of class ``positive`` from which :func:`decide` calls it (0.5 without a bias)."""
+    if decision_bias is None:
+        return 0.5
+    d = np.asarray(decision_bias, np.float64)
+    if d.shape != (2,) or positive not in (0, 1):
+        raise ValueError("a decision threshold needs two classes")
+    # log p + d_pos > log(1 - p) + d_neg  <=>  logit(p) > d_neg - d_pos
+    return float(1.0 / (1.0 + np.exp(-(d[1 - positive] - d[positive]))))
 
 
 def _binned(score: np.ndarray, outcome: np.ndarray, n_bins: int, score_key: str, outcome_key: str) -> list[dict]:
@@ -159,11 +184,13 @@ def auprc_weighted(y: np.ndarray, P: np.ndarray) -> float:
     return float(np.average(scores, weights=weights)) if scores else float("nan")
 
 
-def headline(y: np.ndarray, P: np.ndarray, positive_class: int | None, ordinal: bool) -> dict[str, float]:
-    """The point estimates of every headline figure for one task."""
+def headline(y: np.ndarray, P: np.ndarray, positive_class: int | None, ordinal: bool,
+             decision_bias: np.ndarray | None = None) -> dict[str, float]:
+    """The point estimates of every headline figure for one task; the decision figures score the model's call
+    (:func:`decide`)."""
     y = np.asarray(y, int)
     n_classes = P.shape[1]
-    pred = P.argmax(axis=1)
+    pred = decide(P, decision_bias)
     labels = list(range(n_classes))
     out = {
         "auroc": auroc(y, P),
@@ -252,17 +279,20 @@ def evaluate_probabilities(
     groups: Sequence[str] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    decision_bias: np.ndarray | None = None,
 ) -> dict:
-    """Headline figures, 95% bootstrap intervals, the confusion matrix, ECE and the reliability table."""
+    """Headline figures, 95% bootstrap intervals, the confusion matrix (of the model's calls, :func:`decide`), ECE
+    and the reliability table."""
     y = np.asarray(y, int)
     P = np.asarray(P, np.float64)
-    point = headline(y, P, positive_class, ordinal)
-    ci = bootstrap_ci(lambda i: headline(y[i], P[i], positive_class, ordinal), len(y), groups, n_boot, seed)
+    point = headline(y, P, positive_class, ordinal, decision_bias)
+    ci = bootstrap_ci(lambda i: headline(y[i], P[i], positive_class, ordinal, decision_bias), len(y), groups,
+                      n_boot, seed)
     return {
         "n": len(y),
         **point,
         "ci95": ci,
-        "confusion": skm.confusion_matrix(y, P.argmax(axis=1), labels=list(range(P.shape[1]))).tolist(),
+        "confusion": skm.confusion_matrix(y, decide(P, decision_bias), labels=list(range(P.shape[1]))).tolist(),
         "ece": ece(y, P),
         "ece_if_calibrated": ece_if_calibrated(P, y, seed=seed),
         "reliability": reliability(y, P),
@@ -282,13 +312,14 @@ def reader_pairs(reader_scores: Sequence[Sequence[int]]) -> list[tuple[int, int,
 
 
 def reader_comparison(
-    reader_scores: Sequence[Sequence[int]], P: np.ndarray, task: str, n_boot: int = 1000, seed: int = 0
+    reader_scores: Sequence[Sequence[int]], P: np.ndarray, task: str, n_boot: int = 1000, seed: int = 0,
+    decision_bias: np.ndarray | None = None,
 ) -> dict:
     """A single radiologist against the rest of the panel, and the model on the very same pairs.
 
     Each reader in turn is the predictor and the median of the other readers the truth. ``binary``:
     AUROC of the reader's 1-5 score vs the model's malignant probability for truth >= 4. ``score``:
-    quadratic-weighted kappa and exact agreement of the reader's score vs the model's predicted score.
+    quadratic-weighted kappa and exact agreement of the reader's score vs the model's called score (:func:`decide`).
     """
     pairs = reader_pairs(reader_scores)
     if not pairs:
@@ -312,7 +343,7 @@ def reader_comparison(
         groups = idx[keep]
         n = int(keep.sum())
     else:
-        model_pred = P[idx].argmax(axis=1) + 1
+        model_pred = decide(P[idx], decision_bias) + 1
 
         def fig(i: np.ndarray) -> dict[str, float]:
             return {"reader_qwk": quadratic_kappa(truth[i] - 1, reader[i] - 1, 5),

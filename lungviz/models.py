@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import adapt_input_conv, group_parameters
 from torch import nn
 
+from lungviz.calibration import Calibration
 from lungviz.errors import LungvizError
 
 log = logging.getLogger(__name__)
@@ -675,6 +676,11 @@ class Bundle:
     def temperature(self) -> float:
         """Calibration temperature dividing the logits (1.0 when uncalibrated)."""
         return float(self.spec.get("temperature", 1.0))
+
+    @property
+    def calibration(self) -> Calibration:
+        """How the logits become calibrated probabilities and a call (:mod:`lungviz.calibration`)."""
+        return Calibration.from_spec(self.spec)
 
     @property
     def preprocessing(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Calibrated predictions from the shipped bundles, per view and fused, with a refer/uncertain flag.
 
 All preprocessing is read from each bundle's spec (view, field in mm, input size, mean/std); calibration
-is the spec's prior correction and temperature, fitted on the validation split.
+is the spec's temperature and prior correction, fitted on the validation split, and so is each model's call
+(:mod:`lungviz.calibration`).
 """
 
 from __future__ import annotations
@@ -152,27 +153,32 @@ def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.nd
 
 
 def calibrated_logits(bundle: Bundle, image: np.ndarray) -> np.ndarray:
-    """``(C,)`` calibrated logits of one ``(S, S)`` view image (prior correction, then temperature)."""
+    """``(C,)`` calibrated logits of one ``(S, S)`` view image (the calibration its spec records)."""
     x = torch.from_numpy(to_model_input(image, bundle.mean, bundle.std)[None]).to(bundle.device)
     with torch.inference_mode():
-        logits = bundle.model(x).float().cpu().numpy()[0]
-    prior = bundle.spec.get("prior_adjust")
-    if prior is not None:
-        logits = logits + np.asarray(prior, np.float32)
-    return logits / float(bundle.spec.get("temperature", 1.0))
+        logits = bundle.model(x).float().cpu().numpy()
+    return bundle.calibration.logits(logits)[0]
 
 
 @dataclass
 class TaskPrediction:
-    """Calibrated class probabilities of one task from one view (or fused)."""
+    """Calibrated class probabilities of one task from one view (or fused), and how the model calls them."""
 
     classes: list[str]
     probs: list[float]
     logits: list[float] = field(repr=False, default_factory=list)
+    decision_bias: list[float] | None = None  # the call is argmax(log p + bias); None = the most probable class
 
     @property
     def top(self) -> str:
-        return self.classes[int(np.argmax(self.probs))]
+        """The model's call (see :mod:`lungviz.calibration`)."""
+        bias = None if self.decision_bias is None else np.asarray(self.decision_bias)
+        return self.classes[int(metrics.decide(np.asarray(self.probs)[None], bias)[0])]
+
+    @property
+    def threshold(self) -> float:
+        """Two classes: the probability of the second class from which the model calls it."""
+        return metrics.decision_threshold(self.decision_bias) if len(self.classes) == 2 else 0.5
 
 
 @dataclass
@@ -202,7 +208,9 @@ class Prediction:
     def to_dict(self) -> dict:
         return {
             "views": {v: {t: {"classes": p.classes, "probabilities": [round(x, 4) for x in p.probs],
-                              "prediction": p.top} for t, p in tasks.items()} for v, tasks in self.views.items()},
+                              "prediction": p.top,
+                              **({"calls_malignant_from": round(p.threshold, 4)} if t == "binary" else {})}
+                          for t, p in tasks.items()} for v, tasks in self.views.items()},
             "malignant_probability": self.malignant_probability(),
             "flag": "refer / uncertain" if self.refer else "no uncertainty flag",
             "reasons": self.flags,
@@ -251,7 +259,7 @@ def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]], presence: flo
                            f"({UNCERTAIN_BAND[0]:.0%}-{UNCERTAIN_BAND[1]:.0%})")
     if "slice" in views and "nodule" in views and "binary" in views["slice"] and "binary" in views["nodule"]:
         ps, pn = views["slice"]["binary"].probs[1], views["nodule"]["binary"].probs[1]
-        if abs(ps - pn) > DISAGREEMENT or (ps >= 0.5) != (pn >= 0.5):
+        if abs(ps - pn) > DISAGREEMENT or views["slice"]["binary"].top != views["nodule"]["binary"].top:
             reasons.append(f"the views disagree (slice {ps:.0%}, nodule {pn:.0%} malignant)")
     if "score" in main:
         probs = np.asarray(main["score"].probs)
@@ -283,8 +291,9 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         images.setdefault(view, img)
         lg = calibrated_logits(bundle, img)
         logits[(view, task)] = lg
+        bias = bundle.calibration.decision_bias
         views.setdefault(view, {})[task] = TaskPrediction(list(bundle.classes), softmax(lg[None])[0].tolist(),
-                                                          lg.tolist())
+                                                          lg.tolist(), None if bias is None else bias.tolist())
     outline = outline_nodule(models.outliner, context, spacing_mm) if models.outliner and context is not None else None
     diameter, source = None, None
     for task, spec in models.fusions.items():

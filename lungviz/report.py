@@ -134,8 +134,23 @@ CALIBRATION_CAVEAT = (
 )
 
 
+def call_note(prediction: dict | None) -> str | None:
+    """How each view's malignant call is made from its probability, when any view calls from other than 50%."""
+    views = (prediction or {}).get("views") or {}
+    points = [(VIEW_LABELS.get(v, str(v)).lower(), float(t["binary"]["calls_malignant_from"]))
+              for v, t in views.items() if isinstance((t or {}).get("binary"), dict)
+              and t["binary"].get("calls_malignant_from") is not None]
+    if not any(abs(x - 0.5) > 5e-3 for _, x in points):
+        return None
+    return ("Each view calls a nodule malignant from its own operating point on its calibrated probability: "
+            + ", ".join(f"{name} from {prob_pct(x)}" for name, x in points)
+            + ". These are the calls the model card's sensitivity, specificity and F1 were measured with; below 50% "
+            "they favour sensitivity, as malignant nodules are the rarer class.")
+
+
 def estimate_notes(prediction: dict | None) -> list[str]:
-    """What a reader of the estimate must know: the measured diameter the fused model used, and the calibration."""
+    """What a reader of the estimate must know: how the calls are made, the measured diameter the fused model used,
+    and the calibration."""
     d = (prediction or {}).get("estimated_diameter_mm")
     assumed = (prediction or {}).get("diameter_assumes_spacing_mm")
     at = f", assuming {float(assumed):.2f} mm per pixel" if assumed else ""
@@ -148,7 +163,9 @@ def estimate_notes(prediction: dict | None) -> list[str]:
     else:
         notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
                  "the fused model, not the readers' measurement; the model card compares the two)."]
-    return [*notes, *[str(n) for n in (prediction or {}).get("calibration_notes") or []], CALIBRATION_CAVEAT]
+    call = call_note(prediction)
+    return [*([call] if call else []), *notes, *[str(n) for n in (prediction or {}).get("calibration_notes") or []],
+            CALIBRATION_CAVEAT]
 
 
 def outline_caption(outline: Outline) -> str:
@@ -197,7 +214,7 @@ def _positive_index(classes: Sequence[str]) -> int | None:
 
 def prediction_rows(prediction: dict | None) -> list[dict]:
     """One row per view (fused first): label, malignant probability, binary call, score classes and probabilities,
-    most likely score, and any other task as text."""
+    the called score, and any other task as text."""
     rows = []
     views = (prediction or {}).get("views") or {}
     order = [v for v in VIEW_LABELS if v in views] + [v for v in views if v not in VIEW_LABELS]
@@ -323,7 +340,7 @@ def _html_prediction(prediction: dict | None) -> str:
     scores = score_classes(rows)
     head = "".join(f"<th>Score {_e(c)}</th>" for c in scores)
     parts.append(f"<table><thead><tr><th>View</th><th>Malignant probability</th><th>Call</th>{head}"
-                 "<th>Most likely score</th></tr></thead><tbody>")
+                 "<th>Score call</th></tr></thead><tbody>")
     for r in rows:
         cells = []
         probs = dict(zip(r["score_classes"], r["score_probs"], strict=False))
@@ -573,7 +590,7 @@ def build_pdf(report: CaseReport) -> bytes:
         pred = report.prediction or {}
         flag, reasons = str(pred.get("flag") or "-"), [str(r) for r in pred.get("reasons") or []]
         scores = score_classes(rows)
-        data = [["View", "Malignant", "Call", *[f"Score {c}" for c in scores], "Most likely"]]
+        data = [["View", "Malignant", "Call", *[f"Score {c}" for c in scores], "Score call"]]
         for r in rows:
             probs = dict(zip(r["score_classes"], r["score_probs"], strict=False))
             view = r["view"] + "".join(f"\n{o}" for o in r["other"])

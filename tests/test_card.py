@@ -85,6 +85,9 @@ def test_card_lists_what_else_was_tried_on_validation(tmp_path):
     assert "| recipe | 0.863 [0.810, 0.910] | 0.600 | 0.040 | 23 | 8.0 |" in card
     assert "| nodule view 48 mm | 0.822 | – | 0.050 | 19 | 7.0 |" in card
     assert "30 epochs of 1536 samples" in card and "span" not in card  # no shipped model to compare the seeds with
+    assert "The val ECE column (top-class) was measured with the earlier calibration" in card  # no calibration key
+    (tmp_path / "ablation.json").write_text(json.dumps(ablation | {"calibration": "prior-after-temperature"}))
+    assert "earlier calibration" not in write_card(tmp_path).read_text()
     spec = _binary_spec()  # validation AUROC 0.900
     spec["training"].update(epochs=30, epoch_samples=1536)
     (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
@@ -254,3 +257,20 @@ def test_card_gives_the_calibration_of_the_malignant_probability_and_says_when_i
     card = write_card(tmp_path).read_text()
     assert "| nodule-binary | test | 10 | 60.0% | 40.0% | 0.200 |" in card
     assert "nodule-binary's malignant probability is not well calibrated: it runs high (mean 60% against 40%" in card
+    assert "Its temperature divides the prior correction" in card  # a spec without the calibration key
+    assert "**Probabilities and calls.**" not in card
+
+
+def test_card_says_how_each_network_calls_from_its_calibrated_probability(tmp_path):
+    spec = _binary_spec() | {"calibration": "prior-after-temperature", "temperature": 3.0,
+                             "prior_adjust": [0.46, -0.88]}
+    spec["metrics"]["test"] |= {"sensitivity": 0.6, "specificity": 0.9,
+                                "ci95": {"sensitivity": [0.5, 0.7], "specificity": [0.85, 0.95]}}
+    spec["metrics"]["test"]["reliability_malignant"] = [{"n": 10, "mean_p": 0.4, "observed": 0.2}]
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    card = write_card(tmp_path).read_text()
+    assert "**Probabilities and calls.**" in card
+    threshold = 1 / (1 + np.exp(-(1 - 1 / 3.0) * (-0.88 - 0.46)))
+    assert (f"| nodule-binary | 3.00 | {threshold:.0%} | 0.600 [0.500, 0.700] | 0.900 [0.850, 0.950] |"
+            in card)
+    assert "not well calibrated" in card and "Its temperature divides the prior correction" not in card

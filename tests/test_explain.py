@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lungviz import explain
+from lungviz.calibration import Calibration
 from lungviz.errors import LungvizError
 from lungviz.models import ModelSpec, create_model, inference_model, load_bundle, save_bundle, update_spec
 
@@ -285,8 +286,8 @@ def test_lime_input_errors(model, image) -> None:
         explain.lime_map(model, image, MEAN, STD, num_samples=2)
     with pytest.raises(LungvizError, match="segmentation has shape"):
         explain.lime_map(model, image, MEAN, STD, segments=np.zeros((4, 4), np.int32))
-    with pytest.raises(LungvizError, match="prior_adjust has 3 values"):
-        explain.lime_map(model, image, MEAN, STD, num_samples=8, prior_adjust=[0.0, 0.0, 0.0])
+    with pytest.raises(LungvizError, match="3 prior values but the model has 2 classes"):
+        explain.lime_map(model, image, MEAN, STD, num_samples=8, calibration=Calibration(prior=(0.0, 0.0, 0.0)))
 
 
 TOP_K_CASES = [

@@ -254,3 +254,39 @@ def test_a_view_whose_malignant_probability_is_off_on_test_says_so(weights):
                      "as a rate."]
     pred = predict(models, np.random.default_rng(0).random((128, 128)).astype(np.float32), spacing_mm=0.7)
     assert pred.to_dict()["calibration_notes"] == notes and notes[0] in estimate_notes(pred.to_dict())
+
+
+def test_calls_keep_the_trained_rule_with_the_prior_after_the_temperature(tmp_path):
+    """A bundle calibrated as training now writes it: probabilities softmax(z / T + b); the call argmax(z + b), shown
+    as a malignant threshold below 50%, in the prediction, its flags and the report."""
+    from lungviz.models import update_spec
+    from lungviz.preprocess import to_model_input
+    from lungviz.report import call_note, estimate_notes
+
+    prior = [0.46, -0.88]
+    for view in ("slice", "nodule"):
+        _save(tmp_path, view, "binary", ["benign", "malignant"], temperature=3.0, prior=prior)
+        update_spec(tmp_path, f"{view}-binary", calibration="prior-after-temperature")
+    models = load_models(tmp_path)
+    ctx = np.random.default_rng(1).random((128, 128)).astype(np.float32)
+    pred = predict(models, ctx, spacing_mm=0.7)
+    b = models.bundle("nodule", "binary")
+    raw = b.model(torch.from_numpy(to_model_input(pred.images["nodule"], b.mean, b.std)[None])).detach().numpy()[0]
+    tp = pred.views["nodule"]["binary"]
+    assert np.allclose(tp.logits, raw / 3.0 + np.array(prior), atol=1e-4)
+    assert tp.top == ["benign", "malignant"][int(np.argmax(raw + np.array(prior)))]
+    threshold = 1 / (1 + np.exp(-(2 / 3) * (prior[1] - prior[0])))
+    assert tp.threshold == pytest.approx(threshold)
+    assert (tp.top == "malignant") == (tp.probs[1] > threshold)
+    d = pred.to_dict()
+    assert d["views"]["nodule"]["binary"]["calls_malignant_from"] == pytest.approx(threshold, abs=1e-4)
+    note = call_note(d)
+    assert note is not None and f"nodule view from {threshold:.0%}" in note and note in estimate_notes(d)
+    # two views on the same side of their operating points do not disagree, whatever 50% says
+    bias = list(-(2 / 3) * np.array(prior))
+    low = TaskPrediction(["benign", "malignant"], [0.62, 0.38], decision_bias=bias)
+    high = TaskPrediction(["benign", "malignant"], [0.45, 0.55], decision_bias=bias)
+    assert low.top == high.top == "malignant"
+    assert not any("disagree" in f for f in uncertainty_flags({"slice": {"binary": low}, "nodule": {"binary": high}}))
+    assert TaskPrediction(["benign", "malignant"], [0.62, 0.38]).top == "benign"
+    assert call_note({"views": {"fused": {"binary": {"calls_malignant_from": 0.5}}}}) is None

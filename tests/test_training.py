@@ -241,6 +241,7 @@ def test_tiny_end_to_end_training_learns_and_writes_a_bundle(tmp_path):
 
 @pytest.mark.slow
 def test_spec_figures_are_those_of_the_stored_weights_and_refresh_recomputes_them(tmp_path):
+    from lungviz.calibration import Calibration
     from lungviz.models import read_spec, update_spec
     from training.evaluate import calibrated_logits, report_from_logits
     from training.train import TrainConfig, config_of, prepare, refresh_model, train_model
@@ -256,10 +257,15 @@ def test_spec_figures_are_those_of_the_stored_weights_and_refresh_recomputes_the
     test = prep.idx["test"]
     store = SliceStore([prep.cases[i] for i in test], progress=False)
     cal, raw, _ = calibrated_logits(tmp_path / "w", "tiny", store, np.arange(len(test)))
+    assert spec["calibration"] == "prior-after-temperature" and len(spec["prior_adjust"]) == 5
+    calibration = Calibration.from_spec(spec)
     rep = report_from_logits(prep.labels[test], cal, raw, prep.scheme, [prep.cases[i].patient_id for i in test],
-                             None, 20)
+                             None, 20, calibration)
     for key in ("ece", "auroc", "qwk", "f1_weighted"):
         assert rep[key] == pytest.approx(spec["metrics"]["test"][key], abs=1e-7), key
+    # the calls scored are the prior-corrected argmax of the network's logits
+    calls = np.argmax(raw + np.array(spec["prior_adjust"]), axis=1)
+    np.testing.assert_array_equal(np.asarray(rep["confusion"]).sum(0), np.bincount(calls, minlength=5))
     # A spec whose calibration and figures went stale is re-measured from the weights, which stay untouched.
     update_spec(tmp_path / "w", "tiny", temperature=7.0, metrics={})
     fresh = refresh_model("tiny", tmp_path / "w", progress=False, n_boot=20)
@@ -380,6 +386,9 @@ def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert len(rows) == 40 and {"p_1", "p_5", "prediction"} <= set(rows[0])
     assert abs(sum(float(rows[0][f"p_{k}"]) for k in range(1, 6)) - 1) < 1e-3
+    # the prediction column is the call the confusion matrix counts (not always the most probable score)
+    called = [sum(r["prediction"] == str(k) for r in rows) for k in range(1, 6)]
+    assert called == np.array(rep["confusion"]).sum(0).tolist()
     assert main(["evaluate", "--data", str(tmp_path / "nowhere"), "--model", "tiny", "--weights",
                  str(tmp_path / "w")]) == 2
     spec = json.loads((tmp_path / "w" / "tiny.json").read_text())
@@ -634,6 +643,7 @@ def test_test_time_augmentation_is_refused_for_a_fused_model(tmp_path):
 
 def test_tta_is_adopted_per_family_only_when_every_network_rises_on_validation():
     from lungviz.labels import get_scheme
+    from lungviz.metrics import decide, quadratic_kappa, softmax
     from training.experiments import tta_decision, tta_figures
 
     def row(model: str, plain: float, tta: float) -> dict:
@@ -648,6 +658,14 @@ def test_tta_is_adopted_per_family_only_when_every_network_rises_on_validation()
     better = plain + np.stack([np.zeros(120), 2.0 * y], 1)
     fig = tta_figures(y, plain, better, get_scheme("binary"), [f"P{i // 2}" for i in range(120)], 100)
     assert fig["tta"] > fig["plain"] + 0.2 and fig["difference_ci95"][0] > 0 and fig["n"] == 120
+    # a score network's kappa is that of its calls (argmax(log p + decision bias)), as the spec's figures are
+    ys = rng.integers(0, 5, 120)
+    logits = rng.normal(0, 1, (120, 5)) + 1.5 * np.eye(5)[ys]
+    bias = np.array([1.0, 0.5, -2.0, 0.5, 1.0])
+    called = tta_figures(ys, logits, logits, get_scheme("score"), [f"P{i}" for i in range(120)], 20, bias)
+    assert called["plain"] == pytest.approx(quadratic_kappa(ys, decide(softmax(logits), bias), 5))
+    assert called["plain"] != pytest.approx(tta_figures(ys, logits, logits, get_scheme("score"),
+                                                        [f"P{i}" for i in range(120)], 20)["plain"])
 
 
 def test_evaluating_histology_on_its_test_folder_drops_the_near_duplicates_of_training_images(histology_dir):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import RESEARCH_NOTICE, metrics, paths
+from lungviz.calibration import PRIOR_AFTER_T, Calibration
 from lungviz.fusion import SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
 from lungviz.library import MAX_LIDC_READERS
@@ -336,6 +337,7 @@ def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | N
               len(recipe) > 1 else "")
     w(_budget(setup) + " One training run per row; the recipe rows differ only in the seed." + spread
       + " The test split was not used to compare.\n")
+    w(earlier_calibration(ablation, "The val ECE column"))
     w("| variation | val AUROC [95% CI] | val malignant F1 | val ECE | best epoch | minutes |")
     w("| --- | --- | --- | --- | --- | --- |")
     for r in ablation["results"]:
@@ -416,9 +418,9 @@ def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
     if not rows:
         return
     w("**Calibration of the malignant probability.** The ECE above is top-class: it bins each case by the "
-      "probability of the class called, so a benign call at 66% and a malignant call at 66% share a bin and their "
-      "errors can cancel. The app shows the malignant probability itself; its own ECE (the curve in the reliability "
-      "diagrams, 10 equal-width bins) and its mean against the observed malignant rate:\n")
+      "probability of its most probable class, so a benign case at 66% and a malignant case at 66% share a bin and "
+      "their errors can cancel. The app shows the malignant probability itself; its own ECE (the curve in the "
+      "reliability diagrams, 10 equal-width bins) and its mean against the observed malignant rate:\n")
     w("| model | split | n | mean malignant probability | observed malignant rate | ECE of the malignant probability |")
     w("| --- | --- | --- | --- | --- | --- |")
     for n, reps in rows:
@@ -441,8 +443,42 @@ def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
           "cancel. Read its probability as a ranking rather than a rate"
           + (f"; the fused estimate, which the app leads with, is within {MALIGNANT_ECE_LIMIT} (ECE "
              f"{fused['ece_malignant']:.3f})" if fused and fused["ece_malignant"] <= MALIGNANT_ECE_LIMIT else "")
-          + ". Its temperature divides the prior correction for balanced training as well as the logits, which "
-          "leaves part of the balanced sampling's upward shift in place.\n")
+          + (". Its temperature divides the prior correction for balanced training as well as the logits, which "
+             "leaves part of the balanced sampling's upward shift in place"
+             if specs[n].get("kind") != "fusion" and not specs[n].get("calibration") else "") + ".\n")
+
+
+def earlier_calibration(result: dict, what: str) -> str:
+    """A sentence for an experiment record measured before the calibration order was recorded ("" after)."""
+    if result.get("calibration") == PRIOR_AFTER_T:
+        return ""
+    return (f"{what} (top-class) was measured with the earlier calibration, which divided the prior correction by "
+            "the temperature too (see 'Probabilities and calls'); the calls, and so every F1, were the same under "
+            "either, and AUROC does not depend on it.\n")
+
+
+def calls_section(w: Callable[[str], None], specs: dict) -> None:
+    """How each model turns its calibrated probabilities into the call its decision figures score."""
+    nets = {n: Calibration.from_spec(s) for n, s in specs.items() if s.get("kind") != "fusion"}
+    if not nets or not all(c.order == PRIOR_AFTER_T for c in nets.values()):
+        return
+    w("**Probabilities and calls.** A network's probabilities are `softmax(z / T + b)`: its logits `z` divided by a "
+      "temperature `T` and shifted by `b = log(train prior / balanced prior)`, which undoes the balanced sampling "
+      "of training; `T` is fitted on validation by likelihood with `b` in place. Its call, which the F1, "
+      "sensitivity, specificity, kappa and confusion figures score, is the class of the prior-corrected logits "
+      "`argmax(z + b)`, the rule the networks were trained, selected and tested with. When `T` > 1 that rule leans "
+      "towards the rarer classes; for the binary networks it is a threshold on the malignant probability below "
+      "50%. The fused models call their most probable class.\n")
+    w("| model | temperature T | calls malignant from | test sensitivity | test specificity |")
+    w("| --- | --- | --- | --- | --- |")
+    for n, s in specs.items():
+        t = s["metrics"]["test"]
+        if "sensitivity" not in t:
+            continue
+        temperature, threshold = (f"{nets[n].temperature:.2f}", nets[n].threshold()) if n in nets else ("–", 0.5)
+        w(f"| {n} | {temperature} | {threshold:.0%} | {format_ci(t, 'sensitivity')} | "
+          f"{format_ci(t, 'specificity')} |")
+    w("")
 
 
 def write_card(folder: Path | None = None) -> Path:
@@ -496,6 +532,7 @@ def write_card(folder: Path | None = None) -> Path:
     if all(s.get("metrics_of") or s.get("kind") == "fusion" for s in specs.values()):
         w("Every figure is measured with the stored float16 weights, as the app loads them.\n")
     calibration_section(w, specs)
+    calls_section(w, specs)
     malignant_calibration(w, specs)
     w("Nodule-level figures average the logits of the central half of each nodule's slices. The app usually sees "
       "one slice; the same models on the single middle slice of each test nodule:\n")
@@ -569,6 +606,7 @@ def write_card(folder: Path | None = None) -> Path:
     if cv:
         w(f"## {cv['k']}-fold patient-level cross-validation ({cv['setup'].get('view')}-{cv['setup'].get('task')})\n")
         w(_budget(cv["setup"]) + (f" Run on {cv['run_on']}." if cv.get("run_on") else "") + "\n")
+        w(earlier_calibration(cv, "Its ECE column"))
         w("| fold | n test | AUROC | malignant F1 | weighted F1 | ECE |")
         w("| --- | --- | --- | --- | --- | --- |")
         for r in cv["folds"]:

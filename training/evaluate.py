@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from lungviz import metrics
+from lungviz.calibration import Calibration, calibration_of
 from lungviz.labels import LabelScheme
 from lungviz.models import LungvizNet
 from training.data import SliceStore, ViewConfig, make_input
@@ -76,46 +77,47 @@ def nodule_logits(
     return nodule_outputs(model, store, case_indices, vc, device, max_slices, tta=tta)[0]
 
 
-def selection_score(y: np.ndarray, logits: np.ndarray, scheme: LabelScheme) -> float:
-    """The validation figure early stopping maximises: AUROC (binary), kappa (score), macro F1 (other)."""
+def selection_score(y: np.ndarray, logits: np.ndarray, scheme: LabelScheme,
+                    decision_bias: np.ndarray | None = None) -> float:
+    """The validation figure early stopping maximises: AUROC (binary), kappa (score), macro F1 (other), of the calls
+    ``argmax(logits + decision_bias)``."""
     P = metrics.softmax(logits)
     if scheme.positive_class is not None:
         return metrics.auroc(y, P)
     if scheme.ordinal:
-        return metrics.quadratic_kappa(y, P.argmax(1), scheme.n_classes)
-    return metrics.headline(y, P, None, False)["f1_macro"]
-
-
-def adjusted_logits(logits: np.ndarray, prior_adjust: np.ndarray | None) -> np.ndarray:
-    """Undo balanced sampling: add ``log(train prior / sampling prior)`` to the logits."""
-    return logits if prior_adjust is None else logits + prior_adjust[None, :]
+        return metrics.quadratic_kappa(y, metrics.decide(P, decision_bias), scheme.n_classes)
+    return metrics.headline(y, P, None, False, decision_bias)["f1_macro"]
 
 
 def full_report(
     y: np.ndarray,
     logits: np.ndarray,
     scheme: LabelScheme,
-    temperature: float,
-    prior_adjust: np.ndarray | None,
+    calibration: Calibration,
     groups: list[str],
     reader_scores: list[tuple[int, ...]] | None = None,
     n_boot: int = 1000,
 ) -> dict:
-    """Every figure for one model on one set of nodules, before and after calibration."""
-    adj = adjusted_logits(logits, prior_adjust)
-    P_raw = metrics.softmax(logits)
-    P = metrics.softmax(adj, temperature)
-    rep = metrics.evaluate_probabilities(y, P, scheme.positive_class, scheme.ordinal, groups, n_boot)
+    """Every figure for one model on one set of nodules: its calibrated probabilities and its calls."""
+    return _report(y, calibration.probabilities(logits), metrics.softmax(logits), scheme, calibration, groups,
+                   reader_scores, n_boot)
+
+
+def _report(y: np.ndarray, P: np.ndarray, P_raw: np.ndarray, scheme: LabelScheme, calibration: Calibration | None,
+            groups: list[str], reader_scores: list[tuple[int, ...]] | None, n_boot: int) -> dict:
+    """The figures of calibrated probabilities ``P``; ``calibration`` (None = a fused model's: none of its own, the
+    call is the most probable class) sets the call."""
+    bias = None if calibration is None else calibration.decision_bias
+    rep = metrics.evaluate_probabilities(y, P, scheme.positive_class, scheme.ordinal, groups, n_boot,
+                                         decision_bias=bias)
     rep["ece_raw"] = metrics.ece(y, P_raw)
-    rep["temperature"] = temperature
+    rep["temperature"] = 1.0 if calibration is None else calibration.temperature
     if scheme.positive_class is not None:
         rep["reliability_malignant"] = metrics.binary_reliability(y == scheme.positive_class, P[:, 1])
         rep = metrics.with_malignant_ece(rep)
+        rep["decision_threshold"] = 0.5 if calibration is None else calibration.threshold(scheme.positive_class)
     if reader_scores is not None and scheme.name in ("binary", "binary-no3", "score"):
-        if scheme.name == "score":
-            rep["readers"] = metrics.reader_comparison(reader_scores, P, "score", n_boot)
-        else:
-            rep["readers"] = metrics.reader_comparison(reader_scores, P, scheme.name, n_boot)
+        rep["readers"] = metrics.reader_comparison(reader_scores, P, scheme.name, n_boot, decision_bias=bias)
     return rep
 
 
@@ -197,9 +199,7 @@ def calibrated_logits(
     if central is not None:
         vc = dataclasses.replace(vc, central_fraction=float(central))
     logits = nodule_logits(bundle.model, store, case_indices, vc, bundle.device, max_slices, tta=tta)
-    prior = spec.get("prior_adjust")
-    adj = adjusted_logits(logits, None if prior is None else np.asarray(prior, np.float32))
-    return (adj / float(spec.get("temperature", 1.0))).astype(np.float32), logits, spec
+    return Calibration.from_spec(spec).logits(logits).astype(np.float32), logits, spec
 
 
 def ensemble_logits(folder: Path, names: list[str], store: SliceStore, case_indices: np.ndarray,
@@ -213,11 +213,12 @@ def ensemble_logits(folder: Path, names: list[str], store: SliceStore, case_indi
 
 
 def report_from_logits(y: np.ndarray, calibrated: np.ndarray, raw: np.ndarray, scheme: LabelScheme,
-                       groups: list[str], reader_scores: list[tuple[int, ...]] | None, n_boot: int) -> dict:
-    """:func:`full_report` for logits that are already calibrated (temperature 1, no prior shift)."""
-    rep = full_report(y, calibrated, scheme, 1.0, None, groups, reader_scores, n_boot)
-    rep["ece_raw"] = metrics.ece(y, metrics.softmax(raw))
-    return rep
+                       groups: list[str], reader_scores: list[tuple[int, ...]] | None, n_boot: int,
+                       calibration: Calibration | None = None) -> dict:
+    """:func:`full_report` for logits that are already calibrated (``calibration``, the network's, sets the call;
+    None for a fused model)."""
+    return _report(y, metrics.softmax(calibrated), metrics.softmax(raw), scheme, calibration, groups, reader_scores,
+                   n_boot)
 
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -292,9 +293,9 @@ def evaluate_bundle(
     y = np.array([lab for _, lab in pairs])
     store = SliceStore(kept, progress=progress)
     cal, raw, _ = calibrated_logits(Path(bundle_folder), name, store, np.arange(len(kept)), max_slices)
+    calibration = calibration_of(spec)
     rep = report_from_logits(y, cal, raw, scheme, [c.patient_id for c in kept], [c.reader_scores for c in kept],
-                             n_boot)
-    rep["temperature"] = spec.get("temperature", 1.0)  # what calibrated_logits applied (a fusion: none of its own)
+                             n_boot, calibration)
     rep = {"model": name, "task": scheme.name, "view": spec["view"], "data": data or "default",
            "split": split or "all", "import": report.summary(), **rep}
     unknown = [c for c in kept if valid_spacing(c.pixel_spacing_mm) is None]
@@ -304,12 +305,13 @@ def evaluate_bundle(
                         "the nodule view's field and the measured size."]
     if predictions:
         P = metrics.softmax(cal)
+        calls = metrics.decide(P, None if calibration is None else calibration.decision_bias)
         out = Path(predictions)
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["patient_id", "nodule", *[f"p_{c}" for c in scheme.classes], "prediction", "truth"])
-            for c, p, t in zip(kept, P, y, strict=True):
-                w.writerow([c.patient_id, c.nodule_id, *[f"{v:.5f}" for v in p], scheme.classes[int(np.argmax(p))],
+            for c, p, k, t in zip(kept, P, calls, y, strict=True):
+                w.writerow([c.patient_id, c.nodule_id, *[f"{v:.5f}" for v in p], scheme.classes[int(k)],
                             scheme.classes[int(t)]])
     return rep

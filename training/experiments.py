@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lungviz import paths
+from lungviz.calibration import PRIOR_AFTER_T, Calibration
 from lungviz.labels import LabelScheme
 from lungviz.splits import Split
 from training.train import LONGER, RECIPE_64, TrainConfig, fold_split, train_model
@@ -64,7 +65,7 @@ def cv_result(base: TrainConfig, k: int, rows: list[dict]) -> dict:
     summary = {m: {"mean": float(np.mean([r[m] for r in rows])), "sd": float(np.std([r[m] for r in rows], ddof=1))}
                for m in ("auroc", "f1_malignant", "f1_weighted", "ece")}
     return {"setup": {kk: v for kk, v in dataclasses.asdict(base).items() if kk not in ("name", "runs")},
-            "k": k, "folds": rows, "summary": summary}
+            "k": k, "folds": rows, "summary": summary, "calibration": PRIOR_AFTER_T}
 
 
 def cross_validate(base: TrainConfig, k: int = 5, out: str = "") -> dict:
@@ -92,7 +93,8 @@ def ablate(base: TrainConfig, variants: dict[str, dict] | None = None, out: str 
     """Train ``base`` and each variation of it; compare on the validation split only (test stays untouched)."""
     rows: list[dict] = []
     result = {"setup": {k: v for k, v in dataclasses.asdict(base).items() if k not in ("name", "runs")},
-              "selection": "validation split, one training seed per row", "results": rows}
+              "selection": "validation split, one training seed per row", "results": rows,
+              "calibration": PRIOR_AFTER_T}
     path = Path(out) if out else paths.weights_dir() / "ablation.json"
     for label, overrides in (ABLATIONS if variants is None else variants).items():
         slug = _slug(label)
@@ -225,16 +227,20 @@ TTA_FAMILIES = {"binary": ("nodule-binary", "slice-binary"), "score": ("nodule-s
 
 
 def tta_figures(y: np.ndarray, plain: np.ndarray, tta: np.ndarray, scheme: LabelScheme, groups: list[str],
-                n_boot: int) -> dict:
-    """One network on one split: its selection figure without and with TTA, a patient-bootstrap interval of the
-    paired difference (TTA minus plain) and the ECE both ways."""
+                n_boot: int, decision_bias: np.ndarray | None = None) -> dict:
+    """One network on one split, from its calibrated logits: its selection figure (of its calls, ``decision_bias``)
+    without and with TTA, a patient-bootstrap interval of the paired difference (TTA minus plain) and the ECE both
+    ways."""
     from lungviz import metrics
     from training.evaluate import selection_score
 
-    diff = metrics.bootstrap_ci(lambda i: {"d": selection_score(y[i], tta[i], scheme)
-                                           - selection_score(y[i], plain[i], scheme)}, len(y), groups, n_boot)
-    return {"n": len(y), "plain": float(selection_score(y, plain, scheme)),
-            "tta": float(selection_score(y, tta, scheme)), "difference_ci95": diff.get("d"),
+    def score(i: np.ndarray, logits: np.ndarray) -> float:
+        return selection_score(y[i], logits[i], scheme, decision_bias)
+
+    every = np.arange(len(y))
+    diff = metrics.bootstrap_ci(lambda i: {"d": score(i, tta) - score(i, plain)}, len(y), groups, n_boot)
+    return {"n": len(y), "plain": float(score(every, plain)), "tta": float(score(every, tta)),
+            "difference_ci95": diff.get("d"),
             "ece_plain": metrics.ece(y, metrics.softmax(plain)),
             "ece_tta": metrics.ece(y, metrics.softmax(tta))}
 
@@ -267,11 +273,13 @@ def compare_tta(weights: str = "", n_boot: int = 500, out: str = "", progress: b
                                                    {name: [name]}, progress)
             tta = calibrated_logits(folder, name, store, np.arange(len(kept)), tta=True)[0]
             row[split] = tta_figures(y, per_net[name][0], tta, scheme, [c.patient_id for c in kept],
-                                     n_boot if split == "test" else 200)
+                                     n_boot if split == "test" else 200, Calibration.from_spec(spec).decision_bias)
         rows.append(row)
         log.info("tta %s: val %.3f -> %.3f", name, row["val"]["plain"], row["val"]["tta"])
     result = {"transforms": "8 dihedral (quarter turns, each also mirrored), logits averaged per slice",
               "selection": "validation split: AUROC (binary) or quadratic kappa (score), shipped calibration",
+              "calibration": {name: read_any_spec(folder, name).get("calibration", "prior-before-temperature")
+                              for name in [r["model"] for r in rows]},
               "adopted": tta_decision(rows), "results": rows}
     path = Path(out) if out else folder / "tta.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

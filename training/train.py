@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lungviz import metrics, paths
+from lungviz import paths
+from lungviz.calibration import Calibration
 from lungviz.cases import Case, data_fingerprint
 from lungviz.labels import LabelScheme, get_scheme
 from lungviz.models import (
@@ -40,7 +41,7 @@ from training.data import (
     train_batch_with_masks,
 )
 from training.datasets import load_cases
-from training.evaluate import adjusted_logits, full_report, nodule_logits, selection_score
+from training.evaluate import full_report, nodule_logits, selection_score
 from training.loop import AttributeAuxLoss, LoopConfig, MaskAuxLoss, class_loss, fit, seed_everything
 
 log = logging.getLogger("training")
@@ -152,13 +153,13 @@ def split_for(cases: list[Case], dataset: str = "lidc", data: str = "", split_se
     return holdout_split(cases, seed=split_seed)
 
 
-def _write_predictions(path: Path, cases: list[Case], P: np.ndarray, classes: list[str]) -> None:
+def _write_predictions(path: Path, cases: list[Case], P: np.ndarray, calls: np.ndarray, classes: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["patient_id", "nodule", *[f"p_{c}" for c in classes], "prediction"])
-        for c, p in zip(cases, P, strict=True):
-            w.writerow([c.patient_id, c.nodule_id, *[f"{v:.5f}" for v in p], classes[int(np.argmax(p))]])
+        for c, p, k in zip(cases, P, calls, strict=True):
+            w.writerow([c.patient_id, c.nodule_id, *[f"{v:.5f}" for v in p], classes[int(k)]])
 
 
 def fold_split(folds: Split, k: int) -> Split:
@@ -215,7 +216,8 @@ def prepare(cfg: TrainConfig, split: Split | None = None) -> Prepared:
 
 def calibrate_and_report(model: LungvizNet, cfg: TrainConfig, prep: Prepared, store: SliceStore, vc: ViewConfig,
                          device: torch.device, runs_dir: Path) -> dict:
-    """Calibrate on validation (undo balanced sampling, then temperature) and measure val, test and the single
+    """Calibrate on validation (a temperature, then the prior correction for balanced training; see
+    :mod:`lungviz.calibration`) and measure val, test and the single
     middle slice the app sees; writes the test predictions. Returns the spec fields these decide."""
     scheme, labels, idx, cases = prep.scheme, prep.labels, prep.idx, prep.cases
     train_prior = np.bincount(labels[idx["train"]], minlength=scheme.n_classes) / len(idx["train"])
@@ -223,24 +225,23 @@ def calibrate_and_report(model: LungvizNet, cfg: TrainConfig, prep: Prepared, st
     if cfg.balance == "upsample":
         prior_adjust = (np.log(np.maximum(train_prior, 1e-6)) - np.log(1.0 / scheme.n_classes)).astype(np.float32)
     val_logits = nodule_logits(model, store, idx["val"], vc, device)
-    temperature = metrics.fit_temperature(adjusted_logits(val_logits, prior_adjust), labels[idx["val"]])
+    calibration = Calibration.fit(val_logits, labels[idx["val"]], prior_adjust)
     groups = {n: [cases[i].patient_id for i in idx[n]] for n in idx}
     readers = {n: [cases[i].reader_scores for i in idx[n]] for n in idx}
-    val_rep = full_report(labels[idx["val"]], val_logits, scheme, temperature, prior_adjust, groups["val"],
-                          readers["val"], n_boot=200)
+    val_rep = full_report(labels[idx["val"]], val_logits, scheme, calibration, groups["val"], readers["val"],
+                          n_boot=200)
     test_logits = nodule_logits(model, store, idx["test"], vc, device)
-    test_rep = full_report(labels[idx["test"]], test_logits, scheme, temperature, prior_adjust, groups["test"],
-                           readers["test"], n_boot=cfg.n_boot)
+    test_rep = full_report(labels[idx["test"]], test_logits, scheme, calibration, groups["test"], readers["test"],
+                           n_boot=cfg.n_boot)
     # What the app sees: one slice through the nodule's middle, no aggregation.
     single_vc = dataclasses.replace(vc, central_fraction=0.0)
     single_logits = nodule_logits(model, store, idx["test"], single_vc, device)
-    single_rep = full_report(labels[idx["test"]], single_logits, scheme, temperature, prior_adjust, groups["test"],
-                             None, n_boot=200)
-    P_test = metrics.softmax(adjusted_logits(test_logits, prior_adjust), temperature)
+    single_rep = full_report(labels[idx["test"]], single_logits, scheme, calibration, groups["test"], None,
+                             n_boot=200)
+    P_test = calibration.probabilities(test_logits)
     _write_predictions(runs_dir / "test_predictions.csv", [cases[i] for i in idx["test"]], P_test,
-                       list(scheme.classes))
-    return {"temperature": temperature, "prior_adjust": None if prior_adjust is None else prior_adjust.tolist(),
-            "metrics": {"test": test_rep, "val": val_rep, "test_single_slice": single_rep}}
+                       calibration.decide(P_test), list(scheme.classes))
+    return {**calibration.to_spec(), "metrics": {"test": test_rep, "val": val_rep, "test_single_slice": single_rep}}
 
 
 def _runs_dir(cfg: TrainConfig) -> Path:
@@ -319,7 +320,7 @@ def train_model(cfg: TrainConfig, progress: bool = True, split: Split | None = N
                   "history": run["history"], "total_seconds": time.perf_counter() - t_start,
                   "n_train": len(idx["train"]), "n_val": len(idx["val"]), "n_test": len(idx["test"])},
         split_fingerprint=prep.split.fingerprint,
-        extra={"prior_adjust": measured["prior_adjust"],
+        extra={"prior_adjust": measured["prior_adjust"], "calibration": measured["calibration"],
                "removed_near_duplicates_of_train": prep.leaks,
                "dataset": cfg.dataset, "label_scheme": scheme.name,
                "split": {"kind": prep.split.kind, "seed": prep.split.seed}},
