@@ -6,10 +6,10 @@ frequencies and a temperature ``T`` fitted on the validation split by negative l
 evidence: the calibrated probabilities are ``softmax(z / T + b)`` (``calibration: "prior-after-temperature"``).
 
 The call (the class shown and scored) is the class of the prior-corrected logits, ``argmax(z + b)``, the rule every
-shipped model was trained, selected and tested with. On the calibrated probabilities it reads
+shipped model's decision figures were measured and reported with. On the calibrated probabilities it reads
 ``argmax(log p + d)`` with ``d = -(1 - 1/T) b`` (:attr:`Calibration.decision_bias`); for a two-class model it is a
 threshold on the positive class's probability (:meth:`Calibration.threshold`), below 50% when the positive class is
-the rarer one and ``T > 1``.
+the rarer one and ``T > 1``, above it when ``T < 1``.
 
 Specs written before the calibration key existed divided the prior by the temperature too, ``softmax((z + b) / T)``
 (``"prior-before-temperature"``): that kept the call at ``argmax(p)`` but left the malignant probability of the slice
@@ -18,7 +18,7 @@ models too high by about a third. They are read as written.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +52,7 @@ class Calibration:
         try:
             return cls(float(spec.get("temperature", 1.0)),
                        None if prior is None else tuple(float(v) for v in prior),
-                       str(spec.get("calibration", PRIOR_BEFORE_T)))
+                       str(spec.get("calibration") or PRIOR_BEFORE_T))
         except (TypeError, ValueError) as err:
             raise LungvizError(f"the model's calibration is damaged ({err}).") from err
 
@@ -107,3 +107,9 @@ class Calibration:
 def calibration_of(spec: Mapping) -> Calibration | None:
     """A network spec's :class:`Calibration`; None for a fused model (its logits are calibrated as they come)."""
     return None if spec.get("kind") == "fusion" else Calibration.from_spec(spec)
+
+
+def shared_order(specs: Iterable[Mapping]) -> str:
+    """The calibration order a set of network specs share ("mixed" when they differ), for experiment records."""
+    orders = {Calibration.from_spec(s).order for s in specs}
+    return orders.pop() if len(orders) == 1 else "mixed"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lungviz.calibration import Calibration
 from lungviz.errors import LungvizError
 from lungviz.metrics import nll, softmax
 
@@ -50,9 +51,11 @@ def component_networks(spec: dict) -> dict[str, list[str]]:
 
 def check_networks(fusion_spec: dict, network_specs: dict[str, dict]) -> None:
     """Refuse networks that do not fit a fusion: each must be a model of its task with its classes, see the view of
-    its component, come from its split and (where the fusion recorded them) carry the very weights it was fitted on."""
+    its component, come from its split and (where the fusion recorded them) carry the very weights and calibration
+    it was fitted on."""
     task = fusion_spec.get("task")
     hashes = fusion_spec.get("networks_sha256") or {}
+    calibrations = fusion_spec.get("networks_calibration") or {}
     for comp, group in component_networks(fusion_spec).items():
         for name in group:
             net = network_specs[name]
@@ -66,6 +69,9 @@ def check_networks(fusion_spec: dict, network_specs: dict[str, dict]) -> None:
             if name in hashes and net.get("weights_sha256") != hashes[name]:
                 raise LungvizError(f"it was fitted on other weights of '{name}'; refit it with "
                                    f"`python -m training fuse --task {task}`.")
+            if name in calibrations and Calibration.from_spec(net).to_spec() != calibrations[name]:
+                raise LungvizError(f"it was fitted on another calibration of '{name}' (its probabilities were "
+                                   f"re-measured since); refit it with `python -m training fuse --task {task}`.")
 
 
 def mean_logits(parts: Sequence[np.ndarray]) -> np.ndarray:

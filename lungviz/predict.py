@@ -40,9 +40,18 @@ from lungviz.preprocess import (
 
 VIEW_NAMES = ("slice", "nodule")
 TASKS = ("binary", "score")
-#: Below this top-class probability, or when the two views disagree by more than this, a case is flagged.
+#: A malignant probability in this band around a 50% call point is flagged, as are two views that disagree by more
+#: than this; a model that calls malignant from another probability gets the band as wide in log-odds around it.
 UNCERTAIN_BAND = (0.25, 0.75)
 DISAGREEMENT = 0.35
+
+
+def uncertain_band(threshold: float = 0.5) -> tuple[float, float]:
+    """The uncertain band around a call point: :data:`UNCERTAIN_BAND` moved in log-odds to centre on ``threshold``."""
+    half = float(np.log(UNCERTAIN_BAND[1] / (1.0 - UNCERTAIN_BAND[1])))
+    centre = float(np.log(threshold / (1.0 - threshold)))
+    lo, hi = (1.0 / (1.0 + np.exp(-(centre + s * half))) for s in (-1.0, 1.0))
+    return round(float(lo), 6), round(float(hi), 6)
 #: Below this probability that a nodule sits at the centre of the crop (the finder's presence classifier), a case
 #: is flagged. On the validation nodules' middle slices it flags 8.9% of crops centred on a nodule and 87% of the
 #: same crops re-centred 20-30 pixels (about 15-25 mm) away. It flags large nodules more often (15% of the test
@@ -253,14 +262,16 @@ def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]], presence: flo
                        f"{presence:.0%}): check that the crop is centred on the nodule")
     main = views.get("fused") or views.get("nodule") or views.get("slice") or {}
     if "binary" in main:
-        p = main["binary"].probs[1]
-        if UNCERTAIN_BAND[0] < p < UNCERTAIN_BAND[1]:
-            reasons.append(f"malignant probability {p:.0%} is in the uncertain band "
-                           f"({UNCERTAIN_BAND[0]:.0%}-{UNCERTAIN_BAND[1]:.0%})")
+        p, threshold = main["binary"].probs[1], main["binary"].threshold
+        lo, hi = uncertain_band(threshold)
+        if lo < p < hi:
+            around = "" if abs(threshold - 0.5) < 5e-3 else f" around its call point, {threshold:.0%}"
+            reasons.append(f"malignant probability {p:.0%} is in the uncertain band ({lo:.0%}-{hi:.0%}{around})")
     if "slice" in views and "nodule" in views and "binary" in views["slice"] and "binary" in views["nodule"]:
-        ps, pn = views["slice"]["binary"].probs[1], views["nodule"]["binary"].probs[1]
-        if abs(ps - pn) > DISAGREEMENT or views["slice"]["binary"].top != views["nodule"]["binary"].top:
-            reasons.append(f"the views disagree (slice {ps:.0%}, nodule {pn:.0%} malignant)")
+        s, n = views["slice"]["binary"], views["nodule"]["binary"]
+        if abs(s.probs[1] - n.probs[1]) > DISAGREEMENT or s.top != n.top:
+            reasons.append(f"the views disagree (slice {s.probs[1]:.0%}, calls {s.top} from {s.threshold:.0%}; "
+                           f"nodule {n.probs[1]:.0%}, calls {n.top} from {n.threshold:.0%})")
     if "score" in main:
         probs = np.asarray(main["score"].probs)
         if probs.max() < 0.5:

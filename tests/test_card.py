@@ -85,7 +85,7 @@ def test_card_lists_what_else_was_tried_on_validation(tmp_path):
     assert "| recipe | 0.863 [0.810, 0.910] | 0.600 | 0.040 | 23 | 8.0 |" in card
     assert "| nodule view 48 mm | 0.822 | – | 0.050 | 19 | 7.0 |" in card
     assert "30 epochs of 1536 samples" in card and "span" not in card  # no shipped model to compare the seeds with
-    assert "The val ECE column (top-class) was measured with the earlier calibration" in card  # no calibration key
+    assert "The val ECE column: top-class ECE measured with the earlier calibration" in card  # no calibration key
     (tmp_path / "ablation.json").write_text(json.dumps(ablation | {"calibration": "prior-after-temperature"}))
     assert "earlier calibration" not in write_card(tmp_path).read_text()
     spec = _binary_spec()  # validation AUROC 0.900
@@ -243,6 +243,12 @@ def test_card_reports_the_test_time_augmentation_check(tmp_path):
     assert "## Test-time augmentation (validation decides)" in card
     assert "Decision: binary: not adopted, score: not adopted." in card
     assert "| slice-score | qwk | 0.407 → 0.389 | [-0.020, +0.030] | 0.415 → 0.488 |" in card
+    assert "The ECE columns: top-class ECE measured with the earlier calibration" in card  # no record of it
+    for recorded in ("prior-after-temperature", {r["model"]: "prior-after-temperature" for r in rows}):
+        (tmp_path / "tta.json").write_text(json.dumps(res | {"calibration": recorded}))
+        assert "earlier calibration" not in write_card(tmp_path).read_text()
+    (tmp_path / "tta.json").write_text(json.dumps(res | {"calibration": "mixed"}))
+    assert "earlier calibration" in write_card(tmp_path).read_text()
 
 
 def test_card_gives_the_calibration_of_the_malignant_probability_and_says_when_it_is_off(tmp_path):
@@ -274,3 +280,13 @@ def test_card_says_how_each_network_calls_from_its_calibrated_probability(tmp_pa
     assert (f"| nodule-binary | 3.00 | {threshold:.0%} | 0.600 [0.500, 0.700] | 0.900 [0.850, 0.950] |"
             in card)
     assert "not well calibrated" in card and "Its temperature divides the prior correction" not in card
+
+
+def test_card_names_the_models_whose_top_class_ece_is_beyond_chance(tmp_path):
+    spec = _binary_spec()
+    spec["metrics"]["test"]["ece_if_calibrated"] = {"median": 0.02, "p95": 0.05, "p_value": 0.3}
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    assert "is above the 95th percentile" not in write_card(tmp_path).read_text()  # ECE 0.04
+    spec["metrics"]["test"]["ece_if_calibrated"]["p95"] = 0.03
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    assert "- The top-class ECE of nodule-binary is above the 95th percentile" in write_card(tmp_path).read_text()

@@ -12,7 +12,7 @@ import torch
 from lungviz.errors import LungvizError
 from lungviz.inputs import context_from_whole
 from lungviz.models import ModelSpec, create_model, save_bundle
-from lungviz.predict import TaskPrediction, load_models, predict, uncertainty_flags
+from lungviz.predict import TaskPrediction, load_models, predict, uncertain_band, uncertainty_flags
 
 
 def _save(folder, view, task, classes, temperature=1.0, prior=None):
@@ -144,6 +144,16 @@ def test_fused_view_averages_its_ensemble_members(weights, tmp_path):
         "nodule-binary-m": "0" * 64}}))
     stale = load_models(folder)
     assert set(stale.fusions) == {"score"} and "other weights of 'nodule-binary-m'" in stale.notes[0]
+    # ... and so does another calibration of a network (re-measured after the fusion was fitted)
+    from lungviz.calibration import Calibration
+
+    fitted_on = {n: Calibration.from_spec(b.spec).to_spec() for n, b in models.networks.items()}
+    (folder / "fused-binary.json").write_text(json.dumps(spec_now | {"networks_calibration": fitted_on}))
+    assert set(load_models(folder).fusions) == {"binary", "score"}
+    recalibrated = fitted_on | {"nodule-binary": Calibration(9.0, (0.3, -0.3)).to_spec()}
+    (folder / "fused-binary.json").write_text(json.dumps(spec_now | {"networks_calibration": recalibrated}))
+    stale = load_models(folder)
+    assert set(stale.fusions) == {"score"} and "another calibration of 'nodule-binary'" in stale.notes[0]
     # A member of another view does not fit.
     (folder / "fused-binary.json").write_text(json.dumps(fused | {"members": {"slice-binary": ["nodule-binary-m"]}}))
     assert "does not fit the fused binary model" in load_models(folder).notes[0]
@@ -289,4 +299,15 @@ def test_calls_keep_the_trained_rule_with_the_prior_after_the_temperature(tmp_pa
     assert low.top == high.top == "malignant"
     assert not any("disagree" in f for f in uncertainty_flags({"slice": {"binary": low}, "nodule": {"binary": high}}))
     assert TaskPrediction(["benign", "malignant"], [0.62, 0.38]).top == "benign"
+    # a lone view is uncertain around its own call point, not around 50%
+    lo_band, hi_band = uncertain_band(threshold)
+    assert lo_band < threshold < hi_band < 0.75 and uncertain_band() == (0.25, 0.75)
+    near = TaskPrediction(["benign", "malignant"], [1 - threshold - 0.02, threshold + 0.02], decision_bias=bias)
+    far = TaskPrediction(["benign", "malignant"], [1 - hi_band - 0.05, hi_band + 0.05], decision_bias=bias)
+    assert any(f"around its call point, {threshold:.0%}" in f for f in uncertainty_flags({"nodule": {"binary": near}}))
+    assert uncertainty_flags({"nodule": {"binary": far}}) == []
+    split = uncertainty_flags({"slice": {"binary": TaskPrediction(["benign", "malignant"], [0.7, 0.3],
+                                                                  decision_bias=[0.0, 1.0])},
+                               "nodule": {"binary": TaskPrediction(["benign", "malignant"], [0.7, 0.3])}})
+    assert any("calls malignant from 27%" in f and "calls benign from 50%" in f for f in split)
     assert call_note({"views": {"fused": {"binary": {"calls_malignant_from": 0.5}}}}) is None

@@ -89,7 +89,7 @@ def figures(name: str, spec: dict, out: Path) -> dict[str, str]:
     ax.set_ylim(0, 1)
     curve = (f"ECE of this curve {with_malignant_ece(test)['ece_malignant']:.3f}, top-class {test['ece']:.3f}"
              if test.get("reliability_malignant") else f"ECE {test['ece']:.3f}")
-    ax.set_title(f"{name}: reliability (test), {curve}", fontsize=9)
+    ax.set_title(f"{name}: reliability (test)\n{curve}", fontsize=9)  # two lines: one is wider than the plot
     fig.tight_layout()
     rel_path = out / f"{name}-reliability.png"
     fig.savefig(rel_path)
@@ -257,6 +257,8 @@ def tta_section(w: Callable[[str], None], folder: Path) -> None:
           f"{t['plain']:.3f} → {t['tta']:.3f} | {ci(t['difference_ci95'])} | {t['ece_plain']:.3f} → "
           f"{t['ece_tta']:.3f} |")
     w("")
+    if note := earlier_calibration(res, "The ECE columns"):
+        w(note)
     w("The ECE columns keep the shipped temperature, fitted without TTA; a network that adopted TTA would have it "
       "refitted on validation. Where validation and test move in opposite directions, the split of about 330 "
       "nodules cannot tell the two apart.\n")
@@ -307,6 +309,10 @@ def sizes_section(w: Callable[[str], None], folder: Path) -> None:
       f"fused-binary's size input. Chosen on the validation split ({res['n_val']} nodules) by the {res['selection']}; "
       f"test ({res['n_test']} nodules) was read once, after the choice. Chosen: "
       f"**{labels.get(res['chosen_on_validation'])}**; shipped: {labels.get(res['shipped_measure'])}.\n")
+    if res.get("calibration") != PRIOR_AFTER_T:
+        w("These fusions weighed the views' logits as the earlier calibration scaled them (it divided the prior "
+          "correction by the temperature); a fusion's free view weights and class bias absorb most of that "
+          "difference.\n")
     w("| size measure | val: fused-binary, out-of-fold AUROC (mean, range over fold draws) | val: size alone | "
       "test: fused-binary AUROC | test: size alone | test: measured / readers' diameter (median) |")
     w("| --- | --- | --- | --- | --- | --- |")
@@ -337,7 +343,8 @@ def ablation_section(w: Callable[[str], None], ablation: dict, shipped: dict | N
               len(recipe) > 1 else "")
     w(_budget(setup) + " One training run per row; the recipe rows differ only in the seed." + spread
       + " The test split was not used to compare.\n")
-    w(earlier_calibration(ablation, "The val ECE column"))
+    if note := earlier_calibration(ablation, "The val ECE column"):
+        w(note)
     w("| variation | val AUROC [95% CI] | val malignant F1 | val ECE | best epoch | minutes |")
     w("| --- | --- | --- | --- | --- | --- |")
     for r in ablation["results"]:
@@ -439,8 +446,8 @@ def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
           f"{t['ece_malignant']:.3f}"
           + (f"; on validation {v['mean_malignant_p']:.0%} against {v['observed_malignant_rate']:.0%}, ECE "
              f"{v['ece_malignant']:.3f}"
-             if v else "") + "). Its top-class ECE is low only because the errors of its benign and malignant calls "
-          "cancel. Read its probability as a ranking rather than a rate"
+             if v else "") + "). Its top-class ECE is low only because the errors of its benign and malignant cases "
+          "(binned by their most probable class) cancel. Read its probability as a ranking rather than a rate"
           + (f"; the fused estimate, which the app leads with, is within {MALIGNANT_ECE_LIMIT} (ECE "
              f"{fused['ece_malignant']:.3f})" if fused and fused["ece_malignant"] <= MALIGNANT_ECE_LIMIT else "")
           + (". Its temperature divides the prior correction for balanced training as well as the logits, which "
@@ -450,9 +457,10 @@ def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
 
 def earlier_calibration(result: dict, what: str) -> str:
     """A sentence for an experiment record measured before the calibration order was recorded ("" after)."""
-    if result.get("calibration") == PRIOR_AFTER_T:
-        return ""
-    return (f"{what} (top-class) was measured with the earlier calibration, which divided the prior correction by "
+    recorded = result.get("calibration")
+    if (set(recorded.values()) if isinstance(recorded, dict) else {recorded}) == {PRIOR_AFTER_T}:
+        return ""  # one order for the record, or one per network (records written before shared_order)
+    return (f"{what}: top-class ECE measured with the earlier calibration, which divided the prior correction by "
             "the temperature too (see 'Probabilities and calls'); the calls, and so every F1, were the same under "
             "either, and AUROC does not depend on it.\n")
 
@@ -466,9 +474,10 @@ def calls_section(w: Callable[[str], None], specs: dict) -> None:
       "temperature `T` and shifted by `b = log(train prior / balanced prior)`, which undoes the balanced sampling "
       "of training; `T` is fitted on validation by likelihood with `b` in place. Its call, which the F1, "
       "sensitivity, specificity, kappa and confusion figures score, is the class of the prior-corrected logits "
-      "`argmax(z + b)`, the rule the networks were trained, selected and tested with. When `T` > 1 that rule leans "
-      "towards the rarer classes; for the binary networks it is a threshold on the malignant probability below "
-      "50%. The fused models call their most probable class.\n")
+      "`argmax(z + b)`, the rule their decision figures were always measured with. When `T` > 1 that rule leans "
+      "towards the rarer classes; for the binary networks it is a threshold on the malignant probability (below "
+      "50% when `T` > 1, above it when `T` < 1; each network's is in the table). The fused models call their most "
+      "probable class.\n")
     w("| model | temperature T | calls malignant from | test sensitivity | test specificity |")
     w("| --- | --- | --- | --- | --- |")
     for n, s in specs.items():
@@ -606,7 +615,8 @@ def write_card(folder: Path | None = None) -> Path:
     if cv:
         w(f"## {cv['k']}-fold patient-level cross-validation ({cv['setup'].get('view')}-{cv['setup'].get('task')})\n")
         w(_budget(cv["setup"]) + (f" Run on {cv['run_on']}." if cv.get("run_on") else "") + "\n")
-        w(earlier_calibration(cv, "Its ECE column"))
+        if note := earlier_calibration(cv, "The ECE column"):
+            w(note)
         w("| fold | n test | AUROC | malignant F1 | weighted F1 | ECE |")
         w("| --- | --- | --- | --- | --- | --- |")
         for r in cv["folds"]:
@@ -680,6 +690,12 @@ def write_card(folder: Path | None = None) -> Path:
         w(f"- The malignant probability of {', '.join(off)} is off on test by more than {MALIGNANT_ECE_LIMIT} "
           "(ECE of the malignant probability; see the calibration table above), although its top-class ECE is "
           "within it; the app says so beside that view's estimate.\n")
+    beyond = [n for n, s in specs.items() if (band := s["metrics"]["test"].get("ece_if_calibrated"))
+              and s["metrics"]["test"]["ece"] > band["p95"]]
+    if beyond:
+        w(f"- The top-class ECE of {', '.join(beyond)} is above the 95th percentile a perfectly calibrated model "
+          "would show on as many test cases (see 'How much of the ECE is chance'): their class probabilities are "
+          "less reliable than the calibration suggests.\n")
     if cam and any(r["peak_inside"] < 0.2 for r in cam.get("models", {}).values()):
         w("- The Grad-CAM maps are coarse: EfficientNet-Lite's last feature map is 1/32 of the input (2 x 2 at 64 px, "
           "4 x 4 at 128 px), so each model's map is taken on an earlier layer chosen on validation. Even so they "

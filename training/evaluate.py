@@ -176,7 +176,7 @@ def calibrated_logits(
     """
     import dataclasses
 
-    from lungviz.fusion import Fusion, component_networks
+    from lungviz.fusion import Fusion, check_networks, component_networks
     from lungviz.models import load_bundle
     from training.data import view_config_from_spec
 
@@ -186,6 +186,7 @@ def calibrated_logits(
             from lungviz.errors import LungvizError
 
             raise LungvizError("test-time augmentation is checked network by network, not on a fused model.")
+        check_networks(spec, {n: read_any_spec(folder, n) for nets in component_networks(spec).values() for n in nets})
         parts = [ensemble_logits(folder, nets, store, case_indices, max_slices, central)
                  for nets in component_networks(spec).values()]
         fusion = Fusion.from_dict(spec["fusion"])

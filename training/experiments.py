@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lungviz import paths
-from lungviz.calibration import PRIOR_AFTER_T, Calibration
+from lungviz.calibration import PRIOR_AFTER_T, Calibration, shared_order
 from lungviz.labels import LabelScheme
 from lungviz.splits import Split
 from training.train import LONGER, RECIPE_64, TrainConfig, fold_split, train_model
@@ -278,8 +278,7 @@ def compare_tta(weights: str = "", n_boot: int = 500, out: str = "", progress: b
         log.info("tta %s: val %.3f -> %.3f", name, row["val"]["plain"], row["val"]["tta"])
     result = {"transforms": "8 dihedral (quarter turns, each also mirrored), logits averaged per slice",
               "selection": "validation split: AUROC (binary) or quadratic kappa (score), shipped calibration",
-              "calibration": {name: read_any_spec(folder, name).get("calibration", "prior-before-temperature")
-                              for name in [r["model"] for r in rows]},
+              "calibration": shared_order(read_any_spec(folder, r["model"]) for r in rows),
               "adopted": tta_decision(rows), "results": rows}
     path = Path(out) if out else folder / "tta.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

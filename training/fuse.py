@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import metrics, paths
+from lungviz.calibration import Calibration, shared_order
 from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, check_networks, component_networks, fit_fusion, mean_logits
 from lungviz.labels import LabelScheme, get_scheme
 from training.data import SliceStore
@@ -110,6 +111,7 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
         [c.diameter_mm if c.diameter_mm else np.nan for c in parts["test"]["kept"]])) if names else []
     spec = {**head, "fusion": fusion.to_dict(), "split_fingerprint": fingerprint,
             "networks_sha256": {n: s.get("weights_sha256") for n, s in specs.items()},
+            "networks_calibration": {n: Calibration.from_spec(s).to_spec() for n, s in specs.items()},
             "dataset": "lidc", "metrics": reports, "size_only_auroc": size_only,
             "size_vs_readers_test": size_vs_readers,
             **({"without_members": without_members} if members else {}),
@@ -166,7 +168,8 @@ def compare_size_measures(weights: str = "", seeds: int = 20, k: int = 5, n_boot
                        "sizes": {m: np.asarray(v) for m, v in sizes.items() if m != "short_axis"},  # not a size alone
                        "readers_mm": np.array([c.diameter_mm if c.diameter_mm else np.nan for c in kept])}
     result = {"task": "binary", "components": components, "shipped_measure": "circle",
-              **size_measure_comparison(data, scheme, seeds, k, n_boot)}
+              **size_measure_comparison(data, scheme, seeds, k, n_boot),
+              "calibration": shared_order(read_any_spec(folder, n) for n in components)}
     path = Path(out) if out else folder / "size_measures.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
