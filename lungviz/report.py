@@ -135,17 +135,29 @@ CALIBRATION_CAVEAT = (
 
 
 def call_note(prediction: dict | None) -> str | None:
-    """How each view's malignant call is made from its probability, when any view calls from other than 50%."""
+    """How the calls are made from the probabilities: each view's malignant call point when any is not 50%, and
+    each score call that is not the most probable score."""
     views = (prediction or {}).get("views") or {}
     points = [(VIEW_LABELS.get(v, str(v)).lower(), float(t["binary"]["calls_malignant_from"]))
               for v, t in views.items() if isinstance((t or {}).get("binary"), dict)
               and t["binary"].get("calls_malignant_from") is not None]
-    if not any(abs(x - 0.5) > 5e-3 for _, x in points):
-        return None
-    return ("Each view calls a nodule malignant from its own operating point on its calibrated probability: "
-            + ", ".join(f"{name} from {prob_pct(x)}" for name, x in points)
-            + ". These are the calls the model card's sensitivity, specificity and F1 were measured with; below 50% "
-            "they favour sensitivity, as malignant nodules are the rarer class.")
+    parts = []
+    if any(abs(x - 0.5) > 5e-3 for _, x in points):
+        parts.append("Each view calls a nodule malignant from its own operating point on its calibrated probability: "
+                     + ", ".join(f"{name} from {prob_pct(x)}" for name, x in points)
+                     + ". These are the calls the model card's sensitivity, specificity and F1 were measured with; "
+                     "below 50% they favour sensitivity, as malignant nodules are the rarer class.")
+    for v, t in views.items():
+        score = (t or {}).get("score")
+        if not isinstance(score, dict) or not score.get("probabilities"):
+            continue
+        classes, probs = list(score.get("classes") or []), [float(q) for q in score["probabilities"]]
+        likeliest = classes[int(np.argmax(probs))] if len(classes) == len(probs) else None
+        if likeliest is not None and str(score.get("prediction")) != str(likeliest):
+            parts.append(f"The {VIEW_LABELS.get(v, str(v)).lower()}'s score call ({score.get('prediction')}) is not "
+                         f"its most probable score ({likeliest}): a network's call leans towards the rarer scores, "
+                         "the rule its kappa was measured with.")
+    return " ".join(parts) or None
 
 
 def estimate_notes(prediction: dict | None) -> list[str]:

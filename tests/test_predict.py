@@ -311,3 +311,8 @@ def test_calls_keep_the_trained_rule_with_the_prior_after_the_temperature(tmp_pa
                                "nodule": {"binary": TaskPrediction(["benign", "malignant"], [0.7, 0.3])}})
     assert any("calls malignant from 27%" in f and "calls benign from 50%" in f for f in split)
     assert call_note({"views": {"fused": {"binary": {"calls_malignant_from": 0.5}}}}) is None
+    score = {"classes": ["1", "2", "3", "4", "5"], "probabilities": [0.40, 0.08, 0.45, 0.05, 0.02]}
+    assert call_note({"views": {"slice": {"score": score | {"prediction": "3"}}}}) is None
+    assert call_note({"views": {"slice": {"score": score | {"prediction": "1"}}}}) == (
+        "The slice view's score call (1) is not its most probable score (3): a network's call leans towards the "
+        "rarer scores, the rule its kappa was measured with.")
