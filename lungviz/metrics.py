@@ -313,13 +313,15 @@ def reader_pairs(reader_scores: Sequence[Sequence[int]]) -> list[tuple[int, int,
 
 def reader_comparison(
     reader_scores: Sequence[Sequence[int]], P: np.ndarray, task: str, n_boot: int = 1000, seed: int = 0,
-    decision_bias: np.ndarray | None = None,
+    decision_bias: np.ndarray | None = None, patients: Sequence[str] | None = None,
 ) -> dict:
     """A single radiologist against the rest of the panel, and the model on the very same pairs.
 
     Each reader in turn is the predictor and the median of the other readers the truth. ``binary``:
     AUROC of the reader's 1-5 score vs the model's malignant probability for truth >= 4. ``score``:
     quadratic-weighted kappa and exact agreement of the reader's score vs the model's called score (:func:`decide`).
+    The intervals resample whole patients (``patients``: each case's patient; None = each case on its own), as the
+    model's own figures do: a patient's nodules, and a nodule's pairs, are not independent.
     """
     pairs = reader_pairs(reader_scores)
     if not pairs:
@@ -354,7 +356,8 @@ def reader_comparison(
         groups = idx
         n = len(pairs)
     out.update(fig(np.arange(n)))
-    out["ci95"] = bootstrap_ci(fig, n, [str(g) for g in groups], n_boot, seed)
+    unit = [str(patients[g]) if patients is not None else str(g) for g in groups]
+    out["ci95"] = bootstrap_ci(fig, n, unit, n_boot, seed)
     return out
 
 

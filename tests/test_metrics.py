@@ -170,3 +170,14 @@ def test_wilson_interval_brackets_the_proportion_and_narrows_with_n():
     wide, narrow = M.wilson_interval(5, 10), M.wilson_interval(50, 100)
     assert wide[1] - wide[0] > narrow[1] - narrow[0]
     assert M.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_reader_comparison_intervals_resample_patients():
+    rng = np.random.default_rng(3)
+    scores = [tuple(int(v) for v in rng.integers(1, 6, 3)) for _ in range(40)]
+    P = np.eye(5)[rng.integers(0, 5, 40)]
+    by_case = M.reader_comparison(scores, P, "score", n_boot=200)
+    one_patient = M.reader_comparison(scores, P, "score", n_boot=200, patients=["P1"] * 40)
+    lo, hi = one_patient["ci95"]["model_exact"]
+    assert lo == hi == pytest.approx(one_patient["model_exact"])  # resampling the one patient redraws every pair
+    assert by_case["ci95"]["model_exact"][1] > by_case["ci95"]["model_exact"][0]

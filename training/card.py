@@ -574,7 +574,8 @@ def write_card(folder: Path | None = None) -> Path:
     if size:
         w(size + "\n")
     w("**Against one radiologist.** For nodules read by two or more radiologists, each reader in turn is the "
-      "predictor and the median of the others the truth; the model is scored on the very same pairs.\n")
+      "predictor and the median of the others the truth; the model is scored on the very same pairs. Intervals "
+      "resample whole patients, as every other interval in this card does.\n")
     w("| model | pairs | single reader | model |")
     w("| --- | --- | --- | --- |")
     for n, s in specs.items():

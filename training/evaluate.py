@@ -117,7 +117,8 @@ def _report(y: np.ndarray, P: np.ndarray, P_raw: np.ndarray, scheme: LabelScheme
         rep = metrics.with_malignant_ece(rep)
         rep["decision_threshold"] = 0.5 if calibration is None else calibration.threshold(scheme.positive_class)
     if reader_scores is not None and scheme.name in ("binary", "binary-no3", "score"):
-        rep["readers"] = metrics.reader_comparison(reader_scores, P, scheme.name, n_boot, decision_bias=bias)
+        rep["readers"] = metrics.reader_comparison(reader_scores, P, scheme.name, n_boot, decision_bias=bias,
+                                                   patients=groups)
     return rep
 
 
