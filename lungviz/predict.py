@@ -44,6 +44,11 @@ TASKS = ("binary", "score")
 #: than this; a model that calls malignant from another probability gets the band as wide in log-odds around it.
 UNCERTAIN_BAND = (0.25, 0.75)
 DISAGREEMENT = 0.35
+#: Below this probability that a nodule sits at the centre of the crop (the finder's presence classifier), a case
+#: is flagged. On the validation nodules' middle slices it flags 8.9% of crops centred on a nodule and 87% of the
+#: same crops re-centred 20-30 pixels (about 15-25 mm) away. It flags large nodules more often (15% of the test
+#: nodules over 20 mm in a review check), and cannot check a nodule crop uploaded without its slice.
+PRESENCE_FLAG = 0.5
 
 
 def uncertain_band(threshold: float = 0.5) -> tuple[float, float]:
@@ -52,11 +57,6 @@ def uncertain_band(threshold: float = 0.5) -> tuple[float, float]:
     centre = float(np.log(threshold / (1.0 - threshold)))
     lo, hi = (1.0 / (1.0 + np.exp(-(centre + s * half))) for s in (-1.0, 1.0))
     return round(float(lo), 6), round(float(hi), 6)
-#: Below this probability that a nodule sits at the centre of the crop (the finder's presence classifier), a case
-#: is flagged. On the validation nodules' middle slices it flags 8.9% of crops centred on a nodule and 87% of the
-#: same crops re-centred 20-30 pixels (about 15-25 mm) away. It flags large nodules more often (15% of the test
-#: nodules over 20 mm in a review check), and cannot check a nodule crop uploaded without its slice.
-PRESENCE_FLAG = 0.5
 
 
 @dataclass

@@ -309,7 +309,7 @@ def sizes_section(w: Callable[[str], None], folder: Path) -> None:
       f"fused-binary's size input. Chosen on the validation split ({res['n_val']} nodules) by the {res['selection']}; "
       f"test ({res['n_test']} nodules) was read once, after the choice. Chosen: "
       f"**{labels.get(res['chosen_on_validation'])}**; shipped: {labels.get(res['shipped_measure'])}.\n")
-    if res.get("calibration") != PRIOR_AFTER_T:
+    if not with_current_calibration(res):
         w("These fusions weighed the views' logits as the earlier calibration scaled them (it divided the prior "
           "correction by the temperature); a fusion's free view weights and class bias absorb most of that "
           "difference.\n")
@@ -455,11 +455,17 @@ def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
              if specs[n].get("kind") != "fusion" and not specs[n].get("calibration") else "") + ".\n")
 
 
-def earlier_calibration(result: dict, what: str) -> str:
-    """A sentence for an experiment record measured before the calibration order was recorded ("" after)."""
+def with_current_calibration(result: dict) -> bool:
+    """Whether an experiment record was measured with the current calibration order (one order for the record, or
+    one per network as records written before ``shared_order`` hold it)."""
     recorded = result.get("calibration")
-    if (set(recorded.values()) if isinstance(recorded, dict) else {recorded}) == {PRIOR_AFTER_T}:
-        return ""  # one order for the record, or one per network (records written before shared_order)
+    return (set(recorded.values()) if isinstance(recorded, dict) else {recorded}) == {PRIOR_AFTER_T}
+
+
+def earlier_calibration(result: dict, what: str) -> str:
+    """A sentence for an experiment record measured with the earlier calibration ("" for the current one)."""
+    if with_current_calibration(result):
+        return ""
     return (f"{what}: top-class ECE measured with the earlier calibration, which divided the prior correction by "
             "the temperature too (see 'Probabilities and calls'); the calls, and so every F1, were the same under "
             "either, and AUROC does not depend on it.\n")
