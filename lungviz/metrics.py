@@ -48,6 +48,34 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = 0.05, hi: flo
     return float(np.exp((a + b) / 2.0))
 
 
+def fit_temperature_bias(logits: np.ndarray, y: np.ndarray, offset: np.ndarray | None = None,
+                         ridge: float = 1e-3) -> tuple[float, np.ndarray]:
+    """Temperature ``T`` and per-class bias ``c`` (``c[0] = 0``; a bias common to every class changes nothing)
+    minimising the NLL of ``softmax(logits / T + offset + c)`` on held-out logits, plus ``ridge * |c|^2`` so that a
+    class missing from a small set keeps a finite bias (L-BFGS on ``(log T, c[1:])`` from ``T = 1, c = 0``)."""
+    from scipy.optimize import minimize
+
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(y, int)
+    base = np.zeros(z.shape[1]) if offset is None else np.asarray(offset, np.float64)
+    rows = np.arange(len(y))
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        t, c = np.exp(theta[0]), np.concatenate([[0.0], theta[1:]])
+        L = z / t + base + c
+        P = softmax(L)
+        err = P.copy()
+        err[rows, y] -= 1.0  # d(mean NLL)/dL, times N
+        value = -np.mean(np.log(np.clip(P[rows, y], 1e-300, 1.0))) + ridge * float(c @ c)
+        grad_t = -np.sum(err * z) / t / len(y)  # d/d(log T): dL/dlogT = -z / T
+        grad_c = err.mean(axis=0)[1:] + 2.0 * ridge * c[1:]
+        return value, np.concatenate([[grad_t], grad_c])
+
+    res = minimize(objective, np.zeros(z.shape[1]), jac=True, method="L-BFGS-B",
+                   bounds=[(np.log(0.05), np.log(20.0))] + [(None, None)] * (z.shape[1] - 1))
+    return float(np.exp(res.x[0])), np.concatenate([[0.0], res.x[1:]])
+
+
 def decide(P: np.ndarray, decision_bias: np.ndarray | None = None) -> np.ndarray:
     """The called class of each row of probabilities: ``argmax(log P + decision_bias)`` (None = the most probable
     class; see :class:`lungviz.calibration.Calibration`)."""

@@ -290,3 +290,27 @@ def test_card_names_the_models_whose_top_class_ece_is_beyond_chance(tmp_path):
     spec["metrics"]["test"]["ece_if_calibrated"]["p95"] = 0.03
     (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
     assert "- The top-class ECE of nodule-binary is above the 95th percentile" in write_card(tmp_path).read_text()
+
+
+def test_card_reports_the_class_bias_check_and_names_it_among_the_limits(tmp_path):
+    def row(model: str, lower: int, adopt: bool, test_nll: tuple[float, float]) -> dict:
+        def fam(nll: float, tnll: float) -> dict:
+            return {"val_oof_nll": nll, "val_oof_ece": 0.05, "test_nll": tnll, "test_ece": 0.07}
+        return {"model": model, "n_val": 336, "n_test": 332, "draws_lower_nll": lower, "draws": 20, "adopt": adopt,
+                "class_bias": [0.0, 0.2], "temperature_with_bias": 1.5,
+                "temperature": fam(1.116, test_nll[0]), "temperature_bias": fam(1.127, test_nll[1])}
+
+    res = {"selection": "out-of-fold validation NLL", "calibration": "prior-after-temperature", "adopted": [],
+           "results": [row("nodule-score", 0, False, (1.141, 1.130)), row("slice-binary", 1, False, (0.40, 0.41))]}
+    (tmp_path / "class_bias.json").write_text(json.dumps(res))
+    spec = _binary_spec()
+    spec["metrics"]["test"]["ece_if_calibrated"] = {"median": 0.02, "p95": 0.03, "p_value": 0.01}
+    (tmp_path / "nodule-binary.json").write_text(json.dumps(spec))
+    card = write_card(tmp_path).read_text()
+    assert "## Per-class calibration (validation decides)" in card and "Adopted: none." in card
+    assert "| nodule-score | 336 | 1.116 → 1.127 | 0 of 20 | 0.050 → 0.050 | 1.141 → 1.130 | 0.070 → 0.070 |" in card
+    assert "would have lowered the NLL of nodule-score, which validation" in card  # not slice-binary: it rose
+    assert "was checked and validation did not support it" in card and "earlier calibration" not in card
+    (tmp_path / "class_bias.json").unlink()
+    card = write_card(tmp_path).read_text()
+    assert "Per-class calibration" not in card and "- The top-class ECE of nodule-binary is above" in card

@@ -25,6 +25,24 @@ def test_fit_temperature_recovers_overconfidence():
     assert M.ece(y, M.softmax(logits, t)) < M.ece(y, M.softmax(logits)) - 0.05
 
 
+def test_fit_temperature_bias_recovers_a_temperature_and_a_class_bias():
+    rng = np.random.default_rng(1)
+    n, c0 = 6000, np.array([0.0, -1.0, 0.8])
+    z = rng.normal(0, 2, (n, 3))
+    y = np.array([rng.choice(3, p=p) for p in M.softmax(z / 2.0 + c0)])  # two times too confident, plus a bias
+    prior = np.array([0.3, 0.0, -0.2])  # an offset given, not fitted: the bias fitted is what it leaves over
+    t, c = M.fit_temperature_bias(z, y, prior)
+    assert t == pytest.approx(2.0, rel=0.1) and c[0] == 0.0
+    assert c - c[0] == pytest.approx((c0 - prior) - (c0 - prior)[0], abs=0.15)
+    # no bias in the data: the fitted bias stays near zero and the temperature is fit_temperature's
+    y0 = np.array([rng.choice(3, p=p) for p in M.softmax(z / 2.0)])
+    t0, c0_fit = M.fit_temperature_bias(z, y0)
+    assert np.abs(c0_fit).max() < 0.12 and t0 == pytest.approx(M.fit_temperature(z, y0), rel=0.05)
+    # a class missing from a small set keeps a finite bias
+    _, c_small = M.fit_temperature_bias(z[:30], np.where(y0[:30] == 2, 0, y0[:30]))
+    assert np.isfinite(c_small).all()
+
+
 def test_ece_hand_computed():
     # confidences 0.9 (correct), 0.9 (wrong), 0.6 (correct), 0.6 (correct)
     P = np.array([[0.1, 0.9], [0.1, 0.9], [0.6, 0.4], [0.6, 0.4]])

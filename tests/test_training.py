@@ -681,3 +681,25 @@ def test_evaluating_histology_on_its_test_folder_drops_the_near_duplicates_of_tr
     test = select_split(cases, "test", spec)
     assert len(test) == spec["metrics"]["test"]["n"] == 168
     assert len([c for c in cases if c.split_hint == "test"]) == 259
+
+
+def test_a_class_bias_is_adopted_only_where_it_lowers_the_out_of_fold_validation_nll():
+    from lungviz.metrics import softmax
+    from training.experiments import class_bias_check
+
+    rng = np.random.default_rng(3)
+
+    def split(n: int, bias: np.ndarray) -> dict:
+        z = rng.normal(0, 1.5, (n, 3))
+        y = np.array([rng.choice(3, p=p) for p in softmax(z / 1.5 + bias)])
+        return {"logits": z, "y": y, "groups": [f"P{i // 2}" for i in range(n)]}
+
+    prior = np.array([0.0, -0.5, -0.5])
+    skewed = prior + np.array([0.0, 1.5, -1.0])  # the network's classes 1 and 2 are off beyond its prior
+    off = class_bias_check(split(400, skewed), split(300, skewed), prior, seeds=5)
+    assert off["adopt"] and off["draws_lower_nll"] == 5 and off["draws"] == 5
+    assert off["class_bias"][0] == 0.0 and off["class_bias"][1] > 1.0 > -0.5 > off["class_bias"][2]
+    assert off["temperature_bias"]["test_nll"] < off["temperature"]["test_nll"]
+    fine = class_bias_check(split(400, prior), split(300, skewed), prior, seeds=5)  # test never decides
+    assert not fine["adopt"] and fine["draws_lower_nll"] <= 1
+    assert fine["temperature"]["val_oof_nll"] < fine["temperature_bias"]["val_oof_nll"]

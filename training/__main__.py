@@ -15,6 +15,7 @@ from lungviz import paths
 from lungviz.errors import LungvizError
 from training.config import (
     CardConfig,
+    ClassBiasConfig,
     EvalConfig,
     FuseConfig,
     IndexConfig,
@@ -200,6 +201,17 @@ def cmd_tta(cfg: TtaConfig) -> dict:
                                                           for s in ("val", "test")} for r in result["results"]}}
 
 
+def cmd_class_bias(cfg: ClassBiasConfig) -> dict:
+    """Check a per-class bias on top of each shipped network's temperature (validation decides, test after)."""
+    from training.experiments import compare_class_bias
+
+    result = compare_class_bias(cfg.weights, cfg.seeds, cfg.folds, cfg.out)
+    return {"adopted": result["adopted"],
+            **{r["model"]: {"draws_lower_val_nll": f"{r['draws_lower_nll']}/{r['draws']}",
+                            "test_ece": [round(r[f]["test_ece"], 4) for f in ("temperature", "temperature_bias")]}
+               for r in result["results"]}}
+
+
 def cmd_refresh(cfg: RefreshConfig) -> dict:
     """Re-measure saved bundles' stored weights (calibration on validation, every figure of the spec); without
     --model, every shipped network and then the fused models built on them."""
@@ -308,6 +320,7 @@ COMMANDS = {
     "fuse": (cmd_fuse, FuseConfig),
     "sizes": (cmd_sizes, SizesConfig),
     "tta": (cmd_tta, TtaConfig),
+    "class-bias": (cmd_class_bias, ClassBiasConfig),
     "screen": (cmd_screen, TrainConfig),
     "ablate": (cmd_ablate, TrainConfig),
     "search": (cmd_search, SearchConfig),

@@ -264,6 +264,37 @@ def tta_section(w: Callable[[str], None], folder: Path) -> None:
       "nodules cannot tell the two apart.\n")
 
 
+def class_bias_section(w: Callable[[str], None], folder: Path) -> None:
+    """A per-class bias on top of each network's temperature: the check `python -m training class-bias` wrote."""
+    res = read_result("class_bias.json", folder)
+    if not res:
+        return
+    w("## Per-class calibration (validation decides)\n")
+    w("Each network's calibration fits one number, the temperature. A per-class bias `c`, fitted with it on "
+      "validation by likelihood (probabilities `softmax(z / T + b + c)`; the call unchanged), could correct a class "
+      f"the network over- or under-predicts. A network adopts it only on validation ({res['selection']}); test is "
+      f"read after, never used to decide. Adopted: {', '.join(res['adopted']) or 'none'}.\n")
+    w("| model | val cases | val out-of-fold NLL: temperature → with bias | draws with lower NLL | val out-of-fold "
+      "ECE | test NLL | test ECE |")
+    w("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["results"]:
+        t, b = r["temperature"], r["temperature_bias"]
+        w(f"| {r['model']} | {r['n_val']} | {t['val_oof_nll']:.3f} → {b['val_oof_nll']:.3f} | "
+          f"{r['draws_lower_nll']} of {r['draws']} | {t['val_oof_ece']:.3f} → {b['val_oof_ece']:.3f} | "
+          f"{t['test_nll']:.3f} → {b['test_nll']:.3f} | {t['test_ece']:.3f} → {b['test_ece']:.3f} |")
+    w("")
+    if note := earlier_calibration(res, "The temperature columns"):
+        w(note)
+    kept = [r for r in res["results"] if not r["adopt"]]
+    better_on_test = [r["model"] for r in kept if r["temperature_bias"]["test_nll"] < r["temperature"]["test_nll"]]
+    if better_on_test:
+        w(f"On test the bias would have lowered the NLL of {', '.join(better_on_test)}, which validation did not "
+          "support; a calibration chosen on test would make its test figures no longer a held-out measurement, so "
+          "the shipped calibration stays. With a few hundred validation cases (histology: "
+          f"{next((r['n_val'] for r in res['results'] if r['model'] == 'histology'), '–')} images) the extra "
+          "parameters cost more out of fold than they gain; a larger calibration set would be needed to tell.\n")
+
+
 def outliner_section(w: Callable[[str], None], folder: Path) -> None:
     """The nodule outliner: overlap with the readers' outline, its diameter against theirs, size alone as a test."""
     spec = read_result("outliner.json", folder)
@@ -638,6 +669,7 @@ def write_card(folder: Path | None = None) -> Path:
     if ablation:
         ablation_section(w, ablation, specs.get(f"{ablation['setup'].get('view')}-{ablation['setup'].get('task')}"))
     tta_section(w, folder)
+    class_bias_section(w, folder)
     outliner_section(w, folder)
     finder_section(w, folder)
     w("## Per model\n")
@@ -702,7 +734,9 @@ def write_card(folder: Path | None = None) -> Path:
     if beyond:
         w(f"- The top-class ECE of {', '.join(beyond)} is above the 95th percentile a perfectly calibrated model "
           "would show on as many test cases (see 'How much of the ECE is chance'): their class probabilities are "
-          "less reliable than the calibration suggests.\n")
+          "less reliable than the calibration suggests"
+          + ("; a per-class bias on top of the temperature was checked and validation did not support it (see "
+             "'Per-class calibration')" if read_result("class_bias.json", folder) else "") + ".\n")
     if cam and any(r["peak_inside"] < 0.2 for r in cam.get("models", {}).values()):
         w("- The Grad-CAM maps are coarse: EfficientNet-Lite's last feature map is 1/32 of the input (2 x 2 at 64 px, "
           "4 x 4 at 128 px), so each model's map is taken on an earlier layer chosen on validation. Even so they "

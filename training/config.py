@@ -137,6 +137,16 @@ class TtaConfig:
 
 
 @dataclasses.dataclass
+class ClassBiasConfig:
+    """Would a per-class bias on top of the temperature calibrate the shipped networks better (validation decides)?"""
+
+    weights: str = ""  # folder holding the shipped networks; empty = weights/
+    seeds: int = 20  # draws of the patient-grouped folds of the validation split
+    folds: int = 5
+    out: str = ""  # result file; empty = class_bias.json next to the weights
+
+
+@dataclasses.dataclass
 class SearchConfig:
     """The recipe search behind the shipped networks (training.experiments.SEARCH), on validation only."""
 

@@ -269,7 +269,7 @@ def compare_tta(weights: str = "", n_boot: int = 500, out: str = "", progress: b
         scheme = get_scheme(spec["task"])
         row: dict = {"model": name, "selection": selection_figure(name).removeprefix("val_")}
         for split in ("val", "test"):
-            kept, y, store, per_net = split_logits(cases, scheme, split, spec["split_fingerprint"], folder,
+            kept, y, store, per_net = split_logits(cases, scheme, split, spec, folder,
                                                    {name: [name]}, progress)
             tta = calibrated_logits(folder, name, store, np.arange(len(kept)), tta=True)[0]
             row[split] = tta_figures(y, per_net[name][0], tta, scheme, [c.patient_id for c in kept],
@@ -284,3 +284,87 @@ def compare_tta(weights: str = "", n_boot: int = 500, out: str = "", progress: b
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
+
+
+#: A network adopts a per-class bias only if its out-of-fold validation NLL falls on at least this share of the fold
+#: draws (:func:`class_bias_check`).
+CLASS_BIAS_RULE = 0.8
+
+
+def class_bias_check(val: dict, test: dict, prior: np.ndarray | None, seeds: int = 20, k: int = 5) -> dict:
+    """One network: its shipped calibration (temperature, ``softmax(z / T + b)``) against the same plus a per-class
+    bias fitted with ``T`` (:func:`lungviz.metrics.fit_temperature_bias`; the call is unchanged). Out-of-fold on
+    validation (``k`` patient-grouped folds, ``seeds`` fold draws) decides; both fitted on all of validation are then
+    read on test. ``val``/``test``: raw per-case ``logits``, labels ``y`` and patient ``groups``."""
+    from lungviz import metrics
+    from training.fuse import grouped_folds
+
+    b = np.zeros(val["logits"].shape[1]) if prior is None else np.asarray(prior, np.float64)
+
+    def fitted(rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Per family, the offset added to ``z / T`` and T, fitted on the validation cases ``rows``."""
+        t = Calibration.fit(val["logits"][rows], val["y"][rows], prior).temperature
+        t2, c = metrics.fit_temperature_bias(val["logits"][rows], val["y"][rows], b)
+        return {"temperature": (t, b), "temperature_bias": (t2, b + c)}
+
+    def probs(z: np.ndarray, fit: tuple[float, np.ndarray]) -> np.ndarray:
+        return metrics.softmax(np.asarray(z, np.float64) / fit[0] + fit[1])
+
+    def nll(y: np.ndarray, P: np.ndarray) -> float:
+        return float(-np.mean(np.log(np.clip(P[np.arange(len(y)), y], 1e-12, 1.0))))
+
+    draws: dict[str, dict[str, list[float]]] = {f: {"nll": [], "ece": []} for f in ("temperature", "temperature_bias")}
+    for seed in range(seeds):
+        fold = grouped_folds(list(val["groups"]), k, seed)
+        oof = {f: np.zeros(val["logits"].shape) for f in draws}
+        for f in range(k):
+            for family, fit in fitted(fold != f).items():
+                oof[family][fold == f] = probs(val["logits"][fold == f], fit)
+        for family, P in oof.items():
+            draws[family]["nll"].append(nll(val["y"], P))
+            draws[family]["ece"].append(metrics.ece(val["y"], P))
+    lower = int(np.sum(np.array(draws["temperature_bias"]["nll"]) < np.array(draws["temperature"]["nll"])))
+    full = fitted(np.arange(len(val["y"])))
+    out = {"n_val": len(val["y"]), "n_test": len(test["y"]), "draws_lower_nll": lower, "draws": seeds,
+           "adopt": lower >= CLASS_BIAS_RULE * seeds,
+           "class_bias": [float(v) for v in full["temperature_bias"][1] - b],
+           "temperature_with_bias": full["temperature_bias"][0]}
+    for family, fit in full.items():
+        P = probs(test["logits"], fit)
+        out[family] = {"val_oof_nll": float(np.mean(draws[family]["nll"])),
+                       "val_oof_ece": float(np.mean(draws[family]["ece"])),
+                       "test_nll": nll(test["y"], P), "test_ece": metrics.ece(test["y"], P)}
+    return out
+
+
+def compare_class_bias(weights: str = "", seeds: int = 20, k: int = 5, out: str = "", progress: bool = True) -> dict:
+    """Would a per-class bias on top of the temperature calibrate the shipped networks better? Validation decides
+    per network (:func:`class_bias_check`, :data:`CLASS_BIAS_RULE`); test is read after. Writes ``class_bias.json``
+    next to the weights (or to ``out``)."""
+    from lungviz.labels import get_scheme
+    from training.datasets import load_cases
+    from training.evaluate import read_any_spec
+    from training.fuse import split_logits
+    from training.train import SHIPPED
+
+    folder = Path(weights) if weights else paths.weights_dir()
+    rows = []
+    for name in SHIPPED:
+        spec = read_any_spec(folder, name)
+        scheme = get_scheme(spec["task"])
+        cases, _ = load_cases(spec.get("dataset", "lidc"))
+        parts = {}
+        for split in ("val", "test"):
+            kept, y, _, per_net = split_logits(cases, scheme, split, spec, folder, {name: [name]}, progress)
+            parts[split] = {"logits": per_net[name][1].astype(np.float64), "y": y,
+                            "groups": [c.patient_id for c in kept]}
+        rows.append({"model": name, **class_bias_check(parts["val"], parts["test"], spec.get("prior_adjust"),
+                                                       seeds, k)})
+        log.info("class bias %s: lower validation NLL on %d of %d draws", name, rows[-1]["draws_lower_nll"], seeds)
+    result = {"selection": f"mean out-of-fold validation NLL, {k} patient-grouped folds of the validation split, "
+                           f"{seeds} fold draws; adopted where lower on at least {CLASS_BIAS_RULE:.0%} of the draws",
+              "calibration": shared_order(read_any_spec(folder, r["model"]) for r in rows),
+              "adopted": [r["model"] for r in rows if r["adopt"]], "results": rows}
+    path = Path(out) if out else folder / "class_bias.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result

@@ -24,12 +24,12 @@ from training.evaluate import (
 )
 
 
-def split_logits(cases: list, scheme: LabelScheme, split: str, fingerprint: str, folder: Path,
+def split_logits(cases: list, scheme: LabelScheme, split: str, trained_on: dict, folder: Path,
                  nets: dict[str, list[str]], progress: bool = True,
                  ) -> tuple[list, np.ndarray, SliceStore, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """The labelled nodules of one split, their labels, their slices and every network's ``(calibrated, raw)``
-    per-nodule logits."""
-    pairs = scheme.labelled(select_split(cases, split, {"split_fingerprint": fingerprint}, folder))
+    """The labelled nodules (or images) of one split of the split ``trained_on`` (a spec: its dataset and split
+    fingerprint) names, their labels, their slices and every network's ``(calibrated, raw)`` per-case logits."""
+    pairs = scheme.labelled(select_split(cases, split, trained_on, folder))
     kept = [c for c, _ in pairs]
     store = SliceStore(kept, progress=progress)
     per_net = {n: calibrated_logits(folder, n, store, np.arange(len(kept)))[:2]
@@ -58,7 +58,8 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     cases, _ = load_cases("lidc")
     parts, stores = {}, {}
     for split in ("val", "test"):
-        kept, y, store, per_net = split_logits(cases, scheme, split, fingerprint, folder, nets, progress)
+        kept, y, store, per_net = split_logits(cases, scheme, split, {"split_fingerprint": fingerprint}, folder, nets,
+                                               progress)
         stores[split] = store
         cal = [mean_logits([per_net[n][0] for n in nets[c]]) for c in components]
         raw = [mean_logits([per_net[n][1] for n in nets[c]]) for c in components]
@@ -157,7 +158,8 @@ def compare_size_measures(weights: str = "", seeds: int = 20, k: int = 5, n_boot
     cases, _ = load_cases("lidc")
     data = {}
     for split in ("val", "test"):
-        kept, y, store, per_net = split_logits(cases, scheme, split, fingerprint, folder, nets, progress)
+        kept, y, store, per_net = split_logits(cases, scheme, split, {"split_fingerprint": fingerprint}, folder, nets,
+                                               progress)
         sizes = {m: [] for m in SIZE_MEASURES}
         for ci, case in enumerate(kept):
             got = crops_sizes_mm(outliner, [store.slice01(ci, s) for s in store.eval_slices(ci, 0, 0.5)],
