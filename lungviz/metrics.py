@@ -282,6 +282,38 @@ def score_auroc(
     return {"n": len(y), "auroc": auroc(y, P), "ci95": ci}
 
 
+def threshold_for_sensitivity(positive: np.ndarray, score: np.ndarray, target: float) -> float:
+    """The highest threshold ``t`` at which calling ``score >= t`` finds at least ``target`` of the positives."""
+    pos = np.sort(np.asarray(score, np.float64)[np.asarray(positive, bool)])[::-1]
+    if not len(pos) or not 0.0 < target <= 1.0:
+        raise ValueError("a sensitivity target needs positive cases and a target in (0, 1]")
+    return float(pos[int(np.ceil(target * len(pos) - 1e-9)) - 1])
+
+
+def at_threshold(positive: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
+    """Sensitivity, specificity, positive and negative predictive value and the share of cases called positive when
+    ``score >= threshold`` is called positive (NaN where a figure has no cases to count)."""
+    pos, called = np.asarray(positive, bool), np.asarray(score, np.float64) >= threshold
+
+    def share(num: np.ndarray, den: np.ndarray) -> float:
+        return float(np.sum(num & den) / np.sum(den)) if np.any(den) else float("nan")
+
+    return {"sensitivity": share(called, pos), "specificity": share(~called, ~pos), "ppv": share(pos, called),
+            "npv": share(~pos, ~called), "called_positive": float(np.mean(called)) if len(pos) else float("nan")}
+
+
+def operating_point(val_positive: np.ndarray, val_score: np.ndarray, test_positive: np.ndarray,
+                    test_score: np.ndarray, target: float, test_groups: Sequence[str] | None = None,
+                    n_boot: int = 1000) -> dict:
+    """A threshold chosen on validation for ``target`` sensitivity, then read on test with patient-bootstrap 95%
+    intervals (of the test cases; the threshold stays the validation one)."""
+    t = threshold_for_sensitivity(val_positive, val_score, target)
+    tp, ts = np.asarray(test_positive, bool), np.asarray(test_score, np.float64)
+    return {"target_sensitivity": target, "threshold": t,
+            "val": at_threshold(val_positive, val_score, t), "test": at_threshold(tp, ts, t),
+            "test_ci95": bootstrap_ci(lambda i: at_threshold(tp[i], ts[i], t), len(tp), test_groups, n_boot)}
+
+
 def ratio_by_band(measured: np.ndarray, reference: np.ndarray, edges: Sequence[float] = (10.0, 20.0)) -> list[dict]:
     """How a measurement compares with a reference (e.g. a diameter with the readers'), per band of the reference:
     ``[{"lo", "hi", "n", "median", "q25", "q75"}]`` of ``measured / reference``, then one row for all (finite

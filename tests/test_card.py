@@ -314,3 +314,29 @@ def test_card_reports_the_class_bias_check_and_names_it_among_the_limits(tmp_pat
     (tmp_path / "class_bias.json").unlink()
     card = write_card(tmp_path).read_text()
     assert "Per-class calibration" not in card and "- The top-class ECE of nodule-binary is above" in card
+
+
+def test_card_gives_the_high_sensitivity_operating_points_beside_the_readers_diameter(tmp_path):
+    def point(target: float, threshold: float, sens: float, spec: float) -> dict:
+        figs = {"sensitivity": sens, "specificity": spec, "ppv": 0.4, "npv": 0.95, "called_positive": 0.4}
+        return {"target_sensitivity": target, "threshold": threshold, "val": figs | {"sensitivity": target + 0.01},
+                "test": figs, "test_ci95": {"sensitivity": [sens - 0.1, sens + 0.05], "specificity": [0.6, 0.8]}}
+
+    def row(model: str, score: str, pts: list[dict]) -> dict:
+        return {"model": model, "score": score, "n_val": 336, "n_test": 332, "n_val_positive": 66,
+                "test_positive_share": 0.214, "points": pts}
+
+    res = {"selection": "chosen on validation", "calibration": "prior-after-temperature", "results": [
+        row("nodule-binary", "malignant probability", [point(0.9, 0.154, 0.79, 0.69), point(0.95, 0.099, 0.96, 0.5)]),
+        row("fused-binary", "malignant probability", [point(0.9, 0.137, 0.82, 0.78), point(0.95, 0.078, 0.87, 0.59)]),
+        row("readers' diameter", "mm", [point(0.9, 9.57, 0.83, 0.79), point(0.95, 8.34, 0.89, 0.67)])]}
+    (tmp_path / "operating_points.json").write_text(json.dumps(res))
+    card = write_card(tmp_path).read_text()
+    assert "## High-sensitivity operating points (threshold chosen on validation)" in card
+    assert "| nodule-binary | 90% (91%) | 15.4% | 0.79 [0.69, 0.84] | 0.69 [0.60, 0.80] | 0.40 | 0.95 | 40% |" in card
+    assert "| readers' diameter | 95% (96%) | 8.3 mm |" in card
+    assert ("At the 90% target the most specific image model, fused-binary, reaches specificity 0.78 at "
+            "sensitivity 0.82 on test; the readers' diameter 0.79 at 0.83.") in card
+    assert "fell short of it on test in 5 of 6 rows (down to 79% for nodule-binary at a 90% target)" in card
+    assert "holds 66 malignant nodules, so each one missed moves its sensitivity by 1.5 percentage points" in card
+    assert "malignant share (21%)" in card

@@ -199,3 +199,30 @@ def test_reader_comparison_intervals_resample_patients():
     lo, hi = one_patient["ci95"]["model_exact"]
     assert lo == hi == pytest.approx(one_patient["model_exact"])  # resampling the one patient redraws every pair
     assert by_case["ci95"]["model_exact"][1] > by_case["ci95"]["model_exact"][0]
+
+
+def test_a_threshold_for_a_sensitivity_is_the_highest_that_reaches_it():
+    positive = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
+    score = np.array([0.9, 0.8, 0.4, 0.2, 0.7, 0.5, 0.3, 0.1, 0.05, 0.3])
+    assert M.threshold_for_sensitivity(positive, score, 0.75) == 0.4  # 3 of 4 positives at or above it
+    assert M.threshold_for_sensitivity(positive, score, 0.76) == 0.2  # a fraction more needs the fourth
+    assert M.threshold_for_sensitivity(positive, score, 1.0) == 0.2
+    got = M.at_threshold(positive, score, 0.4)
+    assert got == pytest.approx({"sensitivity": 0.75, "specificity": 4 / 6, "ppv": 3 / 5, "npv": 4 / 5,
+                                 "called_positive": 0.5})
+    assert np.isnan(M.at_threshold(positive, score, 2.0)["ppv"])  # nothing called positive: no PPV to count
+    with pytest.raises(ValueError):
+        M.threshold_for_sensitivity(np.zeros(3, bool), score[:3], 0.9)
+
+
+def test_an_operating_point_is_chosen_on_validation_and_only_read_on_test():
+    rng = np.random.default_rng(2)
+    vp, tp = rng.random(400) < 0.2, rng.random(300) < 0.2
+    vs, ts = vp + rng.normal(0, 0.7, 400), tp + rng.normal(0, 0.7, 300)
+    op = M.operating_point(vp, vs, tp, ts, 0.9, [f"P{i // 2}" for i in range(300)], 200)
+    assert op["threshold"] == M.threshold_for_sensitivity(vp, vs, 0.9) and op["val"]["sensitivity"] >= 0.9
+    assert op["test"] == M.at_threshold(tp, ts, op["threshold"])
+    shifted = M.operating_point(vp, vs, tp, ts + 5.0, 0.9, None, 50)  # test scores never move the threshold
+    assert shifted["threshold"] == op["threshold"] and shifted["test"]["sensitivity"] == 1.0
+    lo, hi = op["test_ci95"]["specificity"]
+    assert lo < op["test"]["specificity"] < hi

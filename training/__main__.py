@@ -19,6 +19,7 @@ from training.config import (
     EvalConfig,
     FuseConfig,
     IndexConfig,
+    OperatingConfig,
     OutlierConfig,
     OutlinerConfig,
     PackConfig,
@@ -212,6 +213,16 @@ def cmd_class_bias(cfg: ClassBiasConfig) -> dict:
                for r in result["results"]}}
 
 
+def cmd_operating(cfg: OperatingConfig) -> dict:
+    """Thresholds of the binary models for 90% and 95% sensitivity, chosen on validation and read on test."""
+    from training.experiments import compare_operating_points
+
+    result = compare_operating_points(cfg.weights, n_boot=cfg.n_boot, out=cfg.out)
+    return {r["model"]: {f"{p['target_sensitivity']:.0%}": {k: round(p["test"][k], 3)
+                                                            for k in ("sensitivity", "specificity")}
+                         for p in r["points"]} for r in result["results"]}
+
+
 def cmd_refresh(cfg: RefreshConfig) -> dict:
     """Re-measure saved bundles' stored weights (calibration on validation, every figure of the spec); without
     --model, every shipped network and then the fused models built on them."""
@@ -321,6 +332,7 @@ COMMANDS = {
     "sizes": (cmd_sizes, SizesConfig),
     "tta": (cmd_tta, TtaConfig),
     "class-bias": (cmd_class_bias, ClassBiasConfig),
+    "operating-points": (cmd_operating, OperatingConfig),
     "screen": (cmd_screen, TrainConfig),
     "ablate": (cmd_ablate, TrainConfig),
     "search": (cmd_search, SearchConfig),

@@ -295,6 +295,58 @@ def class_bias_section(w: Callable[[str], None], folder: Path) -> None:
           "parameters cost more out of fold than they gain; a larger calibration set would be needed to tell.\n")
 
 
+def operating_points_section(w: Callable[[str], None], folder: Path) -> None:
+    """High-sensitivity thresholds of the binary models, chosen on validation and read on test: the record
+    `python -m training operating-points` wrote."""
+    res = read_result("operating_points.json", folder)
+    if not res:
+        return
+
+    def fig(p: dict, key: str) -> str:
+        lo, hi = p["test_ci95"].get(key, (float("nan"), float("nan")))
+        return f"{p['test'][key]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    w("## High-sensitivity operating points (threshold chosen on validation)\n")
+    w("Where a missed cancer costs more than a false alarm, a binary model would be read at a lower threshold than "
+      "its call. Per target sensitivity: the highest threshold that reaches it on validation, then what that "
+      f"threshold does on test ({res['selection']}). The readers' mean diameter, thresholded the same way, is the "
+      "baseline.\n")
+    w("| model | target sensitivity (val) | threshold | test sensitivity | test specificity | test PPV | test NPV | "
+      "test share called malignant |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["results"]:
+        for p in r["points"]:
+            t = f"{p['threshold']:.1f} mm" if r["score"] == "mm" else f"{p['threshold']:.1%}"
+            w(f"| {r['model']} | {p['target_sensitivity']:.0%} ({p['val']['sensitivity']:.0%}) | {t} | "
+              f"{fig(p, 'sensitivity')} | {fig(p, 'specificity')} | {p['test']['ppv']:.2f} | "
+              f"{p['test']['npv']:.2f} | {p['test']['called_positive']:.0%} |")
+    w("")
+    baseline = next((r for r in res["results"] if r["score"] == "mm"), None)
+    if baseline:
+        for k, base in enumerate(baseline["points"]):
+            best = max((r for r in res["results"] if r is not baseline),
+                       key=lambda r, k=k: r["points"][k]["test"]["specificity"])
+            b, m = base["test"], best["points"][k]["test"]
+            w(f"At the {base['target_sensitivity']:.0%} target the most specific image model, {best['model']}, "
+              f"reaches specificity {m['specificity']:.2f} at sensitivity {m['sensitivity']:.2f} on test; the "
+              f"readers' diameter {b['specificity']:.2f} at {b['sensitivity']:.2f}.")
+        w("")
+    short = [(r["model"], p) for r in res["results"] for p in r["points"]
+             if p["test"]["sensitivity"] < p["target_sensitivity"]]
+    if short:
+        worst_name, worst = min(short, key=lambda x: x[1]["test"]["sensitivity"] - x[1]["target_sensitivity"])
+        worst_n = next(r["n_val_positive"] for r in res["results"] if r["model"] == worst_name)
+        w(f"A threshold set for a sensitivity on validation fell short of it on test in {len(short)} of "
+          f"{sum(len(r['points']) for r in res['results'])} rows (down to {worst['test']['sensitivity']:.0%} for "
+          f"{worst_name} at a {worst['target_sensitivity']:.0%} target): validation holds {worst_n} malignant "
+          f"nodules, so each one missed moves its sensitivity by {100 / worst_n:.1f} percentage points, and a "
+          "threshold does not carry over exactly. Read these thresholds as a sketch of the trade-off, not as "
+          "validated working points.\n")
+    prevalence = sorted({round(r["test_positive_share"], 2) for r in res["results"]})
+    w(f"PPV and NPV hold at this test set's malignant share ({', '.join(f'{v:.0%}' for v in prevalence)}); where "
+      "malignancy is rarer or commoner they move with it.\n")
+
+
 def outliner_section(w: Callable[[str], None], folder: Path) -> None:
     """The nodule outliner: overlap with the readers' outline, its diameter against theirs, size alone as a test."""
     spec = read_result("outliner.json", folder)
@@ -670,6 +722,7 @@ def write_card(folder: Path | None = None) -> Path:
         ablation_section(w, ablation, specs.get(f"{ablation['setup'].get('view')}-{ablation['setup'].get('task')}"))
     tta_section(w, folder)
     class_bias_section(w, folder)
+    operating_points_section(w, folder)
     outliner_section(w, folder)
     finder_section(w, folder)
     w("## Per model\n")

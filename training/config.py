@@ -147,6 +147,15 @@ class ClassBiasConfig:
 
 
 @dataclasses.dataclass
+class OperatingConfig:
+    """High-sensitivity operating points of the binary models: thresholds chosen on validation, read on test."""
+
+    weights: str = ""  # folder holding the shipped models; empty = weights/
+    n_boot: int = 1000
+    out: str = ""  # result file; empty = operating_points.json next to the weights
+
+
+@dataclasses.dataclass
 class SearchConfig:
     """The recipe search behind the shipped networks (training.experiments.SEARCH), on validation only."""
 

@@ -368,3 +368,54 @@ def compare_class_bias(weights: str = "", seeds: int = 20, k: int = 5, out: str 
     path = Path(out) if out else folder / "class_bias.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+#: Sensitivities a high-sensitivity use of a binary model might aim for (:func:`compare_operating_points`).
+SENSITIVITY_TARGETS = (0.90, 0.95)
+OPERATING_MODELS = ("nodule-binary", "slice-binary", "fused-binary")
+
+
+def compare_operating_points(weights: str = "", targets: tuple[float, ...] = SENSITIVITY_TARGETS, n_boot: int = 1000,
+                             out: str = "", progress: bool = True) -> dict:
+    """Per binary model (and the readers' mean diameter alone, as a baseline): the malignant-probability threshold
+    that reaches each target sensitivity on validation, read on test with patient-bootstrap intervals. Writes
+    ``operating_points.json`` next to the weights (or to ``out``)."""
+    from lungviz import metrics
+    from lungviz.labels import get_scheme
+    from training.datasets import load_cases
+    from training.evaluate import read_any_spec
+    from training.fuse import split_logits
+
+    folder = Path(weights) if weights else paths.weights_dir()
+    scheme = get_scheme("binary")
+    names = [n for n in OPERATING_MODELS if (folder / f"{n}.json").is_file()]
+    trained_on = read_any_spec(folder, names[0])
+    cases, _ = load_cases("lidc")
+    data = {}
+    for split in ("val", "test"):
+        kept, y, _, per_net = split_logits(cases, scheme, split, trained_on, folder, {n: [n] for n in names},
+                                           progress)
+        scores = {n: metrics.softmax(per_net[n][0])[:, scheme.positive_class] for n in names}
+        scores["readers' diameter"] = np.array([c.diameter_mm if c.diameter_mm else np.nan for c in kept], float)
+        data[split] = {"positive": y == scheme.positive_class, "scores": scores,
+                       "groups": np.array([c.patient_id for c in kept])}
+    rows = []
+    for name in data["val"]["scores"]:
+        v, t = ({"positive": d["positive"], "score": d["scores"][name], "groups": d["groups"]} for d in
+                (data["val"], data["test"]))
+        ok_v, ok_t = np.isfinite(v["score"]), np.isfinite(t["score"])
+        rows.append({"model": name, "score": "mm" if name == "readers' diameter" else "malignant probability",
+                     "n_val": int(ok_v.sum()), "n_test": int(ok_t.sum()),
+                     "n_val_positive": int(v["positive"][ok_v].sum()),
+                     "test_positive_share": float(t["positive"][ok_t].mean()),
+                     "points": [metrics.operating_point(v["positive"][ok_v], v["score"][ok_v], t["positive"][ok_t],
+                                                        t["score"][ok_t], target, list(t["groups"][ok_t]), n_boot)
+                                for target in targets]})
+    result = {"selection": "threshold: the highest that reaches the target sensitivity on the validation split; "
+                           "test read with it, 95% patient-bootstrap intervals of the test cases",
+              "calibration": shared_order(read_any_spec(folder, n) for n in names
+                                          if read_any_spec(folder, n).get("kind") != "fusion"),
+              "results": rows}
+    path = Path(out) if out else folder / "operating_points.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
