@@ -282,12 +282,27 @@ def score_auroc(
     return {"n": len(y), "auroc": auroc(y, P), "ci95": ci}
 
 
-def threshold_for_sensitivity(positive: np.ndarray, score: np.ndarray, target: float) -> float:
-    """The highest threshold ``t`` at which calling ``score >= t`` finds at least ``target`` of the positives."""
-    pos = np.sort(np.asarray(score, np.float64)[np.asarray(positive, bool)])[::-1]
-    if not len(pos) or not 0.0 < target <= 1.0:
-        raise ValueError("a sensitivity target needs positive cases and a target in (0, 1]")
-    return float(pos[int(np.ceil(target * len(pos) - 1e-9)) - 1])
+#: How :func:`threshold_for_sensitivity` reads a target: reached on the cases themselves ("point"), or by the lower
+#: end of the 95% Wilson interval of their sensitivity ("lower-bound": a threshold that should hold on new cases).
+SENSITIVITY_RULES = ("point", "lower-bound")
+
+
+def threshold_for_sensitivity(positive: np.ndarray, score: np.ndarray, target: float,
+                              rule: str = "point") -> tuple[float, bool]:
+    """The highest threshold ``t`` at which calling ``score >= t`` finds ``target`` of the positives (``rule``: see
+    :data:`SENSITIVITY_RULES`), and whether the target was reachable at all: when even calling every positive
+    leaves the Wilson lower bound below the target, ``t`` is the lowest positive's score and the flag is False."""
+    s = np.asarray(score, np.float64)
+    pos = np.sort(s[np.asarray(positive, bool)])[::-1]
+    if not len(pos) or not 0.0 < target <= 1.0 or rule not in SENSITIVITY_RULES:
+        raise ValueError("a sensitivity target needs positive cases, a target in (0, 1] and a known rule")
+    if not np.isfinite(s).all():
+        raise ValueError("a sensitivity threshold needs a finite score for every case")
+    n = len(pos)
+    if rule == "point":
+        return float(pos[int(np.ceil(target * n - 1e-9)) - 1]), True
+    enough = [k for k in range(1, n + 1) if wilson_interval(k, n)[0] >= target]
+    return float(pos[(enough[0] if enough else n) - 1]), bool(enough)
 
 
 def at_threshold(positive: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:
@@ -304,12 +319,12 @@ def at_threshold(positive: np.ndarray, score: np.ndarray, threshold: float) -> d
 
 def operating_point(val_positive: np.ndarray, val_score: np.ndarray, test_positive: np.ndarray,
                     test_score: np.ndarray, target: float, test_groups: Sequence[str] | None = None,
-                    n_boot: int = 1000) -> dict:
-    """A threshold chosen on validation for ``target`` sensitivity, then read on test with patient-bootstrap 95%
-    intervals (of the test cases; the threshold stays the validation one)."""
-    t = threshold_for_sensitivity(val_positive, val_score, target)
+                    n_boot: int = 1000, rule: str = "point") -> dict:
+    """A threshold chosen on validation for ``target`` sensitivity (``rule``: see :data:`SENSITIVITY_RULES`), then
+    read on test with patient-bootstrap 95% intervals (of the test cases; the threshold stays the validation one)."""
+    t, reachable = threshold_for_sensitivity(val_positive, val_score, target, rule)
     tp, ts = np.asarray(test_positive, bool), np.asarray(test_score, np.float64)
-    return {"target_sensitivity": target, "threshold": t,
+    return {"target_sensitivity": target, "rule": rule, "reachable": reachable, "threshold": t,
             "val": at_threshold(val_positive, val_score, t), "test": at_threshold(tp, ts, t),
             "test_ci95": bootstrap_ci(lambda i: at_threshold(tp[i], ts[i], t), len(tp), test_groups, n_boot)}
 

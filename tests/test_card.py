@@ -301,7 +301,7 @@ def test_card_reports_the_class_bias_check_and_names_it_among_the_limits(tmp_pat
                 "temperature": fam(1.116, test_nll[0]), "temperature_bias": fam(1.127, test_nll[1])}
 
     res = {"selection": "out-of-fold validation NLL", "calibration": "prior-after-temperature", "adopted": [],
-           "results": [row("nodule-score", 0, False, (1.141, 1.130)), row("slice-binary", 1, False, (0.40, 0.41))]}
+           "results": [row("nodule-score", 0, False, (1.141, 1.130)), row("nodule-binary", 1, False, (0.40, 0.41))]}
     (tmp_path / "class_bias.json").write_text(json.dumps(res))
     spec = _binary_spec()
     spec["metrics"]["test"]["ece_if_calibrated"] = {"median": 0.02, "p95": 0.03, "p_value": 0.01}
@@ -309,34 +309,46 @@ def test_card_reports_the_class_bias_check_and_names_it_among_the_limits(tmp_pat
     card = write_card(tmp_path).read_text()
     assert "## Per-class calibration (validation decides)" in card and "Adopted: none." in card
     assert "| nodule-score | 336 | 1.116 → 1.127 | 0 of 20 | 0.050 → 0.050 | 1.141 → 1.130 | 0.070 → 0.070 |" in card
-    assert "would have lowered the NLL of nodule-score, which validation" in card  # not slice-binary: it rose
-    assert "was checked and validation did not support it" in card and "earlier calibration" not in card
+    assert "would have lowered both the NLL and the ECE" not in card  # nodule-score's ECE rose, slice-binary's NLL
+    assert "| nodule-binary | 336 | 1.116 → 1.127 | 1 of 20 |" in card and "earlier calibration" not in card
+    # the limits name only the models above the chance band that the check covered (nodule-score is within it)
+    assert ("calibration suggests; for nodule-binary a per-class bias on top of the temperature was checked and "
+            "validation did not support it") in card
     (tmp_path / "class_bias.json").unlink()
     card = write_card(tmp_path).read_text()
     assert "Per-class calibration" not in card and "- The top-class ECE of nodule-binary is above" in card
 
 
 def test_card_gives_the_high_sensitivity_operating_points_beside_the_readers_diameter(tmp_path):
-    def point(target: float, threshold: float, sens: float, spec: float) -> dict:
+    def point(target: float, rule: str, threshold: float, sens: float, spec: float, reachable: bool = True) -> dict:
         figs = {"sensitivity": sens, "specificity": spec, "ppv": 0.4, "npv": 0.95, "called_positive": 0.4}
-        return {"target_sensitivity": target, "threshold": threshold, "val": figs | {"sensitivity": target + 0.01},
-                "test": figs, "test_ci95": {"sensitivity": [sens - 0.1, sens + 0.05], "specificity": [0.6, 0.8]}}
+        return {"target_sensitivity": target, "rule": rule, "reachable": reachable, "threshold": threshold,
+                "val": figs | {"sensitivity": target + 0.01}, "test": figs,
+                "test_ci95": {"sensitivity": [sens - 0.1, sens + 0.05], "specificity": [0.6, 0.8]}}
 
     def row(model: str, score: str, pts: list[dict]) -> dict:
         return {"model": model, "score": score, "n_val": 336, "n_test": 332, "n_val_positive": 66,
                 "test_positive_share": 0.214, "points": pts}
 
+    prob = "malignant probability"
     res = {"selection": "chosen on validation", "calibration": "prior-after-temperature", "results": [
-        row("nodule-binary", "malignant probability", [point(0.9, 0.154, 0.79, 0.69), point(0.95, 0.099, 0.96, 0.5)]),
-        row("fused-binary", "malignant probability", [point(0.9, 0.137, 0.82, 0.78), point(0.95, 0.078, 0.87, 0.59)]),
-        row("readers' diameter", "mm", [point(0.9, 9.57, 0.83, 0.79), point(0.95, 8.34, 0.89, 0.67)])]}
+        row("nodule-binary", prob, [point(0.9, "point", 0.154, 0.79, 0.69),
+                                    point(0.9, "lower-bound", 0.08, 0.93, 0.5)]),
+        row("fused-binary", prob, [point(0.9, "point", 0.137, 0.82, 0.81),
+                                   point(0.9, "lower-bound", 0.06, 0.9, 0.5)]),
+        row("readers' diameter", "mm", [point(0.9, "point", 9.57, 0.83, 0.79),
+                                        point(0.9, "lower-bound", 7.1, 0.97, 0.55, reachable=False)])]}
     (tmp_path / "operating_points.json").write_text(json.dumps(res))
     card = write_card(tmp_path).read_text()
     assert "## High-sensitivity operating points (threshold chosen on validation)" in card
-    assert "| nodule-binary | 90% (91%) | 15.4% | 0.79 [0.69, 0.84] | 0.69 [0.60, 0.80] | 0.40 | 0.95 | 40% |" in card
-    assert "| readers' diameter | 95% (96%) | 8.3 mm |" in card
-    assert ("At the 90% target the most specific image model, fused-binary, reaches specificity 0.78 at "
-            "sensitivity 0.82 on test; the readers' diameter 0.79 at 0.83.") in card
-    assert "fell short of it on test in 5 of 6 rows (down to 79% for nodule-binary at a 90% target)" in card
-    assert "holds 66 malignant nodules, so each one missed moves its sensitivity by 1.5 percentage points" in card
-    assert "malignant share (21%)" in card
+    assert ("| nodule-binary | 90% | reached on validation | 15.4% | 91% | 0.79 [0.69, 0.84] | 0.69 [0.60, 0.80] | "
+            "0.40 | 0.95 | 40% |") in card
+    assert "| readers' diameter | 90% | 95% lower bound on validation (not reachable) | 7.1 mm |" in card
+    assert ("*Reached on validation*: test sensitivity below the target in 3 of 3 rows (test minus target: -11 to "
+            "-7") in card
+    assert "*95% lower bound on validation*: test sensitivity below the target in 0 of 3 rows" in card
+    # the fused model is compared, not whichever image model did best on test
+    assert ("90%, reached on validation: fused-binary 0.82 / 0.81, the diameter 0.83 / 0.79 (neither better on "
+            "both)") in card
+    assert "fused-binary 0.90 / 0.50, the diameter 0.97 / 0.55 (the readers' diameter at least as good on both)" in card
+    assert "malignant share (21%)" in card and "with 66 malignant validation nodules" in card

@@ -204,15 +204,32 @@ def test_reader_comparison_intervals_resample_patients():
 def test_a_threshold_for_a_sensitivity_is_the_highest_that_reaches_it():
     positive = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
     score = np.array([0.9, 0.8, 0.4, 0.2, 0.7, 0.5, 0.3, 0.1, 0.05, 0.3])
-    assert M.threshold_for_sensitivity(positive, score, 0.75) == 0.4  # 3 of 4 positives at or above it
-    assert M.threshold_for_sensitivity(positive, score, 0.76) == 0.2  # a fraction more needs the fourth
-    assert M.threshold_for_sensitivity(positive, score, 1.0) == 0.2
+    assert M.threshold_for_sensitivity(positive, score, 0.75) == (0.4, True)  # 3 of 4 positives at or above it
+    assert M.threshold_for_sensitivity(positive, score, 0.76) == (0.2, True)  # a fraction more needs the fourth
+    assert M.threshold_for_sensitivity(positive, score, 1.0) == (0.2, True)
+    tied = np.array([0.9, 0.4, 0.4, 0.2, 0.7, 0.5, 0.3, 0.1, 0.05, 0.3])
+    assert M.threshold_for_sensitivity(positive, tied, 0.5) == (0.4, True)  # ties at the threshold are all called
     got = M.at_threshold(positive, score, 0.4)
     assert got == pytest.approx({"sensitivity": 0.75, "specificity": 4 / 6, "ppv": 3 / 5, "npv": 4 / 5,
                                  "called_positive": 0.5})
     assert np.isnan(M.at_threshold(positive, score, 2.0)["ppv"])  # nothing called positive: no PPV to count
     with pytest.raises(ValueError):
         M.threshold_for_sensitivity(np.zeros(3, bool), score[:3], 0.9)
+    with pytest.raises(ValueError, match="finite"):  # a NaN would sort first and give a wrong threshold
+        M.threshold_for_sensitivity(positive, np.where(np.arange(10) == 1, np.nan, score), 0.75)
+
+
+def test_the_lower_bound_rule_asks_for_more_than_the_target_and_says_when_it_cannot_be_reached():
+    rng = np.random.default_rng(4)
+    positive = np.r_[np.ones(66, bool), np.zeros(270, bool)]
+    score = rng.random(336) + positive
+    point, ok = M.threshold_for_sensitivity(positive, score, 0.9)
+    strict, ok_strict = M.threshold_for_sensitivity(positive, score, 0.9, "lower-bound")
+    k = int(np.sum(score[positive] >= strict))
+    assert ok and ok_strict and strict < point and M.wilson_interval(k, 66)[0] >= 0.9 > M.wilson_interval(k - 1,
+                                                                                                          66)[0]
+    lowest, reachable = M.threshold_for_sensitivity(positive, score, 0.95, "lower-bound")  # 66/66 bounds at 0.945
+    assert not reachable and lowest == score[positive].min()
 
 
 def test_an_operating_point_is_chosen_on_validation_and_only_read_on_test():
@@ -220,8 +237,8 @@ def test_an_operating_point_is_chosen_on_validation_and_only_read_on_test():
     vp, tp = rng.random(400) < 0.2, rng.random(300) < 0.2
     vs, ts = vp + rng.normal(0, 0.7, 400), tp + rng.normal(0, 0.7, 300)
     op = M.operating_point(vp, vs, tp, ts, 0.9, [f"P{i // 2}" for i in range(300)], 200)
-    assert op["threshold"] == M.threshold_for_sensitivity(vp, vs, 0.9) and op["val"]["sensitivity"] >= 0.9
-    assert op["test"] == M.at_threshold(tp, ts, op["threshold"])
+    assert op["threshold"] == M.threshold_for_sensitivity(vp, vs, 0.9)[0] and op["val"]["sensitivity"] >= 0.9
+    assert op["test"] == M.at_threshold(tp, ts, op["threshold"]) and op["rule"] == "point" and op["reachable"]
     shifted = M.operating_point(vp, vs, tp, ts + 5.0, 0.9, None, 50)  # test scores never move the threshold
     assert shifted["threshold"] == op["threshold"] and shifted["test"]["sensitivity"] == 1.0
     lo, hi = op["test_ci95"]["specificity"]

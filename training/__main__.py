@@ -218,7 +218,7 @@ def cmd_operating(cfg: OperatingConfig) -> dict:
     from training.experiments import compare_operating_points
 
     result = compare_operating_points(cfg.weights, n_boot=cfg.n_boot, out=cfg.out)
-    return {r["model"]: {f"{p['target_sensitivity']:.0%}": {k: round(p["test"][k], 3)
+    return {r["model"]: {f"{p['target_sensitivity']:.0%} {p['rule']}": {k: round(p["test"][k], 3)
                                                             for k in ("sensitivity", "specificity")}
                          for p in r["points"]} for r in result["results"]}
 

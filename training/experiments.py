@@ -285,7 +285,6 @@ def compare_tta(weights: str = "", n_boot: int = 500, out: str = "", progress: b
     return result
 
 
-
 #: A network adopts a per-class bias only if its out-of-fold validation NLL falls on at least this share of the fold
 #: draws (:func:`class_bias_check`).
 CLASS_BIAS_RULE = 0.8
@@ -301,39 +300,37 @@ def class_bias_check(val: dict, test: dict, prior: np.ndarray | None, seeds: int
 
     b = np.zeros(val["logits"].shape[1]) if prior is None else np.asarray(prior, np.float64)
 
-    def fitted(rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Per family, the offset added to ``z / T`` and T, fitted on the validation cases ``rows``."""
+    def fitted(rows: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
+        """Per family, ``(T, offset)`` of its calibrated logits ``z / T + offset``, fitted on the cases ``rows``."""
         t = Calibration.fit(val["logits"][rows], val["y"][rows], prior).temperature
         t2, c = metrics.fit_temperature_bias(val["logits"][rows], val["y"][rows], b)
         return {"temperature": (t, b), "temperature_bias": (t2, b + c)}
 
-    def probs(z: np.ndarray, fit: tuple[float, np.ndarray]) -> np.ndarray:
-        return metrics.softmax(np.asarray(z, np.float64) / fit[0] + fit[1])
+    def figures(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """NLL and top-class ECE of calibrated logits ``z``."""
+        return metrics.nll(z, y), metrics.ece(y, metrics.softmax(z))
 
-    def nll(y: np.ndarray, P: np.ndarray) -> float:
-        return float(-np.mean(np.log(np.clip(P[np.arange(len(y)), y], 1e-12, 1.0))))
-
-    draws: dict[str, dict[str, list[float]]] = {f: {"nll": [], "ece": []} for f in ("temperature", "temperature_bias")}
+    draws: dict[str, list[tuple[float, float]]] = {f: [] for f in ("temperature", "temperature_bias")}
     for seed in range(seeds):
         fold = grouped_folds(list(val["groups"]), k, seed)
         oof = {f: np.zeros(val["logits"].shape) for f in draws}
         for f in range(k):
-            for family, fit in fitted(fold != f).items():
-                oof[family][fold == f] = probs(val["logits"][fold == f], fit)
-        for family, P in oof.items():
-            draws[family]["nll"].append(nll(val["y"], P))
-            draws[family]["ece"].append(metrics.ece(val["y"], P))
-    lower = int(np.sum(np.array(draws["temperature_bias"]["nll"]) < np.array(draws["temperature"]["nll"])))
+            for family, (t, offset) in fitted(fold != f).items():
+                oof[family][fold == f] = val["logits"][fold == f] / t + offset
+        for family, z in oof.items():
+            draws[family].append(figures(z, val["y"]))
+    lower = sum(with_bias[0] < plain[0] for with_bias, plain in zip(draws["temperature_bias"], draws["temperature"],
+                                                                      strict=True))
     full = fitted(np.arange(len(val["y"])))
-    out = {"n_val": len(val["y"]), "n_test": len(test["y"]), "draws_lower_nll": lower, "draws": seeds,
+    out = {"n_val": len(val["y"]), "n_test": len(test["y"]), "draws_lower_nll": int(lower), "draws": seeds,
            "adopt": lower >= CLASS_BIAS_RULE * seeds,
            "class_bias": [float(v) for v in full["temperature_bias"][1] - b],
            "temperature_with_bias": full["temperature_bias"][0]}
-    for family, fit in full.items():
-        P = probs(test["logits"], fit)
-        out[family] = {"val_oof_nll": float(np.mean(draws[family]["nll"])),
-                       "val_oof_ece": float(np.mean(draws[family]["ece"])),
-                       "test_nll": nll(test["y"], P), "test_ece": metrics.ece(test["y"], P)}
+    for family, (t, offset) in full.items():
+        test_nll, test_ece = figures(test["logits"] / t + offset, test["y"])
+        out[family] = {"val_oof_nll": float(np.mean([d[0] for d in draws[family]])),
+                       "val_oof_ece": float(np.mean([d[1] for d in draws[family]])),
+                       "test_nll": test_nll, "test_ece": test_ece}
     return out
 
 
@@ -341,6 +338,7 @@ def compare_class_bias(weights: str = "", seeds: int = 20, k: int = 5, out: str 
     """Would a per-class bias on top of the temperature calibrate the shipped networks better? Validation decides
     per network (:func:`class_bias_check`, :data:`CLASS_BIAS_RULE`); test is read after. Writes ``class_bias.json``
     next to the weights (or to ``out``)."""
+    from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
     from training.datasets import load_cases
     from training.evaluate import read_any_spec
@@ -348,14 +346,21 @@ def compare_class_bias(weights: str = "", seeds: int = 20, k: int = 5, out: str 
     from training.train import SHIPPED
 
     folder = Path(weights) if weights else paths.weights_dir()
+    specs = {name: read_any_spec(folder, name) for name in SHIPPED}
+    older = [n for n, s in specs.items() if Calibration.from_spec(s).order != PRIOR_AFTER_T]
+    if older:
+        raise LungvizError(f"{', '.join(older)} still carry the earlier calibration; re-measure them with `python -m "
+                           "training refresh` before checking a class bias on top of it.")
+    cases: dict[str, list] = {}
     rows = []
-    for name in SHIPPED:
-        spec = read_any_spec(folder, name)
+    for name, spec in specs.items():
         scheme = get_scheme(spec["task"])
-        cases, _ = load_cases(spec.get("dataset", "lidc"))
+        dataset = spec.get("dataset", "lidc")
+        if dataset not in cases:
+            cases[dataset] = load_cases(dataset)[0]
         parts = {}
         for split in ("val", "test"):
-            kept, y, _, per_net = split_logits(cases, scheme, split, spec, folder, {name: [name]}, progress)
+            kept, y, _, per_net = split_logits(cases[dataset], scheme, split, spec, folder, {name: [name]}, progress)
             parts[split] = {"logits": per_net[name][1].astype(np.float64), "y": y,
                             "groups": [c.patient_id for c in kept]}
         rows.append({"model": name, **class_bias_check(parts["val"], parts["test"], spec.get("prior_adjust"),
@@ -363,8 +368,7 @@ def compare_class_bias(weights: str = "", seeds: int = 20, k: int = 5, out: str 
         log.info("class bias %s: lower validation NLL on %d of %d draws", name, rows[-1]["draws_lower_nll"], seeds)
     result = {"selection": f"mean out-of-fold validation NLL, {k} patient-grouped folds of the validation split, "
                            f"{seeds} fold draws; adopted where lower on at least {CLASS_BIAS_RULE:.0%} of the draws",
-              "calibration": shared_order(read_any_spec(folder, r["model"]) for r in rows),
-              "adopted": [r["model"] for r in rows if r["adopt"]], "results": rows}
+              "calibration": PRIOR_AFTER_T, "adopted": [r["model"] for r in rows if r["adopt"]], "results": rows}
     path = Path(out) if out else folder / "class_bias.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -372,15 +376,19 @@ def compare_class_bias(weights: str = "", seeds: int = 20, k: int = 5, out: str 
 
 #: Sensitivities a high-sensitivity use of a binary model might aim for (:func:`compare_operating_points`).
 SENSITIVITY_TARGETS = (0.90, 0.95)
+#: The binary models whose operating points are measured; the readers' mean diameter is added as the baseline.
 OPERATING_MODELS = ("nodule-binary", "slice-binary", "fused-binary")
+READERS_DIAMETER = "readers' diameter"
 
 
 def compare_operating_points(weights: str = "", targets: tuple[float, ...] = SENSITIVITY_TARGETS, n_boot: int = 1000,
                              out: str = "", progress: bool = True) -> dict:
     """Per binary model (and the readers' mean diameter alone, as a baseline): the malignant-probability threshold
-    that reaches each target sensitivity on validation, read on test with patient-bootstrap intervals. Writes
-    ``operating_points.json`` next to the weights (or to ``out``)."""
+    that reaches each target sensitivity on validation, by each rule of :data:`lungviz.metrics.SENSITIVITY_RULES`,
+    read on test with patient-bootstrap intervals. Writes ``operating_points.json`` next to the weights (or to
+    ``out``)."""
     from lungviz import metrics
+    from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
     from training.datasets import load_cases
     from training.evaluate import read_any_spec
@@ -388,15 +396,20 @@ def compare_operating_points(weights: str = "", targets: tuple[float, ...] = SEN
 
     folder = Path(weights) if weights else paths.weights_dir()
     scheme = get_scheme("binary")
-    names = [n for n in OPERATING_MODELS if (folder / f"{n}.json").is_file()]
-    trained_on = read_any_spec(folder, names[0])
+    specs = {n: read_any_spec(folder, n) for n in OPERATING_MODELS if (folder / f"{n}.json").is_file()}
+    if not specs:
+        raise LungvizError(f"no binary model ({', '.join(OPERATING_MODELS)}) is installed in {folder}.")
+    trained_on = next(iter(specs.values()))
+    if len({s.get("split_fingerprint") for s in specs.values()}) != 1:
+        raise LungvizError("the binary models were trained on different splits; their operating points cannot be "
+                           "read on one test split.")
     cases, _ = load_cases("lidc")
     data = {}
     for split in ("val", "test"):
-        kept, y, _, per_net = split_logits(cases, scheme, split, trained_on, folder, {n: [n] for n in names},
+        kept, y, _, per_net = split_logits(cases, scheme, split, trained_on, folder, {n: [n] for n in specs},
                                            progress)
-        scores = {n: metrics.softmax(per_net[n][0])[:, scheme.positive_class] for n in names}
-        scores["readers' diameter"] = np.array([c.diameter_mm if c.diameter_mm else np.nan for c in kept], float)
+        scores = {n: metrics.softmax(per_net[n][0])[:, scheme.positive_class] for n in specs}
+        scores[READERS_DIAMETER] = np.array([c.diameter_mm if c.diameter_mm else np.nan for c in kept], float)
         data[split] = {"positive": y == scheme.positive_class, "scores": scores,
                        "groups": np.array([c.patient_id for c in kept])}
     rows = []
@@ -404,17 +417,17 @@ def compare_operating_points(weights: str = "", targets: tuple[float, ...] = SEN
         v, t = ({"positive": d["positive"], "score": d["scores"][name], "groups": d["groups"]} for d in
                 (data["val"], data["test"]))
         ok_v, ok_t = np.isfinite(v["score"]), np.isfinite(t["score"])
-        rows.append({"model": name, "score": "mm" if name == "readers' diameter" else "malignant probability",
+        rows.append({"model": name, "score": "mm" if name == READERS_DIAMETER else "malignant probability",
                      "n_val": int(ok_v.sum()), "n_test": int(ok_t.sum()),
                      "n_val_positive": int(v["positive"][ok_v].sum()),
                      "test_positive_share": float(t["positive"][ok_t].mean()),
                      "points": [metrics.operating_point(v["positive"][ok_v], v["score"][ok_v], t["positive"][ok_t],
-                                                        t["score"][ok_t], target, list(t["groups"][ok_t]), n_boot)
-                                for target in targets]})
-    result = {"selection": "threshold: the highest that reaches the target sensitivity on the validation split; "
-                           "test read with it, 95% patient-bootstrap intervals of the test cases",
-              "calibration": shared_order(read_any_spec(folder, n) for n in names
-                                          if read_any_spec(folder, n).get("kind") != "fusion"),
+                                                        t["score"][ok_t], target, list(t["groups"][ok_t]), n_boot,
+                                                        rule)
+                                for rule in metrics.SENSITIVITY_RULES for target in targets]})
+    result = {"selection": "thresholds chosen on the validation split; test read with them, 95% patient-bootstrap "
+                           "intervals of the test cases",
+              "calibration": shared_order(s for s in specs.values() if s.get("kind") != "fusion"),
               "results": rows}
     path = Path(out) if out else folder / "operating_points.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
