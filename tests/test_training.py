@@ -703,3 +703,13 @@ def test_a_class_bias_is_adopted_only_where_it_lowers_the_out_of_fold_validation
     fine = class_bias_check(split(400, prior), split(300, skewed), prior, seeds=5)  # test never decides
     assert not fine["adopt"] and fine["draws_lower_nll"] < 5 * CLASS_BIAS_RULE
     assert fine["temperature"]["val_oof_nll"] < fine["temperature_bias"]["val_oof_nll"]
+
+
+def test_the_command_line_help_lists_every_command(capsys):
+    from training.__main__ import COMMANDS, main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())  # help wraps its lines
+    assert all(name in shown for name in COMMANDS) and "90% and 95% sensitivity" in shown

@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (fn, cls) in COMMANDS.items():
-        p = sub.add_parser(name, help=" ".join((fn.__doc__ or "").strip().split("\n\n")[0].split()))
+        summary = " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+        p = sub.add_parser(name, help=summary.replace("%", "%%"))  # argparse formats help with %
         add_config_args(p, cls)
     args = parser.parse_args(argv)
     fn, cls = COMMANDS[args.command]
