@@ -13,7 +13,7 @@ from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
 from lungviz.fusion import SIZE_SOURCES
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
-from lungviz.inventory import diameter_note, map_localisation_note, size_only_note
+from lungviz.inventory import diameter_note, map_localisation_note, outline_features_note, size_only_note
 from lungviz.io import LoadedImage
 from lungviz.library import SPLIT_NOTES, series_split_note
 from lungviz.metrics import reliability_bin, wilson_interval
@@ -29,6 +29,7 @@ from lungviz.report import (
     data_uri,
     model_versions,
     outline_caption,
+    outline_features_text,
     pct,
     report_filename,
 )
@@ -285,6 +286,8 @@ with est:
         st.caption(f"Nodule diameter measured on this image by {by}: about "
                    f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; the readers' own measurements are "
                    "never inputs). " + " ".join(n for n in (diameter_note(folder), size_only_note(folder)) if n))
+    if (shape := outline_features_text(pred.to_dict().get("outline_features") or {})) is not None:
+        st.caption(" ".join(n for n in (shape, outline_features_note(folder)) if n))
 fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")

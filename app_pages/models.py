@@ -156,7 +156,9 @@ else:
               c if len(nets) == 1 else f"{c} (mean of {len(nets)} networks)"
               for c, nets in m.get("_networks", {}).items())
                           + (f" + {(m.get('fusion') or {}).get('size_source', 'finder')}'s diameter"
-                             if (m.get("fusion") or {}).get("features") else ""),
+                             if (m.get("fusion") or {}).get("features") else "")
+                          + (" and outline shape and grey levels" if len((m.get("fusion") or {}).get("features")
+                                                                         or []) > 1 else ""),
           "input size": m.get("input_size"), "temperature": m.get("temperature"),
           "weights present": m["_weights_present"]} for m in models],
         hide_index=True,
@@ -207,7 +209,8 @@ def _outliner(models: list[dict]) -> None:
                          "size alone: AUROC malignant": format_ci(t.get("size_auroc") or {}, "auroc")})
     st.dataframe(rows, hide_index=True)
     st.caption("The outline is the area any reader drew; the measured size is the diameter of a circle of the same "
-               "area, which the fused benign/malignant model uses. A research measurement, not volumetry.")
+               "area, which the fused benign/malignant model uses (with the outline's shape and grey levels where "
+               "its spec lists them). A research measurement, not volumetry.")
 
 
 if models:
@@ -250,7 +253,7 @@ st.markdown(
     "histology teaching model.\n"
     "- The models see images only; the readers' diameter and characteristics are shown for context and never used "
     "as inputs. The fused benign/malignant model adds the nodule's diameter measured on the image (by the nodule "
-    "outliner in the shipped model)."
+    "outliner in the shipped model) and, where its spec lists them, its outline's shape and grey levels."
 )
 st.caption(RESEARCH_NOTICE)
 

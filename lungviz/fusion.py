@@ -1,6 +1,7 @@
 """Two-view late fusion: fused logits = sum of per-view weights x the views' prior-adjusted logits + class bias,
-optionally plus per-class weights x image-derived features (the log of the nodule's diameter measured on the image
-by the outliner or the finder, as the fusion's ``size_source`` says).
+optionally plus per-class weights x image-derived features: the log of the nodule's diameter measured on the image
+by the outliner or the finder (as the fusion's ``size_source`` says) and, from the outliner, the outline's shape and
+intensity (:data:`lungviz.outline.OUTLINE_FEATURES`, standardised on the fitting split).
 
 A view may be an ensemble: the spec's ``members`` names, per component, further networks of the same task whose
 calibrated logits are averaged with the component's (equal weights, fixed) before the fusion weighs the view.
@@ -19,10 +20,12 @@ import numpy as np
 from lungviz.calibration import Calibration
 from lungviz.errors import LungvizError
 from lungviz.metrics import nll, softmax
+from lungviz.outline import OUTLINE_FEATURES
 
-#: The one feature a fusion can add so far: log of the nodule diameter (mm) measured on the image (never the readers'
-#: measurement).
+#: The size feature: log of the nodule diameter (mm) measured on the image (never the readers' measurement).
 SIZE_FEATURE = "log_diameter_mm"
+#: Every feature a fusion can add: the size and the outline's shape and intensity (these need the outliner).
+FEATURES = (SIZE_FEATURE, *OUTLINE_FEATURES)
 #: What measures that diameter: the outliner's outline (same-area circle) or the finder's localiser.
 SIZE_SOURCES = {"outliner": "the nodule outliner", "finder": "the nodule finder's localiser"}
 
@@ -30,6 +33,14 @@ SIZE_SOURCES = {"outliner": "the nodule outliner", "finder": "the nodule finder'
 def size_feature(diameter_mm: float | np.ndarray) -> np.ndarray:
     """:data:`SIZE_FEATURE` of a diameter in mm (floored at 1 mm)."""
     return np.log(np.maximum(np.asarray(diameter_mm, np.float64), 1.0))
+
+
+def feature_row(names: Sequence[str], diameter_mm: float, outline: dict[str, float] | None = None) -> np.ndarray:
+    """``(1, F)`` fusion features ``names`` of one case: the size from ``diameter_mm``, the rest from the outline's
+    measured features (NaN where nothing was outlined; the fusion then counts the feature at its mean)."""
+    outline = outline or {}
+    return np.array([[float(size_feature(diameter_mm)) if n == SIZE_FEATURE else float(outline.get(n, np.nan))
+                      for n in names]], np.float64)
 
 
 def component_networks(spec: dict) -> dict[str, list[str]]:
@@ -81,7 +92,8 @@ def mean_logits(parts: Sequence[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class Fusion:
-    """Per-view weights ``(V,)``, a class bias ``(C,)`` and, optionally, per-class weights ``(F, C)`` of features."""
+    """Per-view weights ``(V,)``, a class bias ``(C,)`` and, optionally, per-class weights ``(F, C)`` of features,
+    each feature first standardised as ``(x - centre) / scale`` (a missing value counts as the centre)."""
 
     views: list[str]
     weights: np.ndarray
@@ -89,6 +101,8 @@ class Fusion:
     features: list[str] = field(default_factory=list)
     feature_weights: np.ndarray | None = None
     size_source: str = "finder"  # what measures SIZE_FEATURE (a key of SIZE_SOURCES)
+    feature_centre: np.ndarray | None = None  # (F,); None = 0 (the size feature is used as it is)
+    feature_scale: np.ndarray | None = None  # (F,); None = 1
 
     def logits(self, view_logits: Sequence[np.ndarray], features: np.ndarray | None = None) -> np.ndarray:
         """``V`` arrays ``(N, C)`` (and ``(N, F)`` features when the fusion uses any) -> fused ``(N, C)``."""
@@ -100,6 +114,9 @@ class Fusion:
             if features is None:
                 raise LungvizError(f"the fused model also needs {', '.join(self.features)}.")
             f = np.asarray(features, np.float64).reshape(len(out), len(self.features))
+            if self.feature_centre is not None:
+                f = (f - self.feature_centre[None, :]) / self.feature_scale[None, :]
+            f = np.where(np.isnan(f), 0.0, f)  # a missing value counts as the centre
             out = out + f @ np.asarray(self.feature_weights, np.float64).reshape(len(self.features), -1)
         return out
 
@@ -111,6 +128,8 @@ class Fusion:
         if self.features:
             out |= {"features": self.features, "feature_weights": np.asarray(self.feature_weights).tolist(),
                     "size_source": self.size_source}
+            if self.feature_centre is not None:
+                out |= {"feature_centre": self.feature_centre.tolist(), "feature_scale": self.feature_scale.tolist()}
         return out
 
     @classmethod
@@ -122,17 +141,25 @@ class Fusion:
             features = [str(f) for f in d.get("features") or []]
             fw = np.asarray(d["feature_weights"], np.float64) if features else None
             source = str(d.get("size_source", "finder"))  # fusions written before the outliner used the finder
+            centre = np.asarray(d["feature_centre"], np.float64) if "feature_centre" in d else None
+            scale = np.asarray(d["feature_scale"], np.float64) if "feature_scale" in d else None
         except (KeyError, TypeError, ValueError) as err:
             raise LungvizError(f"the fused model's description is incomplete or damaged ({err}).") from err
-        unknown = [f for f in features if f != SIZE_FEATURE]
+        unknown = [f for f in features if f not in FEATURES]
         if unknown:
             raise LungvizError(f"the fused model uses unknown feature(s): {', '.join(unknown)}.")
+        if source != "outliner" and set(features) - {SIZE_FEATURE}:
+            raise LungvizError("the fused model's outline features need the nodule outliner as its size source.")
+        if (centre is None) != (scale is None) or (centre is not None and (
+                centre.shape != (len(features),) or scale.shape != (len(features),) or not np.all(scale > 0)
+                or not np.isfinite(centre).all())):
+            raise LungvizError("the fused model's feature standardisation does not match its features.")
         if source not in SIZE_SOURCES:
             raise LungvizError(f"the fused model measures the nodule with an unknown tool ('{source}').")
         if weights.shape != (len(views),) or bias.ndim != 1 or (fw is not None and fw.shape != (len(features),
                                                                                                    len(bias))):
             raise LungvizError("the fused model's weights do not match its views, classes and features.")
-        return cls(views, weights, bias, features, fw, source)
+        return cls(views, weights, bias, features, fw, source, centre, scale)
 
 
 def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarray, l2: float = 1e-3,
@@ -142,17 +169,28 @@ def fit_fusion(views: list[str], view_logits: Sequence[np.ndarray], y: np.ndarra
 
     View weights are kept non-negative: a view's evidence for a class may count less, never against it
     (a negative weight on correlated views is an artefact of fitting on a small validation split).
-    ``features`` ``(N, F)`` named ``feature_names`` get one free weight per class each."""
+    ``features`` ``(N, F)`` named ``feature_names`` get one free weight per class each; the outline features are
+    standardised on these rows first (their mean and spread stored with the fusion; a missing value counts as the
+    mean), the size feature is used as it is."""
     from scipy.optimize import minimize
 
     y = np.asarray(y, int)
     V, C, F = len(view_logits), view_logits[0].shape[1], len(feature_names)
     if F and (features is None or np.asarray(features).shape != (len(y), F)):
         raise LungvizError(f"expected features of shape ({len(y)}, {F}) for {', '.join(feature_names)}.")
+    centre = scale = None
+    if set(feature_names) - {SIZE_FEATURE}:
+        x = np.asarray(features, np.float64)
+        plain = np.array([n == SIZE_FEATURE for n in feature_names])
+        if np.isnan(x).all(axis=0).any():
+            raise LungvizError("a fusion feature was not measured on any of the fitting cases.")
+        centre = np.where(plain, 0.0, np.nanmean(x, axis=0))
+        spread = np.nanstd(x, axis=0)
+        scale = np.where(plain | ~(spread > 0), 1.0, spread)
 
     def unpack(theta: np.ndarray) -> Fusion:
         fw = theta[V + C:].reshape(F, C) if F else None
-        return Fusion(views, theta[:V], theta[V : V + C], list(feature_names), fw, size_source)
+        return Fusion(views, theta[:V], theta[V : V + C], list(feature_names), fw, size_source, centre, scale)
 
     def objective(theta: np.ndarray) -> float:
         f = unpack(theta)

@@ -193,6 +193,23 @@ def size_only_note(folder: Path | None = None) -> str | None:
             f"{compare} (AUROC {size['auroc']:.2f}{interval} against {fused:.2f}).")
 
 
+def outline_features_note(folder: Path | None = None) -> str | None:
+    """One sentence on what the outline features the fused model weighs were worth, from the check that chose them
+    (``outline_features.json``), or None when it was not run or chose none."""
+    res = read_result("outline_features.json", folder) or {}
+    rows = {r.get("candidate"): r for r in res.get("results") or [] if isinstance(r, dict)}
+    chosen, size = rows.get(res.get("chosen_on_validation")), rows.get("size")
+    if not chosen or not size or chosen is size:
+        return None
+    try:
+        return (f"They were chosen on validation (out-of-fold AUROC {size['val_oof_auroc_mean']:.3f} with the size "
+                f"alone, {chosen['val_oof_auroc_mean']:.3f} with them); on {chosen['test_fused']['n']} test nodules "
+                f"the fused model scored AUROC {chosen['test_fused']['auroc']:.3f} with them, "
+                f"{size['test_fused']['auroc']:.3f} without: read them as a small, unconfirmed addition.")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def diameter_note(folder: Path | None = None) -> str | None:
     """One sentence on how the fused model's measured diameter compares with the readers' on the test split, or
     None when not measured."""

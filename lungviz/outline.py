@@ -9,7 +9,7 @@ image-derived sizes, like the finder's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ class Outline:
     diameter_mm: float  # of the circle with the same area; 0 when nothing is outlined
     long_axis_mm: float = 0.0  # the widest extent of the outline (see axes_px)
     short_axis_mm: float = 0.0  # its widest cross-section at right angles to the long axis
+    features: dict[str, float] = field(default_factory=dict)  # OUTLINE_FEATURES (NaN when nothing is outlined)
 
 
 def load_outliner(folder: Path | None = None, device: str | None = None) -> Bundle:
@@ -136,6 +137,43 @@ def mask_sizes_mm(masks: np.ndarray, mm_per_px: float) -> dict[str, np.ndarray]:
     return {"circle": circle, "long_axis": axes[:, 0], "short_axis": axes[:, 1], "mean_axes": axes.mean(axis=1)}
 
 
+#: Shape and intensity of an outline, beside its size: elongation (short / long axis), solidity (area / convex
+#: hull area), compactness (4 pi area / perimeter^2, 1 for a disc), and the view's mean and spread inside the
+#: outline and its mean inside minus that of a ring just outside (how solid and how distinct the nodule is).
+OUTLINE_FEATURES = ("elongation", "solidity", "compactness", "mean_inside", "std_inside", "contrast")
+#: The outline features in a clinician's words, as the app, the report and the model card show them.
+OUTLINE_FEATURE_LABELS = {"elongation": "elongation (short / long axis)", "solidity": "solidity (area / convex hull)",
+                          "compactness": "compactness (1 = a disc)", "mean_inside": "mean grey level inside",
+                          "std_inside": "grey-level spread inside", "contrast": "contrast with its surroundings"}
+#: Width (view pixels) of the ring outside the outline that :data:`OUTLINE_FEATURES`' contrast compares with.
+RING_PX = 3
+
+
+def outline_features(masks: np.ndarray, views01: np.ndarray) -> dict[str, np.ndarray]:
+    """Each of :data:`OUTLINE_FEATURES` per outline mask ``(N, S, S)`` on its view ``(N, S, S)`` in [0, 1]; NaN
+    where nothing is outlined."""
+    from skimage.measure import perimeter
+    from skimage.morphology import convex_hull_image
+
+    m = np.asarray(masks, bool).reshape(-1, *np.shape(masks)[-2:])
+    v = np.asarray(views01, np.float64).reshape(m.shape)
+    out = {f: np.full(len(m), np.nan) for f in OUTLINE_FEATURES}
+    for i, (mask, view) in enumerate(zip(m, v, strict=True)):
+        area = float(mask.sum())
+        if area == 0:
+            continue
+        long_px, short_px = axes_px(mask)
+        ring = ndimage.binary_dilation(mask, iterations=RING_PX) & ~mask
+        inside = view[mask]
+        out["elongation"][i] = short_px / long_px
+        out["solidity"][i] = area / float(convex_hull_image(mask).sum())
+        out["compactness"][i] = min(1.0, 4.0 * np.pi * area / max(perimeter(mask), 1.0) ** 2)
+        out["mean_inside"][i] = float(inside.mean())
+        out["std_inside"][i] = float(inside.std())
+        out["contrast"][i] = float(inside.mean() - view[ring].mean()) if ring.any() else 0.0
+    return out
+
+
 def _crop_views(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> tuple[np.ndarray, float]:
     """The outliner's views of several crops at one pixel spacing, and millimetres per view pixel."""
     field = float(bundle.spec["preprocessing"]["field_mm"])
@@ -148,6 +186,15 @@ def crops_sizes_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: flo
     spacing (e.g. the slices of one nodule)."""
     views, mm_px = _crop_views(bundle, contexts01, spacing_mm)
     return mask_sizes_mm(measure_views(bundle, views, mm_px)[1], mm_px)
+
+
+def crops_outline_features(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
+                           ) -> dict[str, np.ndarray]:
+    """:data:`SIZE_MEASURES` (mm) and :data:`OUTLINE_FEATURES` of the outline at the centre of each of several
+    crops at one pixel spacing (e.g. the slices of one nodule)."""
+    views, mm_px = _crop_views(bundle, contexts01, spacing_mm)
+    masks = measure_views(bundle, views, mm_px)[1]
+    return {**mask_sizes_mm(masks, mm_px), **outline_features(masks, views)}
 
 
 def crops_diameter_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> np.ndarray:
@@ -181,7 +228,9 @@ def outline_nodule(bundle: Bundle, context01: np.ndarray, spacing_mm: float | No
     mask[inside] = masks[0][np.clip(vr, 0, s - 1)[:, None], np.clip(vc, 0, s - 1)[None, :]][inside]
     area = float(masks[0].sum()) * mm_px**2
     sizes = mask_sizes_mm(masks[:1], mm_px)
-    return Outline(mask, probs[0], area, float(diam[0]), float(sizes["long_axis"][0]), float(sizes["short_axis"][0]))
+    shape = {k: float(v[0]) for k, v in outline_features(masks[:1], view[None]).items()}
+    return Outline(mask, probs[0], area, float(diam[0]), float(sizes["long_axis"][0]), float(sizes["short_axis"][0]),
+                   shape)
 
 
 def outline_overlay(context01: np.ndarray, mask: np.ndarray,

@@ -23,8 +23,8 @@ from lungviz.fusion import (
     Fusion,
     check_networks,
     component_networks,
+    feature_row,
     mean_logits,
-    size_feature,
 )
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, file_sha256, load_bundle, read_spec
@@ -142,7 +142,7 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
 def _drop_fusions_measured_by(source: str, err: LungvizError, parsed: dict[str, Fusion], fusions: dict[str, dict],
                               notes: list[str]) -> None:
     """Remove the fused models whose size input ``source`` (which could not be loaded) measures, saying why."""
-    for task in [t for t, f in parsed.items() if SIZE_FEATURE in f.features and f.size_source == source]:
+    for task in [t for t, f in parsed.items() if f.features and f.size_source == source]:
         fusions.pop(task, None)
         notes.append(f"The fused {task} model is not available: it measures the nodule with "
                      f"{SIZE_SOURCES[source]}, which could not be loaded ({err}).")
@@ -203,6 +203,7 @@ class Prediction:
     size_source: str | None = None  # what measured it (a key of lungviz.fusion.SIZE_SOURCES)
     outline: Outline | None = field(repr=False, default=None)  # the outliner's outline on the context crop
     calibration_notes: list[str] = field(default_factory=list)  # views whose malignant probability is off on test
+    outline_features: dict[str, float] = field(default_factory=dict)  # the outline's features a fusion used
 
     def malignant_probability(self, view: str = "fused") -> float | None:
         v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
@@ -228,6 +229,8 @@ class Prediction:
             "diameter_assumes_spacing_mm": DEFAULT_SPACING_MM if self.spacing_assumed and self.diameter_mm else None,
             "nodule_presence_at_centre": None if self.presence is None else round(self.presence, 3),
             "calibration_notes": self.calibration_notes,
+            **({"outline_features": {k: None if not np.isfinite(v) else round(v, 3)
+                                     for k, v in self.outline_features.items()}} if self.outline_features else {}),
         }
 
 
@@ -306,21 +309,22 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         views.setdefault(view, {})[task] = TaskPrediction(list(bundle.classes), softmax(lg[None])[0].tolist(),
                                                           lg.tolist(), None if bias is None else bias.tolist())
     outline = outline_nodule(models.outliner, context, spacing_mm) if models.outliner and context is not None else None
-    diameter, source = None, None
+    diameter, source, used = None, None, {}
     for task, spec in models.fusions.items():
         comps = [(c.split("-", 1)[0], task) for c in spec["components"]]
         fusion = models.fusion_models.get(task) or Fusion.from_dict(spec["fusion"])
         if not all(c in logits for c in comps):
             continue
         features = None
-        if fusion.features:  # only the size feature exists; it is measured on the context crop
+        if fusion.features:  # the size (and any outline features), measured on the context crop
             if fusion.size_source == "outliner" and outline is not None:
                 diameter, source = outline.diameter_mm, "outliner"
             elif fusion.size_source == "finder" and models.finder is not None and context is not None:
                 diameter, source = centre_diameter_mm(models.finder, context, spacing_or_default(spacing_mm)), "finder"
             else:
                 continue
-            features = size_feature(np.array([[diameter]]))
+            features = feature_row(fusion.features, diameter, outline.features if outline is not None else None)
+            used |= {n: outline.features.get(n, float("nan")) for n in fusion.features if n != SIZE_FEATURE}
         view_logits = []
         for c, nets in zip(comps, component_networks(spec).values(), strict=True):
             extra = [models.members[m] for m in nets[1:]]  # the view's ensemble members, each with its own view
@@ -334,7 +338,7 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))
     return Prediction(views, images, uncertainty_flags(views, presence), diameter, presence,
                       valid_spacing(spacing_mm) is None, source, outline,
-                      calibration_notes(models, [v for v in views if "binary" in views[v]]))
+                      calibration_notes(models, [v for v in views if "binary" in views[v]]), used)
 
 
 def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:

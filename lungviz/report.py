@@ -25,6 +25,7 @@ from PIL import Image
 from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.errors import LungvizError
 from lungviz.fusion import SIZE_SOURCES
+from lungviz.outline import OUTLINE_FEATURE_LABELS
 
 if TYPE_CHECKING:
     from lungviz.outline import Outline
@@ -175,9 +176,10 @@ def estimate_notes(prediction: dict | None) -> list[str]:
     else:
         notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
                  "the fused model, not the readers' measurement; the model card compares the two)."]
+    shape = outline_features_text((prediction or {}).get("outline_features") or {})
     call = call_note(prediction)
-    return [*([call] if call else []), *notes, *[str(n) for n in (prediction or {}).get("calibration_notes") or []],
-            CALIBRATION_CAVEAT]
+    return [*([call] if call else []), *notes, *([shape] if shape else []),
+            *[str(n) for n in (prediction or {}).get("calibration_notes") or []], CALIBRATION_CAVEAT]
 
 
 def outline_caption(outline: Outline) -> str:
@@ -187,6 +189,17 @@ def outline_caption(outline: Outline) -> str:
         return "Outline (nodule outliner): nothing outlined at the centre of the crop"
     return (f"Outline (nodule outliner): about {outline.diameter_mm:.0f} mm across; long axis "
             f"{outline.long_axis_mm:.0f} mm, short axis {outline.short_axis_mm:.0f} mm on this slice")
+
+
+def outline_features_text(features: dict[str, float | None]) -> str | None:
+    """One sentence listing the outline's shape and grey-level features a fused model weighed (None when none)."""
+    if not features:
+        return None
+    shown = [f"{OUTLINE_FEATURE_LABELS.get(k, k)} "
+             + ("not measured" if v is None or not np.isfinite(v) else f"{v:+.2f}" if k == "contrast" else f"{v:.2f}")
+             for k, v in features.items()]
+    return ("The fused model also weighs the outline's shape and grey levels on this slice (grey levels on the "
+            "crop's 0-1 scale): " + ", ".join(shown) + ".")
 
 
 def pct(p: float | None) -> str:

@@ -13,6 +13,9 @@ for m in nodule-binary slice-binary fused-binary nodule-score slice-score fused-
   python -m training evaluate --model "$m" --split test --n-boot 200 --predictions "weights/reference/$m-test.csv"
 done
 python -m training sizes                                               # weights/size_measures.json (chosen on validation)
+python -m training outline-features                                    # weights/outline_features.json (validation decides)
+python -m training class-bias                                          # weights/class_bias.json (validation decides)
+python -m training operating-points                                    # weights/operating_points.json (validation thresholds)
 python -m training tta                                                 # weights/tta.json (validation decides)
 python -m training camloc                                              # cam_layer in each spec + weights/cam_localisation.json
 if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then  # days on a CPU: GPU only

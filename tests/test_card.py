@@ -225,6 +225,52 @@ def test_the_size_measure_is_chosen_on_validation_folds_and_reported_with_test(t
     assert f"| long axis | {rows['long_axis']['val_oof_auroc_mean']:.3f} (" in card and "| 110% |" in card
 
 
+def test_card_reports_the_outline_feature_check_and_the_fused_models_outline_inputs(tmp_path):
+    from lungviz.inventory import outline_features_note
+
+    def row(candidate: str, features: list, val: float, higher: int | None, test: float, passes: bool) -> dict:
+        return {"candidate": candidate, "features": features, "val_oof_auroc_mean": val,
+                "val_oof_auroc_range": [val - 0.01, val + 0.01], "draws_higher_than_size": higher, "passes": passes,
+                "val_oof_ece_mean": 0.03, "draws_lower_nll_than_size": None if higher is None else 11,
+                "test_fused": {"n": 332, "auroc": test, "ece": round(test - 0.8, 3),
+                               "ci95": {"auroc": [test - 0.05, test + 0.04]}}}
+
+    res = {"chosen_on_validation": "intensity", "chosen_features": ["mean_inside", "std_inside", "contrast"],
+           "n_val": 336, "n_test": 332, "draws": 20, "selection": "out-of-fold validation AUROC (test rule)",
+           "results": [row("size", [], 0.889, None, 0.865, False),
+                       row("shape", ["elongation", "solidity", "compactness"], 0.883, 3, 0.880, False),
+                       row("intensity", ["mean_inside", "std_inside", "contrast"], 0.894, 20, 0.850, True)],
+           "val_feature_alone_auroc": {"contrast": 0.683, "compactness": 0.22}}
+    (tmp_path / "outline_features.json").write_text(json.dumps(res))
+    (tmp_path / "outliner.json").write_text(json.dumps({
+        "arch": "tf_efficientnet_lite0+fpn", "input_size": 96, "task": "outline", "classes": ["nodule"],
+        "preprocessing": {"field_mm": 48.0}, "metrics": {}}))
+    fused = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
+             "components": ["slice-binary", "nodule-binary"], "split_fingerprint": "abc",
+             "fusion": {"views": ["slice", "nodule"], "weights": [0.4, 0.5], "bias": [1.0, -1.0],
+                        "features": ["log_diameter_mm", "contrast"], "feature_weights": [[-0.7, 0.7], [-0.2, 0.3]],
+                        "size_source": "outliner", "feature_centre": [0.0, 0.3], "feature_scale": [1.0, 0.1]},
+             "training": {"val_score": 0.905, "val_score_views_only": 0.879, "val_score_size_without_outline": 0.898},
+             "metrics": {"test": _rep(0.85, 2), "val": _rep(0.9, 2)},
+             "size_only_auroc": {"test": {"n": 332, "auroc": 0.842, "ci95": {"auroc": [0.79, 0.89]}}}}
+    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
+    card = write_card(tmp_path).read_text()
+    assert "### Which outline features fused-binary uses" in card and "Chosen: **intensity**" in card
+    assert "| size and intensity | 0.894 (0.884 - 0.904) | 20 of 20 | 0.030 | 0.850 [0.800, 0.890] | 0.050 |" in card
+    assert "| size | 0.889 (0.879 - 0.899) | – | 0.030 | 0.865 [0.815, 0.905] | 0.065 |" in card
+    assert "moved fused-binary's AUROC by -0.015" in card  # the test figure is reported, never used to choose
+    assert "ECE went from 0.065 to 0.050" in card and "lower than the size alone's on 11 of 20 draws, no consistent" \
+        in card
+    assert "contrast with its surroundings 0.68" in card
+    assert "its outline's contrast with its surroundings (+0.50)" in card and "0.898 with the size alone" in card
+    assert "(views + size and the outline's intensity)" in card
+    assert "measured on the image by the nodule outliner and the outline's intensity." in card
+    note = outline_features_note(tmp_path)
+    assert "0.889 with the size alone, 0.894 with them" in note and "0.850 with them, 0.865 without" in note
+    (tmp_path / "outline_features.json").write_text(json.dumps({**res, "chosen_on_validation": "size"}))
+    assert outline_features_note(tmp_path) is None and "Chosen: **the size alone**" in write_card(tmp_path).read_text()
+
+
 def test_card_reports_the_test_time_augmentation_check(tmp_path):
     from training.experiments import tta_decision
 

@@ -87,6 +87,39 @@ def test_fusion_with_a_size_feature():
     assert size_feature(np.array([0.0, 1.0, np.e])).tolist() == pytest.approx([0.0, 0.0, 1.0])
 
 
+def test_fusion_with_outline_features_standardises_them_and_counts_a_missing_one_at_its_mean():
+    from lungviz.fusion import feature_row
+
+    rng = np.random.default_rng(5)
+    n = 500
+    log_d = rng.normal(2.0, 0.5, n)
+    contrast = rng.normal(0.3, 0.05, n)  # a small-valued feature that carries signal of its own
+    y = (rng.random(n) < 1 / (1 + np.exp(-(2.0 * (log_d - 2.0) + 40.0 * (contrast - 0.3))))).astype(int)
+    views = [np.zeros((n, 2)), np.stack([np.zeros(n), rng.normal(0, 1, n)], 1)]
+    x = np.stack([log_d, contrast], 1)
+    f = fit_fusion(["slice", "nodule"], views, y, features=x, feature_names=[SIZE_FEATURE, "contrast"],
+                   size_source="outliner")
+    assert f.feature_centre[0] == 0.0 and f.feature_scale[0] == 1.0  # the size is used as it is
+    assert f.feature_centre[1] == pytest.approx(contrast.mean()) and f.feature_scale[1] == pytest.approx(contrast.std())
+    assert f.feature_weights[1, 1] - f.feature_weights[1, 0] > 1.0  # brighter than its ring: more often malignant
+    again = Fusion.from_dict(f.to_dict())
+    assert np.allclose(again.logits(views, x), f.logits(views, x))
+    missing = x[:1].copy()
+    missing[0, 1] = np.nan  # nothing outlined: the feature counts at its mean
+    at_mean = x[:1].copy()
+    at_mean[0, 1] = f.feature_centre[1]
+    assert np.allclose(f.logits([v[:1] for v in views], missing), f.logits([v[:1] for v in views], at_mean))
+    with_gap = x.copy()
+    with_gap[::7, 1] = np.nan  # a few cases where nothing was outlined still fit, on the others' mean
+    assert np.isfinite(fit_fusion(["slice", "nodule"], views, y, features=with_gap, feature_names=[
+        SIZE_FEATURE, "contrast"], size_source="outliner").feature_centre).all()
+    with pytest.raises(LungvizError, match="not measured on any"):
+        fit_fusion(["slice", "nodule"], views, y, features=np.stack([log_d, np.full(n, np.nan)], 1),
+                   feature_names=[SIZE_FEATURE, "contrast"], size_source="outliner")
+    row = feature_row([SIZE_FEATURE, "contrast", "solidity"], np.e, {"contrast": 0.4})
+    assert row.shape == (1, 3) and row[0, :2] == pytest.approx([1.0, 0.4]) and np.isnan(row[0, 2])
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"views": ["slice"], "weights": [1.0]}, "incomplete or damaged"),
     ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE]},
@@ -98,6 +131,13 @@ def test_fusion_with_a_size_feature():
     ({"views": ["slice", "nodule"], "weights": [1.0], "bias": [0, 0]}, "do not match"),
     ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE],
       "feature_weights": [[0, 1]], "size_source": "ruler"}, "unknown tool"),
+    ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE, "contrast"],
+      "feature_weights": [[0, 1], [0, 1]], "size_source": "finder"}, "need the nodule outliner"),
+    ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE, "contrast"],
+      "feature_weights": [[0, 1], [0, 1]], "size_source": "outliner", "feature_centre": [0.0]}, "standardisation"),
+    ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE, "contrast"],
+      "feature_weights": [[0, 1], [0, 1]], "size_source": "outliner", "feature_centre": [0.0, 0.3],
+      "feature_scale": [1.0, 0.0]}, "standardisation"),
 ])
 def test_damaged_fusion_specs_are_clear_errors(spec, message):
     with pytest.raises(LungvizError, match=message):

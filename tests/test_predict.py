@@ -216,6 +216,7 @@ def test_size_fusion_measures_the_nodule_with_the_outliner_when_its_spec_says_so
 
     from lungviz.fusion import SIZE_FEATURE, size_feature
     from lungviz.outline import outline_nodule
+    from lungviz.report import estimate_notes
     from tests.conftest import build_finder_weights, build_outliner_weights
 
     folder = tmp_path / "w"
@@ -246,6 +247,19 @@ def test_size_fusion_measures_the_nodule_with_the_outliner_when_its_spec_says_so
     assert np.allclose(pred.views["fused"]["binary"].logits, expected, atol=1e-5)
     assert pred.to_dict()["diameter_measured_by"] == "outliner"
     assert predict(models, None, ctx[32:96, 32:96]).outline is None  # a nodule crop alone: nothing to outline
+    assert pred.outline_features == {} and "outline_features" not in pred.to_dict()  # the size alone was used
+    # A fusion that also weighs the outline's mean grey level, standardised as its spec says.
+    spec["fusion"] |= {"features": [SIZE_FEATURE, "mean_inside"], "feature_weights": [[-0.5, 0.5], [0.0, 1.0]],
+                       "feature_centre": [0.0, 0.4], "feature_scale": [1.0, 0.2]}
+    (folder / "fused-binary.json").write_text(json.dumps(spec))
+    shaped = predict(load_models(folder), ctx, spacing_mm=0.5)
+    mean_inside = outline_nodule(models.outliner, ctx, 0.5).features["mean_inside"]
+    assert 0.3 < mean_inside < 0.7  # the mean of a uniform random crop, all of it outlined
+    assert np.allclose(shaped.views["fused"]["binary"].logits,
+                       expected + (mean_inside - 0.4) / 0.2 * np.array([0.0, 1.0]), atol=1e-5)
+    shown = shaped.to_dict()
+    assert shown["outline_features"] == {"mean_inside": round(mean_inside, 3)}
+    assert any("mean grey level inside" in n for n in estimate_notes(shown))
 
 
 def test_a_view_whose_malignant_probability_is_off_on_test_says_so(weights):

@@ -685,7 +685,7 @@ def test_evaluating_histology_on_its_test_folder_drops_the_near_duplicates_of_tr
 
 def test_a_class_bias_is_adopted_only_where_it_lowers_the_out_of_fold_validation_nll():
     from lungviz.metrics import softmax
-    from training.experiments import CLASS_BIAS_RULE, class_bias_check
+    from training.experiments import DRAWS_RULE, class_bias_check
 
     rng = np.random.default_rng(3)
 
@@ -701,8 +701,48 @@ def test_a_class_bias_is_adopted_only_where_it_lowers_the_out_of_fold_validation
     assert off["class_bias"][0] == 0.0 and off["class_bias"][1] > 1.0 > -0.5 > off["class_bias"][2]
     assert off["temperature_bias"]["test_nll"] < off["temperature"]["test_nll"]
     fine = class_bias_check(split(400, prior), split(300, skewed), prior, seeds=5)  # test never decides
-    assert not fine["adopt"] and fine["draws_lower_nll"] < 5 * CLASS_BIAS_RULE
+    assert not fine["adopt"] and fine["draws_lower_nll"] < 5 * DRAWS_RULE
     assert fine["temperature"]["val_oof_nll"] < fine["temperature_bias"]["val_oof_nll"]
+
+
+def test_outline_features_join_fused_binary_only_where_out_of_fold_validation_says_so():
+    from lungviz.fusion import SIZE_FEATURE
+    from lungviz.outline import OUTLINE_FEATURES
+    from training.experiments import OUTLINE_CANDIDATES, outline_feature_check
+
+    rng = np.random.default_rng(8)
+
+    def split(n: int, contrast_matters: bool) -> dict:
+        log_d = rng.normal(2.0, 0.5, n)
+        feats = {name: rng.normal(0.5, 0.1, n) for name in OUTLINE_FEATURES}
+        z = 1.5 * (log_d - 2.0) + (25.0 * (feats["contrast"] - 0.5) if contrast_matters else 0.0)
+        y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+        views = [np.stack([np.zeros(n), rng.normal(0, 1, n) + 0.3 * (2 * y - 1)], 1) for _ in range(2)]
+        feats["contrast"][::25] = np.nan  # now and then nothing was outlined
+        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "logits": views,
+                "features": {SIZE_FEATURE: log_d, **feats}}
+
+    found = outline_feature_check(split(400, True), split(300, True), seeds=4, n_boot=20)
+    rows = {r["candidate"]: r for r in found["results"]}
+    assert set(rows) == set(OUTLINE_CANDIDATES) and rows["size"]["draws_higher_than_size"] is None
+    assert rows["intensity"]["passes"] and rows["intensity"]["draws_higher_than_size"] == 4
+    assert not rows["shape"]["passes"]  # noise beside the size
+    assert found["chosen_on_validation"] in ("intensity", "shape and intensity")
+    assert found["chosen_features"] == list(OUTLINE_CANDIDATES[found["chosen_on_validation"]])
+    assert rows["intensity"]["test_fused"]["auroc"] > rows["size"]["test_fused"]["auroc"]
+    assert found["val_feature_alone_auroc"]["contrast"] > 0.6
+    # Test never decides: a contrast that matters on test only is not chosen.
+    kept = outline_feature_check(split(400, False), split(300, True), seeds=4, n_boot=20)
+    assert kept["chosen_on_validation"] == "size" and kept["chosen_features"] == []
+
+
+def test_the_outline_option_of_fuse():
+    from training.__main__ import parse_outline
+
+    assert parse_outline("shipped", ("contrast",)) == ["contrast"] and parse_outline("none", ("contrast",)) == []
+    assert parse_outline(" contrast, solidity ", ()) == ["contrast", "solidity"]
+    with pytest.raises(LungvizError, match="unknown outline feature"):
+        parse_outline("contrast,spiculation", ())
 
 
 def test_the_command_line_help_lists_every_command(capsys):

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from training.config import (
     IndexConfig,
     OperatingConfig,
     OutlierConfig,
+    OutlineFeaturesConfig,
     OutlinerConfig,
     PackConfig,
     RefreshConfig,
@@ -177,10 +179,39 @@ def cmd_fuse(cfg: FuseConfig) -> dict:
     size = SHIPPED_FUSIONS.get(cfg.task, {}).get("size", False) if choice == "shipped" else choice == "yes"
     source = cfg.size_source or SHIPPED_FUSIONS.get(cfg.task, {}).get("size_source", "outliner")
     members = parse_members(cfg.members, SHIPPED_FUSIONS.get(cfg.task, {}).get("members"))
-    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size, size_source=source, members=members)
+    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size, size_source=source, members=members,
+                        outline=parse_outline(cfg.outline, SHIPPED_FUSIONS.get(cfg.task, {}).get("outline", ())))
     test = spec["metrics"]["test"]
     return {"name": f"fused-{cfg.task}", "fusion": spec["fusion"],
             **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}
+
+
+def parse_outline(text: str, shipped: Sequence[str]) -> list[str]:
+    """``--outline``: shipped (the preset's features) | none | a comma-separated list of outline features."""
+    from lungviz.outline import OUTLINE_FEATURES
+
+    choice = text.strip()
+    if choice.lower() == "shipped":
+        return list(shipped)
+    if choice.lower() in ("none", ""):
+        return []
+    names = [n.strip() for n in choice.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OUTLINE_FEATURES]
+    if unknown:
+        raise LungvizError(f"unknown outline feature(s) {', '.join(unknown)}; choose from "
+                           f"{', '.join(OUTLINE_FEATURES)}, or shipped or none.")
+    return names
+
+
+def cmd_outline_features(cfg: OutlineFeaturesConfig) -> dict:
+    """Check the outline's shape and intensity as fused-binary features beside its size (validation decides)."""
+    from training.experiments import compare_outline_features
+
+    result = compare_outline_features(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
+    return {"chosen_on_validation": result["chosen_on_validation"],
+            **{r["candidate"]: {"val_oof_auroc": round(r["val_oof_auroc_mean"], 4),
+                                "draws_higher_than_size": r["draws_higher_than_size"],
+                                "test_fused_auroc": round(r["test_fused"]["auroc"], 4)} for r in result["results"]}}
 
 
 def cmd_sizes(cfg: SizesConfig) -> dict:
@@ -330,6 +361,7 @@ COMMANDS = {
     "index": (cmd_index, IndexConfig),
     "fuse": (cmd_fuse, FuseConfig),
     "sizes": (cmd_sizes, SizesConfig),
+    "outline-features": (cmd_outline_features, OutlineFeaturesConfig),
     "tta": (cmd_tta, TtaConfig),
     "class-bias": (cmd_class_bias, ClassBiasConfig),
     "operating-points": (cmd_operating, OperatingConfig),

@@ -13,10 +13,11 @@ import numpy as np
 
 from lungviz import RESEARCH_NOTICE, metrics, paths
 from lungviz.calibration import PRIOR_AFTER_T, Calibration
-from lungviz.fusion import SIZE_SOURCES
+from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
 from lungviz.library import MAX_LIDC_READERS
 from lungviz.metrics import MALIGNANT_ECE_LIMIT, format_ci, with_malignant_ece
+from lungviz.outline import OUTLINE_FEATURE_LABELS
 
 #: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
 PUBLISHED = {
@@ -150,6 +151,14 @@ def members_text(component: str, members: list[str], folder: Path | None, key: s
             + "\n".join(rows) + "\n")
 
 
+def inputs_text(fusion_spec: dict) -> str:
+    """What a fusion adds to the views, in words: "size", or "size and the outline's shape and intensity"."""
+    names = set((fusion_spec.get("fusion") or {}).get("features") or [])
+    what = [w for w, keys in (("shape", {"elongation", "solidity", "compactness"}),
+                              ("intensity", {"mean_inside", "std_inside", "contrast"})) if names & keys]
+    return "size" + (f" and the outline's {' and '.join(what)}" if what else "")
+
+
 def size_only_text(specs: dict) -> str | None:
     """The card's paragraph on the image-measured size alone beside fused-binary (None when not measured)."""
     size = specs.get("fused-binary", {}).get("size_only_auroc", {})
@@ -161,11 +170,12 @@ def size_only_text(specs: dict) -> str | None:
     text = (f"**Image-measured size alone** (the diameter measured by {SIZE_SOURCES.get(source, source)}, the size "
             f"input of `fused-binary`, with no malignancy CNN): test AUROC {format_ci(t, 'auroc')} on {t['n']} "
             f"nodules, validation {val_size}; "
-            f"`fused-binary` (views + size) scores {_fmt(fused)} on test.")
+            f"`fused-binary` (views + {inputs_text(specs['fused-binary'])}) scores {_fmt(fused)} on test.")
     if fused is not None and fused < t["auroc"]:
         val_fused = _fmt(specs["fused-binary"].get("training", {}).get("val_score"))
         text += (" **On the test split the two image views do not add to the measured size.** The fusion was chosen "
-                 f"on validation, where views + size scored {val_fused} against {val_size} for the size alone.")
+                 f"on validation, where views + {inputs_text(specs['fused-binary'])} scored {val_fused} against "
+                 f"{val_size} for the size alone.")
     agreement = diameter_sentence(specs["fused-binary"].get("size_vs_readers_test"))
     return f"{text} {agreement}" if agreement else text
 
@@ -412,6 +422,77 @@ def outliner_section(w: Callable[[str], None], folder: Path) -> None:
       "shown in the app so that a reader can see what was measured, with its long and short axis on that slice; it "
       "is a research measurement, not a volumetry tool.\n")
     sizes_section(w, folder)
+    outline_features_section(w, folder)
+
+
+def fusion_features_text(f: dict, tr: dict) -> str:
+    """The per-model paragraph on what a fusion adds to its views: the size and any outline features, with their
+    weights, and the validation figure with and without them."""
+    text = (f"It also uses the nodule's size as {SIZE_SOURCES.get(f.get('size_source', 'finder'), '?')} measures it "
+            "on the image (log diameter at the crop centre, averaged over the central half of the slices), with "
+            f"per-class weights {', '.join(f'{v:+.2f}' for v in f['feature_weights'][0])}")
+    extra = [(n, fw) for n, fw in zip(f["features"], f["feature_weights"], strict=True) if n != SIZE_FEATURE]
+    if extra:
+        text += (", and its outline's " + ", ".join(f"{OUTLINE_FEATURE_LABELS.get(n, n)} ({fw[-1] - fw[0]:+.2f})"
+                                                    for n, fw in extra)
+                 + " (each standardised on validation; in brackets its weight towards the last class per standard "
+                   "deviation; a slice where nothing is outlined counts at the validation mean)")
+    text += (f". On validation (AUROC for binary, kappa for score) it scores {_fmt(tr.get('val_score'))}, against "
+             f"{_fmt(tr.get('val_score_views_only'))} without the size")
+    if extra and tr.get("val_score_size_without_outline") is not None:
+        text += f" and {_fmt(tr['val_score_size_without_outline'])} with the size alone"
+    return text + " (fitted and scored on the same split). The measuring model never sees the readers' measurements.\n"
+
+
+def outline_features_section(w: Callable[[str], None], folder: Path) -> None:
+    """Whether the outline's shape and intensity join fused-binary: the check `python -m training outline-features`
+    wrote."""
+    res = read_result("outline_features.json", folder)
+    if not res:
+        return
+    chosen = res["chosen_on_validation"]
+    w("### Which outline features fused-binary uses\n")
+    w("Beside the size, the outline's shape (" + ", ".join(OUTLINE_FEATURE_LABELS[n] for n in (
+        "elongation", "solidity", "compactness")) + ") and intensity (" + ", ".join(OUTLINE_FEATURE_LABELS[n] for n in (
+            "mean_inside", "std_inside", "contrast")) + f"), each averaged over the central half of the slices, were "
+      f"tried as further inputs of fused-binary. Decided on the validation split ({res['n_val']} nodules): "
+      f"{res['selection']}. Test ({res['n_test']} nodules) was read once, after the choice. Chosen: "
+      f"**{'the size alone' if chosen == 'size' else chosen}**.\n")
+    w("| inputs beside the views | val: out-of-fold AUROC (mean, range over fold draws) | val: draws higher than "
+      "the size alone | val: out-of-fold ECE | test: fused-binary AUROC | test: ECE |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for r in res["results"]:
+        lo, hi = r["val_oof_auroc_range"]
+        label = "size" if r["candidate"] == "size" else f"size{',' if ' and ' in r['candidate'] else ' and'} " \
+                                                        f"{r['candidate']}"
+        higher = "–" if r["draws_higher_than_size"] is None else f"{r['draws_higher_than_size']} of {res['draws']}"
+        w(f"| {label} | {r['val_oof_auroc_mean']:.3f} ({lo:.3f} - {hi:.3f}) | {higher} | "
+          f"{_fmt(r.get('val_oof_ece_mean'))} | {format_ci(r['test_fused'], 'auroc')} | "
+          f"{_fmt(r['test_fused'].get('ece'))} |")
+    w("")
+    rows = {r["candidate"]: r for r in res["results"]}
+    if chosen != "size":
+        new, old = rows[chosen], rows["size"]
+        gain = new["test_fused"]["auroc"] - old["test_fused"]["auroc"]
+        text = (f"On test the chosen set moved fused-binary's AUROC by {gain:+.3f}, well inside its interval: the "
+                "gain seen out of fold on validation is small, and test does not confirm it")
+        if new["test_fused"].get("ece") is not None and old["test_fused"].get("ece") is not None:
+            text += (f"; its top-class ECE went from {old['test_fused']['ece']:.3f} to {new['test_fused']['ece']:.3f} "
+                     "(see 'How much of the ECE is chance')")
+        if new.get("draws_lower_nll_than_size") is not None:
+            lower = new["draws_lower_nll_than_size"]
+            text += (f". The rule reads AUROC only; out of fold on validation the chosen set's log-loss was lower than "
+                     f"the size alone's on {lower} of {res['draws']} draws"
+                     + (", a consistent gain in calibration there" if lower >= 0.8 * res["draws"] else
+                        ", no consistent gain in calibration there either"))
+        w(text + ". It ships because validation, not test, decides: a set chosen for its test figures (another set "
+          "did better on test than on validation) would no longer have a held-out measurement.\n")
+    alone = res.get("val_feature_alone_auroc") or {}
+    if alone:
+        w("Each feature alone on validation (AUROC for malignant; below 0.5 = lower values go with malignant): "
+          + ", ".join(f"{OUTLINE_FEATURE_LABELS.get(n, n).split(' (')[0]} {v:.2f}" for n, v in alone.items())
+          + ". These are measured on the outliner's outline, which the app shows; they are not the readers' "
+          "characteristics ratings.\n")
 
 
 def sizes_section(w: Callable[[str], None], folder: Path) -> None:
@@ -649,7 +730,8 @@ def write_card(folder: Path | None = None) -> Path:
       "once for this card.\n")
     w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs. "
       "fused-binary adds the nodule's diameter measured on the image by "
-      f"{SIZE_SOURCES.get((specs.get('fused-binary', {}).get('fusion') or {}).get('size_source', 'finder'), '?')}.\n")
+      f"{SIZE_SOURCES.get((specs.get('fused-binary', {}).get('fusion') or {}).get('size_source', 'finder'), '?')}"
+      + inputs_text(specs.get("fused-binary", {})).removeprefix("size") + ".\n")
     w("## Results on the test split (95% patient-bootstrap intervals)\n")
     w("| model | n | AUROC | weighted AUPRC | weighted F1 | malignant F1 | kappa (QWK) | "
       "top-class ECE raw → calibrated |")
@@ -781,13 +863,7 @@ def write_card(folder: Path | None = None) -> Path:
                   + ". The members were chosen on validation; this test comparison came after the choice and did not "
                   "change it.\n")
             if f.get("features"):
-                w(f"It also uses the nodule's size as {SIZE_SOURCES.get(f.get('size_source', 'finder'), '?')} "
-                  "measures it on the image (log diameter at the crop centre, averaged over the central half of the "
-                  "slices), with per-class "
-                  f"weights {', '.join(f'{v:+.2f}' for v in f['feature_weights'][0])}. On validation (AUROC for "
-                  f"binary, kappa for score) it scores {_fmt(tr.get('val_score'))}, against "
-                  f"{_fmt(tr.get('val_score_views_only'))} without the size. The measuring model never sees the "
-                  "readers' measurements.\n")
+                w(fusion_features_text(f, tr))
         else:
             histology = s.get("task") == "histology"  # one image per case, not the slices of a nodule
             unit = "images" if histology else "nodules"

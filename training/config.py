@@ -114,6 +114,8 @@ class FuseConfig:
     n_boot: int = 1000
     size: str = "shipped"  # add the diameter measured on the image: shipped (as SHIPPED_FUSIONS) | yes | no
     size_source: str = ""  # what measures it: outliner | finder; empty = as SHIPPED_FUSIONS (else the outliner)
+    # the outline's features beside the size: shipped (as SHIPPED_FUSIONS) | none | NAME[,NAME...]
+    outline: str = "shipped"
 
 
 @dataclasses.dataclass
@@ -134,6 +136,17 @@ class TtaConfig:
     weights: str = ""  # folder holding the shipped networks; empty = weights/
     n_boot: int = 500
     out: str = ""  # result file; empty = tta.json next to the weights
+
+
+@dataclasses.dataclass
+class OutlineFeaturesConfig:
+    """Would the outline's shape and intensity help fused-binary beside its size (validation decides, test after)?"""
+
+    weights: str = ""  # folder holding slice-binary, nodule-binary and the outliner; empty = weights/
+    seeds: int = 20  # draws of the patient-grouped folds of the validation split
+    folds: int = 5
+    n_boot: int = 1000
+    out: str = ""  # result file; empty = outline_features.json next to the weights
 
 
 @dataclasses.dataclass

@@ -131,38 +131,45 @@ def read_any_spec(folder: Path, name: str) -> dict:
 
 def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indices: np.ndarray,
                     central: float = 0.5, max_slices: int = 0, source: str = "finder") -> np.ndarray:
-    """``(N, F)`` image-derived fusion features per nodule; the size feature is the diameter that ``source`` (the
-    outliner or the finder) measures at the crop centre, averaged over the ``central`` share of the nodule's slices
-    (as the models' logits are; 0 = the middle slice only, as the app sees one slice)."""
+    """``(N, F)`` image-derived fusion features per nodule, averaged over the ``central`` share of the nodule's
+    slices (as the models' logits are; 0 = the middle slice only, as the app sees one slice): the size feature is the
+    diameter that ``source`` (the outliner or the finder) measures at the crop centre, the outline features
+    (:data:`lungviz.outline.OUTLINE_FEATURES`, outliner only) the mean over the slices where something was
+    outlined (NaN where nothing was)."""
     from lungviz.errors import LungvizError
-    from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, size_feature
+    from lungviz.fusion import FEATURES, SIZE_FEATURE, SIZE_SOURCES, size_feature
     from lungviz.preprocess import spacing_or_default
 
-    unknown = [n for n in names if n != SIZE_FEATURE]
+    unknown = [n for n in names if n not in FEATURES]
     if unknown:
         raise LungvizError(f"unknown fusion feature(s): {', '.join(unknown)}.")
     if source not in SIZE_SOURCES:
         raise LungvizError(f"unknown size source '{source}'; choose one of {', '.join(SIZE_SOURCES)}.")
+    if source != "outliner" and set(names) - {SIZE_FEATURE}:
+        raise LungvizError("the outline features are measured by the nodule outliner only.")
     if source == "outliner":
-        from lungviz.outline import crops_diameter_mm, load_outliner
+        from lungviz.outline import crops_outline_features, load_outliner
 
         outliner = load_outliner(folder)
 
-        def measure(crops: list[np.ndarray], sp: float) -> np.ndarray:
-            return crops_diameter_mm(outliner, crops, sp)
+        def measure(crops: list[np.ndarray], sp: float) -> dict[str, np.ndarray]:
+            got = crops_outline_features(outliner, crops, sp)
+            return {SIZE_FEATURE: got["circle"], **got}
     else:
         from lungviz.finder import centre_diameter_mm, load_finder
 
         finder = load_finder(folder)
 
-        def measure(crops: list[np.ndarray], sp: float) -> np.ndarray:
-            return np.array([centre_diameter_mm(finder, c, sp) for c in crops])
+        def measure(crops: list[np.ndarray], sp: float) -> dict[str, np.ndarray]:
+            return {SIZE_FEATURE: np.array([centre_diameter_mm(finder, c, sp) for c in crops])}
 
-    diam = np.array([np.mean(measure([store.slice01(int(ci), k) for k in store.eval_slices(int(ci), max_slices,
-                                                                                            central)],
-                                     spacing_or_default(store.cases[int(ci)].pixel_spacing_mm)))
-                     for ci in case_indices])
-    return np.repeat(size_feature(diam)[:, None], len(names), axis=1)
+    rows = []
+    for ci in case_indices:
+        got = measure([store.slice01(int(ci), k) for k in store.eval_slices(int(ci), max_slices, central)],
+                      spacing_or_default(store.cases[int(ci)].pixel_spacing_mm))
+        rows.append([float(size_feature(np.mean(got[n]))) if n == SIZE_FEATURE
+                     else float(np.nanmean(got[n])) if np.isfinite(got[n]).any() else np.nan for n in names])
+    return np.array(rows, np.float64).reshape(len(case_indices), len(names))
 
 
 def calibrated_logits(

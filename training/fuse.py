@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from lungviz import metrics, paths
 from lungviz.calibration import Calibration, shared_order
+from lungviz.errors import LungvizError
 from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, check_networks, component_networks, fit_fusion, mean_logits
 from lungviz.labels import LabelScheme, get_scheme
 from training.data import SliceStore
@@ -38,9 +40,11 @@ def split_logits(cases: list, scheme: LabelScheme, split: str, trained_on: dict,
 
 
 def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, progress: bool = True,
-                 size: bool = True, size_source: str = "outliner", members: dict[str, list[str]] | None = None) -> dict:
+                 size: bool = True, size_source: str = "outliner", members: dict[str, list[str]] | None = None,
+                 outline: Sequence[str] = ()) -> dict:
     """Fit ``fused-<task>`` from ``slice-<task>`` and ``nodule-<task>`` (and, with ``size``, the nodule's diameter
-    measured on the image by ``size_source``: the outliner or the finder) on the validation split; test once.
+    measured on the image by ``size_source``: the outliner or the finder; ``outline`` names further
+    :data:`lungviz.outline.OUTLINE_FEATURES` of the outliner's outline) on the validation split; test once.
 
     ``members`` names, per component, further networks of the task whose calibrated logits are averaged with the
     component's (a mean-logit ensemble for that view)."""
@@ -54,7 +58,10 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     specs = {n: read_any_spec(folder, n) for group in nets.values() for n in group}
     fingerprint = specs[components[0]]["split_fingerprint"]
     check_networks(head | {"split_fingerprint": fingerprint}, specs)
-    names = [SIZE_FEATURE] if size else []
+    names = ([SIZE_FEATURE] if size else []) + list(outline)
+    if outline and (not size or size_source != "outliner"):
+        raise LungvizError("the outline features come with the size the nodule outliner measures (--size yes "
+                           "--size-source outliner).")
     cases, _ = load_cases("lidc")
     parts, stores = {}, {}
     for split in ("val", "test"):
@@ -71,6 +78,11 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     # What the features add, on validation (the split the choice is made on): the same fusion without them.
     views_only = fit_fusion(["slice", "nodule"], cal, y).logits(cal)
     val_views_only = float(selection_score(y, views_only, scheme))
+    val_size_only = None
+    if outline:
+        plain = fit_fusion(["slice", "nodule"], cal, y, features=feats[:, :1], feature_names=names[:1],
+                           size_source=size_source)
+        val_size_only = float(selection_score(y, plain.logits(cal, feats[:, :1]), scheme))
     # What the ensemble members add: the same fusion fitted on each component alone, on validation and on test, and
     # a patient-bootstrap interval of the paired difference (with members minus without).
     without_members = {}
@@ -121,10 +133,13 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
                                                        for c, m in members.items()) + ")" if members else "")
                                    + " + class bias"
                                    + (" + per-class weights x the log of the nodule diameter measured on the image "
-                                      f"by {SIZE_SOURCES[size_source]} (central half of the slices)" if names else "")
+                                      f"by {SIZE_SOURCES[size_source]} (central half of the slices)" if size else "")
+                                   + (f" and x its outline's {', '.join(outline)} (standardised on validation)"
+                                      if outline else "")
                                    + ", maximum likelihood on the validation split", "n_val": len(parts["val"]["y"]),
                          "n_test": len(parts["test"]["y"]), "features": names,
                          "val_score_views_only": val_views_only,
+                         **({"val_score_size_without_outline": val_size_only} if outline else {}),
                          "val_score": float(selection_score(parts["val"]["y"], fusion.logits(
                              parts["val"]["cal"], parts["val"]["feats"]), scheme))}}
     path = folder / f"fused-{task}.json"
@@ -137,6 +152,40 @@ def grouped_folds(groups: list[str], k: int, seed: int) -> np.ndarray:
     uniq = np.unique(np.asarray(groups))
     fold_of = dict(zip(np.random.default_rng(seed).permutation(uniq), np.arange(len(uniq)) % k, strict=True))
     return np.array([fold_of[g] for g in groups])
+
+
+def oof_fusion_figures(val: dict, x: np.ndarray, names: list[str], seeds: int = 20, k: int = 5,
+                       ) -> dict[str, list[float]]:
+    """Per fold draw (``seeds`` of them), the out-of-fold validation ``auroc``, ``nll`` and top-class ``ece`` of
+    fused-binary refitted with the features ``x`` ``(N, F)`` named ``names`` in ``k`` patient-grouped folds of
+    ``val`` (``y``, ``groups``, ``logits``)."""
+    out: dict[str, list[float]] = {"auroc": [], "nll": [], "ece": []}
+    for seed in range(seeds):
+        fold = grouped_folds(val["groups"], k, seed)
+        oof = np.zeros((len(val["y"]), val["logits"][0].shape[1]))
+        for f in range(k):
+            fit, held = fold != f, fold == f
+            fusion = fit_fusion(["slice", "nodule"], [lg[fit] for lg in val["logits"]], val["y"][fit],
+                                features=x[fit], feature_names=names, size_source="outliner")
+            oof[held] = fusion.logits([lg[held] for lg in val["logits"]], x[held])
+        probs = metrics.softmax(oof)
+        out["auroc"].append(float(metrics.auroc(val["y"], probs)))
+        out["nll"].append(float(metrics.nll(oof, val["y"])))
+        out["ece"].append(float(metrics.ece(val["y"], probs)))
+    return out
+
+
+def fused_test_auroc(val: dict, test: dict, x_val: np.ndarray, x_test: np.ndarray, names: list[str],
+                     n_boot: int = 1000) -> dict:
+    """Fused-binary fitted on all of validation with the features ``names``, read on test: AUROC and its
+    patient-bootstrap interval, and the top-class ECE."""
+    fusion = fit_fusion(["slice", "nodule"], val["logits"], val["y"], features=x_val, feature_names=names,
+                        size_source="outliner")
+    probs = metrics.softmax(fusion.logits(test["logits"], x_test))
+    return {"n": len(test["y"]), "auroc": float(metrics.auroc(test["y"], probs)),
+            "ece": float(metrics.ece(test["y"], probs)),
+            "ci95": metrics.bootstrap_ci(lambda i: {"auroc": metrics.auroc(test["y"][i], probs[i])},
+                                         len(test["y"]), test["groups"], n_boot)}
 
 
 def compare_size_measures(weights: str = "", seeds: int = 20, k: int = 5, n_boot: int = 1000, out: str = "",
@@ -186,32 +235,18 @@ def size_measure_comparison(data: dict[str, dict], scheme: LabelScheme, seeds: i
     val, test = data["val"], data["test"]
     measures = list(val["sizes"])
 
-    def fit(measure: str, rows: np.ndarray) -> tuple:
-        x = size_feature(val["sizes"][measure])[:, None]
-        return fit_fusion(["slice", "nodule"], [lg[rows] for lg in val["logits"]], val["y"][rows], features=x[rows],
-                          feature_names=[SIZE_FEATURE], size_source="outliner"), x
+    def x(split: dict, measure: str) -> np.ndarray:
+        return size_feature(split["sizes"][measure])[:, None]
 
-    oof_auroc: dict[str, list[float]] = {m: [] for m in measures}
-    for seed in range(seeds):
-        fold = grouped_folds(val["groups"], k, seed)
-        for m in measures:
-            oof = np.zeros((len(val["y"]), scheme.n_classes))
-            for f in range(k):
-                fusion, x = fit(m, fold != f)
-                oof[fold == f] = fusion.logits([lg[fold == f] for lg in val["logits"]], x[fold == f])
-            oof_auroc[m].append(float(metrics.auroc(val["y"], metrics.softmax(oof))))
+    oof_auroc = {m: oof_fusion_figures(val, x(val, m), [SIZE_FEATURE], seeds, k)["auroc"] for m in measures}
     chosen = max(measures, key=lambda m: (np.mean(oof_auroc[m]), m == "circle"))  # a tie keeps the shipped one
     positive, rows = scheme.positive_class, []
     for m in measures:
-        fusion, _ = fit(m, np.ones(len(val["y"]), bool))
-        probs = metrics.softmax(fusion.logits(test["logits"], size_feature(test["sizes"][m])[:, None]))
         rows.append({
             "measure": m, "val_oof_auroc_mean": float(np.mean(oof_auroc[m])),
             "val_oof_auroc_range": [float(np.min(oof_auroc[m])), float(np.max(oof_auroc[m]))],
+            "test_fused": fused_test_auroc(val, test, x(val, m), x(test, m), [SIZE_FEATURE], n_boot),
             "val_size_alone_auroc": metrics.score_auroc(val["y"] == positive, val["sizes"][m], None, 0)["auroc"],
-            "test_fused": {"n": len(test["y"]), "auroc": float(metrics.auroc(test["y"], probs)),
-                           "ci95": metrics.bootstrap_ci(lambda i, p=probs: {"auroc": metrics.auroc(test["y"][i], p[i])},
-                                                        len(test["y"]), test["groups"], n_boot)},
             "test_size_alone": metrics.score_auroc(test["y"] == positive, test["sizes"][m], test["groups"], n_boot),
             "test_vs_readers": metrics.ratio_by_band(test["sizes"][m], test["readers_mm"])})
     return {"chosen_on_validation": chosen,
