@@ -8,6 +8,7 @@ import streamlit as st
 from lungviz import RESEARCH_NOTICE, paths
 from lungviz.inventory import data_status, installed_models, model_card, read_result
 from lungviz.metrics import format_ci, with_malignant_ece
+from lungviz.shape import feature_groups_text
 
 #: Columns of the test-results tables per task (metric key per column).
 TASK_COLUMNS = {
@@ -157,8 +158,8 @@ else:
               for c, nets in m.get("_networks", {}).items())
                           + (f" + {(m.get('fusion') or {}).get('size_source', 'finder')}'s diameter"
                              if (m.get("fusion") or {}).get("features") else "")
-                          + (" and outline shape and grey levels" if len((m.get("fusion") or {}).get("features")
-                                                                         or []) > 1 else ""),
+                          + (f" and outline {groups}" if (groups := feature_groups_text(
+                              (m.get("fusion") or {}).get("features") or [])) else ""),
           "input size": m.get("input_size"), "temperature": m.get("temperature"),
           "weights present": m["_weights_present"]} for m in models],
         hide_index=True,

@@ -1,7 +1,7 @@
 """Two-view late fusion: fused logits = sum of per-view weights x the views' prior-adjusted logits + class bias,
 optionally plus per-class weights x image-derived features: the log of the nodule's diameter measured on the image
 by the outliner or the finder (as the fusion's ``size_source`` says) and, from the outliner, the outline's shape and
-intensity (:data:`lungviz.outline.OUTLINE_FEATURES`, standardised on the fitting split).
+grey levels (:data:`lungviz.shape.OUTLINE_FEATURES`, standardised on the fitting split).
 
 A view may be an ensemble: the spec's ``members`` names, per component, further networks of the same task whose
 calibrated logits are averaged with the component's (equal weights, fixed) before the fusion weighs the view.
@@ -20,11 +20,11 @@ import numpy as np
 from lungviz.calibration import Calibration
 from lungviz.errors import LungvizError
 from lungviz.metrics import nll, softmax
-from lungviz.outline import OUTLINE_FEATURES
+from lungviz.shape import OUTLINE_FEATURES
 
 #: The size feature: log of the nodule diameter (mm) measured on the image (never the readers' measurement).
 SIZE_FEATURE = "log_diameter_mm"
-#: Every feature a fusion can add: the size and the outline's shape and intensity (these need the outliner).
+#: Every feature a fusion can add: the size and the outline's shape and grey levels (these need the outliner).
 FEATURES = (SIZE_FEATURE, *OUTLINE_FEATURES)
 #: What measures that diameter: the outliner's outline (same-area circle) or the finder's localiser.
 SIZE_SOURCES = {"outliner": "the nodule outliner", "finder": "the nodule finder's localiser"}
@@ -114,9 +114,12 @@ class Fusion:
             if features is None:
                 raise LungvizError(f"the fused model also needs {', '.join(self.features)}.")
             f = np.asarray(features, np.float64).reshape(len(out), len(self.features))
+            plain = np.array([n == SIZE_FEATURE for n in self.features])
+            if np.isnan(f[:, plain]).any():
+                raise LungvizError("the nodule's size could not be measured, so the fused model cannot weigh it.")
             if self.feature_centre is not None:
                 f = (f - self.feature_centre[None, :]) / self.feature_scale[None, :]
-            f = np.where(np.isnan(f), 0.0, f)  # a missing value counts as the centre
+                f = np.where(np.isnan(f) & ~plain[None, :], 0.0, f)  # an unmeasured outline feature: at the centre
             out = out + f @ np.asarray(self.feature_weights, np.float64).reshape(len(self.features), -1)
         return out
 
@@ -150,7 +153,8 @@ class Fusion:
             raise LungvizError(f"the fused model uses unknown feature(s): {', '.join(unknown)}.")
         if source != "outliner" and set(features) - {SIZE_FEATURE}:
             raise LungvizError("the fused model's outline features need the nodule outliner as its size source.")
-        if (centre is None) != (scale is None) or (centre is not None and (
+        if (centre is None and set(features) - {SIZE_FEATURE}) or (centre is None) != (scale is None) or (
+                centre is not None and (
                 centre.shape != (len(features),) or scale.shape != (len(features),) or not np.all(scale > 0)
                 or not np.isfinite(centre).all())):
             raise LungvizError("the fused model's feature standardisation does not match its features.")

@@ -195,18 +195,21 @@ def size_only_note(folder: Path | None = None) -> str | None:
 
 def outline_features_note(folder: Path | None = None) -> str | None:
     """One sentence on what the outline features the fused model weighs were worth, from the check that chose them
-    (``outline_features.json``), or None when it was not run or chose none."""
+    (``outline_features.json``), or None when it was not run or ships none."""
     res = read_result("outline_features.json", folder) or {}
     rows = {r.get("candidate"): r for r in res.get("results") or [] if isinstance(r, dict)}
-    chosen, size = rows.get(res.get("chosen_on_validation")), rows.get("size")
+    chosen, size = rows.get(res.get("shipped", res.get("chosen_on_validation"))), rows.get("size")
     if not chosen or not size or chosen is size:
         return None
     try:
+        with_them, without = chosen["test_fused"]["auroc"], size["test_fused"]["auroc"]
+        ci = chosen["test_fused"].get("difference_ci95") or (-1.0, 1.0)
+        verdict = ("a gain test confirms" if ci[0] > 0 else "a loss on test" if ci[1] < 0
+                   else "a difference test cannot tell from chance")
         return (f"They were chosen on validation (out-of-fold AUROC {size['val_oof_auroc_mean']:.3f} with the size "
                 f"alone, {chosen['val_oof_auroc_mean']:.3f} with them); on {chosen['test_fused']['n']} test nodules "
-                f"the fused model scored AUROC {chosen['test_fused']['auroc']:.3f} with them, "
-                f"{size['test_fused']['auroc']:.3f} without: read them as a small, unconfirmed addition.")
-    except (KeyError, TypeError, ValueError):
+                f"the fused model scored AUROC {with_them:.3f} with them, {without:.3f} without ({verdict}).")
+    except (KeyError, TypeError, ValueError, IndexError):
         return None
 
 

@@ -19,6 +19,7 @@ from scipy import ndimage
 from lungviz.errors import LungvizError
 from lungviz.models import Bundle, load_bundle
 from lungviz.preprocess import mm_to_px, spacing_or_default, to_model_input, view_from_context
+from lungviz.shape import axes_px, outline_features
 
 #: The bundle name of the shipped outliner.
 OUTLINER = "outliner"
@@ -38,7 +39,7 @@ class Outline:
     diameter_mm: float  # of the circle with the same area; 0 when nothing is outlined
     long_axis_mm: float = 0.0  # the widest extent of the outline (see axes_px)
     short_axis_mm: float = 0.0  # its widest cross-section at right angles to the long axis
-    features: dict[str, float] = field(default_factory=dict)  # OUTLINE_FEATURES (NaN when nothing is outlined)
+    features: dict[str, float] = field(default_factory=dict)  # lungviz.shape.OUTLINE_FEATURES (NaN: not measured)
 
 
 def load_outliner(folder: Path | None = None, device: str | None = None) -> Bundle:
@@ -69,33 +70,6 @@ def central_region(mask: np.ndarray, reach: float = CENTRE_REACH) -> np.ndarray:
     if nearest[best] > reach * max(m.shape):
         return np.zeros_like(m)
     return labels == best + 1
-
-
-#: Directions (degrees, half a turn) over which :func:`axes_px` looks for the longest axis.
-AXIS_ANGLES = np.deg2rad(np.arange(180.0))
-
-
-def axes_px(mask: np.ndarray) -> tuple[float, float]:
-    """``(long axis, short axis)`` of a 2D mask in pixels, as a reader measures on a slice: the long axis is the
-    widest extent over all directions (the maximum caliper, edge to edge: each pixel counted whole, so one pixel
-    longer than the distance between the extreme pixels' centres); the short axis the widest spread at right angles
-    to it within any one-pixel band along the long axis (the longest perpendicular chord for a convex outline; a
-    band may span a concave outline's gap). ``(0, 0)`` for an empty mask."""
-    m = np.asarray(mask, bool)
-    if not m.any():
-        return 0.0, 0.0
-    pts = np.argwhere(m).astype(np.float64)
-    edge = pts[(m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3)), border_value=0))[m]]
-    proj = edge @ np.stack([np.cos(AXIS_ANGLES), np.sin(AXIS_ANGLES)])  # (P, A): extents live on the edge
-    extent = proj.max(axis=0) - proj.min(axis=0) + 1.0
-    best = int(np.argmax(extent))
-    theta = AXIS_ANGLES[best]
-    along = np.floor(pts @ np.array([np.cos(theta), np.sin(theta)]))
-    across = pts @ np.array([-np.sin(theta), np.cos(theta)])
-    _, band = np.unique(along, return_inverse=True)
-    width = ndimage.maximum(across, band, np.arange(band.max() + 1)) - ndimage.minimum(
-        across, band, np.arange(band.max() + 1))
-    return float(extent[best]), float(np.max(width) + 1.0)
 
 
 @torch.inference_mode()
@@ -137,43 +111,6 @@ def mask_sizes_mm(masks: np.ndarray, mm_per_px: float) -> dict[str, np.ndarray]:
     return {"circle": circle, "long_axis": axes[:, 0], "short_axis": axes[:, 1], "mean_axes": axes.mean(axis=1)}
 
 
-#: Shape and intensity of an outline, beside its size: elongation (short / long axis), solidity (area / convex
-#: hull area), compactness (4 pi area / perimeter^2, 1 for a disc), and the view's mean and spread inside the
-#: outline and its mean inside minus that of a ring just outside (how solid and how distinct the nodule is).
-OUTLINE_FEATURES = ("elongation", "solidity", "compactness", "mean_inside", "std_inside", "contrast")
-#: The outline features in a clinician's words, as the app, the report and the model card show them.
-OUTLINE_FEATURE_LABELS = {"elongation": "elongation (short / long axis)", "solidity": "solidity (area / convex hull)",
-                          "compactness": "compactness (1 = a disc)", "mean_inside": "mean grey level inside",
-                          "std_inside": "grey-level spread inside", "contrast": "contrast with its surroundings"}
-#: Width (view pixels) of the ring outside the outline that :data:`OUTLINE_FEATURES`' contrast compares with.
-RING_PX = 3
-
-
-def outline_features(masks: np.ndarray, views01: np.ndarray) -> dict[str, np.ndarray]:
-    """Each of :data:`OUTLINE_FEATURES` per outline mask ``(N, S, S)`` on its view ``(N, S, S)`` in [0, 1]; NaN
-    where nothing is outlined."""
-    from skimage.measure import perimeter
-    from skimage.morphology import convex_hull_image
-
-    m = np.asarray(masks, bool).reshape(-1, *np.shape(masks)[-2:])
-    v = np.asarray(views01, np.float64).reshape(m.shape)
-    out = {f: np.full(len(m), np.nan) for f in OUTLINE_FEATURES}
-    for i, (mask, view) in enumerate(zip(m, v, strict=True)):
-        area = float(mask.sum())
-        if area == 0:
-            continue
-        long_px, short_px = axes_px(mask)
-        ring = ndimage.binary_dilation(mask, iterations=RING_PX) & ~mask
-        inside = view[mask]
-        out["elongation"][i] = short_px / long_px
-        out["solidity"][i] = area / float(convex_hull_image(mask).sum())
-        out["compactness"][i] = min(1.0, 4.0 * np.pi * area / max(perimeter(mask), 1.0) ** 2)
-        out["mean_inside"][i] = float(inside.mean())
-        out["std_inside"][i] = float(inside.std())
-        out["contrast"][i] = float(inside.mean() - view[ring].mean()) if ring.any() else 0.0
-    return out
-
-
 def _crop_views(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> tuple[np.ndarray, float]:
     """The outliner's views of several crops at one pixel spacing, and millimetres per view pixel."""
     field = float(bundle.spec["preprocessing"]["field_mm"])
@@ -190,8 +127,8 @@ def crops_sizes_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: flo
 
 def crops_outline_features(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
                            ) -> dict[str, np.ndarray]:
-    """:data:`SIZE_MEASURES` (mm) and :data:`OUTLINE_FEATURES` of the outline at the centre of each of several
-    crops at one pixel spacing (e.g. the slices of one nodule)."""
+    """:data:`SIZE_MEASURES` (mm) and :data:`lungviz.shape.OUTLINE_FEATURES` of the outline at the centre of each
+    of several crops at one pixel spacing (e.g. the slices of one nodule)."""
     views, mm_px = _crop_views(bundle, contexts01, spacing_mm)
     masks = measure_views(bundle, views, mm_px)[1]
     return {**mask_sizes_mm(masks, mm_px), **outline_features(masks, views)}

@@ -25,7 +25,7 @@ from PIL import Image
 from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.errors import LungvizError
 from lungviz.fusion import SIZE_SOURCES
-from lungviz.outline import OUTLINE_FEATURE_LABELS
+from lungviz.shape import OUTLINE_FEATURE_LABELS, feature_groups_text
 
 if TYPE_CHECKING:
     from lungviz.outline import Outline
@@ -198,8 +198,9 @@ def outline_features_text(features: dict[str, float | None]) -> str | None:
     shown = [f"{OUTLINE_FEATURE_LABELS.get(k, k)} "
              + ("not measured" if v is None or not np.isfinite(v) else f"{v:+.2f}" if k == "contrast" else f"{v:.2f}")
              for k, v in features.items()]
-    return ("The fused model also weighs the outline's shape and grey levels on this slice (grey levels on the "
-            "crop's 0-1 scale): " + ", ".join(shown) + ".")
+    scale = " (grey levels on the crop's 0-1 scale)" if "grey" in feature_groups_text(features) else ""
+    return (f"The fused model also weighs the outline's {feature_groups_text(features)} on this slice{scale}: "
+            + ", ".join(shown) + ".")
 
 
 def pct(p: float | None) -> str:

@@ -228,18 +228,22 @@ def test_the_size_measure_is_chosen_on_validation_folds_and_reported_with_test(t
 def test_card_reports_the_outline_feature_check_and_the_fused_models_outline_inputs(tmp_path):
     from lungviz.inventory import outline_features_note
 
-    def row(candidate: str, features: list, val: float, higher: int | None, test: float, passes: bool) -> dict:
+    def row(candidate: str, features: list, val: float, higher: int | None, test: float, passes: bool,
+            diff_ci: list | None = None) -> dict:
+        readout = {"n": 332, "auroc": test, "ece": round(test - 0.8, 3), "ci95": {"auroc": [test - 0.05, test + 0.04]}}
+        if diff_ci is not None:
+            readout |= {"difference_from_size": round(test - 0.865, 3), "difference_ci95": diff_ci}
         return {"candidate": candidate, "features": features, "val_oof_auroc_mean": val,
                 "val_oof_auroc_range": [val - 0.01, val + 0.01], "draws_higher_than_size": higher, "passes": passes,
                 "val_oof_ece_mean": 0.03, "draws_lower_nll_than_size": None if higher is None else 11,
-                "test_fused": {"n": 332, "auroc": test, "ece": round(test - 0.8, 3),
-                               "ci95": {"auroc": [test - 0.05, test + 0.04]}}}
+                "test_fused": readout, "test_middle_slice": readout}
 
-    res = {"chosen_on_validation": "intensity", "chosen_features": ["mean_inside", "std_inside", "contrast"],
+    res = {"chosen_on_validation": "grey levels", "chosen_features": ["mean_inside", "std_inside", "contrast"],
            "n_val": 336, "n_test": 332, "draws": 20, "selection": "out-of-fold validation AUROC (test rule)",
            "results": [row("size", [], 0.889, None, 0.865, False),
-                       row("shape", ["elongation", "solidity", "compactness"], 0.883, 3, 0.880, False),
-                       row("intensity", ["mean_inside", "std_inside", "contrast"], 0.894, 20, 0.850, True)],
+                       row("shape", ["roundness", "solidity", "compactness"], 0.883, 3, 0.880, False, [-0.01, 0.04]),
+                       row("grey levels", ["mean_inside", "std_inside", "contrast"], 0.894, 20, 0.850, True,
+                           [-0.04, 0.01])],
            "val_feature_alone_auroc": {"contrast": 0.683, "compactness": 0.22}}
     (tmp_path / "outline_features.json").write_text(json.dumps(res))
     (tmp_path / "outliner.json").write_text(json.dumps({
@@ -255,20 +259,28 @@ def test_card_reports_the_outline_feature_check_and_the_fused_models_outline_inp
              "size_only_auroc": {"test": {"n": 332, "auroc": 0.842, "ci95": {"auroc": [0.79, 0.89]}}}}
     (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
     card = write_card(tmp_path).read_text()
-    assert "### Which outline features fused-binary uses" in card and "Chosen: **intensity**" in card
-    assert "| size and intensity | 0.894 (0.884 - 0.904) | 20 of 20 | 0.030 | 0.850 [0.800, 0.890] | 0.050 |" in card
-    assert "| size | 0.889 (0.879 - 0.899) | – | 0.030 | 0.865 [0.815, 0.905] | 0.065 |" in card
-    assert "moved fused-binary's AUROC by -0.015" in card  # the test figure is reported, never used to choose
-    assert "ECE went from 0.065 to 0.050" in card and "lower than the size alone's on 11 of 20 draws, no consistent" \
-        in card
-    assert "contrast with its surroundings 0.68" in card
+    assert "### Which outline features fused-binary uses" in card and "Chosen on validation: **grey levels**." in card
+    assert ("| size and grey levels | 0.894 (0.884 - 0.904) | 20 of 20 | 0.030 | 0.850 [0.800, 0.890] | "
+            "-0.015 [-0.040, +0.010] | 0.050 | 0.850, -0.015 [-0.040, +0.010], 0.050 |") in card
+    assert "| size | 0.889 (0.879 - 0.899) | – | 0.030 | 0.865 [0.815, 0.905] | – | 0.065 | 0.865, –, 0.065 |" in card
+    assert "moved fused-binary's AUROC by -0.015 [-0.040, +0.010] (paired patient bootstrap): test can neither " \
+        "confirm nor rule out a gain or a loss; its top-class ECE went from 0.065 to 0.050" in card
+    assert "On test 'size' and 'size and shape' scored higher than what ships, but they did not" in card  # the rows
+    assert "contrast with its surroundings 0.68" in card and "not HU" in card
     assert "its outline's contrast with its surroundings (+0.50)" in card and "0.898 with the size alone" in card
-    assert "(views + size and the outline's intensity)" in card
-    assert "measured on the image by the nodule outliner and the outline's intensity." in card
+    assert "(views + size and the outline's grey levels)" in card
+    assert "measured on the image by the nodule outliner and the outline's grey levels." in card
     note = outline_features_note(tmp_path)
     assert "0.889 with the size alone, 0.894 with them" in note and "0.850 with them, 0.865 without" in note
+    assert "cannot tell from chance" in note
+    vetoed = {**res, "vetoed_on_test": True, "shipped": "size", "shipped_features": []}
+    (tmp_path / "outline_features.json").write_text(json.dumps(vetoed))
+    card = write_card(tmp_path).read_text()
+    assert "Chosen on validation: **grey levels**; vetoed on test, shipped: **the size alone**." in card
+    assert "Test vetoed it, so the size alone ships" in card and outline_features_note(tmp_path) is None
+    assert "On test 'size and shape' scored higher than what ships, but it did not win on validation" in card
     (tmp_path / "outline_features.json").write_text(json.dumps({**res, "chosen_on_validation": "size"}))
-    assert outline_features_note(tmp_path) is None and "Chosen: **the size alone**" in write_card(tmp_path).read_text()
+    assert "Chosen on validation: **the size alone**." in write_card(tmp_path).read_text()
 
 
 def test_card_reports_the_test_time_augmentation_check(tmp_path):

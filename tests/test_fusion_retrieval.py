@@ -116,6 +116,10 @@ def test_fusion_with_outline_features_standardises_them_and_counts_a_missing_one
     with pytest.raises(LungvizError, match="not measured on any"):
         fit_fusion(["slice", "nodule"], views, y, features=np.stack([log_d, np.full(n, np.nan)], 1),
                    feature_names=[SIZE_FEATURE, "contrast"], size_source="outliner")
+    unmeasured_size = x[:1].copy()
+    unmeasured_size[0, 0] = np.nan  # the size has no mean to fall back on: refused, never silently 1 mm
+    with pytest.raises(LungvizError, match="size could not be measured"):
+        f.logits([v[:1] for v in views], unmeasured_size)
     row = feature_row([SIZE_FEATURE, "contrast", "solidity"], np.e, {"contrast": 0.4})
     assert row.shape == (1, 3) and row[0, :2] == pytest.approx([1.0, 0.4]) and np.isnan(row[0, 2])
 
@@ -135,6 +139,8 @@ def test_fusion_with_outline_features_standardises_them_and_counts_a_missing_one
       "feature_weights": [[0, 1], [0, 1]], "size_source": "finder"}, "need the nodule outliner"),
     ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE, "contrast"],
       "feature_weights": [[0, 1], [0, 1]], "size_source": "outliner", "feature_centre": [0.0]}, "standardisation"),
+    ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE, "contrast"],
+      "feature_weights": [[0, 1], [0, 1]], "size_source": "outliner"}, "standardisation"),
     ({"views": ["slice", "nodule"], "weights": [1.0, 1.0], "bias": [0, 0], "features": [SIZE_FEATURE, "contrast"],
       "feature_weights": [[0, 1], [0, 1]], "size_source": "outliner", "feature_centre": [0.0, 0.3],
       "feature_scale": [1.0, 0.0]}, "standardisation"),

@@ -12,7 +12,6 @@ from torch import nn
 from lungviz.errors import LungvizError
 from lungviz.models import Bundle, ModelSpec, create_model, load_bundle, save_bundle
 from lungviz.outline import (
-    OUTLINE_FEATURES,
     SIZE_MEASURES,
     axes_px,
     central_region,
@@ -20,10 +19,10 @@ from lungviz.outline import (
     crops_outline_features,
     crops_sizes_mm,
     load_outliner,
-    outline_features,
     outline_nodule,
     outline_overlay,
 )
+from lungviz.shape import MIN_SHAPE_PX, OUTLINE_FEATURES, feature_groups_text, outline_features
 
 
 class _Disc(nn.Module):
@@ -142,25 +141,33 @@ def test_the_outliner_bundle_is_checked(tmp_path):
     assert load_bundle(tmp_path, "outliner").spec["task"] == "binary"
 
 
-def test_outline_shape_and_intensity_features():
+def test_outline_shape_and_grey_level_features():
     rr, cc = np.mgrid[:80, :80]
     disc = np.hypot(rr - 40, cc - 40) <= 12
     ellipse = ((rr - 40) / 16.0) ** 2 + ((cc - 40) / 6.0) ** 2 <= 1  # 33 x 13 px
     notched = disc & ~((np.abs(rr - 40) <= 3) & (cc >= 40))  # a disc with a slot cut to its centre
+    tiny = np.hypot(rr - 40, cc - 40) <= 1.5  # 9 px: too few to tell a shape
+    full = np.ones_like(disc)  # fills the view: no ring left to compare with
     view = np.where(disc, 0.8, 0.2)  # bright, uniform nodule on a darker background
-    f = outline_features(np.stack([disc, ellipse, notched, np.zeros_like(disc)]), np.stack([view] * 4))
-    assert set(f) == set(OUTLINE_FEATURES) and all(v.shape == (4,) for v in f.values())
-    assert f["elongation"][0] == pytest.approx(1.0, abs=0.05)
-    assert f["elongation"][1] == pytest.approx(13 / 33, abs=0.05)
+    masks = np.stack([disc, ellipse, notched, np.zeros_like(disc), tiny, full])
+    f = outline_features(masks, np.stack([view] * len(masks)))
+    assert set(f) == set(OUTLINE_FEATURES) and all(v.shape == (len(masks),) for v in f.values())
+    assert f["roundness"][0] == pytest.approx(1.0, abs=0.05)
+    assert f["roundness"][1] == pytest.approx(13 / 33, abs=0.05)
     assert f["solidity"][0] > 0.93 and f["solidity"][2] < f["solidity"][0] - 0.1  # the slot is concave
-    assert f["compactness"][0] > 0.85 and f["compactness"][1] < f["compactness"][0]  # a disc is the most compact
-    assert f["compactness"][2] < f["compactness"][0] - 0.2  # the slot's edges lengthen the boundary
+    assert f["compactness"][0] == pytest.approx(1.0, abs=0.1)  # a disc
+    assert f["compactness"][1] < f["compactness"][0] - 0.1 and f["compactness"][2] < f["compactness"][0] - 0.2
     assert f["mean_inside"][0] == pytest.approx(0.8) and f["std_inside"][0] == pytest.approx(0.0, abs=1e-9)
     assert f["contrast"][0] == pytest.approx(0.6)  # inside minus the ring just outside
     assert f["std_inside"][1] > 0.2  # the ellipse reaches beyond the bright disc
     assert all(np.isnan(v[3]) for v in f.values())  # nothing outlined: nothing measured
-    with pytest.raises(ValueError):
-        outline_features(np.stack([disc, disc]), view[None])  # one view per mask
+    assert tiny.sum() < MIN_SHAPE_PX and all(np.isnan(f[k][4]) for k in ("roundness", "solidity", "compactness"))
+    assert f["mean_inside"][4] == pytest.approx(0.8) and f["contrast"][4] == pytest.approx(0.0)  # inside the disc
+    assert np.isnan(f["contrast"][5]) and np.isfinite(f["mean_inside"][5])  # no ring: no contrast
+    with pytest.raises(ValueError, match="one"):
+        outline_features(np.stack([disc, disc]), view[None])
+    assert feature_groups_text(["compactness", "contrast"]) == "shape and grey levels"
+    assert feature_groups_text(["mean_inside"]) == "grey levels" and feature_groups_text(["log_diameter_mm"]) == ""
 
 
 def test_the_outline_carries_its_features_as_the_crops_measure_them():
@@ -169,7 +176,7 @@ def test_the_outline_carries_its_features_as_the_crops_measure_them():
     ctx[np.hypot(*(np.mgrid[:128, :128] - 63.5)) <= 6.0] = 0.9  # a bright 6 mm disc where the outline is drawn
     out = outline_nodule(bundle, ctx, 0.5)
     assert set(out.features) == set(OUTLINE_FEATURES)
-    assert out.features["contrast"] == pytest.approx(0.6, abs=0.05) and out.features["elongation"] > 0.9
+    assert out.features["contrast"] == pytest.approx(0.6, abs=0.05) and out.features["roundness"] > 0.9
     got = crops_outline_features(bundle, [ctx, ctx], 0.5)
     assert set(got) == set(SIZE_MEASURES) | set(OUTLINE_FEATURES)
     assert got["circle"] == pytest.approx([out.diameter_mm] * 2)

@@ -326,6 +326,14 @@ def test_outliner_learns_the_readers_outline_and_measures_the_nodule(tmp_path):
     assert sizes.shape == (6, 1) and np.isfinite(sizes).all()
     with pytest.raises(LungvizError, match="unknown size source"):
         fusion_features(["log_diameter_mm"], tmp_path / "w", store, np.arange(6), source="ruler")
+    # The outline's features beside the size: the same size column, each feature a mean over the central slices.
+    names = ["log_diameter_mm", "roundness", "mean_inside", "contrast"]
+    both = fusion_features(names, tmp_path / "w", store, np.arange(6), source="outliner")
+    assert both.shape == (6, 4) and np.allclose(both[:, 0], sizes[:, 0])
+    assert np.isfinite(both).all() and (both[:, 1] > 0.5).all() and (both[:, 1] <= 1.0).all()  # discs are round
+    assert (both[:, 3] > 0).all()  # the synthetic nodules are brighter than their surroundings
+    with pytest.raises(LungvizError, match="outliner only"):
+        fusion_features(names, tmp_path / "w", store, np.arange(6), source="finder")
 
 
 @pytest.mark.slow
@@ -707,7 +715,7 @@ def test_a_class_bias_is_adopted_only_where_it_lowers_the_out_of_fold_validation
 
 def test_outline_features_join_fused_binary_only_where_out_of_fold_validation_says_so():
     from lungviz.fusion import SIZE_FEATURE
-    from lungviz.outline import OUTLINE_FEATURES
+    from lungviz.shape import OUTLINE_FEATURES
     from training.experiments import OUTLINE_CANDIDATES, outline_feature_check
 
     rng = np.random.default_rng(8)
@@ -722,18 +730,35 @@ def test_outline_features_join_fused_binary_only_where_out_of_fold_validation_sa
         return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "logits": views,
                 "features": {SIZE_FEATURE: log_d, **feats}}
 
-    found = outline_feature_check(split(400, True), split(300, True), seeds=4, n_boot=20)
+    test = split(300, True)
+    test["middle"] = {"logits": test["logits"], "features": {**test["features"], "contrast": np.full(300, np.nan)}}
+    found = outline_feature_check(split(400, True), test, seeds=4, n_boot=50)
     rows = {r["candidate"]: r for r in found["results"]}
     assert set(rows) == set(OUTLINE_CANDIDATES) and rows["size"]["draws_higher_than_size"] is None
-    assert rows["intensity"]["passes"] and rows["intensity"]["draws_higher_than_size"] == 4
+    assert rows["grey levels"]["passes"] and rows["grey levels"]["draws_higher_than_size"] == 4
     assert not rows["shape"]["passes"]  # noise beside the size
-    assert found["chosen_on_validation"] in ("intensity", "shape and intensity")
-    assert found["chosen_features"] == list(OUTLINE_CANDIDATES[found["chosen_on_validation"]])
-    assert rows["intensity"]["test_fused"]["auroc"] > rows["size"]["test_fused"]["auroc"]
+    best = max((r for r in rows.values() if r["passes"]), key=lambda r: r["val_oof_auroc_mean"])["candidate"]
+    assert found["chosen_on_validation"] == best != "size"  # the passing set with the highest validation mean
+    assert found["chosen_features"] == list(OUTLINE_CANDIDATES[best])
+    gain = rows["grey levels"]["test_fused"]
+    assert gain["auroc"] > rows["size"]["test_fused"]["auroc"] and gain["difference_ci95"][0] > 0  # a paired gain
+    assert gain["difference_from_size"] == pytest.approx(gain["auroc"] - rows["size"]["test_fused"]["auroc"])
+    assert "difference_from_size" not in rows["size"]["test_fused"]
+    # On the middle slice nothing's contrast was measured: it counts at its validation mean, no gain is left.
+    assert abs(rows["grey levels"]["test_middle_slice"]["difference_from_size"]) < 0.05
     assert found["val_feature_alone_auroc"]["contrast"] > 0.6
+    assert not found["vetoed_on_test"] and found["shipped"] == best and found["shipped_features"] == list(
+        OUTLINE_CANDIDATES[best])
     # Test never decides: a contrast that matters on test only is not chosen.
     kept = outline_feature_check(split(400, False), split(300, True), seeds=4, n_boot=20)
-    assert kept["chosen_on_validation"] == "size" and kept["chosen_features"] == []
+    assert kept["chosen_on_validation"] == "size" and kept["chosen_features"] == [] and kept["shipped"] == "size"
+    # ... but it may veto: where the chosen set clearly loses on test, the size alone ships.
+    reversed_test = split(300, True)
+    reversed_test["features"]["contrast"] = 1.0 - reversed_test["features"]["contrast"]  # contrast now misleads
+    vetoed = outline_feature_check(split(400, True), reversed_test, seeds=4, n_boot=50)
+    loser = next(r for r in vetoed["results"] if r["candidate"] == vetoed["chosen_on_validation"])
+    assert vetoed["chosen_on_validation"] != "size" and loser["test_fused"]["difference_ci95"][1] < 0
+    assert vetoed["vetoed_on_test"] and vetoed["shipped"] == "size" and vetoed["shipped_features"] == []
 
 
 def test_the_outline_option_of_fuse():
@@ -743,6 +768,26 @@ def test_the_outline_option_of_fuse():
     assert parse_outline(" contrast, solidity ", ()) == ["contrast", "solidity"]
     with pytest.raises(LungvizError, match="unknown outline feature"):
         parse_outline("contrast,spiculation", ())
+
+
+def test_outline_features_need_the_outliners_size():
+    from training.fuse import train_fusion
+
+    for size, source in ((False, "outliner"), (True, "finder")):
+        with pytest.raises(LungvizError, match="come with the size the nodule outliner measures"):
+            train_fusion("binary", "/nowhere", size=size, size_source=source, outline=["contrast"])
+
+
+def test_the_shipped_fused_binary_uses_the_outline_features_its_check_chose():
+    import json
+
+    from training.train import SHIPPED_FUSIONS
+
+    weights = Path(__file__).resolve().parent.parent / "weights"
+    shipped = json.loads((weights / "outline_features.json").read_text())["shipped_features"]
+    spec = json.loads((weights / "fused-binary.json").read_text())
+    assert SHIPPED_FUSIONS["binary"].get("outline", []) == shipped
+    assert spec["fusion"]["features"] == ["log_diameter_mm", *shipped]
 
 
 def test_the_command_line_help_lists_every_command(capsys):

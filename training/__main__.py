@@ -188,7 +188,7 @@ def cmd_fuse(cfg: FuseConfig) -> dict:
 
 def parse_outline(text: str, shipped: Sequence[str]) -> list[str]:
     """``--outline``: shipped (the preset's features) | none | a comma-separated list of outline features."""
-    from lungviz.outline import OUTLINE_FEATURES
+    from lungviz.shape import OUTLINE_FEATURES
 
     choice = text.strip()
     if choice.lower() == "shipped":
@@ -204,7 +204,7 @@ def parse_outline(text: str, shipped: Sequence[str]) -> list[str]:
 
 
 def cmd_outline_features(cfg: OutlineFeaturesConfig) -> dict:
-    """Check the outline's shape and intensity as fused-binary features beside its size (validation decides)."""
+    """Check the outline's shape and grey levels as fused-binary features beside its size (validation decides)."""
     from training.experiments import compare_outline_features
 
     result = compare_outline_features(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)

@@ -17,7 +17,14 @@ from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
 from lungviz.library import MAX_LIDC_READERS
 from lungviz.metrics import MALIGNANT_ECE_LIMIT, format_ci, with_malignant_ece
-from lungviz.outline import OUTLINE_FEATURE_LABELS
+from lungviz.shape import (
+    GREY_FEATURES,
+    MIN_SHAPE_PX,
+    OUTLINE_FEATURE_LABELS,
+    RING_PX,
+    SHAPE_FEATURES,
+    feature_groups_text,
+)
 
 #: Reference figures of the published full-slice / nodule-crop study (their own split, not ours).
 PUBLISHED = {
@@ -152,11 +159,9 @@ def members_text(component: str, members: list[str], folder: Path | None, key: s
 
 
 def inputs_text(fusion_spec: dict) -> str:
-    """What a fusion adds to the views, in words: "size", or "size and the outline's shape and intensity"."""
-    names = set((fusion_spec.get("fusion") or {}).get("features") or [])
-    what = [w for w, keys in (("shape", {"elongation", "solidity", "compactness"}),
-                              ("intensity", {"mean_inside", "std_inside", "contrast"})) if names & keys]
-    return "size" + (f" and the outline's {' and '.join(what)}" if what else "")
+    """What a fusion adds to the views, in words: "size", or e.g. "size and the outline's shape and grey levels"."""
+    what = feature_groups_text((fusion_spec.get("fusion") or {}).get("features") or [])
+    return "size" + (f" and the outline's {what}" if what else "")
 
 
 def size_only_text(specs: dict) -> str | None:
@@ -428,15 +433,17 @@ def outliner_section(w: Callable[[str], None], folder: Path) -> None:
 def fusion_features_text(f: dict, tr: dict) -> str:
     """The per-model paragraph on what a fusion adds to its views: the size and any outline features, with their
     weights, and the validation figure with and without them."""
+    weights = dict(zip(f["features"], f["feature_weights"], strict=True))
     text = (f"It also uses the nodule's size as {SIZE_SOURCES.get(f.get('size_source', 'finder'), '?')} measures it "
-            "on the image (log diameter at the crop centre, averaged over the central half of the slices), with "
-            f"per-class weights {', '.join(f'{v:+.2f}' for v in f['feature_weights'][0])}")
-    extra = [(n, fw) for n, fw in zip(f["features"], f["feature_weights"], strict=True) if n != SIZE_FEATURE]
+            "on the image (log diameter at the crop centre, averaged over the central half of the slices)"
+            + (f", with per-class weights {', '.join(f'{v:+.2f}' for v in weights[SIZE_FEATURE])}"
+               if SIZE_FEATURE in weights else ""))
+    extra = [(n, fw) for n, fw in weights.items() if n != SIZE_FEATURE]
     if extra:
         text += (", and its outline's " + ", ".join(f"{OUTLINE_FEATURE_LABELS.get(n, n)} ({fw[-1] - fw[0]:+.2f})"
                                                     for n, fw in extra)
                  + " (each standardised on validation; in brackets its weight towards the last class per standard "
-                   "deviation; a slice where nothing is outlined counts at the validation mean)")
+                   "deviation; a feature that cannot be measured counts at the validation mean)")
     text += (f". On validation (AUROC for binary, kappa for score) it scores {_fmt(tr.get('val_score'))}, against "
              f"{_fmt(tr.get('val_score_views_only'))} without the size")
     if extra and tr.get("val_score_size_without_outline") is not None:
@@ -444,49 +451,84 @@ def fusion_features_text(f: dict, tr: dict) -> str:
     return text + " (fitted and scored on the same split). The measuring model never sees the readers' measurements.\n"
 
 
+def _candidate_label(candidate: str) -> str:
+    """An outline-feature candidate as the inputs it adds beside the views: "size", "size and shape", ..."""
+    if candidate == "size":
+        return "size"
+    return f"size{',' if ' and ' in candidate else ' and'} {candidate}"
+
+
+def _shipped_text(candidate: str) -> str:
+    """A candidate as the card names a choice: "the size alone", or the outline features it adds."""
+    return "the size alone" if candidate == "size" else candidate
+
+
+def _test_difference(row: dict, key: str) -> str:
+    """A candidate's paired AUROC difference from the size alone on a test readout, with its interval."""
+    r = row.get(key) or {}
+    ci = r.get("difference_ci95")
+    if r.get("difference_from_size") is None:
+        return "–"
+    return f"{r['difference_from_size']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
 def outline_features_section(w: Callable[[str], None], folder: Path) -> None:
-    """Whether the outline's shape and intensity join fused-binary: the check `python -m training outline-features`
-    wrote."""
+    """Whether the outline's shape and grey levels join fused-binary: the check `python -m training
+    outline-features` wrote."""
     res = read_result("outline_features.json", folder)
     if not res:
         return
     chosen = res["chosen_on_validation"]
     w("### Which outline features fused-binary uses\n")
-    w("Beside the size, the outline's shape (" + ", ".join(OUTLINE_FEATURE_LABELS[n] for n in (
-        "elongation", "solidity", "compactness")) + ") and intensity (" + ", ".join(OUTLINE_FEATURE_LABELS[n] for n in (
-            "mean_inside", "std_inside", "contrast")) + f"), each averaged over the central half of the slices, were "
-      f"tried as further inputs of fused-binary. Decided on the validation split ({res['n_val']} nodules): "
-      f"{res['selection']}. Test ({res['n_test']} nodules) was read once, after the choice. Chosen: "
-      f"**{'the size alone' if chosen == 'size' else chosen}**.\n")
+    w("Beside the size, the outline's shape (" + ", ".join(OUTLINE_FEATURE_LABELS[n] for n in SHAPE_FEATURES)
+      + ") and grey levels (" + ", ".join(OUTLINE_FEATURE_LABELS[n] for n in GREY_FEATURES)
+      + f", the ring {RING_PX} view pixels wide; on the crop's 0-1 grey scale, not HU), each averaged over the "
+      f"central half of the slices, were tried as further inputs of fused-binary; shape is not measured on outlines "
+      f"under {MIN_SHAPE_PX} view pixels. Decided on the validation split ({res['n_val']} nodules): "
+      f"{res['selection']}. Test ({res['n_test']} nodules) was read after the choice; it may veto a change, never "
+      f"cause one (a chosen set whose paired test AUROC difference from the size alone is below zero with 95% "
+      f"confidence does not ship). Chosen on validation: **{_shipped_text(chosen)}**"
+      + (f"; vetoed on test, shipped: **{_shipped_text(res.get('shipped', 'size'))}**"
+         if res.get("vetoed_on_test") else "") + ".\n")
+    middle = any("test_middle_slice" in r for r in res["results"])
     w("| inputs beside the views | val: out-of-fold AUROC (mean, range over fold draws) | val: draws higher than "
-      "the size alone | val: out-of-fold ECE | test: fused-binary AUROC | test: ECE |")
-    w("| --- | --- | --- | --- | --- | --- |")
+      "the size alone | val: out-of-fold ECE | test: AUROC | test: difference from the size alone | test: ECE |"
+      + (" test, middle slice: AUROC, difference, ECE |" if middle else ""))
+    w("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if middle else ""))
     for r in res["results"]:
         lo, hi = r["val_oof_auroc_range"]
-        label = "size" if r["candidate"] == "size" else f"size{',' if ' and ' in r['candidate'] else ' and'} " \
-                                                        f"{r['candidate']}"
         higher = "–" if r["draws_higher_than_size"] is None else f"{r['draws_higher_than_size']} of {res['draws']}"
-        w(f"| {label} | {r['val_oof_auroc_mean']:.3f} ({lo:.3f} - {hi:.3f}) | {higher} | "
+        one = r.get("test_middle_slice") or {}
+        w(f"| {_candidate_label(r['candidate'])} | {r['val_oof_auroc_mean']:.3f} ({lo:.3f} - {hi:.3f}) | {higher} | "
           f"{_fmt(r.get('val_oof_ece_mean'))} | {format_ci(r['test_fused'], 'auroc')} | "
-          f"{_fmt(r['test_fused'].get('ece'))} |")
+          f"{_test_difference(r, 'test_fused')} | {_fmt(r['test_fused'].get('ece'))} |"
+          + (f" {_fmt(one.get('auroc'))}, {_test_difference(r, 'test_middle_slice')}, {_fmt(one.get('ece'))} |"
+             if middle else ""))
     w("")
     rows = {r["candidate"]: r for r in res["results"]}
+    w("The rule reads the validation AUROC only. The calibration columns, the paired test differences and the "
+      "middle-slice readout (what the app sees: views and outline on one slice) are reported beside it; they were "
+      "added after a first run of this check had been read on test (the project README tells the history).\n")
     if chosen != "size":
         new, old = rows[chosen], rows["size"]
-        gain = new["test_fused"]["auroc"] - old["test_fused"]["auroc"]
-        text = (f"On test the chosen set moved fused-binary's AUROC by {gain:+.3f}, well inside its interval: the "
-                "gain seen out of fold on validation is small, and test does not confirm it")
-        if new["test_fused"].get("ece") is not None and old["test_fused"].get("ece") is not None:
-            text += (f"; its top-class ECE went from {old['test_fused']['ece']:.3f} to {new['test_fused']['ece']:.3f} "
-                     "(see 'How much of the ECE is chance')")
-        if new.get("draws_lower_nll_than_size") is not None:
-            lower = new["draws_lower_nll_than_size"]
-            text += (f". The rule reads AUROC only; out of fold on validation the chosen set's log-loss was lower than "
-                     f"the size alone's on {lower} of {res['draws']} draws"
-                     + (", a consistent gain in calibration there" if lower >= 0.8 * res["draws"] else
-                        ", no consistent gain in calibration there either"))
-        w(text + ". It ships because validation, not test, decides: a set chosen for its test figures (another set "
-          "did better on test than on validation) would no longer have a held-out measurement.\n")
+        ci = new["test_fused"].get("difference_ci95")
+        if ci:
+            verdict = ("confirms a gain" if ci[0] > 0 else "shows a loss" if ci[1] < 0
+                       else "can neither confirm nor rule out a gain or a loss")
+            w(f"On test the chosen set moved fused-binary's AUROC by {_test_difference(new, 'test_fused')} (paired "
+              f"patient bootstrap): test {verdict}; its top-class ECE went from {_fmt(old['test_fused'].get('ece'))} "
+              f"to {_fmt(new['test_fused'].get('ece'))}.\n")
+        if res.get("vetoed_on_test"):
+            w("Test vetoed it, so the size alone ships, as before this check. Keeping the size alone because the "
+              "alternative did worse on test makes fused-binary's reported test figures a slightly optimistic choice "
+              "between two models.\n")
+        shipped = res.get("shipped", chosen)
+        better = [f"'{_candidate_label(c)}'" for c, r in rows.items() if c not in (chosen, shipped)
+                  and r["test_fused"]["auroc"] > rows[shipped]["test_fused"]["auroc"]]
+        if better:
+            they = "it" if len(better) == 1 else "they"
+            w(f"On test {' and '.join(better)} scored higher than what ships, but {they} did not win on validation; "
+              "shipping a set for its test figures would spend the test split.\n")
     alone = res.get("val_feature_alone_auroc") or {}
     if alone:
         w("Each feature alone on validation (AUROC for malignant; below 0.5 = lower values go with malignant): "
@@ -727,7 +769,9 @@ def write_card(folder: Path | None = None) -> Path:
     w("- Split: patient-level, stratified 70/15/15 (`weights/splits/holdout.json`, fingerprint "
       f"`{next(iter(specs.values()))['split_fingerprint'] if specs else '–'}`). Train fits the weights, validation "
       "drives early stopping, prior correction, temperature scaling and the choice of Grad-CAM layer, test is used "
-      "once for this card.\n")
+      "once for this card"
+      + (" (and once to veto a change validation chose; see 'Which outline features fused-binary uses')"
+         if (read_result("outline_features.json", folder) or {}).get("vetoed_on_test") else "") + ".\n")
     w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs. "
       "fused-binary adds the nodule's diameter measured on the image by "
       f"{SIZE_SOURCES.get((specs.get('fused-binary', {}).get('fusion') or {}).get('size_source', 'finder'), '?')}"

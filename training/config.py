@@ -140,7 +140,7 @@ class TtaConfig:
 
 @dataclasses.dataclass
 class OutlineFeaturesConfig:
-    """Would the outline's shape and intensity help fused-binary beside its size (validation decides, test after)?"""
+    """Would the outline's shape and grey levels help fused-binary beside its size (validation decides, test after)?"""
 
     weights: str = ""  # folder holding slice-binary, nodule-binary and the outliner; empty = weights/
     seeds: int = 20  # draws of the patient-grouped folds of the validation split

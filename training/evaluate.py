@@ -134,7 +134,7 @@ def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indi
     """``(N, F)`` image-derived fusion features per nodule, averaged over the ``central`` share of the nodule's
     slices (as the models' logits are; 0 = the middle slice only, as the app sees one slice): the size feature is the
     diameter that ``source`` (the outliner or the finder) measures at the crop centre, the outline features
-    (:data:`lungviz.outline.OUTLINE_FEATURES`, outliner only) the mean over the slices where something was
+    (:data:`lungviz.shape.OUTLINE_FEATURES`, outliner only) the mean over the slices where something was
     outlined (NaN where nothing was)."""
     from lungviz.errors import LungvizError
     from lungviz.fusion import FEATURES, SIZE_FEATURE, SIZE_SOURCES, size_feature

@@ -15,6 +15,7 @@ import torch
 from lungviz import paths
 from lungviz.calibration import PRIOR_AFTER_T, Calibration, shared_order
 from lungviz.labels import LabelScheme
+from lungviz.shape import GREY_FEATURES, OUTLINE_FEATURES, SHAPE_FEATURES
 from lungviz.splits import Split
 from training.train import LONGER, RECIPE_64, TrainConfig, fold_split, train_model
 
@@ -378,52 +379,82 @@ def compare_class_bias(weights: str = "", seeds: int = 20, k: int = 5, out: str 
 #: The outline feature sets tried beside fused-binary's size (:func:`outline_feature_check`), fixed before the check.
 OUTLINE_CANDIDATES: dict[str, tuple[str, ...]] = {
     "size": (),
-    "shape": ("elongation", "solidity", "compactness"),
-    "intensity": ("mean_inside", "std_inside", "contrast"),
-    "shape and intensity": ("elongation", "solidity", "compactness", "mean_inside", "std_inside", "contrast"),
+    "shape": SHAPE_FEATURES,
+    "grey levels": GREY_FEATURES,
+    "shape and grey levels": SHAPE_FEATURES + GREY_FEATURES,
 }
 
 
 def outline_feature_check(val: dict, test: dict, seeds: int = 20, k: int = 5, n_boot: int = 1000) -> dict:
-    """Does fused-binary gain from the outline's shape and intensity beside its size? Each of
+    """Does fused-binary gain from the outline's shape and grey levels beside its size? Each of
     :data:`OUTLINE_CANDIDATES` refits the fusion (views + size + its features) in ``k`` patient-grouped folds of the
     validation split (``seeds`` fold draws). A candidate passes if its out-of-fold AUROC beats the size-only
     fusion's on at least :data:`DRAWS_RULE` of the draws; of those that pass, the highest mean is chosen (none:
-    the size alone stays). Test is read after. ``val``/``test``: ``y``, patient ``groups``, the views' calibrated
-    ``logits`` and ``features`` (name -> value per nodule; the size feature and every outline feature)."""
+    the size alone stays). Test may veto the choice, never make one: a chosen set whose paired test AUROC difference
+    from the size alone is below zero with 95% confidence is not shipped (``shipped``). Test is read after: each
+    candidate fitted on all of validation, its AUROC and ECE, and its paired patient-bootstrap AUROC difference from
+    the size alone; on the nodules' middle slices too where
+    ``test`` has ``middle`` (``logits`` and ``features`` measured on one slice, as the app sees a case).
+    ``val``/``test``: ``y``, patient ``groups``, the views' calibrated ``logits`` and ``features`` (name -> value per
+    nodule; the size feature and every outline feature)."""
     from lungviz import metrics
-    from lungviz.fusion import SIZE_FEATURE
-    from training.fuse import fused_test_auroc, oof_fusion_figures
+    from lungviz.fusion import SIZE_FEATURE, fit_fusion
+    from training.fuse import oof_fusion_figures
 
     def design(split: dict, extra: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
         names = [SIZE_FEATURE, *extra]
         return np.stack([np.asarray(split["features"][n], np.float64) for n in names], axis=1), names
 
+    def read(split: dict, probs: dict[str, np.ndarray], c: str) -> dict:
+        """A candidate's AUROC (with its interval), ECE and paired AUROC difference from the size alone."""
+        y, p, q = np.asarray(split["y"]), probs[c], probs["size"]
+        out = {"n": len(y), "auroc": float(metrics.auroc(y, p)), "ece": float(metrics.ece(y, p)),
+               "ci95": metrics.bootstrap_ci(lambda i: {"auroc": metrics.auroc(y[i], p[i])}, len(y), split["groups"],
+                                            n_boot)}
+        if c != "size":
+            out["difference_from_size"] = out["auroc"] - float(metrics.auroc(y, q))
+            out["difference_ci95"] = metrics.bootstrap_ci(
+                lambda i: {"d": metrics.auroc(y[i], p[i]) - metrics.auroc(y[i], q[i])}, len(y), split["groups"],
+                n_boot)["d"]
+        return out
+
     draws = {c: oof_fusion_figures(val, *design(val, extra), seeds, k) for c, extra in OUTLINE_CANDIDATES.items()}
+    fused = {c: fit_fusion(["slice", "nodule"], val["logits"], val["y"], features=design(val, extra)[0],
+                           feature_names=design(val, extra)[1], size_source="outliner")
+             for c, extra in OUTLINE_CANDIDATES.items()}
+    parts = {"test": test, **({"test_middle_slice": {**test["middle"], "y": test["y"], "groups": test["groups"]}}
+                              if "middle" in test else {})}
+    probs = {name: {c: metrics.softmax(fused[c].logits(sp["logits"], design(sp, extra)[0]))
+                    for c, extra in OUTLINE_CANDIDATES.items()} for name, sp in parts.items()}
     base = np.asarray(draws["size"]["auroc"])
     rows = []
     for c, extra in OUTLINE_CANDIDATES.items():
-        (xv, names), (xt, _) = design(val, extra), design(test, extra)
         auroc = np.asarray(draws[c]["auroc"])
         higher = int(np.sum(auroc > base))
         rows.append({"candidate": c, "features": list(extra), "val_oof_auroc_mean": float(np.mean(auroc)),
                      "val_oof_auroc_range": [float(np.min(auroc)), float(np.max(auroc))],
                      "draws_higher_than_size": higher if extra else None,
+                     "passes": bool(extra) and higher >= DRAWS_RULE * seeds,
                      # calibration, reported beside the rule (which reads AUROC only)
                      "val_oof_nll_mean": float(np.mean(draws[c]["nll"])),
                      "val_oof_ece_mean": float(np.mean(draws[c]["ece"])),
                      "draws_lower_nll_than_size": int(np.sum(np.asarray(draws[c]["nll"]) < np.asarray(
                          draws["size"]["nll"]))) if extra else None,
-                     "passes": bool(extra) and higher >= DRAWS_RULE * seeds,
-                     "test_fused": fused_test_auroc(val, test, xv, xt, names, n_boot)})
+                     **{"test_fused" if name == "test" else name: read(parts[name], probs[name], c) for name in parts}})
     passing = [r for r in rows if r["passes"]]
     chosen = max(passing, key=lambda r: r["val_oof_auroc_mean"])["candidate"] if passing else "size"
+    # Test may veto a change, never cause one: a chosen set whose paired test AUROC difference from the size alone
+    # is below zero with 95% confidence does not ship.
+    ci = next(r for r in rows if r["candidate"] == chosen)["test_fused"].get("difference_ci95")
+    vetoed = bool(ci and ci[1] < 0)
     alone = {}
-    for name in OUTLINE_CANDIDATES["shape and intensity"]:
+    for name in OUTLINE_FEATURES:
         v = np.asarray(val["features"][name], np.float64)
         filled = np.where(np.isnan(v), np.nanmean(v), v)
         alone[name] = metrics.score_auroc(np.asarray(val["y"]) == 1, filled, None, 0)["auroc"]
+    shipped = "size" if vetoed else chosen
     return {"chosen_on_validation": chosen, "chosen_features": list(OUTLINE_CANDIDATES[chosen]),
+            "vetoed_on_test": vetoed, "shipped": shipped, "shipped_features": list(OUTLINE_CANDIDATES[shipped]),
             "n_val": len(val["y"]), "n_test": len(test["y"]), "draws": seeds, "results": rows,
             "val_feature_alone_auroc": alone}
 
@@ -435,7 +466,7 @@ def compare_outline_features(weights: str = "", seeds: int = 20, k: int = 5, n_b
     from lungviz.fusion import FEATURES
     from lungviz.labels import get_scheme
     from training.datasets import load_cases
-    from training.evaluate import fusion_features, read_any_spec
+    from training.evaluate import ensemble_logits, fusion_features, read_any_spec
     from training.fuse import split_logits
 
     folder = Path(weights) if weights else paths.weights_dir()
@@ -447,9 +478,15 @@ def compare_outline_features(weights: str = "", seeds: int = 20, k: int = 5, n_b
     for split in ("val", "test"):
         kept, y, store, per_net = split_logits(cases, scheme, split, {"split_fingerprint": fingerprint}, folder,
                                                {c: [c] for c in components}, progress)
-        x = fusion_features(list(FEATURES), folder, store, np.arange(len(kept)), source="outliner")
+        every = np.arange(len(kept))
+        x = fusion_features(list(FEATURES), folder, store, every, source="outliner")
         parts[split] = {"y": y, "groups": [c.patient_id for c in kept], "logits": [per_net[c][0] for c in components],
                         "features": {n: x[:, i] for i, n in enumerate(FEATURES)}}
+        if split == "test":  # what the app sees: views and outline on the middle slice only
+            one = fusion_features(list(FEATURES), folder, store, every, 0.0, source="outliner")
+            parts[split]["middle"] = {
+                "logits": [ensemble_logits(folder, [c], store, every, central=0.0)[0] for c in components],
+                "features": {n: one[:, i] for i, n in enumerate(FEATURES)}}
     result = {"task": "binary", "components": components,
               "selection": f"out-of-fold validation AUROC of fused-binary refitted in {k} patient-grouped folds of the "
                            f"validation split, {seeds} fold draws; a feature set passes where higher than the size "

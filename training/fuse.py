@@ -44,10 +44,13 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
                  outline: Sequence[str] = ()) -> dict:
     """Fit ``fused-<task>`` from ``slice-<task>`` and ``nodule-<task>`` (and, with ``size``, the nodule's diameter
     measured on the image by ``size_source``: the outliner or the finder; ``outline`` names further
-    :data:`lungviz.outline.OUTLINE_FEATURES` of the outliner's outline) on the validation split; test once.
+    :data:`lungviz.shape.OUTLINE_FEATURES` of the outliner's outline) on the validation split; test once.
 
     ``members`` names, per component, further networks of the task whose calibrated logits are averaged with the
     component's (a mean-logit ensemble for that view)."""
+    if outline and (not size or size_source != "outliner"):
+        raise LungvizError("the outline features come with the size the nodule outliner measures (--size yes "
+                           "--size-source outliner).")
     folder = Path(weights) if weights else paths.weights_dir()
     scheme = get_scheme(task)
     components = [f"slice-{task}", f"nodule-{task}"]
@@ -59,9 +62,6 @@ def train_fusion(task: str = "binary", weights: str = "", n_boot: int = 1000, pr
     fingerprint = specs[components[0]]["split_fingerprint"]
     check_networks(head | {"split_fingerprint": fingerprint}, specs)
     names = ([SIZE_FEATURE] if size else []) + list(outline)
-    if outline and (not size or size_source != "outliner"):
-        raise LungvizError("the outline features come with the size the nodule outliner measures (--size yes "
-                           "--size-source outliner).")
     cases, _ = load_cases("lidc")
     parts, stores = {}, {}
     for split in ("val", "test"):

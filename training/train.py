@@ -125,11 +125,12 @@ SHIPPED: dict[str, dict] = {
 #: On validation it scored 0.910 against 0.898; on test 0.851 against 0.864 (paired difference -0.014 [-0.039,
 #: +0.007]); and the members, trained before a fresh head was seeded, were not reproduced by it (a retrained
 #: member reached validation AUROC 0.848 against 0.865), so `train --all` could not rebuild the fused model.
-#: fused-binary also weighs the outline's shape and intensity, the set `python -m training outline-features` chose on
-#: validation (weights/outline_features.json: out-of-fold AUROC 0.889 -> 0.894, higher on 16 of 20 fold draws).
+#: fused-binary would also weigh the outline features `python -m training outline-features` ships
+#: (weights/outline_features.json, its "shipped_features"; a test checks that the two agree). Validation chose the
+#: grey levels (out-of-fold AUROC 0.889 -> 0.894); test vetoed them (paired difference -0.015 [-0.029, -0.000]), so
+#: none ship.
 SHIPPED_FUSIONS: dict[str, dict] = {
-    "binary": {"size": True, "size_source": "outliner",
-               "outline": ["elongation", "solidity", "compactness", "mean_inside", "std_inside", "contrast"]},
+    "binary": {"size": True, "size_source": "outliner", "outline": []},
     "score": {"size": False},
 }
 
