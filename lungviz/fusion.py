@@ -156,7 +156,9 @@ class Fusion:
         if (centre is None and set(features) - {SIZE_FEATURE}) or (centre is None) != (scale is None) or (
                 centre is not None and (
                 centre.shape != (len(features),) or scale.shape != (len(features),) or not np.all(scale > 0)
-                or not np.isfinite(centre).all())):
+                or not np.isfinite(centre).all() or not np.isfinite(scale).all()
+                or any(n == SIZE_FEATURE and (c, s) != (0.0, 1.0) for n, c, s in zip(features, centre, scale,
+                                                                                      strict=True)))):
             raise LungvizError("the fused model's feature standardisation does not match its features.")
         if source not in SIZE_SOURCES:
             raise LungvizError(f"the fused model measures the nodule with an unknown tool ('{source}').")

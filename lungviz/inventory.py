@@ -193,13 +193,14 @@ def size_only_note(folder: Path | None = None) -> str | None:
             f"{compare} (AUROC {size['auroc']:.2f}{interval} against {fused:.2f}).")
 
 
-def outline_features_note(folder: Path | None = None) -> str | None:
-    """One sentence on what the outline features the fused model weighs were worth, from the check that chose them
-    (``outline_features.json``), or None when it was not run or ships none."""
+def outline_features_note(features: list[str], folder: Path | None = None) -> str | None:
+    """One sentence on what the outline ``features`` a fused model weighs were worth, from the check
+    (``outline_features.json``) that measured that very set, or None when it did not (or they are none)."""
     res = read_result("outline_features.json", folder) or {}
     rows = {r.get("candidate"): r for r in res.get("results") or [] if isinstance(r, dict)}
-    chosen, size = rows.get(res.get("shipped", res.get("chosen_on_validation"))), rows.get("size")
-    if not chosen or not size or chosen is size:
+    chosen = next((r for r in rows.values() if sorted(r.get("features") or []) == sorted(features)), None)
+    size = rows.get("size")
+    if not features or not chosen or not size or chosen is size:
         return None
     try:
         with_them, without = chosen["test_fused"]["auroc"], size["test_fused"]["auroc"]

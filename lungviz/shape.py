@@ -40,8 +40,8 @@ def axes_px(mask: np.ndarray) -> tuple[float, float]:
 
 
 #: The outline's shape: roundness (short / long axis; 1 = as wide as long), solidity (area / convex hull area;
-#: below 1 where the outline is concave or lobulated) and compactness (4 pi area / perimeter^2; 1 for a disc, lower
-#: for an irregular or spiculated edge).
+#: below 1 where the outline is concave or lobulated) and compactness (4 pi area / perimeter^2, the perimeter by
+#: Crofton's formula; about 0.9-1 for a digital disc, lower for an elongated, irregular or spiculated edge).
 SHAPE_FEATURES = ("roundness", "solidity", "compactness")
 #: The outline's grey levels: the view's mean and spread inside it, and its mean inside minus that of a ring just
 #: outside (how solid and how distinct from its surroundings the nodule is).
@@ -49,12 +49,13 @@ GREY_FEATURES = ("mean_inside", "std_inside", "contrast")
 OUTLINE_FEATURES = SHAPE_FEATURES + GREY_FEATURES
 #: The outline features in a clinician's words, as the app, the report and the model card show them.
 OUTLINE_FEATURE_LABELS = {"roundness": "roundness (short / long axis)", "solidity": "solidity (area / convex hull)",
-                          "compactness": "compactness (1 = a disc)", "mean_inside": "mean grey level inside",
+                          "compactness": "compactness (about 1 for a disc)", "mean_inside": "mean grey level inside",
                           "std_inside": "grey-level spread inside", "contrast": "contrast with its surroundings"}
 #: Width (view pixels) of the ring outside the outline that the contrast compares with.
 RING_PX = 3
-#: Below this many view pixels an outline is too small to tell a shape: its shape features are not measured.
-MIN_SHAPE_PX = 16
+#: Below this many view pixels (about 4 mm across at 0.5 mm per pixel) an outline is too small to tell a shape on a
+#: pixel grid: its shape features are not measured.
+MIN_SHAPE_PX = 50
 
 
 def feature_groups_text(names: Iterable[str]) -> str:
@@ -90,6 +91,6 @@ def outline_features(masks: np.ndarray, views01: np.ndarray) -> dict[str, np.nda
         if area >= MIN_SHAPE_PX:
             long_px, short_px = axes_px(mask)
             out["roundness"][i] = short_px / long_px
-            out["solidity"][i] = area / float(convex_hull_image(mask).sum())
+            out["solidity"][i] = area / float(convex_hull_image(mask, offset_coordinates=False).sum())
             out["compactness"][i] = 4.0 * np.pi * area / float(perimeter_crofton(mask, 4)) ** 2
     return out

@@ -233,10 +233,11 @@ def test_card_reports_the_outline_feature_check_and_the_fused_models_outline_inp
         readout = {"n": 332, "auroc": test, "ece": round(test - 0.8, 3), "ci95": {"auroc": [test - 0.05, test + 0.04]}}
         if diff_ci is not None:
             readout |= {"difference_from_size": round(test - 0.865, 3), "difference_ci95": diff_ci}
+        middle = {**readout, "auroc": round(test - 0.002, 3), "ece": round(test - 0.79, 3)}
         return {"candidate": candidate, "features": features, "val_oof_auroc_mean": val,
                 "val_oof_auroc_range": [val - 0.01, val + 0.01], "draws_higher_than_size": higher, "passes": passes,
                 "val_oof_ece_mean": 0.03, "draws_lower_nll_than_size": None if higher is None else 11,
-                "test_fused": readout, "test_middle_slice": readout}
+                "test_fused": readout, "test_middle_slice": middle}
 
     res = {"chosen_on_validation": "grey levels", "chosen_features": ["mean_inside", "std_inside", "contrast"],
            "n_val": 336, "n_test": 332, "draws": 20, "selection": "out-of-fold validation AUROC (test rule)",
@@ -261,8 +262,8 @@ def test_card_reports_the_outline_feature_check_and_the_fused_models_outline_inp
     card = write_card(tmp_path).read_text()
     assert "### Which outline features fused-binary uses" in card and "Chosen on validation: **grey levels**." in card
     assert ("| size and grey levels | 0.894 (0.884 - 0.904) | 20 of 20 | 0.030 | 0.850 [0.800, 0.890] | "
-            "-0.015 [-0.040, +0.010] | 0.050 | 0.850, -0.015 [-0.040, +0.010], 0.050 |") in card
-    assert "| size | 0.889 (0.879 - 0.899) | – | 0.030 | 0.865 [0.815, 0.905] | – | 0.065 | 0.865, –, 0.065 |" in card
+            "-0.015 [-0.040, +0.010] | 0.050 | 0.848, -0.015 [-0.040, +0.010], 0.060 |") in card
+    assert "| size | 0.889 (0.879 - 0.899) | – | 0.030 | 0.865 [0.815, 0.905] | – | 0.065 | 0.863, –, 0.075 |" in card
     assert "moved fused-binary's AUROC by -0.015 [-0.040, +0.010] (paired patient bootstrap): test can neither " \
         "confirm nor rule out a gain or a loss; its top-class ECE went from 0.065 to 0.050" in card
     assert "On test 'size' and 'size and shape' scored higher than what ships, but they did not" in card  # the rows
@@ -270,14 +271,17 @@ def test_card_reports_the_outline_feature_check_and_the_fused_models_outline_inp
     assert "its outline's contrast with its surroundings (+0.50)" in card and "0.898 with the size alone" in card
     assert "(views + size and the outline's grey levels)" in card
     assert "measured on the image by the nodule outliner and the outline's grey levels." in card
-    note = outline_features_note(tmp_path)
+    note = outline_features_note(["contrast", "std_inside", "mean_inside"], tmp_path)
     assert "0.889 with the size alone, 0.894 with them" in note and "0.850 with them, 0.865 without" in note
     assert "cannot tell from chance" in note
     vetoed = {**res, "vetoed_on_test": True, "shipped": "size", "shipped_features": []}
     (tmp_path / "outline_features.json").write_text(json.dumps(vetoed))
     card = write_card(tmp_path).read_text()
     assert "Chosen on validation: **grey levels**; vetoed on test, shipped: **the size alone**." in card
-    assert "Test vetoed it, so the size alone ships" in card and outline_features_note(tmp_path) is None
+    assert "Test vetoed it, so the size alone ships" in card and "added to the check after its test figures" in card
+    assert "the interval ends at +0.0100; on the middle slice (what the app sees) the difference is -0.015 " \
+        "[-0.040, +0.010], which would not veto" in card
+    assert outline_features_note([], tmp_path) is None and outline_features_note(["contrast"], tmp_path) is None
     assert "On test 'size and shape' scored higher than what ships, but it did not win on validation" in card
     (tmp_path / "outline_features.json").write_text(json.dumps({**res, "chosen_on_validation": "size"}))
     assert "Chosen on validation: **the size alone**." in write_card(tmp_path).read_text()

@@ -787,7 +787,8 @@ def test_the_shipped_fused_binary_uses_the_outline_features_its_check_chose():
     shipped = json.loads((weights / "outline_features.json").read_text())["shipped_features"]
     spec = json.loads((weights / "fused-binary.json").read_text())
     assert SHIPPED_FUSIONS["binary"].get("outline", []) == shipped
-    assert spec["fusion"]["features"] == ["log_diameter_mm", *shipped]
+    assert spec["fusion"]["features"] == ["log_diameter_mm", *shipped] and SHIPPED_FUSIONS["binary"]["size"]
+    assert spec["fusion"]["size_source"] == SHIPPED_FUSIONS["binary"]["size_source"] == "outliner"
 
 
 def test_the_command_line_help_lists_every_command(capsys):

@@ -208,7 +208,8 @@ def cmd_outline_features(cfg: OutlineFeaturesConfig) -> dict:
     from training.experiments import compare_outline_features
 
     result = compare_outline_features(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
-    return {"chosen_on_validation": result["chosen_on_validation"],
+    return {"chosen_on_validation": result["chosen_on_validation"], "vetoed_on_test": result["vetoed_on_test"],
+            "shipped": result["shipped"],
             **{r["candidate"]: {"val_oof_auroc": round(r["val_oof_auroc_mean"], 4),
                                 "draws_higher_than_size": r["draws_higher_than_size"],
                                 "test_fused_auroc": round(r["test_fused"]["auroc"], 4)} for r in result["results"]}}

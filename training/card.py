@@ -507,8 +507,9 @@ def outline_features_section(w: Callable[[str], None], folder: Path) -> None:
     w("")
     rows = {r["candidate"]: r for r in res["results"]}
     w("The rule reads the validation AUROC only. The calibration columns, the paired test differences and the "
-      "middle-slice readout (what the app sees: views and outline on one slice) are reported beside it; they were "
-      "added after a first run of this check had been read on test (the project README tells the history).\n")
+      "middle-slice readout (what the app sees: views and outline on one slice) are reported beside it; they, and "
+      "the test veto, were added after earlier runs of this check had been read on test (the project README tells "
+      "the history).\n")
     if chosen != "size":
         new, old = rows[chosen], rows["size"]
         ci = new["test_fused"].get("difference_ci95")
@@ -519,9 +520,17 @@ def outline_features_section(w: Callable[[str], None], folder: Path) -> None:
               f"patient bootstrap): test {verdict}; its top-class ECE went from {_fmt(old['test_fused'].get('ece'))} "
               f"to {_fmt(new['test_fused'].get('ece'))}.\n")
         if res.get("vetoed_on_test"):
-            w("Test vetoed it, so the size alone ships, as before this check. Keeping the size alone because the "
-              "alternative did worse on test makes fused-binary's reported test figures a slightly optimistic choice "
-              "between two models.\n")
+            one = new.get("test_middle_slice") or {}
+            mid_ci = one.get("difference_ci95")
+            w("Test vetoed it, so the size alone ships, as before this check. The veto was added to the check after "
+              "its test figures, this set's included, had been seen, against the rule as first written (test only "
+              "reported): in effect the test split decided that this set does not ship, and fused-binary's reported "
+              "test figures are a slightly optimistic choice between two models. The veto is narrow: the interval "
+              f"ends at {ci[1]:+.4f}"
+              + ("; on the middle slice (what the app sees) the difference is "
+                 f"{_test_difference(new, 'test_middle_slice')}"
+                 + (", which would not veto" if mid_ci[1] >= 0 else ", which would veto too") if mid_ci else "")
+              + ".\n")
         shipped = res.get("shipped", chosen)
         better = [f"'{_candidate_label(c)}'" for c, r in rows.items() if c not in (chosen, shipped)
                   and r["test_fused"]["auroc"] > rows[shipped]["test_fused"]["auroc"]]
