@@ -286,9 +286,8 @@ with est:
         st.caption(f"Nodule diameter measured on this image by {by}: about "
                    f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; the readers' own measurements are "
                    "never inputs). " + " ".join(n for n in (diameter_note(folder), size_only_note(folder)) if n))
-    if (shape := outline_features_text(pred.to_dict().get("outline_features") or {})) is not None:
-        used = list(pred.to_dict().get("outline_features") or {})
-        st.caption(" ".join(n for n in (shape, outline_features_note(used, folder)) if n))
+    if (shape := outline_features_text(pred.outline_features)) is not None:
+        st.caption(" ".join(n for n in (shape, outline_features_note(list(pred.outline_features), folder)) if n))
 fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")

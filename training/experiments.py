@@ -418,10 +418,10 @@ def outline_feature_check(val: dict, test: dict, seeds: int = 20, k: int = 5, n_
                 n_boot)["d"]
         return out
 
-    draws = {c: oof_fusion_figures(val, *design(val, extra), seeds, k) for c, extra in OUTLINE_CANDIDATES.items()}
-    fused = {c: fit_fusion(["slice", "nodule"], val["logits"], val["y"], features=design(val, extra)[0],
-                           feature_names=design(val, extra)[1], size_source="outliner")
-             for c, extra in OUTLINE_CANDIDATES.items()}
+    on_val = {c: design(val, extra) for c, extra in OUTLINE_CANDIDATES.items()}
+    draws = {c: oof_fusion_figures(val, x, names, seeds, k) for c, (x, names) in on_val.items()}
+    fused = {c: fit_fusion(["slice", "nodule"], val["logits"], val["y"], features=x, feature_names=names,
+                           size_source="outliner") for c, (x, names) in on_val.items()}
     parts = {"test": test, **({"test_middle_slice": {**test["middle"], "y": test["y"], "groups": test["groups"]}}
                               if "middle" in test else {})}
     probs = {name: {c: metrics.softmax(fused[c].logits(sp["logits"], design(sp, extra)[0]))
