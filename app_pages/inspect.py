@@ -11,9 +11,15 @@ from app_pages import common
 from lungviz import RESEARCH_NOTICE, paths
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
-from lungviz.fusion import SIZE_SOURCES
+from lungviz.fusion import SIZE_SOURCES, fused_models_words
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
-from lungviz.inventory import diameter_note, map_localisation_note, outline_features_note, size_only_note
+from lungviz.inventory import (
+    diameter_note,
+    map_localisation_note,
+    outline_features_note,
+    size_only_note,
+    size_users,
+)
 from lungviz.io import LoadedImage
 from lungviz.library import SPLIT_NOTES, series_split_note
 from lungviz.metrics import reliability_bin, wilson_interval
@@ -283,10 +289,12 @@ with est:
     if pred.diameter_mm is not None:
         assumed = "" if valid_spacing(case.spacing_mm) else f", assuming {DEFAULT_SPACING_MM:.2f} mm per pixel"
         by = SIZE_SOURCES.get(pred.size_source or "", "a measuring tool")
+        users = fused_models_words(size_users(list(ms.fusions.values()), pred.size_source))
         st.caption(f"Nodule diameter measured on this image by {by}: about "
-                   f"{pred.diameter_mm:.0f} mm{assumed} (used by the fused model; the readers' own measurements are "
+                   f"{pred.diameter_mm:.0f} mm{assumed} (used by {users}; "
+                   "the readers' own measurements are "
                    "never inputs). " + " ".join(n for n in (diameter_note(folder), size_only_note(folder)) if n))
-    if (shape := outline_features_text(pred.outline_features)) is not None:
+    if (shape := outline_features_text(pred.outline_features, pred.outline_features_used_by)) is not None:
         st.caption(" ".join(n for n in (shape, outline_features_note(list(pred.outline_features), folder)) if n))
 fig = common.probability_bars(pred, "score")
 if fig is not None:

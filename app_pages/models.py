@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from lungviz import RESEARCH_NOTICE, paths
-from lungviz.inventory import data_status, installed_models, model_card, read_result
+from lungviz.inventory import data_status, fused_inputs_text, installed_models, model_card, read_result
 from lungviz.metrics import format_ci, with_malignant_ece
 from lungviz.shape import feature_groups_text
 
@@ -210,8 +210,7 @@ def _outliner(models: list[dict]) -> None:
                          "size alone: AUROC malignant": format_ci(t.get("size_auroc") or {}, "auroc")})
     st.dataframe(rows, hide_index=True)
     st.caption("The outline is the area any reader drew; the measured size is the diameter of a circle of the same "
-               "area, which the fused benign/malignant model uses (with the outline's shape and grey levels where "
-               "its spec lists them). A research measurement, not volumetry.")
+               "area. " + (fused_inputs_text(models) or "") + " A research measurement, not volumetry.")
 
 
 if models:
@@ -253,8 +252,7 @@ st.markdown(
     "- **Chest CT-Scan images** (Kaggle, listed as CC0): screenshots of mixed provenance, used only for the "
     "histology teaching model.\n"
     "- The models see images only; the readers' diameter and characteristics are shown for context and never used "
-    "as inputs. The fused benign/malignant model adds the nodule's diameter measured on the image (by the nodule "
-    "outliner in the shipped model) and, where its spec lists them, its outline's shape and grey levels."
+    "as inputs. " + (fused_inputs_text(models) or "The fused models weigh the two views only.")
 )
 st.caption(RESEARCH_NOTICE)
 

@@ -30,6 +30,18 @@ FEATURES = (SIZE_FEATURE, *OUTLINE_FEATURES)
 SIZE_SOURCES = {"outliner": "the nodule outliner", "finder": "the nodule finder's localiser"}
 
 
+#: A fused model's task as the app names it.
+FUSED_TASK_WORDS = {"binary": "benign/malignant", "score": "score"}
+
+
+def fused_models_words(tasks: list[str]) -> str:
+    """``["binary", "score"]`` -> "the fused benign/malignant and score models"."""
+    words = [FUSED_TASK_WORDS.get(t, t) for t in tasks]
+    if not words:
+        return "no installed fused model"
+    return f"the fused {' and '.join(words)} model" + ("s" if len(words) > 1 else "")
+
+
 def size_feature(diameter_mm: float | np.ndarray) -> np.ndarray:
     """:data:`SIZE_FEATURE` of a diameter in mm (floored at 1 mm)."""
     return np.log(np.maximum(np.asarray(diameter_mm, np.float64), 1.0))

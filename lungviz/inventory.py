@@ -11,7 +11,8 @@ from pathlib import Path
 
 from lungviz import paths
 from lungviz.errors import LungvizError
-from lungviz.fusion import component_networks
+from lungviz.fusion import FUSED_TASK_WORDS, SIZE_FEATURE, SIZE_SOURCES, component_networks
+from lungviz.shape import feature_groups_text
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,40 @@ def map_localisation_note(model: str, folder: Path | None = None, layer: str | N
             f"it in {r['peak_inside']:.0%}: read the map as the region the model used, not as the nodule's outline.")
 
 
+def fused_inputs(specs: list[dict]) -> dict[str, str]:
+    """Per task of the fusion specs among ``specs`` that weigh image measurements, what they weigh in words:
+    ``{"binary": "the nodule's diameter measured by the nodule outliner and its outline's shape and grey levels"}``."""
+    out = {}
+    for spec in specs:
+        fusion = spec.get("fusion") if isinstance(spec, dict) else None
+        features = [str(f) for f in (fusion or {}).get("features") or []] if isinstance(fusion, dict) else []
+        if not features:
+            continue
+        by = SIZE_SOURCES.get(str(fusion.get("size_source", "finder")), "a measuring model")
+        groups = feature_groups_text(features)
+        out[str(spec.get("task"))] = ((f"the nodule's diameter measured by {by}" if SIZE_FEATURE in features else "")
+                                      + (" and " if SIZE_FEATURE in features and groups else "")
+                                      + (f"its outline's {groups}" if groups else ""))
+    return out
+
+
+def fused_inputs_text(specs: list[dict]) -> str | None:
+    """One sentence saying which fused models weigh what the image measures (None when none does)."""
+    parts = [f"the fused {FUSED_TASK_WORDS.get(t, t)} model weighs {what}" for t, what in fused_inputs(specs).items()]
+    if not parts:
+        return None
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
+
+
+def size_users(specs: list[dict], source: str | None) -> list[str]:
+    """The tasks of the fusion specs among ``specs`` that weigh the size measured by ``source`` (a key of
+    :data:`lungviz.fusion.SIZE_SOURCES`)."""
+    return [str(s.get("task")) for s in specs if isinstance(s, dict) and isinstance(s.get("fusion"), dict)
+            and SIZE_FEATURE in (s["fusion"].get("features") or [])
+            and s["fusion"].get("size_source", "finder") == source]
+
+
 def size_only_note(folder: Path | None = None) -> str | None:
     """One sentence comparing fused-binary with the image-measured size alone on the test split (from ``fuse``), or
     None when either figure is missing."""
@@ -188,7 +223,8 @@ def size_only_note(folder: Path | None = None) -> str | None:
         return None
     ci = (size.get("ci95") or {}).get("auroc") or ()
     interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if len(ci) == 2 else ""
-    compare = "as well as the fused model or better" if size["auroc"] >= fused else "less well than the fused model"
+    compare = ("as well as the fused benign/malignant model or better" if size["auroc"] >= fused
+               else "less well than the fused benign/malignant model")
     return (f"On {size.get('n', '?')} test nodules this measured size alone separated benign from malignant "
             f"{compare} (AUROC {size['auroc']:.2f}{interval} against {fused:.2f}).")
 

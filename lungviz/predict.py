@@ -204,6 +204,7 @@ class Prediction:
     outline: Outline | None = field(repr=False, default=None)  # the outliner's outline on the context crop
     calibration_notes: list[str] = field(default_factory=list)  # views whose malignant probability is off on test
     outline_features: dict[str, float] = field(default_factory=dict)  # the outline's features a fusion used
+    outline_features_used_by: list[str] = field(default_factory=list)  # the tasks of the fusions that used them
 
     def malignant_probability(self, view: str = "fused") -> float | None:
         v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
@@ -230,7 +231,8 @@ class Prediction:
             "nodule_presence_at_centre": None if self.presence is None else round(self.presence, 3),
             "calibration_notes": self.calibration_notes,
             **({"outline_features": {k: None if not np.isfinite(v) else round(v, 3)
-                                     for k, v in self.outline_features.items()}} if self.outline_features else {}),
+                                     for k, v in self.outline_features.items()},
+                "outline_features_used_by": self.outline_features_used_by} if self.outline_features else {}),
         }
 
 
@@ -309,7 +311,7 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         views.setdefault(view, {})[task] = TaskPrediction(list(bundle.classes), softmax(lg[None])[0].tolist(),
                                                           lg.tolist(), None if bias is None else bias.tolist())
     outline = outline_nodule(models.outliner, context, spacing_mm) if models.outliner and context is not None else None
-    diameter, source, used = None, None, {}
+    diameter, source, used, users = None, None, {}, []
     for task, spec in models.fusions.items():
         comps = [(c.split("-", 1)[0], task) for c in spec["components"]]
         fusion = models.fusion_models.get(task) or Fusion.from_dict(spec["fusion"])
@@ -324,7 +326,9 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
             else:
                 continue
             features = feature_row(fusion.features, diameter, outline.features if outline is not None else None)
-            used |= {n: outline.features.get(n, float("nan")) for n in fusion.features if n != SIZE_FEATURE}
+            extra = {n: outline.features.get(n, float("nan")) for n in fusion.features if n != SIZE_FEATURE}
+            used |= extra
+            users += [task] if extra else []
         view_logits = []
         for c, nets in zip(comps, component_networks(spec).values(), strict=True):
             extra = [models.members[m] for m in nets[1:]]  # the view's ensemble members, each with its own view
@@ -338,7 +342,7 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))
     return Prediction(views, images, uncertainty_flags(views, presence), diameter, presence,
                       valid_spacing(spacing_mm) is None, source, outline,
-                      calibration_notes(models, [v for v in views if "binary" in views[v]]), used)
+                      calibration_notes(models, [v for v in views if "binary" in views[v]]), used, users)
 
 
 def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:

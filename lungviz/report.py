@@ -24,7 +24,7 @@ from PIL import Image
 
 from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.errors import LungvizError
-from lungviz.fusion import SIZE_SOURCES
+from lungviz.fusion import SIZE_SOURCES, fused_models_words
 from lungviz.shape import OUTLINE_FEATURE_LABELS, feature_groups_text
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ def call_note(prediction: dict | None) -> str | None:
 
 
 def estimate_notes(prediction: dict | None) -> list[str]:
-    """What a reader of the estimate must know: how the calls are made, the measured diameter the fused model used,
+    """What a reader of the estimate must know: how the calls are made, the measured diameter the fused models used,
     and the calibration."""
     d = (prediction or {}).get("estimated_diameter_mm")
     assumed = (prediction or {}).get("diameter_assumes_spacing_mm")
@@ -171,19 +171,20 @@ def estimate_notes(prediction: dict | None) -> list[str]:
     if d is None:
         notes = []
     elif float(d) <= 0:
-        notes = [f"{by[0].upper()}{by[1:]} found no nodule at the centre, so the fused model took the smallest "
-                 "size (1 mm): check the centre before reading the fused estimate."]
+        notes = [f"{by[0].upper()}{by[1:]} found no nodule at the centre, so the fused estimates took the smallest "
+                 "size (1 mm): check the centre before reading them."]
     else:
         notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
-                 "the fused model, not the readers' measurement; the model card compares the two)."]
-    shape = outline_features_text((prediction or {}).get("outline_features") or {})
+                 "the fused estimates, not the readers' measurement; the model card compares the two)."]
+    shape = outline_features_text((prediction or {}).get("outline_features") or {},
+                                  (prediction or {}).get("outline_features_used_by"))
     call = call_note(prediction)
     return [*([call] if call else []), *notes, *([shape] if shape else []),
             *[str(n) for n in (prediction or {}).get("calibration_notes") or []], CALIBRATION_CAVEAT]
 
 
 def outline_caption(outline: Outline) -> str:
-    """What the outliner measured on the shown slice: its same-area diameter (the fused model's size input) and the
+    """What the outliner measured on the shown slice: its same-area diameter (the fused models' size input) and the
     long and short axis a reader would measure."""
     if outline.diameter_mm <= 0:
         return "Outline (nodule outliner): nothing outlined at the centre of the crop"
@@ -191,16 +192,19 @@ def outline_caption(outline: Outline) -> str:
             f"{outline.long_axis_mm:.0f} mm, short axis {outline.short_axis_mm:.0f} mm on this slice")
 
 
-def outline_features_text(features: dict[str, float | None]) -> str | None:
-    """One sentence listing the outline's shape and grey-level features a fused model weighed (None when none)."""
+def outline_features_text(features: dict[str, float | None], used_by: list[str] | None = None) -> str | None:
+    """One sentence listing the outline's shape and grey-level features the fused models of the tasks ``used_by``
+    weighed (None when none)."""
     if not features:
         return None
     shown = [f"{OUTLINE_FEATURE_LABELS.get(k, k)} "
              + ("not measured" if v is None or not np.isfinite(v) else f"{v:+.2f}" if k == "contrast" else f"{v:.2f}")
              for k, v in features.items()]
     scale = " (grey levels on the crop's 0-1 scale)" if "grey" in feature_groups_text(features) else ""
-    return (f"The fused model also weighs the outline's {feature_groups_text(features)} on this slice{scale}: "
-            + ", ".join(shown) + ".")
+    who = fused_models_words(list(used_by)) if used_by else "the fused model"
+    verb = "weigh" if who.endswith("models") else "weighs"
+    return (f"{who[0].upper()}{who[1:]} also {verb} the outline's {feature_groups_text(features)} on this "
+            f"slice{scale}: " + ", ".join(shown) + ".")
 
 
 def pct(p: float | None) -> str:

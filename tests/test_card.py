@@ -287,6 +287,42 @@ def test_card_reports_the_outline_feature_check_and_the_fused_models_outline_inp
     assert "Chosen on validation: **the size alone**." in write_card(tmp_path).read_text()
 
 
+def test_card_reports_the_fused_score_input_check(tmp_path):
+    def row(candidate: str, features: list, val: float, higher: int | None, test: float, passes: bool,
+            diff_ci: list | None = None) -> dict:
+        readout = {"n": 332, "kappa": test, "ece": 0.07, "ci95": {"kappa": [test - 0.1, test + 0.1]}}
+        if diff_ci is not None:
+            readout |= {"difference_from_views": round(test - 0.611, 3), "difference_ci95": diff_ci}
+        return {"candidate": candidate, "features": features, "val_oof_kappa_mean": val,
+                "val_oof_kappa_range": [val - 0.02, val + 0.02], "draws_higher_than_views": higher, "passes": passes,
+                "val_oof_ece_mean": 0.05, "draws_lower_nll_than_views": None if higher is None else 20,
+                "test_fused": readout, "test_middle_slice": {**readout, "kappa": round(test - 0.02, 3)}}
+
+    res = {"chosen_on_validation": "size", "chosen_features": ["log_diameter_mm"], "vetoed_on_test": False,
+           "shipped": "size", "shipped_features": ["log_diameter_mm"], "n_val": 336, "n_test": 332, "draws": 20,
+           "selection": "out-of-fold validation quadratic kappa (test rule)",
+           "results": [row("views", [], 0.520, None, 0.611, False),
+                       row("size", ["log_diameter_mm"], 0.533, 17, 0.609, True, [-0.076, 0.054]),
+                       row("size, shape and grey levels", ["log_diameter_mm", "roundness"], 0.522, 13, 0.662, False,
+                           [-0.029, 0.122])]}
+    (tmp_path / "score_inputs.json").write_text(json.dumps(res))
+    (tmp_path / "outliner.json").write_text(json.dumps({
+        "arch": "tf_efficientnet_lite0+fpn", "input_size": 96, "task": "outline", "classes": ["nodule"],
+        "preprocessing": {"field_mm": 48.0}, "metrics": {}}))
+    card = write_card(tmp_path).read_text()
+    assert "### Which measured inputs fused-score uses" in card and "Chosen on validation: **size**." in card
+    assert "| none | 0.520 (0.500 - 0.540) | – | 0.050 | 0.611 [0.511, 0.711] | – | 0.070 | 0.591, –, 0.070 |" in card
+    assert ("| size | 0.533 (0.513 - 0.553) | 17 of 20 | 0.050 | 0.609 [0.509, 0.709] | -0.002 [-0.076, +0.054] | "
+            "0.070 | 0.589, -0.002 [-0.076, +0.054], 0.070 |") in card
+    assert "the chosen inputs moved fused-score's kappa by -0.002 [-0.076, +0.054] (paired patient bootstrap): " \
+        "test can neither confirm nor rule out a gain or a loss" in card
+    assert "On test 'none' and 'size, shape and grey levels' scored higher than what ships, but they did not" in card
+    (tmp_path / "score_inputs.json").write_text(json.dumps({**res, "chosen_on_validation": "views",
+                                                            "shipped": "views"}))
+    card = write_card(tmp_path).read_text()
+    assert "Chosen on validation: **none**." in card and "moved fused-score's kappa" not in card
+
+
 def test_card_reports_the_test_time_augmentation_check(tmp_path):
     from training.experiments import tta_decision
 

@@ -119,16 +119,18 @@ def test_size_only_note(tmp_path: Path):
             "size_only_auroc": {"test": {"n": 332, "auroc": 0.849}}}
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
     assert size_only_note(tmp_path) == ("On 332 test nodules this measured size alone separated benign from malignant "
-                                        "as well as the fused model or better (AUROC 0.85 against 0.83).")
+                                        "as well as the fused benign/malignant model or better (AUROC 0.85 against "
+                                        "0.83).")
     spec["size_only_auroc"]["test"]["ci95"] = {"auroc": [0.797, 0.896]}
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
     assert "(AUROC 0.85 [0.80, 0.90] against 0.83)" in size_only_note(tmp_path)
     spec["size_only_auroc"]["test"]["auroc"] = 0.80
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert "less well than the fused model (AUROC 0.80 [0.80, 0.90] against 0.83)" in size_only_note(tmp_path)
+    assert "less well than the fused benign/malignant model (AUROC 0.80 [0.80, 0.90] against 0.83)" in size_only_note(
+        tmp_path)
     spec["size_only_auroc"]["test"]["auroc"] = 0.831
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert "as well as the fused model or better" in size_only_note(tmp_path)
+    assert "as well as the fused benign/malignant model or better" in size_only_note(tmp_path)
     del spec["size_only_auroc"]  # a fusion without the size feature
     (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
     assert size_only_note(tmp_path) is None
@@ -148,3 +150,38 @@ def test_diameter_note(tmp_path: Path):
                                             "right overall, but small above 20 mm.")
     (tmp_path / "fused-binary.json").write_text(json.dumps({"size_vs_readers_test": [{"n": 0}]}))
     assert diameter_note(tmp_path) is None
+
+
+def test_fused_inputs_say_which_fused_model_weighs_what_the_image_measures():
+    from lungviz.fusion import fused_models_words
+    from lungviz.inventory import fused_inputs, fused_inputs_text, size_users
+
+    binary = {"task": "binary", "fusion": {"features": ["log_diameter_mm", "roundness", "contrast"],
+                                           "size_source": "outliner"}}
+    score = {"task": "score", "fusion": {"features": ["log_diameter_mm"], "size_source": "outliner"}}
+    plain = {"task": "score", "fusion": {"views": ["slice", "nodule"]}}
+    network = {"task": "binary", "arch": "tf_efficientnet_lite0"}
+    got = fused_inputs([binary, score, network])
+    assert got == {"binary": "the nodule's diameter measured by the nodule outliner and its outline's shape and "
+                             "grey levels",
+                   "score": "the nodule's diameter measured by the nodule outliner"}
+    assert fused_inputs_text([binary, score]) == (
+        "The fused benign/malignant model weighs the nodule's diameter measured by the nodule outliner and its "
+        "outline's shape and grey levels; the fused score model weighs the nodule's diameter measured by the nodule "
+        "outliner.")
+    assert fused_inputs([plain, network]) == {} and fused_inputs_text([plain]) is None
+    assert fused_models_words(list(got)) == "the fused benign/malignant and score models"
+    assert fused_models_words([]) == "no installed fused model"
+    shape_only = {"task": "binary", "fusion": {"features": ["roundness"], "size_source": "outliner"}}
+    assert fused_inputs([shape_only]) == {"binary": "its outline's shape"}
+    finder = {"task": "score", "fusion": {"features": ["log_diameter_mm"]}}  # written before the outliner: the finder
+    assert fused_inputs([finder]) == {"score": "the nodule's diameter measured by the nodule finder's localiser"}
+    # Which fused models weigh the size a given tool measured (the Inspect caption names them).
+    assert size_users([binary, score, shape_only, finder, network], "outliner") == ["binary", "score"]
+    assert size_users([binary, score, finder], "finder") == ["score"] and size_users([plain], "outliner") == []
+    assert fused_models_words(["binary"]) == "the fused benign/malignant model"
+    from lungviz.report import outline_features_text
+
+    both = outline_features_text({"roundness": 0.9}, ["binary", "score"])
+    assert both.startswith("The fused benign/malignant and score models also weigh the outline's shape on this slice")
+    assert outline_features_text({"roundness": 0.9}).startswith("The fused model also weighs")

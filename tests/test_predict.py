@@ -259,7 +259,9 @@ def test_size_fusion_measures_the_nodule_with_the_outliner_when_its_spec_says_so
                        expected + (mean_inside - 0.4) / 0.2 * np.array([0.0, 1.0]), atol=1e-5)
     shown = shaped.to_dict()
     assert shown["outline_features"] == {"mean_inside": round(mean_inside, 3)}
-    assert any("mean grey level inside" in n for n in estimate_notes(shown))
+    assert shown["outline_features_used_by"] == shaped.outline_features_used_by == ["binary"]
+    assert any(n.startswith("The fused benign/malignant model also weighs the outline's grey levels")
+               and "mean grey level inside" in n for n in estimate_notes(shown))
 
 
 def test_a_view_whose_malignant_probability_is_off_on_test_says_so(weights):

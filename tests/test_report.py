@@ -160,7 +160,7 @@ def test_model_probabilities_never_read_as_certain_and_the_measured_diameter_is_
     report = CaseReport(case_id="c", prediction=pred, images={"nodule": _gray()})
     page = build_html(report)
     assert "&lt;1%" in page and ">99%" not in page and "<strong>0%</strong>" not in page
-    assert "about 17 mm (an input of the fused model" in page and "assuming" not in page
+    assert "about 17 mm (an input of the fused estimates" in page and "assuming" not in page
     assert build_pdf(report).startswith(b"%PDF")  # "<1%" must not break the PDF's paragraph markup
     pred["diameter_assumes_spacing_mm"] = 0.7  # a PNG without spacing: the measurement assumed one
     assert "about 17 mm, assuming 0.70 mm per pixel (an input" in build_html(report)
@@ -354,6 +354,6 @@ def test_nothing_outlined_is_reported_and_input_notes_reach_the_report() -> None
     report = CaseReport(case_id="slice-4.png", source="upload", file_names=["slice-4.png"], prediction=pred,
                         images={"nodule": _gray()}, input_notes=[warning, "Nodule centre used: row 3, column 4."])
     page = build_html(report)
-    assert "The nodule outliner found no nodule at the centre, so the fused model took the smallest size" in page
+    assert "The nodule outliner found no nodule at the centre, so the fused estimates took the smallest size" in page
     assert "LIDC-IDRI-0001/nodule-0. Train case: optimistic." in page and "Nodule centre used: row 3" in page
     assert build_pdf(report).startswith(b"%PDF")

@@ -713,6 +713,15 @@ def test_a_class_bias_is_adopted_only_where_it_lowers_the_out_of_fold_validation
     assert fine["temperature"]["val_oof_nll"] < fine["temperature_bias"]["val_oof_nll"]
 
 
+def test_the_draws_rule_counts_exactly():
+    from training.experiments import DRAWS_RULE, enough_draws
+
+    assert DRAWS_RULE == 0.8
+    assert enough_draws(16, 20) and not enough_draws(15, 20)
+    assert enough_draws(12, 15) and not enough_draws(11, 15)  # 0.8 x 15 is 12.000000000000002 in floating point
+    assert enough_draws(4, 4) and not enough_draws(3, 4)
+
+
 def test_outline_features_join_fused_binary_only_where_out_of_fold_validation_says_so():
     from lungviz.fusion import SIZE_FEATURE
     from lungviz.shape import OUTLINE_FEATURES
@@ -761,6 +770,54 @@ def test_outline_features_join_fused_binary_only_where_out_of_fold_validation_sa
     assert vetoed["vetoed_on_test"] and vetoed["shipped"] == "size" and vetoed["shipped_features"] == []
 
 
+def test_fused_score_takes_the_size_only_where_its_out_of_fold_validation_kappa_says_so():
+    from lungviz.fusion import SIZE_FEATURE
+    from lungviz.shape import OUTLINE_FEATURES
+    from training.experiments import SCORE_INPUT_CANDIDATES, fusion_input_check
+
+    rng = np.random.default_rng(3)
+    cuts = np.array([-2.0, -0.7, 0.7, 2.0])
+
+    def split(n: int, size_matters: bool) -> dict:
+        log_d = rng.normal(2.0, 0.5, n)
+        seen = rng.normal(0, 1, n)  # what the views see of the score
+        latent = seen + (3.0 * (log_d - 2.0) if size_matters else 0.0) + rng.logistic(0, 0.4, n)
+        y = np.searchsorted(cuts, latent)  # ordinal scores 0..4
+        views = [np.stack([-0.5 * (seen - c) ** 2 for c in (-2.5, -1.2, 0.0, 1.2, 2.5)], 1) for _ in range(2)]
+        feats = {name: rng.normal(0.5, 0.1, n) for name in OUTLINE_FEATURES}
+        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "logits": views,
+                "features": {SIZE_FEATURE: log_d, **feats}}
+
+    found = fusion_input_check(split(500, True), split(300, True), SCORE_INPUT_CANDIDATES, "views", "kappa",
+                               seeds=4, n_boot=50)
+    rows = {r["candidate"]: r for r in found["results"]}
+    assert rows["views"]["draws_higher_than_views"] is None and not rows["views"]["passes"]
+    assert rows["size"]["passes"] and rows["size"]["draws_higher_than_views"] == 4
+    assert rows["size"]["val_oof_kappa_mean"] > rows["views"]["val_oof_kappa_mean"] + 0.05
+    assert found["chosen_on_validation"] in ("size", "size, shape and grey levels") and not found["vetoed_on_test"]
+    gain = rows["size"]["test_fused"]
+    assert gain["difference_from_views"] == pytest.approx(gain["kappa"] - rows["views"]["test_fused"]["kappa"])
+    assert gain["difference_ci95"][0] > 0 and "difference_from_views" not in rows["views"]["test_fused"]
+    assert found["shipped_features"] == list(SCORE_INPUT_CANDIDATES[found["shipped"]])
+    # Test never decides: a size that matters on test only is not chosen.
+    kept = fusion_input_check(split(500, False), split(300, True), SCORE_INPUT_CANDIDATES, "views", "kappa",
+                              seeds=4, n_boot=20)
+    assert kept["chosen_on_validation"] == "views" and kept["shipped_features"] == []
+    # ... but it may veto: where the chosen size clearly misleads on test, the views alone ship.
+    misleading = split(300, True)
+    misleading["features"][SIZE_FEATURE] = 4.0 - misleading["features"][SIZE_FEATURE]  # size now runs backwards
+    vetoed = fusion_input_check(split(500, True), misleading, SCORE_INPUT_CANDIDATES, "views", "kappa", seeds=4,
+                                n_boot=50)
+    loser = next(r for r in vetoed["results"] if r["candidate"] == vetoed["chosen_on_validation"])
+    assert vetoed["chosen_on_validation"] != "views" and loser["test_fused"]["difference_ci95"][1] < 0
+    assert vetoed["vetoed_on_test"] and vetoed["shipped"] == "views" and vetoed["shipped_features"] == []
+    with pytest.raises(LungvizError, match="kappa"):  # kappa of the calls needs ordinal classes
+        binary = split(100, True)
+        binary["logits"] = [lg[:, :2] for lg in binary["logits"]]
+        binary["y"] = np.minimum(binary["y"], 1)
+        fusion_input_check(binary, binary, SCORE_INPUT_CANDIDATES, "views", "kappa", seeds=2, n_boot=10)
+
+
 def test_the_outline_option_of_fuse():
     from training.__main__ import parse_outline
 
@@ -789,6 +846,21 @@ def test_the_shipped_fused_binary_uses_the_outline_features_its_check_chose():
     assert SHIPPED_FUSIONS["binary"].get("outline", []) == shipped
     assert spec["fusion"]["features"] == ["log_diameter_mm", *shipped] and SHIPPED_FUSIONS["binary"]["size"]
     assert spec["fusion"]["size_source"] == SHIPPED_FUSIONS["binary"]["size_source"] == "outliner"
+
+
+def test_the_shipped_fused_score_uses_the_inputs_its_check_chose():
+    import json
+
+    from training.train import SHIPPED_FUSIONS
+
+    weights = Path(__file__).resolve().parent.parent / "weights"
+    shipped = json.loads((weights / "score_inputs.json").read_text())["shipped_features"]
+    spec = json.loads((weights / "fused-score.json").read_text())
+    preset = SHIPPED_FUSIONS["score"]
+    assert (["log_diameter_mm"] if preset.get("size") else []) + list(preset.get("outline", [])) == shipped
+    assert spec["fusion"].get("features", []) == shipped
+    if shipped:
+        assert spec["fusion"]["size_source"] == preset["size_source"] == "outliner"
 
 
 def test_the_command_line_help_lists_every_command(capsys):

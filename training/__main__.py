@@ -26,6 +26,7 @@ from training.config import (
     OutlinerConfig,
     PackConfig,
     RefreshConfig,
+    ScoreInputsConfig,
     SearchConfig,
     SizesConfig,
     SplitConfig,
@@ -215,6 +216,19 @@ def cmd_outline_features(cfg: OutlineFeaturesConfig) -> dict:
                                 "test_fused_auroc": round(r["test_fused"]["auroc"], 4)} for r in result["results"]}}
 
 
+def cmd_score_inputs(cfg: ScoreInputsConfig) -> dict:
+    """Check the outliner's size (and the outline's shape and grey levels) as fused-score inputs beside its views
+    (validation decides)."""
+    from training.experiments import compare_score_inputs
+
+    result = compare_score_inputs(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
+    return {"chosen_on_validation": result["chosen_on_validation"], "vetoed_on_test": result["vetoed_on_test"],
+            "shipped": result["shipped"],
+            **{r["candidate"]: {"val_oof_kappa": round(r["val_oof_kappa_mean"], 4),
+                                "draws_higher_than_views": r["draws_higher_than_views"],
+                                "test_fused_kappa": round(r["test_fused"]["kappa"], 4)} for r in result["results"]}}
+
+
 def cmd_sizes(cfg: SizesConfig) -> dict:
     """Compare the outliner's size measures as fused-binary's size input (chosen on validation; test after)."""
     from training.fuse import compare_size_measures
@@ -363,6 +377,7 @@ COMMANDS = {
     "fuse": (cmd_fuse, FuseConfig),
     "sizes": (cmd_sizes, SizesConfig),
     "outline-features": (cmd_outline_features, OutlineFeaturesConfig),
+    "score-inputs": (cmd_score_inputs, ScoreInputsConfig),
     "tta": (cmd_tta, TtaConfig),
     "class-bias": (cmd_class_bias, ClassBiasConfig),
     "operating-points": (cmd_operating, OperatingConfig),

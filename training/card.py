@@ -428,6 +428,7 @@ def outliner_section(w: Callable[[str], None], folder: Path) -> None:
       "is a research measurement, not a volumetry tool.\n")
     sizes_section(w, folder)
     outline_features_section(w, folder)
+    score_inputs_section(w, folder)
 
 
 def fusion_features_text(f: dict, tr: dict) -> str:
@@ -448,7 +449,9 @@ def fusion_features_text(f: dict, tr: dict) -> str:
              f"{_fmt(tr.get('val_score_views_only'))} without the size")
     if extra and tr.get("val_score_size_without_outline") is not None:
         text += f" and {_fmt(tr['val_score_size_without_outline'])} with the size alone"
-    return text + " (fitted and scored on the same split). The measuring model never sees the readers' measurements.\n"
+    return text + (" (fitted and scored on the same split, so a guide only: the inputs were chosen on out-of-fold "
+                   "figures, in the nodule outliner's section). The measuring model never sees the readers' "
+                   "measurements.\n")
 
 
 def _candidate_label(candidate: str) -> str:
@@ -463,13 +466,61 @@ def _shipped_text(candidate: str) -> str:
     return "the size alone" if candidate == "size" else candidate
 
 
-def _test_difference(row: dict, key: str) -> str:
-    """A candidate's paired AUROC difference from the size alone on a test readout, with its interval."""
+def _test_difference(row: dict, key: str, base: str = "size") -> str:
+    """A candidate's paired difference from the ``base`` candidate on a test readout, with its interval."""
     r = row.get(key) or {}
     ci = r.get("difference_ci95")
-    if r.get("difference_from_size") is None:
+    if r.get(f"difference_from_{base}") is None:
         return "–"
-    return f"{r['difference_from_size']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+    return f"{r[f'difference_from_{base}']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def _check_table(w: Callable[[str], None], res: dict, figure: str, base: str, base_words: str,
+                 label: Callable[[str], str]) -> None:
+    """The table of a fusion-input check (:func:`training.experiments.fusion_input_check`): per candidate its
+    out-of-fold validation ``figure``, the draws it beat ``base`` on, and its test readouts."""
+    name = {"auroc": "AUROC", "kappa": "kappa"}[figure]
+    middle = any("test_middle_slice" in r for r in res["results"])
+    w(f"| inputs beside the views | val: out-of-fold {name} (mean, range over fold draws) | val: draws higher than "
+      f"{base_words} | val: out-of-fold ECE | test: {name} | test: difference from {base_words} | test: ECE |"
+      + (f" test, middle slice: {name}, difference, ECE |" if middle else ""))
+    w("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if middle else ""))
+    for r in res["results"]:
+        lo, hi = r[f"val_oof_{figure}_range"]
+        drawn = r[f"draws_higher_than_{base}"]
+        higher = "–" if drawn is None else f"{drawn} of {res['draws']}"
+        one = r.get("test_middle_slice") or {}
+        w(f"| {label(r['candidate'])} | {r[f'val_oof_{figure}_mean']:.3f} ({lo:.3f} - {hi:.3f}) | {higher} | "
+          f"{_fmt(r.get('val_oof_ece_mean'))} | {format_ci(r['test_fused'], figure)} | "
+          f"{_test_difference(r, 'test_fused', base)} | {_fmt(r['test_fused'].get('ece'))} |"
+          + (f" {_fmt(one.get(figure))}, {_test_difference(r, 'test_middle_slice', base)}, {_fmt(one.get('ece'))} |"
+             if middle else ""))
+    w("")
+
+
+def _test_verdict(w: Callable[[str], None], rows: dict[str, dict], chosen: str, base: str, figure: str,
+                  moved: str) -> None:
+    """The sentence on what test says of the chosen candidate against ``base``: ``moved`` ("the chosen set moved
+    fused-binary's AUROC") by its paired difference, and its top-class ECE before and after."""
+    new, old = rows[chosen], rows[base]
+    ci = new["test_fused"].get("difference_ci95")
+    if not ci:
+        return
+    verdict = ("confirms a gain" if ci[0] > 0 else "shows a loss" if ci[1] < 0
+               else "can neither confirm nor rule out a gain or a loss")
+    w(f"On test {moved} by {_test_difference(new, 'test_fused', base)} (paired patient bootstrap): test {verdict}; "
+      f"its top-class ECE went from {_fmt(old['test_fused'].get('ece'))} to {_fmt(new['test_fused'].get('ece'))}.\n")
+
+
+def _better_on_test(w: Callable[[str], None], rows: dict[str, dict], chosen: str, shipped: str, figure: str,
+                    label: Callable[[str], str]) -> None:
+    """Name the candidates that scored higher on test than what ships without winning on validation."""
+    better = [f"'{label(c)}'" for c, r in rows.items() if c not in (chosen, shipped)
+              and r["test_fused"][figure] > rows[shipped]["test_fused"][figure]]
+    if better:
+        they = "it" if len(better) == 1 else "they"
+        w(f"On test {' and '.join(better)} scored higher than what ships, but {they} did not win on validation; "
+          "shipping a set for its test figures would spend the test split.\n")
 
 
 def outline_features_section(w: Callable[[str], None], folder: Path) -> None:
@@ -490,35 +541,16 @@ def outline_features_section(w: Callable[[str], None], folder: Path) -> None:
       f"confidence does not ship). Chosen on validation: **{_shipped_text(chosen)}**"
       + (f"; vetoed on test, shipped: **{_shipped_text(res.get('shipped', 'size'))}**"
          if res.get("vetoed_on_test") else "") + ".\n")
-    middle = any("test_middle_slice" in r for r in res["results"])
-    w("| inputs beside the views | val: out-of-fold AUROC (mean, range over fold draws) | val: draws higher than "
-      "the size alone | val: out-of-fold ECE | test: AUROC | test: difference from the size alone | test: ECE |"
-      + (" test, middle slice: AUROC, difference, ECE |" if middle else ""))
-    w("| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if middle else ""))
-    for r in res["results"]:
-        lo, hi = r["val_oof_auroc_range"]
-        higher = "–" if r["draws_higher_than_size"] is None else f"{r['draws_higher_than_size']} of {res['draws']}"
-        one = r.get("test_middle_slice") or {}
-        w(f"| {_candidate_label(r['candidate'])} | {r['val_oof_auroc_mean']:.3f} ({lo:.3f} - {hi:.3f}) | {higher} | "
-          f"{_fmt(r.get('val_oof_ece_mean'))} | {format_ci(r['test_fused'], 'auroc')} | "
-          f"{_test_difference(r, 'test_fused')} | {_fmt(r['test_fused'].get('ece'))} |"
-          + (f" {_fmt(one.get('auroc'))}, {_test_difference(r, 'test_middle_slice')}, {_fmt(one.get('ece'))} |"
-             if middle else ""))
-    w("")
+    _check_table(w, res, "auroc", "size", "the size alone", _candidate_label)
     rows = {r["candidate"]: r for r in res["results"]}
     w("The rule reads the validation AUROC only. The calibration columns, the paired test differences and the "
       "middle-slice readout (what the app sees: views and outline on one slice) are reported beside it; they, and "
       "the test veto, were added after earlier runs of this check had been read on test (the project README tells "
       "the history).\n")
     if chosen != "size":
-        new, old = rows[chosen], rows["size"]
+        new = rows[chosen]
         ci = new["test_fused"].get("difference_ci95")
-        if ci:
-            verdict = ("confirms a gain" if ci[0] > 0 else "shows a loss" if ci[1] < 0
-                       else "can neither confirm nor rule out a gain or a loss")
-            w(f"On test the chosen set moved fused-binary's AUROC by {_test_difference(new, 'test_fused')} (paired "
-              f"patient bootstrap): test {verdict}; its top-class ECE went from {_fmt(old['test_fused'].get('ece'))} "
-              f"to {_fmt(new['test_fused'].get('ece'))}.\n")
+        _test_verdict(w, rows, chosen, "size", "auroc", "the chosen set moved fused-binary's AUROC")
         if res.get("vetoed_on_test"):
             one = new.get("test_middle_slice") or {}
             mid_ci = one.get("difference_ci95")
@@ -531,19 +563,43 @@ def outline_features_section(w: Callable[[str], None], folder: Path) -> None:
                  f"{_test_difference(new, 'test_middle_slice')}"
                  + (", which would not veto" if mid_ci[1] >= 0 else ", which would veto too") if mid_ci else "")
               + ".\n")
-        shipped = res.get("shipped", chosen)
-        better = [f"'{_candidate_label(c)}'" for c, r in rows.items() if c not in (chosen, shipped)
-                  and r["test_fused"]["auroc"] > rows[shipped]["test_fused"]["auroc"]]
-        if better:
-            they = "it" if len(better) == 1 else "they"
-            w(f"On test {' and '.join(better)} scored higher than what ships, but {they} did not win on validation; "
-              "shipping a set for its test figures would spend the test split.\n")
+        _better_on_test(w, rows, chosen, res.get("shipped", chosen), "auroc", _candidate_label)
     alone = res.get("val_feature_alone_auroc") or {}
     if alone:
         w("Each feature alone on validation (AUROC for malignant; below 0.5 = lower values go with malignant): "
           + ", ".join(f"{OUTLINE_FEATURE_LABELS.get(n, n).split(' (')[0]} {v:.2f}" for n, v in alone.items())
           + ". These are measured on the outliner's outline, which the app shows; they are not the readers' "
           "characteristics ratings.\n")
+
+
+def _score_candidate_label(candidate: str) -> str:
+    """A fused-score input candidate as the inputs it adds beside the views: "none", "size", ..."""
+    return "none" if candidate == "views" else candidate
+
+
+def score_inputs_section(w: Callable[[str], None], folder: Path) -> None:
+    """Whether the outliner's size (and the outline's shape and grey levels) join fused-score: the check `python -m
+    training score-inputs` wrote."""
+    res = read_result("score_inputs.json", folder)
+    if not res:
+        return
+    chosen, shipped = res["chosen_on_validation"], res.get("shipped", res["chosen_on_validation"])
+    w("### Which measured inputs fused-score uses\n")
+    w("Beside its two views, fused-score was tried with the nodule outliner's size (as fused-binary uses it) and "
+      "with the size and the outline's shape and grey levels (the inputs fused-binary weighs), each averaged over "
+      f"the central half of the slices. Decided on the validation split ({res['n_val']} nodules): "
+      f"{res['selection']}. Test ({res['n_test']} nodules) was read after the choice; it may veto a change, never "
+      "cause one (a chosen candidate whose paired test kappa difference from the views alone is below zero with 95% "
+      f"confidence does not ship). Chosen on validation: **{_score_candidate_label(chosen)}**"
+      + (f"; vetoed on test, shipped: **{_score_candidate_label(shipped)}**" if res.get("vetoed_on_test") else "")
+      + ". The rule was written down before the check first ran; it is the outline-feature check's, with kappa (what "
+        "the score models are chosen on) for AUROC. An earlier fit-and-score on validation, with the finder's size "
+        "and earlier networks, had found no gain.\n")
+    _check_table(w, res, "kappa", "views", "the views alone", _score_candidate_label)
+    rows = {r["candidate"]: r for r in res["results"]}
+    if chosen != "views":
+        _test_verdict(w, rows, chosen, "views", "kappa", "the chosen inputs moved fused-score's kappa")
+        _better_on_test(w, rows, chosen, shipped, "kappa", _score_candidate_label)
 
 
 def sizes_section(w: Callable[[str], None], folder: Path) -> None:
@@ -779,12 +835,16 @@ def write_card(folder: Path | None = None) -> Path:
       f"`{next(iter(specs.values()))['split_fingerprint'] if specs else '–'}`). Train fits the weights, validation "
       "drives early stopping, prior correction, temperature scaling and the choice of Grad-CAM layer, test is used "
       "once for this card"
-      + (" (and once to veto a change validation chose; see 'Which outline features fused-binary uses')"
-         if (read_result("outline_features.json", folder) or {}).get("vetoed_on_test") else "") + ".\n")
-    w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs. "
-      "fused-binary adds the nodule's diameter measured on the image by "
-      f"{SIZE_SOURCES.get((specs.get('fused-binary', {}).get('fusion') or {}).get('size_source', 'finder'), '?')}"
-      + inputs_text(specs.get("fused-binary", {})).removeprefix("size") + ".\n")
+      + "".join(f" (and once to veto a change validation chose; see '{section}')" for file, section in (
+          ("outline_features.json", "Which outline features fused-binary uses"),
+          ("score_inputs.json", "Which measured inputs fused-score uses"))
+          if (read_result(file, folder) or {}).get("vetoed_on_test")) + ".\n")
+    adds = [f"{name} adds the nodule's diameter measured on the image by "
+            f"{SIZE_SOURCES.get((spec.get('fusion') or {}).get('size_source', 'finder'), '?')}"
+            + inputs_text(spec).removeprefix("size") for name, spec in specs.items()
+            if SIZE_FEATURE in ((spec.get("fusion") or {}).get("features") or [])]
+    w("- Models see images only; the readers' measurements (diameter, characteristics) are never inputs."
+      + (" " + "; ".join(adds) + "." if adds else "") + "\n")
     w("## Results on the test split (95% patient-bootstrap intervals)\n")
     w("| model | n | AUROC | weighted AUPRC | weighted F1 | malignant F1 | kappa (QWK) | "
       "top-class ECE raw → calibrated |")

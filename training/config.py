@@ -150,6 +150,18 @@ class OutlineFeaturesConfig:
 
 
 @dataclasses.dataclass
+class ScoreInputsConfig:
+    """Would the outliner's size (and the outline's shape and grey levels) help fused-score beside its views
+    (validation decides, test after)?"""
+
+    weights: str = ""  # folder holding slice-score, nodule-score and the outliner; empty = weights/
+    seeds: int = 20  # draws of the patient-grouped folds of the validation split
+    folds: int = 5
+    n_boot: int = 1000
+    out: str = ""  # result file; empty = score_inputs.json next to the weights
+
+
+@dataclasses.dataclass
 class ClassBiasConfig:
     """Would a per-class bias on top of the temperature calibrate the shipped networks better (validation decides)?"""
 

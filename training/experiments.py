@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ import torch
 
 from lungviz import paths
 from lungviz.calibration import PRIOR_AFTER_T, Calibration, shared_order
+from lungviz.errors import LungvizError
+from lungviz.fusion import SIZE_FEATURE
 from lungviz.labels import LabelScheme
 from lungviz.shape import GREY_FEATURES, OUTLINE_FEATURES, SHAPE_FEATURES
 from lungviz.splits import Split
@@ -292,6 +296,11 @@ def compare_tta(weights: str = "", n_boot: int = 500, out: str = "", progress: b
 DRAWS_RULE = 0.8
 
 
+def enough_draws(count: int, seeds: int) -> bool:
+    """Whether ``count`` of ``seeds`` fold draws meets :data:`DRAWS_RULE` (exactly: 16 of 20, 12 of 15)."""
+    return count >= math.ceil(round(DRAWS_RULE * seeds, 9))
+
+
 def class_bias_check(val: dict, test: dict, prior: np.ndarray | None, seeds: int = 20, k: int = 5) -> dict:
     """One network: its shipped calibration (temperature, ``softmax(z / T + b)``) against the same plus a per-class
     bias fitted with ``T`` (:func:`lungviz.metrics.fit_temperature_bias`; the call is unchanged). Out-of-fold on
@@ -325,7 +334,7 @@ def class_bias_check(val: dict, test: dict, prior: np.ndarray | None, seeds: int
                                                                       strict=True))
     full = fitted(np.arange(len(val["y"])))
     out = {"n_val": len(val["y"]), "n_test": len(test["y"]), "draws_lower_nll": int(lower), "draws": seeds,
-           "adopt": lower >= DRAWS_RULE * seeds,
+           "adopt": enough_draws(int(lower), seeds),
            "class_bias": [float(v) for v in full["temperature_bias"][1] - b],
            "temperature_with_bias": full["temperature_bias"][0]}
     for family, (t, offset) in full.items():
@@ -340,7 +349,6 @@ def compare_class_bias(weights: str = "", seeds: int = 20, k: int = 5, out: str 
     """Would a per-class bias on top of the temperature calibrate the shipped networks better? Validation decides
     per network (:func:`class_bias_check`, :data:`DRAWS_RULE`); test is read after. Writes ``class_bias.json``
     next to the weights (or to ``out``)."""
-    from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
     from training.datasets import load_cases
     from training.evaluate import read_any_spec
@@ -385,93 +393,111 @@ OUTLINE_CANDIDATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def outline_feature_check(val: dict, test: dict, seeds: int = 20, k: int = 5, n_boot: int = 1000) -> dict:
-    """Does fused-binary gain from the outline's shape and grey levels beside its size? Each of
-    :data:`OUTLINE_CANDIDATES` refits the fusion (views + size + its features) in ``k`` patient-grouped folds of the
-    validation split (``seeds`` fold draws). A candidate passes if its out-of-fold AUROC beats the size-only
-    fusion's on at least :data:`DRAWS_RULE` of the draws; of those that pass, the highest mean is chosen (none:
-    the size alone stays). Test may veto the choice, never make one: a chosen set whose paired test AUROC difference
-    from the size alone is below zero with 95% confidence is not shipped (``shipped``). Test is read after: each
-    candidate fitted on all of validation, its AUROC and ECE, and its paired patient-bootstrap AUROC difference from
-    the size alone; on the nodules' middle slices too where
-    ``test`` has ``middle`` (``logits`` and ``features`` measured on one slice, as the app sees a case).
-    ``val``/``test``: ``y``, patient ``groups``, the views' calibrated ``logits`` and ``features`` (name -> value per
-    nodule; the size feature and every outline feature)."""
+def fusion_input_check(val: dict, test: dict, candidates: dict[str, tuple[str, ...]], base: str,
+                       figure: str = "auroc", always: tuple[str, ...] = (), seeds: int = 20, k: int = 5,
+                       n_boot: int = 1000) -> dict:
+    """Which image-measured inputs should a fused model weigh beside its views? Each candidate (name -> features,
+    beside the features ``always`` weighed) refits the fusion in ``k`` patient-grouped folds of the validation split
+    (``seeds`` fold draws). A candidate passes if its out-of-fold ``figure`` (``auroc`` or the ordinal ``kappa`` of
+    the calls) beats the ``base`` candidate's on at least :data:`DRAWS_RULE` of the draws; of those that pass, the
+    highest mean is chosen (none: ``base`` stays). Test may veto the choice, never make one: a chosen candidate whose
+    paired test difference from ``base`` is below zero with 95% confidence is not shipped (``shipped``). Test is
+    read after: each candidate fitted on all of validation, its figure and ECE, and its paired patient-bootstrap
+    difference from ``base``; on the nodules' middle slices too where ``test`` has ``middle`` (``logits`` and
+    ``features`` measured on one slice, as the app sees a case). ``val``/``test``: ``y``, patient ``groups``, the
+    views' calibrated ``logits`` and ``features`` (name -> value per nodule, for every feature named)."""
     from lungviz import metrics
-    from lungviz.fusion import SIZE_FEATURE, fit_fusion
+    from lungviz.fusion import fit_fusion
     from training.fuse import oof_fusion_figures
 
+    n_classes = val["logits"][0].shape[1]
+    if figure not in ("auroc", "kappa") or (figure == "kappa" and n_classes < 3):
+        raise LungvizError(f"a fusion-input check reads AUROC, or the kappa of ordinal calls (3 or more classes); "
+                           f"got '{figure}' on {n_classes} classes.")
+
+    def score(y: np.ndarray, p: np.ndarray) -> float:
+        return float(metrics.auroc(y, p) if figure == "auroc" else metrics.quadratic_kappa(y, metrics.decide(p),
+                                                                                            n_classes))
+
     def design(split: dict, extra: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
-        names = [SIZE_FEATURE, *extra]
-        return np.stack([np.asarray(split["features"][n], np.float64) for n in names], axis=1), names
+        names = [*always, *extra]
+        x = np.stack([np.asarray(split["features"][n], np.float64) for n in names], axis=1) if names else np.zeros(
+            (len(split["y"]), 0))
+        return x, names
 
     def read(split: dict, probs: dict[str, np.ndarray], c: str) -> dict:
-        """A candidate's AUROC (with its interval), ECE and paired AUROC difference from the size alone."""
-        y, p, q = np.asarray(split["y"]), probs[c], probs["size"]
-        out = {"n": len(y), "auroc": float(metrics.auroc(y, p)), "ece": float(metrics.ece(y, p)),
-               "ci95": metrics.bootstrap_ci(lambda i: {"auroc": metrics.auroc(y[i], p[i])}, len(y), split["groups"],
-                                            n_boot)}
-        if c != "size":
-            out["difference_from_size"] = out["auroc"] - float(metrics.auroc(y, q))
+        """A candidate's figure (with its interval), ECE and paired difference from ``base``."""
+        y, p, q = np.asarray(split["y"]), probs[c], probs[base]
+        out = {"n": len(y), figure: score(y, p), "ece": float(metrics.ece(y, p)),
+               "ci95": metrics.bootstrap_ci(lambda i: {figure: score(y[i], p[i])}, len(y), split["groups"], n_boot)}
+        if c != base:
+            out[f"difference_from_{base}"] = out[figure] - score(y, q)
             out["difference_ci95"] = metrics.bootstrap_ci(
-                lambda i: {"d": metrics.auroc(y[i], p[i]) - metrics.auroc(y[i], q[i])}, len(y), split["groups"],
-                n_boot)["d"]
+                lambda i: {"d": score(y[i], p[i]) - score(y[i], q[i])}, len(y), split["groups"], n_boot)["d"]
         return out
 
-    on_val = {c: design(val, extra) for c, extra in OUTLINE_CANDIDATES.items()}
+    on_val = {c: design(val, extra) for c, extra in candidates.items()}
     draws = {c: oof_fusion_figures(val, x, names, seeds, k) for c, (x, names) in on_val.items()}
     fused = {c: fit_fusion(["slice", "nodule"], val["logits"], val["y"], features=x, feature_names=names,
                            size_source="outliner") for c, (x, names) in on_val.items()}
     parts = {"test": test, **({"test_middle_slice": {**test["middle"], "y": test["y"], "groups": test["groups"]}}
                               if "middle" in test else {})}
     probs = {name: {c: metrics.softmax(fused[c].logits(sp["logits"], design(sp, extra)[0]))
-                    for c, extra in OUTLINE_CANDIDATES.items()} for name, sp in parts.items()}
-    base = np.asarray(draws["size"]["auroc"])
+                    for c, extra in candidates.items()} for name, sp in parts.items()}
+    reference = np.asarray(draws[base][figure])
     rows = []
-    for c, extra in OUTLINE_CANDIDATES.items():
-        auroc = np.asarray(draws[c]["auroc"])
-        higher = int(np.sum(auroc > base))
-        rows.append({"candidate": c, "features": list(extra), "val_oof_auroc_mean": float(np.mean(auroc)),
-                     "val_oof_auroc_range": [float(np.min(auroc)), float(np.max(auroc))],
-                     "draws_higher_than_size": higher if extra else None,
-                     "passes": bool(extra) and higher >= DRAWS_RULE * seeds,
-                     # calibration, reported beside the rule (which reads AUROC only)
+    for c, extra in candidates.items():
+        got = np.asarray(draws[c][figure])
+        higher = int(np.sum(got > reference))
+        rows.append({"candidate": c, "features": list(extra), f"val_oof_{figure}_mean": float(np.mean(got)),
+                     f"val_oof_{figure}_range": [float(np.min(got)), float(np.max(got))],
+                     f"draws_higher_than_{base}": higher if c != base else None,
+                     "passes": c != base and enough_draws(higher, seeds),
+                     # calibration, reported beside the rule (which reads the figure only)
                      "val_oof_nll_mean": float(np.mean(draws[c]["nll"])),
                      "val_oof_ece_mean": float(np.mean(draws[c]["ece"])),
-                     "draws_lower_nll_than_size": int(np.sum(np.asarray(draws[c]["nll"]) < np.asarray(
-                         draws["size"]["nll"]))) if extra else None,
+                     f"draws_lower_nll_than_{base}": int(np.sum(np.asarray(draws[c]["nll"]) < np.asarray(
+                         draws[base]["nll"]))) if c != base else None,
                      **{"test_fused" if name == "test" else name: read(parts[name], probs[name], c) for name in parts}})
     passing = [r for r in rows if r["passes"]]
-    chosen = max(passing, key=lambda r: r["val_oof_auroc_mean"])["candidate"] if passing else "size"
-    # Test may veto a change, never cause one: a chosen set whose paired test AUROC difference from the size alone
-    # is below zero with 95% confidence does not ship.
+    chosen = max(passing, key=lambda r: r[f"val_oof_{figure}_mean"])["candidate"] if passing else base
+    # Test may veto a change, never cause one: a chosen candidate whose paired test difference from the base is below
+    # zero with 95% confidence does not ship.
     ci = next(r for r in rows if r["candidate"] == chosen)["test_fused"].get("difference_ci95")
     vetoed = bool(ci and ci[1] < 0)
+    shipped = base if vetoed else chosen
+    return {"chosen_on_validation": chosen, "chosen_features": list(candidates[chosen]),
+            "vetoed_on_test": vetoed, "shipped": shipped, "shipped_features": list(candidates[shipped]),
+            "n_val": len(val["y"]), "n_test": len(test["y"]), "draws": seeds, "results": rows}
+
+
+def outline_feature_check(val: dict, test: dict, seeds: int = 20, k: int = 5, n_boot: int = 1000) -> dict:
+    """Does fused-binary gain from the outline's shape and grey levels beside its size? :func:`fusion_input_check`
+    of :data:`OUTLINE_CANDIDATES` (each beside the size) against the size alone, on AUROC; with each outline
+    feature's own validation AUROC. ``val``/``test`` as there, with the size feature and every outline feature."""
+    from lungviz import metrics
+
+    out = fusion_input_check(val, test, OUTLINE_CANDIDATES, "size", "auroc", (SIZE_FEATURE,), seeds, k, n_boot)
     alone = {}
     for name in OUTLINE_FEATURES:
         v = np.asarray(val["features"][name], np.float64)
         filled = np.where(np.isnan(v), np.nanmean(v), v)
         alone[name] = metrics.score_auroc(np.asarray(val["y"]) == 1, filled, None, 0)["auroc"]
-    shipped = "size" if vetoed else chosen
-    return {"chosen_on_validation": chosen, "chosen_features": list(OUTLINE_CANDIDATES[chosen]),
-            "vetoed_on_test": vetoed, "shipped": shipped, "shipped_features": list(OUTLINE_CANDIDATES[shipped]),
-            "n_val": len(val["y"]), "n_test": len(test["y"]), "draws": seeds, "results": rows,
-            "val_feature_alone_auroc": alone}
+    return {**out, "val_feature_alone_auroc": alone}
 
 
-def compare_outline_features(weights: str = "", seeds: int = 20, k: int = 5, n_boot: int = 1000, out: str = "",
-                             progress: bool = True) -> dict:
-    """Gather the views' calibrated logits and the outliner's features of every validation and test nodule and run
-    :func:`outline_feature_check`. Writes ``outline_features.json`` next to the weights (or to ``out``)."""
+def fusion_check_parts(task: str, folder: Path, progress: bool = True) -> dict[str, dict]:
+    """Per split (validation, test) of fused-``task``'s views: labels ``y``, patient ``groups``, the views'
+    calibrated ``logits`` and every fusion feature the outliner measures (``features``, name -> value per nodule);
+    for test also ``middle``: views and features on the middle slice only, as the app sees a case."""
     from lungviz.fusion import FEATURES
     from lungviz.labels import get_scheme
     from training.datasets import load_cases
     from training.evaluate import ensemble_logits, fusion_features, read_any_spec
     from training.fuse import split_logits
 
-    folder = Path(weights) if weights else paths.weights_dir()
-    scheme = get_scheme("binary")
-    components = ["slice-binary", "nodule-binary"]
+    scheme = get_scheme(task)
+    components = [f"slice-{task}", f"nodule-{task}"]
     fingerprint = read_any_spec(folder, components[0])["split_fingerprint"]
     cases, _ = load_cases("lidc")
     parts = {}
@@ -487,15 +513,58 @@ def compare_outline_features(weights: str = "", seeds: int = 20, k: int = 5, n_b
             parts[split]["middle"] = {
                 "logits": [ensemble_logits(folder, [c], store, every, central=0.0)[0] for c in components],
                 "features": {n: one[:, i] for i, n in enumerate(FEATURES)}}
-    result = {"task": "binary", "components": components,
-              "selection": f"out-of-fold validation AUROC of fused-binary refitted in {k} patient-grouped folds of the "
-                           f"validation split, {seeds} fold draws; a feature set passes where higher than the size "
-                           f"alone on at least {DRAWS_RULE:.0%} of the draws, the highest mean of those is chosen",
-              **outline_feature_check(parts["val"], parts["test"], seeds, k, n_boot),
+    return parts
+
+
+def run_fusion_check(task: str, weights: str, out: str, file: str, selection: str,
+                     check: Callable[[dict, dict], dict], progress: bool = True) -> dict:
+    """Gather fused-``task``'s views and measured features (:func:`fusion_check_parts`), run ``check(val, test)`` on
+    them and write its result, described by ``selection``, as ``file`` next to the weights (or to ``out``)."""
+    from training.evaluate import read_any_spec
+
+    folder = Path(weights) if weights else paths.weights_dir()
+    components = [f"slice-{task}", f"nodule-{task}"]
+    parts = fusion_check_parts(task, folder, progress)
+    result = {"task": task, "components": components, "selection": selection, **check(parts["val"], parts["test"]),
               "calibration": shared_order(read_any_spec(folder, n) for n in components)}
-    path = Path(out) if out else folder / "outline_features.json"
+    path = Path(out) if out else folder / file
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def compare_outline_features(weights: str = "", seeds: int = 20, k: int = 5, n_boot: int = 1000, out: str = "",
+                             progress: bool = True) -> dict:
+    """Gather the views' calibrated logits and the outliner's features of every validation and test nodule and run
+    :func:`outline_feature_check`. Writes ``outline_features.json`` next to the weights (or to ``out``)."""
+    return run_fusion_check(
+        "binary", weights, out, "outline_features.json",
+        f"out-of-fold validation AUROC of fused-binary refitted in {k} patient-grouped folds of the validation split, "
+        f"{seeds} fold draws; a feature set passes where higher than the size alone on at least {DRAWS_RULE:.0%} of "
+        "the draws, the highest mean of those is chosen",
+        lambda val, test: outline_feature_check(val, test, seeds, k, n_boot), progress)
+
+
+#: The inputs tried beside fused-score's views (:func:`compare_score_inputs`), fixed before the check: the outliner's
+#: size, and the size with the outline's shape and grey levels (the set fused-binary weighs).
+SCORE_INPUT_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "views": (),
+    "size": (SIZE_FEATURE,),
+    "size, shape and grey levels": (SIZE_FEATURE, *SHAPE_FEATURES, *GREY_FEATURES),
+}
+
+
+def compare_score_inputs(weights: str = "", seeds: int = 20, k: int = 5, n_boot: int = 1000, out: str = "",
+                         progress: bool = True) -> dict:
+    """Would fused-score gain from the outliner's size (and the outline's shape and grey levels) beside its views?
+    :func:`fusion_input_check` of :data:`SCORE_INPUT_CANDIDATES` against the views alone, on the ordinal kappa
+    score models are chosen on. Writes ``score_inputs.json`` next to the weights (or to ``out``)."""
+    return run_fusion_check(
+        "score", weights, out, "score_inputs.json",
+        f"out-of-fold validation quadratic kappa of fused-score refitted in {k} patient-grouped folds of the "
+        f"validation split, {seeds} fold draws; a candidate passes where higher than the views alone on at least "
+        f"{DRAWS_RULE:.0%} of the draws, the highest mean of those is chosen",
+        lambda val, test: fusion_input_check(val, test, SCORE_INPUT_CANDIDATES, "views", "kappa", (), seeds, k,
+                                             n_boot), progress)
 
 
 #: Sensitivities a high-sensitivity use of a binary model might aim for (:func:`compare_operating_points`).
@@ -512,7 +581,6 @@ def compare_operating_points(weights: str = "", targets: tuple[float, ...] = SEN
     read on test with patient-bootstrap intervals. Writes ``operating_points.json`` next to the weights (or to
     ``out``)."""
     from lungviz import metrics
-    from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
     from training.datasets import load_cases
     from training.evaluate import read_any_spec

@@ -156,13 +156,15 @@ def grouped_folds(groups: list[str], k: int, seed: int) -> np.ndarray:
 
 def oof_fusion_figures(val: dict, x: np.ndarray, names: list[str], seeds: int = 20, k: int = 5,
                        ) -> dict[str, list[float]]:
-    """Per fold draw (``seeds`` of them), the out-of-fold validation ``auroc``, ``nll`` and top-class ``ece`` of
-    fused-binary refitted with the features ``x`` ``(N, F)`` named ``names`` in ``k`` patient-grouped folds of
-    ``val`` (``y``, ``groups``, ``logits``)."""
-    out: dict[str, list[float]] = {"auroc": [], "nll": [], "ece": []}
+    """Per fold draw (``seeds`` of them), the out-of-fold validation ``auroc``, ``nll``, top-class ``ece`` and, for
+    more than two (ordinal) classes, the quadratic ``kappa`` of the calls, of the fused model refitted with the
+    features ``x`` ``(N, F)`` named ``names`` in ``k`` patient-grouped folds of ``val`` (``y``, ``groups``,
+    ``logits``)."""
+    C = val["logits"][0].shape[1]
+    out: dict[str, list[float]] = {"auroc": [], "nll": [], "ece": [], **({"kappa": []} if C > 2 else {})}
     for seed in range(seeds):
         fold = grouped_folds(val["groups"], k, seed)
-        oof = np.zeros((len(val["y"]), val["logits"][0].shape[1]))
+        oof = np.zeros((len(val["y"]), C))
         for f in range(k):
             fit, held = fold != f, fold == f
             fusion = fit_fusion(["slice", "nodule"], [lg[fit] for lg in val["logits"]], val["y"][fit],
@@ -172,6 +174,8 @@ def oof_fusion_figures(val: dict, x: np.ndarray, names: list[str], seeds: int = 
         out["auroc"].append(float(metrics.auroc(val["y"], probs)))
         out["nll"].append(float(metrics.nll(oof, val["y"])))
         out["ece"].append(float(metrics.ece(val["y"], probs)))
+        if C > 2:
+            out["kappa"].append(metrics.quadratic_kappa(val["y"], metrics.decide(probs), C))
     return out
 
 

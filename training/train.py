@@ -119,7 +119,7 @@ SHIPPED: dict[str, dict] = {
     "histology": {"dataset": "histology", "view": "slice", "task": "histology", "input_size": 128, **RECIPE_64},
 }
 #: The shipped fused models: an image-measured size raised validation AUROC for binary (0.866 -> 0.888 with the
-#: finder's) and did not raise validation kappa for score (0.519 -> 0.517), so only fused-binary uses it. Within
+#: finder's) and did not raise validation kappa for score (0.519 -> 0.517 with the finder's, in session 5). Within
 #: validation (5-fold CV) views + the outliner's size scored 0.895 against 0.880 with the finder's: the outliner
 #: measures it (needs the outliner). Tried in session 9 and not shipped: fused-binary's nodule view as the mean-logit
 #: ensemble of nodule-binary and three 64 px nodule-binary networks (``members``; lungviz.fusion.component_networks).
@@ -129,9 +129,12 @@ SHIPPED: dict[str, dict] = {
 #: fused-binary also weighs the outline features `python -m training outline-features` ships
 #: (weights/outline_features.json, its "shipped_features"; a test checks that the two agree): the shape and grey
 #: levels (out-of-fold validation AUROC 0.889 -> 0.895, higher on 18 of 20 draws; test 0.865 -> 0.864).
+#: fused-score weighs what `python -m training score-inputs` ships (weights/score_inputs.json; a test checks that
+#: they agree): the outliner's size (out-of-fold validation kappa 0.520 -> 0.533, higher on 17 of 20 draws; test
+#: 0.611 -> 0.609).
 SHIPPED_FUSIONS: dict[str, dict] = {
     "binary": {"size": True, "size_source": "outliner", "outline": [*SHAPE_FEATURES, *GREY_FEATURES]},
-    "score": {"size": False},
+    "score": {"size": True, "size_source": "outliner"},
 }
 
 
