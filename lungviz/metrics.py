@@ -85,6 +85,15 @@ def decide(P: np.ndarray, decision_bias: np.ndarray | None = None) -> np.ndarray
     return (np.log(np.clip(P, 1e-300, 1.0)) + np.asarray(decision_bias, np.float64)[None, :]).argmax(axis=1)
 
 
+def expected_score_call(P: np.ndarray) -> np.ndarray:
+    """Per row of ordinal class probabilities, the class ``j`` minimising the expected squared distance
+    ``sum_k p_k (j - k)^2``: the class nearest the expected class index (ties to the lower class)."""
+    P = np.asarray(P, np.float64)
+    classes = np.arange(P.shape[1])
+    cost = ((classes[None, :, None] - classes[None, None, :]) ** 2 * P[:, None, :]).sum(axis=2)  # (N, j)
+    return cost.argmin(axis=1)
+
+
 def decision_threshold(decision_bias: Sequence[float] | np.ndarray | None, positive: int = 1) -> float:
     """Two classes: the probability of class ``positive`` from which :func:`decide` calls it (0.5 without a bias)."""
     if decision_bias is None:

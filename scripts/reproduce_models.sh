@@ -15,6 +15,7 @@ done
 python -m training sizes                                               # weights/size_measures.json (chosen on validation)
 python -m training outline-features                                    # weights/outline_features.json (validation decides)
 python -m training score-inputs                                        # weights/score_inputs.json (validation decides)
+python -m training ordinal-calls                                       # weights/ordinal_calls.json (validation decides)
 python -m training class-bias                                          # weights/class_bias.json (validation decides)
 python -m training operating-points                                    # weights/operating_points.json (validation thresholds)
 python -m training tta                                                 # weights/tta.json (validation decides)

@@ -323,6 +323,28 @@ def test_card_reports_the_fused_score_input_check(tmp_path):
     assert "Chosen on validation: **none**." in card and "moved fused-score's kappa" not in card
 
 
+def test_card_reports_the_ordinal_call_check(tmp_path):
+    def figs(k: float, f1: float, exact: float) -> dict:
+        return {"kappa": k, "f1_weighted": f1, "exact": exact}
+
+    def row(model: str, higher: int, adopt: bool, vetoed: bool = False) -> dict:
+        return {"model": model, "n_val": 336, "n_test": 332, "draws": 20, "draws_higher_kappa": higher,
+                "adopt_on_validation": adopt or vetoed, "vetoed_on_test": vetoed, "adopt": adopt,
+                "val_oof": {"shipped": figs(0.528, 0.515, 0.577), "expected": figs(0.470, 0.458, 0.526)},
+                "test": {"shipped": figs(0.633, 0.506, 0.563), "expected": figs(0.568, 0.459, 0.515)},
+                "test_kappa_difference": -0.065, "test_kappa_difference_ci95": [-0.12, -0.017],
+                "test_calls_changed": 0.232}
+
+    res = {"selection": "out-of-fold validation quadratic kappa (test rule)", "adopted": [],
+           "results": [row("nodule-score", 0, False), row("fused-score", 17, False, vetoed=True)]}
+    (tmp_path / "ordinal_calls.json").write_text(json.dumps(res))
+    card = write_card(tmp_path).read_text()
+    assert "## Which score a score model calls (validation decides)" in card and "Adopted: none." in card
+    assert ("| nodule-score | 0.528 → 0.470 | 0 of 20 | 0.515 → 0.458 | 0.577 → 0.526 | 0.633 → 0.568 | -0.065 "
+            "[-0.120, -0.017] | 0.506 → 0.459 | 0.563 → 0.515 | 23% |") in card
+    assert "| fused-score (vetoed on test) | 0.528 → 0.470 | 17 of 20 |" in card
+
+
 def test_card_reports_the_test_time_augmentation_check(tmp_path):
     from training.experiments import tta_decision
 

@@ -713,6 +713,41 @@ def test_a_class_bias_is_adopted_only_where_it_lowers_the_out_of_fold_validation
     assert fine["temperature"]["val_oof_nll"] < fine["temperature_bias"]["val_oof_nll"]
 
 
+def test_expected_score_call_and_the_ordinal_call_check():
+    from lungviz.metrics import expected_score_call
+    from training.experiments import ordinal_call_check
+
+    P = np.array([[0.4, 0.1, 0.1, 0.1, 0.3], [0.0, 0.0, 0.0, 0.0, 1.0], [0.05, 0.1, 0.3, 0.35, 0.2],
+                  [0.5, 0.5, 0.0, 0.0, 0.0]])
+    assert expected_score_call(P).tolist() == [2, 4, 3, 0]  # means 1.8, 4, 2.55, 0.5 (a tie goes to the lower)
+    rng = np.random.default_rng(5)
+
+    def split(n: int, truth: str) -> dict:
+        P = rng.dirichlet(np.full(5, 0.6), n)
+        y = expected_score_call(P) if truth == "expected" else P.argmax(axis=1)
+        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "P": P}
+
+    def predictor(split: dict, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return split["P"][idx], split["P"][idx].argmax(axis=1)
+
+    fitted: list[int] = []
+
+    def fold(rows: np.ndarray):
+        fitted.append(len(rows))
+        return predictor
+
+    got = ordinal_call_check(split(200, "expected"), split(150, "expected"), fold, predictor, seeds=3, n_boot=50)
+    assert got["draws_higher_kappa"] == 3 and got["adopt"] and not got["vetoed_on_test"]
+    assert got["val_oof"]["expected"]["kappa"] == pytest.approx(1.0)
+    assert got["val_oof"]["shipped"]["kappa"] < 0.99
+    assert got["test_kappa_difference_ci95"][0] > 0 and 0 < got["test_calls_changed"] < 1
+    assert len(fitted) == 3 * 5 and all(120 <= n <= 200 for n in fitted)  # refitted on the other folds each time
+    vetoed = ordinal_call_check(split(200, "expected"), split(150, "argmax"), fold, predictor, seeds=3, n_boot=50)
+    assert vetoed["adopt_on_validation"] and vetoed["vetoed_on_test"] and not vetoed["adopt"]
+    kept = ordinal_call_check(split(200, "argmax"), split(150, "expected"), fold, predictor, seeds=3, n_boot=50)
+    assert kept["draws_higher_kappa"] == 0 and not kept["adopt"]  # test never adopts
+
+
 def test_the_draws_rule_counts_exactly():
     from training.experiments import DRAWS_RULE, enough_draws
 

@@ -21,6 +21,7 @@ from training.config import (
     FuseConfig,
     IndexConfig,
     OperatingConfig,
+    OrdinalCallsConfig,
     OutlierConfig,
     OutlineFeaturesConfig,
     OutlinerConfig,
@@ -229,6 +230,18 @@ def cmd_score_inputs(cfg: ScoreInputsConfig) -> dict:
                                 "test_fused_kappa": round(r["test_fused"]["kappa"], 4)} for r in result["results"]}}
 
 
+def cmd_ordinal_calls(cfg: OrdinalCallsConfig) -> dict:
+    """Check the expected-score call for each score model against its shipped call (validation decides)."""
+    from training.experiments import compare_ordinal_calls
+
+    result = compare_ordinal_calls(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
+    return {"adopted": result["adopted"],
+            **{r["model"]: {"draws_higher_kappa": r["draws_higher_kappa"], "vetoed_on_test": r["vetoed_on_test"],
+                            "val_oof_kappa": [round(r["val_oof"][c]["kappa"], 4) for c in ("shipped", "expected")],
+                            "test_kappa": [round(r["test"][c]["kappa"], 4) for c in ("shipped", "expected")]}
+               for r in result["results"]}}
+
+
 def cmd_sizes(cfg: SizesConfig) -> dict:
     """Compare the outliner's size measures as fused-binary's size input (chosen on validation; test after)."""
     from training.fuse import compare_size_measures
@@ -378,6 +391,7 @@ COMMANDS = {
     "sizes": (cmd_sizes, SizesConfig),
     "outline-features": (cmd_outline_features, OutlineFeaturesConfig),
     "score-inputs": (cmd_score_inputs, ScoreInputsConfig),
+    "ordinal-calls": (cmd_ordinal_calls, OrdinalCallsConfig),
     "tta": (cmd_tta, TtaConfig),
     "class-bias": (cmd_class_bias, ClassBiasConfig),
     "operating-points": (cmd_operating, OperatingConfig),

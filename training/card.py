@@ -313,6 +313,38 @@ def class_bias_section(w: Callable[[str], None], folder: Path) -> None:
           "parameters cost more out of fold than they gain; a larger calibration set would be needed to tell.\n")
 
 
+def ordinal_calls_section(w: Callable[[str], None], folder: Path) -> None:
+    """The expected-score call for the score models: the check `python -m training ordinal-calls` wrote."""
+    res = read_result("ordinal_calls.json", folder)
+    if not res:
+        return
+    w("## Which score a score model calls (validation decides)\n")
+    w("A score model calls one panel score (a network the class of its prior-corrected logits, a fused model its most "
+      "likely score: see 'Probabilities and calls'). Kappa, what the score models are chosen on, counts a call by "
+      "its squared distance from the panel's score; the call that minimises the expected squared distance under the "
+      "calibrated probabilities is the score nearest the expected score. A model adopts that call only on validation "
+      f"({res['selection']}); test is read after and may veto, never adopt (a paired test kappa difference below "
+      f"zero with 95% confidence). The rule was written down before the check first ran. Adopted: "
+      f"{', '.join(res['adopted']) or 'none'}.\n")
+    w("| model | val: out-of-fold kappa, shipped call → expected | draws higher | val: weighted F1 | val: exact "
+      "agreement | test: kappa | test: difference [95% CI] | test: weighted F1 | test: exact agreement | test: calls "
+      "changed |")
+    w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in res["results"]:
+        v, t = r["val_oof"], r["test"]
+        lo, hi = r["test_kappa_difference_ci95"]
+
+        def pair(fig: dict, key: str) -> str:
+            return f"{fig['shipped'][key]:.3f} → {fig['expected'][key]:.3f}"
+
+        veto = " (vetoed on test)" if r.get("vetoed_on_test") else ""
+        w(f"| {r['model']}{veto} | {pair(v, 'kappa')} | {r['draws_higher_kappa']} of {r['draws']} | "
+          f"{pair(v, 'f1_weighted')} | {pair(v, 'exact')} | {pair(t, 'kappa')} | "
+          f"{r['test_kappa_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {pair(t, 'f1_weighted')} | {pair(t, 'exact')} | "
+          f"{r['test_calls_changed']:.0%} |")
+    w("")
+
+
 def class_bias_clause(models: list[str], folder: Path) -> str:
     """For the known limits: which of ``models`` the per-class bias check covered and rejected ("" for none)."""
     res = read_result("class_bias.json", folder) or {}
@@ -950,6 +982,7 @@ def write_card(folder: Path | None = None) -> Path:
         ablation_section(w, ablation, specs.get(f"{ablation['setup'].get('view')}-{ablation['setup'].get('task')}"))
     tta_section(w, folder)
     class_bias_section(w, folder)
+    ordinal_calls_section(w, folder)
     operating_points_section(w, folder)
     outliner_section(w, folder)
     finder_section(w, folder)

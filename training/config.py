@@ -162,6 +162,17 @@ class ScoreInputsConfig:
 
 
 @dataclasses.dataclass
+class OrdinalCallsConfig:
+    """Should the score models call the panel score nearest their expected score (validation decides, test after)?"""
+
+    weights: str = ""  # folder holding the score models (and the outliner fused-score measures with); empty = weights/
+    seeds: int = 20  # draws of the patient-grouped folds of the validation split
+    folds: int = 5
+    n_boot: int = 1000
+    out: str = ""  # result file; empty = ordinal_calls.json next to the weights
+
+
+@dataclasses.dataclass
 class ClassBiasConfig:
     """Would a per-class bias on top of the temperature calibrate the shipped networks better (validation decides)?"""
 

@@ -567,6 +567,131 @@ def compare_score_inputs(weights: str = "", seeds: int = 20, k: int = 5, n_boot:
                                              n_boot), progress)
 
 
+#: A score model's call from its probabilities and the shipped call, for the rows ``rows`` of a split.
+Predictor = Callable[[dict, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def ordinal_call_check(val: dict, test: dict, fold_predictor: Callable[[np.ndarray], Predictor], shipped: Predictor,
+                       seeds: int = 20, k: int = 5, n_boot: int = 1000) -> dict:
+    """Should a score model call the panel score nearest its expected score
+    (:func:`lungviz.metrics.expected_score_call`) instead of its shipped call? ``fold_predictor(rows)`` fits what the
+    model fits on validation (its temperature, or the fusion) on the validation ``rows`` and returns a
+    :data:`Predictor`; out of fold in ``k`` patient-grouped folds of the validation split (``seeds`` draws), the
+    expected-score call is adopted if its quadratic kappa is higher on :func:`enough_draws` of the draws. Test, read
+    after with the ``shipped`` predictor, may veto (a paired kappa difference below zero with 95% confidence), never
+    adopt. ``val``/``test``: labels ``y`` and patient ``groups`` (and whatever the predictors read)."""
+    from lungviz import metrics
+    from training.fuse import grouped_folds
+
+    def figures(y: np.ndarray, calls: np.ndarray, n_classes: int) -> dict[str, float]:
+        import sklearn.metrics as skm
+
+        return {"kappa": metrics.quadratic_kappa(y, calls, n_classes),
+                "f1_weighted": float(skm.f1_score(y, calls, average="weighted", zero_division=0)),
+                "exact": float(np.mean(y == calls))}
+
+    y_val = np.asarray(val["y"])
+    draws: dict[str, list[dict[str, float]]] = {"shipped": [], "expected": []}
+    n_classes = 0
+    for seed in range(seeds):
+        fold = grouped_folds(list(val["groups"]), k, seed)
+        calls = {rule: np.zeros(len(y_val), int) for rule in draws}
+        for f in range(k):
+            P, shipped_calls = fold_predictor(np.flatnonzero(fold != f))(val, np.flatnonzero(fold == f))
+            n_classes = P.shape[1]
+            calls["shipped"][fold == f] = shipped_calls
+            calls["expected"][fold == f] = metrics.expected_score_call(P)
+        for rule in draws:
+            draws[rule].append(figures(y_val, calls[rule], n_classes))
+    higher = sum(e["kappa"] > s["kappa"] for e, s in zip(draws["expected"], draws["shipped"], strict=True))
+    y = np.asarray(test["y"])
+    P, shipped_calls = shipped(test, np.arange(len(y)))
+    on_test = {"shipped": shipped_calls, "expected": metrics.expected_score_call(P)}
+    diff = metrics.bootstrap_ci(
+        lambda i: {"d": metrics.quadratic_kappa(y[i], on_test["expected"][i], n_classes)
+                   - metrics.quadratic_kappa(y[i], on_test["shipped"][i], n_classes)}, len(y), test["groups"],
+        n_boot)["d"]
+    adopt_on_validation = enough_draws(int(higher), seeds)
+    vetoed = bool(adopt_on_validation and diff[1] < 0)
+    return {"n_val": len(y_val), "n_test": len(y), "draws": seeds, "draws_higher_kappa": int(higher),
+            "adopt_on_validation": adopt_on_validation, "vetoed_on_test": vetoed,
+            "adopt": adopt_on_validation and not vetoed,
+            "val_oof": {rule: {key: float(np.mean([d[key] for d in rows])) for key in rows[0]}
+                        for rule, rows in draws.items()},
+            "test": {rule: figures(y, c, n_classes) for rule, c in on_test.items()},
+            "test_kappa_difference": figures(y, on_test["expected"], n_classes)["kappa"]
+            - figures(y, on_test["shipped"], n_classes)["kappa"],
+            "test_kappa_difference_ci95": diff,
+            "test_calls_changed": float(np.mean(on_test["expected"] != on_test["shipped"]))}
+
+
+def compare_ordinal_calls(weights: str = "", seeds: int = 20, k: int = 5, n_boot: int = 1000, out: str = "",
+                          progress: bool = True) -> dict:
+    """Run :func:`ordinal_call_check` for nodule-score, slice-score (temperature refitted per fold) and fused-score
+    (fusion refitted per fold, with its shipped inputs). Writes ``ordinal_calls.json`` next to the weights (or to
+    ``out``)."""
+    from lungviz import metrics
+    from lungviz.fusion import Fusion, fit_fusion
+    from training.evaluate import read_any_spec
+
+    folder = Path(weights) if weights else paths.weights_dir()
+    parts = fusion_check_parts("score", folder, progress)
+    rows = []
+    for name in ("nodule-score", "slice-score"):
+        spec = read_any_spec(folder, name)
+        shipped_cal = Calibration.from_spec(spec)
+        view = 0 if name.startswith("slice") else 1
+        if shipped_cal.order != PRIOR_AFTER_T:
+            raise LungvizError(f"{name} still carries the earlier calibration; re-measure it with `python -m training "
+                               "refresh` first.")
+        raw = {part: (np.asarray(parts[part]["logits"][view], np.float64) - np.asarray(shipped_cal.prior or 0.0))
+               * shipped_cal.temperature for part in ("val", "test")}  # the raw logits: undo the calibration
+
+        def predictor(cal: Calibration, raw: dict = raw) -> Predictor:
+            def run(split: dict, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                z = raw["val" if split is parts["val"] else "test"][idx]
+                P = cal.probabilities(z)
+                return P, cal.decide(P)
+            return run
+
+        def fold(fit_rows: np.ndarray, raw: dict = raw, prior: tuple | None = shipped_cal.prior) -> Predictor:
+            return predictor(Calibration.fit(raw["val"][fit_rows], parts["val"]["y"][fit_rows], prior))
+
+        rows.append({"model": name, **ordinal_call_check(parts["val"], parts["test"], fold, predictor(shipped_cal),
+                                                         seeds, k, n_boot)})
+    fused = read_any_spec(folder, "fused-score")
+    names = list(fused["fusion"].get("features") or [])
+
+    def design(split: dict) -> np.ndarray:
+        return np.stack([np.asarray(split["features"][n], np.float64) for n in names], axis=1) if names else None
+
+    def fusion_predictor(fusion: Fusion) -> Predictor:
+        def run(split: dict, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            x = design(split)
+            P = metrics.softmax(fusion.logits([lg[idx] for lg in split["logits"]], None if x is None else x[idx]))
+            return P, P.argmax(axis=1)
+        return run
+
+    def fused_fold(fit_rows: np.ndarray) -> Predictor:
+        val, x = parts["val"], design(parts["val"])
+        return fusion_predictor(fit_fusion(["slice", "nodule"], [lg[fit_rows] for lg in val["logits"]],
+                                           val["y"][fit_rows], features=None if x is None else x[fit_rows],
+                                           feature_names=names, size_source=fused["fusion"].get("size_source",
+                                                                                                "finder")))
+
+    rows.append({"model": "fused-score", **ordinal_call_check(
+        parts["val"], parts["test"], fused_fold, fusion_predictor(Fusion.from_dict(fused["fusion"])), seeds, k,
+        n_boot)})
+    result = {"selection": f"out-of-fold validation quadratic kappa, {k} patient-grouped folds of the validation "
+                           f"split, {seeds} fold draws (the temperature or the fusion refitted per fold); adopted "
+                           f"where the expected-score call is higher on at least {DRAWS_RULE:.0%} of the draws",
+              "adopted": [r["model"] for r in rows if r["adopt"]], "results": rows,
+              "calibration": shared_order(read_any_spec(folder, n) for n in ("nodule-score", "slice-score"))}
+    path = Path(out) if out else folder / "ordinal_calls.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 #: Sensitivities a high-sensitivity use of a binary model might aim for (:func:`compare_operating_points`).
 SENSITIVITY_TARGETS = (0.90, 0.95)
 #: The binary models whose operating points are measured; the readers' mean diameter is added as the baseline.
