@@ -343,6 +343,8 @@ def test_card_reports_the_ordinal_call_check(tmp_path):
     assert ("| nodule-score | 0.528 → 0.470 | 0 of 20 | 0.515 → 0.458 | 0.577 → 0.526 | 0.633 → 0.568 | -0.065 "
             "[-0.120, -0.017] | 0.506 → 0.459 | 0.563 → 0.515 | 23% |") in card
     assert "| fused-score (vetoed on test) | 0.528 → 0.470 | 17 of 20 |" in card
+    assert "validation favours the shipped call here. On test, read after, the expected-score call's kappa was lower " \
+        "with 95% confidence for nodule-score, fused-score." in card
 
 
 def test_card_reports_the_test_time_augmentation_check(tmp_path):

@@ -746,6 +746,59 @@ def test_expected_score_call_and_the_ordinal_call_check():
     assert vetoed["adopt_on_validation"] and vetoed["vetoed_on_test"] and not vetoed["adopt"]
     kept = ordinal_call_check(split(200, "argmax"), split(150, "expected"), fold, predictor, seeds=3, n_boot=50)
     assert kept["draws_higher_kappa"] == 0 and not kept["adopt"]  # test never adopts
+    # A draw counts only where the expected-score call is strictly higher: identical calls never count.
+    peaked = split(200, "argmax")
+    peaked["P"] = np.eye(5)[peaked["y"]] * 0.9 + 0.02
+    same = ordinal_call_check(peaked, peaked, fold, predictor, seeds=3, n_boot=20)
+    assert same["draws_higher_kappa"] == 0 and same["test_calls_changed"] == 0.0
+    # A test difference whose interval straddles zero does not veto what validation adopted.
+    noise = split(150, "expected")
+    noise["y"] = rng.integers(0, 5, 150)
+    kept_on_noise = ordinal_call_check(split(200, "expected"), noise, fold, predictor, seeds=3, n_boot=200)
+    lo, hi = kept_on_noise["test_kappa_difference_ci95"]
+    assert lo < 0 < hi and kept_on_noise["adopt"] and not kept_on_noise["vetoed_on_test"]
+
+
+def test_the_ordinal_call_check_reads_each_score_model_as_it_ships(tmp_path, monkeypatch):
+    import json
+
+    import training.evaluate
+    import training.experiments as experiments
+    from lungviz.fusion import SIZE_FEATURE, Fusion
+    from lungviz.metrics import quadratic_kappa, softmax
+
+    rng = np.random.default_rng(11)
+    prior = [0.3, -0.2, -0.5, 0.1, 0.4]
+    nets = {"slice-score": {"temperature": 3.0, "prior_adjust": prior, "calibration": "prior-after-temperature"},
+            "nodule-score": {"temperature": 1.5, "prior_adjust": prior, "calibration": "prior-after-temperature"}}
+    fusion = Fusion(["slice", "nodule"], np.array([0.3, 0.8]), np.zeros(5), [SIZE_FEATURE],
+                    np.array([[-0.5, -0.2, 0.0, 0.3, 0.5]]), "outliner")
+    specs = {**nets, "fused-score": {"fusion": fusion.to_dict()}}
+
+    def split(n: int) -> dict:
+        y = rng.integers(0, 5, n)
+        raw = [rng.normal(0, 1, (n, 5)) + 2.0 * np.eye(5)[y] * w for w in (0.5, 1.5)]  # the views differ
+        logits = [r / nets[c]["temperature"] + np.array(prior) for r, c in zip(raw, nets, strict=True)]
+        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "raw": raw, "logits": logits,
+                "features": {SIZE_FEATURE: np.log(rng.uniform(3, 30, n)) + 0.1 * y}}
+
+    parts = {"val": split(200), "test": split(150)}
+    monkeypatch.setattr(experiments, "fusion_check_parts", lambda task, folder, progress=True: parts)
+    monkeypatch.setattr(training.evaluate, "read_any_spec", lambda folder, name: specs[name])
+    out = tmp_path / "ordinal.json"
+    result = experiments.compare_ordinal_calls(str(tmp_path), seeds=2, k=5, n_boot=20, out=str(out))
+    rows = {r["model"]: r for r in result["results"]}
+    test = parts["test"]
+    for name, view in (("slice-score", 0), ("nodule-score", 1)):  # the shipped call: argmax(z + b), each its own view
+        calls = (test["raw"][view] + np.array(prior)).argmax(axis=1)
+        assert rows[name]["test"]["shipped"]["kappa"] == pytest.approx(quadratic_kappa(test["y"], calls, 5))
+    fused = softmax(fusion.logits(test["logits"], test["features"][SIZE_FEATURE][:, None]))
+    assert rows["fused-score"]["test"]["shipped"]["kappa"] == pytest.approx(
+        quadratic_kappa(test["y"], fused.argmax(axis=1), 5))
+    assert json.loads(out.read_text())["results"][0]["model"] == "nodule-score"
+    specs["fused-score"] = {"fusion": {**fusion.to_dict(), "size_source": "finder"}}
+    with pytest.raises(LungvizError, match="with the nodule outliner"):
+        experiments.compare_ordinal_calls(str(tmp_path), seeds=2, n_boot=20, out=str(out))
 
 
 def test_the_draws_rule_counts_exactly():

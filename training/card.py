@@ -320,9 +320,11 @@ def ordinal_calls_section(w: Callable[[str], None], folder: Path) -> None:
         return
     w("## Which score a score model calls (validation decides)\n")
     w("A score model calls one panel score (a network the class of its prior-corrected logits, a fused model its most "
-      "likely score: see 'Probabilities and calls'). Kappa, what the score models are chosen on, counts a call by "
-      "its squared distance from the panel's score; the call that minimises the expected squared distance under the "
-      "calibrated probabilities is the score nearest the expected score. A model adopts that call only on validation "
+      "likely score: see 'Probabilities and calls'). The call that minimises the expected squared distance from the "
+      "panel's score under the calibrated probabilities is the score nearest the expected score. Quadratic kappa, "
+      "what the score models are chosen on, weighs a disagreement by its squared distance but divides by the "
+      "disagreement expected by chance from the spread of the calls, so that call need not raise it. A model adopts "
+      "that call only on validation "
       f"({res['selection']}); test is read after and may veto, never adopt (a paired test kappa difference below "
       f"zero with 95% confidence). The rule was written down before the check first ran. Adopted: "
       f"{', '.join(res['adopted']) or 'none'}.\n")
@@ -343,6 +345,12 @@ def ordinal_calls_section(w: Callable[[str], None], folder: Path) -> None:
           f"{r['test_kappa_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {pair(t, 'f1_weighted')} | {pair(t, 'exact')} | "
           f"{r['test_calls_changed']:.0%} |")
     w("")
+    lower = [r["model"] for r in res["results"] if r["test_kappa_difference_ci95"][1] < 0]
+    w("The networks' seed or recipe was chosen on the validation kappa of their shipped call, which does not depend on "
+      "the temperature, so that call's out-of-fold figure is the figure they were chosen on: validation favours the "
+      "shipped call here."
+      + (f" On test, read after, the expected-score call's kappa was lower with 95% confidence for "
+         f"{', '.join(lower)}." if lower else "") + "\n")
 
 
 def class_bias_clause(models: list[str], folder: Path) -> str:

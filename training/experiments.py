@@ -488,7 +488,8 @@ def outline_feature_check(val: dict, test: dict, seeds: int = 20, k: int = 5, n_
 
 def fusion_check_parts(task: str, folder: Path, progress: bool = True) -> dict[str, dict]:
     """Per split (validation, test) of fused-``task``'s views: labels ``y``, patient ``groups``, the views'
-    calibrated ``logits`` and every fusion feature the outliner measures (``features``, name -> value per nodule);
+    calibrated ``logits`` and ``raw`` logits, and every fusion feature the outliner measures (``features``, name ->
+    value per nodule);
     for test also ``middle``: views and features on the middle slice only, as the app sees a case."""
     from lungviz.fusion import FEATURES
     from lungviz.labels import get_scheme
@@ -507,6 +508,7 @@ def fusion_check_parts(task: str, folder: Path, progress: bool = True) -> dict[s
         every = np.arange(len(kept))
         x = fusion_features(list(FEATURES), folder, store, every, source="outliner")
         parts[split] = {"y": y, "groups": [c.patient_id for c in kept], "logits": [per_net[c][0] for c in components],
+                        "raw": [per_net[c][1] for c in components],
                         "features": {n: x[:, i] for i, n in enumerate(FEATURES)}}
         if split == "test":  # what the app sees: views and outline on the middle slice only
             one = fusion_features(list(FEATURES), folder, store, every, 0.0, source="outliner")
@@ -640,27 +642,27 @@ def compare_ordinal_calls(weights: str = "", seeds: int = 20, k: int = 5, n_boot
     for name in ("nodule-score", "slice-score"):
         spec = read_any_spec(folder, name)
         shipped_cal = Calibration.from_spec(spec)
-        view = 0 if name.startswith("slice") else 1
-        if shipped_cal.order != PRIOR_AFTER_T:
-            raise LungvizError(f"{name} still carries the earlier calibration; re-measure it with `python -m training "
-                               "refresh` first.")
-        raw = {part: (np.asarray(parts[part]["logits"][view], np.float64) - np.asarray(shipped_cal.prior or 0.0))
-               * shipped_cal.temperature for part in ("val", "test")}  # the raw logits: undo the calibration
+        view = 0 if name.startswith("slice") else 1  # fusion_check_parts keeps the views as [slice, nodule]
 
-        def predictor(cal: Calibration, raw: dict = raw) -> Predictor:
+        def predictor(cal: Calibration, view: int = view) -> Predictor:
             def run(split: dict, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                z = raw["val" if split is parts["val"] else "test"][idx]
-                P = cal.probabilities(z)
+                P = cal.probabilities(np.asarray(split["raw"][view], np.float64)[idx])
                 return P, cal.decide(P)
             return run
 
-        def fold(fit_rows: np.ndarray, raw: dict = raw, prior: tuple | None = shipped_cal.prior) -> Predictor:
-            return predictor(Calibration.fit(raw["val"][fit_rows], parts["val"]["y"][fit_rows], prior))
+        def fold(fit_rows: np.ndarray, view: int = view, prior: tuple | None = shipped_cal.prior) -> Predictor:
+            val = parts["val"]
+            return predictor(Calibration.fit(np.asarray(val["raw"][view], np.float64)[fit_rows], val["y"][fit_rows],
+                                             prior), view)
 
         rows.append({"model": name, **ordinal_call_check(parts["val"], parts["test"], fold, predictor(shipped_cal),
                                                          seeds, k, n_boot)})
     fused = read_any_spec(folder, "fused-score")
     names = list(fused["fusion"].get("features") or [])
+    if names and fused["fusion"].get("size_source", "finder") != "outliner":
+        raise LungvizError("the ordinal-call check measures fused-score's inputs with the nodule outliner, but its "
+                           "spec measures them with another tool; refit it with `python -m training fuse --task "
+                           "score`.")
 
     def design(split: dict) -> np.ndarray:
         return np.stack([np.asarray(split["features"][n], np.float64) for n in names], axis=1) if names else None
@@ -676,8 +678,7 @@ def compare_ordinal_calls(weights: str = "", seeds: int = 20, k: int = 5, n_boot
         val, x = parts["val"], design(parts["val"])
         return fusion_predictor(fit_fusion(["slice", "nodule"], [lg[fit_rows] for lg in val["logits"]],
                                            val["y"][fit_rows], features=None if x is None else x[fit_rows],
-                                           feature_names=names, size_source=fused["fusion"].get("size_source",
-                                                                                                "finder")))
+                                           feature_names=names, size_source="outliner"))
 
     rows.append({"model": "fused-score", **ordinal_call_check(
         parts["val"], parts["test"], fused_fold, fusion_predictor(Fusion.from_dict(fused["fusion"])), seeds, k,
