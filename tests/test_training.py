@@ -861,7 +861,9 @@ def test_outline_features_join_fused_binary_only_where_out_of_fold_validation_sa
 def test_fused_score_takes_the_size_only_where_its_out_of_fold_validation_kappa_says_so():
     from lungviz.fusion import SIZE_FEATURE
     from lungviz.shape import OUTLINE_FEATURES
-    from training.experiments import SCORE_INPUT_CANDIDATES, fusion_input_check
+    from training.experiments import fusion_input_check
+
+    candidates = {"views": (), "size": (SIZE_FEATURE,), "size and roundness": (SIZE_FEATURE, "roundness")}
 
     rng = np.random.default_rng(3)
     cuts = np.array([-2.0, -0.7, 0.7, 2.0])
@@ -876,25 +878,25 @@ def test_fused_score_takes_the_size_only_where_its_out_of_fold_validation_kappa_
         return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "logits": views,
                 "features": {SIZE_FEATURE: log_d, **feats}}
 
-    found = fusion_input_check(split(500, True), split(300, True), SCORE_INPUT_CANDIDATES, "views", "kappa",
-                               seeds=4, n_boot=50)
+    found = fusion_input_check(split(300, True), split(200, True), candidates, "views", "kappa",
+                               seeds=3, n_boot=50)
     rows = {r["candidate"]: r for r in found["results"]}
     assert rows["views"]["draws_higher_than_views"] is None and not rows["views"]["passes"]
-    assert rows["size"]["passes"] and rows["size"]["draws_higher_than_views"] == 4
+    assert rows["size"]["passes"] and rows["size"]["draws_higher_than_views"] == 3
     assert rows["size"]["val_oof_kappa_mean"] > rows["views"]["val_oof_kappa_mean"] + 0.05
-    assert found["chosen_on_validation"] in ("size", "size, shape and grey levels") and not found["vetoed_on_test"]
+    assert found["chosen_on_validation"] in ("size", "size and roundness") and not found["vetoed_on_test"]
     gain = rows["size"]["test_fused"]
     assert gain["difference_from_views"] == pytest.approx(gain["kappa"] - rows["views"]["test_fused"]["kappa"])
     assert gain["difference_ci95"][0] > 0 and "difference_from_views" not in rows["views"]["test_fused"]
-    assert found["shipped_features"] == list(SCORE_INPUT_CANDIDATES[found["shipped"]])
+    assert found["shipped_features"] == list(candidates[found["shipped"]])
     # Test never decides: a size that matters on test only is not chosen.
-    kept = fusion_input_check(split(500, False), split(300, True), SCORE_INPUT_CANDIDATES, "views", "kappa",
-                              seeds=4, n_boot=20)
+    kept = fusion_input_check(split(300, False), split(200, True), candidates, "views", "kappa",
+                              seeds=3, n_boot=20)
     assert kept["chosen_on_validation"] == "views" and kept["shipped_features"] == []
     # ... but it may veto: where the chosen size clearly misleads on test, the views alone ship.
-    misleading = split(300, True)
+    misleading = split(200, True)
     misleading["features"][SIZE_FEATURE] = 4.0 - misleading["features"][SIZE_FEATURE]  # size now runs backwards
-    vetoed = fusion_input_check(split(500, True), misleading, SCORE_INPUT_CANDIDATES, "views", "kappa", seeds=4,
+    vetoed = fusion_input_check(split(300, True), misleading, candidates, "views", "kappa", seeds=3,
                                 n_boot=50)
     loser = next(r for r in vetoed["results"] if r["candidate"] == vetoed["chosen_on_validation"])
     assert vetoed["chosen_on_validation"] != "views" and loser["test_fused"]["difference_ci95"][1] < 0
@@ -903,7 +905,7 @@ def test_fused_score_takes_the_size_only_where_its_out_of_fold_validation_kappa_
         binary = split(100, True)
         binary["logits"] = [lg[:, :2] for lg in binary["logits"]]
         binary["y"] = np.minimum(binary["y"], 1)
-        fusion_input_check(binary, binary, SCORE_INPUT_CANDIDATES, "views", "kappa", seeds=2, n_boot=10)
+        fusion_input_check(binary, binary, candidates, "views", "kappa", seeds=2, n_boot=10)
 
 
 def test_the_outline_option_of_fuse():
