@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lungviz import paths
 from lungviz.errors import LungvizError
-from lungviz.fusion import FUSED_TASK_WORDS, SIZE_FEATURE, SIZE_SOURCES, component_networks
+from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES, component_networks, fused_models_words
 from lungviz.shape import feature_groups_text
 
 
@@ -198,7 +198,7 @@ def fused_inputs(specs: list[dict]) -> dict[str, str]:
 
 def fused_inputs_text(specs: list[dict]) -> str | None:
     """One sentence saying which fused models weigh what the image measures (None when none does)."""
-    parts = [f"the fused {FUSED_TASK_WORDS.get(t, t)} model weighs {what}" for t, what in fused_inputs(specs).items()]
+    parts = [f"{fused_models_words([t])} weighs {what}" for t, what in fused_inputs(specs).items()]
     if not parts:
         return None
     text = "; ".join(parts)

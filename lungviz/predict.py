@@ -326,9 +326,9 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
             else:
                 continue
             features = feature_row(fusion.features, diameter, outline.features if outline is not None else None)
-            extra = {n: outline.features.get(n, float("nan")) for n in fusion.features if n != SIZE_FEATURE}
-            used |= extra
-            users += [task] if extra else []
+            weighed = {n: outline.features.get(n, float("nan")) for n in fusion.features if n != SIZE_FEATURE}
+            used |= weighed
+            users += [task] if weighed else []
         view_logits = []
         for c, nets in zip(comps, component_networks(spec).values(), strict=True):
             extra = [models.members[m] for m in nets[1:]]  # the view's ensemble members, each with its own view

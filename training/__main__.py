@@ -205,16 +205,22 @@ def parse_outline(text: str, shipped: Sequence[str]) -> list[str]:
     return names
 
 
+def input_check_summary(result: dict, figure: str, base: str) -> dict:
+    """What a fusion-input check (:func:`training.experiments.fusion_input_check`) prints: its decision and, per
+    candidate, its out-of-fold validation ``figure``, the draws it beat ``base`` on and its test figure."""
+    return {"chosen_on_validation": result["chosen_on_validation"], "vetoed_on_test": result["vetoed_on_test"],
+            "shipped": result["shipped"],
+            **{r["candidate"]: {f"val_oof_{figure}": round(r[f"val_oof_{figure}_mean"], 4),
+                                f"draws_higher_than_{base}": r[f"draws_higher_than_{base}"],
+                                f"test_fused_{figure}": round(r["test_fused"][figure], 4)} for r in result["results"]}}
+
+
 def cmd_outline_features(cfg: OutlineFeaturesConfig) -> dict:
     """Check the outline's shape and grey levels as fused-binary features beside its size (validation decides)."""
     from training.experiments import compare_outline_features
 
-    result = compare_outline_features(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
-    return {"chosen_on_validation": result["chosen_on_validation"], "vetoed_on_test": result["vetoed_on_test"],
-            "shipped": result["shipped"],
-            **{r["candidate"]: {"val_oof_auroc": round(r["val_oof_auroc_mean"], 4),
-                                "draws_higher_than_size": r["draws_higher_than_size"],
-                                "test_fused_auroc": round(r["test_fused"]["auroc"], 4)} for r in result["results"]}}
+    return input_check_summary(compare_outline_features(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out),
+                               "auroc", "size")
 
 
 def cmd_score_inputs(cfg: ScoreInputsConfig) -> dict:
@@ -222,12 +228,8 @@ def cmd_score_inputs(cfg: ScoreInputsConfig) -> dict:
     (validation decides)."""
     from training.experiments import compare_score_inputs
 
-    result = compare_score_inputs(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
-    return {"chosen_on_validation": result["chosen_on_validation"], "vetoed_on_test": result["vetoed_on_test"],
-            "shipped": result["shipped"],
-            **{r["candidate"]: {"val_oof_kappa": round(r["val_oof_kappa_mean"], 4),
-                                "draws_higher_than_views": r["draws_higher_than_views"],
-                                "test_fused_kappa": round(r["test_fused"]["kappa"], 4)} for r in result["results"]}}
+    return input_check_summary(compare_score_inputs(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out),
+                               "kappa", "views")
 
 
 def cmd_ordinal_calls(cfg: OrdinalCallsConfig) -> dict:

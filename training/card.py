@@ -332,13 +332,13 @@ def ordinal_calls_section(w: Callable[[str], None], folder: Path) -> None:
       "agreement | test: kappa | test: difference [95% CI] | test: weighted F1 | test: exact agreement | test: calls "
       "changed |")
     w("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def pair(fig: dict, key: str) -> str:
+        return f"{fig['shipped'][key]:.3f} → {fig['expected'][key]:.3f}"
+
     for r in res["results"]:
         v, t = r["val_oof"], r["test"]
         lo, hi = r["test_kappa_difference_ci95"]
-
-        def pair(fig: dict, key: str) -> str:
-            return f"{fig['shipped'][key]:.3f} → {fig['expected'][key]:.3f}"
-
         veto = " (vetoed on test)" if r.get("vetoed_on_test") else ""
         w(f"| {r['model']}{veto} | {pair(v, 'kappa')} | {r['draws_higher_kappa']} of {r['draws']} | "
           f"{pair(v, 'f1_weighted')} | {pair(v, 'exact')} | {pair(t, 'kappa')} | "

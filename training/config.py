@@ -119,14 +119,20 @@ class FuseConfig:
 
 
 @dataclasses.dataclass
-class SizesConfig:
-    """Which of the outliner's size measures fused-binary should use (validation decides, test after)."""
+class FoldCheckConfig:
+    """Settings shared by the checks decided out of fold on the validation split (test read after)."""
 
-    weights: str = ""  # folder holding slice-binary, nodule-binary and the outliner; empty = weights/
-    seeds: int = 20  # draws of the patient-grouped validation folds
+    weights: str = ""  # folder holding the models the check reads (and the outliner); empty = weights/
+    seeds: int = 20  # draws of the patient-grouped folds of the validation split
     folds: int = 5
     n_boot: int = 1000
-    out: str = ""  # result file; empty = size_measures.json next to the weights
+    out: str = ""  # result file; empty = the check's JSON next to the weights
+
+
+@dataclasses.dataclass
+class SizesConfig(FoldCheckConfig):
+    """Which of the outliner's size measures fused-binary should use (validation decides, test after)? Writes
+    size_measures.json."""
 
 
 @dataclasses.dataclass
@@ -139,37 +145,21 @@ class TtaConfig:
 
 
 @dataclasses.dataclass
-class OutlineFeaturesConfig:
-    """Would the outline's shape and grey levels help fused-binary beside its size (validation decides, test after)?"""
-
-    weights: str = ""  # folder holding slice-binary, nodule-binary and the outliner; empty = weights/
-    seeds: int = 20  # draws of the patient-grouped folds of the validation split
-    folds: int = 5
-    n_boot: int = 1000
-    out: str = ""  # result file; empty = outline_features.json next to the weights
+class OutlineFeaturesConfig(FoldCheckConfig):
+    """Would the outline's shape and grey levels help fused-binary beside its size (validation decides, test
+    after)? Writes outline_features.json."""
 
 
 @dataclasses.dataclass
-class ScoreInputsConfig:
+class ScoreInputsConfig(FoldCheckConfig):
     """Would the outliner's size (and the outline's shape and grey levels) help fused-score beside its views
-    (validation decides, test after)?"""
-
-    weights: str = ""  # folder holding slice-score, nodule-score and the outliner; empty = weights/
-    seeds: int = 20  # draws of the patient-grouped folds of the validation split
-    folds: int = 5
-    n_boot: int = 1000
-    out: str = ""  # result file; empty = score_inputs.json next to the weights
+    (validation decides, test after)? Writes score_inputs.json."""
 
 
 @dataclasses.dataclass
-class OrdinalCallsConfig:
-    """Should the score models call the panel score nearest their expected score (validation decides, test after)?"""
-
-    weights: str = ""  # folder holding the score models (and the outliner fused-score measures with); empty = weights/
-    seeds: int = 20  # draws of the patient-grouped folds of the validation split
-    folds: int = 5
-    n_boot: int = 1000
-    out: str = ""  # result file; empty = ordinal_calls.json next to the weights
+class OrdinalCallsConfig(FoldCheckConfig):
+    """Should the score models call the panel score nearest their expected score (validation decides, test
+    after)? Writes ordinal_calls.json."""
 
 
 @dataclasses.dataclass

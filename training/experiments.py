@@ -615,14 +615,13 @@ def ordinal_call_check(val: dict, test: dict, fold_predictor: Callable[[np.ndarr
         n_boot)["d"]
     adopt_on_validation = enough_draws(int(higher), seeds)
     vetoed = bool(adopt_on_validation and diff[1] < 0)
+    read = {rule: figures(y, c, n_classes) for rule, c in on_test.items()}
     return {"n_val": len(y_val), "n_test": len(y), "draws": seeds, "draws_higher_kappa": int(higher),
             "adopt_on_validation": adopt_on_validation, "vetoed_on_test": vetoed,
             "adopt": adopt_on_validation and not vetoed,
             "val_oof": {rule: {key: float(np.mean([d[key] for d in rows])) for key in rows[0]}
                         for rule, rows in draws.items()},
-            "test": {rule: figures(y, c, n_classes) for rule, c in on_test.items()},
-            "test_kappa_difference": figures(y, on_test["expected"], n_classes)["kappa"]
-            - figures(y, on_test["shipped"], n_classes)["kappa"],
+            "test": read, "test_kappa_difference": read["expected"]["kappa"] - read["shipped"]["kappa"],
             "test_kappa_difference_ci95": diff,
             "test_calls_changed": float(np.mean(on_test["expected"] != on_test["shipped"]))}
 
