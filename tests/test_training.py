@@ -421,6 +421,85 @@ def test_json_output_has_no_nan():
     json.dumps(out, allow_nan=False)
 
 
+def test_command_line_help_comes_from_the_settings_comments(capsys):
+    """Each option's help is the comment on its field (base classes' too), so `--help` explains the settings."""
+    import dataclasses
+
+    from training.__main__ import main
+    from training.config import field_notes
+
+    @dataclasses.dataclass
+    class Base:
+        data: str = ""  # the data folder
+        seed: int = 0
+
+    @dataclasses.dataclass
+    class Child(Base):
+        rate: float = 0.5  # a share, 0-1 (50% = 0.5)
+        label: str = "a # b"  # text with a hash inside
+
+    assert field_notes(Child) == {"data": "the data folder", "rate": "a share, 0-1 (50% = 0.5)",
+                                  "label": "text with a hash inside"}
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--view VIEW nodule | slice | fused (default: nodule)" in text
+    assert "bootstrap resamples for the 95% intervals (default: 1000)" in text
+
+
+def test_evaluate_task_histology_means_the_histology_model(tmp_path, capsys):
+    from training.__main__ import main
+
+    assert main(["evaluate", "--task", "histology", "--weights", str(tmp_path)]) == 2
+    assert "model 'histology' was not found" in capsys.readouterr().err  # not 'nodule-histology'
+
+
+def test_evaluate_says_how_many_cases_the_model_has_seen(tmp_path, monkeypatch):
+    """Evaluating a folder that holds training or validation patients (or, for histology, near copies of training
+    images) says how many, since figures on them are optimistic; a folder of held-out cases gets no such note."""
+    from lungviz.cases import data_fingerprint
+    from lungviz.folders import import_class_folders
+    from lungviz.labels import HISTOLOGY_CLASSES
+    from lungviz.splits import holdout_split
+    from training.datasets import load_cases
+    from training.evaluate import seen_in_training
+
+    data = _synthetic_slices(tmp_path / "slices", n_patients=30)
+    cases, _ = load_cases("lidc", str(data))
+    split = holdout_split(cases, seed=42)
+    split.save(tmp_path / "w" / "splits" / "holdout.json")
+    spec = {"dataset": "lidc", "split_fingerprint": split.fingerprint, "split": {"kind": "holdout", "seed": 42}}
+    where = [split.assignment[c.patient_id] for c in cases]
+    counts, note = seen_in_training(cases, spec, tmp_path / "w")
+    assert counts == {"train_patients": where.count("train"), "val_patients": where.count("val")}
+    assert counts["train_patients"] > 0 and counts["val_patients"] > 0
+    assert note.startswith(f"{where.count('train')} of 30 nodules are from patients the model was trained on")
+    held_out = [c for c, s in zip(cases, where, strict=True) if s == "test"]
+    assert held_out and seen_in_training(held_out, spec, tmp_path / "w") is None
+    for other in ({**spec, "split_fingerprint": "another"}, {**spec, "split": {"seed": 7}}):
+        assert seen_in_training(cases, other, tmp_path / "w") is None  # not the model's split: it cannot tell
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data" / "chest-ct-histology"
+    images = [rng.integers(0, 255, (40, 40)).astype(np.uint8) for _ in range(5)]
+    for sub in ("train", "test"):
+        (root / sub / "normal").mkdir(parents=True)
+    for k, img in enumerate(images[:3]):
+        Image.fromarray(img).save(root / "train" / "normal" / f"t{k}.png")
+    near = np.clip(images[0].astype(int) + 2, 0, 255).astype(np.uint8)  # a training image, a little brighter
+    Image.fromarray(near).save(root / "test" / "normal" / "near.png")
+    for k, img in enumerate(images[3:]):
+        Image.fromarray(img).save(root / "test" / "normal" / f"new{k}.png")
+    monkeypatch.setenv("LUNGVIZ_DATA", str(tmp_path / "data"))
+    everything, _ = import_class_folders(root, HISTOLOGY_CLASSES)
+    hspec = {"dataset": "histology", "split_fingerprint": data_fingerprint(everything)}
+    test_folder, _ = import_class_folders(root / "test", HISTOLOGY_CLASSES)
+    counts, note = seen_in_training(test_folder, hspec, None)
+    assert counts == {"near_duplicates_of_training_images": 1} and note.startswith("1 of 3 images nearly duplicate")
+    assert seen_in_training(test_folder[1:], hspec, None) is None  # 'near.png' sorts first
+    assert seen_in_training(test_folder, {**hspec, "split_fingerprint": "another"}, None) is None
+
+
 def test_evaluate_on_a_split_refuses_a_split_file_drawn_with_another_seed(tmp_path):
     from lungviz.splits import holdout_split
     from training.datasets import load_cases

@@ -138,7 +138,7 @@ def cmd_evaluate(cfg: EvalConfig) -> dict:
     """Evaluate a shipped model on a lidc-slices folder (all labelled nodules, or --split)."""
     from training.evaluate import evaluate_bundle
 
-    name = cfg.model or f"{cfg.view}-{cfg.task}"
+    name = cfg.model or ("histology" if cfg.task == "histology" else f"{cfg.view}-{cfg.task}")
     folder = Path(cfg.weights) if cfg.weights else paths.weights_dir()
     rep = evaluate_bundle(folder, name, cfg.data, cfg.split, cfg.predictions, cfg.n_boot, cfg.max_slices,
                           progress=not cfg.json)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,18 +55,43 @@ def _parse_type(tp: Any) -> Any:
     return str
 
 
+def field_notes(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` on each field's line in the dataclass bodies (base classes first), for --help."""
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # defined outside a file: no notes
+            continue
+        lines: dict[int, list[tokenize.TokenInfo]] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+                lines.setdefault(tok.start[0], []).append(tok)
+        for toks in lines.values():
+            first, last = toks[0], toks[-1]
+            if (len(toks) > 2 and first.type == tokenize.NAME and first.start[1] == 4 and toks[1].string == ":"
+                    and last.type == tokenize.COMMENT):
+                notes[first.string] = last.string.lstrip("#").strip()
+    return notes
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one ``--name`` option per dataclass field, defaulting to the field's default."""
+    """Add one ``--name`` option per dataclass field, defaulting to the field's default; its help is the field's
+    comment in the class body."""
     hints = typing.get_type_hints(cls)
+    notes = field_notes(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = f"--{f.name.replace('_', '-')}"
+        text = f"{notes[f.name]} (default: {default})" if f.name in notes else f"(default: {default})"
+        text = text.replace("%", "%%")  # argparse formats help with %
         if hints[f.name] is bool:  # "--flag" alone means true; "--flag false" also works
             parser.add_argument(flag, dest=f.name, type=_parse_type(bool), nargs="?", const=True, default=default,
-                                help=f"(default: {default})")
+                                help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=_parse_type(hints[f.name]), default=default,
-                                help=f"(default: {default})")
+            parser.add_argument(flag, dest=f.name, type=_parse_type(hints[f.name]), default=default, help=text)
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
@@ -82,14 +111,14 @@ class EvalConfig:
     """Evaluate a shipped bundle on a lidc-slices folder."""
 
     data: str = ""  # lidc-slices layout folder; empty = the configured data folder
-    task: str = "binary"
+    task: str = "binary"  # binary | score | histology
     view: str = "nodule"  # nodule | slice | fused
-    model: str = ""  # bundle name; empty = <view>-<task>
+    model: str = ""  # bundle name; empty = <view>-<task> (histology: the histology model)
     weights: str = ""  # bundle folder; empty = weights/
     split: str = ""  # train | val | test restricts to the saved split; empty = every labelled nodule
     predictions: str = ""  # write per-nodule probabilities to this CSV
-    json: bool = False  # print one JSON object (default: a short readable summary)
-    n_boot: int = 1000
+    json: bool = False  # print one JSON object instead of a short readable summary
+    n_boot: int = 1000  # bootstrap resamples for the 95% intervals
     max_slices: int = 0  # 0 = every slice of each nodule
 
 

@@ -267,6 +267,54 @@ def select_split(cases: list, split: str, spec: dict, bundle_folder: Path | None
     return chosen
 
 
+def seen_in_training(cases: list, spec: dict, bundle_folder: Path | None = None) -> tuple[dict, str] | None:
+    """How many of ``cases`` the model has seen, and a note saying so, or None when none (or it cannot tell).
+
+    LIDC: nodules of patients in the model's own split file (its fingerprint and seed must match the spec's) that
+    are train or validation patients. Histology: images that nearly duplicate an image of the training folder the
+    model was trained on (the histology data folder, checked by its fingerprint)."""
+    from lungviz import paths
+    from lungviz.splits import Split
+
+    if spec.get("dataset") == "histology":
+        from lungviz.cases import data_fingerprint
+        from lungviz.errors import LungvizError
+        from lungviz.folders import import_class_folders, leaked_cases
+        from lungviz.labels import HISTOLOGY_CLASSES
+        from training.train import split_for
+
+        try:
+            trained_on, _ = import_class_folders(paths.histology_dir(), HISTOLOGY_CLASSES)
+        except LungvizError:
+            return None
+        if data_fingerprint(trained_on) != spec.get("split_fingerprint"):
+            return None
+        n = len(leaked_cases(cases, split_for(trained_on, "histology").select(trained_on, "train")))
+        if not n:
+            return None
+        return ({"near_duplicates_of_training_images": n},
+                f"{n} of {len(cases)} images nearly duplicate an image the model was trained on (the set's folders "
+                "share neighbouring slices): figures on them are optimistic. --split test evaluates the test folder "
+                "less those images.")
+    local = Path(bundle_folder) / "splits" / "holdout.json" if bundle_folder else None
+    split_file = local if local and local.is_file() else paths.weights_dir() / "splits" / "holdout.json"
+    if not split_file.is_file():
+        return None
+    s = Split.load(split_file)
+    trained = spec.get("split") or {}
+    if s.fingerprint != spec.get("split_fingerprint") or (trained.get("seed") is not None
+                                                          and int(trained["seed"]) != s.seed):
+        return None
+    where = [s.assignment.get(c.patient_id) for c in cases]
+    seen = {"train": where.count("train"), "val": where.count("val")}
+    if not any(seen.values()):
+        return None
+    return ({f"{k}_patients": v for k, v in seen.items()},
+            f"{seen['train']} of {len(cases)} nodules are from patients the model was trained on and {seen['val']} "
+            "from validation patients (early stopping and calibration used them, and the fused models were fitted "
+            "on them): figures on them are optimistic. --split test evaluates the held-out test patients only.")
+
+
 def evaluate_bundle(
     bundle_folder: Path,
     name: str,
@@ -307,11 +355,18 @@ def evaluate_bundle(
                              n_boot, calibration)
     rep = {"model": name, "task": scheme.name, "view": spec["view"], "data": data or "default",
            "split": split or "all", "import": report.summary(), **rep}
+    notes = []
     unknown = [c for c in kept if valid_spacing(c.pixel_spacing_mm) is None]
     if unknown and spec.get("dataset", "lidc") == "lidc":
-        rep["notes"] = [f"{len(unknown)} of {len(kept)} nodules have no pixel spacing in labels.csv (e.g. "
-                        f"{unknown[0].case_id}): {DEFAULT_SPACING_MM} mm per pixel was assumed for them, which sets "
-                        "the nodule view's field and the measured size."]
+        notes.append(f"{len(unknown)} of {len(kept)} nodules have no pixel spacing in labels.csv (e.g. "
+                     f"{unknown[0].case_id}): {DEFAULT_SPACING_MM} mm per pixel was assumed for them, which sets "
+                     "the nodule view's field and the measured size.")
+    seen = None if split == "test" else seen_in_training(kept, spec, Path(bundle_folder))
+    if seen:
+        rep["seen_in_training"] = seen[0]
+        notes.append(seen[1])
+    if notes:
+        rep["notes"] = notes
     if predictions:
         P = metrics.softmax(cal)
         calls = metrics.decide(P, None if calibration is None else calibration.decision_bias)

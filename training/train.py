@@ -52,39 +52,39 @@ log = logging.getLogger("training")
 class TrainConfig:
     """Everything that defines a shipped model; written next to the bundle."""
 
-    name: str = "nodule-binary"
+    name: str = "nodule-binary"  # the bundle's name: weights/<name>.json and .safetensors
     dataset: str = "lidc"  # lidc | histology
-    data: str = ""
+    data: str = ""  # the dataset's folder; empty = the configured data folder
     view: str = "nodule"  # nodule | slice
     task: str = "binary"  # binary | binary-no3 | score | histology
-    arch: str = "tf_efficientnet_lite0"
-    pretrained: bool = True
-    input_size: int = 64
+    arch: str = "tf_efficientnet_lite0"  # cnn4 | a timm backbone (ImageNet weights for the EfficientNet-Lites)
+    pretrained: bool = True  # start from the ImageNet weights (tf_efficientnet_lite0 / lite2 only)
+    input_size: int = 64  # pixels per side the network sees
     field_mm: float = 0.0  # 0 = the view's default field in mm
-    drop_rate: float = 0.3
-    epochs: int = 8
+    drop_rate: float = 0.3  # dropout before the linear head
+    epochs: int = 8  # at most; early stopping on validation ends sooner
     batch_size: int = 64
-    lr: float = 2e-3
-    layer_decay: float = 0.6
-    weight_decay: float = 1e-2
-    stages: tuple[int, ...] = (1, 4)
-    stage_groups: tuple[int, ...] = (1, 4, 0)
+    lr: float = 2e-3  # AdamW peak learning rate (cosine schedule)
+    layer_decay: float = 0.6  # each parameter group deeper than the head learns this factor slower
+    weight_decay: float = 1e-2  # AdamW weight decay
+    stages: tuple[int, ...] = (1, 4)  # epochs at which the next group of blocks is unfrozen (comma-separated)
+    stage_groups: tuple[int, ...] = (1, 4, 0)  # parameter groups trainable in each stage, from the head (0 = all)
     balance: str = "upsample"  # upsample | weighted
-    epoch_samples: int = 1536
-    patience: int = 4
-    label_smoothing: float = 0.0
+    epoch_samples: int = 1536  # cap on the training samples per epoch (a uniform subsample of the class-balanced plan)
+    patience: int = 4  # epochs without a better validation figure before early stopping
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
     mask_weight: float = 0.0  # > 0: also learn the readers' mask from a stride-16 feature map (training only)
     # The three options below are tried against the recipe by ``python -m training ablate`` (weights/ablation.json);
     # none beat the recipe's seed-to-seed spread there, so the shipped models use none of them.
     attr_weight: float = 0.0  # > 0: also regress the readers' characteristics and log diameter (training only)
     soft_labels: float = 0.0  # > 0: soft targets mixing the panel's class with the readers' votes (reader_targets)
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights (decay per step), validated each epoch
-    val_slices: int = 5
+    val_slices: int = 5  # slices per nodule scored for early stopping
     central_fraction: float = 0.5  # nodule prediction = mean logit over the central half of its slices
-    seed: int = 0
-    split_seed: int = 42
+    seed: int = 0  # seeds initialisation, sampling and augmentation
+    split_seed: int = 42  # seed of the patient-level split file
     limit: int = 0  # use only the first N patients (quick checks); 0 = all
-    n_boot: int = 1000
+    n_boot: int = 1000  # bootstrap resamples for the 95% intervals
     out: str = ""  # bundle folder; empty = weights/
     runs: str = ""  # logs and predictions; empty = runs/<name>
     all: bool = False  # train every shipped model (SHIPPED), then the fused models and the index
