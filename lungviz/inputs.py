@@ -55,6 +55,17 @@ def is_whole_slice(image: np.ndarray) -> bool:
     return max(np.asarray(image).shape) > MAX_CONTEXT_SIDE
 
 
+def low_resolution_note(shape: tuple[int, ...]) -> str | None:
+    """A note when a context crop has under two thirds of the slices set's pixels per side (it is enlarged to the
+    networks' input, so they see less detail than in training); None otherwise."""
+    h, w = shape[:2]
+    if min(h, w) * 3 >= SLICE_CROP_PX * 2:
+        return None
+    return (f"The slice image is only {w} x {h} pixels, against the {SLICE_CROP_PX} px crops the models learned "
+            f"from: it was enlarged about {SLICE_CROP_PX / min(h, w):.1f}x, so the models see less detail than in "
+            "training and the estimate is less reliable.")
+
+
 def context_from_whole(image: np.ndarray, centre_rc: tuple[float, float], size_px: int = SLICE_CROP_PX) -> np.ndarray:
     """Cut the ``size_px`` context around ``centre_rc`` from a whole slice and min-max scale it (as training)."""
     h, w = image.shape
@@ -85,6 +96,8 @@ def from_loaded(slice_img: LoadedImage | None, nodule_img: LoadedImage | None = 
             out.context = context_from_whole(px, centre)
         else:
             out.context = minmax(px)
+            if small := low_resolution_note(px.shape):
+                out.notes.append(small)
             if not slice_img.is_hu:
                 out.notes.append("The slice image was taken as a crop centred on the nodule (about 9 cm wide), "
                                  "as in the LIDC slices set.")

@@ -41,6 +41,15 @@ def test_crop_upload_is_taken_as_context_and_nodule_crop_is_kept():
         from_loaded(None, LoadedImage(np.zeros((512, 512), np.float32), False, "n.png"))
 
 
+def test_a_small_crop_is_enlarged_with_a_note_and_a_full_one_is_not():
+    small = from_loaded(LoadedImage(np.random.default_rng(0).random((40, 60), np.float32), False, "s.png"))
+    assert small.notes[0].startswith("The slice image is only 60 x 40 pixels") and "3.2x" in small.notes[0]
+    for side in (86, 128, 150):  # two thirds of 128 px and more: as the slices set
+        ci = from_loaded(LoadedImage(np.random.default_rng(0).random((side, side), np.float32), False, "s.png"))
+        assert not any("enlarged" in n for n in ci.notes), side
+    assert "enlarged" in from_loaded(LoadedImage(np.zeros((85, 128), np.float32), False, "s.png")).notes[0]
+
+
 def test_series_slice_and_display_window():
     sl = DicomSlice(_hu_slice(), (0.7, 0.7), 10.0, 1, "1.2", "9", "x.dcm")
     ci = from_series([sl], 0, (305.0, 205.0))
