@@ -447,6 +447,30 @@ def test_command_line_help_comes_from_the_settings_comments(capsys):
     assert "bootstrap resamples for the 95% intervals (default: 1000)" in text
 
 
+def test_evaluate_summary_reads_the_report_with_intervals_readers_and_notes():
+    from training.evaluate import evaluation_text
+
+    rep = {"model": "m", "task": "binary", "view": "nodule", "data": "DIR", "split": "all", "import": "9 imported",
+           "n": 9, "auroc": 0.8421, "f1_malignant": float("nan"), "sensitivity": 0.5, "confusion": [[4, 1], [2, 2]],
+           "ci95": {"auroc": [0.7, 0.9], "sensitivity": [float("nan"), 0.8]}, "ece": 0.04, "ece_raw": 0.12,
+           "readers": {"n_pairs": 12, "n_nodules": 5, "reader_auroc": 0.69, "model_auroc": 0.81,
+                       "ci95": {"reader_auroc": [0.5, 0.8], "model_auroc": [0.7, 0.9]}},
+           "notes": ["3 of 9 nodules are from training patients."]}
+    lines = evaluation_text(rep).splitlines()
+    assert lines[0] == "m (binary, nodule view) on 9 nodules of DIR (split: all; 9 imported)"
+    assert "  AUROC: 0.842 [0.700, 0.900]" in lines and "  sensitivity: 0.500" in lines  # a NaN bound: no interval
+    assert not any("malignant F1" in line for line in lines)  # NaN figures are left out, never printed as nan
+    assert "  calibration error (top-class ECE): 0.040 (0.120 before calibration)" in lines
+    assert any(line.endswith("AUROC of the reader 0.690 [0.500, 0.800], of the model 0.810 [0.700, 0.900]")
+               for line in lines)
+    assert lines[-1] == "note: 3 of 9 nodules are from training patients."
+    score = {**rep, "task": "score", "confusion": [[1] * 5] * 5, "qwk": 0.6, "readers": {
+        "n_pairs": 12, "n_nodules": 5, "reader_qwk": 0.49, "model_qwk": 0.53}, "notes": []}
+    text = evaluation_text(score)
+    assert "AUROC (one class against the rest, weighted by support): 0.842" in text
+    assert "quadratic-weighted kappa of the reader 0.490, of the model 0.530" in text and "note:" not in text
+
+
 def test_evaluate_task_histology_means_the_histology_model(tmp_path, capsys):
     from training.__main__ import main
 

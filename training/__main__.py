@@ -136,16 +136,13 @@ def cmd_train(cfg: TrainConfig) -> dict:
 
 def cmd_evaluate(cfg: EvalConfig) -> dict:
     """Evaluate a shipped model on a lidc-slices folder (all labelled nodules, or --split)."""
-    from training.evaluate import evaluate_bundle
+    from training.evaluate import evaluate_bundle, evaluation_text
 
     name = cfg.model or ("histology" if cfg.task == "histology" else f"{cfg.view}-{cfg.task}")
     folder = Path(cfg.weights) if cfg.weights else paths.weights_dir()
     rep = evaluate_bundle(folder, name, cfg.data, cfg.split, cfg.predictions, cfg.n_boot, cfg.max_slices,
                           progress=not cfg.json)
-    if cfg.json:
-        return rep
-    keys = ("n", "auroc", "auprc_weighted", "f1_weighted", "f1_macro", "f1_malignant", "qwk", "accuracy", "ece")
-    return {k: rep[k] for k in ("model", "split", *keys, "notes") if k in rep}
+    return rep if cfg.json else evaluation_text(rep)
 
 
 def cmd_index(cfg: IndexConfig) -> dict:
@@ -441,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     except LungvizError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(json_safe(result), indent=1, allow_nan=False))
+    print(result if isinstance(result, str) else json.dumps(json_safe(result), indent=1, allow_nan=False))
     return 0
 
 

@@ -267,6 +267,50 @@ def select_split(cases: list, split: str, spec: dict, bundle_folder: Path | None
     return chosen
 
 
+#: The figures the readable summary lists, in order, with their names.
+SUMMARY_FIGURES = (("auroc", "AUROC"), ("auprc_weighted", "weighted AUPRC"), ("f1_weighted", "weighted F1"),
+                   ("f1_macro", "macro F1"), ("f1_malignant", "malignant F1"), ("sensitivity", "sensitivity"),
+                   ("specificity", "specificity"), ("qwk", "quadratic-weighted kappa"), ("accuracy", "accuracy"))
+
+
+def _figure(value: object, interval: object = None) -> str | None:
+    """``0.842 [0.748, 0.912]``; None for a missing or non-finite value."""
+    if not isinstance(value, (int, float)) or not np.isfinite(value):
+        return None
+    if isinstance(interval, (list, tuple)) and len(interval) == 2 and all(
+            isinstance(v, (int, float)) and np.isfinite(v) for v in interval):
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return f"{value:.3f}"
+
+
+def evaluation_text(rep: dict) -> str:
+    """The readable summary of an :func:`evaluate_bundle` report: the headline figures with their 95% intervals,
+    calibration, the single-radiologist comparison and the notes."""
+    what = "images" if rep.get("task") == "histology" else "nodules"
+    lines = [f"{rep['model']} ({rep['task']}, {rep['view']} view) on {rep['n']} {what} of "
+             f"{rep.get('data', 'default')} (split: {rep.get('split', 'all')}; {rep.get('import', '')})"]
+    ci = rep.get("ci95") or {}
+    multi = isinstance(rep.get("confusion"), list) and len(rep["confusion"]) > 2
+    names = {**dict(SUMMARY_FIGURES), **({"auroc": "AUROC (one class against the rest, weighted by support)"}
+                                        if multi else {})}
+    lines += [f"  {names[key]}: {text}" for key, _ in SUMMARY_FIGURES
+              if (text := _figure(rep.get(key), ci.get(key))) is not None]
+    if (ece := _figure(rep.get("ece"))) is not None:
+        raw = _figure(rep.get("ece_raw"))
+        lines.append(f"  calibration error (top-class ECE): {ece}" + (f" ({raw} before calibration)" if raw else ""))
+    readers = rep.get("readers") or {}
+    figure = "auroc" if "reader_auroc" in readers else "qwk" if "reader_qwk" in readers else None
+    if figure and readers.get("n_pairs"):
+        rci = readers.get("ci95") or {}
+        name = "AUROC" if figure == "auroc" else "quadratic-weighted kappa"
+        reader, model = (_figure(readers[f"{who}_{figure}"], rci.get(f"{who}_{figure}")) for who in ("reader", "model"))
+        lines.append(f"  against one radiologist ({readers['n_pairs']} reader-panel pairs on {readers['n_nodules']} "
+                     f"nodules): {name} of the reader {reader}, of the model {model}")
+    lines.append(f"  [95% intervals: bootstrap over {'images' if what == 'images' else 'patients'}]")
+    lines += [f"note: {n}" for n in rep.get("notes", [])]
+    return "\n".join(lines)
+
+
 def seen_in_training(cases: list, spec: dict, bundle_folder: Path | None = None) -> tuple[dict, str] | None:
     """How many of ``cases`` the model has seen, and a note saying so, or None when none (or it cannot tell).
 
