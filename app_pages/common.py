@@ -366,13 +366,16 @@ def review_form(case_id: str, source: str, summary: dict | None, key: str) -> No
         return
     with st.form(f"review-{key}", clear_on_submit=False, border=True):
         st.markdown(f"**Your review of** `{case_id}`")
-        verdict = st.radio("Do you agree with the model?", VERDICTS, format_func=VERDICT_LABELS.get,
-                           horizontal=True, key=f"verdict-{key}")
+        verdict = st.radio("Do you agree with the model?", VERDICTS, format_func=VERDICT_LABELS.get, index=None,
+                           horizontal=True, key=f"verdict-{key}")  # no default: the log holds only given verdicts
         note = st.text_area("Note", key=f"note-{key}", placeholder="What you saw, why you agree or not…")
         reviewer = st.text_input("Reviewer (optional)", value=st.session_state.get("reviewer", ""),
                                  key=f"reviewer-{key}")
         submitted = st.form_submit_button("Save review", icon=":material/save:", type="primary")
-    if submitted:
+    if submitted and verdict is None:
+        st.warning("Choose agree, disagree or unsure before saving: the review was not saved.",
+                   icon=":material/warning:")
+    elif submitted:
         try:
             rid = store.add(case_id, source, verdict, note, reviewer, model_summary=summary)
         except LungvizError as err:

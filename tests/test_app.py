@@ -207,7 +207,7 @@ def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, lidc_sli
                for n in built[-1].input_notes)  # the page's training-case warning is in the report too
     at = _upload(at, "slice-4.png", other)
     assert not at.exception and built[-1].case_id == "slice-4.png"
-    assert (built[-1].verdict, built[-1].note) == (None, "") and at.radio[0].value == "agree"
+    assert (built[-1].verdict, built[-1].note) == (None, "") and at.radio[0].value is None
     at = _upload(at, "slice-4.png", first)  # the first image again: its review comes back
     assert (built[-1].verdict, built[-1].note) == ("disagree", "about patient 0001")
     from lungviz.reviews import ReviewStore
@@ -429,6 +429,10 @@ def test_library_case_view_of_a_training_case(app_env):
     next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
     assert not at.exception and "Slice 1 of 9 (slider position 0) with the readers' outline" in [
         img.captions[0] for img in at.image]
+    next(b for b in at.button if b.label == "Save review").click().run()  # no verdict chosen: nothing is saved
+    assert not ReviewStore(app_env / "reviews.sqlite3").list()
+    assert any("Choose agree, disagree or unsure" in w.value for w in at.warning)
+    at.radio[0].set_value("agree")
     next(b for b in at.button if b.label == "Save review").click().run()
     rows = ReviewStore(app_env / "reviews.sqlite3").list()
     assert [(r["case_id"], r["source"], r["verdict"]) for r in rows] == [("LIDC-IDRI-0001/nodule-0", "library",
