@@ -162,6 +162,20 @@ def with_malignant_ece(report: dict) -> dict:
             "observed_malignant_rate": observed_rate(bins)}
 
 
+#: How a miscalibrated malignant probability errs, in words (:func:`miscalibration_direction`).
+MISCALIBRATION_WORDS = {"high": "runs high", "low": "runs low",
+                        "both": "runs high in some probability ranges and low in others"}
+
+
+def miscalibration_direction(bins: list[dict]) -> str:
+    """``high`` | ``low`` | ``both``: which way reliability bins (``n``, ``mean_p``, ``observed``) err. The
+    case-weighted gaps above and below the diagonal that make up the ECE: one side at least twice the other names
+    the direction, else ``both`` (a mean near the observed rate can hide errors that cancel)."""
+    above = sum(b["n"] * max(b["mean_p"] - b["observed"], 0.0) for b in bins)
+    below = sum(b["n"] * max(b["observed"] - b["mean_p"], 0.0) for b in bins)
+    return "high" if above >= 2 * below and above > 0 else "low" if below >= 2 * above and below > 0 else "both"
+
+
 def ece_if_calibrated(P: np.ndarray, y: np.ndarray | None = None, n_bins: int = 10, n_sims: int = 2000,
                       seed: int = 0) -> dict[str, float]:
     """What ECE a perfectly calibrated model with these confidences would show on this many cases.

@@ -251,8 +251,9 @@ def calibration_notes(models: ModelSet, views: Iterable[str]) -> list[str]:
         if t.get("ece_malignant") is None or not t["ece_malignant"] > metrics.MALIGNANT_ECE_LIMIT:
             continue
         rate = t["observed_malignant_rate"]
-        notes.append(f"The {VIEW_NAMES_IN_TEXT.get(view, view)}'s malignant probability runs "
-                     f"{'high' if t['mean_malignant_p'] > rate else 'low'} on the held-out test nodules (mean "
+        errs = metrics.MISCALIBRATION_WORDS[metrics.miscalibration_direction(t["reliability_malignant"])]
+        notes.append(f"The {VIEW_NAMES_IN_TEXT.get(view, view)}'s malignant probability {errs} on the held-out "
+                     f"test nodules (mean "
                      f"{t['mean_malignant_p']:.0%} against {rate:.0%} malignant; calibration error "
                      f"{t['ece_malignant']:.2f}): read it as a ranking among cases rather than as a rate.")
     return notes

@@ -280,6 +280,26 @@ def test_a_view_whose_malignant_probability_is_off_on_test_says_so(weights):
                      "as a rate."]
     pred = predict(models, np.random.default_rng(0).random((128, 128)).astype(np.float32), spacing_mm=0.7)
     assert pred.to_dict()["calibration_notes"] == notes and notes[0] in estimate_notes(pred.to_dict())
+    # errors that cancel: the mean matches the rate, yet the probability is off both ways
+    both = [{"lo": 0.0, "hi": 0.1, "n": 10, "mean_p": 0.05, "observed": 0.25},
+            {"lo": 0.3, "hi": 0.4, "n": 10, "mean_p": 0.35, "observed": 0.15}]
+    models.bundles["slice-binary"].spec["metrics"] = {"test": {"n": 20, "reliability_malignant": both}}
+    assert calibration_notes(models, ["slice"]) == [
+        "The slice view's malignant probability runs high in some probability ranges and low in others on the "
+        "held-out test nodules (mean 20% against 20% malignant; calibration error 0.20): read it as a ranking among "
+        "cases rather than as a rate."]
+
+
+def test_miscalibration_direction_needs_one_side_to_dominate():
+    from lungviz.metrics import miscalibration_direction
+
+    def bins(*gaps):
+        return [{"n": 10, "mean_p": 0.5 + g, "observed": 0.5} for g in gaps]
+
+    assert miscalibration_direction(bins(0.2, -0.05)) == "high"  # 2 against 0.5
+    assert miscalibration_direction(bins(-0.2, 0.1)) == "low"  # exactly twice
+    assert miscalibration_direction(bins(0.2, -0.15)) == "both"
+    assert miscalibration_direction(bins(0.0, 0.0)) == "both"  # no error has no direction
 
 
 def test_calls_keep_the_trained_rule_with_the_prior_after_the_temperature(tmp_path):

@@ -16,7 +16,13 @@ from lungviz.calibration import PRIOR_AFTER_T, Calibration
 from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
 from lungviz.library import MAX_LIDC_READERS
-from lungviz.metrics import MALIGNANT_ECE_LIMIT, format_ci, with_malignant_ece
+from lungviz.metrics import (
+    MALIGNANT_ECE_LIMIT,
+    MISCALIBRATION_WORDS,
+    format_ci,
+    miscalibration_direction,
+    with_malignant_ece,
+)
 from lungviz.shape import (
     GREY_FEATURES,
     MIN_SHAPE_PX,
@@ -784,8 +790,8 @@ def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
         t, v = r.get("test"), r.get("val")
         if t is None or t["ece_malignant"] <= MALIGNANT_ECE_LIMIT:
             continue
-        w(f"{n}'s malignant probability is not well calibrated: it runs "
-          f"{'high' if t['mean_malignant_p'] > t['observed_malignant_rate'] else 'low'} (mean "
+        w(f"{n}'s malignant probability is not well calibrated: it "
+          f"{MISCALIBRATION_WORDS[miscalibration_direction(t['reliability_malignant'])]} (mean "
           f"{t['mean_malignant_p']:.0%} against {t['observed_malignant_rate']:.0%} malignant on test, ECE "
           f"{t['ece_malignant']:.3f}"
           + (f"; on validation {v['mean_malignant_p']:.0%} against {v['observed_malignant_rate']:.0%}, ECE "
