@@ -18,7 +18,7 @@ from lungviz import paths
 from lungviz.errors import LungvizError
 from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundle_cam, lime_map
 from lungviz.finder import Finder, load_finder, scan
-from lungviz.inventory import ReferencePredictions, reference_predictions
+from lungviz.inventory import ReferencePredictions, map_localisation_note, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
 from lungviz.library import library_slice_of, same_patient_cases, series_split, similar_cases, slice_file_table
 from lungviz.lidc import load_case
@@ -356,6 +356,17 @@ def view_table(pred: Prediction) -> list[dict]:
                      "calls malignant from": percent(b.threshold) if b else "-",
                      "panel score call": f"{s.top} ({percent(s.probs[s.classes.index(s.top)])})" if s else "-"})
     return rows
+
+
+def map_localisation_text(folder: str | Path, ms: ModelSet, views: list[str]) -> str:
+    """How well each shown view's Grad-CAM found the nodule on the test split (for the layer it uses now), one
+    sentence per view; "" when none was measured."""
+    notes = []
+    for view in views:
+        b = ms.bundle(view, "binary")
+        if b is not None and (note := map_localisation_note(b.name, Path(folder), getattr(b, "cam_layer", ""))):
+            notes.append(note)
+    return " ".join(notes)
 
 
 def review_form(case_id: str, source: str, summary: dict | None, key: str) -> None:

@@ -15,7 +15,6 @@ from lungviz.fusion import SIZE_SOURCES, fused_models_words
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
 from lungviz.inventory import (
     diameter_note,
-    map_localisation_note,
     outline_features_note,
     size_only_note,
     size_users,
@@ -399,8 +398,7 @@ for i, view in enumerate(map_views):
 st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Grad-CAM colours "
            "run blue (none) → green → yellow → red (strongest), scaled to each map's own maximum, so colours do not "
            "compare between maps; LIME tints green (outlined in yellow) the regions supporting the call. "
-           + (map_localisation_note("nodule-binary", folder, getattr(ms.bundle("nodule", "binary"), "cam_layer", ""))
-              or ""))
+           + common.map_localisation_text(folder, ms, map_views))
 
 # ------------------------------------------------------------------------------------------------ similar cases
 

@@ -14,6 +14,7 @@ from lungviz.library import (
     characteristic_rows,
     diameter_range,
     filter_records,
+    label_check_note,
     library_rows,
     mask_outline,
     reader_count_note,
@@ -79,8 +80,9 @@ def _show_case(record: dict) -> None:
                     f"Panel: **{ {1: 'malignant (4-5)', 0: 'benign (1-3)'}.get(case.malignant, '-') }**  \n"
                     f"Label check: `{case.label_check}` · pixel spacing "
                     f"{'-' if case.pixel_spacing_mm is None else f'{case.pixel_spacing_mm:.2f} mm'}")
-        if note := reader_count_note(case.n_readers):
-            st.caption(f":material/info: {note}")
+        for note in (reader_count_note(case.n_readers), label_check_note(case.label_check)):
+            if note:
+                st.caption(f":material/info: {note}")
     with chars:
         st.markdown("**Readers' characteristics (panel medians)**")
         st.table(characteristic_rows(case.characteristics), hide_index=True, border="horizontal")
@@ -107,6 +109,9 @@ def _show_case(record: dict) -> None:
             if outline and mask is not None:
                 shown = mask_outline(shown, view_image(b.spec, mask, None, case.pixel_spacing_mm))
             col.image(shown, caption=f"Grad-CAM, {VIEW_LABELS[view].lower()}", width="stretch")
+    if ms is not None and (where := common.map_localisation_text(common.weights_folder(), ms, ["slice", "nodule"])):
+        st.caption(f":material/info: Grad-CAM colours run blue (none) to red (strongest), scaled to each map's own "
+                   f"maximum. {where}")
     if masks is None:
         st.caption("This case has no reader masks.")
 

@@ -202,6 +202,16 @@ def reader_count_note(n_readers: int | None) -> str | None:
             "data attached more reader marks than that to this nodule. The panel score is the median of all of them.")
 
 
+def label_check_note(label_check: str | None) -> str | None:
+    """What a label check other than ``ok`` means for trusting the case's labels; None for ``ok`` or none."""
+    if not label_check or label_check == "ok":
+        return None
+    if label_check == "zextent_mismatch":
+        return ("Label check `zextent_mismatch`: this nodule's slices do not match the readers' outlined slices "
+                "one for one, so its labels were attached to it less surely than usual.")
+    return f"Label check `{label_check}`: the labels of this nodule were not attached as usual; read them with care."
+
+
 def same_patient_cases(records: Sequence[Mapping], case_or_patient: str) -> set[str]:
     """The case ids of every library record of one patient, given a case id or a patient id (empty if unknown)."""
     patient = next((r.get("patient_id") for r in records if r.get("case_id") == case_or_patient), case_or_patient)

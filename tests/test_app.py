@@ -397,6 +397,34 @@ def test_library_lists_filters_and_opens_a_case(app_env):
         wrong["case"])
 
 
+def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tmp_path):
+    """The maps of both views are shown, so each view's test-split localisation is quoted (it differs: on the real
+    weights the slice map peaks on the nodule in 0% of test nodules, the nodule map in 17%)."""
+    from app_pages.common import map_localisation_text
+    from lungviz.predict import load_models
+
+    ms = load_models(app_weights)
+    found = {f"{v}-binary": {"n": 10, "peak_inside": peak, "mass_inside": mass, "mask_area": 0.1,
+                             "layer": getattr(ms.bundle(v, "binary"), "cam_layer", "")}
+             for v, peak, mass in (("slice", 0.0, 0.01), ("nodule", 0.4, 0.2))}
+    (tmp_path / "cam_localisation.json").write_text(json.dumps({"models": found}))
+    both = map_localisation_text(tmp_path, ms, ["nodule", "slice"])
+    assert "the nodule-binary Grad-CAM put 20% of its weight" in both and "peaked inside it in 40%" in both
+    assert "the slice-binary Grad-CAM put 1% of its weight" in both and "peaked inside it in 0%" in both
+    assert "slice-binary" not in map_localisation_text(tmp_path, ms, ["nodule"])
+    found["slice-binary"]["layer"] = "another.layer"  # measured on a layer the model no longer uses: not quoted
+    (tmp_path / "cam_localisation.json").write_text(json.dumps({"models": found}))
+    assert "slice-binary" not in map_localisation_text(tmp_path, ms, ["nodule", "slice"])
+
+
+def test_a_label_check_other_than_ok_is_explained():
+    from lungviz.library import label_check_note
+
+    assert label_check_note("ok") is None and label_check_note(None) is None
+    assert "labels were attached to it less surely" in label_check_note("zextent_mismatch")
+    assert label_check_note("odd").startswith("Label check `odd`")
+
+
 def test_library_shows_an_unknown_case_id_as_text_never_as_markdown(app_env):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/library.py")
     at.query_params["case"] = "x. **Reviewed: benign.** [Open the case](https://example.invalid/login)"
