@@ -241,6 +241,15 @@ def _case_input() -> tuple[CaseInput, str, str]:
 
 try:
     case, case_label, series_uid = _case_input()
+    # one of the library's own slice files: named by its case, measured at its case's pixel spacing
+    same = common.library_slice(main_file.getvalue()) if main_file is not None and not series_uid else None
+    if same is not None:
+        case_label = f"{same[0]} ({case_label})"
+        known_mm = valid_spacing(common.library_case(str(paths.lidc_slices_dir()), same[0])[0].pixel_spacing_mm)
+        if case.spacing_mm is None and known_mm is not None:
+            case.spacing_mm = known_mm
+            case.notes.append(f"The pixel spacing of library case {same[0]}, {known_mm:.2f} mm, was used: the "
+                              "image file carries none.")
     pred = common.prediction(folder, case.context, case.nodule_crop, case.spacing_mm)
 except LungvizError as err:
     st.error(str(err), icon=":material/error:")
@@ -253,7 +262,7 @@ if (known := common.library_series(series_uid)) is not None:
     own_patient = known[0]
     input_notes.append(series_split_note(*known))
     (st.info if known[1] == "test" else st.warning)(input_notes[-1], icon=":material/database:")
-elif main_file is not None and (same := common.library_slice(main_file.getvalue())) is not None:
+elif same is not None:
     case_id, name, split = same
     own_patient = case_id
     input_notes.append(f"This image is `{name}` of library case {case_id}. " + SPLIT_NOTES.get(str(split), ""))

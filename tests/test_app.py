@@ -173,7 +173,8 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     next(b for b in at.button if b.label == "Save review").click().run()
     assert not at.exception and any("saved to the review log" in s.value for s in at.success)
     rows = ReviewStore(app_env / "reviews.sqlite3").list()
-    assert len(rows) == 1 and rows[0]["case_id"] == "slice-4.png" and rows[0]["verdict"] == "disagree"
+    assert len(rows) == 1 and rows[0]["case_id"] == "LIDC-IDRI-0001/nodule-0 (slice-4.png)"  # a library file
+    assert rows[0]["verdict"] == "disagree"
     assert rows[0]["source"] == "upload" and 0 <= rows[0]["model_summary"]["malignant_probability"] <= 1
 
     # a similar case opens in the library
@@ -182,7 +183,7 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     assert at.title[0].value == "Case library" and at.header[0].value in APP_CASES
 
 
-def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, lidc_slices_dir, monkeypatch):
+def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, app_weights, lidc_slices_dir, monkeypatch):
     """Every LIDC nodule folder names its files slice-N.png: a review saved on one patient's slice-4.png must not
     appear in the report of another patient's slice-4.png."""
     from lungviz import report
@@ -205,8 +206,19 @@ def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, lidc_sli
     assert not at.exception and (built[-1].verdict, built[-1].note) == ("disagree", "about patient 0001")
     assert any(n.startswith("This image is `slice-4.png` of library case LIDC-IDRI-0001/nodule-0. Train case")
                for n in built[-1].input_notes)  # the page's training-case warning is in the report too
+    assert "The pixel spacing of library case LIDC-IDRI-0001/nodule-0, 0.70 mm, was used: the image file carries " \
+           "none." in built[-1].input_notes  # measured as the library page measures it, not at an assumed spacing
     at = _upload(at, "slice-4.png", other)
-    assert not at.exception and built[-1].case_id == "slice-4.png"
+    assert not at.exception and built[-1].case_id == "LIDC-IDRI-0003/nodule-0 (slice-4.png)"
+    # its nodule view is cut at the case's 0.82 mm per pixel, as the library page cuts it, not at the 0.70 default
+    from lungviz.inputs import from_loaded
+    from lungviz.io import load_image
+    from lungviz.predict import load_models, view_image
+
+    spec = load_models(app_weights).bundle("nodule", "binary").spec
+    context = from_loaded(load_image(other, "slice-4.png")).context
+    assert np.allclose(built[-1].images["nodule"], view_image(spec, context, None, 0.8203), atol=1e-6)
+    assert not np.allclose(built[-1].images["nodule"], view_image(spec, context, None, None), atol=1e-3)
     assert (built[-1].verdict, built[-1].note) == (None, "") and at.radio[0].value is None
     at = _upload(at, "slice-4.png", first)  # the first image again: its review comes back
     assert (built[-1].verdict, built[-1].note) == ("disagree", "about patient 0001")
