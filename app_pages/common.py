@@ -23,7 +23,7 @@ from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
 from lungviz.library import library_slice_of, same_patient_cases, series_split, similar_cases, slice_file_table
 from lungviz.lidc import load_case
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
-from lungviz.report import VIEW_LABELS, prob_pct
+from lungviz.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.retrieval import CaseIndex, load_index, set_server_threads
 from lungviz.reviews import VERDICTS, ReviewStore
 
@@ -342,8 +342,8 @@ def show_flag(pred: Prediction) -> None:
 
 
 def view_table(pred: Prediction) -> list[dict]:
-    """One row per view: malignant probability, the binary call and the probability it is made from, and the
-    called panel score."""
+    """One row per view: malignant probability, the binary call, the probability it is made from and how that call
+    did on the held-out test nodules, and the called panel score."""
     rows = []
     for view in ("fused", "nodule", "slice"):
         tasks = pred.views.get(view)
@@ -354,6 +354,8 @@ def view_table(pred: Prediction) -> list[dict]:
                      "malignant probability": percent(b.probs[b.classes.index("malignant")]) if b else "-",
                      "call": b.top if b else "-",
                      "calls malignant from": percent(b.threshold) if b else "-",
+                     "sensitivity on test": test_rate(b.test_calls, "sensitivity") if b and b.test_calls else "-",
+                     "specificity on test": test_rate(b.test_calls, "specificity") if b and b.test_calls else "-",
                      "panel score call": f"{s.top} ({percent(s.probs[s.classes.index(s.top)])})" if s else "-"})
     return rows
 

@@ -169,6 +169,22 @@ def calibrated_logits(bundle: Bundle, image: np.ndarray) -> np.ndarray:
     return bundle.calibration.logits(logits)[0]
 
 
+def test_call_figures(spec: dict) -> dict | None:
+    """A binary model's calls on the held-out test nodules, on one middle slice each as the app sees a case (else
+    on the nodule's central slices): ``{"n", "sensitivity", "specificity", "ci95", "single_slice"}``; None for
+    another task or when they were not measured."""
+    if spec.get("task") != "binary":
+        return None
+    m = spec.get("metrics") or {}
+    single = bool(m.get("test_single_slice"))
+    t = m.get("test_single_slice") or m.get("test") or {}
+    if not all(isinstance(t.get(k), (int, float)) for k in ("n", "sensitivity", "specificity")):
+        return None
+    ci = t.get("ci95") or {}
+    return {"n": int(t["n"]), "sensitivity": float(t["sensitivity"]), "specificity": float(t["specificity"]),
+            "ci95": {k: list(ci[k]) for k in ("sensitivity", "specificity") if k in ci}, "single_slice": single}
+
+
 @dataclass
 class TaskPrediction:
     """Calibrated class probabilities of one task from one view (or fused), and how the model calls them."""
@@ -177,6 +193,8 @@ class TaskPrediction:
     probs: list[float]
     logits: list[float] = field(repr=False, default_factory=list)
     decision_bias: list[float] | None = None  # the call is argmax(log p + bias); None = the most probable class
+    #: binary: how this call did on the held-out test nodules (:func:`test_call_figures`), None when not measured
+    test_calls: dict | None = None
 
     @property
     def top(self) -> str:
@@ -220,7 +238,8 @@ class Prediction:
         return {
             "views": {v: {t: {"classes": p.classes, "probabilities": [round(x, 4) for x in p.probs],
                               "prediction": p.top,
-                              **({"calls_malignant_from": round(p.threshold, 4)} if t == "binary" else {})}
+                              **({"calls_malignant_from": round(p.threshold, 4)} if t == "binary" else {}),
+                              **({"test_calls": p.test_calls} if p.test_calls else {})}
                           for t, p in tasks.items()} for v, tasks in self.views.items()},
             "malignant_probability": self.malignant_probability(),
             "flag": "refer / uncertain" if self.refer else "no uncertainty flag",
@@ -310,7 +329,8 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
         logits[(view, task)] = lg
         bias = bundle.calibration.decision_bias
         views.setdefault(view, {})[task] = TaskPrediction(list(bundle.classes), softmax(lg[None])[0].tolist(),
-                                                          lg.tolist(), None if bias is None else bias.tolist())
+                                                          lg.tolist(), None if bias is None else bias.tolist(),
+                                                          test_call_figures(bundle.spec))
     outline = outline_nodule(models.outliner, context, spacing_mm) if models.outliner and context is not None else None
     diameter, source, used, users = None, None, {}, []
     for task, spec in models.fusions.items():
@@ -337,7 +357,8 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
                 b.spec, context, nodule_crop, spacing_mm)) for b in extra)])[None])
         fused = fusion.logits(view_logits, features)[0]
         probs = softmax(fused[None])[0].tolist()
-        views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist())
+        views.setdefault("fused", {})[task] = TaskPrediction(list(spec["classes"]), probs, fused.tolist(),
+                                                             test_calls=test_call_figures(spec))
     presence = None
     if models.finder is not None and context is not None:
         presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))

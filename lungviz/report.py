@@ -135,6 +135,13 @@ CALIBRATION_CAVEAT = (
 )
 
 
+def test_rate(figures: dict, key: str) -> str:
+    """``49% [39-60%]``: a measured rate of :func:`lungviz.predict.test_call_figures` with its 95% interval."""
+    lo_hi = (figures.get("ci95") or {}).get(key)
+    value = pct(figures[key])
+    return f"{value} [{pct(lo_hi[0])[:-1]}-{pct(lo_hi[1])}]" if lo_hi and len(lo_hi) == 2 else value
+
+
 def call_note(prediction: dict | None) -> str | None:
     """How the calls are made from the probabilities: each view's malignant call point when any is not 50%, and
     each score call that is not the most probable score."""
@@ -148,6 +155,17 @@ def call_note(prediction: dict | None) -> str | None:
                      + ", ".join(f"{name} from {prob_pct(x)}" for name, x in points)
                      + ". These are the calls the model card's sensitivity, specificity and F1 were measured with; "
                      "below 50% they favour sensitivity, as malignant nodules are the rarer class.")
+    found = [(VIEW_LABELS.get(v, str(v)).lower(), t["binary"]["test_calls"]) for v, t in views.items()
+             if isinstance((t or {}).get("binary"), dict) and isinstance(t["binary"].get("test_calls"), dict)]
+    if found:
+        ns = {c["n"] for _, c in found}
+        where = "one middle slice of each of" if all(c.get("single_slice") for _, c in found) else "each of"
+        parts.append(f"On {where} the {f'{ns.pop()} ' if len(ns) == 1 else ''}held-out test nodules these calls found "
+                     "this share of the nodules the panel rated malignant: "
+                     + ", ".join(f"{name} {test_rate(c, 'sensitivity')}" for name, c in found)
+                     + "; and cleared this share of the benign ones: "
+                     + ", ".join(f"{name} {test_rate(c, 'specificity')}" for name, c in found)
+                     + ". A benign call does not rule malignancy out.")
     for v, t in views.items():
         score = (t or {}).get("score")
         if not isinstance(score, dict) or not score.get("probabilities"):

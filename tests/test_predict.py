@@ -352,3 +352,29 @@ def test_calls_keep_the_trained_rule_with_the_prior_after_the_temperature(tmp_pa
     assert call_note({"views": {"slice": {"score": score | {"prediction": "1"}}}}) == (
         "The slice view's score call (1) is not its most probable score (3): a network's call leans towards the "
         "rarer scores, the rule its kappa was measured with.")
+
+
+def test_each_binary_call_carries_how_it_did_on_the_held_out_test_nodules(tmp_path):
+    """The sensitivity and specificity of a view's call, measured on test (one middle slice per nodule when
+    measured so), travel with the prediction and are said beside the calls: a benign call misses malignant ones."""
+    from lungviz.models import update_spec
+    from lungviz.predict import test_call_figures
+    from lungviz.report import call_note
+
+    single = {"n": 332, "sensitivity": 0.493, "specificity": 0.958,
+              "ci95": {"sensitivity": [0.394, 0.597], "specificity": [0.93, 0.98]}}
+    averaged = {**single, "sensitivity": 0.451}
+    spec = {"task": "binary", "metrics": {"test": averaged, "test_single_slice": single}}
+    assert test_call_figures(spec) == {**single, "single_slice": True}
+    assert test_call_figures({"task": "binary", "metrics": {"test": averaged}})["sensitivity"] == 0.451
+    assert test_call_figures({"task": "score", "metrics": {"test": averaged}}) is None
+    assert test_call_figures({"task": "binary", "metrics": {"test": {"n": 3}}}) is None  # not measured
+    _save(tmp_path, "nodule", "binary", ["benign", "malignant"])
+    update_spec(tmp_path, "nodule-binary", metrics=spec["metrics"])
+    d = predict(load_models(tmp_path), np.random.default_rng(1).random((128, 128)).astype(np.float32),
+                spacing_mm=0.7).to_dict()
+    assert d["views"]["nodule"]["binary"]["test_calls"]["sensitivity"] == 0.493
+    note = call_note(d)
+    assert ("On one middle slice of each of the 332 held-out test nodules these calls found this share of the nodules "
+            "the panel rated malignant: nodule view 49% [39-60%]; and cleared this share of the benign ones: nodule "
+            "view 96% [93-98%]. A benign call does not rule malignancy out.") in note
