@@ -157,8 +157,8 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
 
     def label(i: int) -> str:
         c = cands[i]
-        return (f"{i + 1}. row {c['y']:.0f}, column {c['x']:.0f} — about {c['diameter_mm']:.0f} mm, "
-                f"score {c['score']:.2f}")
+        return (f"{i + 1}. row {c['y']:.0f}, column {c['x']:.0f} — finder's size about {c['diameter_mm']:.0f} mm, "
+                f"nodule-likeness {c['score']:.2f}")
 
     # One widget per candidate list: on another slice of a series the list changes, and a widget kept across lists
     # would hold an entry of the old one.
@@ -173,7 +173,10 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
     st.selectbox("Nodule candidates (orange circles, best first)", range(len(cands)), format_func=label,
                  key=ckey_list, on_change=accept,
                  help="Proposed by the nodule finder (a presence classifier and a localiser trained on LIDC "
-                      "patches). It often also proposes vessels seen end-on: check each candidate yourself.")
+                      "patches). It often also proposes vessels seen end-on: check each candidate yourself. "
+                      "Nodule-likeness is the finder's probability that a nodule sits at that point, not a "
+                      "malignancy estimate. Its size is a rough guide: the nodule outliner measures the chosen "
+                      "nodule below.")
     st.button("Use this candidate", key=f"use-{ckey_list}", on_click=accept, icon=":material/my_location:")
     st.caption("The centre (red cross) starts at the best candidate of the first slice shown and stays where you "
                "put it when you change slices. Check it is the nodule you mean before reading the estimate.")
