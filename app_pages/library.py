@@ -21,7 +21,7 @@ from lungviz.library import (
 )
 from lungviz.predict import view_image
 from lungviz.preprocess import resize
-from lungviz.report import CALIBRATION_CAVEAT, VIEW_LABELS, call_note, reader_spread
+from lungviz.report import CALIBRATION_CAVEAT, VIEW_LABELS, estimate_notes, reader_spread
 
 SHOW_PX = 256
 
@@ -143,8 +143,9 @@ def _show_case(record: dict) -> None:
     fig = common.probability_bars(pred, "score")
     if fig is not None:
         st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})
-    if (how_called := call_note(pred.to_dict())) is not None:
-        st.caption(f":material/info: {how_called}")
+    for note in estimate_notes(pred.to_dict()):  # the calls, the fused models' measured inputs, the calibration
+        if note != CALIBRATION_CAVEAT:
+            st.caption(f":material/info: {note}")
     st.caption(f"On the middle slice ({middle + 1} of {n}, the largest reader outline). {CALIBRATION_CAVEAT}")
     if case_id in correct:
         st.caption(f"On the test split the model ({head}) was **{'right' if correct[case_id] else 'wrong'}** for this "

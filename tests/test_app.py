@@ -429,6 +429,22 @@ def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tm
     assert "slice-binary" not in map_localisation_text(tmp_path, ms, ["nodule", "slice"])
 
 
+def test_library_case_says_what_a_report_says_about_the_estimate(app_env, monkeypatch):
+    """The case page gives the estimate's notes (calls, the measured size and outline the fused models weigh,
+    calibration), as Inspect and the report do: the fused estimate may fall outside both views because of them."""
+    from lungviz import report
+
+    said = "Nodule diameter measured on the image by the nodule outliner: about 30 mm (an input of the fused estimates)"
+    monkeypatch.setattr(report, "estimate_notes", lambda prediction: [said, report.CALIBRATION_CAVEAT])
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
+    at.run().switch_page("app_pages/library.py")
+    at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
+    at.run()
+    assert not at.exception and f":material/info: {said}" in [c.value for c in at.caption]
+    assert _texts(at).count(report.CALIBRATION_CAVEAT) == 1  # once, after the slice it was measured on
+
+
 def test_a_label_check_other_than_ok_is_explained():
     from lungviz.library import label_check_note
 
