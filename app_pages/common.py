@@ -18,9 +18,16 @@ from lungviz import paths
 from lungviz.errors import LungvizError
 from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundle_cam, lime_map
 from lungviz.finder import Finder, load_finder, scan
-from lungviz.inventory import ReferencePredictions, map_localisation_note, reference_predictions
+from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
-from lungviz.library import library_slice_of, same_patient_cases, series_split, similar_cases, slice_file_table
+from lungviz.library import (
+    library_slice_of,
+    same_patient_cases,
+    series_split,
+    similar_cases,
+    slice_file_table,
+    slice_spacings,
+)
 from lungviz.lidc import load_case
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
 from lungviz.report import VIEW_LABELS, prob_pct, test_rate
@@ -145,6 +152,16 @@ def _library_series(series_uid: str, data_root: str, split_file: str) -> tuple[s
 @st.cache_resource(show_spinner="Indexing the library's slice files…")
 def _slice_table(slices_root: str) -> dict[str, str]:
     return slice_file_table(Path(slices_root))
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _slice_spacings(slices_root: str) -> dict[str, float]:
+    return slice_spacings(Path(slices_root))
+
+
+def library_spacing(case_id: str) -> float | None:
+    """The pixel spacing ``labels.csv`` gives a library case, or None."""
+    return _slice_spacings(str(paths.lidc_slices_dir())).get(case_id)
 
 
 def library_slice(data: bytes) -> tuple[str, str, str | None] | None:
@@ -358,17 +375,6 @@ def view_table(pred: Prediction) -> list[dict]:
                      "specificity on test": test_rate(b.test_calls, "specificity") if b and b.test_calls else "-",
                      "panel score call": f"{s.top} ({percent(s.probs[s.classes.index(s.top)])})" if s else "-"})
     return rows
-
-
-def map_localisation_text(folder: str | Path, ms: ModelSet, views: list[str]) -> str:
-    """How well each shown view's Grad-CAM found the nodule on the test split (for the layer it uses now), one
-    sentence per view; "" when none was measured."""
-    notes = []
-    for view in views:
-        b = ms.bundle(view, "binary")
-        if b is not None and (note := map_localisation_note(b.name, Path(folder), getattr(b, "cam_layer", ""))):
-            notes.append(note)
-    return " ".join(notes)
 
 
 def review_form(case_id: str, source: str, summary: dict | None, key: str) -> None:

@@ -15,6 +15,7 @@ from lungviz.fusion import SIZE_SOURCES, fused_models_words
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
 from lungviz.inventory import (
     diameter_note,
+    map_localisation_text,
     outline_features_note,
     size_only_note,
     size_users,
@@ -174,9 +175,9 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
                  key=ckey_list, on_change=accept,
                  help="Proposed by the nodule finder (a presence classifier and a localiser trained on LIDC "
                       "patches). It often also proposes vessels seen end-on: check each candidate yourself. "
-                      "Nodule-likeness is the finder's probability that a nodule sits at that point, not a "
-                      "malignancy estimate. Its size is a rough guide: the nodule outliner measures the chosen "
-                      "nodule below.")
+                      "Nodule-likeness is the finder's 0-1 score for ranking its candidates (how much the point "
+                      "looks like a nodule centre), not a malignancy estimate. Its size is a rough guide: the nodule "
+                      "outliner measures the chosen nodule below.")
     st.button("Use this candidate", key=f"use-{ckey_list}", on_click=accept, icon=":material/my_location:")
     st.caption("The centre (red cross) starts at the best candidate of the first slice shown and stays where you "
                "put it when you change slices. Check it is the nodule you mean before reading the estimate.")
@@ -248,7 +249,7 @@ try:
     same = common.library_slice(main_file.getvalue()) if main_file is not None and not series_uid else None
     if same is not None:
         case_label = f"{same[0]} ({case_label})"
-        known_mm = valid_spacing(common.library_case(str(paths.lidc_slices_dir()), same[0])[0].pixel_spacing_mm)
+        known_mm = common.library_spacing(same[0])
         if case.spacing_mm is None and known_mm is not None:
             case.spacing_mm = known_mm
             case.notes.append(f"The pixel spacing of library case {same[0]}, {known_mm:.2f} mm, was used: the "
@@ -410,7 +411,7 @@ for i, view in enumerate(map_views):
 st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Grad-CAM colours "
            "run blue (none) → green → yellow → red (strongest), scaled to each map's own maximum, so colours do not "
            "compare between maps; LIME tints green (outlined in yellow) the regions supporting the call. "
-           + common.map_localisation_text(folder, ms, map_views))
+           + map_localisation_text(folder, ms, map_views))
 
 # ------------------------------------------------------------------------------------------------ similar cases
 

@@ -9,6 +9,7 @@ from app_pages import common
 from lungviz import paths
 from lungviz.errors import LungvizError
 from lungviz.explain import overlay
+from lungviz.inventory import map_localisation_text
 from lungviz.library import (
     SPLIT_NOTES,
     characteristic_rows,
@@ -109,9 +110,10 @@ def _show_case(record: dict) -> None:
             if outline and mask is not None:
                 shown = mask_outline(shown, view_image(b.spec, mask, None, case.pixel_spacing_mm))
             col.image(shown, caption=f"Grad-CAM, {VIEW_LABELS[view].lower()}", width="stretch")
-    if ms is not None and (where := common.map_localisation_text(common.weights_folder(), ms, ["slice", "nodule"])):
-        st.caption(f":material/info: Grad-CAM colours run blue (none) to red (strongest), scaled to each map's own "
-                   f"maximum. {where}")
+    if ms is not None:
+        where = map_localisation_text(common.weights_folder(), ms, ["slice", "nodule"])
+        st.caption(":material/info: Grad-CAM colours run blue (none) to red (strongest), scaled to each map's own "
+                   f"maximum; a map shows where the model looked, not that its call is right. {where}".strip())
     if masks is None:
         st.caption("This case has no reader masks.")
 

@@ -179,6 +179,17 @@ def map_localisation_note(model: str, folder: Path | None = None, layer: str | N
             f"it in {r['peak_inside']:.0%}: read the map as the region the model used, not as the nodule's outline.")
 
 
+def map_localisation_text(folder: str | Path, models, views: list[str]) -> str:
+    """How well each shown view's Grad-CAM found the nodule on the test split (for the layer its binary network of
+    ``models``, a :class:`lungviz.predict.ModelSet`, uses now), one sentence per view; "" when none was measured."""
+    notes = []
+    for view in views:
+        b = models.bundle(view, "binary")
+        if b is not None and (note := map_localisation_note(b.name, Path(folder), getattr(b, "cam_layer", ""))):
+            notes.append(note)
+    return " ".join(notes)
+
+
 def fused_inputs(specs: list[dict]) -> dict[str, str]:
     """Per task of the fusion specs among ``specs`` that weigh image measurements, what they weigh in words:
     ``{"binary": "the nodule's diameter measured by the nodule outliner and its outline's shape and grey levels"}``."""

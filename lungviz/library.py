@@ -123,6 +123,25 @@ def library_slice_of(data: bytes, table: Mapping[str, str], split_file: Path | N
     return f"{parts[0]}/{parts[1]}", parts[-1], patient_split(parts[0], split_file)
 
 
+def slice_spacings(slices_root: Path | None = None) -> dict[str, float]:
+    """Case id -> the pixel spacing (mm) its ``labels.csv`` row gives, for the rows with a valid one (unlabelled
+    nodules too); empty when the file cannot be read."""
+    from lungviz.lidc import read_labels
+    from lungviz.preprocess import valid_spacing
+
+    root = Path(slices_root) if slices_root else paths.lidc_slices_dir()
+    try:
+        rows = read_labels(root / "labels.csv")
+    except LungvizError:
+        return {}
+    out = {}
+    for r in rows:
+        with contextlib.suppress(ValueError, TypeError):
+            if (mm := valid_spacing(float(r.get("pixel_spacing_mm") or "nan"))) is not None:
+                out[f"{r.get('patient_id')}/{r.get('nodule')}"] = mm
+    return out
+
+
 def diameter_range(records: Iterable[Mapping]) -> tuple[float, float]:
     """Smallest and largest diameter (mm) among the records that have one; ``(0, 0)`` when none does."""
     d = [float(r["diameter_mm"]) for r in records if r.get("diameter_mm") is not None]

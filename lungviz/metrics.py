@@ -168,11 +168,12 @@ MISCALIBRATION_WORDS = {"high": "runs high", "low": "runs low",
 
 
 def miscalibration_direction(bins: list[dict]) -> str:
-    """``high`` | ``low`` | ``both``: which way reliability bins (``n``, ``mean_p``, ``observed``) err. The
-    case-weighted gaps above and below the diagonal that make up the ECE: one side at least twice the other names
-    the direction, else ``both`` (a mean near the observed rate can hide errors that cancel)."""
-    above = sum(b["n"] * max(b["mean_p"] - b["observed"], 0.0) for b in bins)
-    below = sum(b["n"] * max(b["observed"] - b["mean_p"], 0.0) for b in bins)
+    """``high`` | ``low`` | ``both``: which way reliability bins (``n``, ``mean_p``, ``observed``; empty ones are
+    skipped) err. Of the case-weighted gaps above and below the diagonal that make up the ECE, one side at least
+    twice the other names the direction, else ``both`` (a mean near the observed rate can hide errors that cancel)."""
+    filled = [b for b in bins if b.get("n") and b.get("mean_p") is not None and b.get("observed") is not None]
+    above = sum(b["n"] * max(b["mean_p"] - b["observed"], 0.0) for b in filled)
+    below = sum(b["n"] * max(b["observed"] - b["mean_p"], 0.0) for b in filled)
     return "high" if above >= 2 * below and above > 0 else "low" if below >= 2 * above and below > 0 else "both"
 
 

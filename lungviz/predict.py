@@ -270,7 +270,7 @@ def calibration_notes(models: ModelSet, views: Iterable[str]) -> list[str]:
         if t.get("ece_malignant") is None or not t["ece_malignant"] > metrics.MALIGNANT_ECE_LIMIT:
             continue
         rate = t["observed_malignant_rate"]
-        errs = metrics.MISCALIBRATION_WORDS[metrics.miscalibration_direction(t["reliability_malignant"])]
+        errs = metrics.MISCALIBRATION_WORDS[metrics.miscalibration_direction(t.get("reliability_malignant") or [])]
         notes.append(f"The {VIEW_NAMES_IN_TEXT.get(view, view)}'s malignant probability {errs} on the held-out "
                      f"test nodules (mean "
                      f"{t['mean_malignant_p']:.0%} against {rate:.0%} malignant; calibration error "

@@ -139,7 +139,9 @@ def test_rate(figures: dict, key: str) -> str:
     """``49% [39-60%]``: a measured rate of :func:`lungviz.predict.test_call_figures` with its 95% interval."""
     lo_hi = (figures.get("ci95") or {}).get(key)
     value = pct(figures[key])
-    return f"{value} [{pct(lo_hi[0])[:-1]}-{pct(lo_hi[1])}]" if lo_hi and len(lo_hi) == 2 else value
+    if not (lo_hi and len(lo_hi) == 2 and all(isinstance(v, (int, float)) and np.isfinite(v) for v in lo_hi)):
+        return value
+    return f"{value} [{pct(lo_hi[0])[:-1]}-{pct(lo_hi[1])}]"
 
 
 def call_note(prediction: dict | None) -> str | None:

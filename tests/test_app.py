@@ -228,6 +228,15 @@ def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, app_weig
     assert len(summary["input_digest"]) >= 8  # the log tells two uploads of one file name apart
 
 
+def test_a_library_slice_of_a_nodule_without_reader_labels_is_still_inspected(app_env, lidc_slices_dir):
+    """The library names the upload and measures it at its case's spacing even when the nodule has no labels."""
+    data = (lidc_slices_dir / "LIDC-IDRI-0132" / "nodule-6" / "images" / "slice-0.png").read_bytes()
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "slice-0.png", data)
+    assert not at.exception and not at.error
+    assert ":material/info: The pixel spacing of library case LIDC-IDRI-0132/nodule-6, 0.54 mm, was used: the image " \
+           "file carries none." in [c.value for c in at.caption]
+
+
 def test_a_dicom_series_without_pixel_spacing_says_so(app_env):
     hu = np.random.default_rng(0).normal(-700, 200, (96, 96))
     files = {f"s{i}.dcm": make_dicom(hu + 1024, z_mm=2.5 * i, instance=i + 1, spacing=None) for i in range(3)}
@@ -412,7 +421,7 @@ def test_library_lists_filters_and_opens_a_case(app_env):
 def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tmp_path):
     """The maps of both views are shown, so each view's test-split localisation is quoted (it differs: on the real
     weights the slice map peaks on the nodule in 0% of test nodules, the nodule map in 17%)."""
-    from app_pages.common import map_localisation_text
+    from lungviz.inventory import map_localisation_text
     from lungviz.predict import load_models
 
     ms = load_models(app_weights)
@@ -443,6 +452,20 @@ def test_library_case_says_what_a_report_says_about_the_estimate(app_env, monkey
     at.run()
     assert not at.exception and f":material/info: {said}" in [c.value for c in at.caption]
     assert _texts(at).count(report.CALIBRATION_CAVEAT) == 1  # once, after the slice it was measured on
+
+
+def test_the_estimate_table_gives_each_calls_sensitivity_and_specificity_on_test():
+    from app_pages.common import view_table
+    from lungviz.predict import Prediction, TaskPrediction
+
+    calls = {"n": 332, "sensitivity": 0.493, "specificity": 0.958, "ci95": {"sensitivity": [0.394, 0.597],
+                                                                            "specificity": [None, 0.98]},
+             "single_slice": True}
+    pred = Prediction({"fused": {"binary": TaskPrediction(["benign", "malignant"], [0.97, 0.03], test_calls=calls)},
+                       "nodule": {"binary": TaskPrediction(["benign", "malignant"], [0.9, 0.1])}})
+    rows = view_table(pred)
+    assert (rows[0]["sensitivity on test"], rows[0]["specificity on test"]) == ("49% [39-60%]", "96%")  # no bound
+    assert rows[1]["sensitivity on test"] == rows[1]["specificity on test"] == "-"  # not measured: not made up
 
 
 def test_a_label_check_other_than_ok_is_explained():
@@ -482,6 +505,7 @@ def test_library_case_view_of_a_training_case(app_env):
     assert "On the middle slice (4 of 9, the largest reader outline)." in _texts(at)
     assert {"Grad-CAM, slice view", "Grad-CAM, nodule view"} <= set(captions)
     assert at.metric[3].label.startswith("Malignant probability") and at.metric[3].value.endswith("%")
+    assert any(c.value.startswith(":material/info: Grad-CAM colours run blue (none) to red") for c in at.caption)
     next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
     assert not at.exception and "Slice 1 of 9 (slider position 0) with the readers' outline" in [
         img.captions[0] for img in at.image]

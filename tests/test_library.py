@@ -203,3 +203,21 @@ def test_a_nodule_with_more_ratings_than_lidc_readers_says_so():
 
     assert reader_count_note(4) is None and reader_count_note(None) is None and reader_count_note(1) is None
     assert reader_count_note(8).startswith("8 ratings, more than the 4 readers of a usual LIDC scan")
+
+
+def test_slice_spacings_read_labels_csv_and_skip_what_is_not_a_spacing(tmp_path):
+    from conftest import label_row, write_labels
+
+    from lungviz.library import slice_spacings
+
+    write_labels(tmp_path / "labels.csv", [
+        label_row(patient_id="LIDC-IDRI-0001", nodule="nodule-0", n_readers=1, malignancy_readers="4",
+                  pixel_spacing_mm="0.82"),
+        label_row(patient_id="LIDC-IDRI-0002", nodule="nodule-0", n_readers=0, malignancy_readers="",
+                  pixel_spacing_mm="0.6", label_check="unmatched"),  # no reader labels: its spacing still counts
+        label_row(patient_id="LIDC-IDRI-0003", nodule="nodule-0", n_readers=1, malignancy_readers="2",
+                  pixel_spacing_mm=""),
+        label_row(patient_id="LIDC-IDRI-0004", nodule="nodule-0", n_readers=1, malignancy_readers="2",
+                  pixel_spacing_mm="-1")])
+    assert slice_spacings(tmp_path) == {"LIDC-IDRI-0001/nodule-0": 0.82, "LIDC-IDRI-0002/nodule-0": 0.6}
+    assert slice_spacings(tmp_path / "nowhere") == {}

@@ -300,6 +300,8 @@ def test_miscalibration_direction_needs_one_side_to_dominate():
     assert miscalibration_direction(bins(-0.2, 0.1)) == "low"  # exactly twice
     assert miscalibration_direction(bins(0.2, -0.15)) == "both"
     assert miscalibration_direction(bins(0.0, 0.0)) == "both"  # no error has no direction
+    empty = {"n": 0, "mean_p": None, "observed": None}  # as metrics stores a bin no case fell in
+    assert miscalibration_direction([*bins(0.2, -0.05), empty]) == "high" and miscalibration_direction([]) == "both"
 
 
 def test_calls_keep_the_trained_rule_with_the_prior_after_the_temperature(tmp_path):

@@ -397,6 +397,21 @@ def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
     # the prediction column is the call the confusion matrix counts (not always the most probable score)
     called = [sum(r["prediction"] == str(k) for r in rows) for k in range(1, 6)]
     assert called == np.array(rep["confusion"]).sum(0).tolist()
+    # with the model's split file beside it, the folder's training patients are counted and said; --split test is
+    # held out; without --json the summary is readable text
+    from lungviz.splits import holdout_split
+    from training.datasets import load_cases
+
+    holdout_split(load_cases("lidc", str(data))[0], seed=42).save(tmp_path / "w" / "splits" / "holdout.json")
+    capsys.readouterr()
+    args = ["evaluate", "--data", str(data), "--model", "tiny", "--weights", str(tmp_path / "w"), "--n-boot", "20"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny (score, nodule view) on 40 nodules of ") and "  quadratic-weighted kappa: " in out
+    assert "nodules are from patients the model was trained on" in out
+    assert main([*args, "--split", "test", "--json"]) == 0
+    held_out = json.loads(capsys.readouterr().out)
+    assert 0 < held_out["n"] < 40 and "seen_in_training" not in held_out
     assert main(["evaluate", "--data", str(tmp_path / "nowhere"), "--model", "tiny", "--weights",
                  str(tmp_path / "w")]) == 2
     spec = json.loads((tmp_path / "w" / "tiny.json").read_text())
@@ -469,6 +484,9 @@ def test_evaluate_summary_reads_the_report_with_intervals_readers_and_notes():
     text = evaluation_text(score)
     assert "AUROC (one class against the rest, weighted by support): 0.842" in text
     assert "quadratic-weighted kappa of the reader 0.490, of the model 0.530" in text and "note:" not in text
+    one_class = {**rep, "readers": {"n_pairs": 4, "n_nodules": 2, "reader_auroc": float("nan"),
+                                    "model_auroc": float("nan")}}
+    assert "the AUROC could not be measured" in evaluation_text(one_class) and "None" not in evaluation_text(one_class)
 
 
 def test_evaluate_task_histology_means_the_histology_model(tmp_path, capsys):
@@ -519,7 +537,7 @@ def test_evaluate_says_how_many_cases_the_model_has_seen(tmp_path, monkeypatch):
     hspec = {"dataset": "histology", "split_fingerprint": data_fingerprint(everything)}
     test_folder, _ = import_class_folders(root / "test", HISTOLOGY_CLASSES)
     counts, note = seen_in_training(test_folder, hspec, None)
-    assert counts == {"near_duplicates_of_training_images": 1} and note.startswith("1 of 3 images nearly duplicate")
+    assert counts == {"near_duplicates_of_training_images": 1} and note.startswith("1 of 3 images are, or nearly")
     assert seen_in_training(test_folder[1:], hspec, None) is None  # 'near.png' sorts first
     assert seen_in_training(test_folder, {**hspec, "split_fingerprint": "another"}, None) is None
 

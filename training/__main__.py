@@ -134,7 +134,7 @@ def cmd_train(cfg: TrainConfig) -> dict:
             "train_seconds": spec["training"]["train_seconds"]}
 
 
-def cmd_evaluate(cfg: EvalConfig) -> dict:
+def cmd_evaluate(cfg: EvalConfig) -> dict | str:
     """Evaluate a shipped model on a lidc-slices folder (all labelled nodules, or --split)."""
     from training.evaluate import evaluate_bundle, evaluation_text
 

@@ -791,7 +791,7 @@ def malignant_calibration(w: Callable[[str], None], specs: dict) -> None:
         if t is None or t["ece_malignant"] <= MALIGNANT_ECE_LIMIT:
             continue
         w(f"{n}'s malignant probability is not well calibrated: it "
-          f"{MISCALIBRATION_WORDS[miscalibration_direction(t['reliability_malignant'])]} (mean "
+          f"{MISCALIBRATION_WORDS[miscalibration_direction(t.get('reliability_malignant') or [])]} (mean "
           f"{t['mean_malignant_p']:.0%} against {t['observed_malignant_rate']:.0%} malignant on test, ECE "
           f"{t['ece_malignant']:.3f}"
           + (f"; on validation {v['mean_malignant_p']:.0%} against {v['observed_malignant_rate']:.0%}, ECE "

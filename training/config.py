@@ -110,7 +110,7 @@ def save_config(cfg: Any, path: Path) -> Path:
 class EvalConfig:
     """Evaluate a shipped bundle on a lidc-slices folder."""
 
-    data: str = ""  # lidc-slices layout folder; empty = the configured data folder
+    data: str = ""  # lidc-slices layout folder (histology: class folders); empty = the configured data folder
     task: str = "binary"  # binary | score | histology
     view: str = "nodule"  # nodule | slice | fused
     model: str = ""  # bundle name; empty = <view>-<task> (histology: the histology model)

@@ -303,9 +303,12 @@ def evaluation_text(rep: dict) -> str:
     if figure and readers.get("n_pairs"):
         rci = readers.get("ci95") or {}
         name = "AUROC" if figure == "auroc" else "quadratic-weighted kappa"
-        reader, model = (_figure(readers[f"{who}_{figure}"], rci.get(f"{who}_{figure}")) for who in ("reader", "model"))
+        reader, model = (_figure(readers.get(f"{who}_{figure}"), rci.get(f"{who}_{figure}"))
+                         for who in ("reader", "model"))
         lines.append(f"  against one radiologist ({readers['n_pairs']} reader-panel pairs on {readers['n_nodules']} "
-                     f"nodules): {name} of the reader {reader}, of the model {model}")
+                     + (f"nodules): {name} of the reader {reader}, of the model {model}" if reader and model else
+                        f"nodules): the {name} could not be measured (the panel's ratings on these pairs hold one "
+                        "class only)"))
     lines.append(f"  [95% intervals: bootstrap over {'images' if what == 'images' else 'patients'}]")
     lines += [f"note: {n}" for n in rep.get("notes", [])]
     return "\n".join(lines)
@@ -337,9 +340,9 @@ def seen_in_training(cases: list, spec: dict, bundle_folder: Path | None = None)
         if not n:
             return None
         return ({"near_duplicates_of_training_images": n},
-                f"{n} of {len(cases)} images nearly duplicate an image the model was trained on (the set's folders "
-                "share neighbouring slices): figures on them are optimistic. --split test evaluates the test folder "
-                "less those images.")
+                f"{n} of {len(cases)} images are, or nearly duplicate, images the model was trained on (the set's "
+                "folders share neighbouring slices): figures on them are optimistic. --split test evaluates the test "
+                "folder less those images.")
     local = Path(bundle_folder) / "splits" / "holdout.json" if bundle_folder else None
     split_file = local if local and local.is_file() else paths.weights_dir() / "splits" / "holdout.json"
     if not split_file.is_file():
