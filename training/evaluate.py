@@ -233,11 +233,26 @@ def report_from_logits(y: np.ndarray, calibrated: np.ndarray, raw: np.ndarray, s
 SPLIT_NAMES = ("train", "val", "test")
 
 
+def holdout_file(bundle_folder: Path | None = None) -> Path:
+    """The holdout split file next to the model (``<folder>/splits/holdout.json``), else the shipped one."""
+    from lungviz import paths
+
+    local = Path(bundle_folder) / "splits" / "holdout.json" if bundle_folder else None
+    return local if local and local.is_file() else paths.weights_dir() / "splits" / "holdout.json"
+
+
+def is_models_split(split, spec: dict) -> bool:
+    """Whether a loaded :class:`lungviz.splits.Split` can be the one the model was trained on: the spec's data
+    fingerprint and split seed, where it records them, match it."""
+    trained = spec.get("split") or {}
+    return not ((spec.get("split_fingerprint") and split.fingerprint != spec["split_fingerprint"])
+                or (trained.get("seed") is not None and int(trained["seed"]) != split.seed))
+
+
 def select_split(cases: list, split: str, spec: dict, bundle_folder: Path | None = None) -> list:
     """Restrict cases to one split of the split the model was trained on (the histology set's own folders, less the
     val/test images that nearly duplicate a training image, as training drops them; for LIDC the saved holdout next
     to the model, else the shipped one), refusing a split file that is not that one."""
-    from lungviz import paths
     from lungviz.errors import LungvizError
     from lungviz.splits import Split
     from training.train import split_for, without_train_duplicates
@@ -248,15 +263,12 @@ def select_split(cases: list, split: str, spec: dict, bundle_folder: Path | None
         folders = split_for(cases, "histology")
         chosen = folders.select(cases, split)
         return chosen if split == "train" else without_train_duplicates(chosen, folders.select(cases, "train"))
-    local = Path(bundle_folder) / "splits" / "holdout.json" if bundle_folder else None
-    split_file = local if local and local.is_file() else paths.weights_dir() / "splits" / "holdout.json"
+    split_file = holdout_file(bundle_folder)
     s = Split.load(split_file)
-    trained = spec.get("split") or {}
-    if (spec.get("split_fingerprint") and s.fingerprint != spec["split_fingerprint"]) or (
-            trained.get("seed") is not None and int(trained["seed"]) != s.seed):
+    if not is_models_split(s, spec):
         raise LungvizError(f"the saved split is not the one this model was trained with (it was trained on the "
-                           f"split drawn with seed {trained.get('seed', '?')}; the file holds seed {s.seed}).",
-                           source=split_file)
+                           f"split drawn with seed {(spec.get('split') or {}).get('seed', '?')}; the file holds seed "
+                           f"{s.seed}).", source=split_file)
     unknown = [c for c in cases if c.patient_id not in s.assignment]
     if unknown:
         raise LungvizError(f"{len(unknown)} nodules belong to patients the split does not know "
@@ -273,40 +285,28 @@ SUMMARY_FIGURES = (("auroc", "AUROC"), ("auprc_weighted", "weighted AUPRC"), ("f
                    ("specificity", "specificity"), ("qwk", "quadratic-weighted kappa"), ("accuracy", "accuracy"))
 
 
-def _figure(value: object, interval: object = None) -> str | None:
-    """``0.842 [0.748, 0.912]``; None for a missing or non-finite value."""
-    if not isinstance(value, (int, float)) or not np.isfinite(value):
-        return None
-    if isinstance(interval, (list, tuple)) and len(interval) == 2 and all(
-            isinstance(v, (int, float)) and np.isfinite(v) for v in interval):
-        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
-    return f"{value:.3f}"
-
-
 def evaluation_text(rep: dict) -> str:
     """The readable summary of an :func:`evaluate_bundle` report: the headline figures with their 95% intervals,
     calibration, the single-radiologist comparison and the notes."""
     what = "images" if rep.get("task") == "histology" else "nodules"
     lines = [f"{rep['model']} ({rep['task']}, {rep['view']} view) on {rep['n']} {what} of "
              f"{rep.get('data', 'default')} (split: {rep.get('split', 'all')}; {rep.get('import', '')})"]
-    ci = rep.get("ci95") or {}
     multi = isinstance(rep.get("confusion"), list) and len(rep["confusion"]) > 2
     names = {**dict(SUMMARY_FIGURES), **({"auroc": "AUROC (one class against the rest, weighted by support)"}
                                         if multi else {})}
-    lines += [f"  {names[key]}: {text}" for key, _ in SUMMARY_FIGURES
-              if (text := _figure(rep.get(key), ci.get(key))) is not None]
-    if (ece := _figure(rep.get("ece"))) is not None:
-        raw = _figure(rep.get("ece_raw"))
-        lines.append(f"  calibration error (top-class ECE): {ece}" + (f" ({raw} before calibration)" if raw else ""))
+    lines += [f"  {names[key]}: {text}" for key, _ in SUMMARY_FIGURES if (text := metrics.format_ci(rep, key)) != "–"]
+    if (ece := metrics.format_ci(rep, "ece")) != "–":
+        raw = metrics.format_ci(rep, "ece_raw")
+        lines.append(f"  calibration error (top-class ECE): {ece}"
+                     + (f" ({raw} before calibration)" if raw != "–" else ""))
     readers = rep.get("readers") or {}
     figure = "auroc" if "reader_auroc" in readers else "qwk" if "reader_qwk" in readers else None
     if figure and readers.get("n_pairs"):
-        rci = readers.get("ci95") or {}
         name = "AUROC" if figure == "auroc" else "quadratic-weighted kappa"
-        reader, model = (_figure(readers.get(f"{who}_{figure}"), rci.get(f"{who}_{figure}"))
-                         for who in ("reader", "model"))
+        reader, model = (metrics.format_ci(readers, f"{who}_{figure}") for who in ("reader", "model"))
         lines.append(f"  against one radiologist ({readers['n_pairs']} reader-panel pairs on {readers['n_nodules']} "
-                     + (f"nodules): {name} of the reader {reader}, of the model {model}" if reader and model else
+                     + (f"nodules): {name} of the reader {reader}, of the model {model}"
+                        if "–" not in (reader, model) else
                         f"nodules): the {name} could not be measured (the panel's ratings on these pairs hold one "
                         "class only)"))
     lines.append(f"  [95% intervals: bootstrap over {'images' if what == 'images' else 'patients'}]")
@@ -343,14 +343,11 @@ def seen_in_training(cases: list, spec: dict, bundle_folder: Path | None = None)
                 f"{n} of {len(cases)} images are, or nearly duplicate, images the model was trained on (the set's "
                 "folders share neighbouring slices): figures on them are optimistic. --split test evaluates the test "
                 "folder less those images.")
-    local = Path(bundle_folder) / "splits" / "holdout.json" if bundle_folder else None
-    split_file = local if local and local.is_file() else paths.weights_dir() / "splits" / "holdout.json"
+    split_file = holdout_file(bundle_folder)
     if not split_file.is_file():
         return None
     s = Split.load(split_file)
-    trained = spec.get("split") or {}
-    if s.fingerprint != spec.get("split_fingerprint") or (trained.get("seed") is not None
-                                                          and int(trained["seed"]) != s.seed):
+    if not spec.get("split_fingerprint") or not is_models_split(s, spec):
         return None
     where = [s.assignment.get(c.patient_id) for c in cases]
     seen = {"train": where.count("train"), "val": where.count("val")}
