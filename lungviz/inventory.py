@@ -167,16 +167,21 @@ def read_result(name: str, folder: Path | None = None) -> dict | None:
 
 
 def map_localisation_note(model: str, folder: Path | None = None, layer: str | None = "") -> str | None:
-    """One sentence on how well ``model``'s Grad-CAM finds the nodule on the test split (from ``camloc``), or None;
-    also None when ``layer`` (the model's current CAM layer; "" = do not check) is not the layer measured."""
+    """One sentence on how well ``model``'s Grad-CAM finds the nodule on the test split (from ``camloc``: centred
+    and shifted views), or None; also None when ``layer`` (the model's current CAM layer; "" = do not check) is not
+    the layer measured."""
     r = ((read_result("cam_localisation.json", folder) or {}).get("models") or {}).get(model)
-    if not isinstance(r, dict) or not all(k in r for k in ("n", "peak_inside", "mass_inside", "mask_area")):
+    keys = ("n", "peak_inside", "mass_inside", "mask_area")
+    if not isinstance(r, dict) or not all(isinstance(r.get(v), dict) and all(k in r[v] for k in keys)
+                                          for v in ("centred", "shifted")):
         return None
     if layer != "" and r.get("layer") != layer:
         return None
-    return (f"On {r['n']} test nodules the {model} Grad-CAM put {r['mass_inside']:.0%} of its weight inside the "
-            f"readers' outline, which covers {r['mask_area']:.0%} of the view (the chance level), and peaked inside "
-            f"it in {r['peak_inside']:.0%}: read the map as the region the model used, not as the nodule's outline.")
+    c, s = r["centred"], r["shifted"]
+    return (f"On {c['n']} test nodules the {model} Grad-CAM peaked inside the readers' outline in "
+            f"{c['peak_inside']:.0%}, and in {s['peak_inside']:.0%} with the nodule moved off the view's centre (a map fixed at the centre: "
+            f"{c['centre_prior']['peak_inside']:.0%} and {s['centre_prior']['peak_inside']:.0%}): read the map as the "
+            "region the model used, not as the nodule's outline.")
 
 
 def map_localisation_text(folder: str | Path, models, views: list[str]) -> str:

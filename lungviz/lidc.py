@@ -11,6 +11,8 @@ import csv
 import re
 from pathlib import Path
 
+import numpy as np
+
 from lungviz.cases import CHARACTERISTICS, Case, ImportReport, panel_median, round_half_up
 from lungviz.errors import LungvizError
 
@@ -59,6 +61,28 @@ def read_labels(labels_csv: Path) -> list[dict[str, str]]:
         raise LungvizError(f"the labels file is not valid CSV ({err}).", source=labels_csv) from err
 
 
+def _reader_characteristics(row: dict[str, str], n_scores: int, where: str) -> tuple[dict[str, float], ...]:
+    """Each reader's characteristics from the ``<characteristic>_readers`` columns (same reader order as
+    ``malignancy_readers``); () when the file has none of them."""
+    per_reader: list[dict[str, float]] = [{} for _ in range(n_scores)]
+    found = False
+    for k in CHARACTERISTICS:
+        text = (row.get(f"{k}_readers") or "").split()
+        if not text:
+            continue
+        try:
+            values = [float(v) for v in text]
+        except ValueError:
+            values = []
+        if len(values) != n_scores or not all(np.isfinite(values)):
+            raise LungvizError(f"{k}_readers is '{row.get(f'{k}_readers')}'; expected one rating per reader of "
+                               "malignancy_readers, separated by spaces.", source=where)
+        found = True
+        for reader, v in zip(per_reader, values, strict=True):
+            reader[k] = v
+    return tuple(per_reader) if found else ()
+
+
 def _case_from_row(root: Path, row: dict[str, str], line: int) -> Case:
     pid, nod = row["patient_id"].strip(), row["nodule"].strip()
     folder = root / pid / nod
@@ -94,6 +118,7 @@ def _case_from_row(root: Path, row: dict[str, str], line: int) -> Case:
     malignancy = int(score_col) if score_col is not None else (round_half_up(median) if median is not None else None)
     chars = {k: v for k in CHARACTERISTICS if (v := _float(row, f"{k}_median")) is not None}
     return Case(
+        reader_characteristics=_reader_characteristics(row, len(scores), where),
         patient_id=pid,
         nodule_id=nod,
         source="lidc-slices",

@@ -425,13 +425,17 @@ def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tm
     from lungviz.predict import load_models
 
     ms = load_models(app_weights)
-    found = {f"{v}-binary": {"n": 10, "peak_inside": peak, "mass_inside": mass, "mask_area": 0.1,
+    def block(peak: float) -> dict:
+        return {"n": 10, "peak_inside": peak, "mass_inside": 0.2, "mask_area": 0.1,
+                "centre_prior": {"peak_inside": 0.9, "mass_inside": 0.5}}
+
+    found = {f"{v}-binary": {"centred": block(peak), "shifted": block(peak / 2),
                              "layer": getattr(ms.bundle(v, "binary"), "cam_layer", "")}
-             for v, peak, mass in (("slice", 0.0, 0.01), ("nodule", 0.4, 0.2))}
+             for v, peak in (("slice", 0.0), ("nodule", 0.4))}
     (tmp_path / "cam_localisation.json").write_text(json.dumps({"models": found}))
     both = map_localisation_text(tmp_path, ms, ["nodule", "slice"])
-    assert "the nodule-binary Grad-CAM put 20% of its weight" in both and "peaked inside it in 40%" in both
-    assert "the slice-binary Grad-CAM put 1% of its weight" in both and "peaked inside it in 0%" in both
+    assert "the nodule-binary Grad-CAM peaked inside the readers' outline in 40%, and in 20% with" in both
+    assert "the slice-binary Grad-CAM peaked inside the readers' outline in 0%, and in 0% with" in both
     assert "slice-binary" not in map_localisation_text(tmp_path, ms, ["nodule"])
     found["slice-binary"]["layer"] = "another.layer"  # measured on a layer the model no longer uses: not quoted
     (tmp_path / "cam_localisation.json").write_text(json.dumps({"models": found}))

@@ -97,14 +97,22 @@ def test_model_card_and_result_files(tmp_path: Path):
     assert read_result("cv.json", tmp_path) is None  # not an object
 
 
+def _camloc_entry(peak_centred: float, peak_shifted: float, layer: str | None = None) -> dict:
+    def block(peak: float, prior: float) -> dict:
+        return {"n": 325, "peak_inside": peak, "mass_inside": 0.3, "mask_area": 0.2,
+                "centre_prior": {"peak_inside": prior, "mass_inside": 0.5}}
+
+    return {**({"layer": layer} if layer else {}), "centred": block(peak_centred, 0.92),
+            "shifted": block(peak_shifted, 0.09)}
+
+
 def test_map_localisation_note(tmp_path: Path):
     assert map_localisation_note("nodule-binary", tmp_path) is None  # no camloc run yet
-    result = {"models": {"nodule-binary": {"n": 325, "peak_inside": 0.058, "mass_inside": 0.057, "mask_area": 0.046},
-                         "slice-binary": {"n": 3}}}
+    result = {"models": {"nodule-binary": _camloc_entry(0.17, 0.24), "slice-binary": {"n": 3}}}
     (tmp_path / "cam_localisation.json").write_text(json.dumps(result))
     note = map_localisation_note("nodule-binary", tmp_path)
-    assert note.startswith("On 325 test nodules the nodule-binary Grad-CAM put 6% of its weight inside")
-    assert "covers 5% of the view" in note and "peaked inside it in 6%" in note
+    assert note.startswith("On 325 test nodules the nodule-binary Grad-CAM peaked inside the readers' outline in 17%")
+    assert "in 24% with the nodule moved off the view's centre" in note and "92% and 9%" in note
     assert map_localisation_note("slice-binary", tmp_path) is None  # incomplete entry
     result["models"]["nodule-binary"]["layer"] = "backbone.blocks.4"
     (tmp_path / "cam_localisation.json").write_text(json.dumps(result))

@@ -15,6 +15,7 @@ import numpy as np
 from lungviz import paths
 from lungviz.errors import LungvizError
 from training.config import (
+    CamlocConfig,
     CardConfig,
     ClassBiasConfig,
     EvalConfig,
@@ -354,12 +355,16 @@ def cmd_card(cfg: CardConfig) -> dict:
     return {"card": str(path)}
 
 
-def cmd_camloc(cfg: CardConfig) -> dict:
-    """Choose each model's Grad-CAM layer on validation (written into its spec as cam_layer), then report on test
-    how much of the map falls inside the readers' masks (weights/cam_localisation.json)."""
-    from training.cam_eval import cam_localisation
+def cmd_camloc(cfg: CamlocConfig) -> dict | str:
+    """Does each model's Grad-CAM find the nodule? Peak and mass inside the readers' outline on centred and shifted
+    views, beside a centre prior, on any lidc-slices folder (the shipped record: --split test --out
+    weights/cam_localisation.json)."""
+    from training.cam_eval import LIDC_MODELS, cam_localisation, localisation_text
 
-    return cam_localisation()
+    models = tuple(m.strip() for m in cfg.models.split(",") if m.strip()) or LIDC_MODELS
+    rep = cam_localisation(models, cfg.data, cfg.split, cfg.method, cfg.choose_layer, cfg.shift, cfg.seed, cfg.out,
+                           progress=not cfg.json, weights=cfg.weights)
+    return rep if cfg.json else localisation_text(rep)
 
 
 def cmd_outliner(cfg: OutlinerConfig) -> dict:
@@ -399,7 +404,7 @@ COMMANDS = {
     "search": (cmd_search, SearchConfig),
     "cv": (cmd_cv, TrainConfig),
     "card": (cmd_card, CardConfig),
-    "camloc": (cmd_camloc, CardConfig),
+    "camloc": (cmd_camloc, CamlocConfig),
     "finder": (cmd_finder, FinderConfig),
     "outliner": (cmd_outliner, OutlinerConfig),
     "pack": (cmd_pack, PackConfig),

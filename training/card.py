@@ -953,13 +953,15 @@ def write_card(folder: Path | None = None) -> Path:
     w("")
     if cam:
         w("## Does the map point at the nodule? (Grad-CAM, test split)\n")
-        w("| model | CAM layer (chosen on validation) | n | CAM peak inside the readers' mask | share of CAM mass "
-          "inside the mask | mask share of image (chance) | last feature layer: peak inside, mass inside |")
+        w("| model | CAM layer | view | n | peak inside the outline (centre prior) | mass inside the outline + "
+          f"{cam.get('margin_mm', 3):g} mm (centre prior) | outline + margin share of the view (chance) |")
         w("| --- | --- | --- | --- | --- | --- | --- |")
         for n, r in cam.get("models", {}).items():
-            last = r.get("last_layer", r)
-            w(f"| {n} | `{r.get('layer', 'last')}` | {r['n']} | {r['peak_inside']:.1%} | {r['mass_inside']:.1%} | "
-              f"{r['mask_area']:.1%} | {last['peak_inside']:.1%}, {last['mass_inside']:.1%} |")
+            for key in ("centred", "shifted"):
+                b = r[key]
+                w(f"| {n} | `{r.get('layer', 'last')}` | {key} | {b['n']} | {b['peak_inside']:.1%} "
+                  f"({b['centre_prior']['peak_inside']:.1%}) | {b['mass_inside']:.1%} "
+                  f"({b['centre_prior']['mass_inside']:.1%}) | {b['mask_area']:.1%} |")
         w(f"\n{cam.get('method', '')}\n")
     if retrieval:
         w("## Similar-case retrieval\n")
@@ -1057,7 +1059,7 @@ def write_card(folder: Path | None = None) -> Path:
         w(f"- The top-class ECE of {', '.join(beyond)} is above the 95th percentile a perfectly calibrated model "
           "would show on as many test cases (see 'How much of the ECE is chance'): their class probabilities are "
           "less reliable than the calibration suggests" + class_bias_clause(beyond, folder) + ".\n")
-    if cam and any(r["peak_inside"] < 0.2 for r in cam.get("models", {}).values()):
+    if cam and any(r["shifted"]["peak_inside"] < 0.2 for r in cam.get("models", {}).values()):
         w("- The Grad-CAM maps are coarse: EfficientNet-Lite's last feature map is 1/32 of the input (2 x 2 at 64 px, "
           "4 x 4 at 128 px), so each model's map is taken on an earlier layer chosen on validation. Even so they "
           "put little more "

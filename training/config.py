@@ -232,6 +232,22 @@ class PackConfig:
 
 
 @dataclasses.dataclass
+class CamlocConfig:
+    """Map localisation: does each model's Grad-CAM peak on the nodule, centred and shifted?"""
+
+    data: str = ""  # lidc-slices layout folder; empty = the configured data folder
+    split: str = ""  # train | val | test of the models' own split; empty = every nodule in the folder
+    models: str = ""  # comma-separated bundle names; empty = the shipped LIDC networks
+    weights: str = ""  # bundle folder; empty = weights/
+    method: str = "gradcam"  # gradcam | gradcampp
+    shift: float = 0.25  # the shifted view moves the nodule's centre this share of the view's side
+    seed: int = 0  # seeds each nodule's shift direction
+    choose_layer: bool = False  # first choose each model's map layer on validation (written into its spec)
+    json: bool = False  # print one JSON object instead of a readable table
+    out: str = ""  # also write the report to this file (the shipped record: weights/cam_localisation.json)
+
+
+@dataclasses.dataclass
 class CardConfig:
     """The model card."""
 
