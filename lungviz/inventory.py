@@ -178,10 +178,11 @@ def map_localisation_note(model: str, folder: Path | None = None, layer: str | N
     if layer != "" and r.get("layer") != layer:
         return None
     c, s = r["centred"], r["shifted"]
+    prior_c, prior_s = c["centre_prior"]["peak_inside"], s["centre_prior"]["peak_inside"]
     return (f"On {c['n']} test nodules the {model} Grad-CAM peaked inside the readers' outline in "
-            f"{c['peak_inside']:.0%}, and in {s['peak_inside']:.0%} with the nodule moved off the view's centre (a map fixed at the centre: "
-            f"{c['centre_prior']['peak_inside']:.0%} and {s['centre_prior']['peak_inside']:.0%}): read the map as the "
-            "region the model used, not as the nodule's outline.")
+            f"{c['peak_inside']:.0%}, and in {s['peak_inside']:.0%} with the nodule moved off the view's centre "
+            f"(a map fixed at the centre: {prior_c:.0%} and {prior_s:.0%}): read the map as the region the model "
+            "used, not as the nodule's outline.")
 
 
 def map_localisation_text(folder: str | Path, models, views: list[str]) -> str:
