@@ -459,6 +459,34 @@ def reader_comparison(
     return out
 
 
+def rating_comparison(
+    reader_ratings: Sequence[Sequence[float]], predicted: np.ndarray, levels: int, n_boot: int = 1000, seed: int = 0,
+    patients: Sequence[str] | None = None,
+) -> dict:
+    """A single reader against the rest of the panel on one rating scale 1..``levels`` (a characteristic, or the
+    malignancy score), and the model's predicted rating ``(N,)`` on the very same pairs: each reader in turn is the
+    predictor, the rounded median of the others the truth (as :func:`reader_comparison`). Quadratic-weighted kappa
+    and mean absolute error of both, with patient-bootstrap intervals."""
+    pairs = reader_pairs([[int(round(v)) for v in r] for r in reader_ratings])
+    if not pairs:
+        return {"n_pairs": 0}
+    idx = np.array([p[0] for p in pairs])
+    reader = np.clip(np.array([p[1] for p in pairs]), 1, levels)
+    truth = np.clip(np.array([p[2] for p in pairs]), 1, levels)
+    model = np.clip(np.rint(np.asarray(predicted, np.float64)[idx]).astype(int), 1, levels)
+
+    def fig(i: np.ndarray) -> dict[str, float]:
+        return {"reader_qwk": quadratic_kappa(truth[i] - 1, reader[i] - 1, levels),
+                "model_qwk": quadratic_kappa(truth[i] - 1, model[i] - 1, levels),
+                "reader_mae": float(np.mean(np.abs(truth[i] - reader[i]))),
+                "model_mae": float(np.mean(np.abs(truth[i] - model[i])))}
+
+    out: dict = {"n_pairs": len(pairs), "n_nodules": len(np.unique(idx)), **fig(np.arange(len(pairs)))}
+    unit = [str(patients[g]) if patients is not None else str(g) for g in idx]
+    out["ci95"] = bootstrap_ci(fig, len(pairs), unit, n_boot, seed)
+    return out
+
+
 def reliability_bin(bins: Sequence[dict], p: float) -> dict | None:
     """The bin of a reliability table (:func:`binary_reliability` or :func:`reliability`) that holds ``p``.
 

@@ -319,19 +319,27 @@ class LungvizSegNet(nn.Module):
         self.arch, self.num_classes, self.in_chans = arch, num_classes, encoder.in_chans
         self.data_config = encoder.data_config
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` -> per-pixel logits ``(N, num_classes, H, W)``."""
-        size = x.shape[-2:]
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``(N, C, H, W)`` -> the feature maps at strides 4, 8 and 16."""
         x = self.stem(x)
         taps = []
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i in self.taps:
                 taps.append(x)
+        return taps
+
+    def pyramid(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """The decoder's summed pyramid at stride 4, ``(N, width, H/4, W/4)``."""
         y = self.lateral[-1](taps[-1])
         for lateral, t in zip(reversed(self.lateral[:-1]), reversed(taps[:-1]), strict=True):
             y = nn.functional.interpolate(y, size=t.shape[-2:], mode="bilinear", align_corners=False) + lateral(t)
-        return nn.functional.interpolate(self.out(y), size=size, mode="bilinear", align_corners=False)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> per-pixel logits ``(N, num_classes, H, W)``."""
+        y = self.pyramid(self.encode(x))
+        return nn.functional.interpolate(self.out(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def named_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Named parameter groups from the top down: the decoder, then each encoder stage, then the stem."""
@@ -345,8 +353,93 @@ class LungvizSegNet(nn.Module):
         return [params for _, params in self.named_groups()]
 
 
+#: The nodule model's heads: name -> number of levels. The benign/malignant call first (what ``forward`` returns,
+#: Grad-CAM explains and calibration sees), then the 1-5 panel score and the eight LIDC characteristics on their own
+#: scales (calcification 1-6, internal structure 1-4, the others 1-5).
+NODULE_HEADS: dict[str, int] = {"malignant": 2, "malignancy": 5, "subtlety": 5, "internalStructure": 4,
+                                "calcification": 6, "sphericity": 5, "margin": 5, "lobulation": 5, "spiculation": 5,
+                                "texture": 5}
+
+
+#: Below this share of the outline, a cell of the nodule model's gate counts as outside (exactly zero).
+GATE_FLOOR = 0.01
+
+
+class NoduleNet(nn.Module):
+    """The nodule model: the readers' outline and, per head of :data:`NODULE_HEADS`, a distribution over its levels.
+
+    The heads read the backbone's stride-16 features, lifted onto the decoder's stride-4 grid and pooled over the
+    predicted outline widened by one grid cell (the outline's own gradient is stopped: the readers alone teach it).
+    What the estimate says therefore comes from the nodule, and a Grad-CAM on ``gated`` stays on it when it moves.
+
+    ``forward(x)`` -> the benign/malignant logits ``(N, 2)``; ``outputs(x)`` -> ``(outline logits (N, 1, H, W),
+    head logits (N, sum of levels))``; ``embed(x)`` -> the pooled features ``(N, D)`` (for retrieval).
+    """
+
+    def __init__(self, encoder: LungvizNet, arch: str, width: int = 64, embed: int = 192,
+                 drop_rate: float = 0.2) -> None:
+        super().__init__()
+        self.seg = LungvizSegNet(encoder, 1, arch, width)
+        deep = self.seg.lateral[-1].in_channels
+        self.project = nn.Sequential(nn.Conv2d(deep, embed, 1, bias=False), nn.BatchNorm2d(embed),
+                                     nn.ReLU(inplace=True))
+        self.lift = nn.Conv2d(width, embed, 1)
+        self.gated = nn.Identity()  # the Grad-CAM layer: features x widened outline
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(embed, sum(NODULE_HEADS.values())))
+        self.heads = dict(NODULE_HEADS)
+        self.arch, self.num_classes, self.in_chans = arch, NODULE_HEADS["malignant"], encoder.in_chans
+        self.data_config, self.embed_dim = encoder.data_config, embed
+        self.feature_layer_name = "gated"
+
+    @property
+    def feature_layer(self) -> nn.Module:
+        return self.gated
+
+    def _pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        taps = self.seg.encode(x)
+        y = self.seg.pyramid(taps)
+        outline = nn.functional.interpolate(self.seg.out(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        f = nn.functional.interpolate(self.project(taps[-1]), size=y.shape[-2:], mode="bilinear",
+                                      align_corners=False) + self.lift(y)
+        gate = nn.functional.adaptive_avg_pool2d(torch.sigmoid(outline.detach().float()), y.shape[-2:])
+        gate = nn.functional.max_pool2d(gate, 3, stride=1, padding=1)
+        gate = (gate * (gate > GATE_FLOOR)).to(f.dtype)  # exactly zero away from the outline
+        g = self.gated(f * gate)
+        return outline, g.sum(dim=(2, 3)) / (gate.sum(dim=(2, 3)) + 1e-3)
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, C, H, W)`` -> (outline logits ``(N, 1, H, W)``, every head's logits ``(N, sum of levels)``)."""
+        outline, pooled = self._pooled(x)
+        return outline, self.head(pooled)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pooled(x)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[1][:, : self.num_classes]
+
+    def split_heads(self, logits: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
+        """Every head's logits ``(N, levels)`` by name, from ``outputs``' concatenation."""
+        out, start = {}, 0
+        for name, n in self.heads.items():
+            out[name] = logits[:, start : start + n]
+            start += n
+        return out
+
+    def named_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Named parameter groups from the top down: the heads and decoder, then the encoder's stages, the stem."""
+        top = [*self.head.parameters(), *self.project.parameters(), *self.lift.parameters()]
+        seg = self.seg.named_groups()
+        return [("heads and decoder", top + seg[0][1]), *seg[1:]]
+
+    def backbone_groups(self) -> list[list[nn.Parameter]]:
+        return [params for _, params in self.named_groups()]
+
+
 #: Suffix of an architecture name that asks for a :class:`LungvizSegNet` on that backbone.
 SEG_SUFFIX = "+fpn"
+#: Suffix of an architecture name that asks for a :class:`NoduleNet` on that backbone.
+NODULE_SUFFIX = "+nodule"
 
 
 def create_model(
@@ -360,6 +453,12 @@ def create_model(
     """
     if num_classes < 1:
         raise LungvizError(f"a model needs at least one class, got {num_classes}.")
+    if arch.endswith(NODULE_SUFFIX):
+        if num_classes != NODULE_HEADS["malignant"]:
+            raise LungvizError(f"the nodule model's first head has {NODULE_HEADS['malignant']} classes, not "
+                               f"{num_classes}.")
+        encoder = create_model(arch[: -len(NODULE_SUFFIX)], 1, pretrained=pretrained, in_chans=in_chans)
+        return NoduleNet(encoder, arch, drop_rate=drop_rate)  # type: ignore[return-value]
     if arch.endswith(SEG_SUFFIX):
         encoder = create_model(arch[: -len(SEG_SUFFIX)], 1, pretrained=pretrained, in_chans=in_chans)
         return LungvizSegNet(encoder, num_classes, arch)  # type: ignore[return-value]
@@ -746,7 +845,7 @@ def save_bundle(
     """
     _check_name(name)
     data = spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
-    if not isinstance(model, LungvizNet | LungvizSegNet):
+    if not isinstance(model, LungvizNet | LungvizSegNet | NoduleNet):
         raise LungvizError("only models built by lungviz.models.create_model can be saved as bundles.")
     if data.get("arch") != model.arch:
         raise LungvizError(f"the spec says arch '{data.get('arch')}' but the model is '{model.arch}'.")
@@ -852,12 +951,15 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 __all__ = [
     "CNN4",
     "LITE_PACKAGES",
+    "NODULE_HEADS",
+    "NODULE_SUFFIX",
     "SEG_SUFFIX",
     "Bundle",
     "CNN4Backbone",
     "LungvizNet",
     "LungvizSegNet",
     "ModelSpec",
+    "NoduleNet",
     "count_parameters",
     "create_model",
     "list_bundles",

@@ -38,6 +38,7 @@ from training.config import (
     save_config,
 )
 from training.finder import FinderConfig
+from training.nodule import NoduleConfig
 from training.train import TrainConfig
 
 
@@ -367,6 +368,18 @@ def cmd_camloc(cfg: CamlocConfig) -> dict | str:
     return rep if cfg.json else localisation_text(rep)
 
 
+def cmd_nodule(cfg: NoduleConfig) -> dict:
+    """Train the nodule model (outline, size, malignancy and the readers' characteristics from one network) and
+    report it on test."""
+    from training.nodule import train_nodule
+
+    spec = train_nodule(cfg)
+    test = spec["metrics"]["test"]
+    return {"bundle": cfg.name, "dice": test["outline"]["dice"], "size": test["size"],
+            "malignant_auroc": test["malignant"]["auroc"],
+            "ratings_qwk": {h: r["qwk"] for h, r in test["ratings"].items()}}
+
+
 def cmd_outliner(cfg: OutlinerConfig) -> dict:
     """Train the nodule outliner (a segmenter of the readers' outline that measures the nodule) and report it."""
     from training.outliner import train_outliner
@@ -407,6 +420,7 @@ COMMANDS = {
     "camloc": (cmd_camloc, CamlocConfig),
     "finder": (cmd_finder, FinderConfig),
     "outliner": (cmd_outliner, OutlinerConfig),
+    "nodule": (cmd_nodule, NoduleConfig),
     "pack": (cmd_pack, PackConfig),
     "unpack": (cmd_unpack, PackConfig),
 }

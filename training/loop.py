@@ -139,13 +139,15 @@ def fit(
     progress: bool = True,
     batch_fn: BatchFn | None = None,
     loss_fn: nn.Module | None = None,
+    forward: Callable[[nn.Module, torch.Tensor], object] | None = None,
 ) -> dict:
     """Train ``model`` in place on ``store`` cases ``train_idx``; keep the weights of the best validation score.
 
     ``validate(model) -> score`` (higher is better) runs after every epoch and drives early stopping.
     By default a batch is one random slice of each planned case in the ``vc`` view with class labels;
     ``batch_fn(items, rng) -> (inputs, targets)`` replaces that (e.g. patches for the nodule finder) and
-    ``loss_fn`` the cross-entropy (e.g. a regression loss). Returns the history and timing.
+    ``loss_fn`` the cross-entropy (e.g. a regression loss), which receives ``forward(model, x)`` (default
+    ``model(x)``; e.g. every output of a multi-head model). Returns the history and timing.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -198,7 +200,7 @@ def fit(
                 x = x.to(memory_format=torch.channels_last)
             y = torch.from_numpy(yb).to(device)
             with autocast():
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(model(x) if forward is None else forward(model, x), y)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

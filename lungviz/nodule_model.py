@@ -1,0 +1,155 @@
+"""Reading a nodule with the nodule model (:class:`lungviz.models.NoduleNet`): a view sized to the nodule, its outline
+and size, and a calibrated distribution per head (malignancy, the 1-5 score, the eight LIDC characteristics).
+
+The view's field follows the nodule: a first pass at :data:`FIRST_FIELD_MM` measures the outline's long axis, and the
+second pass, whose outline, size and heads are kept, sees :data:`FIELD_FACTOR` times that (within
+:data:`FIELD_MM`). The image itself therefore no longer tells the nodule's size: the size comes from the measured
+outline, in millimetres. Over several slices of one nodule the heads' logits are averaged, the size is the largest
+slice's and the volume sums the outlined areas times the slice thickness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lungviz.errors import LungvizError
+from lungviz.metrics import softmax
+from lungviz.models import NODULE_HEADS, Bundle, NoduleNet
+from lungviz.outline import THRESHOLD, central_region
+from lungviz.preprocess import crop_mm, mm_to_px, resize, spacing_or_default, to_model_input
+from lungviz.shape import axes_px
+
+#: The view's side is this many times the nodule's measured long axis ...
+FIELD_FACTOR = 2.5
+#: ... within these limits (mm): a 3 mm nodule is seen at 16 mm, a 40 mm mass at 64 mm.
+FIELD_MM = (16.0, 64.0)
+#: The first pass's field, which measures the nodule for the second.
+FIRST_FIELD_MM = 40.0
+#: Heads that are ordinal ratings, shown as their expected value on the LIDC scale (all but benign/malignant).
+RATING_HEADS = tuple(h for h in NODULE_HEADS if h != "malignant")
+
+
+def field_for(long_axis_mm: float) -> float:
+    """The nodule view's field (mm) for a nodule whose long axis is ``long_axis_mm`` (0 or NaN: the first field)."""
+    if not np.isfinite(long_axis_mm) or long_axis_mm <= 0:
+        return FIRST_FIELD_MM
+    return float(np.clip(FIELD_FACTOR * long_axis_mm, *FIELD_MM))
+
+
+def cut(context01: np.ndarray, centre_rc: tuple[float, float], field_mm: float, spacing_mm: float | None,
+        input_size: int) -> tuple[np.ndarray, float]:
+    """The ``(input_size, input_size)`` view of ``field_mm`` around ``centre_rc``, and millimetres per view pixel."""
+    view = resize(crop_mm(context01, centre_rc, field_mm, spacing_mm), input_size)
+    return view, mm_to_px(field_mm, spacing_mm) * spacing_or_default(spacing_mm) / input_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class SliceReading:
+    """The nodule model on one slice: its view, outline (``(S, S)`` bool), sizes (mm) and raw head logits."""
+
+    view: np.ndarray
+    field_mm: float
+    mm_per_px: float
+    outline: np.ndarray
+    long_axis_mm: float
+    short_axis_mm: float
+    area_mm2: float
+    logits: np.ndarray  # (sum of head levels,)
+
+
+@torch.inference_mode()
+def _run(bundle: Bundle, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    model = bundle.model
+    if not isinstance(model, NoduleNet):
+        raise LungvizError(f"model '{bundle.name}' is not a nodule model.")
+    x = np.stack([to_model_input(v, bundle.mean, bundle.std, bundle.in_chans) for v in views])
+    outline, heads = model.outputs(torch.from_numpy(x).to(bundle.device))
+    return torch.sigmoid(outline[:, 0].float()).cpu().numpy(), heads.float().cpu().numpy()
+
+
+def _outlines(probs: np.ndarray) -> list[np.ndarray]:
+    return [central_region(p > THRESHOLD) for p in probs]
+
+
+def read_slices(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
+                centres_rc: list[tuple[float, float]] | None = None, batch: int = 128) -> list[SliceReading]:
+    """Read each nodule-centred context crop (or the given centre on a larger slice) in two passes; see the module."""
+    size = bundle.input_size
+    centres = centres_rc or [(c.shape[0] / 2.0, c.shape[1] / 2.0) for c in contexts01]
+    first = [cut(c, rc, FIRST_FIELD_MM, spacing_mm, size) for c, rc in zip(contexts01, centres, strict=True)]
+    out: list[SliceReading] = []
+    for i in range(0, len(contexts01), batch):
+        part = slice(i, i + batch)
+        probs, _ = _run(bundle, np.stack([v for v, _ in first[part]]))
+        fields = [field_for(axes_px(m)[0] * mmpx) for m, (_, mmpx) in zip(_outlines(probs), first[part], strict=True)]
+        second = [cut(c, rc, f, spacing_mm, size)
+                  for c, rc, f in zip(contexts01[part], centres[part], fields, strict=True)]
+        probs, logits = _run(bundle, np.stack([v for v, _ in second]))
+        for (view, mmpx), f, mask, z in zip(second, fields, _outlines(probs), logits, strict=True):
+            long_px, short_px = axes_px(mask)
+            out.append(SliceReading(view=view, field_mm=f, mm_per_px=mmpx, outline=mask, long_axis_mm=long_px * mmpx,
+                                    short_axis_mm=short_px * mmpx, area_mm2=float(mask.sum()) * mmpx**2, logits=z))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoduleReading:
+    """The nodule model's reading of one nodule over ``n_slices`` slices.
+
+    ``probabilities``: per head, the calibrated distribution over its levels; ``ratings``: per rating head, the
+    expected rating on its LIDC scale (1..levels). Sizes in mm: the long and short axis of the slice with the
+    longest outline and their mean (the Fleischner / Lung-RADS average diameter); ``volume_mm3`` when the slice
+    thickness is known and more than one slice was read."""
+
+    n_slices: int
+    probabilities: dict[str, np.ndarray]
+    ratings: dict[str, float]
+    long_axis_mm: float
+    short_axis_mm: float
+    mean_axes_mm: float
+    volume_mm3: float | None
+    slices: list[SliceReading] = field(repr=False, default_factory=list)
+
+    @property
+    def malignant_probability(self) -> float:
+        return float(self.probabilities["malignant"][1])
+
+
+def head_temperatures(bundle: Bundle) -> dict[str, float]:
+    """Each head's temperature from the spec (1.0 where none was fitted)."""
+    fitted = bundle.spec.get("head_temperatures") or {}
+    return {h: float(fitted.get(h, 1.0)) for h in NODULE_HEADS}
+
+
+def split_logits(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """``(..., sum of levels)`` -> per head ``(..., levels)``."""
+    out, start = {}, 0
+    for name, n in NODULE_HEADS.items():
+        out[name] = logits[..., start : start + n]
+        start += n
+    return out
+
+
+def expected_rating(p: np.ndarray) -> np.ndarray:
+    """The expected rating ``sum_k k p_k`` on a 1..levels scale, from ``(..., levels)`` probabilities."""
+    return (np.asarray(p) * np.arange(1, p.shape[-1] + 1)).sum(axis=-1)
+
+
+def aggregate(bundle: Bundle, readings: list[SliceReading], slice_thickness_mm: float | None) -> NoduleReading:
+    """One nodule from its slices' readings: mean logits, calibrated per head; the largest slice's size."""
+    if not readings:
+        raise LungvizError("no slice of the nodule was read.")
+    heads = split_logits(np.mean([r.logits for r in readings], axis=0))
+    temps = head_temperatures(bundle)
+    probs = {h: softmax(z[None], temps[h])[0] for h, z in heads.items()}
+    biggest = max(readings, key=lambda r: r.long_axis_mm)
+    thick = slice_thickness_mm if slice_thickness_mm and np.isfinite(slice_thickness_mm) else None
+    volume = float(sum(r.area_mm2 for r in readings) * thick) if thick and len(readings) > 1 else None
+    return NoduleReading(n_slices=len(readings), probabilities=probs,
+                         ratings={h: float(expected_rating(probs[h])) for h in RATING_HEADS},
+                         long_axis_mm=biggest.long_axis_mm, short_axis_mm=biggest.short_axis_mm,
+                         mean_axes_mm=(biggest.long_axis_mm + biggest.short_axis_mm) / 2.0, volume_mm3=volume,
+                         slices=readings)

@@ -1,0 +1,166 @@
+"""The nodule model: its heads, gate, loss, targets and the aggregation over a nodule's slices, on tiny arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lungviz.cases import Case
+from lungviz.explain import cam
+from lungviz.metrics import rating_comparison
+from lungviz.models import NODULE_HEADS, ModelSpec, NoduleNet, create_model, load_bundle, save_bundle
+from lungviz.nodule_model import FIELD_MM, FIRST_FIELD_MM, SliceReading, aggregate, expected_rating, field_for
+from training.nodule import NoduleLoss, head_targets, pairwise_reader_dice, panel_and_votes
+
+ARCH = "tf_efficientnet_lite0+nodule"
+TOTAL = sum(NODULE_HEADS.values())
+
+
+@pytest.fixture(scope="module")
+def net() -> NoduleNet:
+    torch.manual_seed(0)
+    return create_model(ARCH, 2).eval()
+
+
+def test_heads_and_outline_shapes(net):
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        outline, logits = net.outputs(x)
+        assert outline.shape == (3, 1, 32, 32) and logits.shape == (3, TOTAL)
+        assert torch.allclose(net(x), logits[:, :2]) and net.embed(x).shape == (3, net.embed_dim)
+    parts = net.split_heads(logits)
+    assert list(parts) == list(NODULE_HEADS) and [p.shape[1] for p in parts.values()] == list(NODULE_HEADS.values())
+    with pytest.raises(Exception, match="first head has 2 classes"):
+        create_model(ARCH, 5)
+
+
+def test_bundle_round_trip(net, tmp_path):
+    spec = ModelSpec.from_model(net, classes=["benign", "malignant"], view="nodule", task="nodule", input_size=32)
+    save_bundle(net, spec, tmp_path, "nodule")
+    back = load_bundle(tmp_path, "nodule", "cpu")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(back.model.outputs(x)[1], net.outputs(x)[1], atol=0.05)  # float16 storage
+
+
+class _FixedOutline(nn.Module):
+    """Stands in for the decoder's last layers: a square outline whatever the input."""
+
+    def __init__(self, inside: tuple[slice, slice]) -> None:
+        super().__init__()
+        self.inside = inside
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        out = torch.full((y.shape[0], 1, *y.shape[-2:]), -20.0) + 0.0 * y[:, :1]
+        out[:, :, self.inside[0], self.inside[1]] = 20.0
+        return out
+
+
+def test_gradcam_on_the_gated_layer_stays_on_the_outline(net):
+    """The heads pool only the predicted outline widened by one stride-4 cell, so their Grad-CAM is zero beyond."""
+    torch.manual_seed(1)
+    model = create_model(ARCH, 2).eval()
+    model.seg.out = _FixedOutline((slice(2, 4), slice(10, 12)))  # stride-4 grid of a 64 px view: rows 8-16, cols 40-48
+    image = np.random.default_rng(0).uniform(size=(64, 64)).astype(np.float32)
+    near = np.zeros((64, 64), bool)
+    near[0:28, 28:62] = True  # the outline, widened by the gate's cell and the maps' upsampling
+    maps = [cam(model, image, (0.5,) * 3, (0.5,) * 3, target_class=t, layer="gated") for t in (0, 1)]
+    assert max(h.max() for h in maps) > 0  # one class at least has evidence on the outline
+    for heat in maps:  # and none anywhere else (a class without evidence gets an empty map)
+        assert heat[~near].max() == 0.0
+
+
+def test_loss_prefers_the_truth_and_ignores_unlabelled_heads():
+    loss = NoduleLoss(8, 1.0)
+    mask = torch.zeros(2, 8, 8)
+    mask[:, 2:6, 2:6] = 1.0
+    soft = torch.zeros(2, TOTAL)
+    start = 0
+    for levels in NODULE_HEADS.values():
+        soft[:, start] = 1.0  # every head's truth: the first level
+        start += levels
+    weights = torch.ones(2, len(NODULE_HEADS))
+    target = torch.cat([mask.flatten(1), soft, weights], dim=1)
+    right_logits = soft * 8.0
+    good_outline = (mask * 16.0 - 8.0)[:, None]
+    good = loss((good_outline, right_logits), target)
+    assert good < loss((-good_outline, right_logits), target)
+    assert good < loss((good_outline, -right_logits), target)
+    unlabelled = target.clone()
+    unlabelled[:, -1] = 0.0  # texture not labelled: its logits no longer count
+    wrong_texture = right_logits.clone()
+    wrong_texture[:, -5:] = torch.tensor([-8.0, 8.0, 8.0, 8.0, 8.0])
+    assert loss((good_outline, wrong_texture), unlabelled) == pytest.approx(float(loss((good_outline, right_logits),
+                                                                                    unlabelled)), abs=1e-6)
+
+
+def _case(**kw) -> Case:
+    return Case(patient_id="P", nodule_id="nodule-0", source="test", **kw)
+
+
+def test_targets_mix_the_panel_and_the_readers_votes():
+    c = _case(malignancy=4, reader_scores=(5, 4, 4, 3), characteristics={"spiculation": 2.5},
+              reader_characteristics=({"spiculation": 1}, {"spiculation": 2}, {"spiculation": 3}, {"spiculation": 4}))
+    assert panel_and_votes(c, "malignant", 2) == (2, [2, 2, 2, 1])
+    assert panel_and_votes(c, "spiculation", 5) == (3, [1, 2, 3, 4])  # the median 2.5 rounds half up
+    t, w = head_targets([c, _case()], 0.5)
+    heads = dict(zip(NODULE_HEADS, np.split(t[0], np.cumsum(list(NODULE_HEADS.values()))[:-1]), strict=True))
+    assert np.allclose(heads["malignancy"], [0, 0, 0.125, 0.75, 0.125])
+    assert np.allclose(heads["malignant"], [0.125, 0.875])
+    assert np.allclose(heads["spiculation"], [0.125, 0.125, 0.625, 0.125, 0])
+    assert w[0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 1, 0] and not w[1].any() and not t[1].any()
+
+
+def test_field_follows_the_measured_nodule_within_limits():
+    assert field_for(10.0) == pytest.approx(25.0)
+    assert field_for(2.0) == FIELD_MM[0] and field_for(60.0) == FIELD_MM[1]
+    assert field_for(0.0) == field_for(float("nan")) == FIRST_FIELD_MM
+
+
+def _reading(long_mm: float, short_mm: float, area: float, logits: list[float]) -> SliceReading:
+    return SliceReading(view=np.zeros((4, 4), np.float32), field_mm=20.0, mm_per_px=0.5,
+                        outline=np.zeros((4, 4), bool), long_axis_mm=long_mm, short_axis_mm=short_mm, area_mm2=area,
+                        logits=np.asarray(logits, np.float32))
+
+
+class _Spec:
+    spec: dict = {"head_temperatures": {"malignant": 2.0}}
+
+
+def test_aggregate_over_slices():
+    a = np.zeros(TOTAL)
+    b = np.zeros(TOTAL)
+    a[1], b[1] = 2.0, 0.0  # malignant logit 2 and 0: mean 1, at temperature 2 -> 0.5
+    one = _reading(8.0, 6.0, 40.0, a)
+    two = _reading(10.0, 7.0, 60.0, b)
+    r = aggregate(_Spec(), [one, two], 2.5)  # type: ignore[arg-type]
+    assert r.n_slices == 2 and r.long_axis_mm == 10.0 and r.short_axis_mm == 7.0 and r.mean_axes_mm == 8.5
+    assert r.volume_mm3 == pytest.approx(250.0)
+    assert r.malignant_probability == pytest.approx(1.0 / (1.0 + np.exp(-0.5)))
+    assert r.ratings["malignancy"] == pytest.approx(3.0)  # zero logits: uniform over 1-5
+    assert aggregate(_Spec(), [one], 2.5).volume_mm3 is None  # type: ignore[arg-type]
+    assert aggregate(_Spec(), [one, two], None).volume_mm3 is None  # type: ignore[arg-type]
+    assert expected_rating(np.array([0.0, 0.0, 1.0, 0.0])) == pytest.approx(3.0)
+
+
+def test_readers_pairwise_dice_from_counts():
+    same = np.zeros((4, 4))
+    same[1:3, 1:3] = 3  # three readers draw the same square
+    assert pairwise_reader_dice(same, 3) == pytest.approx(1.0)
+    apart = np.zeros((4, 4))
+    apart[0, :2] = 1
+    apart[3, :2] = 1  # two readers, disjoint outlines
+    assert pairwise_reader_dice(apart, 2) == 0.0
+    assert np.isnan(pairwise_reader_dice(same, 1))
+
+
+def test_rating_comparison_puts_model_and_reader_on_the_same_pairs():
+    votes = [[1, 1, 1], [4, 5, 5], [3, 3, 3], [2, 2]]
+    perfect = np.array([1.0, 5.0, 3.0, 2.0])
+    rep = rating_comparison(votes, perfect, 5, n_boot=20)
+    assert rep["n_pairs"] == 11 and rep["n_nodules"] == 4
+    assert rep["model_qwk"] == pytest.approx(1.0) and rep["model_mae"] == 0.0
+    assert rep["reader_mae"] > 0.0
+    assert rating_comparison(votes, np.full(4, 3.0), 5, n_boot=20)["model_qwk"] == pytest.approx(0.0)  # constant

@@ -1,0 +1,356 @@
+"""Train the nodule model (:class:`lungviz.models.NoduleNet`) and measure it honestly.
+
+From the pixels of a nodule view alone it learns the readers' outline (their consensus mask), the benign/malignant
+call, the 1-5 panel score and the eight LIDC characteristics; the readers' measurements stay labels, never inputs.
+Training views are sized around the readers' diameter with a random error (at use, around the model's own first
+measurement) and move the nodule off the view's centre, so the outline, and the heads pooled over it, follow it.
+Targets mix the panel's rating with the readers' votes. Train fits, validation picks the epoch and each head's
+temperature, test is reported once: Dice beside the readers' own agreement, size error by size band, each head
+against a single reader on the same nodules, and the map's localisation on centred and shifted views.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lungviz import metrics, paths
+from lungviz.cases import Case, round_half_up
+from lungviz.models import NODULE_HEADS, Bundle, ModelSpec, create_model, resolve_device, round_to_storage, save_bundle
+from lungviz.nodule_model import (
+    FIELD_FACTOR,
+    FIELD_MM,
+    FIRST_FIELD_MM,
+    RATING_HEADS,
+    NoduleReading,
+    aggregate,
+    cut,
+    expected_rating,
+    field_for,
+    read_slices,
+    split_logits,
+)
+from lungviz.preprocess import to_model_input
+from training.augment import AugmentConfig, augment_pair
+from training.data import SliceStore, central_slices
+from training.datasets import load_cases
+from training.loop import LoopConfig, fit, seed_everything
+from training.outliner import OutlineLoss, dice
+from training.train import split_for
+
+log = logging.getLogger("training")
+
+#: The size bands (mm, readers' diameter) the size error is reported in.
+SIZE_BANDS = (0.0, 6.0, 10.0, 20.0, np.inf)
+
+
+@dataclass
+class NoduleConfig:
+    """The nodule model: outline, size, malignancy and the readers' characteristics from one network."""
+
+    data: str = ""  # lidc-slices folder; empty = the configured data folder
+    arch: str = "tf_efficientnet_lite0+nodule"
+    pretrained: bool = True  # start the encoder from the ImageNet weights
+    input_size: int = 64  # pixels per side the network sees
+    epochs: int = 40  # at most; early stopping on validation ends sooner
+    batch_size: int = 64
+    epoch_samples: int = 1536  # training views per epoch
+    lr: float = 2e-3  # AdamW peak learning rate (cosine schedule)
+    layer_decay: float = 0.6  # each parameter group deeper than the heads learns this factor slower
+    weight_decay: float = 1e-2
+    patience: int = 8  # epochs without a better validation figure before early stopping
+    shift: float = 0.28  # training views move the nodule's centre up to this share of the view's side
+    field_jitter: float = 0.2  # log-normal spread of the training field around the readers' diameter
+    reader_weight: float = 0.5  # soft targets: (1 - w) x the panel's rating + w x the readers' votes
+    head_weight: float = 1.0  # weight of the heads' loss beside the outline's
+    val_slices: int = 5  # slices per nodule read for early stopping
+    central_fraction: float = 0.5  # a nodule's reading = mean logits over the central half of its slices
+    seed: int = 0
+    n_boot: int = 1000
+    name: str = "nodule"  # bundle name
+    out: str = ""  # bundle folder; empty = runs/<name>
+
+
+def panel_and_votes(case: Case, head: str, levels: int) -> tuple[int | None, list[int]]:
+    """The panel's rating (1..levels; malignant: 1 benign, 2 malignant) and the readers' votes on ``head``."""
+    if head == "malignant":
+        votes = [2 if s >= 4 else 1 for s in case.reader_scores]
+        return (None if case.malignant is None else case.malignant + 1), votes
+    if head == "malignancy":
+        return case.malignancy, [int(s) for s in case.reader_scores]
+    votes = [int(np.clip(round(r[head]), 1, levels)) for r in case.reader_characteristics if head in r]
+    median = case.characteristics.get(head)
+    panel = None if median is None or not np.isfinite(median) else int(np.clip(round_half_up(median), 1, levels))
+    return panel, votes
+
+
+def head_targets(cases: list[Case], reader_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Soft targets ``(N, sum of levels)``: per head ``(1 - w)`` x the panel's one-hot + ``w`` x the readers' vote
+    shares, and weights ``(N, heads)``: 1 where the head is labelled, else 0."""
+    total = sum(NODULE_HEADS.values())
+    targets = np.zeros((len(cases), total), np.float32)
+    weights = np.zeros((len(cases), len(NODULE_HEADS)), np.float32)
+    for i, case in enumerate(cases):
+        start = 0
+        for h, (head, levels) in enumerate(NODULE_HEADS.items()):
+            panel, votes = panel_and_votes(case, head, levels)
+            if panel is not None:
+                t = np.eye(levels)[panel - 1]
+                if votes:
+                    t = (1.0 - reader_weight) * t + reader_weight * np.bincount(np.array(votes) - 1,
+                                                                                minlength=levels)[:levels] / len(votes)
+                targets[i, start : start + levels] = t
+                weights[i, h] = 1.0
+            start += levels
+    return targets, weights
+
+
+class NoduleLoss(nn.Module):
+    """The outline's BCE + soft Dice, plus ``head_weight`` x the mean soft cross-entropy of the labelled heads.
+
+    Targets come packed per sample as (outline mask ``S*S``, head targets, head weights)."""
+
+    def __init__(self, input_size: int, head_weight: float) -> None:
+        super().__init__()
+        self.pixels = input_size * input_size
+        self.outline = OutlineLoss()
+        self.head_weight = float(head_weight)
+
+    def forward(self, outputs: tuple[torch.Tensor, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        outline, logits = outputs
+        side = outline.shape[-1]
+        mask = target[:, : self.pixels].reshape(-1, side, side)
+        total = sum(NODULE_HEADS.values())
+        soft = target[:, self.pixels : self.pixels + total]
+        weights = target[:, self.pixels + total :]
+        loss = self.outline(outline.float(), mask)
+        start, ce = 0, []
+        for h, levels in enumerate(NODULE_HEADS.values()):
+            logp = torch.log_softmax(logits[:, start : start + levels].float(), dim=1)
+            per = -(soft[:, start : start + levels] * logp).sum(dim=1)
+            ce.append((per * weights[:, h]).sum() / weights[:, h].sum().clamp(min=1.0))
+            start += levels
+        return loss + self.head_weight * torch.stack(ce).mean()
+
+
+def training_view(store: SliceStore, ci: int, k: int, cfg: NoduleConfig, rng: np.random.Generator,
+                  aug: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented training view and its outline target (consensus >= 50%): rotated, flipped, sized around the
+    readers' diameter with a random error and moved off the centre by up to ``cfg.shift`` of its side."""
+    case = store.cases[ci]
+    img, mask = augment_pair(store.slice01(ci, k), store.mask01(ci, k), rng, aug)
+    diameter = case.diameter_mm if case.diameter_mm and case.diameter_mm > 0 else 10.0
+    field = field_for(diameter * float(np.exp(rng.normal(0.0, cfg.field_jitter))))
+    radius, angle = cfg.shift * np.sqrt(rng.uniform()), rng.uniform(0.0, 2.0 * np.pi)
+    spacing = case.pixel_spacing_mm or 0.7
+    h, w = img.shape
+    centre = (h / 2.0 + radius * np.sin(angle) * field / spacing, w / 2.0 + radius * np.cos(angle) * field / spacing)
+    view, _ = cut(img, centre, field, case.pixel_spacing_mm, cfg.input_size)
+    mview, _ = cut(mask, centre, field, case.pixel_spacing_mm, cfg.input_size)
+    return view, (mview >= 0.5).astype(np.float32)
+
+
+def as_bundle(model: nn.Module, spec: ModelSpec | dict, name: str, device: torch.device) -> Bundle:
+    """A bundle around an in-memory model (for reading nodules during training)."""
+    data = spec.to_dict() if isinstance(spec, ModelSpec) else spec
+    return Bundle(model=model, spec=data, name=name, folder=Path("."), device=device)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitReadings:
+    """The nodule model's readings of one split, with what they are measured against."""
+
+    cases: list[Case]
+    logits: np.ndarray  # (N, sum of levels): mean raw logits over each nodule's read slices
+    readings: list[NoduleReading]
+    dice: np.ndarray  # (N,) mean Dice against the consensus >= 50% over the read slices
+    reader_dice: np.ndarray  # (N,) the readers' own pairwise agreement on the same slices (from their counts)
+
+
+def pairwise_reader_dice(counts: np.ndarray, n_readers: int) -> float:
+    """The readers' mean pairwise Dice estimated from per-pixel counts ``c`` of ``n`` readers:
+    ``sum c(c-1) / (n-1)  /  sum c`` (NaN with fewer than two readers or no outline)."""
+    c = np.asarray(counts, np.float64)
+    if n_readers < 2 or c.sum() <= 0:
+        return float("nan")
+    return float((c * (c - 1.0)).sum() / (n_readers - 1.0) / c.sum())
+
+
+def read_split(bundle: Bundle, store: SliceStore, max_slices: int = 0, central: float = 0.5) -> SplitReadings:
+    """Read every nodule of ``store`` over the central share of its slices (``central`` 0: the middle one)."""
+    logits, readings, dices, agree = [], [], [], []
+    for ci, case in enumerate(store.cases):
+        ks = central_slices(store.n_slices(ci), max_slices, central)
+        contexts = [store.slice01(ci, k) for k in ks]
+        slices = read_slices(bundle, contexts, case.pixel_spacing_mm)
+        reading = aggregate(bundle, slices, case.slice_thickness_mm)
+        readings.append(reading)
+        logits.append(np.mean([r.logits for r in slices], axis=0))
+        d, a = [], []
+        for k, r in zip(ks, slices, strict=True):
+            m = store.mask01(ci, k)
+            target, _ = cut(m, (m.shape[0] / 2.0, m.shape[1] / 2.0), r.field_mm, case.pixel_spacing_mm,
+                            bundle.input_size)
+            d.append(dice(r.outline, target >= 0.5))
+            a.append(pairwise_reader_dice(np.round(m * case.n_readers), case.n_readers))
+        dices.append(float(np.mean(d)))
+        agree.append(float(np.nanmean(a)) if np.isfinite(a).any() else float("nan"))
+    return SplitReadings(cases=list(store.cases), logits=np.asarray(logits), readings=readings,
+                         dice=np.asarray(dices), reader_dice=np.asarray(agree))
+
+
+def _labels(cases: list[Case], head: str) -> np.ndarray:
+    """The panel's class index per case on ``head`` (-1 where unlabelled)."""
+    levels = NODULE_HEADS[head]
+    return np.array([(p - 1) if (p := panel_and_votes(c, head, levels)[0]) is not None else -1 for c in cases])
+
+
+def selection_score(r: SplitReadings) -> float:
+    """Early stopping's figure: malignant AUROC + the score's kappa + the characteristics' mean kappa + Dice."""
+    heads = split_logits(r.logits)
+    y = _labels(r.cases, "malignant")
+    keep = y >= 0
+    score = metrics.auroc(y[keep], metrics.softmax(heads["malignant"][keep]))
+    kappas = []
+    for head in RATING_HEADS:
+        y = _labels(r.cases, head)
+        keep = y >= 0
+        call = np.rint(expected_rating(metrics.softmax(heads[head][keep]))).astype(int) - 1
+        kappas.append(metrics.quadratic_kappa(y[keep], call, NODULE_HEADS[head]))
+    return float(score + kappas[0] + np.mean(kappas[1:]) + np.mean(r.dice))
+
+
+def fit_temperatures(r: SplitReadings) -> dict[str, float]:
+    """Each head's temperature on validation (the panel's rating as the truth)."""
+    heads = split_logits(r.logits)
+    out = {}
+    for head in NODULE_HEADS:
+        y = _labels(r.cases, head)
+        keep = y >= 0
+        out[head] = metrics.fit_temperature(heads[head][keep], y[keep]) if keep.sum() > 10 else 1.0
+    return out
+
+
+def split_report(r: SplitReadings, temps: dict[str, float], n_boot: int) -> dict:
+    """Every figure of one split: outline, size by band, malignant AUROC against the readers' diameter, and each
+    rating head against a single reader on the same nodules."""
+    groups = [c.patient_id for c in r.cases]
+    heads = split_logits(r.logits)
+    rep: dict = {"n": len(r.cases)}
+    finite = np.isfinite(r.reader_dice)
+    rep["outline"] = {"dice": float(np.mean(r.dice)), "readers_pairwise_dice": float(np.mean(r.reader_dice[finite])),
+                      "readers_pairwise_dice_n": int(finite.sum()),
+                      "ci95": metrics.bootstrap_ci(lambda i: {"dice": float(np.mean(r.dice[i]))}, len(r.cases),
+                                                   groups, n_boot)}
+    readers_d = np.array([c.diameter_mm if c.diameter_mm else np.nan for c in r.cases])
+    measured = {"long_axis": np.array([x.long_axis_mm for x in r.readings]),
+                "mean_axes": np.array([x.mean_axes_mm for x in r.readings])}
+    known = np.isfinite(readers_d)
+    bands = []
+    for lo, hi in itertools.pairwise(SIZE_BANDS):
+        sel = known & (readers_d >= lo) & (readers_d < hi)
+        bands.append({"band_mm": [lo, None if not np.isfinite(hi) else hi], "n": int(sel.sum()),
+                      **{f"mae_{k}_mm": float(np.mean(np.abs(v[sel] - readers_d[sel]))) if sel.any() else None
+                         for k, v in measured.items()}})
+    rep["size"] = {"vs": "the readers' diameter (labels.csv diameter_mm)",
+                   **{f"mae_{k}_mm": float(np.mean(np.abs(v[known] - readers_d[known]))) for k, v in measured.items()},
+                   "by_band": bands}
+    y = _labels(r.cases, "malignant")
+    keep = y >= 0
+    P = metrics.softmax(heads["malignant"][keep], temps["malignant"])
+    g = [grp for grp, k in zip(groups, keep, strict=True) if k]
+    diam = readers_d[keep]
+    rep["malignant"] = {
+        "auroc": metrics.score_auroc(y[keep], P[:, 1], g, n_boot),
+        "readers_diameter_auroc": metrics.score_auroc(y[keep][np.isfinite(diam)], diam[np.isfinite(diam)],
+                                                      [x for x, f in zip(g, np.isfinite(diam), strict=True) if f],
+                                                      n_boot),
+        "ece": metrics.ece(y[keep], P),
+        "single_reader": metrics.reader_comparison([c.reader_scores for c, k in zip(r.cases, keep, strict=True) if k],
+                                                   P, "binary", n_boot, patients=g)}
+    rep["ratings"] = {}
+    for head in RATING_HEADS:
+        levels = NODULE_HEADS[head]
+        y = _labels(r.cases, head)
+        keep = y >= 0
+        P = metrics.softmax(heads[head], temps[head])
+        rating = expected_rating(P)
+        call = np.clip(np.rint(rating).astype(int), 1, levels)
+        if head == "malignancy":
+            votes = [list(c.reader_scores) for c in r.cases]
+        else:
+            votes = [[rd[head] for rd in c.reader_characteristics if head in rd] for c in r.cases]
+        rep["ratings"][head] = {
+            "levels": levels, "n": int(keep.sum()),
+            "qwk": metrics.quadratic_kappa(y[keep], call[keep] - 1, levels),
+            "mae": float(np.mean(np.abs(rating[keep] - (y[keep] + 1)))),
+            "ece": metrics.ece(y[keep], P[keep]),
+            "single_reader": metrics.rating_comparison(votes, rating, levels, n_boot, patients=groups)}
+    return rep
+
+
+def train_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
+    """Train, select on validation, calibrate each head on validation, report on test; save the bundle."""
+    t_start = time.perf_counter()
+    cases, report = load_cases("lidc", cfg.data)
+    split = split_for(cases, data=cfg.data)
+    parts = {n: [c for c in split.select(cases, n) if c.has_masks] for n in ("train", "val", "test")}
+    log.info("nodule: %s; train %d, val %d, test %d nodules", report.summary(), *(len(parts[n]) for n in parts))
+    stores = {n: SliceStore(parts[n], progress=progress, masks=True) for n in parts}
+    device = resolve_device()
+    seed_everything(cfg.seed)
+    model = create_model(cfg.arch, NODULE_HEADS["malignant"], pretrained=cfg.pretrained)
+    spec = ModelSpec.from_model(
+        model, classes=["benign", "malignant"], view="nodule", task="nodule", input_size=cfg.input_size,
+        preprocessing={"view": "nodule", "field": "follows the nodule", "field_factor": FIELD_FACTOR,
+                       "field_mm_range": list(FIELD_MM), "first_field_mm": FIRST_FIELD_MM, "context_px": 128,
+                       "context_intensity": "minmax", "central_fraction": cfg.central_fraction},
+        extra={"heads": dict(NODULE_HEADS)})
+    aug = dataclasses.replace(AugmentConfig(), shift_frac=0.0, scale=0.0)  # the field and shift are drawn apart
+    loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, layer_decay=cfg.layer_decay,
+                      weight_decay=cfg.weight_decay, stages=(), stage_groups=(0,), balance="none",
+                      epoch_samples=cfg.epoch_samples, patience=cfg.patience, seed=cfg.seed, aug=aug)
+    train = stores["train"]
+    targets, weights = head_targets(train.cases, cfg.reader_weight)
+
+    def batch_fn(items: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for ci in items:
+            ci = int(ci)
+            view, mask = training_view(train, ci, train.train_slice(ci, rng), cfg, rng, aug)
+            xs.append(to_model_input(view, spec.mean, spec.std, model.in_chans))
+            ys.append(np.concatenate([mask.ravel(), targets[ci], weights[ci]]))
+        return np.stack(xs), np.stack(ys).astype(np.float32)
+
+    def validate(m: nn.Module) -> float:
+        m.eval()
+        score = selection_score(read_split(as_bundle(m, spec, cfg.name, device), stores["val"], cfg.val_slices,
+                                           cfg.central_fraction))
+        m.train()
+        return score
+
+    run = fit(model, None, np.arange(len(train)), np.zeros(len(train), int), None, loop, device, validate, progress,
+              batch_fn=batch_fn, loss_fn=NoduleLoss(cfg.input_size, cfg.head_weight),
+              forward=lambda m, x: m.outputs(x))
+    round_to_storage(model)  # every figure below is that of the stored weights
+    bundle = as_bundle(model, spec, cfg.name, device)
+    val = read_split(bundle, stores["val"], 0, cfg.central_fraction)
+    temps = fit_temperatures(val)
+    test = read_split(bundle, stores["test"], 0, cfg.central_fraction)
+    reports = {"val": split_report(val, temps, 200), "test": split_report(test, temps, cfg.n_boot)}
+    final = ModelSpec.from_dict({
+        **spec.to_dict(), "metrics": reports, "head_temperatures": temps,
+        "training": {**dataclasses.asdict(cfg), **{k: v for k, v in run.items() if k != "history"},
+                     "history": run["history"], "total_seconds": time.perf_counter() - t_start,
+                     "n_train": len(parts["train"]), "n_val": len(parts["val"]), "n_test": len(parts["test"])},
+        "split_fingerprint": split.fingerprint})
+    out = Path(cfg.out) if cfg.out else paths.runs_dir() / cfg.name
+    return save_bundle(model, final, out, cfg.name)
