@@ -74,19 +74,22 @@ def _outlines(probs: np.ndarray) -> list[np.ndarray]:
     return [central_region(p > THRESHOLD) for p in probs]
 
 
-def read_slices(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
-                centres_rc: list[tuple[float, float]] | None = None, batch: int = 128) -> list[SliceReading]:
-    """Read each nodule-centred context crop (or the given centre on a larger slice) in two passes; see the module."""
+def read_slices(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | list[float | None] | None,
+                centres_rc: list[tuple[float, float]] | None = None, batch: int = 256) -> list[SliceReading]:
+    """Read each nodule-centred context crop (or the given centre on a larger slice) in two passes; see the module.
+    ``spacing_mm``: one pixel spacing for all, or one per crop."""
     size = bundle.input_size
+    n = len(contexts01)
+    spacings = list(spacing_mm) if isinstance(spacing_mm, list) else [spacing_mm] * n
     centres = centres_rc or [(c.shape[0] / 2.0, c.shape[1] / 2.0) for c in contexts01]
-    first = [cut(c, rc, FIRST_FIELD_MM, spacing_mm, size) for c, rc in zip(contexts01, centres, strict=True)]
     out: list[SliceReading] = []
-    for i in range(0, len(contexts01), batch):
+    for i in range(0, n, batch):
         part = slice(i, i + batch)
-        probs, _ = _run(bundle, np.stack([v for v, _ in first[part]]))
-        fields = [field_for(axes_px(m)[0] * mmpx) for m, (_, mmpx) in zip(_outlines(probs), first[part], strict=True)]
-        second = [cut(c, rc, f, spacing_mm, size)
-                  for c, rc, f in zip(contexts01[part], centres[part], fields, strict=True)]
+        todo = list(zip(contexts01[part], centres[part], spacings[part], strict=True))
+        first = [cut(c, rc, FIRST_FIELD_MM, sp, size) for c, rc, sp in todo]
+        probs, _ = _run(bundle, np.stack([v for v, _ in first]))
+        fields = [field_for(axes_px(m)[0] * mmpx) for m, (_, mmpx) in zip(_outlines(probs), first, strict=True)]
+        second = [cut(c, rc, f, sp, size) for (c, rc, sp), f in zip(todo, fields, strict=True)]
         probs, logits = _run(bundle, np.stack([v for v, _ in second]))
         for (view, mmpx), f, mask, z in zip(second, fields, _outlines(probs), logits, strict=True):
             long_px, short_px = axes_px(mask)

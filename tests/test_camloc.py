@@ -104,3 +104,46 @@ def test_camloc_cli_on_a_small_folder(app_weights, lidc_slices_dir, tmp_path):
                           str(app_weights), "--models", "absent"], capture_output=True, text=True, cwd=REPO,
                          timeout=300)
     assert bad.returncode == 2 and "no model 'absent'" in bad.stderr
+
+
+def build_nodule_weights(folder: Path, input_size: int = 32) -> Path:
+    """An untrained nodule model (NoduleNet) bundle, tiny, as `python -m training nodule` writes it."""
+    import torch
+
+    from lungviz.models import ModelSpec, create_model, save_bundle
+
+    torch.manual_seed(0)
+    model = create_model("tf_efficientnet_lite0+nodule", 2)
+    spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view="nodule", task="nodule",
+                                input_size=input_size, preprocessing={"view": "nodule", "central_fraction": 0.5},
+                                extra={"head_temperatures": {"malignant": 1.5}})
+    save_bundle(model, spec, folder, "nodule")
+    return folder
+
+
+@pytest.mark.slow
+def test_characteristics_evaluation_cli(lidc_slices_dir, tmp_path):
+    weights = build_nodule_weights(tmp_path / "w")
+    data = _small_folder(tmp_path / "slices", lidc_slices_dir, ["LIDC-IDRI-0001/nodule-0", "LIDC-IDRI-0003/nodule-1",
+                                                                "LIDC-IDRI-0003/nodule-2"])
+    csv_out = tmp_path / "chars.csv"
+    out = subprocess.run([sys.executable, "-m", "training", "evaluate", "--task", "characteristics", "--data",
+                          str(data), "--weights", str(weights), "--json", "--predictions", str(csv_out)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    from lungviz.cases import CHARACTERISTICS
+
+    assert rep["n"] == 3 and list(rep["characteristics"]) == list(CHARACTERISTICS)
+    for r in rep["characteristics"].values():
+        s = r["single_reader"]
+        assert s["n_pairs"] >= 6 and {"model_qwk", "reader_qwk", "model_mae", "reader_mae"} <= set(s)
+    with open(csv_out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["patient_id", "nodule", *CHARACTERISTICS] and len(rows) == 3
+    scale = {"calcification": 6, "internalStructure": 4}
+    assert all(1.0 <= float(row[h]) <= scale.get(h, 5) for row in rows for h in CHARACTERISTICS)
+    loc = subprocess.run([sys.executable, "-m", "training", "camloc", "--data", str(data), "--weights", str(weights),
+                          "--models", "nodule", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert loc.returncode == 0, loc.stderr
+    assert json.loads(loc.stdout)["models"]["nodule"]["layer"] == "gated"

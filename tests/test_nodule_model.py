@@ -126,7 +126,8 @@ def _reading(long_mm: float, short_mm: float, area: float, logits: list[float]) 
 
 
 class _Spec:
-    spec: dict = {"head_temperatures": {"malignant": 2.0}}
+    def __init__(self) -> None:
+        self.spec = {"head_temperatures": {"malignant": 2.0}}
 
 
 def test_aggregate_over_slices():
@@ -164,3 +165,34 @@ def test_rating_comparison_puts_model_and_reader_on_the_same_pairs():
     assert rep["model_qwk"] == pytest.approx(1.0) and rep["model_mae"] == 0.0
     assert rep["reader_mae"] > 0.0
     assert rating_comparison(votes, np.full(4, 3.0), 5, n_boot=20)["model_qwk"] == pytest.approx(0.0)  # constant
+
+
+def test_factor_model_contributions_sum_to_its_estimate_and_fit_the_direction():
+    from lungviz.errors import LungvizError
+    from lungviz.factors import FactorModel, factor_phrases, factor_values, fit_factor_model, risk_band
+
+    rng = np.random.default_rng(0)
+    n = 400
+    size = rng.normal(2.2, 0.6, n)  # log mm
+    spic = rng.uniform(1, 5, n)
+    texture = rng.uniform(1, 5, n)  # unrelated to the outcome
+    logit = 2.0 * (size - 2.2) + 0.8 * (spic - 3.0) - 1.5
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-logit))).astype(int)
+    rows = [{"size": a, "spiculation": b, "texture": c, "image": 0.0} for a, b, c in zip(size, spic, texture,
+                                                                                            strict=True)]
+    model, choice = fit_factor_model(rows, y, ("size", "spiculation", "texture"), [f"P{i // 2}" for i in range(n)])
+    coef = dict(zip(model.names, model.coef, strict=True))
+    assert coef["size"] > 1.0 and coef["spiculation"] > 0.4 and abs(coef["texture"]) < 0.3
+    assert choice["C"] in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0) and choice["n"] == n
+    one = factor_values(20.0, {"spiculation": 4.0, "texture": 5.0}, 0.7)
+    parts = model.contributions(one)
+    assert model.logit(one) == pytest.approx(model.intercept + sum(parts.values()))
+    assert model.probability(one) == pytest.approx(float(model.probabilities([one])[0]))
+    assert model.contributions({"size": float("nan")})["size"] == 0.0  # unknown: counted at the centre
+    assert FactorModel.from_dict(model.to_dict()).probability(one) == pytest.approx(model.probability(one))
+    with pytest.raises(LungvizError):
+        FactorModel.from_dict({**model.to_dict(), "names": ["size", "spiculation", "weather"]})
+    phrases = factor_phrases(one, parts, top=2)
+    assert phrases[0].startswith("size 20 mm: +") and len(phrases) == 2
+    assert risk_band(0.05).startswith("low") and risk_band(0.5).startswith("intermediate")
+    assert risk_band(0.9).startswith("high")

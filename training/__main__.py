@@ -140,8 +140,14 @@ def cmd_evaluate(cfg: EvalConfig) -> dict | str:
     """Evaluate a shipped model on a lidc-slices folder (all labelled nodules, or --split)."""
     from training.evaluate import evaluate_bundle, evaluation_text
 
-    name = cfg.model or ("histology" if cfg.task == "histology" else f"{cfg.view}-{cfg.task}")
     folder = Path(cfg.weights) if cfg.weights else paths.weights_dir()
+    if cfg.task == "characteristics":
+        from training.nodule import characteristics_text, evaluate_characteristics
+
+        rep = evaluate_characteristics(folder, cfg.model or "nodule", cfg.data, cfg.split, cfg.predictions,
+                                       cfg.n_boot, progress=not cfg.json)
+        return rep if cfg.json else characteristics_text(rep)
+    name = cfg.model or ("histology" if cfg.task == "histology" else f"{cfg.view}-{cfg.task}")
     rep = evaluate_bundle(folder, name, cfg.data, cfg.split, cfg.predictions, cfg.n_boot, cfg.max_slices,
                           progress=not cfg.json)
     return rep if cfg.json else evaluation_text(rep)

@@ -10,6 +10,7 @@ must beat. ``mass_inside`` is the map's share inside the outline (consensus >= 5
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from lungviz import paths
 from lungviz.cases import Case
 from lungviz.errors import LungvizError
 from lungviz.explain import cam, cam_in_mask
-from lungviz.models import Bundle, load_bundle, stage_shapes, update_spec
+from lungviz.models import Bundle, NoduleNet, load_bundle, stage_shapes, update_spec
+from lungviz.nodule_model import read_slices
 from lungviz.preprocess import crop_around, mm_to_px, pad_to_square, resize
 from training.data import ViewConfig, central_slices, view_config_from_spec
 from training.datasets import load_cases
@@ -130,8 +132,14 @@ def measure(bundle: Bundle, cases: list[Case], layer: str | None = None, method:
     rows: dict[str, list] = {"centred": [], "shifted": []}
     priors: dict[str, list] = {"centred": [], "shifted": []}
     kept: dict[str, list] = {"centred": [], "shifted": []}
+    follows = isinstance(bundle.model, NoduleNet)
     for case in tqdm(cases, desc=what or bundle.name, disable=not progress, unit="nodule"):
-        views = localisation_views(case, vc, shift, seed)
+        case_vc = vc
+        if follows:  # the nodule model's field follows the nodule: the one it chooses on the centred slice
+            k = central_slices(case.n_slices, 0, 0.0)[0]
+            field = read_slices(bundle, [case.load_slice(k)], case.pixel_spacing_mm)[0].field_mm
+            case_vc = dataclasses.replace(vc, field_mm=field)
+        views = localisation_views(case, case_vc, shift, seed)
         if views is None:
             continue
         for key, view in zip(("centred", "shifted"), views, strict=True):

@@ -111,7 +111,7 @@ class EvalConfig:
     """Evaluate a shipped bundle on a lidc-slices folder."""
 
     data: str = ""  # lidc-slices layout folder (histology: class folders); empty = the configured data folder
-    task: str = "binary"  # binary | score | histology
+    task: str = "binary"  # binary | score | histology | characteristics (the nodule model's eight ratings)
     view: str = "nodule"  # nodule | slice | fused
     model: str = ""  # bundle name; empty = <view>-<task> (histology: the histology model)
     weights: str = ""  # bundle folder; empty = weights/

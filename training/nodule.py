@@ -24,13 +24,24 @@ from torch import nn
 
 from lungviz import metrics, paths
 from lungviz.cases import Case, round_half_up
-from lungviz.models import NODULE_HEADS, Bundle, ModelSpec, create_model, resolve_device, round_to_storage, save_bundle
+from lungviz.factors import FACTORS, factor_values, fit_factor_model
+from lungviz.models import (
+    NODULE_HEADS,
+    Bundle,
+    ModelSpec,
+    NoduleNet,
+    create_model,
+    resolve_device,
+    round_to_storage,
+    save_bundle,
+)
 from lungviz.nodule_model import (
     FIELD_FACTOR,
     FIELD_MM,
     FIRST_FIELD_MM,
     RATING_HEADS,
     NoduleReading,
+    SliceReading,
     aggregate,
     cut,
     expected_rating,
@@ -186,16 +197,19 @@ def pairwise_reader_dice(counts: np.ndarray, n_readers: int) -> float:
 
 def read_split(bundle: Bundle, store: SliceStore, max_slices: int = 0, central: float = 0.5) -> SplitReadings:
     """Read every nodule of ``store`` over the central share of its slices (``central`` 0: the middle one)."""
+    wanted = [(ci, k) for ci in range(len(store)) for k in central_slices(store.n_slices(ci), max_slices, central)]
+    slices = read_slices(bundle, [store.slice01(ci, k) for ci, k in wanted],
+                         [store.cases[ci].pixel_spacing_mm for ci, _ in wanted])
+    per_case: dict[int, list[tuple[int, SliceReading]]] = {}
+    for (ci, k), r in zip(wanted, slices, strict=True):
+        per_case.setdefault(ci, []).append((k, r))
     logits, readings, dices, agree = [], [], [], []
     for ci, case in enumerate(store.cases):
-        ks = central_slices(store.n_slices(ci), max_slices, central)
-        contexts = [store.slice01(ci, k) for k in ks]
-        slices = read_slices(bundle, contexts, case.pixel_spacing_mm)
-        reading = aggregate(bundle, slices, case.slice_thickness_mm)
-        readings.append(reading)
-        logits.append(np.mean([r.logits for r in slices], axis=0))
+        mine = [r for _, r in per_case[ci]]
+        readings.append(aggregate(bundle, mine, case.slice_thickness_mm))
+        logits.append(np.mean([r.logits for r in mine], axis=0))
         d, a = [], []
-        for k, r in zip(ks, slices, strict=True):
+        for k, r in per_case[ci]:
             m = store.mask01(ci, k)
             target, _ = cut(m, (m.shape[0] / 2.0, m.shape[1] / 2.0), r.field_mm, case.pixel_spacing_mm,
                             bundle.input_size)
@@ -297,6 +311,55 @@ def split_report(r: SplitReadings, temps: dict[str, float], n_boot: int) -> dict
     return rep
 
 
+def factor_rows(r: SplitReadings, temps: dict[str, float]) -> list[dict[str, float]]:
+    """Each nodule's factors (:func:`lungviz.factors.factor_values`) from the nodule model's reading."""
+    z = split_logits(r.logits)["malignant"]
+    image = (z[:, 1] - z[:, 0]) / temps["malignant"]
+    return [factor_values(x.mean_axes_mm, x.ratings, float(v)) for x, v in zip(r.readings, image, strict=True)]
+
+
+#: The estimates compared on test: the shipped one over every factor, and the size with the image alone.
+ESTIMATES = {"factors": FACTORS, "size_and_image": ("size", "image")}
+
+
+def estimate_report(val: SplitReadings, test: SplitReadings, temps: dict[str, float], n_boot: int,
+                    sensitivity: float = 0.9) -> tuple[dict, dict]:
+    """Fit the factor estimates on validation (patient-grouped CV picks the L2 strength), read them on test beside
+    the readers' diameter (paired AUROC difference), and choose the call point on validation for ``sensitivity``.
+    Returns the shipped estimate's description (model + call point) and the report."""
+    y_val, y_test = _labels(val.cases, "malignant"), _labels(test.cases, "malignant")
+    kv, kt = y_val >= 0, y_test >= 0
+    rows_val = [r for r, k in zip(factor_rows(val, temps), kv, strict=True) if k]
+    rows_test = [r for r, k in zip(factor_rows(test, temps), kt, strict=True) if k]
+    g_val = [c.patient_id for c, k in zip(val.cases, kv, strict=True) if k]
+    g_test = [c.patient_id for c, k in zip(test.cases, kt, strict=True) if k]
+    diam = np.array([c.diameter_mm or np.nan for c, k in zip(test.cases, kt, strict=True) if k])
+    yt = y_test[kt]
+    rep: dict = {"n_val": int(kv.sum()), "n_test": int(kt.sum()),
+                 "readers_diameter": metrics.score_auroc(yt, np.nan_to_num(diam), g_test, n_boot)}
+    shipped: dict = {}
+    for name, factors in ESTIMATES.items():
+        model, choice = fit_factor_model(rows_val, y_val[kv], factors, g_val)
+        p_val, p_test = model.probabilities(rows_val), model.probabilities(rows_test)
+
+        def paired(i: np.ndarray, p: np.ndarray = p_test) -> dict[str, float]:
+            est, ruler = metrics.score_auroc(yt[i], p[i], n_boot=0)["auroc"], metrics.score_auroc(
+                yt[i], np.nan_to_num(diam[i]), n_boot=0)["auroc"]
+            return {"minus_readers_diameter": est - ruler}
+
+        point = metrics.operating_point(y_val[kv], p_val, yt, p_test, sensitivity, g_test, n_boot)
+        rep[name] = {"factors": list(factors), "fit": choice, "model": model.to_dict(),
+                     "auroc": metrics.score_auroc(yt, p_test, g_test, n_boot),
+                     "paired_vs_readers_diameter": {**paired(np.arange(len(yt))),
+                                                    "ci95": metrics.bootstrap_ci(paired, len(yt), g_test, n_boot)},
+                     "ece": metrics.ece(yt, np.stack([1 - p_test, p_test], axis=1)),
+                     "call": point}
+        if name == "factors":
+            shipped = {"model": model.to_dict(), "threshold": point["threshold"], "target_sensitivity": sensitivity,
+                       "test": point["test"], "test_ci95": point["test_ci95"]}
+    return shipped, rep
+
+
 def train_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
     """Train, select on validation, calibrate each head on validation, report on test; save the bundle."""
     t_start = time.perf_counter()
@@ -346,11 +409,84 @@ def train_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
     temps = fit_temperatures(val)
     test = read_split(bundle, stores["test"], 0, cfg.central_fraction)
     reports = {"val": split_report(val, temps, 200), "test": split_report(test, temps, cfg.n_boot)}
+    estimate, reports["estimate"] = estimate_report(val, test, temps, cfg.n_boot)
     final = ModelSpec.from_dict({
-        **spec.to_dict(), "metrics": reports, "head_temperatures": temps,
+        **spec.to_dict(), "metrics": reports, "head_temperatures": temps, "estimate": estimate,
         "training": {**dataclasses.asdict(cfg), **{k: v for k, v in run.items() if k != "history"},
                      "history": run["history"], "total_seconds": time.perf_counter() - t_start,
                      "n_train": len(parts["train"]), "n_val": len(parts["val"]), "n_test": len(parts["test"])},
         "split_fingerprint": split.fingerprint})
     out = Path(cfg.out) if cfg.out else paths.runs_dir() / cfg.name
     return save_bundle(model, final, out, cfg.name)
+
+
+def evaluate_characteristics(folder: Path, name: str = "nodule", data: str = "", split: str = "",
+                             predictions: str = "", n_boot: int = 1000, progress: bool = True) -> dict:
+    """Evaluate the nodule model's characteristics on a lidc-slices folder (or one split of its own): per
+    characteristic the model's and a single reader's quadratic-weighted kappa against the rest of the panel on the
+    same nodules (each reader left out in turn), the model's kappa and MAE against the panel; ``predictions`` writes
+    each nodule's predicted ratings (expected rating on the LIDC scale)."""
+    import csv
+
+    from lungviz.cases import CHARACTERISTICS
+    from lungviz.errors import LungvizError
+    from lungviz.models import load_bundle
+    from lungviz.nodule_model import head_temperatures
+    from training.evaluate import seen_in_training, select_split
+
+    if predictions and Path(predictions).is_dir():
+        raise LungvizError(f"--predictions {predictions} is a folder; give a file name such as predictions.csv.")
+    bundle = load_bundle(Path(folder), name)
+    if not isinstance(bundle.model, NoduleNet):
+        raise LungvizError(f"model '{name}' does not predict the characteristics; use the nodule model.")
+    cases, report = load_cases("lidc", data)
+    if split:
+        cases = select_split(cases, split, bundle.spec, Path(folder))
+    if not cases:
+        raise LungvizError(f"no nodule in {data or 'the data folder'} ({report.summary()}).")
+    store = SliceStore(cases, progress=progress)
+    r = read_split(bundle, store, 0, float(bundle.spec.get("preprocessing", {}).get("central_fraction", 0.5)))
+    temps = head_temperatures(bundle)
+    heads = split_logits(r.logits)
+    groups = [c.patient_id for c in cases]
+    ratings = {h: expected_rating(metrics.softmax(heads[h], temps[h])) for h in CHARACTERISTICS}
+    out: dict = {"model": name, "task": "characteristics", "data": data or "default", "split": split or "all",
+                 "import": report.summary(), "n": len(cases), "characteristics": {}}
+    for h in CHARACTERISTICS:
+        levels = NODULE_HEADS[h]
+        y = _labels(cases, h)
+        keep = y >= 0
+        call = np.clip(np.rint(ratings[h]).astype(int), 1, levels)
+        votes = [[rd[h] for rd in c.reader_characteristics if h in rd] for c in cases]
+        cmp_ = metrics.rating_comparison(votes, ratings[h], levels, n_boot, patients=groups)
+        out["characteristics"][h] = {
+            "levels": levels, "n": int(keep.sum()),
+            "model_qwk_vs_panel": metrics.quadratic_kappa(y[keep], call[keep] - 1, levels) if keep.any() else None,
+            "model_mae_vs_panel": float(np.mean(np.abs(ratings[h][keep] - (y[keep] + 1)))) if keep.any() else None,
+            "single_reader": cmp_}
+    if seen := (None if split == "test" else seen_in_training(cases, bundle.spec, Path(folder))):
+        out["seen_in_training"], out["notes"] = seen[0], [seen[1]]
+    if predictions:
+        path = Path(predictions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["patient_id", "nodule", *CHARACTERISTICS])
+            for i, c in enumerate(cases):
+                w.writerow([c.patient_id, c.nodule_id, *[f"{ratings[h][i]:.3f}" for h in CHARACTERISTICS]])
+    return out
+
+
+def characteristics_text(rep: dict) -> str:
+    """A readable table of :func:`evaluate_characteristics`' report."""
+    lines = [f"{rep['model']}: the readers' characteristics on {rep['n']} nodules of {rep['data']} "
+             f"(split: {rep['split']}); quadratic-weighted kappa against the rest of the panel, each reader left out "
+             "in turn, model and single reader on the same pairs"]
+    for h, r in rep["characteristics"].items():
+        s = r["single_reader"]
+        if not s.get("n_pairs"):
+            lines.append(f"  {h:18s} no nodule with two readers")
+            continue
+        lines.append(f"  {h:18s} model {metrics.format_ci(s, 'model_qwk')}  single reader "
+                     f"{metrics.format_ci(s, 'reader_qwk')}  ({s['n_pairs']} pairs)")
+    return "\n".join([*lines, *rep.get("notes", [])])
