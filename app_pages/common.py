@@ -29,6 +29,7 @@ from lungviz.library import (
     slice_spacings,
 )
 from lungviz.lidc import load_case
+from lungviz.nodule_model import Assessment
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
 from lungviz.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.retrieval import CaseIndex, load_index, set_server_threads
@@ -344,6 +345,39 @@ def probability_bars(pred: Prediction, task: str = "score") -> go.Figure | None:
                       xaxis={"title": "panel score (1 = highly unlikely … 5 = highly suspicious)", "type": "category"},
                       legend={"orientation": "h", "y": 1.15}, uniformtext={"minsize": 8, "mode": "hide"})
     return fig
+
+
+def show_assessment(assessment: Assessment) -> None:
+    """The nodule model's finding: size, the characteristics in the readers' words and the factors behind its
+    estimate, with the estimate's risk band and call."""
+    r = assessment.reading
+    size, look, why = st.columns([2, 3, 3], gap="medium")
+    with size:
+        st.metric("Estimate by its factors", f"{assessment.probability:.0%}",
+                  help="The nodule model's malignant probability from the factors listed beside it (fitted and "
+                       "calibrated on the validation patients).")
+        st.markdown(f"Risk band: **{assessment.risk_band}**; call: **{assessment.call}** (from "
+                    f"{assessment.threshold:.0%}, chosen for 90% sensitivity on validation)")
+        if (t := assessment.test_calls) is not None:
+            st.caption(f"On the held-out test nodules this call found {t['sensitivity']:.0%} of the malignant ones "
+                       f"and cleared {t['specificity']:.0%} of the benign.")
+        st.markdown(f"**Size** (largest of {r.n_slices} slice{'s' if r.n_slices > 1 else ''}): long axis "
+                    f"{r.long_axis_mm:.1f} mm, short axis {r.short_axis_mm:.1f} mm, mean {r.mean_axes_mm:.1f} mm"
+                    + (f"; volume {r.volume_mm3:.0f} mm³" if r.volume_mm3 else ""))
+    with look:
+        st.markdown("**Characteristics** (LIDC scales, as a reader would rate them)")
+        st.dataframe([{"characteristic": CHARACTERISTIC_LABELS.get(h, h), "model's rating": w}
+                      for h, w in assessment.characteristics.items()], hide_index=True, width="stretch")
+    with why:
+        st.markdown("**What moved the estimate** (log-odds against an average nodule)")
+        st.markdown("\n".join(f"- {f}" for f in assessment.top_factors()))
+
+
+#: The LIDC characteristics as a clinician reads them.
+CHARACTERISTIC_LABELS = {"malignancy": "malignancy score", "subtlety": "subtlety", "internalStructure":
+                         "internal structure", "calcification": "calcification", "sphericity": "sphericity",
+                         "margin": "margin", "lobulation": "lobulation", "spiculation": "spiculation",
+                         "texture": "texture"}
 
 
 def show_flag(pred: Prediction) -> None:

@@ -308,6 +308,8 @@ with est:
                    "never inputs). " + " ".join(n for n in (diameter_note(folder), size_only_note(folder)) if n))
     if (shape := outline_features_text(pred.outline_features, pred.outline_features_used_by)) is not None:
         st.caption(" ".join(n for n in (shape, outline_features_note(list(pred.outline_features), folder)) if n))
+if pred.assessment is not None:
+    common.show_assessment(pred.assessment)
 fig = common.probability_bars(pred, "score")
 if fig is not None:
     st.markdown("**Panel score distribution (1-5), calibrated**")

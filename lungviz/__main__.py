@@ -121,7 +121,7 @@ def cmd_locate(args: argparse.Namespace) -> dict:
 
 
 def _print_human(result: dict) -> None:
-    from lungviz.report import prob_pct
+    from lungviz.report import nodule_model_notes, prob_pct
 
     if "candidates" in result:
         print(result.get("notice", RESEARCH_NOTICE))
@@ -148,6 +148,8 @@ def _print_human(result: dict) -> None:
                   end="")
         print()
     print(f"flag: {result.get('flag')}" + (f" ({'; '.join(result['reasons'])})" if result.get("reasons") else ""))
+    for line in nodule_model_notes(result.get("nodule_model")):
+        print(line)
     for note in result.get("notes", []):
         print(f"note: {note}")
 

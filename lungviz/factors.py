@@ -33,13 +33,23 @@ def risk_band(p: float) -> str:
     return RISK_BANDS[-1][1]
 
 
-def factor_values(mean_axes_mm: float, ratings: Mapping[str, float], image_logodds: float) -> dict[str, float]:
-    """The factors of one nodule from what the nodule model measured (NaN where unknown)."""
+def factor_values(mean_axes_mm: float, probabilities: Mapping[str, np.ndarray],
+                  image_logodds: float) -> dict[str, float]:
+    """The factors of one nodule from what the nodule model measured (NaN where unknown): the log of the mean axes,
+    the expected rating of each graded characteristic, the probability of any calcification (a nominal scale whose
+    last level is 'absent') and the image's malignant log-odds."""
     size = float(np.log(mean_axes_mm)) if mean_axes_mm and mean_axes_mm > 0 else float("nan")
     out = {"size": size, "image": float(image_logodds)}
     for name in FACTORS:
-        if name not in out:
-            out[name] = float(ratings.get(name, float("nan")))
+        p = probabilities.get(name)
+        if name in out:
+            continue
+        if p is None:
+            out[name] = float("nan")
+        elif name == "calcification":
+            out[name] = float(1.0 - np.asarray(p)[-1])
+        else:
+            out[name] = float((np.asarray(p) * np.arange(1, len(p) + 1)).sum())
     return out
 
 
@@ -144,6 +154,8 @@ def factor_phrases(values: Mapping[str, float], contributions: Mapping[str, floa
             shown = f"{np.exp(v):.0f} mm" if np.isfinite(v) else "not measured"
         elif k == "image":
             shown = ""
+        elif k == "calcification":
+            shown = f"{v:.0%} likely" if np.isfinite(v) else "not rated"
         else:
             shown = f"{v:.1f}" if np.isfinite(v) else "not rated"
         label = FACTOR_LABELS.get(k, k)

@@ -28,8 +28,38 @@ FIELD_FACTOR = 2.5
 FIELD_MM = (16.0, 64.0)
 #: The first pass's field, which measures the nodule for the second.
 FIRST_FIELD_MM = 40.0
-#: Heads that are ordinal ratings, shown as their expected value on the LIDC scale (all but benign/malignant).
+#: Heads that are ratings on an LIDC scale (all but benign/malignant).
 RATING_HEADS = tuple(h for h in NODULE_HEADS if h != "malignant")
+#: Rating heads whose LIDC scale names categories rather than grades: shown as the most probable category.
+NOMINAL_HEADS = ("internalStructure", "calcification")
+#: The LIDC scales in the readers' words (the levels a reader chose from; unnamed levels lie between two named).
+LEVEL_WORDS: dict[str, dict[int, str]] = {
+    "malignancy": {1: "highly unlikely", 2: "moderately unlikely", 3: "indeterminate", 4: "moderately suspicious",
+                   5: "highly suspicious"},
+    "subtlety": {1: "extremely subtle", 2: "moderately subtle", 3: "fairly subtle", 4: "moderately obvious",
+                 5: "obvious"},
+    "internalStructure": {1: "soft tissue", 2: "fluid", 3: "fat", 4: "air"},
+    "calcification": {1: "popcorn", 2: "laminated", 3: "solid", 4: "non-central", 5: "central", 6: "absent"},
+    "sphericity": {1: "linear", 3: "ovoid", 5: "round"},
+    "margin": {1: "poorly defined", 5: "sharp"},
+    "lobulation": {1: "none", 5: "marked"},
+    "spiculation": {1: "none", 5: "marked"},
+    "texture": {1: "non-solid (ground glass)", 3: "part solid", 5: "solid"},
+}
+
+
+def rating_words(head: str, probabilities: np.ndarray) -> str:
+    """A rating in the readers' words: a nominal scale's most probable category with its probability ("calcification
+    absent, 88%"); a graded scale's expected rating and the nearest named level ("spiculation 1.4 of 5, near none")."""
+    p = np.asarray(probabilities, np.float64)
+    words = LEVEL_WORDS.get(head, {})
+    if head in NOMINAL_HEADS:
+        k = int(np.argmax(p)) + 1
+        return f"{words.get(k, k)}, {p.max():.0%}"
+    value = float(expected_rating(p))
+    nearest = min(words, key=lambda level: abs(level - value)) if words else None
+    near = f", near {words[nearest]}" if nearest is not None and abs(nearest - value) <= 1.0 else ""
+    return f"{value:.1f} of {len(p)}{near}"
 
 
 def field_for(long_axis_mm: float) -> float:
@@ -156,3 +186,75 @@ def aggregate(bundle: Bundle, readings: list[SliceReading], slice_thickness_mm: 
                          long_axis_mm=biggest.long_axis_mm, short_axis_mm=biggest.short_axis_mm,
                          mean_axes_mm=(biggest.long_axis_mm + biggest.short_axis_mm) / 2.0, volume_mm3=volume,
                          slices=readings)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Assessment:
+    """What the nodule model says of one nodule, for the page, the report and the CLI: the size, each characteristic
+    in the readers' words, and the estimate with the factors that moved it, its risk band and its call."""
+
+    reading: NoduleReading
+    factors: dict[str, float]
+    contributions: dict[str, float]
+    probability: float
+    risk_band: str
+    threshold: float
+    test_calls: dict | None = None
+
+    @property
+    def call(self) -> str:
+        return "malignant" if self.probability >= self.threshold else "benign"
+
+    @property
+    def characteristics(self) -> dict[str, str]:
+        """Each characteristic (and the 1-5 score) in the readers' words."""
+        return {h: rating_words(h, self.reading.probabilities[h]) for h in RATING_HEADS}
+
+    def top_factors(self, n: int = 4) -> list[str]:
+        from lungviz.factors import factor_phrases
+
+        return factor_phrases(self.factors, self.contributions, n)
+
+    def to_dict(self) -> dict:
+        r = self.reading
+
+        def mm(v: float | None) -> float | None:
+            return None if v is None or not np.isfinite(v) else round(float(v), 1)
+
+        return {
+            "slices_read": r.n_slices,
+            "size_mm": {"long_axis": mm(r.long_axis_mm), "short_axis": mm(r.short_axis_mm),
+                        "mean_axes": mm(r.mean_axes_mm), "volume_mm3": mm(r.volume_mm3)},
+            "characteristics": {h: {"rating": round(r.ratings[h], 2), "words": w,
+                                    "probabilities": [round(float(p), 4) for p in r.probabilities[h]]}
+                                for h, w in self.characteristics.items()},
+            "malignant_probability": round(self.probability, 4),
+            "risk_band": self.risk_band,
+            "call": self.call,
+            "calls_malignant_from": round(self.threshold, 4),
+            **({"test_calls": self.test_calls} if self.test_calls else {}),
+            "factors": {k: {"value": None if not np.isfinite(v) else round(v, 3),
+                            "log_odds": round(self.contributions.get(k, 0.0), 3)} for k, v in self.factors.items()},
+            "top_factors": self.top_factors(),
+        }
+
+
+def assess(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
+           slice_thickness_mm: float | None = None) -> Assessment:
+    """Read a nodule over one or more of its slices and explain the estimate (the spec's factor model)."""
+    from lungviz.factors import FactorModel, factor_values, risk_band
+
+    estimate = bundle.spec.get("estimate") or {}
+    model = FactorModel.from_dict(estimate.get("model") or {})
+    reading = aggregate(bundle, read_slices(bundle, contexts01, spacing_mm), slice_thickness_mm)
+    z = split_logits(np.mean([s.logits for s in reading.slices], axis=0))["malignant"]
+    image = float((z[1] - z[0]) / head_temperatures(bundle)["malignant"])
+    values = factor_values(reading.mean_axes_mm, reading.probabilities, image)
+    p = model.probability(values)
+    test = estimate.get("test")
+    calls = None
+    if isinstance(test, dict) and "sensitivity" in test:
+        calls = {"sensitivity": test["sensitivity"], "specificity": test["specificity"],
+                 "ci95": estimate.get("test_ci95") or {}}
+    return Assessment(reading=reading, factors=values, contributions=model.contributions(values), probability=p,
+                      risk_band=risk_band(p), threshold=float(estimate.get("threshold", 0.5)), test_calls=calls)

@@ -29,6 +29,11 @@ def lidc_dicom_dir() -> Path:
     return data_dir() / "lidc-dicom"
 
 
+def lidc_diagnosis_csv() -> Path:
+    """LIDC's patient-level diagnosis list (pathology or follow-up) inside the data folder."""
+    return data_dir() / "lidc-diagnosis.csv"
+
+
 def histology_dir() -> Path:
     """The 4-class chest CT folder-per-class set."""
     return data_dir() / "chest-ct-histology"

@@ -28,6 +28,7 @@ from lungviz.fusion import (
 )
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, file_sha256, load_bundle, read_spec
+from lungviz.nodule_model import Assessment, assess
 from lungviz.outline import Outline, load_outliner, outline_nodule
 from lungviz.preprocess import (
     DEFAULT_SPACING_MM,
@@ -39,6 +40,8 @@ from lungviz.preprocess import (
 )
 
 VIEW_NAMES = ("slice", "nodule")
+#: The nodule model's bundle name (lungviz.models.NoduleNet).
+NODULE_MODEL = "nodule"
 TASKS = ("binary", "score")
 #: A malignant probability in this band around a 50% call point is flagged, as are two views that disagree by more
 #: than this; a model that calls malignant from another probability gets the band as wide in log-odds around it.
@@ -73,6 +76,7 @@ class ModelSet:
     fusion_models: dict[str, Fusion] = field(default_factory=dict)  # fusions[task]["fusion"], read once
     outliner: Bundle | None = None
     members: dict[str, Bundle] = field(default_factory=dict)  # networks a fusion averages into one of its views
+    nodule: Bundle | None = None  # the nodule model: size, characteristics and the estimate by its factors
 
     def bundle(self, view: str, task: str) -> Bundle | None:
         return self.bundles.get(f"{view}-{task}")
@@ -83,7 +87,8 @@ class ModelSet:
         finder and the outliner."""
         finder = {b.name: b for b in (self.finder.presence, self.finder.locate)} if self.finder else {}
         outliner = {self.outliner.name: self.outliner} if self.outliner else {}
-        return {**self.bundles, **self.members, **finder, **outliner}
+        nodule = {self.nodule.name: self.nodule} if self.nodule else {}
+        return {**self.bundles, **self.members, **finder, **outliner, **nodule}
 
     @property
     def provenance(self) -> dict[str, dict]:
@@ -134,9 +139,15 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
         outliner = load_outliner(folder, device)
     except LungvizError as err:
         _drop_fusions_measured_by("outliner", err, parsed, fusions, notes)
+    nodule = None
+    if (folder / f"{NODULE_MODEL}.json").is_file():
+        try:
+            nodule = load_bundle(folder, NODULE_MODEL, device)
+        except LungvizError as err:
+            notes.append(f"The nodule model (size, characteristics and the estimate's factors) is not available: {err}")
     used = {n for spec in fusions.values() for nets in component_networks(spec).values() for n in nets[1:]}
     return ModelSet(bundles, fusions, folder, finder, notes, {t: parsed[t] for t in fusions}, outliner,
-                    {n: b for n, b in members.items() if n in used})
+                    {n: b for n, b in members.items() if n in used}, nodule)
 
 
 def _drop_fusions_measured_by(source: str, err: LungvizError, parsed: dict[str, Fusion], fusions: dict[str, dict],
@@ -223,6 +234,7 @@ class Prediction:
     calibration_notes: list[str] = field(default_factory=list)  # views whose malignant probability is off on test
     outline_features: dict[str, float] = field(default_factory=dict)  # the outline's features a fusion used
     outline_features_used_by: list[str] = field(default_factory=list)  # the tasks of the fusions that used them
+    assessment: Assessment | None = None  # the nodule model's size, characteristics and explained estimate
 
     def malignant_probability(self, view: str = "fused") -> float | None:
         v = self.views.get(view) or self.views.get("nodule") or self.views.get("slice")
@@ -252,6 +264,7 @@ class Prediction:
             **({"outline_features": {k: None if not np.isfinite(v) else round(v, 3)
                                      for k, v in self.outline_features.items()},
                 "outline_features_used_by": self.outline_features_used_by} if self.outline_features else {}),
+            **({"nodule_model": self.assessment.to_dict()} if self.assessment is not None else {}),
         }
 
 
@@ -362,9 +375,11 @@ def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarra
     presence = None
     if models.finder is not None and context is not None:
         presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))
+    assessment = assess(models.nodule, [context], spacing_mm) if models.nodule and context is not None else None
     return Prediction(views, images, uncertainty_flags(views, presence), diameter, presence,
                       valid_spacing(spacing_mm) is None, source, outline,
-                      calibration_notes(models, [v for v in views if "binary" in views[v]]), used, users)
+                      calibration_notes(models, [v for v in views if "binary" in views[v]]), used, users,
+                      assessment)
 
 
 def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:

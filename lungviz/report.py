@@ -181,6 +181,24 @@ def call_note(prediction: dict | None) -> str | None:
     return " ".join(parts) or None
 
 
+def nodule_model_notes(reading: Mapping[str, Any] | None) -> list[str]:
+    """The nodule model's finding in three sentences: size, characteristics, and the estimate with its factors."""
+    if not isinstance(reading, Mapping):
+        return []
+    size = reading.get("size_mm") or {}
+    n = reading.get("slices_read", 1)
+    words = "; ".join(f"{k} {v.get('words')}" for k, v in (reading.get("characteristics") or {}).items()
+                      if isinstance(v, Mapping) and k != "malignancy")
+    factors = "; ".join(str(f) for f in reading.get("top_factors") or [])
+    p = reading.get("malignant_probability")
+    volume = f", volume {size['volume_mm3']:.0f} mm3" if size.get("volume_mm3") else ""
+    return [f"Nodule model, over {n} slice{'s' if n != 1 else ''}: long axis {size.get('long_axis')} mm, short axis "
+            f"{size.get('short_axis')} mm, mean {size.get('mean_axes')} mm{volume}.",
+            f"Characteristics (LIDC scales): {words}.",
+            f"Estimate by its factors: {prob_pct(p)} ({reading.get('risk_band')}; call {reading.get('call')} from "
+            f"{prob_pct(reading.get('calls_malignant_from'))}). What moved it: {factors}."]
+
+
 def estimate_notes(prediction: dict | None) -> list[str]:
     """What a reader of the estimate must know: how the calls are made, the measured diameter the fused models used,
     and the calibration."""
@@ -199,7 +217,8 @@ def estimate_notes(prediction: dict | None) -> list[str]:
     shape = outline_features_text((prediction or {}).get("outline_features") or {},
                                   (prediction or {}).get("outline_features_used_by"))
     call = call_note(prediction)
-    return [*([call] if call else []), *notes, *([shape] if shape else []),
+    nodule = nodule_model_notes((prediction or {}).get("nodule_model"))
+    return [*nodule, *([call] if call else []), *notes, *([shape] if shape else []),
             *[str(n) for n in (prediction or {}).get("calibration_notes") or []], CALIBRATION_CAVEAT]
 
 

@@ -184,7 +184,9 @@ def test_factor_model_contributions_sum_to_its_estimate_and_fit_the_direction():
     coef = dict(zip(model.names, model.coef, strict=True))
     assert coef["size"] > 1.0 and coef["spiculation"] > 0.4 and abs(coef["texture"]) < 0.3
     assert choice["C"] in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0) and choice["n"] == n
-    one = factor_values(20.0, {"spiculation": 4.0, "texture": 5.0}, 0.7)
+    one = factor_values(20.0, {"spiculation": np.array([0, 0, 0, 1.0, 0]), "texture": np.array([0, 0, 0, 0, 1.0]),
+                               "calcification": np.array([0.1, 0, 0, 0, 0, 0.9])}, 0.7)
+    assert one["spiculation"] == 4.0 and one["calcification"] == pytest.approx(0.1) and np.isnan(one["margin"])
     parts = model.contributions(one)
     assert model.logit(one) == pytest.approx(model.intercept + sum(parts.values()))
     assert model.probability(one) == pytest.approx(float(model.probabilities([one])[0]))
@@ -196,3 +198,42 @@ def test_factor_model_contributions_sum_to_its_estimate_and_fit_the_direction():
     assert phrases[0].startswith("size 20 mm: +") and len(phrases) == 2
     assert risk_band(0.05).startswith("low") and risk_band(0.5).startswith("intermediate")
     assert risk_band(0.9).startswith("high")
+
+
+def _nodule_bundle_with_estimate(folder):
+    from lungviz.factors import FACTORS, FactorModel
+
+    torch.manual_seed(0)
+    model = create_model(ARCH, 2)
+    factors = FactorModel(names=FACTORS, coef=np.array([2.0, 0.5, 0.3, -0.2, 0.1, -1.0, 0.8]),
+                          centre=np.array([2.2, 2.0, 2.0, 4.0, 4.5, 0.2, -1.0]), intercept=-1.4)
+    spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view="nodule", task="nodule", input_size=32,
+                                extra={"head_temperatures": {"malignant": 1.2},
+                                       "estimate": {"model": factors.to_dict(), "threshold": 0.12,
+                                                    "test": {"sensitivity": 0.9, "specificity": 0.6},
+                                                    "test_ci95": {"sensitivity": [0.8, 0.95]}}})
+    save_bundle(model, spec, folder, "nodule")
+
+
+def test_prediction_carries_the_size_characteristics_and_factors(app_weights, real_lidc, tmp_path):
+    import shutil
+
+    from lungviz.predict import load_models, predict
+    from lungviz.report import estimate_notes
+
+    weights = tmp_path / "w"
+    shutil.copytree(app_weights, weights)
+    _nodule_bundle_with_estimate(weights)
+    ms = load_models(weights, device="cpu")
+    case = next(c for c in real_lidc[0] if c.case_id == "LIDC-IDRI-0001/nodule-0")
+    pred = predict(ms, case.load_slice(case.middle_index()), None, case.pixel_spacing_mm)
+    a = pred.assessment
+    assert a is not None and a.reading.n_slices == 1 and "nodule" in ms.networks
+    assert a.probability == pytest.approx(1 / (1 + np.exp(-(sum(a.contributions.values()) - 1.4))))
+    assert a.call == ("malignant" if a.probability >= 0.12 else "benign") and a.risk_band
+    out = pred.to_dict()["nodule_model"]
+    assert set(out["characteristics"]) == set(NODULE_HEADS) - {"malignant"}
+    assert out["factors"]["size"]["log_odds"] == pytest.approx(a.contributions["size"], abs=1e-3)
+    assert len(out["top_factors"]) == 4 and out["test_calls"]["sensitivity"] == 0.9
+    notes = estimate_notes(pred.to_dict())
+    assert notes[0].startswith("Nodule model, over 1 slice: long axis") and "What moved it:" in notes[2]

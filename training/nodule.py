@@ -24,7 +24,7 @@ from torch import nn
 
 from lungviz import metrics, paths
 from lungviz.cases import Case, round_half_up
-from lungviz.factors import FACTORS, factor_values, fit_factor_model
+from lungviz.factors import FACTORS, FactorModel, factor_values, fit_factor_model
 from lungviz.models import (
     NODULE_HEADS,
     Bundle,
@@ -315,7 +315,7 @@ def factor_rows(r: SplitReadings, temps: dict[str, float]) -> list[dict[str, flo
     """Each nodule's factors (:func:`lungviz.factors.factor_values`) from the nodule model's reading."""
     z = split_logits(r.logits)["malignant"]
     image = (z[:, 1] - z[:, 0]) / temps["malignant"]
-    return [factor_values(x.mean_axes_mm, x.ratings, float(v)) for x, v in zip(r.readings, image, strict=True)]
+    return [factor_values(x.mean_axes_mm, x.probabilities, float(v)) for x, v in zip(r.readings, image, strict=True)]
 
 
 #: The estimates compared on test: the shipped one over every factor, and the size with the image alone.
@@ -358,6 +358,43 @@ def estimate_report(val: SplitReadings, test: SplitReadings, temps: dict[str, fl
             shipped = {"model": model.to_dict(), "threshold": point["threshold"], "target_sensitivity": sensitivity,
                        "test": point["test"], "test_ci95": point["test_ci95"]}
     return shipped, rep
+
+
+def read_diagnoses(path: Path | None = None) -> dict[str, int]:
+    """Patient -> 1 cancer (primary or metastatic), 0 benign or non-malignant disease, from LIDC's diagnosis list;
+    patients of unknown diagnosis are left out ({} when the file is missing)."""
+    import csv
+
+    path = path or paths.lidc_diagnosis_csv()
+    if not path.is_file():
+        return {}
+    out = {}
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            code = (row.get("diagnosis") or "").strip()
+            if code in ("1", "2", "3"):
+                out[(row.get("patient_id") or "").strip()] = int(code != "1")
+    return out
+
+
+def diagnosis_report(cases: list[Case], estimate: np.ndarray, n_boot: int, diagnoses: dict[str, int]) -> dict:
+    """Against what became of the patients: per patient with a known diagnosis, the most suspicious nodule by the
+    estimate, by the readers' panel score and by the readers' diameter; each one's AUROC for cancer."""
+    by_patient: dict[str, list[int]] = {}
+    for i, c in enumerate(cases):
+        if c.patient_id in diagnoses:
+            by_patient.setdefault(c.patient_id, []).append(i)
+    pids = sorted(by_patient)
+    y = np.array([diagnoses[p] for p in pids])
+    scores = {"estimate": [max(estimate[i] for i in by_patient[p]) for p in pids],
+              "readers_panel_score": [max((cases[i].malignancy_median or 0.0) for i in by_patient[p]) for p in pids],
+              "readers_diameter": [max((cases[i].diameter_mm or 0.0) for i in by_patient[p]) for p in pids]}
+    rep: dict = {"n_patients": len(pids), "n_cancer": int(y.sum()), "n_benign": int(len(y) - y.sum())}
+    if len(np.unique(y)) < 2:
+        return {**rep, "note": "both cancer and benign patients are needed to rank them"}
+    for name, s in scores.items():
+        rep[name] = metrics.score_auroc(y, np.asarray(s, np.float64), None, n_boot)
+    return rep
 
 
 def train_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
@@ -410,6 +447,8 @@ def train_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
     test = read_split(bundle, stores["test"], 0, cfg.central_fraction)
     reports = {"val": split_report(val, temps, 200), "test": split_report(test, temps, cfg.n_boot)}
     estimate, reports["estimate"] = estimate_report(val, test, temps, cfg.n_boot)
+    test_p = FactorModel.from_dict(estimate["model"]).probabilities(factor_rows(test, temps))
+    reports["diagnosis"] = diagnosis_report(test.cases, test_p, cfg.n_boot, read_diagnoses())
     final = ModelSpec.from_dict({
         **spec.to_dict(), "metrics": reports, "head_temperatures": temps, "estimate": estimate,
         "training": {**dataclasses.asdict(cfg), **{k: v for k, v in run.items() if k != "history"},
