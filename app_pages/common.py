@@ -5,7 +5,6 @@ few widgets several pages show. Streamlit wiring only: every computation is a ``
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ from lungviz.nodule_model import Assessment
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
 from lungviz.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.retrieval import CaseIndex, load_index, set_server_threads
-from lungviz.reviews import VERDICTS, ReviewStore
+from lungviz.reviews import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS, VERDICTS, ReviewStore
+from lungviz.text import plain_text
 
 INDEX_NAME = "index-nodule-binary"
 LIBRARY_PAGE = "app_pages/library.py"
@@ -55,6 +55,18 @@ LIME_PRECISION = {
 }
 VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}
 VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
+#: How long a per-input result stays cached without being used. Every per-input cache is also bounded in entries, and
+#: decoded uploads (the largest values: up to the readers' decoded-size limit each) are kept for a few inputs only,
+#: so one session uploading file after file cannot fill the server's memory.
+RESULT_TTL = "30m"
+UPLOAD_TTL = "10m"
+#: Decoded images and DICOM series shared by all sessions (a session works on one or two uploads at a time).
+MAX_DECODED_IMAGES = 4
+MAX_DECODED_SERIES = 2
+#: Per-session memories (LIME results, saved reviews for the report): the most recent inputs only.
+MAX_SESSION_RESULTS = 32
+#: How much of a file name the page shows.
+NAME_CHARS = 120
 
 
 #: A model probability for display: whole percent, but never a certain-looking 0% or 100%.
@@ -98,14 +110,21 @@ def forget_upload(widget_key: str) -> None:
 
 
 def init_state() -> None:
-    """Set session defaults once; re-assign the preferences so Streamlit keeps them while their page is not shown."""
+    """Set session defaults once; re-assign the preferences so Streamlit keeps them while their page is not shown.
+    The slice and centre chosen on the kept upload are kept the same way; those of earlier uploads are forgotten,
+    so a session that uploads file after file does not pile them up."""
     for key, value in STATE.items():
         if key not in st.session_state:
             st.session_state[key] = type(value)()
     for key, value in PREFERENCES.items():
         st.session_state[key] = st.session_state.get(key, value)
+    kept = st.session_state.get("kept_uploads", {}).get("upload_slice")
+    current = digest(kept.file_id) if kept is not None else None
     for key in [k for k in st.session_state if isinstance(k, str) and k.startswith(UPLOAD_VIEW_KEYS)]:
-        st.session_state[key] = st.session_state[key]
+        if current is not None and key.endswith(f"-{current}"):
+            st.session_state[key] = st.session_state[key]
+        else:
+            del st.session_state[key]
 
 
 def digest(*parts: bytes | str | np.ndarray | None) -> str:
@@ -145,7 +164,7 @@ def _finder(folder: str) -> Finder:
     return loaded if loaded is not None else load_finder(Path(folder))
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_data(show_spinner=False, max_entries=256, ttl=RESULT_TTL)
 def _library_series(series_uid: str, data_root: str, split_file: str) -> tuple[str, str] | None:
     return series_split(series_uid, Path(data_root), Path(split_file))
 
@@ -187,7 +206,7 @@ def finder_available() -> bool:
         return False
 
 
-@st.cache_data(show_spinner="Searching the slice for nodules…", max_entries=32)
+@st.cache_data(show_spinner="Searching the slice for nodules…", max_entries=32, ttl=RESULT_TTL)
 def nodule_candidates(folder: str, image: np.ndarray, is_hu: bool, spacing: float | None, top_k: int = 5,
                       ) -> list[dict]:
     """Ranked nodule candidates on a whole slice (dicts of :class:`lungviz.finder.Candidate`)."""
@@ -236,7 +255,7 @@ def review_store() -> ReviewStore | None:
         return None
 
 
-@st.cache_data(show_spinner=False, ttl=600)
+@st.cache_data(show_spinner=False, max_entries=16, ttl=600)
 def _reference(folder: str, model: str) -> ReferencePredictions | None:
     return reference_predictions(model, "test", Path(folder))
 
@@ -267,28 +286,35 @@ def headline(pred: Prediction) -> tuple[str | None, str | None]:
 # --------------------------------------------------------------------------------------- per-input results
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_data(show_spinner=False, max_entries=MAX_DECODED_IMAGES, ttl=UPLOAD_TTL)
 def read_image(data: bytes, name: str) -> LoadedImage:
+    """An uploaded image, decoded once per input while it is in use."""
     return load_image(data, name)
 
 
-@st.cache_resource(show_spinner="Reading the DICOM series…", max_entries=2)
+@st.cache_resource(show_spinner="Reading the DICOM series…", max_entries=MAX_DECODED_SERIES, ttl=UPLOAD_TTL)
 def read_zip(upload_id: str, name: str, _data: bytes) -> list[DicomSlice]:
     """A zipped series, keyed by the upload's id: a resource cache, so a few hundred MB of slices are neither
     re-hashed nor copied on every slider move (the slices are never modified)."""
     return read_series(_data, name)
 
 
-@st.cache_data(show_spinner="Predicting…", max_entries=64)
+@st.cache_data(show_spinner="Predicting…", max_entries=64, ttl=RESULT_TTL)
 def prediction(folder: str, context: np.ndarray | None, nodule_crop: np.ndarray | None,
                spacing_mm: float | None) -> Prediction:
     return predict(_model_set(folder), context, nodule_crop, spacing_mm)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
+@st.cache_data(show_spinner=False, max_entries=256, ttl=RESULT_TTL)
 def cam_map(folder: str, bundle_name: str, image: np.ndarray, method: str) -> np.ndarray:
     b = _model_set(folder).bundles[bundle_name]
     return bundle_cam(b, image, method)
+
+
+def _keep_recent(memo: dict, most: int = MAX_SESSION_RESULTS) -> None:
+    """Forget the oldest entries of a per-session memory beyond ``most``."""
+    while len(memo) > most:
+        memo.pop(next(iter(memo)))
 
 
 def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[float], None],
@@ -300,12 +326,11 @@ def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[f
         b = _model_set(folder).bundles[bundle_name]
         memo[key] = lime_map(b.model, image, b.mean, b.std, num_samples=num_samples, progress=progress,
                              calibration=b.calibration)
-        while len(memo) > 32:
-            memo.pop(next(iter(memo)))
+        _keep_recent(memo)
     return memo[key]
 
 
-@st.cache_data(show_spinner="Finding similar cases…", max_entries=64)
+@st.cache_data(show_spinner="Finding similar cases…", max_entries=64, ttl=RESULT_TTL)
 def similar(folder: str, data_root: str, context: np.ndarray | None, nodule_crop: np.ndarray | None,
             spacing_mm: float | None, k: int, own_patient: str = "") -> list[dict]:
     """The ``k`` nearest library cases, queried with the index model's view of this input; when the input is one of
@@ -319,7 +344,7 @@ def similar(folder: str, data_root: str, context: np.ndarray | None, nodule_crop
     return similar_cases(index, query, k, root=Path(data_root), exclude=exclude)
 
 
-@st.cache_data(show_spinner="Loading the case…", max_entries=16)
+@st.cache_data(show_spinner="Loading the case…", max_entries=16, ttl=RESULT_TTL)
 def library_case(root: str, case_id: str):
     """``(case, slices (S, H, W), masks (S, H, W) or None)`` of one library case."""
     case = load_case(Path(root), case_id)
@@ -418,12 +443,13 @@ def review_form(case_id: str, source: str, summary: dict | None, key: str) -> No
     if store is None:
         return
     with st.form(f"review-{key}", clear_on_submit=False, border=True):
-        st.markdown(f"**Your review of** `{case_id}`")
+        st.markdown(f"**Your review of** {plain_text(case_id, NAME_CHARS)}")
         verdict = st.radio("Do you agree with the model?", VERDICTS, format_func=VERDICT_LABELS.get, index=None,
                            horizontal=True, key=f"verdict-{key}")  # no default: the log holds only given verdicts
-        note = st.text_area("Note", key=f"note-{key}", placeholder="What you saw, why you agree or not…")
-        reviewer = st.text_input("Reviewer (optional)", value=st.session_state.get("reviewer", ""),
-                                 key=f"reviewer-{key}")
+        note = st.text_area("Note", key=f"note-{key}", placeholder="What you saw, why you agree or not…",
+                            max_chars=MAX_NOTE_CHARS)
+        reviewer = st.text_input("Reviewer (optional)", value=st.session_state.get("reviewer", "")[:MAX_REVIEWER_CHARS],
+                                 key=f"reviewer-{key}", max_chars=MAX_REVIEWER_CHARS)
         submitted = st.form_submit_button("Save review", icon=":material/save:", type="primary")
     if submitted and verdict is None:
         st.warning("Choose agree, disagree or unsure before saving: the review was not saved.",
@@ -432,19 +458,18 @@ def review_form(case_id: str, source: str, summary: dict | None, key: str) -> No
         try:
             rid = store.add(case_id, source, verdict, note, reviewer, model_summary=summary)
         except LungvizError as err:
-            st.error(str(err), icon=":material/error:")
+            show_error(err)
             return
         st.session_state["reviewer"] = reviewer
-        st.session_state["saved_reviews"][key] = {"verdict": verdict, "note": note, "reviewer": reviewer}
+        saved = st.session_state["saved_reviews"]
+        saved[key] = {"verdict": verdict, "note": note, "reviewer": reviewer}
+        _keep_recent(saved)
         st.success(f"Review #{rid} saved to the review log.", icon=":material/check:")
 
 
-def literal(text: str, limit: int = 80) -> str:
-    """Text from outside (a URL, a file name) shown as itself in Streamlit markdown: shortened, every markdown
-    character escaped, so it can never render as emphasis, a link or an image."""
-    text = " ".join(str(text).split())
-    text = text if len(text) <= limit else text[: limit - 1] + "…"
-    return re.sub(r"([\\`*_{}\[\]()<>#+\-.!|~:$])", r"\\\1", text)
+def show_error(err: LungvizError | str) -> None:
+    """A lungviz message that may quote a file name or other outside text, shown as text."""
+    st.error(plain_text(err), icon=":material/error:")
 
 
 def similar_case_cards(cases: list[dict], key: str) -> None:

@@ -39,6 +39,7 @@ from lungviz.report import (
     pct,
     report_filename,
 )
+from lungviz.text import plain_text
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "npy", "dcm", "dicom"]
 SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are shown
@@ -67,8 +68,8 @@ main_file, main_back = common.kept_upload("upload_slice", present["upload_slice"
 crop_file, crop_back = common.kept_upload("upload_crop", present["upload_crop"], crop_file)
 for col, f, back, k in ((up1, main_file, main_back, "upload_slice"), (up2, crop_file, crop_back, "upload_crop")):
     if back and f is not None:
-        col.caption(f":material/history: Still inspecting `{f.name}` from earlier in this session; upload a file to "
-                    "replace it.")
+        col.caption(f":material/history: Still inspecting **{plain_text(f.name, common.NAME_CHARS)}** from earlier in "
+                    "this session; upload a file to replace it.")
         col.button("Forget it", key=f"forget-{k}", on_click=common.forget_upload, args=(k,),
                    icon=":material/close:")
 if main_file is None and crop_file is None:
@@ -86,10 +87,10 @@ def _read(file) -> LoadedImage | list:
             return common.read_zip(file.file_id, file.name, data)
         return common.read_image(data, file.name)
     except LungvizError as err:
-        st.error(str(err), icon=":material/error:")
+        common.show_error(err)
     except Exception as err:  # a file no reader anticipated must not show a traceback
-        st.error(f"{file.name}: lungviz could not read this file ({type(err).__name__}). Upload a PNG, JPG, TIFF, "
-                 "NPY or DICOM image, or a zip of DICOM slices.", icon=":material/error:")
+        common.show_error(f"{file.name}: lungviz could not read this file ({type(err).__name__}). Upload a PNG, JPG, "
+                          "TIFF, NPY or DICOM image, or a zip of DICOM slices.")
     st.stop()
 
 
@@ -214,7 +215,7 @@ def _case_input() -> tuple[CaseInput, str, str]:
         with st.container(border=True):
             picture, controls = st.columns([3, 2], gap="large")
             with controls:
-                st.markdown(f"**DICOM series** `{main_file.name}`: {n} slices")
+                st.markdown(f"**DICOM series** {plain_text(main_file.name, common.NAME_CHARS)}: {n} slices")
                 _window_select(True)
                 st.session_state.setdefault(f"slice-{key}", n // 2)
                 index = st.slider("Slice (inferior → superior)", 0, n - 1, key=f"slice-{key}") if n > 1 else 0
@@ -230,7 +231,8 @@ def _case_input() -> tuple[CaseInput, str, str]:
         with st.container(border=True):
             picture, controls = st.columns([3, 2], gap="large")
             with controls:
-                st.markdown(f"**{loaded.name}**: {loaded.pixels.shape[1]} × {loaded.pixels.shape[0]} pixels"
+                st.markdown(f"**{plain_text(loaded.name, common.NAME_CHARS)}**: {loaded.pixels.shape[1]} × "
+                            f"{loaded.pixels.shape[0]} pixels"
                             + (", Hounsfield units" if loaded.is_hu else ""))
                 _window_select(loaded.is_hu)
             with picture:
@@ -256,21 +258,21 @@ try:
                               "image file carries none.")
     pred = common.prediction(folder, case.context, case.nodule_crop, case.spacing_mm)
 except LungvizError as err:
-    st.error(str(err), icon=":material/error:")
+    common.show_error(err)
     st.stop()
-for note in case.notes:
-    st.caption(f":material/info: {note}")
+for note in case.notes:  # notes on a conversion name the file
+    st.caption(f":material/info: {plain_text(note)}")
 input_notes = list(case.notes)  # what the page says about the input goes into the report too
 own_patient = ""  # the library patient this input comes from, when it is one of the library's own images
 if (known := common.library_series(series_uid)) is not None:
     own_patient = known[0]
     input_notes.append(series_split_note(*known))
-    (st.info if known[1] == "test" else st.warning)(input_notes[-1], icon=":material/database:")
+    (st.info if known[1] == "test" else st.warning)(plain_text(input_notes[-1]), icon=":material/database:")
 elif same is not None:
     case_id, name, split = same
     own_patient = case_id
-    input_notes.append(f"This image is `{name}` of library case {case_id}. " + SPLIT_NOTES.get(str(split), ""))
-    (st.info if split == "test" else st.warning)(input_notes[-1], icon=":material/database:")
+    input_notes.append(f"This image is {name} of library case {case_id}. " + SPLIT_NOTES.get(str(split), ""))
+    (st.info if split == "test" else st.warning)(plain_text(input_notes[-1]), icon=":material/database:")
 if case.centre_rc is not None:
     input_notes.append(f"Nodule centre used: row {case.centre_rc[0]:.0f}, column {case.centre_rc[1]:.0f} "
                        f"(pixels of {case_label}).")
@@ -426,7 +428,7 @@ if index is not None:
         similar = common.similar(folder, str(paths.lidc_slices_dir()), case.context, case.nodule_crop,
                                  case.spacing_mm, k, own_patient)
     except LungvizError as err:
-        st.warning(f"Similar cases are not available: {err}", icon=":material/info:")
+        st.warning(plain_text(f"Similar cases are not available: {err}"), icon=":material/info:")
     own = ""
     if own_patient:
         own = (f"This input is one of the library's own images: the cases of its patient "

@@ -23,6 +23,7 @@ from lungviz.library import (
 from lungviz.predict import view_image
 from lungviz.preprocess import resize
 from lungviz.report import CALIBRATION_CAVEAT, VIEW_LABELS, estimate_notes, reader_spread
+from lungviz.text import plain_text
 
 SHOW_PX = 256
 
@@ -200,5 +201,5 @@ if wanted and wanted in by_id:
     _show_case(by_id[wanted])
 else:
     if wanted:
-        st.warning(f"Case {common.literal(wanted)} is not in the library.", icon=":material/warning:")
+        st.warning(f"Case {plain_text(wanted, common.NAME_CHARS)} is not in the library.", icon=":material/warning:")
     _browse()

@@ -4,7 +4,7 @@ import streamlit as st
 
 from app_pages import common
 from lungviz.errors import LungvizError
-from lungviz.reviews import SOURCES, VERDICTS
+from lungviz.reviews import SOURCES, VERDICTS, summary_headline
 
 st.title("Review log")
 store = common.review_store()
@@ -38,11 +38,12 @@ for col, v in zip(m[1:], VERDICTS, strict=True):
 if not rows:
     st.info("No reviews match these filters yet.")
 else:
+    headlines = [summary_headline(r["model_summary"]) for r in rows]  # a damaged summary reads as none
     st.dataframe(
         [{"when (UTC)": r["created_utc"][:16].replace("T", " "), "case": r["case_id"], "source": r["source"],
           "verdict": r["verdict"], "note": r["note"], "reviewer": r["reviewer"],
-          "model: malignant": common.percent((r["model_summary"] or {}).get("malignant_probability")),
-          "model flag": (r["model_summary"] or {}).get("flag", "-")} for r in rows],
+          "model: malignant": common.percent(p), "model flag": flag or "-"}
+         for r, (p, flag) in zip(rows, headlines, strict=True)],
         hide_index=True, width="stretch",
     )
 st.download_button("Download as CSV", lambda: store.to_csv_text(**filters), file_name="lungviz-reviews.csv",

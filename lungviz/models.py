@@ -13,7 +13,6 @@ import importlib.resources
 import importlib.util
 import json
 import logging
-import os
 import re
 import threading
 import weakref
@@ -32,6 +31,7 @@ from torch import nn
 
 from lungviz.calibration import Calibration
 from lungviz.errors import LungvizError
+from lungviz.files import atomic_write, replacing
 
 log = logging.getLogger(__name__)
 
@@ -859,19 +859,15 @@ def save_bundle(
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}.safetensors"
     tensors = {k: _to_storage(v, fp16) for k, v in model.state_dict().items()}
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "arch": model.arch})
-    os.replace(tmp, weights)
+    with replacing(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "arch": model.arch})
     return _write_spec(folder, name, {**data, "weights_file": weights.name, "weights_sha256": file_sha256(weights)})
 
 
 def _write_spec(folder: Path, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``<name>.json`` atomically; returns the spec as written."""
     text = json.dumps(dict(spec), indent=2, default=_json_default)
-    spec_path = Path(folder) / f"{name}.json"
-    tmp = spec_path.with_name(spec_path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, spec_path)
+    atomic_write(Path(folder) / f"{name}.json", text + "\n")
     return json.loads(text)
 
 
@@ -895,13 +891,31 @@ def read_spec(folder: Path, name: str) -> dict[str, Any]:
     return data
 
 
+def weights_path(folder: Path, name: str, spec: Mapping[str, Any]) -> Path:
+    """The weights file a bundle's spec names, which must be a file of the bundle's own folder: a spec naming an
+    absolute path, another folder (``..``) or a link that leads out of the folder is refused, so that an edited or
+    copied spec cannot make the app read files elsewhere."""
+    given = spec.get("weights_file", f"{name}.safetensors")
+    if not isinstance(given, str) or not given.strip():
+        raise LungvizError(f"the description of model '{name}' names no weights file.")
+    folder = Path(folder)
+    if "/" in given or "\\" in given or given in (".", "..") or Path(given).is_absolute():
+        raise LungvizError(f"the description of model '{name}' names weights outside its folder ('{given}'); a "
+                           "bundle's weights must be a file beside its description.", source=folder)
+    path = folder / given
+    if path.exists() and path.resolve().parent != folder.resolve():
+        raise LungvizError(f"the weights of model '{name}' ({given}) are a link to a file outside the model folder; "
+                           "copy the file into the folder instead.", source=folder)
+    return path
+
+
 def load_bundle(folder: Path, name: str, device: str | torch.device | None = None) -> Bundle:
     """Load bundle ``name`` from ``folder``: checks the weights' SHA-256, reads safetensors only, fp16 -> fp32."""
     spec = read_spec(folder, name)
     for key in ("arch", "classes"):
         if key not in spec:
             raise LungvizError(f"the description of model '{name}' lacks '{key}'.")
-    weights = Path(folder) / str(spec.get("weights_file", f"{name}.safetensors"))
+    weights = weights_path(folder, name, spec)
     if not weights.is_file():
         raise LungvizError(f"the weights of model '{name}' are missing ({weights.name} not found).", source=folder)
     expected = spec.get("weights_sha256")
@@ -973,4 +987,5 @@ __all__ = [
     "save_bundle",
     "stage_shapes",
     "update_spec",
+    "weights_path",
 ]

@@ -24,8 +24,11 @@ from PIL import Image
 
 from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.errors import LungvizError
+from lungviz.files import atomic_write
 from lungviz.fusion import SIZE_SOURCES, fused_models_words
+from lungviz.reviews import MAX_REVIEWER_CHARS
 from lungviz.shape import OUTLINE_FEATURE_LABELS, feature_groups_text
+from lungviz.text import shorten
 
 if TYPE_CHECKING:
     from lungviz.outline import Outline
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
 VIEW_LABELS = {"fused": "Fused (both views)", "nodule": "Nodule view", "slice": "Slice view"}
 VERDICT_LABELS = {"agree": "Agree with the model", "disagree": "Disagree with the model", "unsure": "Unsure"}
 SHA_PREFIX = 12
+#: The longest case id, file name or input note a report prints (cut with an ellipsis beyond).
+MAX_FIELD_CHARS = 1000
 
 
 @dataclass
@@ -64,6 +69,11 @@ class CaseReport:
     def __post_init__(self) -> None:
         if self.created is None:
             self.created = datetime.now(UTC)
+        # outside text on one line and bounded: a table row of the PDF must fit on one page
+        self.case_id = shorten(self.case_id, MAX_FIELD_CHARS)
+        self.reviewer = shorten(self.reviewer, MAX_REVIEWER_CHARS)
+        self.file_names = [shorten(n, MAX_FIELD_CHARS) for n in self.file_names]
+        self.input_notes = [shorten(n, MAX_FIELD_CHARS) for n in self.input_notes]
 
     @property
     def created_utc(self) -> datetime:
@@ -733,7 +743,8 @@ def report_filename(report: CaseReport, ext: str = "html") -> str:
 
 
 def save_report(report: CaseReport, path: str | Path) -> Path:
-    """Write the report as HTML (``.html``/``.htm``) or PDF (``.pdf``), chosen by the file's suffix."""
+    """Write the report as HTML (``.html``/``.htm``) or PDF (``.pdf``), chosen by the file's suffix, whole or not at
+    all (a failed write leaves an earlier file of that name as it was)."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
@@ -744,7 +755,7 @@ def save_report(report: CaseReport, path: str | Path) -> Path:
         raise LungvizError(f"a report is saved as .html or .pdf, not '{path.suffix or path.name}'.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        atomic_write(path, data)
     except OSError as err:
         raise LungvizError(f"cannot write the report ({err.strerror}).", source=path) from err
     return path

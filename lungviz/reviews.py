@@ -16,6 +16,8 @@ import contextlib
 import csv
 import io
 import json
+import logging
+import re
 import sqlite3
 import weakref
 from collections.abc import Iterator
@@ -26,6 +28,9 @@ from typing import Any, TextIO
 
 from lungviz import __version__, paths
 from lungviz.errors import LungvizError
+from lungviz.files import replacing
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 VERDICTS = ("agree", "disagree", "unsure")
@@ -38,6 +43,10 @@ CSV_FIELDS = ("id", "created_utc", "case_id", "source", "verdict", "note", "revi
 #: How long an operation waits for another session's write lock before giving up.
 BUSY_TIMEOUT_S = 30.0
 MAX_NOTE_CHARS = 20_000
+#: A name, not a text: long enough for any reviewer's name and role, short enough for one line of a report.
+MAX_REVIEWER_CHARS = 200
+#: A library case id or an upload's label (its file names): bounded like a file path.
+MAX_CASE_ID_CHARS = 1000
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reviews (
@@ -81,6 +90,13 @@ def _utc_text(when: datetime | date | str) -> str:
     return when.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+def _as_text(value: Any) -> str:
+    """A stored value read back as text (a damaged row may hold a number, bytes or NULL in a text column)."""
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
     text = str(value).strip().lower() if isinstance(value, str) else value
     if text not in allowed:
@@ -97,12 +113,29 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _summary_headline(summary: dict | None) -> tuple[str, str]:
-    """The malignant probability and the flag from a ``Prediction.to_dict()`` summary, as CSV text."""
-    if not summary:
-        return "", ""
-    p = summary.get("malignant_probability")
-    return ("" if p is None else f"{float(p):.4f}"), str(summary.get("flag") or "")
+def summary_headline(summary: dict | None) -> tuple[float | None, str]:
+    """The malignant probability (None unless a number in [0, 1]) and the flag ("" when none) of a stored model
+    summary, whatever a damaged row holds."""
+    if not isinstance(summary, dict):
+        return None, ""
+    p, flag = summary.get("malignant_probability"), summary.get("flag")
+    valid = isinstance(p, int | float) and not isinstance(p, bool) and 0.0 <= p <= 1.0  # NaN fails too
+    return (float(p) if valid else None), (flag if isinstance(flag, str) else "")
+
+
+def _parse_summary(text: Any, review_id: Any) -> dict | None:
+    """A stored model summary back as a dict; None (logged) when the row holds something else, so that one damaged
+    row cannot stop the log from being listed or exported."""
+    if text is None or text == "":
+        return None
+    try:
+        summary = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        summary = None
+    if not isinstance(summary, dict):
+        log.warning("review %s: its model summary is unreadable and is left out", review_id)
+        return None
+    return summary
 
 
 class ReviewStore:
@@ -143,6 +176,7 @@ class ReviewStore:
         conn = None
         try:
             conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+            conn.text_factory = _as_text  # text that is not UTF-8 (a damaged row) reads with replacement characters
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.create_function("casefold", 1, lambda v: v.casefold() if isinstance(v, str) else v,
@@ -225,9 +259,15 @@ class ReviewStore:
             raise LungvizError("a review needs the case it is about (a library case id or the uploaded file name).")
         source = _choice(source, SOURCES, "case source")
         verdict = _choice(verdict, VERDICTS, "verdict")
+        if len(case_id) > MAX_CASE_ID_CHARS:
+            raise LungvizError(f"the case name is {len(case_id):,} characters long; at most {MAX_CASE_ID_CHARS:,} "
+                               "can be stored (rename the file).")
         note, reviewer = str(note or ""), str(reviewer or "").strip()
         if len(note) > MAX_NOTE_CHARS:
             raise LungvizError(f"the note is {len(note):,} characters long; keep it under {MAX_NOTE_CHARS:,}.")
+        if len(reviewer) > MAX_REVIEWER_CHARS:
+            raise LungvizError(f"the reviewer's name is {len(reviewer):,} characters long; keep it under "
+                               f"{MAX_REVIEWER_CHARS}.")
         if model_summary is not None and not isinstance(model_summary, dict):
             raise LungvizError("the model summary must be a dictionary such as Prediction.to_dict().")
         summary = None if model_summary is None else json.dumps(model_summary, default=_json_default,
@@ -284,8 +324,9 @@ class ReviewStore:
             rows = conn.execute(sql, args).fetchall()
         out = []
         for row in rows:
-            rec = dict(zip(FIELDS, row, strict=True))
-            rec["model_summary"] = json.loads(rec["model_summary"]) if rec["model_summary"] else None
+            rec = {k: (v if k in ("id", "model_summary") or isinstance(v, str) else _as_text(v))
+                   for k, v in zip(FIELDS, row, strict=True)}
+            rec["model_summary"] = _parse_summary(rec["model_summary"], rec["id"])
             out.append(rec)
         return out
 
@@ -308,13 +349,14 @@ class ReviewStore:
         Notes keep their commas, quotes and line breaks (standard CSV quoting). The text starts with a UTF-8
         byte-order mark, so that spreadsheet programs read accented and non-Latin text right (read it back with
         ``encoding="utf-8-sig"``), and a text cell that a spreadsheet would run as a formula (starting with ``=``,
-        ``+``, ``-``, ``@``) is written with a leading apostrophe. Returns the number of rows.
+        ``+``, ``-``, ``@``) is written with a leading apostrophe. A file is written whole or not at all. Returns the
+        number of rows.
         """
         rows = self.list(**filters)
         if isinstance(dest, (str, Path)):
             target = Path(dest).expanduser()
             try:
-                with target.open("w", newline="", encoding="utf-8-sig") as fh:
+                with replacing(target) as tmp, tmp.open("x", newline="", encoding="utf-8-sig") as fh:
                     _write_csv(fh, rows)
             except OSError as err:
                 raise LungvizError(f"cannot write the review export ({err.strerror}).", source=target) from err
@@ -331,20 +373,22 @@ class ReviewStore:
 
 
 BOM = "\ufeff"
-#: A text cell starting with one of these is a formula to a spreadsheet (CSV injection).
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: A text cell a spreadsheet may run as a formula (CSV injection): one starting with ``= + - @``, also after white
+#: space or line breaks (some spreadsheets skip them), or with a tab or carriage return.
+FORMULA = re.compile(r"\A(?:\s*[=+\-@]|[\t\r])")
 
 
 def _cell(value: Any) -> Any:
     """A CSV cell that a spreadsheet shows as text: a formula-like string gets a leading apostrophe."""
-    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_START) else value
+    return f"'{value}" if isinstance(value, str) and FORMULA.match(value) else value
 
 
 def _write_csv(fh: TextIO, rows: list[dict]) -> None:
     writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, lineterminator="\r\n")
     writer.writeheader()
     for rec in rows:
-        p, flag = _summary_headline(rec["model_summary"])
+        p, flag = summary_headline(rec["model_summary"])
+        p = "" if p is None else f"{p:.4f}"
         summary = "" if rec["model_summary"] is None else json.dumps(rec["model_summary"], ensure_ascii=False,
                                                                      sort_keys=True)
         row = {**rec, "malignant_probability": p, "flag": flag, "model_summary": summary}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -238,6 +239,39 @@ def slices_tree(tmp_path: Path) -> Path:
     ]
     write_labels(root / "labels.csv", rows)
     return root
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown that renders as something other than its text (an independent check of lungviz.text.plain_text)
+# ---------------------------------------------------------------------------------------------------------------
+
+#: A backslash before ASCII punctuation: CommonMark renders the character itself.
+_ESCAPED = re.compile(r"\\([!-/:-@\[-`{-~])")
+#: What a markdown parser (CommonMark, GFM, Streamlit's directives) makes live, searched with escapes removed.
+LIVE_MARKUP = {
+    "image or link": re.compile(r"!\[|\]\s*[(\[]"),
+    "HTML tag or autolink": re.compile(r"<[A-Za-z/!?]"),
+    "code span": re.compile(r"`"),
+    "web or e-mail address": re.compile(r"(?i)https?://|www\.|\w@\w"),
+    "Streamlit directive": re.compile(r":[a-z][a-z0-9-]*\["),
+}
+#: Shortcodes Streamlit replaces in the text after unescaping (emoji, its logo); its page icons are the page's own.
+SHORTCODE = re.compile(r":(?!material/)[\w+-]+:")
+
+
+def shown_text(markdown: str) -> str:
+    """The characters a reader sees: escapes resolved, invisible word joiners dropped."""
+    return _ESCAPED.sub(r"\1", markdown).replace("\u2060", "")
+
+
+def live_markup(markdown: str) -> list[str]:
+    """The kinds of live markup (links, images, HTML, code spans, web addresses, directives, shortcodes) that
+    ``markdown`` would render; empty when it renders as plain text (bold and page icons aside)."""
+    bare = _ESCAPED.sub("", markdown)
+    found = [kind for kind, pattern in LIVE_MARKUP.items() if pattern.search(bare)]
+    if SHORTCODE.search(_ESCAPED.sub(r"\1", markdown)):
+        found.append("shortcode")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import APP_CASES, encode_image, make_dicom
+from conftest import APP_CASES, encode_image, live_markup, make_dicom, shown_text
 from streamlit.testing.v1 import AppTest
 
 from lungviz import RESEARCH_NOTICE, explain
@@ -145,8 +145,9 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     cards = [m.value for m in at.markdown if m.value.startswith("**LIDC-IDRI-")]
     assert len(cards) == 5 and not any(c.startswith("**LIDC-IDRI-0001/") for c in cards), cards
     assert "Readers: " in text and "the cases of its patient (LIDC-IDRI-0001) are left out" in text
-    assert any(w.value.startswith("This image is `slice-4.png` of library case LIDC-IDRI-0001/nodule-0. Train case")
-               for w in at.warning)  # the upload is one of the library's own (training) slices
+    # the upload is one of the library's own (training) slices
+    assert any(shown_text(w.value).startswith("This image is slice-4.png of library case LIDC-IDRI-0001/nodule-0. "
+                                              "Train case") for w in at.warning)
     assert len([b for b in at.button if b.label == "Open in library"]) == 5
     assert {b.label for b in at.download_button} == {"HTML report", "PDF report"}
     # a click must not rerun the page: a rerun can revoke the deferred report before the browser fetches it
@@ -204,7 +205,7 @@ def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, app_weig
     at.radio[0].set_value("disagree")
     next(b for b in at.button if b.label == "Save review").click().run()
     assert not at.exception and (built[-1].verdict, built[-1].note) == ("disagree", "about patient 0001")
-    assert any(n.startswith("This image is `slice-4.png` of library case LIDC-IDRI-0001/nodule-0. Train case")
+    assert any(n.startswith("This image is slice-4.png of library case LIDC-IDRI-0001/nodule-0. Train case")
                for n in built[-1].input_notes)  # the page's training-case warning is in the report too
     assert "The pixel spacing of library case LIDC-IDRI-0001/nodule-0, 0.70 mm, was used: the image file carries " \
            "none." in built[-1].input_notes  # measured as the library page measures it, not at an assumed spacing
@@ -234,7 +235,7 @@ def test_a_library_slice_of_a_nodule_without_reader_labels_is_still_inspected(ap
     at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "slice-0.png", data)
     assert not at.exception and not at.error
     assert ":material/info: The pixel spacing of library case LIDC-IDRI-0132/nodule-6, 0.54 mm, was used: the image " \
-           "file carries none." in [c.value for c in at.caption]
+           "file carries none." in [shown_text(c.value) for c in at.caption]
 
 
 def test_a_dicom_series_without_pixel_spacing_says_so(app_env):
@@ -244,6 +245,23 @@ def test_a_dicom_series_without_pixel_spacing_says_so(app_env):
     assert not at.exception
     picker = next(c.value for c in at.caption if c.value.startswith("Click the nodule"))
     assert "unknown spacing (0.70 mm/pixel assumed)" in picker and "nan" not in picker
+
+
+def test_a_session_keeps_the_slice_and_centre_of_its_current_upload_only(app_env):
+    """Each upload's chosen slice and centre are session values kept across pages; those of earlier uploads go, so
+    a session uploading file after file does not pile them up."""
+    hu = np.random.default_rng(1).normal(-700, 200, (96, 96))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+
+    def view_keys() -> set[str]:
+        return {k for k in at.session_state if isinstance(k, str) and k.startswith(("slice-", "row-", "col-"))}
+
+    for i in range(3):
+        series = {f"s{j}.dcm": make_dicom(hu + 1024 + i, z_mm=2.5 * j, instance=j + 1) for j in range(3)}
+        at = _upload(at, f"series-{i}.zip", _zip(series))
+        next(s for s in at.slider if s.label.startswith("Slice")).set_value(i).run()
+        assert not at.exception and len(view_keys()) == 3  # this upload's slice, row and column
+    assert at.session_state[next(k for k in view_keys() if k.startswith("slice-"))] == 2
 
 
 def test_inspect_whole_dicom_slice_asks_for_the_centre(app_env, lidc_dicom_dir):
@@ -315,7 +333,8 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     at = _upload(at, "crop.png", encode_image(np.full((46, 46), 90, np.uint8)), which=1)
     assert "The nodule crop is not used with a DICOM series" in _texts(at)
     assert next(s for s in at.slider if s.label.startswith("Slice")).value == 2  # the crop kept the chosen slice
-    assert any(m.value.startswith("This series is LIDC-IDRI-0001") for m in [*at.warning, *at.info])  # a library scan
+    assert any(shown_text(m.value).startswith("This series is LIDC-IDRI-0001")  # a library scan
+               for m in [*at.warning, *at.info])
     # Moving through the slices and then accepting a candidate of the slice shown moves the centre to that slice's
     # candidate. (The browser-only crash of a stale candidate list, fixed by one widget per list, does not reproduce
     # in AppTest; it was checked in Chromium.)
@@ -368,11 +387,73 @@ def test_bad_uploads_show_a_clear_error_and_the_page_keeps_working(app_env, lidc
     for name, data, expected in _bad_uploads(real):
         at = _upload(at, name, data)
         assert not at.exception, f"{name}: {at.exception}"
-        assert at.error and expected in at.error[0].value, f"{name}: {[e.value for e in at.error]}"
-        assert name in at.error[0].value  # the message names the file
+        assert at.error and expected in shown_text(at.error[0].value), f"{name}: {[e.value for e in at.error]}"
+        assert name in shown_text(at.error[0].value)  # the message names the file
         assert not at.metric  # no prediction from a bad file
     at = _upload(at, "slice-4.png", real)  # the same session still works
     assert not at.exception and not at.error and at.metric[0].value.endswith("%")
+
+
+#: Markdown, HTML, backticks, a web address and a Streamlit shortcode in one file name.
+HOSTILE = "![x](https://host/pixel.png) <img src=x onerror=alert(1)> `tick` [link](http://evil.invalid) :streamlit:"
+HOSTILE_MARK = "host/pixel.png"
+TEXT_KINDS = ("markdown", "caption", "info", "warning", "error", "success", "subheader", "header", "title")
+
+
+def _names_are_text(at: AppTest, *names: str) -> None:
+    """Every element quoting a hostile name renders it as text, and each name is shown as its own characters."""
+    quoting = [(kind, str(e.value)) for kind in TEXT_KINDS for e in getattr(at, kind)
+               if HOSTILE_MARK in shown_text(str(e.value))]
+    assert quoting, "no element names the upload"
+    for kind, value in quoting:
+        assert live_markup(value) == [], f"{kind}: {value!r} renders {live_markup(value)}"
+    shown = shown_text(_texts(at))
+    for name in names:
+        assert name in shown, name
+
+
+def test_file_and_member_names_reach_the_page_as_text(app_env):
+    """Names holding an image link, HTML, backticks, a web address and a shortcode, in both uploaders, in a zip's
+    name and in a zip member's name, on the estimate, in notes, in error messages and in the review form."""
+    from lungviz.reviews import MAX_REVIEWER_CHARS, ReviewStore
+
+    img = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    slice_name, crop_name = f"{HOSTILE}.png", f"crop {HOSTILE}.png"
+    at = _upload(at, slice_name, encode_image(img, mode="RGBA"))  # the conversion note names the file
+    at = _upload(at, crop_name, encode_image(img[16:48, 16:48], mode="RGBA"), which=1)
+    assert not at.exception and not at.error and at.metric
+    _names_are_text(at, slice_name, crop_name)
+    review = next(m.value for m in at.markdown if m.value.startswith("**Your review of**"))
+    assert live_markup(review) == [] and slice_name in shown_text(review)
+
+    # the reviewer's name is bounded at input (the store refuses a longer one: test_reviews)
+    reviewer = next(t for t in at.text_input if t.label == "Reviewer (optional)")
+    assert reviewer.proto.max_chars == MAX_REVIEWER_CHARS
+    reviewer.set_value("R" * 30_000)
+    at.radio[0].set_value("unsure")
+    next(b for b in at.button if b.label == "Save review").click().run()
+    assert not at.exception and not at.error
+    assert ReviewStore(app_env / "reviews.sqlite3").list()[0]["reviewer"] == "R" * MAX_REVIEWER_CHARS
+    next(t for t in at.text_input if t.label == "Reviewer (optional)").set_value(f"Dr {HOSTILE}")
+    next(b for b in at.button if b.label == "Save review").click().run()
+    assert not at.exception and ReviewStore(app_env / "reviews.sqlite3").list()[0]["reviewer"] == f"Dr {HOSTILE}"
+    _names_are_text(at, slice_name, crop_name)
+
+    at = _upload(at, f"{HOSTILE}.png", b"This is a text file, not an image.\n" * 20)  # an error naming the file
+    assert at.error and not at.exception
+    _names_are_text(at, slice_name)
+
+    hu = np.random.default_rng(0).normal(-700, 200, (96, 96))
+    series = {f"s {HOSTILE} {i}.dcm": make_dicom(hu + 1024, z_mm=2.5 * i, instance=i + 1) for i in range(3)}
+    at = _upload(at, f"{HOSTILE}.zip", _zip(series))  # the series' name on the page and in the review form
+    assert not at.exception and not at.error
+    _names_are_text(at, f"{HOSTILE}.zip")
+    assert any(m.value.startswith("**DICOM series** ") for m in at.markdown)
+
+    at = _upload(at, "series.zip", _zip({f"{HOSTILE}.dcm": b"not a DICOM file" * 10}))  # an error naming a member
+    assert at.error and not at.exception
+    _names_are_text(at, f"{HOSTILE}.dcm")
 
 
 @pytest.mark.parametrize(("mode", "note"), [("RGBA", "transparency channel"), ("I;16", "16-bit image")])
@@ -382,7 +463,7 @@ def test_odd_but_readable_images_are_converted_with_a_note(app_env, mode, note):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     at = _upload(at, f"odd-{mode}.png", data)
     assert not at.exception and not at.error
-    assert note in _texts(at) and at.metric[0].value.endswith("%")
+    assert note in shown_text(_texts(at)) and at.metric[0].value.endswith("%")
 
 
 def test_nodule_crop_alone_gives_a_nodule_view_prediction(app_env, lidc_slices_dir):
@@ -557,6 +638,60 @@ def test_review_log_lists_filters_and_exports(app_env):
     assert button.label == "Download as CSV" and not button.proto.disabled and button.proto.ignore_rerun
 
 
+def test_review_log_page_survives_damaged_rows(app_env):
+    import sqlite3
+
+    from lungviz.reviews import ReviewStore
+
+    store = ReviewStore(app_env / "reviews.sqlite3")
+    good = store.add("slice-4.png", "upload", "agree", model_summary={"malignant_probability": 0.31, "flag": "none"})
+    for stored in ("{not json", "[0.2]", '{"malignant_probability": "high", "flag": 3}'):
+        rid = store.add(f"damaged {stored[:5]}", "upload", "unsure", model_summary={"malignant_probability": 0.5})
+        with sqlite3.connect(store.path) as conn:
+            conn.execute("UPDATE reviews SET model_summary = ? WHERE id = ?", (stored, rid))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/reviews.py").run()
+    assert not at.exception and not at.error
+    table = at.dataframe[0].value
+    assert len(table) == 4 and good
+    malignant = dict(zip(table["case"], table["model: malignant"], strict=True))
+    assert malignant.pop("slice-4.png") == "31%" and set(malignant.values()) == {"-"}
+    assert set(table[table["case"] != "slice-4.png"]["model flag"]) == {"-"}
+
+
+@pytest.mark.slow
+def test_fifty_large_uploads_leave_the_servers_memory_bounded(app_env):
+    """A session uploading file after file: 50 distinct 4096 x 4096 PNGs of about 40 KB, each decoded to 64 MiB
+    (as a nodule crop, so each is refused after decoding without a slow prediction). AppTest runs the script in
+    this process, so this process's resident memory is the server's: it must not keep every decoded upload."""
+    import gc
+
+    side = 4096
+    decoded = side * side * 4  # float32 pixels
+
+    def rss() -> int:
+        gc.collect()
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+    def upload(i: int) -> AppTest:
+        img = np.zeros((side, side), np.uint8)
+        img[i, : 2 + i] = 255  # distinct content: no two uploads share a cache entry
+        nonlocal at
+        at = _upload(at, f"large-{i}.png", encode_image(img), which=1)
+        assert not at.exception and "larger than a crop should be" in shown_text(at.error[0].value)
+        return at
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    for i in range(5):  # the models, the app's imports and the first cache entries
+        upload(i)
+    before = rss()
+    for i in range(5, 50):
+        upload(i)
+    grown = rss() - before
+    # every upload kept would be 45 x 64 MiB more (2.8 GiB); the bounded caches hold a few decoded images at most
+    assert grown < 6 * decoded, f"the server grew by {grown / 2**20:.0f} MiB over 45 uploads"
+
+
 # ------------------------------------------------------------------------------------------------------ paths
 
 
@@ -582,7 +717,7 @@ def test_an_upload_survives_a_visit_to_another_page_until_forgotten(app_env, lid
     first = at.metric[0].value
     at = at.switch_page("app_pages/library.py").run().switch_page("app_pages/inspect.py").run()
     assert not at.exception and at.metric and at.metric[0].value == first  # the same case, not "upload a file"
-    assert "Still inspecting `slice-4.png`" in _texts(at)
+    assert "Still inspecting **slice-4.png**" in shown_text(_texts(at))
     at.slider(key="alpha").set_value(0.7).run()  # later interactions keep it
     assert not at.exception and at.metric[0].value == first
     next(b for b in at.button if b.label == "Forget it").click().run()
@@ -599,6 +734,6 @@ def test_a_kept_dicom_series_comes_back_at_the_chosen_slice_and_centre(app_env, 
     at.number_input[0].set_value(100).run()
     before = at.metric[0].value
     at = at.switch_page("app_pages/library.py").run().switch_page("app_pages/inspect.py").run()
-    assert not at.exception and "Still inspecting `series.zip`" in _texts(at)
+    assert not at.exception and "Still inspecting **series.zip**" in shown_text(_texts(at))
     assert next(s for s in at.slider if s.label.startswith("Slice")).value == 0
     assert at.number_input[0].value == 100 and at.metric[0].value == before

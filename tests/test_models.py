@@ -426,6 +426,34 @@ def test_load_bundle_missing_or_broken_spec(saved):
         load_bundle(saved, "m", "cpu")
 
 
+@pytest.mark.parametrize(("weights_file", "message"), [
+    ("/etc/passwd", "outside its folder"),
+    ("../m.safetensors", "outside its folder"),
+    ("sub/../../m.safetensors", "outside its folder"),
+    ("..\\m.safetensors", "outside its folder"),
+    ("..", "outside its folder"),
+    ("", "names no weights file"),
+    (["m.safetensors"], "names no weights file"),
+])
+def test_a_spec_cannot_name_weights_outside_its_folder(saved, weights_file, message):
+    spec = json.loads((saved / "m.json").read_text())
+    (saved / "m.json").write_text(json.dumps({**spec, "weights_file": weights_file}))
+    with pytest.raises(LungvizError, match=message):
+        load_bundle(saved, "m", "cpu")
+
+
+def test_a_weights_link_out_of_the_folder_is_refused(saved, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "m.safetensors"
+    (saved / "m.safetensors").rename(elsewhere)
+    (saved / "m.safetensors").symlink_to(elsewhere)  # same name, same checksum: only the link gives it away
+    with pytest.raises(LungvizError, match="link to a file outside the model folder"):
+        load_bundle(saved, "m", "cpu")
+    (saved / "m.safetensors").unlink()
+    elsewhere.rename(saved / "real.safetensors")
+    (saved / "m.safetensors").symlink_to("real.safetensors")  # a link within the folder is fine
+    assert load_bundle(saved, "m", "cpu").arch == "cnn4"
+
+
 def test_list_bundles(tmp_path):
     for name, arch in [("b_cnn", "cnn4"), ("a_cnn", "cnn4")]:
         model = _seeded(arch, 2)

@@ -335,6 +335,40 @@ def test_save_report_by_suffix(tmp_path: Path) -> None:
     assert save_report(report, tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
 
 
+def test_a_30000_character_name_no_longer_breaks_the_pdf() -> None:
+    """A table row taller than a page stopped reportlab (LayoutError): the reviewer's name, the case id, the file
+    names and the input notes are bounded in the report."""
+    pytest.importorskip("reportlab")
+    from lungviz.report import MAX_FIELD_CHARS
+    from lungviz.reviews import MAX_REVIEWER_CHARS
+
+    long = "Dr " + "R" * 30_000
+    report = CaseReport(case_id="C" * 30_000, source="upload", file_names=["F" * 30_000, "slice.png"],
+                        input_notes=["N " * 15_000] * 3, verdict="agree", reviewer=long, note="fine")
+    assert report.reviewer == long[: MAX_REVIEWER_CHARS - 1] + "…"
+    assert report.case_id == "C" * (MAX_FIELD_CHARS - 1) + "…" and report.file_names[1] == "slice.png"
+    assert all(len(n) == MAX_FIELD_CHARS for n in report.input_notes)
+    pdf = build_pdf(report)
+    assert pdf.startswith(b"%PDF") and "Dr RRRRRRRRRR" in _pdf_text(pdf)  # the name is there, cut
+    html = build_html(report)
+    assert long[: MAX_REVIEWER_CHARS - 1] + "…" in html and "R" * MAX_REVIEWER_CHARS not in html
+
+
+def test_save_report_is_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lungviz import files
+
+    path = save_report(CaseReport(case_id="first", prediction=PREDICTION), tmp_path / "r.html")
+    before = path.read_bytes()
+
+    def disk_full(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", disk_full)
+    with pytest.raises(LungvizError, match="cannot write the report"):
+        save_report(CaseReport(case_id="second", prediction=PREDICTION), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["r.html"]
+
+
 def test_outline_caption_gives_the_size_and_both_axes() -> None:
     from lungviz.outline import Outline
     from lungviz.report import outline_caption

@@ -16,7 +16,15 @@ import pytest
 
 from lungviz import __version__
 from lungviz.errors import LungvizError
-from lungviz.reviews import CSV_FIELDS, FIELDS, SCHEMA_VERSION, ReviewStore, default_path
+from lungviz.reviews import (
+    CSV_FIELDS,
+    FIELDS,
+    MAX_REVIEWER_CHARS,
+    SCHEMA_VERSION,
+    ReviewStore,
+    default_path,
+    summary_headline,
+)
 
 SUMMARY = {
     "views": {"fused": {"binary": {"classes": ["benign", "malignant"], "probabilities": [0.3, 0.7],
@@ -105,6 +113,9 @@ def test_wal_mode_is_on(store: ReviewStore) -> None:
         ({"case_id": "  "}, "case"),
         ({"model_summary": [0.1, 0.9]}, "summary"),
         ({"note": "x" * 20_001}, "note"),
+        ({"reviewer": "R" * 30_000}, "reviewer's name is 30,000 characters long"),
+        ({"reviewer": "R" * (MAX_REVIEWER_CHARS + 1)}, "reviewer's name"),
+        ({"case_id": "c" * 30_000}, "case name is 30,000 characters long"),
     ],
 )
 def test_invalid_review_raises_and_stores_nothing(store: ReviewStore, kwargs: dict, match: str) -> None:
@@ -194,6 +205,77 @@ def test_csv_export_neutralises_formulas_and_keeps_non_latin_text(store: ReviewS
     rows = {r["case_id"]: r for r in csv.DictReader(io.StringIO(text.removeprefix("\ufeff"), newline=""))}
     assert rows["c1"]["note"] == "'=HYPERLINK(\"https://example.invalid\",\"x\")"  # shown as text, never run
     assert rows["c1"]["reviewer"] == "Dr Ä 李" and rows["c2"]["note"] == "'-3 mm since the last scan, spiculé 结节"
+
+
+def test_a_reviewer_name_at_the_limit_is_stored_whole(store: ReviewStore) -> None:
+    store.add("c1", "library", "agree", reviewer="R" * MAX_REVIEWER_CHARS)
+    assert store.list()[0]["reviewer"] == "R" * MAX_REVIEWER_CHARS
+
+
+@pytest.mark.parametrize("value", [" =1+1", "\n=cmd|' /C calc'!A0", "  @SUM(A1:A2)", "\r\n+1", "\t-2", "\xa0=1",
+                                   "\t", "\rtext", "=", "@"])
+def test_csv_formula_guard_sees_through_leading_white_space(store: ReviewStore, value: str) -> None:
+    store.add("c1", "upload", "unsure", note=value, reviewer=f"x{value}")
+    row = next(csv.DictReader(io.StringIO(store.to_csv_text().removeprefix("\ufeff"), newline="")))
+    assert row["note"] == "'" + value
+    assert row["reviewer"] == f"x{value}".strip()  # not at the start: left alone (names are stored stripped)
+
+
+@pytest.mark.parametrize("value", ["a = b", "1 + 1", "e-mail: dr@example.org", "3-4 mm", ""])
+def test_csv_formula_guard_leaves_ordinary_text_alone(store: ReviewStore, value: str) -> None:
+    store.add("c1", "upload", "unsure", note=value)
+    row = next(csv.DictReader(io.StringIO(store.to_csv_text().removeprefix("\ufeff"), newline="")))
+    assert row["note"] == value
+
+
+def _damage(path: Path, sql: str, *args: object) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute(sql, args)
+
+
+@pytest.mark.parametrize("stored", ["{not json", "[0.1, 0.9]", '"refer"', "3", "[" * 100_000,
+                                    '{"malignant_probability": "high", "flag": 3}',
+                                    '{"malignant_probability": NaN}', '{"malignant_probability": 7}'])
+def test_a_damaged_model_summary_does_not_stop_listing_or_export(store: ReviewStore, stored: str) -> None:
+    store.add("good", "library", "agree", model_summary={"malignant_probability": 0.25, "flag": "none"})
+    bad = store.add("bad", "upload", "disagree", model_summary={"malignant_probability": 0.5})
+    _damage(store.path, "UPDATE reviews SET model_summary = ? WHERE id = ?", stored, bad)
+    rows = {r["case_id"]: r for r in store.list()}
+    assert summary_headline(rows["good"]["model_summary"]) == (0.25, "none")
+    assert summary_headline(rows["bad"]["model_summary"]) == (None, "")  # whatever the row holds
+    exported = {r["case_id"]: r for r in csv.DictReader(io.StringIO(store.to_csv_text().removeprefix("\ufeff"),
+                                                                    newline=""))}
+    assert exported["good"]["malignant_probability"] == "0.2500"
+    assert exported["bad"]["malignant_probability"] == "" and exported["bad"]["verdict"] == "disagree"
+
+
+def test_damaged_text_columns_read_as_text(store: ReviewStore) -> None:
+    rid = store.add("c1", "upload", "agree", note="fine", reviewer="ann")
+    _damage(store.path, "UPDATE reviews SET note = CAST(? AS BLOB), reviewer = 42 WHERE id = ?", b"caf\xe9 \xff", rid)
+    _damage(store.path, "UPDATE reviews SET case_id = CAST(? AS TEXT) WHERE id = ?", b"bad \xff utf-8", rid)
+    (row,) = store.list()
+    assert row["note"] == "caf\ufffd \ufffd" and row["reviewer"] == "42" and row["case_id"] == "bad \ufffd utf-8"
+    assert "bad \ufffd utf-8" in store.to_csv_text()
+
+
+def test_csv_export_to_a_file_is_whole_or_not_at_all(store: ReviewStore, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from lungviz import files
+
+    out = tmp_path / "export.csv"
+    store.add("c1", "library", "agree")
+    assert store.export_csv(out) == 1
+    before = out.read_bytes()
+    store.add("c2", "library", "disagree", note="x" * 10_000)
+
+    def disk_full(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", disk_full)
+    with pytest.raises(LungvizError, match="cannot write the review export"):
+        store.export_csv(out)
+    assert out.read_bytes() == before  # the earlier export is intact
+    assert sorted(p.name for p in tmp_path.iterdir() if "export" in p.name) == ["export.csv"]  # no temporary file
 
 
 # ------------------------------------------------------------------------------------------ concurrent writers
