@@ -100,7 +100,8 @@ def train_shipped(base: TrainConfig, names: list[str]) -> dict:
 
 
 def train_all(base: TrainConfig) -> dict:
-    """Every shipped model with its preset, then the two fused models and the similar-case index."""
+    """Every shipped model with its preset, then the two fused models, the similar-case index and the nodule
+    model."""
     from training.fuse import train_fusion
     from training.index import build_library_index
     from training.train import SHIPPED, SHIPPED_FUSIONS
@@ -117,6 +118,11 @@ def train_all(base: TrainConfig) -> dict:
         spec = train_fusion(task, base.out, **preset)
         done[f"fused-{task}"] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk")}
     done["index"] = build_library_index("nodule-binary")
+    from training.nodule import NoduleConfig, train_nodule
+
+    nodule = train_nodule(NoduleConfig(out=str(Path(base.out) if base.out else paths.weights_dir())))
+    done["nodule"] = {"dice": nodule["metrics"]["test"]["outline"]["dice"],
+                      "estimate_auroc": nodule["metrics"]["estimate"]["factors"]["auroc"]["auroc"]}
     return done
 
 

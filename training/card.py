@@ -477,6 +477,82 @@ def outliner_section(w: Callable[[str], None], folder: Path) -> None:
     score_inputs_section(w, folder)
 
 
+def nodule_model_section(w: Callable[[str], None], folder: Path) -> None:
+    """The nodule model: outline, size, the readers' characteristics and the estimate by its factors, each beside
+    the readers (single reader, diameter) on the same test nodules, and against what became of the patients."""
+    spec = read_result("nodule.json", folder)
+    if not spec:
+        return
+    m, tr, pre = spec["metrics"], spec.get("training", {}), spec.get("preprocessing", {})
+    t = m["test"]
+    w("## Nodule model (outline, size, characteristics and the estimate by its factors)\n")
+    w(f"`{spec['arch']}`: one network on a {spec['input_size']} px nodule view whose field follows the nodule "
+      f"({pre.get('field_factor', 2.5):g} x the long axis it measures in a first pass at "
+      f"{pre.get('first_field_mm', 40):g} mm, within {'-'.join(f'{v:g}' for v in pre.get('field_mm_range', []))} "
+      "mm). It outlines the nodule (the readers' consensus >= 50%) and, from features pooled over that outline "
+      "widened by one grid cell, gives benign/malignant, the 1-5 panel score and the eight LIDC characteristics, "
+      "each a distribution over its scale (temperature per head fitted on validation). Pixels only: the readers' "
+      "measurements and ratings are labels, never inputs. Training views move the nodule up to "
+      f"{tr.get('shift', 0):.0%} of the view off its centre. Trained on {tr.get('device', '?')} in "
+      f"{tr.get('train_seconds', 0) / 60:.0f} min (best epoch {tr.get('best_epoch', '?')}); train/val/test "
+      f"{tr.get('n_train')}/{tr.get('n_val')}/{tr.get('n_test')} nodules, by patient. A nodule's reading averages "
+      "the logits over the central half of its slices.\n")
+    o = t["outline"]
+    w(f"**Outline.** Test Dice {format_ci(o, 'dice')} against the consensus outline; the readers' own pairwise "
+      f"agreement on the same slices, estimated from their counts, is {o['readers_pairwise_dice']:.3f} "
+      f"({o['readers_pairwise_dice_n']} nodules with two or more readers).\n")
+    w("**Size** against the readers' diameter (mean absolute error, mm, test):\n")
+    w("| readers' diameter | n | long axis | mean of long and short axis |")
+    w("| --- | --- | --- | --- |")
+    for b in t["size"]["by_band"]:
+        lo, hi = b["band_mm"]
+        band = f"{lo:g}-{hi:g} mm" if hi is not None else f">= {lo:g} mm"
+        w(f"| {band} | {b['n']} | {_fmt(b['mae_long_axis_mm'], 1)} | {_fmt(b['mae_mean_axes_mm'], 1)} |")
+    w(f"| all | {t['n']} | {t['size']['mae_long_axis_mm']:.1f} | {t['size']['mae_mean_axes_mm']:.1f} |\n")
+    w("**Characteristics and the score**, each against the rest of the panel with one reader left out in turn; the "
+      "model and that single reader on the very same pairs (quadratic-weighted kappa, test, 95% patient-bootstrap "
+      "intervals):\n")
+    w("| rating | pairs | model | single reader |")
+    w("| --- | --- | --- | --- |")
+    for h, r in t["ratings"].items():
+        sr = r["single_reader"]
+        if sr.get("n_pairs"):
+            w(f"| {h} | {sr['n_pairs']} | {format_ci(sr, 'model_qwk')} | {format_ci(sr, 'reader_qwk')} |")
+    mal = t["malignant"]
+    w(f"\nThe network's own benign/malignant head: test AUROC {format_ci(mal['auroc'], 'auroc')}.\n")
+    est = m.get("estimate")
+    if est:
+        f = est["factors"]
+        two = est.get("size_and_image")
+        w("**The estimate by its factors** (shipped): a logistic model over "
+          f"{', '.join(f['factors'])}, fitted on the {est['n_val']} validation nodules (L2 strength by "
+          f"patient-grouped cross-validation, C = {f['fit']['C']:g}). Each factor's contribution is its coefficient "
+          "times its distance from the average validation nodule, in log-odds; the app lists the largest.\n")
+        w("| estimate (test) | AUROC | minus the readers' diameter (paired) | top-class ECE |")
+        w("| --- | --- | --- | --- |")
+        w(f"| readers' diameter | {format_ci(est['readers_diameter'], 'auroc')} | – | – |")
+        for label, r in (("factors (shipped)", f), ("size and image evidence alone", two)):
+            if r:
+                d = r["paired_vs_readers_diameter"]
+                w(f"| {label} | {format_ci(r['auroc'], 'auroc')} | {format_ci(d, 'minus_readers_diameter')} | "
+                  f"{r['ece']:.3f} |")
+        c = f["call"]
+        w(f"\nIts call point, {c['threshold']:.1%}, was chosen on validation for {c['target_sensitivity']:.0%} "
+          f"sensitivity; on test it found {format_ci({**c['test'], 'ci95': c['test_ci95']}, 'sensitivity')} of the "
+          f"malignant nodules and cleared {format_ci({**c['test'], 'ci95': c['test_ci95']}, 'specificity')} of the "
+          "benign.\n")
+    dx = m.get("diagnosis")
+    if dx and dx.get("n_patients"):
+        w(f"**Against what became of the patients** (LIDC's diagnosis list): {dx['n_patients']} test patients with a "
+          f"known diagnosis ({dx['n_cancer']} cancer, {dx['n_benign']} benign), each by their most suspicious "
+          "nodule. Too few for firm conclusions.\n")
+        for key, label in (("estimate", "the estimate by its factors"), ("readers_panel_score", "the readers' panel "
+                           "score"), ("readers_diameter", "the readers' diameter")):
+            if dx.get(key):
+                w(f"- {label}: AUROC {format_ci(dx[key], 'auroc')}")
+        w("")
+
+
 def fusion_features_text(f: dict, tr: dict) -> str:
     """The per-model paragraph on what a fusion adds to its views: the size and any outline features, with their
     weights, and the validation figure with and without them."""
@@ -1001,6 +1077,7 @@ def write_card(folder: Path | None = None) -> Path:
     ordinal_calls_section(w, folder)
     operating_points_section(w, folder)
     outliner_section(w, folder)
+    nodule_model_section(w, folder)
     finder_section(w, folder)
     w("## Per model\n")
     for n, s in specs.items():

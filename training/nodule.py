@@ -82,7 +82,7 @@ class NoduleConfig:
     field_jitter: float = 0.2  # log-normal spread of the training field around the readers' diameter
     reader_weight: float = 0.5  # soft targets: (1 - w) x the panel's rating + w x the readers' votes
     head_weight: float = 1.0  # weight of the heads' loss beside the outline's
-    val_slices: int = 5  # slices per nodule read for early stopping
+    val_slices: int = 3  # slices per nodule read for early stopping
     central_fraction: float = 0.5  # a nodule's reading = mean logits over the central half of its slices
     seed: int = 0
     n_boot: int = 1000
