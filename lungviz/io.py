@@ -84,6 +84,11 @@ def _name_of(src: Source, name: str | None) -> str:
     return getattr(src, "name", "upload")
 
 
+def _printable(name: str) -> str:
+    """A file or member name for a one-line message: control characters (a line break) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
 def _reason(err: BaseException) -> str:
     """A library's exception as a short clause for a message: on one line, at most 160 characters."""
     text = " ".join(str(err).split()) or type(err).__name__
@@ -429,7 +434,7 @@ def dicom_text(ds, keyword: str, *, source: str, default: str = "") -> str:
     if values is None:
         return default
     parts = [v.decode("ascii", "replace") if isinstance(v, bytes) else str(v) for v in values]
-    return " ".join("\\".join(parts).split())
+    return _printable(" ".join("\\".join(parts).split()))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -496,11 +501,13 @@ def _check_transfer_syntax(ds, name: str) -> None:
     text = dicom_text(meta, "TransferSyntaxUID", source=name) if meta is not None else ""
     if not text:
         return  # pydicom then reads the data set as implicit VR little endian, uncompressed
-    uid = UID(text)
-    if not uid.is_transfer_syntax:
+    with _decoding():  # pydicom warns about a malformed UID
+        uid = UID(text)
+        known, compressed = uid.is_transfer_syntax, uid.is_transfer_syntax and uid.is_compressed
+    if not known:
         raise LungvizError(f"the DICOM transfer syntax {_shown(text)} is not one lungviz knows; export the slice "
                            "uncompressed (Explicit VR Little Endian).", source=name)
-    if uid.is_compressed:
+    if compressed:
         try:
             available = get_decoder(uid).is_available
         except Exception:
@@ -600,9 +607,8 @@ def _read_slice(data: bytes, header, label: str, budget: _Budget, require_ct: bo
     """One slice from a file whose header is parsed: claims checked and charged, then decoded."""
     modality = dicom_text(header, "Modality", source=label).upper()
     if require_ct and modality and modality != "CT":
-        raise LungvizError(
-            f"this DICOM is a '{modality}' image, not CT; lungviz reads CT slices in Hounsfield units.", source=label
-        )
+        raise LungvizError(f"this DICOM is a {_shown(modality)} image, not CT; lungviz reads CT slices in Hounsfield "
+                           "units.", source=label)
     rows, cols = _check_pixel_claims(header, label)
     budget.charge(rows * cols * 4, label)
     ds = _dataset(data, label)
@@ -725,7 +731,7 @@ def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, lim
                 head: int | None = None) -> bytes:
     """A member's bytes (its first ``head`` bytes when given), inflated in pieces and refused as soon as they pass
     ``limit``; the size the zip declares is checked first."""
-    where = f"'{info.filename}' in the zip"
+    where = f"'{_printable(info.filename)}' in the zip"
     if info.file_size > limit:
         raise LungvizError(f"{where} inflates to {describe_bytes(info.file_size)}, as the zip declares; lungviz reads "
                            f"at most {describe_bytes(limit)} per file.", source=label)
@@ -769,7 +775,7 @@ def _zip_files(data: bytes, label: str) -> Iterator[tuple[bytes, str]]:
             if inflated > limits.MAX_ZIP_INFLATED_BYTES:
                 raise LungvizError(f"the zip inflates to more than {describe_bytes(limits.MAX_ZIP_INFLATED_BYTES)} "
                                    "in all; lungviz reads at most that.", source=label)
-            yield member, f"{label}:{info.filename}"
+            yield member, f"{label}:{_printable(info.filename)}"
 
 
 def read_series(src: Source, name: str | None = None) -> list[DicomSlice]:
