@@ -10,12 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
-import resource
 import struct
-import subprocess
-import sys
-import threading
 import time
 import warnings
 import zipfile
@@ -29,9 +24,9 @@ import pytest
 from lungviz import io as lio
 from lungviz import limits
 from lungviz.errors import LungvizError
+from tests.hostile_files import run_lungviz
 from tests.test_predict import weights  # noqa: F401  (module-scoped tiny bundles fixture)
 
-REPO = Path(__file__).resolve().parent.parent
 SEED = 30
 N_PER_KIND = 80
 PNG_SAMPLE = ("lidc-slices", "LIDC-IDRI-0001/nodule-0/images/slice-0.png")
@@ -322,42 +317,6 @@ def test_unmutated_samples_read(samples):
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def run_cli(argv: list[str], timeout: float = 60.0) -> tuple[int, str, str, float, float]:
-    """``(exit code, stdout, stderr, seconds, peak MB)`` of ``python -m lungviz`` in its own process."""
-    with open(os.devnull, "rb") as stdin, _Temp() as out, _Temp() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "lungviz", *argv], cwd=REPO, stdin=stdin, stdout=out.fh,
-                                stderr=err.fh)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        return proc.returncode, out.text(), err.text(), time.perf_counter() - t0, usage.ru_maxrss / 1024
-
-
-class _Temp:
-    """A temporary file for a child's output, read back as text."""
-
-    def __enter__(self):
-        import tempfile
-
-        self.fh = tempfile.TemporaryFile()
-        return self
-
-    def text(self) -> str:
-        self.fh.seek(0)
-        return self.fh.read().decode("utf-8", "replace")
-
-    def __exit__(self, *exc) -> None:
-        self.fh.close()
-
-
-assert resource  # ru_maxrss comes from os.wait4's resource usage of the child alone
-
-
 @pytest.mark.slow
 def test_fuzzed_uploads_through_the_cli(mutants, weights, tmp_path):  # noqa: F811
     sample = mutants[::27]  # 27 is prime to the four mutators per kind: every kind and mutator, read and refused
@@ -365,11 +324,11 @@ def test_fuzzed_uploads_through_the_cli(mutants, weights, tmp_path):  # noqa: F8
     for name, data in sample:
         path = tmp_path / name
         path.write_bytes(data)
-        code, out, err, seconds, peak_mb = run_cli(["predict", "--slice", str(path), "--weights", str(weights),
-                                                    "--json"])
+        run = run_lungviz(["predict", "--slice", str(path), "--weights", str(weights), "--json"])
+        code, out, err = run.code, run.out, run.err
         assert code in (0, 2), (name, code, err)
-        assert "Traceback" not in err and seconds < 60, name
-        assert peak_mb < 2 * limits.MAX_DECODED_BYTES / limits.MIB, (name, peak_mb)
+        assert "Traceback" not in err and run.seconds < 60, name
+        assert run.peak_mb < 2 * limits.MAX_DECODED_BYTES / limits.MIB, (name, run.peak_mb)
         if code == 2:
             assert len(err.splitlines()) == 1 and err.startswith("error: ") and out == "", (name, err)
         else:
