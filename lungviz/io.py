@@ -101,8 +101,10 @@ def _refuse_size(size: int, limit: int, what: str, name: str) -> None:
                            source=name)
 
 
-def _read_bytes(src: Source, name: str, limit: int = limits.MAX_UPLOAD_BYTES) -> bytes:
-    """The whole file, refused when it is empty, not a regular file or over ``limit`` bytes."""
+def _read_bytes(src: Source, name: str, limit: int | None = None) -> bytes:
+    """The whole file, refused when it is empty, not a regular file or over ``limit`` bytes (default
+    :data:`limits.MAX_UPLOAD_BYTES`)."""
+    limit = limits.MAX_UPLOAD_BYTES if limit is None else limit
     if isinstance(src, bytes):
         data = src
     elif isinstance(src, (str, Path)):
@@ -115,9 +117,11 @@ def _read_bytes(src: Source, name: str, limit: int = limits.MAX_UPLOAD_BYTES) ->
     else:
         if hasattr(src, "seek"):
             src.seek(0)  # an upload read once before must not look empty the second time
-        data = src.read(limit + 1)
+        data = src.read(limit + 1)  # one byte more than the limit tells an upload over it
         if hasattr(src, "seek"):
             src.seek(0)
+        if len(data) > limit:
+            raise LungvizError(f"the file is larger than {describe_bytes(limit)}, the most lungviz reads.", source=name)
     _refuse_size(len(data), limit, "the file", name)
     if not data:
         raise LungvizError("the file is empty (0 bytes).", source=name)

@@ -160,6 +160,31 @@ def empty_entries_zip(n: int = 200_000) -> bytes:
     return buf.getvalue()
 
 
+def with_transfer_syntax(data: bytes, uid: str) -> bytes:
+    """A DICOM file whose file meta names transfer syntax ``uid`` while its data set stays as it was written."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+    start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+    meta.TransferSyntaxUID = uid
+    head = DicomBytesIO()
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, meta, enforce_standard=False)
+    return head.getvalue() + data[start:]
+
+
+def dicom_with(pixels: np.ndarray | None = None, **attributes) -> bytes:
+    """A small CT slice (:func:`make_dicom`) with DICOM ``attributes`` set to the (well-typed) values given."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.full((16, 16), 1000, np.int16) if pixels is None else pixels)))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return _to_bytes(ds)
+
+
 def dicom_with_text(values: dict[str, str], **make_kwargs) -> bytes:
     """A small valid CT slice whose fields in ``values`` hold the given raw text instead (e.g. "abc")."""
     import pydicom
@@ -181,7 +206,7 @@ def dicom_with_text(values: dict[str, str], **make_kwargs) -> bytes:
 
 @dataclass
 class Run:
-    """One child process: exit code (negative when killed at the timeout), output, wall time and its peak memory (MB)."""
+    """One child process: exit code (negative when killed at the timeout), output, wall time, peak memory (MB)."""
 
     code: int
     out: str

@@ -24,7 +24,7 @@ import pytest
 from lungviz import io as lio
 from lungviz import limits
 from lungviz.errors import LungvizError
-from tests.hostile_files import run_lungviz
+from tests.hostile_files import run_lungviz, with_transfer_syntax
 from tests.test_predict import weights  # noqa: F401  (module-scoped tiny bundles fixture)
 
 SEED = 30
@@ -151,18 +151,11 @@ def dicom_fields(data: bytes, rng: np.random.Generator) -> bytes:
     import pydicom
     from pydicom.datadict import dictionary_VR, tag_for_keyword
     from pydicom.dataelem import RawDataElement
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_file_meta_info
     from pydicom.tag import Tag
 
     ds = pydicom.dcmread(io.BytesIO(data))
     if rng.random() < 0.2:  # the transfer syntax changed, the data set left as it is
-        meta = ds.file_meta
-        meta.TransferSyntaxUID = str(rng.choice(TRANSFER_SYNTAXES))
-        head = DicomBytesIO()
-        head.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(head, meta, enforce_standard=False)
-        return head.getvalue() + data[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength):]
+        return with_transfer_syntax(data, str(rng.choice(TRANSFER_SYNTAXES)))
     fields = [str(f) for f in rng.choice(DICOM_FIELDS, size=2, replace=False)]
     if rng.random() < 0.3:  # the two fields' stored values swapped
         values = [ds.get(f) for f in fields]
