@@ -29,24 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _header(rows: int, cols: int, transfer_syntax: str, bits: int = 16):
-    """A CT data set without pixel data claiming ``rows x cols`` at ``bits`` bits, and its file meta."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, generate_uid
+    """A CT data set without pixel data claiming ``rows x cols`` at ``bits`` bits in ``transfer_syntax``."""
+    import pydicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID = SERIES_UID
-    ds.InstanceNumber = 1
-    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
-    ds.PixelSpacing = [0.7, 0.7]
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(with_pixels=False, series_uid=SERIES_UID)))
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
     ds.Rows, ds.Columns = rows, cols
     ds.BitsAllocated = ds.BitsStored = bits
     ds.HighBit = bits - 1
@@ -107,6 +94,7 @@ def short_dicom(side: int) -> bytes:
 
     ds = _header(side, side, ExplicitVRLittleEndian)
     ds.PixelData = bytes(512)
+    ds["PixelData"].VR = "OW"
     return _to_bytes(ds)
 
 
