@@ -26,14 +26,12 @@ from lungviz.errors import LungvizError
 from lungviz.limits import MAX_SIDE_PX, MIN_SIDE_PX, describe_bytes
 from lungviz.preprocess import valid_spacing
 
-__all__ = ["MAX_SIDE_PX", "MIN_SIDE_PX"]  # re-exported: callers read the side limits from here too
-
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
 #: Values an NPY array may span to be taken as HU. The low end admits scanners' outside-the-scan padding.
 HU_RANGE = (-3100.0, 5000.0)
-#: Zip compression methods read: what zip tools write. bzip2 and LZMA inflate in one piece in ``zipfile``,
-#: which no size limit can stop, so they are refused.
+#: Zip compression methods read: what zip tools write. ``zipfile`` inflates bzip2 and LZMA members without an
+#: output bound (one 4 KB read can become hundreds of MB), so those are refused.
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 
 Source = str | Path | bytes | BinaryIO
@@ -242,16 +240,15 @@ def _pil_bytes_per_pixel(mode: str) -> int:
     return 4 if len(desc.bands) > 1 else int(desc.typestr[-1])
 
 
-def _decode_pil(data: bytes, name: str, budget: _Budget | None = None) -> tuple[Image.Image, list[str]]:
+def _decode_pil(data: bytes, name: str) -> tuple[Image.Image, list[str]]:
     """The first frame, EXIF orientation applied, with notes on what was left out or turned; its declared size
     and decoded bytes checked before decoding."""
-    budget = budget or _Budget(len(data))
     notes: list[str] = []
     with _decoding():
         try:
             img = Image.open(_io.BytesIO(data))
             _check_size((img.height, img.width), name)
-            budget.charge(img.width * img.height * (_pil_bytes_per_pixel(img.mode) + 4), name)
+            _Budget(len(data)).charge(img.width * img.height * (_pil_bytes_per_pixel(img.mode) + 4), name)
             if getattr(img, "is_animated", False):
                 notes.append(f"{name}: the file holds several frames (an animation or a multi-page image); only "
                              "the first was read.")
@@ -267,12 +264,11 @@ def _decode_pil(data: bytes, name: str, budget: _Budget | None = None) -> tuple[
         except Exception as err:  # Pillow's decoders raise many types on damaged files
             raise LungvizError(f"the image file is damaged or truncated ({_reason(err)}).", source=name) from err
         try:
-            orientation = int(img.getexif().get(0x0112, 1))
+            if int(img.getexif().get(0x0112, 1)) in range(2, 9):
+                img = ImageOps.exif_transpose(img)
+                notes.append(f"{name}: the image was rotated or flipped as its EXIF orientation tag says.")
         except Exception:  # unreadable EXIF: the pixels as stored
-            orientation = 1
-        if orientation in range(2, 9):
-            img = ImageOps.exif_transpose(img)
-            notes.append(f"{name}: the image was rotated or flipped as its EXIF orientation tag says.")
+            pass
     return img, notes
 
 
@@ -379,7 +375,8 @@ def _shown(value: Any) -> str:
 def _dicom_values(ds, keyword: str, source: str) -> list | None:
     """The value(s) of a DICOM field as a list; None when it is absent or empty."""
     try:
-        with _decoding():
+        with warnings.catch_warnings():  # pydicom warns as it converts a malformed value: the error says it instead
+            warnings.simplefilter("ignore")
             value = ds.get(keyword)
     except Exception as err:  # pydicom converts values lazily and raises many types on damaged ones
         raise LungvizError(f"the DICOM field {keyword} cannot be read ({_reason(err)}).", source=source) from err
@@ -479,21 +476,20 @@ def _dataset(data: bytes, name: str, stop_before_pixels: bool = False):
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     _refuse_size(len(data), limits.MAX_FILE_BYTES, "the DICOM file", name)
-    with _decoding():
-        try:
-            fp = _io.BytesIO(data)
-            read_preamble(fp, False)
-            meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
-                                stop_when=lambda tag, vr, length: tag >> 16 != 2)
-            if dicom_text(meta, "TransferSyntaxUID", source=name) == DeflatedExplicitVRLittleEndian:
-                _check_inflated_size(data[fp.tell():], name)
-            return pydicom.dcmread(_io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=False)
-        except LungvizError:
-            raise
-        except InvalidDicomError as err:
-            raise LungvizError("this is not a DICOM file (no DICOM header found).", source=name) from err
-        except Exception as err:  # pydicom raises many types on damaged files
-            raise LungvizError(f"the DICOM file is damaged ({_reason(err)}).", source=name) from err
+    try:
+        fp = _io.BytesIO(data)
+        read_preamble(fp, False)
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                            stop_when=lambda tag, vr, length: tag >> 16 != 2)
+        if dicom_text(meta, "TransferSyntaxUID", source=name) == DeflatedExplicitVRLittleEndian:
+            _check_inflated_size(data[fp.tell():], name)
+        return pydicom.dcmread(_io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=False)
+    except LungvizError:
+        raise
+    except InvalidDicomError as err:
+        raise LungvizError("this is not a DICOM file (no DICOM header found).", source=name) from err
+    except Exception as err:  # pydicom raises many types on damaged files
+        raise LungvizError(f"the DICOM file is damaged ({_reason(err)}).", source=name) from err
 
 
 def _check_transfer_syntax(ds, name: str) -> None:
@@ -505,9 +501,8 @@ def _check_transfer_syntax(ds, name: str) -> None:
     text = dicom_text(meta, "TransferSyntaxUID", source=name) if meta is not None else ""
     if not text:
         return  # pydicom then reads the data set as implicit VR little endian, uncompressed
-    with _decoding():  # pydicom warns about a malformed UID
-        uid = UID(text)
-        known, compressed = uid.is_transfer_syntax, uid.is_transfer_syntax and uid.is_compressed
+    uid = UID(text)
+    known, compressed = uid.is_transfer_syntax, uid.is_transfer_syntax and uid.is_compressed
     if not known:
         raise LungvizError(f"the DICOM transfer syntax {_shown(text)} is not one lungviz knows; export the slice "
                            "uncompressed (Explicit VR Little Endian).", source=name)
@@ -608,7 +603,8 @@ def _geometry(ds, name: str) -> dict:
 
 
 def _read_slice(data: bytes, header, label: str, budget: _Budget, require_ct: bool = True) -> DicomSlice:
-    """One slice from a file whose header is parsed: claims checked and charged, then decoded."""
+    """One slice from a file whose header is parsed: claims checked and charged, then decoded (call inside
+    :func:`_decoding`)."""
     modality = dicom_text(header, "Modality", source=label).upper()
     if require_ct and modality and modality != "CT":
         raise LungvizError(f"this DICOM is a {_shown(modality)} image, not CT; lungviz reads CT slices in Hounsfield "
@@ -618,15 +614,14 @@ def _read_slice(data: bytes, header, label: str, budget: _Budget, require_ct: bo
     ds = _dataset(data, label)
     if "PixelData" not in ds:
         raise LungvizError("this DICOM file has no image (pixel data) in it.", source=label)
-    with _decoding():
-        try:
-            raw = ds.pixel_array
-        except Exception as err:
-            raise LungvizError(f"the DICOM image cannot be decoded ({_reason(err)}).", source=label) from err
-        if raw.shape != (rows, cols):
-            raise LungvizError(f"the DICOM image decodes to shape {raw.shape}; its header says {rows} x {cols}.",
-                               source=label)
-        hu = _to_hu(raw, ds, label)
+    try:
+        raw = ds.pixel_array
+    except Exception as err:
+        raise LungvizError(f"the DICOM image cannot be decoded ({_reason(err)}).", source=label) from err
+    if raw.shape != (rows, cols):
+        raise LungvizError(f"the DICOM image decodes to shape {raw.shape}; its header says {rows} x {cols}.",
+                           source=label)
+    hu = _to_hu(raw, ds, label)
     return DicomSlice(hu=hu, name=label, **_geometry(ds, label))
 
 
@@ -634,7 +629,9 @@ def read_dicom(src: Source, name: str | None = None, require_ct: bool = True) ->
     """Read one DICOM slice into Hounsfield units (RescaleSlope/Intercept applied)."""
     label = _name_of(src, name)
     data = _read_bytes(src, label, limits.MAX_FILE_BYTES)
-    return _read_slice(data, _dataset(data, label, stop_before_pixels=True), label, _Budget(len(data)), require_ct)
+    with _decoding():
+        return _read_slice(data, _dataset(data, label, stop_before_pixels=True), label, _Budget(len(data)),
+                           require_ct)
 
 
 #: CT Image Storage and Enhanced CT Image Storage: objects meant to be CT slices (a damaged one raises).
@@ -722,8 +719,7 @@ def _zip_archive(data: bytes, label: str) -> zipfile.ZipFile:
         raise _too_many_files(label)
     _refuse_size(end[zipfile._ECD_SIZE], limits.MAX_ZIP_DIRECTORY_BYTES, "the zip's list of files", label)
     try:
-        with _decoding():
-            archive = zipfile.ZipFile(fp)
+        archive = zipfile.ZipFile(fp)
     except Exception as err:  # zipfile raises BadZipFile, ValueError, UnicodeDecodeError... on damaged directories
         raise LungvizError(f"this is not a readable zip archive ({_reason(err)}).", source=label) from err
     if len(archive.infolist()) > limits.MAX_SERIES_FILES:
@@ -744,7 +740,7 @@ def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, lim
                            f"{info.compress_type}); zip the series with the usual deflate compression.", source=label)
     parts, size = [], 0
     try:
-        with _decoding(), archive.open(info) as fh:
+        with archive.open(info) as fh:
             while chunk := fh.read(limits.ZIP_READ_CHUNK if head is None else head - size):
                 size += len(chunk)
                 if size > limit:
@@ -800,15 +796,16 @@ def read_series(src: Source, name: str | None = None) -> list[DicomSlice]:
         data = _read_bytes(src, label)
         budget = _Budget(len(data), what="the series")
         files = _zip_files(data, label)
-    for data_k, member in files:
-        header = _dataset(data_k, member, stop_before_pixels=True)
-        if not _is_ct_image(header, member):
-            n_other += 1
-            continue
-        if len(slices) >= limits.MAX_SLICES:
-            raise LungvizError(f"the series holds more than {limits.MAX_SLICES:,} CT slices; lungviz reads "
-                               f"{limits.MAX_SLICES:,} at most.", source=label)
-        slices.append(_read_slice(data_k, header, member, budget))
+    with _decoding():
+        for data_k, member in files:
+            header = _dataset(data_k, member, stop_before_pixels=True)
+            if not _is_ct_image(header, member):
+                n_other += 1
+                continue
+            if len(slices) >= limits.MAX_SLICES:
+                raise LungvizError(f"the series holds more than {limits.MAX_SLICES:,} CT slices; lungviz reads "
+                                   f"{limits.MAX_SLICES:,} at most.", source=label)
+            slices.append(_read_slice(data_k, header, member, budget))
     if not slices and not n_other and not is_folder:
         raise LungvizError("the zip archive contains no DICOM files.", source=label)
     return _sorted_series(slices, n_other, label)
