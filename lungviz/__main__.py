@@ -1,6 +1,7 @@
 """``python -m lungviz predict | locate | bench``: predictions and explanations, the nodule finder, the speed benchmark.
 
-Bad input exits with status 2 and one clear line on stderr (never a traceback).
+Bad input exits with status 2 and one clear line on stderr; an unexpected fault exits 1, also with one line (never a
+traceback).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def _centre(text: str | None) -> tuple[float, float] | None:
     if not (np.isfinite(r) and np.isfinite(c)):
         raise LungvizError(f"--centre must be two finite numbers of pixels (ROW,COLUMN), got '{text}'.")
     return r, c
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line: line breaks inside it (a file name may hold one) become spaces."""
+    return " ".join(text.splitlines())
 
 
 def _save_png(image: np.ndarray, path: Path) -> str:
@@ -197,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise LungvizError("--repeats and --cases must be at least 1.")
             result = run_bench(args.repeats, args.cases, Path(args.weights) if args.weights else None)
     except LungvizError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except Exception as err:  # a fault in lungviz, not in the input: still one line, never a traceback
+        print(f"error: lungviz stopped on an unexpected problem ({type(err).__name__}: {_one_line(str(err))[:300]}); "
+              "please report it.", file=sys.stderr)
+        return 1
     if args.json or args.command == "bench":
         print(json.dumps(result, indent=1))
     else:

@@ -365,8 +365,7 @@ def series_slice(series: list, slice_index: int | None, name: str) -> SearchSlic
     if not 0 <= k < n:
         raise LungvizError(f"slice {k} does not exist; the series has slices 0 to {n - 1}.", source=name)
     sl = series[k]
-    spacing = float(np.mean(sl.pixel_spacing_mm))
-    return SearchSlice(sl.hu, True, spacing if np.isfinite(spacing) and spacing > 0 else None, name, k, n)
+    return SearchSlice(sl.hu, True, valid_spacing(float(np.mean(sl.pixel_spacing_mm))), name, k, n)
 
 
 def read_search_slice(src: str | Path, slice_index: int | None = None) -> SearchSlice:

@@ -82,7 +82,11 @@ def from_loaded(slice_img: LoadedImage | None, nodule_img: LoadedImage | None = 
     if slice_img is None and nodule_img is None:
         raise LungvizError("upload a slice image, a nodule crop or a DICOM file.")
     out = CaseInput(context=None)
-    out.notes.extend(n for img in (slice_img, nodule_img) if img is not None and (n := conversion_note(img)))
+    for img in (slice_img, nodule_img):
+        if img is not None:
+            out.notes.extend(img.notes)
+            if note := conversion_note(img):
+                out.notes.append(note)
     if slice_img is not None:
         px = slice_img.pixels
         out.names.append(slice_img.name)
@@ -126,7 +130,7 @@ def from_series(series: list[DicomSlice], index: int, centre_rc: tuple[float, fl
         raise LungvizError(f"slice {index} does not exist; the series has {len(series)} slices (0-{len(series) - 1}).")
     sl = series[index]
     loaded = LoadedImage(sl.hu, True, sl.name, pixel_spacing_mm=valid_spacing(float(np.mean(sl.pixel_spacing_mm))),
-                         meta={"z_mm": sl.z_mm})
+                         meta={"z_mm": sl.z_mm}, notes=list(sl.notes))
     return from_loaded(loaded, nodule_img, centre_rc)
 
 

@@ -526,6 +526,9 @@ def read_patient(folder: str | Path) -> tuple[list[DicomSlice], list[ReaderNodul
     if not folder.is_dir():
         raise LungvizError("this LIDC patient folder was not found.", source=folder)
     series = read_series(folder)
+    if not np.isfinite(series[0].pixel_spacing_mm).all():
+        raise LungvizError("the series has no plausible pixel spacing (DICOM field PixelSpacing), so the readers' "
+                           "outlines cannot be measured in millimetres.", source=folder)
     xml = _find_xml(folder, series[0].series_uid)
     return series, parse_reader_xml(xml), xml
 

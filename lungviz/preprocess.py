@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from lungviz.errors import LungvizError
+from lungviz.limits import MAX_SIDE_PX, SPACING_RANGE_MM
 
 # (width, level) in Hounsfield units.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -150,8 +151,10 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def valid_spacing(spacing_mm: float | None) -> float | None:
-    """The pixel spacing when it is a positive finite number, else None (unknown: missing, NaN, zero)."""
-    return float(spacing_mm) if spacing_mm is not None and np.isfinite(spacing_mm) and spacing_mm > 0 else None
+    """The pixel spacing when it lies in the plausible :data:`~lungviz.limits.SPACING_RANGE_MM`, else None
+    (unknown: missing, NaN, zero, or so small or large that a crop in millimetres would be absurd)."""
+    lo, hi = SPACING_RANGE_MM
+    return float(spacing_mm) if spacing_mm is not None and lo <= spacing_mm <= hi else None
 
 
 def spacing_or_default(spacing_mm: float | None) -> float:
@@ -164,7 +167,12 @@ def mm_to_px(size_mm: float, spacing_mm: float | None) -> int:
     """Number of pixels covering ``size_mm`` at ``spacing_mm`` (default spacing when unknown)."""
     if not (np.isfinite(size_mm) and size_mm > 0):
         raise LungvizError(f"a field of view must be a positive number of millimetres, got {size_mm}.")
-    return max(1, round(size_mm / spacing_or_default(spacing_mm)))  # NaN/None/0 -> default
+    spacing = spacing_or_default(spacing_mm)  # NaN/None/0/implausible -> default
+    n = max(1, round(size_mm / spacing))
+    if n > MAX_SIDE_PX:
+        raise LungvizError(f"a field of {size_mm:g} mm at {spacing:g} mm per pixel would be {n} pixels wide, more "
+                           f"than the largest image side ({MAX_SIDE_PX} pixels).")
+    return n
 
 
 def crop_mm(

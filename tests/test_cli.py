@@ -60,6 +60,27 @@ def test_bad_input_in_a_real_process_prints_no_traceback(tmp_path):
     assert res.stderr.count("\n") == 1 and "scan.dcm" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_an_error_naming_a_file_with_a_line_break_is_still_one_line(tmp_path, weights, capsys):  # noqa: F811
+    bad = tmp_path / "scan\nsecond line.png"
+    bad.write_bytes(b"not an image" * 10)
+    assert main(["predict", "--slice", str(bad), "--weights", str(weights), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scan second line.png" in err
+
+
+def test_an_unexpected_fault_exits_1_with_one_line(crop_png, capsys, monkeypatch):
+    import lungviz.__main__ as cli
+
+    def broken(args):
+        raise ValueError("a bug\nwith two lines")
+
+    monkeypatch.setattr(cli, "cmd_predict", broken)
+    assert main(["predict", "--slice", str(crop_png)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: lungviz stopped on an unexpected problem (ValueError: a bug with two lines); please report "
+                   "it.\n")
+
+
 def test_explain_without_out_is_a_user_error(weights, crop_png, capsys):  # noqa: F811
     assert main(["predict", "--slice", str(crop_png), "--weights", str(weights), "--explain", "lime"]) == 2
     assert "--out" in capsys.readouterr().err

@@ -68,6 +68,15 @@ def test_series_slice_and_display_window():
     assert not display_image(np.full((8, 8), 0.3, np.float32), False).any()  # a flat image: black, not NaN
 
 
+def test_reading_notes_reach_the_case_notes():
+    note = "s.gif: the file holds several frames (an animation or a multi-page image); only the first was read."
+    crop = LoadedImage(np.zeros((128, 128), np.float32), False, "s.gif", meta={"mode": "P"}, notes=[note])
+    ci = from_loaded(crop)
+    assert ci.notes[:2] == [note, "s.gif: the palette (indexed) image was converted to grey (luminance)."]
+    sl = DicomSlice(_hu_slice(), (float("nan"),) * 2, 10.0, 1, "1.2", "9", "x.dcm", notes=["x.dcm: spacing unknown"])
+    assert from_series([sl], 0, (305.0, 205.0)).notes[0] == "x.dcm: spacing unknown"
+
+
 @pytest.mark.parametrize(("mode", "expected"), [
     ("RGBA", "transparency channel"), ("LA", "transparency channel"), ("RGB", "colour image"),
     ("P", "palette (indexed) image"), ("I;16", "16-bit"), ("F", "32-bit"), ("L", None), ("", None),

@@ -353,6 +353,253 @@ def test_read_series_missing_path_and_empty_folder(tmp_path):
         lio.read_series(tmp_path)
 
 
+# ------------------------------------------------------------------------------------------------ raster edge cases
+
+
+def _frames(fmt: str, **kwargs) -> bytes:
+    """Two frames (grey 50, then grey 200) saved as one animated or multi-page file."""
+    first, second = (Image.fromarray(np.full((16, 16), v, np.uint8)) for v in (50, 200))
+    buf = io.BytesIO()
+    first.save(buf, format=fmt, save_all=True, append_images=[second], **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("GIF", {}), ("PNG", {}), ("TIFF", {})], ids=["gif", "apng", "tiff"])
+def test_an_animation_or_multi_page_file_is_read_as_its_first_frame_with_a_note(fmt, kwargs):
+    image = lio.load_image(_frames(fmt, **kwargs), name=f"scan.{fmt.lower()}")
+    np.testing.assert_allclose(image.pixels, 50 / 255, atol=1 / 255)
+    assert image.notes == [f"scan.{fmt.lower()}: the file holds several frames (an animation or a multi-page image); "
+                           "only the first was read."]
+
+
+def test_a_single_frame_file_has_no_note(image_bytes):
+    assert lio.load_image(image_bytes(RAMP), name="one.png").notes == []
+
+
+def test_exif_orientation_is_applied_with_a_note():
+    wide = np.tile(np.arange(32, dtype=np.uint8) * 8, (16, 1))  # 16 rows x 32 columns, brighter to the right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG", exif=exif)
+    image = lio.load_image(buf.getvalue(), name="phone.png")
+    np.testing.assert_allclose(image.pixels, np.rot90(wide, k=-1) / 255.0, atol=1e-6)
+    assert image.notes == ["phone.png: the image was rotated or flipped as its EXIF orientation tag says."]
+
+
+@pytest.mark.parametrize("bad, count", [(np.nan, 2), (np.inf, 2), (-np.inf, 2)])
+def test_a_float_tiff_with_nan_or_inf_is_refused(bad, count):
+    values = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)
+    values[3, 4] = values[5, 6] = bad
+    buf = io.BytesIO()
+    Image.fromarray(values, mode="F").save(buf, format="TIFF")
+    with pytest.raises(LungvizError, match=f"^float.tif: the image contains {count} missing or infinite"):
+        lio.load_image(buf.getvalue(), name="float.tif")
+
+
+def test_a_png_within_the_side_limit_that_inflates_thousands_of_times_is_refused():
+    buf = io.BytesIO()
+    Image.new("1", (8192, 8192)).save(buf, format="PNG")  # a few KB, 320 MB once decoded to grey
+    with pytest.raises(LungvizError, match="decompression bomb"):
+        lio.load_image(buf.getvalue(), name="black.png")
+
+
+# ------------------------------------------------------------------------------------------------ checked DICOM values
+
+
+def _parsed(**texts: str):
+    import pydicom
+
+    from tests.hostile_files import dicom_with_text
+
+    return pydicom.dcmread(io.BytesIO(dicom_with_text(texts)))
+
+
+#: (field, raw text, parser, expected value)
+DICOM_VALUES_VALID = [
+    ("RescaleSlope", "2.5", lambda ds, k: lio.dicom_float(ds, k, source="x.dcm"), 2.5),
+    ("RescaleIntercept", " -1024 ", lambda ds, k: lio.dicom_float(ds, k, source="x.dcm"), -1024.0),
+    ("PixelSpacing", "0.6\\0.8", lambda ds, k: lio.dicom_floats(ds, k, 2, source="x.dcm"), (0.6, 0.8)),
+    ("InstanceNumber", "7", lambda ds, k: lio.dicom_int(ds, k, source="x.dcm"), 7),
+    ("SliceThickness", "", lambda ds, k: lio.dicom_float(ds, k, source="x.dcm", default=1.25), 1.25),
+    ("Modality", "ct", lambda ds, k: lio.dicom_text(ds, k, source="x.dcm"), "ct"),
+]
+
+#: (field, raw text, parser, words)
+DICOM_VALUES_INVALID = [
+    ("RescaleSlope", "1e400", lambda ds, k: lio.dicom_float(ds, k, source="x.dcm"), "'1e400', not a finite number"),
+    ("RescaleSlope", "nan", lambda ds, k: lio.dicom_float(ds, k, source="x.dcm"), "'nan', not a finite number"),
+    ("RescaleSlope", "1\\2", lambda ds, k: lio.dicom_float(ds, k, source="x.dcm"), "holds 2 values .*1 number is"),
+    ("InstanceNumber", "7.5", lambda ds, k: lio.dicom_int(ds, k, source="x.dcm"), "'7.5', not a whole number"),
+    ("PixelSpacing", "1\\2\\3", lambda ds, k: lio.dicom_floats(ds, k, 2, source="x.dcm"), "holds 3 values"),
+    ("SliceLocation", "12mm", lambda ds, k: lio.dicom_float(ds, k, source="x.dcm"), "'12mm', not a number"),
+]
+
+
+@pytest.mark.parametrize("keyword, text, parse, expected", DICOM_VALUES_VALID,
+                         ids=[f"{c[0]}={c[1]!r}" for c in DICOM_VALUES_VALID])
+def test_checked_dicom_values(keyword, text, parse, expected):
+    assert parse(_parsed(**{keyword: text}), keyword) == expected
+
+
+@pytest.mark.parametrize("keyword, text, parse, words", DICOM_VALUES_INVALID,
+                         ids=[f"{c[0]}={c[1]!r}" for c in DICOM_VALUES_INVALID])
+def test_malformed_dicom_values_name_the_file_and_the_field(keyword, text, parse, words):
+    with pytest.raises(LungvizError, match=f"^x.dcm: the DICOM field {keyword} .*{words}"):
+        parse(_parsed(**{keyword: text}), keyword)
+
+
+def test_a_missing_field_gives_the_default(dicom_bytes):
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes()))
+    assert lio.dicom_int(ds, "NumberOfFrames", source="x.dcm", default=1) == 1
+    assert lio.dicom_floats(ds, "PixelAspectRatio", 2, source="x.dcm") is None
+
+
+# ------------------------------------------------------------------------------------------------ DICOM claims
+
+
+def _dicom_claims_cases():
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless
+
+    from tests.hostile_files import dicom_with, dicom_with_text, with_transfer_syntax
+
+    jpeg_ls = ("cannot be decoded" if get_decoder(JPEGLSLossless).is_available
+               else "compressed as JPEG-LS Lossless Image Compression, which lungviz cannot decode here")
+    raw = np.full((16, 16), 1000, np.int16)
+    return [
+        ("two-frames", lambda: dicom_with_text({"NumberOfFrames": "2"}), "holds 2 frames \\(NumberOfFrames\\)"),
+        ("colour", lambda: dicom_with(SamplesPerPixel=3), "3 samples per pixel \\(SamplesPerPixel\\)"),
+        ("12-bits", lambda: dicom_with(BitsAllocated=12), "BitsAllocated is 12"),
+        ("unknown-syntax", lambda: with_transfer_syntax(dicom_with(), "1.2.3.4"), "transfer syntax '1.2.3.4'"),
+        ("jpeg-ls", lambda: with_transfer_syntax(dicom_with(), JPEGLSLossless), jpeg_ls),
+        ("slope-0", lambda: dicom_with(RescaleSlope=0), "RescaleSlope is 0"),
+        ("slope-huge", lambda: dicom_with(RescaleSlope=1e7), "RescaleSlope is 1e\\+07, far outside"),
+        ("hu-too-high", lambda: dicom_with(raw, RescaleSlope=100), "span 98,976 to 98,976 HU, outside the physical"),
+        ("hu-too-low", lambda: dicom_with(np.array([[-32768, -20000], [0, 0]], np.int16).repeat(8, 0).repeat(8, 1)),
+         "span -33,792 to -1,024 HU"),
+    ]
+
+
+@pytest.mark.parametrize("case, build, words", _dicom_claims_cases(), ids=[c[0] for c in _dicom_claims_cases()])
+def test_dicom_claims_outside_what_lungviz_reads_are_refused(case, build, words):
+    with pytest.raises(LungvizError, match=f"^{case}.dcm: .*{words}"):
+        lio.read_dicom(build(), name=f"{case}.dcm")
+
+
+def test_one_padding_value_below_the_physical_range_becomes_its_low_end():
+    from tests.hostile_files import dicom_with
+
+    raw = np.full((16, 16), 1000, np.int16)
+    raw[:4] = -32768  # outside the scanned field, as some scanners store it
+    sl = lio.read_dicom(dicom_with(raw), name="padded.dcm")
+    assert (sl.hu[:4] == -3100.0).all() and (sl.hu[4:] == 1000 - 1024).all()
+
+
+def test_deflated_and_rle_dicoms_within_the_limits_read_as_uncompressed(dicom_bytes):
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+
+    data = dicom_bytes(RAW, spacing=(0.6, 0.8))
+    plain = lio.read_dicom(data)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    deflated = io.BytesIO()
+    ds.save_as(deflated, enforce_file_format=True)
+    rle = pydicom.dcmread(io.BytesIO(data))
+    rle.compress(RLELossless)
+    encoded = io.BytesIO()
+    rle.save_as(encoded, enforce_file_format=True)
+    for other in (deflated.getvalue(), encoded.getvalue()):
+        sl = lio.read_dicom(other)
+        np.testing.assert_array_equal(sl.hu, plain.hu)
+        assert sl.pixel_spacing_mm == (0.6, 0.8)
+
+
+# ------------------------------------------------------------------------------------------------ zip and folder limits
+
+
+def test_zip_path_traversal_names_are_only_labels(dicom_bytes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    slices = lio.read_series(_zip({"../../evil.dcm": dicom_bytes(), "/abs/x.dcm": dicom_bytes(z_mm=1.0)}),
+                             name="up.zip")
+    assert [s.name for s in slices] == ["up.zip:../../evil.dcm", "up.zip:/abs/x.dcm"]
+    assert not list(tmp_path.parent.parent.glob("evil.dcm")) and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_zip_symlink_members_are_never_read(dicom_bytes):
+    link = zipfile.ZipInfo("link.dcm")
+    link.external_attr = 0o120777 << 16  # a symbolic link to /etc/passwd
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(link, "/etc/passwd")
+    with pytest.raises(LungvizError, match="contains no DICOM files"):
+        lio.read_series(buf.getvalue(), name="links.zip")
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.writestr("slice.dcm", dicom_bytes())
+    assert [s.name for s in lio.read_series(buf.getvalue(), name="links.zip")] == ["links.zip:slice.dcm"]
+
+
+def test_zip_members_compressed_with_bzip2_are_refused_or_skipped(dicom_bytes):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("slice.dcm", dicom_bytes())
+        zf.writestr("README.txt", b"exported", compress_type=zipfile.ZIP_BZIP2)  # not a slice: skipped
+    assert len(lio.read_series(buf.getvalue(), name="ok.zip")) == 1
+    with zipfile.ZipFile(buf, "a") as zf:
+        zf.writestr("more.dcm", dicom_bytes(z_mm=1.0), compress_type=zipfile.ZIP_BZIP2)
+    with pytest.raises(LungvizError, match=r"'more\.dcm' in the zip is compressed with a method lungviz does not read"):
+        lio.read_series(buf.getvalue(), name="bz.zip")
+
+
+@pytest.mark.parametrize("limit, value, words", [
+    ("MAX_SLICES", 2, "more than 2 CT slices"),
+    ("MAX_SERIES_FILES", 2, "more than 2 files"),
+    ("MAX_ZIP_INFLATED_BYTES", 2000, "inflates to more than 2 KB in all"),
+    ("MAX_ZIP_DIRECTORY_BYTES", 100, "the zip's list of files is .*; lungviz reads at most 100 bytes"),
+    ("MAX_UPLOAD_BYTES", 1000, "the file is (.* KB; lungviz reads at most|larger than) 1000 bytes"),
+])
+def test_series_limits_are_checked_as_the_zip_is_read(limit, value, words, dicom_bytes, monkeypatch):
+    monkeypatch.setattr(lio.limits, limit, value)
+    data = _zip({f"s{k}.dcm": dicom_bytes(z_mm=float(k)) for k in range(3)})
+    with pytest.raises(LungvizError, match=words):
+        lio.read_series(data, name="three.zip")
+    with pytest.raises(LungvizError, match=words):
+        lio.read_series(io.BytesIO(data), name="three.zip")
+
+
+def test_series_folder_limits(dicom_bytes, tmp_path, monkeypatch):
+    for k in range(3):
+        (tmp_path / f"s{k}.dcm").write_bytes(dicom_bytes(z_mm=float(k)))
+    assert len(lio.read_series(tmp_path)) == 3
+    monkeypatch.setattr(lio.limits, "MAX_SERIES_FILES", 2)
+    with pytest.raises(LungvizError, match="more than 2 files"):
+        lio.read_series(tmp_path)
+    monkeypatch.setattr(lio.limits, "MAX_SERIES_FILES", 10)
+    monkeypatch.setattr(lio.limits, "MAX_FILE_BYTES", 500)
+    with pytest.raises(LungvizError, match=r"s0\.dcm: the file is 1 KB; lungviz reads at most 500 bytes"):
+        lio.read_series(tmp_path)
+
+
+def test_a_path_that_is_not_a_regular_file_is_refused_without_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    with pytest.raises(LungvizError, match="not a regular file"):
+        lio.load_image(fifo)
+
+
+def test_npy_header_claims_are_checked_against_its_data():
+    data = _npy(np.zeros((16, 16), np.float32))
+    with pytest.raises(LungvizError, match="truncated: its header claims 16 x 16 values of 4 bytes"):
+        lio.load_npy(data[:-10], name="cut.npy")
+    fortran = np.asfortranarray(np.arange(16 * 20, dtype=np.float32).reshape(16, 20) / 320)
+    np.testing.assert_array_equal(lio.load_npy(_npy(fortran)).pixels, fortran)
+
+
 # ------------------------------------------------------------------------------------------------ DICOM (real)
 
 

@@ -201,6 +201,18 @@ def test_missing_xml_and_empty_folder(tmp_path):
     assert cases == [] and report.n_skipped == 1 and report.skipped[0][0] == "LIDC-IDRI-9999"
 
 
+@pytest.mark.parametrize("spacing", [None, (0.002, 0.002)], ids=["missing", "implausible"])
+def test_a_series_without_a_plausible_spacing_is_not_imported(tmp_path, spacing):
+    from tests.conftest import make_dicom
+
+    folder = tmp_path / "LIDC-IDRI-9998"
+    folder.mkdir()
+    for k in range(2):
+        (folder / f"{k}.dcm").write_bytes(make_dicom(z_mm=2.5 * k, spacing=spacing))
+    with pytest.raises(LungvizError, match="no plausible pixel spacing \\(DICOM field PixelSpacing\\)"):
+        import_dicom_case(folder)
+
+
 def test_small_marks_and_non_nodules(tmp_path):
     text = (
         f"<LidcReadMessage xmlns='{NS}'><ResponseHeader><SeriesInstanceUid>9.9</SeriesInstanceUid></ResponseHeader>"

@@ -271,6 +271,10 @@ MM_CASES = [
     (32.0, 0.0, 46),
     (32.0, -1.0, 46),
     (32.0, float("nan"), 46),
+    (32.0, 0.002, 46),  # implausible: as unknown
+    (32.0, 50.0, 46),
+    (32.0, 0.05, 640),  # the plausible range's ends
+    (32.0, 5.0, 6),
     (0.1, 1.0, 1),  # never fewer than one pixel
 ]
 
@@ -284,6 +288,19 @@ def test_mm_to_px(size_mm, spacing, expected):
 def test_mm_to_px_invalid_field_raises(size_mm):
     with pytest.raises(LungvizError, match="millimetres"):
         pp.mm_to_px(size_mm, 0.7)
+
+
+@pytest.mark.parametrize("spacing, expected", [
+    (0.7, 0.7), (0.05, 0.05), (5.0, 5.0), (0.049, None), (5.01, None), (0.002, None), (0.0001, None), (0.0, None),
+    (-0.7, None), (float("nan"), None), (float("inf"), None), (None, None),
+])
+def test_valid_spacing_is_a_plausible_one(spacing, expected):
+    assert pp.valid_spacing(spacing) == expected
+
+
+def test_a_crop_wider_than_the_largest_image_side_is_refused():
+    with pytest.raises(LungvizError, match="would be 10000 pixels wide, more than the largest image side"):
+        pp.mm_to_px(500.0, 0.05)
 
 
 def test_crop_mm_cuts_the_pixels_covering_the_field():
