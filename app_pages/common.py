@@ -307,7 +307,7 @@ def prediction(folder: str, context: np.ndarray | None, nodule_crop: np.ndarray 
 
 @st.cache_data(show_spinner=False, max_entries=256, ttl=RESULT_TTL)
 def cam_map(folder: str, bundle_name: str, image: np.ndarray, method: str) -> np.ndarray:
-    b = _model_set(folder).bundles[bundle_name]
+    b = _model_set(folder).networks[bundle_name]
     return bundle_cam(b, image, method)
 
 

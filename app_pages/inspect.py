@@ -15,6 +15,7 @@ from lungviz.fusion import SIZE_SOURCES, fused_models_words
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
 from lungviz.inventory import (
     diameter_note,
+    map_localisation_note,
     map_localisation_text,
     outline_features_note,
     size_only_note,
@@ -412,6 +413,19 @@ for i, view in enumerate(map_views):
     maps[f"{method}, {label}"] = shown
     if method != "Grad-CAM":  # the report always carries Grad-CAM too
         maps[f"Grad-CAM, {label}"] = overlay(big, common.cam_map(folder, name, img, "gradcam"), alpha)
+if pred.assessment is not None and ms.nodule is not None and common.MAP_METHODS[method] != "lime":
+    first = pred.assessment.reading.slices[0]
+    big = resize(first.view, SHOW_PX)
+    call = "malignant" if pred.assessment.reading.malignant_probability >= 0.5 else "benign"
+    nc1, nc2, _ = st.columns([1, 1, 2])
+    nc1.image(big, caption=f"Nodule model's view ({first.field_mm:.0f} mm, sized to the nodule)", width="stretch",
+              clamp=True)
+    heat = common.cam_map(folder, ms.nodule.name, first.view, common.MAP_METHODS[method])
+    nc2.image(overlay(big, heat, alpha), caption=f"{method}, nodule model: evidence for '{call}', read inside its "
+                                                 "outline", width="stretch")
+    maps[f"{method}, nodule model"] = overlay(big, heat, alpha)
+    if note := map_localisation_note(ms.nodule.name, folder, getattr(ms.nodule, "cam_layer", "")):
+        st.caption(note)
 st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Grad-CAM colours "
            "run blue (none) → green → yellow → red (strongest), scaled to each map's own maximum, so colours do not "
            "compare between maps; LIME tints green (outlined in yellow) the regions supporting the call. "

@@ -18,6 +18,12 @@ from lungviz.errors import LungvizError
 
 #: The factors, in order: the measured size, the characteristics that grade suspicion most directly, and the image.
 FACTORS = ("size", "spiculation", "lobulation", "margin", "texture", "calcification", "image")
+#: The direction radiology knows each factor pulls the estimate in (+1 raises suspicion, -1 lowers it, 0 left to
+#: the data): larger, spiculated, lobulated and poorly defined nodules are more suspicious, calcified ones less. The
+#: fit keeps each coefficient on its side, so an explanation never says "spiculated, therefore less suspicious" (two
+#: correlated ratings can otherwise take opposite signs).
+FACTOR_SIGNS = {"size": 1, "spiculation": 1, "lobulation": 1, "margin": -1, "texture": 0, "calcification": -1,
+                "image": 1}
 #: How each factor reads to a clinician.
 FACTOR_LABELS = {"size": "size", "spiculation": "spiculation", "lobulation": "lobulation", "margin": "margin",
                  "texture": "texture", "calcification": "calcification", "image": "image evidence"}
@@ -106,42 +112,59 @@ class FactorModel:
         return cls(names=names, coef=coef, centre=centre, intercept=intercept)
 
 
+def _fit_logistic(z: np.ndarray, y: np.ndarray, c: float, signs: np.ndarray) -> tuple[np.ndarray, float]:
+    """L2-penalised logistic regression on standardised ``z`` with each coefficient kept on its sign's side
+    (``signs``: +1 >= 0, -1 <= 0, 0 free); the intercept is unpenalised. Returns (coef, intercept)."""
+    from scipy.optimize import minimize
+
+    k = z.shape[1]
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        t = z @ w[:k] + w[k]
+        p = 1.0 / (1.0 + np.exp(-t))
+        nll = np.sum(np.logaddexp(0.0, t) - y * t)
+        grad = np.append(z.T @ (p - y), np.sum(p - y))
+        return nll + 0.5 / c * float(w[:k] @ w[:k]), grad + np.append(w[:k] / c, 0.0)
+
+    bounds = [(0.0, None) if s > 0 else (None, 0.0) if s < 0 else (None, None) for s in signs] + [(None, None)]
+    res = minimize(loss, np.zeros(k + 1), jac=True, method="L-BFGS-B", bounds=bounds)
+    return res.x[:k], float(res.x[k])
+
+
 def fit_factor_model(rows: Sequence[Mapping[str, float]], y: np.ndarray, names: Sequence[str] = FACTORS,
                      groups: Sequence[str] | None = None, cs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
                      folds: int = 5, seed: int = 0) -> tuple[FactorModel, dict]:
     """Fit the factor model on ``rows`` (one dict of factor values per nodule) and labels ``y`` (1 malignant):
-    standardised inputs, L2 strength chosen by patient-grouped cross-validated log-loss, refitted on all rows and
-    mapped back to the factors' own units. Returns the model and the choice's record."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import log_loss
+    standardised inputs, each coefficient on the side :data:`FACTOR_SIGNS` gives it, the L2 strength chosen by
+    patient-grouped cross-validated log-loss, refitted on all rows and mapped back to the factors' own units.
+    Returns the model and the choice's record."""
     from sklearn.model_selection import GroupKFold
 
     names = tuple(names)
+    signs = np.array([FACTOR_SIGNS.get(n, 0) for n in names])
     x = np.array([[r.get(n, np.nan) for n in names] for r in rows], np.float64)
     centre = np.nanmean(x, axis=0)
     x = np.where(np.isfinite(x), x, centre)
     scale = x.std(axis=0)
     scale = np.where(scale > 0, scale, 1.0)
     z = (x - centre) / scale
-    y = np.asarray(y, int)
+    y = np.asarray(y, np.float64)
     g = np.asarray(groups if groups is not None else np.arange(len(y)))
     rng = np.random.default_rng(seed)
-    uniq = rng.permutation(np.unique(g))
-    relabel = {u: i for i, u in enumerate(uniq)}
-    splitter = GroupKFold(n_splits=folds)
+    relabel = {u: i for i, u in enumerate(rng.permutation(np.unique(g)))}
     losses = {}
     for c in cs:
         pred = np.zeros(len(y))
-        for tr, te in splitter.split(z, y, [relabel[v] for v in g]):
-            m = LogisticRegression(C=c, max_iter=1000).fit(z[tr], y[tr])
-            pred[te] = m.predict_proba(z[te])[:, 1]
-        losses[c] = float(log_loss(y, pred, labels=[0, 1]))
+        for tr, te in GroupKFold(n_splits=folds).split(z, y, [relabel[v] for v in g]):
+            w, b = _fit_logistic(z[tr], y[tr], c, signs)
+            pred[te] = 1.0 / (1.0 + np.exp(-(z[te] @ w + b)))
+        p = np.clip(pred, 1e-12, 1 - 1e-12)
+        losses[c] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
     best = min(losses, key=losses.get)
-    m = LogisticRegression(C=best, max_iter=1000).fit(z, y)
-    coef = m.coef_[0] / scale
-    intercept = float(m.intercept_[0])  # at the centre every contribution is 0
-    return (FactorModel(names=names, coef=coef, centre=centre, intercept=intercept),
-            {"C": best, "cv_log_loss": {str(k): v for k, v in losses.items()}, "n": len(y)})
+    w, b = _fit_logistic(z, y, best, signs)
+    return (FactorModel(names=names, coef=w / scale, centre=centre, intercept=b),  # at the centre all add 0
+            {"C": best, "cv_log_loss": {str(k): v for k, v in losses.items()}, "n": len(y),
+             "signs": {n: int(s) for n, s in zip(names, signs, strict=True)}})
 
 
 def factor_phrases(values: Mapping[str, float], contributions: Mapping[str, float], top: int = 4) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,42 @@ def test_prediction_carries_the_size_characteristics_and_factors(app_weights, re
     assert len(out["top_factors"]) == 4 and out["test_calls"]["sensitivity"] == 0.9
     notes = estimate_notes(pred.to_dict())
     assert notes[0].startswith("Nodule model, over 1 slice: long axis") and "What moved it:" in notes[2]
+
+
+def test_factor_fit_keeps_each_coefficient_on_its_known_side():
+    from lungviz.factors import fit_factor_model
+
+    rng = np.random.default_rng(1)
+    n = 300
+    size = rng.normal(2.2, 0.5, n)
+    spic = rng.uniform(1, 5, n)
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-(2.0 * (size - 2.2) - 1.0 * (spic - 3.0))))).astype(int)
+    rows = [{"size": a, "spiculation": b} for a, b in zip(size, spic, strict=True)]
+    model, choice = fit_factor_model(rows, y, ("size", "spiculation"))
+    coef = dict(zip(model.names, model.coef, strict=True))
+    # the data say 'spiculated, less suspicious': the fit may not, so spiculation contributes nothing
+    assert coef["spiculation"] == pytest.approx(0.0, abs=1e-8) and coef["size"] > 1.0
+    assert choice["signs"] == {"size": 1, "spiculation": 1}
+
+
+SHIPPED = (Path(__file__).resolve().parents[1] / "weights" / "nodule.json").is_file()
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the shipped nodule model is not installed")
+def test_shipped_nodule_model_measures_and_describes_a_library_case(real_lidc):
+    """LIDC-IDRI-0045/nodule-9 (a test patient: 18 mm, solid, no calcification, panel score 5): the shipped model's
+    size and characteristics over its central slices, as evaluation reads a nodule."""
+    from lungviz.models import load_bundle
+    from lungviz.nodule_model import assess
+    from training.data import central_slices
+
+    case = next(c for c in real_lidc[0] if c.case_id == "LIDC-IDRI-0045/nodule-9")
+    bundle = load_bundle(Path(__file__).resolve().parents[1] / "weights", "nodule", "cpu")
+    slices = [case.load_slice(k) for k in central_slices(case.n_slices, 0, 0.5)]
+    a = assess(bundle, slices, case.pixel_spacing_mm, case.slice_thickness_mm)
+    assert a.reading.n_slices == len(slices) >= 2
+    assert abs(a.reading.long_axis_mm - case.diameter_mm) < 5.0  # the readers' diameter, within 5 mm
+    assert a.reading.short_axis_mm <= a.reading.long_axis_mm and a.reading.volume_mm3 > 0
+    assert a.characteristics["calcification"].startswith("absent")
+    assert a.reading.ratings["texture"] > 3.5  # solid, as the readers rated it
+    assert a.probability > 0.1 and a.call == "malignant" and a.top_factors()[0]

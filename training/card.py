@@ -518,6 +518,12 @@ def nodule_model_section(w: Callable[[str], None], folder: Path) -> None:
         sr = r["single_reader"]
         if sr.get("n_pairs"):
             w(f"| {h} | {sr['n_pairs']} | {format_ci(sr, 'model_qwk')} | {format_ci(sr, 'reader_qwk')} |")
+    below = [h for h, r in t["ratings"].items() if r["single_reader"].get("n_pairs")
+             and r["single_reader"]["model_qwk"] < r["single_reader"]["reader_qwk"]]
+    if below:
+        w(f"\nBelow the single reader on {', '.join(below)}. A kappa of 0 means the model gives every nodule the "
+          "same level (nearly all nodules are rated soft tissue, so agreeing on the rare others is all kappa "
+          "counts).")
     mal = t["malignant"]
     w(f"\nThe network's own benign/malignant head: test AUROC {format_ci(mal['auroc'], 'auroc')}.\n")
     est = m.get("estimate")
@@ -537,10 +543,12 @@ def nodule_model_section(w: Callable[[str], None], folder: Path) -> None:
                 w(f"| {label} | {format_ci(r['auroc'], 'auroc')} | {format_ci(d, 'minus_readers_diameter')} | "
                   f"{r['ece']:.3f} |")
         c = f["call"]
-        w(f"\nIts call point, {c['threshold']:.1%}, was chosen on validation for {c['target_sensitivity']:.0%} "
-          f"sensitivity; on test it found {format_ci({**c['test'], 'ci95': c['test_ci95']}, 'sensitivity')} of the "
-          f"malignant nodules and cleared {format_ci({**c['test'], 'ci95': c['test_ci95']}, 'specificity')} of the "
-          "benign.\n")
+        rule = ("the 95% lower bound of its validation sensitivity reaches" if c.get("rule") == "lower-bound"
+                else "its validation sensitivity reaches")
+        read = {**c["test"], "ci95": c["test_ci95"]}
+        w(f"\nIts call point, {c['threshold']:.1%}, was chosen on validation so that {rule} "
+          f"{c['target_sensitivity']:.0%}; on test it found {format_ci(read, 'sensitivity')} of the malignant "
+          f"nodules and cleared {format_ci(read, 'specificity')} of the benign.\n")
     dx = m.get("diagnosis")
     if dx and dx.get("n_patients"):
         w(f"**Against what became of the patients** (LIDC's diagnosis list): {dx['n_patients']} test patients with a "
@@ -1039,6 +1047,11 @@ def write_card(folder: Path | None = None) -> Path:
                   f"({b['centre_prior']['peak_inside']:.1%}) | {b['mass_inside']:.1%} "
                   f"({b['centre_prior']['mass_inside']:.1%}) | {b['mask_area']:.1%} |")
         w(f"\n{cam.get('method', '')}\n")
+        if isinstance(nod := cam.get("models", {}).get("nodule"), dict):
+            w("The nodule model's heads read only its own outline widened by one grid cell, so its map lies there by "
+              "design: its figures measure how well that outline finds the nodule and follows it when it moves. In "
+              f"the shifted view {nod['shifted'].get('nodule_cut_by_view', 0)} of its {nod['shifted']['n']} test "
+              "nodules lost part of their outline at the view's edge.\n")
     if retrieval:
         w("## Similar-case retrieval\n")
         w(f"Index `{retrieval.get('index', '')}`: {retrieval['n']} library nodules embedded with "
