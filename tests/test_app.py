@@ -660,7 +660,7 @@ def test_review_log_page_survives_damaged_rows(app_env):
 
 @pytest.mark.slow
 def test_fifty_large_uploads_leave_the_servers_memory_bounded(app_env):
-    """A session uploading file after file: 50 distinct 4096 x 4096 PNGs of about 40 KB, each decoded to 64 MiB
+    """A session uploading file after file: 50 distinct 4096 x 4096 PNGs of about 2 MB, each decoded to 64 MiB
     (as a nodule crop, so each is refused after decoding without a slow prediction). AppTest runs the script in
     this process, so this process's resident memory is the server's: it must not keep every decoded upload."""
     import gc
@@ -675,7 +675,9 @@ def test_fifty_large_uploads_leave_the_servers_memory_bounded(app_env):
 
     def upload(i: int) -> AppTest:
         img = np.zeros((side, side), np.uint8)
-        img[i, : 2 + i] = 255  # distinct content: no two uploads share a cache entry
+        # distinct content, so no two uploads share a cache entry, and enough noise (about 2 MB stored) that the
+        # decoded image is not refused as a decompression bomb before it is decoded
+        img[:512] = np.random.default_rng(i).integers(0, 256, (512, side), dtype=np.uint8)
         nonlocal at
         at = _upload(at, f"large-{i}.png", encode_image(img), which=1)
         assert not at.exception and "larger than a crop should be" in shown_text(at.error[0].value)
