@@ -28,7 +28,7 @@ from lungviz.library import (
     slice_spacings,
 )
 from lungviz.lidc import load_case
-from lungviz.nodule_model import Assessment
+from lungviz.nodule_model import Assessment, assess_series
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
 from lungviz.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.retrieval import CaseIndex, load_index, set_server_threads
@@ -372,6 +372,15 @@ def probability_bars(pred: Prediction, task: str = "score") -> go.Figure | None:
     return fig
 
 
+@st.cache_data(show_spinner="Following the nodule through the series…", max_entries=16, ttl=RESULT_TTL)
+def series_assessment(folder: str, file_id: str, _series: list, index: int,
+                      centre_rc: tuple[float, float] | None) -> Assessment | None:
+    """The nodule model over the slices of the series the nodule reaches from slice ``index`` (cached per upload,
+    slice and centre; ``_series`` is the decoded series of upload ``file_id``)."""
+    ms = _model_set(folder)
+    return None if ms.nodule is None else assess_series(ms.nodule, _series, index, centre_rc)
+
+
 def show_assessment(assessment: Assessment) -> None:
     """The nodule model's finding: size, the characteristics in the readers' words and the factors behind its
     estimate, with the estimate's risk band and call."""
@@ -386,7 +395,9 @@ def show_assessment(assessment: Assessment) -> None:
         if (t := assessment.test_calls) is not None:
             st.caption(f"On the held-out test nodules this call found {t['sensitivity']:.0%} of the malignant ones "
                        f"and cleared {t['specificity']:.0%} of the benign.")
-        st.markdown(f"**Size** (largest of {r.n_slices} slice{'s' if r.n_slices > 1 else ''}): long axis "
+        where = (f"largest of the {r.n_slices} slices the nodule reaches" if r.n_slices > 1
+                 else "this slice only")
+        st.markdown(f"**Size** ({where}): long axis "
                     f"{r.long_axis_mm:.1f} mm, short axis {r.short_axis_mm:.1f} mm, mean {r.mean_axes_mm:.1f} mm"
                     + (f"; volume {r.volume_mm3:.0f} mm³" if r.volume_mm3 else ""))
     with look:

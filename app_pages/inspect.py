@@ -3,6 +3,8 @@ context, saliency maps, similar library cases, review and report."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -258,6 +260,11 @@ try:
             case.notes.append(f"The pixel spacing of library case {same[0]}, {known_mm:.2f} mm, was used: the "
                               "image file carries none.")
     pred = common.prediction(folder, case.context, case.nodule_crop, case.spacing_mm)
+    if series_uid and pred.assessment is not None and isinstance(series := _read(main_file), list):
+        # a series: the nodule model reads every slice the nodule reaches, not the chosen one alone
+        index = int(st.session_state.get(f"slice-{common.digest(main_file.file_id)}", len(series) // 2))
+        followed = common.series_assessment(folder, main_file.file_id, series, index, case.centre_rc)
+        pred = dataclasses.replace(pred, assessment=followed or pred.assessment)
 except LungvizError as err:
     common.show_error(err)
     st.stop()

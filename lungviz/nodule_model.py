@@ -239,14 +239,71 @@ class Assessment:
         }
 
 
+#: A series is followed at most this many slices either side of the chosen one ...
+FOLLOW_SLICES = 20
+#: ... and only while the model outlines at least this many view pixels there, whose centre moved less than this
+#: (or half the nodule's long axis) from the previous slice's.
+MIN_OUTLINE_PX = 4
+MAX_STEP_MM = 5.0
+
+
+def follow_series(bundle: Bundle, series: list, index: int,
+                  centre_rc: tuple[float, float] | None) -> tuple[list[SliceReading], list[int]]:
+    """Follow a nodule through a DICOM series (:class:`lungviz.io.DicomSlice` list) from slice ``index`` at
+    ``centre_rc``: read that slice, then each neighbour on either side while the model still outlines a nodule
+    there, re-centring on the previous slice's outline. Returns the readings and their slice indices, in order."""
+    from lungviz.inputs import from_series
+
+    start = from_series(series, index, centre_rc)
+    first = read_slices(bundle, [start.context], start.spacing_mm)[0]
+    readings = {index: first}
+    if int(first.outline.sum()) < MIN_OUTLINE_PX or start.centre_rc is None:
+        return [first], [index]
+    for step in (1, -1):
+        prev, centre, k = first, start.centre_rc, index + step
+        while 0 <= k < len(series) and abs(k - index) <= FOLLOW_SLICES:
+            centre = _recentred(centre, prev, start.spacing_mm)
+            case = from_series(series, k, centre)
+            r = read_slices(bundle, [case.context], case.spacing_mm)[0]
+            if int(r.outline.sum()) < MIN_OUTLINE_PX:
+                break
+            moved = np.hypot(*np.subtract(_recentred(centre, r, start.spacing_mm), centre))
+            if moved * spacing_or_default(start.spacing_mm) > max(MAX_STEP_MM, 0.5 * prev.long_axis_mm):
+                break  # the outline jumped: another structure, not the same nodule
+            readings[k], prev, k = r, r, k + step
+    order = sorted(readings)
+    return [readings[k] for k in order], order
+
+
+def _recentred(centre_rc: tuple[float, float], reading: SliceReading, spacing_mm: float | None) -> tuple[float, float]:
+    """The whole-slice position of ``reading``'s outline centre (it was read around ``centre_rc``)."""
+    rows, cols = np.nonzero(reading.outline)
+    mid = (reading.outline.shape[0] - 1) / 2.0
+    scale = reading.mm_per_px / spacing_or_default(spacing_mm)  # whole-slice pixels per view pixel
+    return centre_rc[0] + (rows.mean() - mid) * scale, centre_rc[1] + (cols.mean() - mid) * scale
+
+
 def assess(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
            slice_thickness_mm: float | None = None) -> Assessment:
     """Read a nodule over one or more of its slices and explain the estimate (the spec's factor model)."""
+    return explain_readings(bundle, read_slices(bundle, contexts01, spacing_mm), slice_thickness_mm)
+
+
+def assess_series(bundle: Bundle, series: list, index: int, centre_rc: tuple[float, float] | None) -> Assessment:
+    """:func:`assess` over the slices of a DICOM series the nodule reaches (:func:`follow_series`)."""
+    readings, indices = follow_series(bundle, series, index, centre_rc)
+    zs = [float(series[k].z_mm) for k in indices]
+    thickness = float(np.median(np.abs(np.diff(zs)))) if len(zs) > 1 else None
+    return explain_readings(bundle, readings, thickness)
+
+
+def explain_readings(bundle: Bundle, readings: list[SliceReading], slice_thickness_mm: float | None) -> Assessment:
+    """The :class:`Assessment` of a nodule from its slices' readings (the spec's factor model)."""
     from lungviz.factors import FactorModel, factor_values, risk_band
 
     estimate = bundle.spec.get("estimate") or {}
     model = FactorModel.from_dict(estimate.get("model") or {})
-    reading = aggregate(bundle, read_slices(bundle, contexts01, spacing_mm), slice_thickness_mm)
+    reading = aggregate(bundle, readings, slice_thickness_mm)
     z = split_logits(np.mean([s.logits for s in reading.slices], axis=0))["malignant"]
     image = float((z[1] - z[0]) / head_temperatures(bundle)["malignant"])
     values = factor_values(reading.mean_axes_mm, reading.probabilities, image)

@@ -347,6 +347,28 @@ def build_outliner_weights(folder: Path, input_size: int = 32, bias: float = 0.0
     return folder
 
 
+def build_nodule_weights(folder: Path, input_size: int = 32) -> Path:
+    """An untrained nodule model (NoduleNet) bundle, tiny, with head temperatures and a factor estimate, as
+    `python -m training nodule` writes it."""
+    import torch
+
+    from lungviz.factors import FACTORS, FactorModel
+    from lungviz.models import ModelSpec, create_model, save_bundle
+
+    torch.manual_seed(0)
+    model = create_model("tf_efficientnet_lite0+nodule", 2)
+    factors = FactorModel(names=FACTORS, coef=np.array([2.0, 0.5, 0.3, -0.2, 0.1, -1.0, 0.8]),
+                          centre=np.array([2.2, 2.0, 2.0, 4.0, 4.5, 0.2, -1.0]), intercept=-1.4)
+    spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view="nodule", task="nodule",
+                                input_size=input_size, preprocessing={"view": "nodule", "central_fraction": 0.5},
+                                extra={"head_temperatures": {"malignant": 1.2}, "cam_layer": "gated",
+                                       "estimate": {"model": factors.to_dict(), "threshold": 0.12,
+                                                    "test": {"sensitivity": 0.9, "specificity": 0.6},
+                                                    "test_ci95": {"sensitivity": [0.8, 0.95]}}})
+    save_bundle(model, spec, folder, "nodule")
+    return folder
+
+
 def build_app_weights(folder: Path, slices_root: Path) -> Path:
     """Everything the app loads from a weights folder, tiny: four cnn4 bundles (32 px), both fusion specs, a
     FAISS index over :data:`APP_CASES` (real images), reference test predictions, a model card with a figure."""

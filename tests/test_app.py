@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import APP_CASES, encode_image, live_markup, make_dicom, shown_text
+from conftest import APP_CASES, build_nodule_weights, encode_image, live_markup, make_dicom, shown_text
 from streamlit.testing.v1 import AppTest
 
 from lungviz import RESEARCH_NOTICE, explain
@@ -355,6 +355,29 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_path, monkeypatch, lidc_dicom_dir):
+    """With the nodule model installed, a zipped series shows its size, characteristics and factors, says over how
+    many slices it read them."""
+    import shutil
+
+    weights = tmp_path / "w"
+    shutil.copytree(app_weights, weights)
+    build_nodule_weights(weights)
+    monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(weights))
+    monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[6:11]:
+            zf.write(p, f"series/{p.name}")
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "series.zip", buf.getvalue())
+    assert not at.exception and not at.error
+    text = _texts(at)
+    assert "What moved the estimate" in text and "log-odds" in text and "Risk band:" in text
+    assert "slices the nodule reaches" in text or "this slice only" in text
+    assert any(m.label == "Estimate by its factors" for m in at.metric)
 
 
 def _zip(files: dict[str, bytes]) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_nodule_weights
 
 from training.cam_eval import LocView, centre_prior, cut_view, score_map, shift_direction
 from training.data import ViewConfig
@@ -104,21 +105,6 @@ def test_camloc_cli_on_a_small_folder(app_weights, lidc_slices_dir, tmp_path):
                           str(app_weights), "--models", "absent"], capture_output=True, text=True, cwd=REPO,
                          timeout=300)
     assert bad.returncode == 2 and "no model 'absent'" in bad.stderr
-
-
-def build_nodule_weights(folder: Path, input_size: int = 32) -> Path:
-    """An untrained nodule model (NoduleNet) bundle, tiny, as `python -m training nodule` writes it."""
-    import torch
-
-    from lungviz.models import ModelSpec, create_model, save_bundle
-
-    torch.manual_seed(0)
-    model = create_model("tf_efficientnet_lite0+nodule", 2)
-    spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view="nodule", task="nodule",
-                                input_size=input_size, preprocessing={"view": "nodule", "central_fraction": 0.5},
-                                extra={"head_temperatures": {"malignant": 1.5}})
-    save_bundle(model, spec, folder, "nodule")
-    return folder
 
 
 @pytest.mark.slow

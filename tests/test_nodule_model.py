@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_nodule_weights
 from torch import nn
 
 from lungviz.cases import Case
@@ -202,21 +203,6 @@ def test_factor_model_contributions_sum_to_its_estimate_and_fit_the_direction():
     assert risk_band(0.9).startswith("high")
 
 
-def _nodule_bundle_with_estimate(folder):
-    from lungviz.factors import FACTORS, FactorModel
-
-    torch.manual_seed(0)
-    model = create_model(ARCH, 2)
-    factors = FactorModel(names=FACTORS, coef=np.array([2.0, 0.5, 0.3, -0.2, 0.1, -1.0, 0.8]),
-                          centre=np.array([2.2, 2.0, 2.0, 4.0, 4.5, 0.2, -1.0]), intercept=-1.4)
-    spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view="nodule", task="nodule", input_size=32,
-                                extra={"head_temperatures": {"malignant": 1.2},
-                                       "estimate": {"model": factors.to_dict(), "threshold": 0.12,
-                                                    "test": {"sensitivity": 0.9, "specificity": 0.6},
-                                                    "test_ci95": {"sensitivity": [0.8, 0.95]}}})
-    save_bundle(model, spec, folder, "nodule")
-
-
 def test_prediction_carries_the_size_characteristics_and_factors(app_weights, real_lidc, tmp_path):
     import shutil
 
@@ -225,7 +211,7 @@ def test_prediction_carries_the_size_characteristics_and_factors(app_weights, re
 
     weights = tmp_path / "w"
     shutil.copytree(app_weights, weights)
-    _nodule_bundle_with_estimate(weights)
+    build_nodule_weights(weights)
     ms = load_models(weights, device="cpu")
     case = next(c for c in real_lidc[0] if c.case_id == "LIDC-IDRI-0001/nodule-0")
     pred = predict(ms, case.load_slice(case.middle_index()), None, case.pixel_spacing_mm)
@@ -278,3 +264,24 @@ def test_shipped_nodule_model_measures_and_describes_a_library_case(real_lidc):
     assert a.characteristics["calcification"].startswith("absent")
     assert a.reading.ratings["texture"] > 3.5  # solid, as the readers rated it
     assert a.probability > 0.1 and a.call == "malignant" and a.top_factors()[0]
+
+
+@pytest.mark.skipif(not SHIPPED, reason="the shipped nodule model is not installed")
+def test_shipped_model_follows_a_nodule_through_a_series(lidc_dicom_dir):
+    """LIDC-IDRI-0006/nodule-3 (9 mm, outlined on slices 33-35 of 40): followed from its middle slice, the model
+    reads the slices the nodule reaches and stops where it ends, with a volume near the readers'."""
+    from lungviz.io import read_series
+    from lungviz.lidc_dicom import import_dicom_case
+    from lungviz.models import load_bundle
+    from lungviz.nodule_model import assess_series, follow_series
+
+    series = read_series(lidc_dicom_dir / "LIDC-IDRI-0006")
+    bundle = load_bundle(Path(__file__).resolve().parents[1] / "weights", "nodule", "cpu")
+
+    case = next(c for c in import_dicom_case(lidc_dicom_dir / "LIDC-IDRI-0006")[0] if c.nodule_id == "nodule-3")
+    start, centre = int(round(case.extra["centre_z_index"])), tuple(case.extra["centre_rc"])
+    readings, indices = follow_series(bundle, series, start, centre)
+    assert indices == sorted(indices) and start in indices and 2 <= len(indices) == len(readings) <= 6
+    assert set(case.extra["slice_indices"]) <= set(range(indices[0] - 1, indices[-1] + 2))
+    a = assess_series(bundle, series, start, centre)
+    assert a.reading.n_slices == len(indices) and 0.5 < a.reading.volume_mm3 / case.volume_mm3 < 2.0
