@@ -421,15 +421,15 @@ for i, view in enumerate(map_views):
     if method != "Grad-CAM":  # the report always carries Grad-CAM too
         maps[f"Grad-CAM, {label}"] = overlay(big, common.cam_map(folder, name, img, "gradcam"), alpha)
 if pred.assessment is not None and ms.nodule is not None and common.MAP_METHODS[method] != "lime":
-    first = pred.assessment.reading.slices[0]
+    first = pred.assessment.reading.slices[pred.assessment.reading.shown]
     big = resize(first.view, SHOW_PX)
-    call = "malignant" if pred.assessment.reading.malignant_probability >= 0.5 else "benign"
+    call = "malignant" if first.logits[1] > first.logits[0] else "benign"  # the class its Grad-CAM explains
     nc1, nc2, _ = st.columns([1, 1, 2])
     nc1.image(big, caption=f"Nodule model's view ({first.field_mm:.0f} mm, sized to the nodule)", width="stretch",
               clamp=True)
     heat = common.cam_map(folder, ms.nodule.name, first.view, common.MAP_METHODS[method])
-    nc2.image(overlay(big, heat, alpha), caption=f"{method}, nodule model: evidence for '{call}', read inside its "
-                                                 "outline", width="stretch")
+    nc2.image(overlay(big, heat, alpha), caption=f"{method}, nodule model: where its image head found evidence for "
+                                                 f"'{call}' (it reads only inside its outline)", width="stretch")
     maps[f"{method}, nodule model"] = overlay(big, heat, alpha)
     if note := map_localisation_note(ms.nodule.name, folder, getattr(ms.nodule, "cam_layer", "")):
         st.caption(note)

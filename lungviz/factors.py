@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lungviz.errors import LungvizError
+from lungviz.metrics import expected_rating
 
 #: The factors, in order: the measured size, the characteristics that grade suspicion most directly, and the image.
 FACTORS = ("size", "spiculation", "lobulation", "margin", "texture", "calcification", "image")
@@ -27,16 +28,18 @@ FACTOR_SIGNS = {"size": 1, "spiculation": 1, "lobulation": 1, "margin": -1, "tex
 #: How each factor reads to a clinician.
 FACTOR_LABELS = {"size": "size", "spiculation": "spiculation", "lobulation": "lobulation", "margin": "margin",
                  "texture": "texture", "calcification": "calcification", "image": "image evidence"}
-#: Risk bands of the malignant probability (upper bounds), after the British Thoracic Society's nodule guideline.
-RISK_BANDS = ((0.10, "low (under 10%)"), (0.70, "intermediate (10-70%)"), (1.01, "high (over 70%)"))
+#: Above this probability a nodule is in the high band (between the call point and it: raised).
+HIGH_BAND = 0.5
 
 
-def risk_band(p: float) -> str:
-    """The risk band a malignant probability falls in."""
-    for upper, label in RISK_BANDS:
-        if p < upper:
-            return label
-    return RISK_BANDS[-1][1]
+def risk_band(p: float, threshold: float) -> str:
+    """The band of a probability of the readers' suspicion (panel score 4-5) relative to the call point chosen for a
+    second look: below it (low), from it to :data:`HIGH_BAND` (raised), above (high)."""
+    if p < threshold:
+        return f"low (below the {threshold:.0%} call point)"
+    if p < HIGH_BAND:
+        return f"raised ({threshold:.0%}-{HIGH_BAND:.0%})"
+    return f"high (over {HIGH_BAND:.0%})"
 
 
 def factor_values(mean_axes_mm: float, probabilities: Mapping[str, np.ndarray],
@@ -55,7 +58,7 @@ def factor_values(mean_axes_mm: float, probabilities: Mapping[str, np.ndarray],
         elif name == "calcification":
             out[name] = float(1.0 - np.asarray(p)[-1])
         else:
-            out[name] = float((np.asarray(p) * np.arange(1, len(p) + 1)).sum())
+            out[name] = float(expected_rating(np.asarray(p)))
     return out
 
 
@@ -174,7 +177,7 @@ def factor_phrases(values: Mapping[str, float], contributions: Mapping[str, floa
     for k in order:
         v = values.get(k, float("nan"))
         if k == "size":
-            shown = f"{np.exp(v):.0f} mm" if np.isfinite(v) else "not measured"
+            shown = f"{np.exp(v):.0f} mm" if np.isfinite(v) else "not measured (counted as an average nodule's)"
         elif k == "image":
             shown = ""
         elif k == "calcification":

@@ -85,6 +85,12 @@ def decide(P: np.ndarray, decision_bias: np.ndarray | None = None) -> np.ndarray
     return (np.log(np.clip(P, 1e-300, 1.0)) + np.asarray(decision_bias, np.float64)[None, :]).argmax(axis=1)
 
 
+def expected_rating(P: np.ndarray) -> np.ndarray:
+    """The expected rating ``sum_k k p_k`` on a 1..levels scale, from ``(..., levels)`` probabilities."""
+    P = np.asarray(P, np.float64)
+    return (P * np.arange(1, P.shape[-1] + 1)).sum(axis=-1)
+
+
 def expected_score_call(P: np.ndarray) -> np.ndarray:
     """Per row of ordinal class probabilities, the class ``j`` minimising the expected squared distance
     ``sum_k p_k (j - k)^2``: the class nearest the expected class index (ties to the lower class)."""

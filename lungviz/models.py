@@ -418,14 +418,6 @@ class NoduleNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.outputs(x)[1][:, : self.num_classes]
 
-    def split_heads(self, logits: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
-        """Every head's logits ``(N, levels)`` by name, from ``outputs``' concatenation."""
-        out, start = {}, 0
-        for name, n in self.heads.items():
-            out[name] = logits[:, start : start + n]
-            start += n
-        return out
-
     def named_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
         """Named parameter groups from the top down: the heads and decoder, then the encoder's stages, the stem."""
         top = [*self.head.parameters(), *self.project.parameters(), *self.lift.parameters()]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from lungviz.errors import LungvizError
-from lungviz.metrics import softmax
+from lungviz.metrics import expected_rating, softmax
 from lungviz.models import NODULE_HEADS, Bundle, NoduleNet
 from lungviz.outline import THRESHOLD, central_region
 from lungviz.preprocess import crop_mm, mm_to_px, resize, spacing_or_default, to_model_input
@@ -104,9 +104,21 @@ def _outlines(probs: np.ndarray) -> list[np.ndarray]:
     return [central_region(p > THRESHOLD) for p in probs]
 
 
+def _measured_fields(bundle: Bundle, todo: list[tuple[np.ndarray, tuple[float, float], float | None]],
+                     field_mm: float) -> list[float | None]:
+    """Per (context, centre, spacing), the field that follows the nodule as outlined in a view of ``field_mm``,
+    or None when nothing is outlined there."""
+    views = [cut(c, rc, field_mm, sp, bundle.input_size) for c, rc, sp in todo]
+    probs, _ = _run(bundle, np.stack([v for v, _ in views]))
+    return [field_for(axes_px(m)[0] * mmpx) if m.any() else None
+            for m, (_, mmpx) in zip(_outlines(probs), views, strict=True)]
+
+
 def read_slices(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | list[float | None] | None,
-                centres_rc: list[tuple[float, float]] | None = None, batch: int = 256) -> list[SliceReading]:
-    """Read each nodule-centred context crop (or the given centre on a larger slice) in two passes; see the module.
+                centres_rc: list[tuple[float, float]] | None = None, batch: int = 256,
+                look_closer: bool = True) -> list[SliceReading]:
+    """Read each nodule-centred context crop (or the given centre on a larger slice) in two passes; see the module
+    (with ``look_closer``, a first pass that outlines nothing is repeated at the smallest field before giving up).
     ``spacing_mm``: one pixel spacing for all, or one per crop."""
     size = bundle.input_size
     n = len(contexts01)
@@ -116,9 +128,13 @@ def read_slices(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float 
     for i in range(0, n, batch):
         part = slice(i, i + batch)
         todo = list(zip(contexts01[part], centres[part], spacings[part], strict=True))
-        first = [cut(c, rc, FIRST_FIELD_MM, sp, size) for c, rc, sp in todo]
-        probs, _ = _run(bundle, np.stack([v for v, _ in first]))
-        fields = [field_for(axes_px(m)[0] * mmpx) for m, (_, mmpx) in zip(_outlines(probs), first, strict=True)]
+        fields = _measured_fields(bundle, todo, FIRST_FIELD_MM)
+        missed = [j for j, f in enumerate(fields) if f is None and look_closer]  # nothing at 40 mm: look closer
+        if missed:
+            closer = _measured_fields(bundle, [todo[j] for j in missed], FIELD_MM[0])
+            for j, f in zip(missed, closer, strict=True):
+                fields[j] = f
+        fields = [FIRST_FIELD_MM if f is None else f for f in fields]
         second = [cut(c, rc, f, sp, size) for (c, rc, sp), f in zip(todo, fields, strict=True)]
         probs, logits = _run(bundle, np.stack([v for v, _ in second]))
         for (view, mmpx), f, mask, z in zip(second, fields, _outlines(probs), logits, strict=True):
@@ -133,18 +149,25 @@ class NoduleReading:
     """The nodule model's reading of one nodule over ``n_slices`` slices.
 
     ``probabilities``: per head, the calibrated distribution over its levels; ``ratings``: per rating head, the
-    expected rating on its LIDC scale (1..levels). Sizes in mm: the long and short axis of the slice with the
+    rating on its LIDC scale (:func:`predicted_rating`). Sizes in mm: the long and short axis of the slice with the
     longest outline and their mean (the Fleischner / Lung-RADS average diameter); ``volume_mm3`` when the slice
     thickness is known and more than one slice was read."""
 
     n_slices: int
     probabilities: dict[str, np.ndarray]
     ratings: dict[str, float]
-    long_axis_mm: float
+    long_axis_mm: float  # NaN when no slice was outlined
     short_axis_mm: float
     mean_axes_mm: float
     volume_mm3: float | None
+    logits: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # mean raw logits of the heads
     slices: list[SliceReading] = field(repr=False, default_factory=list)
+    shown: int = 0  # the slice to show (the chosen one of a series), an index into ``slices``
+
+    @property
+    def outlined(self) -> bool:
+        """Whether the model outlined the nodule on any slice (else its size is unknown)."""
+        return bool(np.isfinite(self.long_axis_mm))
 
     @property
     def malignant_probability(self) -> float:
@@ -166,26 +189,36 @@ def split_logits(logits: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def expected_rating(p: np.ndarray) -> np.ndarray:
-    """The expected rating ``sum_k k p_k`` on a 1..levels scale, from ``(..., levels)`` probabilities."""
-    return (np.asarray(p) * np.arange(1, p.shape[-1] + 1)).sum(axis=-1)
+def predicted_rating(head: str, P: np.ndarray) -> np.ndarray:
+    """The rating the model gives on ``head``'s LIDC scale from ``(..., levels)`` probabilities: the most probable
+    category on a nominal scale (:data:`NOMINAL_HEADS`), the expected rating on a graded one."""
+    P = np.asarray(P, np.float64)
+    return np.argmax(P, axis=-1) + 1.0 if head in NOMINAL_HEADS else expected_rating(P)
 
 
-def aggregate(bundle: Bundle, readings: list[SliceReading], slice_thickness_mm: float | None) -> NoduleReading:
-    """One nodule from its slices' readings: mean logits, calibrated per head; the largest slice's size."""
+def aggregate(bundle: Bundle, readings: list[SliceReading], slice_thickness_mm: float | None,
+              central: float = 1.0, shown: int | None = None) -> NoduleReading:
+    """One nodule from its slices' readings (in slice order): the heads' logits averaged over the ``central`` share
+    of the slices (as the temperatures and the estimate were fitted), calibrated per head; the size of the slice
+    with the longest outline; the volume over every outlined slice."""
     if not readings:
         raise LungvizError("no slice of the nodule was read.")
-    heads = split_logits(np.mean([r.logits for r in readings], axis=0))
+    keep = max(1, int(np.ceil(len(readings) * min(max(central, 0.0), 1.0))))
+    first = (len(readings) - keep) // 2
+    mean = np.mean([r.logits for r in readings[first : first + keep]], axis=0)
     temps = head_temperatures(bundle)
-    probs = {h: softmax(z[None], temps[h])[0] for h, z in heads.items()}
-    biggest = max(readings, key=lambda r: r.long_axis_mm)
+    probs = {h: softmax(z[None], temps[h])[0] for h, z in split_logits(mean).items()}
+    outlined = [r for r in readings if r.outline.any()]
+    biggest = max(outlined, key=lambda r: r.long_axis_mm) if outlined else None
+    long_mm = biggest.long_axis_mm if biggest else float("nan")
+    short_mm = biggest.short_axis_mm if biggest else float("nan")
     thick = slice_thickness_mm if slice_thickness_mm and np.isfinite(slice_thickness_mm) else None
-    volume = float(sum(r.area_mm2 for r in readings) * thick) if thick and len(readings) > 1 else None
+    volume = float(sum(r.area_mm2 for r in outlined) * thick) if thick and len(outlined) > 1 else None
     return NoduleReading(n_slices=len(readings), probabilities=probs,
-                         ratings={h: float(expected_rating(probs[h])) for h in RATING_HEADS},
-                         long_axis_mm=biggest.long_axis_mm, short_axis_mm=biggest.short_axis_mm,
-                         mean_axes_mm=(biggest.long_axis_mm + biggest.short_axis_mm) / 2.0, volume_mm3=volume,
-                         slices=readings)
+                         ratings={h: float(predicted_rating(h, probs[h])) for h in RATING_HEADS},
+                         long_axis_mm=long_mm, short_axis_mm=short_mm, mean_axes_mm=(long_mm + short_mm) / 2.0,
+                         volume_mm3=volume, logits=mean, slices=readings,
+                         shown=len(readings) // 2 if shown is None else shown)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,12 +256,14 @@ class Assessment:
 
         return {
             "slices_read": r.n_slices,
+            "outlined": r.outlined,
             "size_mm": {"long_axis": mm(r.long_axis_mm), "short_axis": mm(r.short_axis_mm),
                         "mean_axes": mm(r.mean_axes_mm), "volume_mm3": mm(r.volume_mm3)},
             "characteristics": {h: {"rating": round(r.ratings[h], 2), "words": w,
                                     "probabilities": [round(float(p), 4) for p in r.probabilities[h]]}
                                 for h, w in self.characteristics.items()},
             "malignant_probability": round(self.probability, 4),
+            "probability_of": "the readers' panel rating the nodule suspicious (score 4-5)",
             "risk_band": self.risk_band,
             "call": self.call,
             "calls_malignant_from": round(self.threshold, 4),
@@ -264,7 +299,7 @@ def follow_series(bundle: Bundle, series: list, index: int,
         while 0 <= k < len(series) and abs(k - index) <= FOLLOW_SLICES:
             centre = _recentred(centre, prev, start.spacing_mm)
             case = from_series(series, k, centre)
-            r = read_slices(bundle, [case.context], case.spacing_mm)[0]
+            r = read_slices(bundle, [case.context], case.spacing_mm, look_closer=False)[0]  # does the nodule go on?
             if int(r.outline.sum()) < MIN_OUTLINE_PX:
                 break
             moved = np.hypot(*np.subtract(_recentred(centre, r, start.spacing_mm), centre))
@@ -285,33 +320,38 @@ def _recentred(centre_rc: tuple[float, float], reading: SliceReading, spacing_mm
 
 def assess(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
            slice_thickness_mm: float | None = None) -> Assessment:
-    """Read a nodule over one or more of its slices and explain the estimate (the spec's factor model)."""
-    return explain_readings(bundle, read_slices(bundle, contexts01, spacing_mm), slice_thickness_mm)
+    """Read a nodule over the given slices (all of them count, as evaluation's central slices do) and explain the
+    estimate (the spec's factor model)."""
+    readings = read_slices(bundle, contexts01, spacing_mm)
+    return explain(bundle, aggregate(bundle, readings, slice_thickness_mm))
 
 
 def assess_series(bundle: Bundle, series: list, index: int, centre_rc: tuple[float, float] | None) -> Assessment:
-    """:func:`assess` over the slices of a DICOM series the nodule reaches (:func:`follow_series`)."""
+    """:func:`assess` over the slices of a DICOM series the nodule reaches (:func:`follow_series`): the size and
+    volume over all of them, the heads over their central half (as the model was calibrated); the chosen slice is
+    the one shown."""
     readings, indices = follow_series(bundle, series, index, centre_rc)
     zs = [float(series[k].z_mm) for k in indices]
     thickness = float(np.median(np.abs(np.diff(zs)))) if len(zs) > 1 else None
-    return explain_readings(bundle, readings, thickness)
+    return explain(bundle, aggregate(bundle, readings, thickness, central=0.5, shown=indices.index(index)))
 
 
-def explain_readings(bundle: Bundle, readings: list[SliceReading], slice_thickness_mm: float | None) -> Assessment:
-    """The :class:`Assessment` of a nodule from its slices' readings (the spec's factor model)."""
+def explain(bundle: Bundle, reading: NoduleReading) -> Assessment:
+    """The :class:`Assessment` of a nodule's reading: the spec's factor model, its call point and test figures."""
     from lungviz.factors import FactorModel, factor_values, risk_band
 
     estimate = bundle.spec.get("estimate") or {}
     model = FactorModel.from_dict(estimate.get("model") or {})
-    reading = aggregate(bundle, readings, slice_thickness_mm)
-    z = split_logits(np.mean([s.logits for s in reading.slices], axis=0))["malignant"]
+    z = split_logits(reading.logits)["malignant"]
     image = float((z[1] - z[0]) / head_temperatures(bundle)["malignant"])
     values = factor_values(reading.mean_axes_mm, reading.probabilities, image)
     p = model.probability(values)
+    threshold = float(estimate.get("threshold", 0.5))
     test = estimate.get("test")
     calls = None
     if isinstance(test, dict) and "sensitivity" in test:
         calls = {"sensitivity": test["sensitivity"], "specificity": test["specificity"],
-                 "ci95": estimate.get("test_ci95") or {}}
+                 "ci95": estimate.get("test_ci95") or {},
+                 "target_sensitivity": float(estimate.get("target_sensitivity", 0.9))}
     return Assessment(reading=reading, factors=values, contributions=model.contributions(values), probability=p,
-                      risk_band=risk_band(p), threshold=float(estimate.get("threshold", 0.5)), test_calls=calls)
+                      risk_band=risk_band(p, threshold), threshold=threshold, test_calls=calls)

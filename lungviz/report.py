@@ -202,10 +202,13 @@ def nodule_model_notes(reading: Mapping[str, Any] | None) -> list[str]:
     factors = "; ".join(str(f) for f in reading.get("top_factors") or [])
     p = reading.get("malignant_probability")
     volume = f", volume {size['volume_mm3']:.0f} mm3" if size.get("volume_mm3") else ""
-    return [f"Nodule model, over {n} slice{'s' if n != 1 else ''}: long axis {size.get('long_axis')} mm, short axis "
-            f"{size.get('short_axis')} mm, mean {size.get('mean_axes')} mm{volume}.",
+    measured = (f"long axis {size.get('long_axis')} mm, short axis {size.get('short_axis')} mm, mean "
+                f"{size.get('mean_axes')} mm{volume}" if reading.get("outlined", True) else
+                "no outline found, so the size is unknown and the estimate counts an average nodule's size")
+    return [f"Nodule model, over {n} slice{'s' if n != 1 else ''}: {measured}.",
             f"Characteristics (LIDC scales): {words}.",
-            f"Estimate by its factors: {prob_pct(p)} ({reading.get('risk_band')}; call {reading.get('call')} from "
+            f"Estimate by its factors (the panel rating it suspicious, score 4-5): {prob_pct(p)} "
+            f"({reading.get('risk_band')}; call {reading.get('call')} from "
             f"{prob_pct(reading.get('calls_malignant_from'))}). What moved it: {factors}."]
 
 

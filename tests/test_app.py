@@ -372,11 +372,22 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     with zipfile.ZipFile(buf, "w") as zf:
         for p in sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[6:11]:
             zf.write(p, f"series/{p.name}")
+    import lungviz.nodule_model as nodule_model
+
+    followed: list[tuple[int, int]] = []
+    follow = nodule_model.follow_series
+
+    def spy(bundle, series, index, centre_rc):
+        followed.append((len(series), index))
+        return follow(bundle, series, index, centre_rc)
+
+    monkeypatch.setattr(nodule_model, "follow_series", spy)
     at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "series.zip", buf.getvalue())
     assert not at.exception and not at.error
+    assert followed == [(5, 2)]  # the series was followed from the slice shown, its middle one
     text = _texts(at)
-    assert "What moved the estimate" in text and "log-odds" in text and "Risk band:" in text
-    assert "slices the nodule reaches" in text or "this slice only" in text
+    assert "What moved the estimate" in text and "log-odds" in text and "Band:" in text
+    assert "slices the nodule reaches" in text or "this slice only" in text or "outlined nothing" in text
     assert any(m.label == "Estimate by its factors" for m in at.metric)
 
 

@@ -14,7 +14,16 @@ from lungviz.cases import Case
 from lungviz.explain import cam
 from lungviz.metrics import rating_comparison
 from lungviz.models import NODULE_HEADS, ModelSpec, NoduleNet, create_model, load_bundle, save_bundle
-from lungviz.nodule_model import FIELD_MM, FIRST_FIELD_MM, SliceReading, aggregate, expected_rating, field_for
+from lungviz.nodule_model import (
+    FIELD_MM,
+    FIRST_FIELD_MM,
+    SliceReading,
+    aggregate,
+    expected_rating,
+    field_for,
+    predicted_rating,
+    split_logits,
+)
 from training.nodule import NoduleLoss, head_targets, pairwise_reader_dice, panel_and_votes
 
 ARCH = "tf_efficientnet_lite0+nodule"
@@ -33,7 +42,7 @@ def test_heads_and_outline_shapes(net):
         outline, logits = net.outputs(x)
         assert outline.shape == (3, 1, 32, 32) and logits.shape == (3, TOTAL)
         assert torch.allclose(net(x), logits[:, :2]) and net.embed(x).shape == (3, net.embed_dim)
-    parts = net.split_heads(logits)
+    parts = split_logits(logits)
     assert list(parts) == list(NODULE_HEADS) and [p.shape[1] for p in parts.values()] == list(NODULE_HEADS.values())
     with pytest.raises(Exception, match="first head has 2 classes"):
         create_model(ARCH, 5)
@@ -122,9 +131,12 @@ def test_field_follows_the_measured_nodule_within_limits():
     assert field_for(0.0) == field_for(float("nan")) == FIRST_FIELD_MM
 
 
-def _reading(long_mm: float, short_mm: float, area: float, logits: list[float]) -> SliceReading:
-    return SliceReading(view=np.zeros((4, 4), np.float32), field_mm=20.0, mm_per_px=0.5,
-                        outline=np.zeros((4, 4), bool), long_axis_mm=long_mm, short_axis_mm=short_mm, area_mm2=area,
+def _reading(long_mm: float, short_mm: float, area: float, logits: list[float], outlined: bool = True
+             ) -> SliceReading:
+    outline = np.zeros((4, 4), bool)
+    outline[1:3, 1:3] = outlined
+    return SliceReading(view=np.zeros((4, 4), np.float32), field_mm=20.0, mm_per_px=0.5, outline=outline,
+                        long_axis_mm=long_mm, short_axis_mm=short_mm, area_mm2=area,
                         logits=np.asarray(logits, np.float32))
 
 
@@ -147,6 +159,18 @@ def test_aggregate_over_slices():
     assert aggregate(_Spec(), [one], 2.5).volume_mm3 is None  # type: ignore[arg-type]
     assert aggregate(_Spec(), [one, two], None).volume_mm3 is None  # type: ignore[arg-type]
     assert expected_rating(np.array([0.0, 0.0, 1.0, 0.0])) == pytest.approx(3.0)
+    edge = _reading(30.0, 20.0, 10.0, np.full(TOTAL, 5.0), outlined=False)  # not outlined: no size from it
+    three = aggregate(_Spec(), [edge, one, two], 2.5, central=0.3, shown=0)  # type: ignore[arg-type]
+    assert three.long_axis_mm == 10.0 and three.shown == 0 and three.slices[three.shown] is edge
+    assert three.malignant_probability == pytest.approx(1.0 / (1.0 + np.exp(-1.0)))  # the middle slice's logits
+    nothing = aggregate(_Spec(), [edge], 2.5)  # type: ignore[arg-type]
+    assert not nothing.outlined and np.isnan(nothing.mean_axes_mm) and nothing.volume_mm3 is None
+
+
+def test_nominal_scales_give_their_most_probable_category():
+    p = np.array([0.3, 0.0, 0.0, 0.0, 0.3, 0.4])  # calcification: popcorn or central or absent
+    assert predicted_rating("calcification", p) == 6.0
+    assert predicted_rating("spiculation", np.array([0.5, 0, 0, 0, 0.5])) == pytest.approx(3.0)  # graded: the mean
 
 
 def test_readers_pairwise_dice_from_counts():
@@ -191,7 +215,9 @@ def test_factor_model_contributions_sum_to_its_estimate_and_fit_the_direction():
                                "calcification": np.array([0.1, 0, 0, 0, 0, 0.9])}, 0.7)
     assert one["spiculation"] == 4.0 and one["calcification"] == pytest.approx(0.1) and np.isnan(one["margin"])
     parts = model.contributions(one)
-    assert model.logit(one) == pytest.approx(model.intercept + sum(parts.values()))
+    by_hand = model.intercept + sum(c * (one[n] - m) for n, c, m in zip(model.names, model.coef, model.centre,
+                                                                          strict=True))
+    assert model.logit(one) == pytest.approx(by_hand) == pytest.approx(model.intercept + sum(parts.values()))
     assert model.probability(one) == pytest.approx(float(model.probabilities([one])[0]))
     assert model.contributions({"size": float("nan")})["size"] == 0.0  # unknown: counted at the centre
     assert FactorModel.from_dict(model.to_dict()).probability(one) == pytest.approx(model.probability(one))
@@ -199,8 +225,8 @@ def test_factor_model_contributions_sum_to_its_estimate_and_fit_the_direction():
         FactorModel.from_dict({**model.to_dict(), "names": ["size", "spiculation", "weather"]})
     phrases = factor_phrases(one, parts, top=2)
     assert phrases[0].startswith("size 20 mm: +") and len(phrases) == 2
-    assert risk_band(0.05).startswith("low") and risk_band(0.5).startswith("intermediate")
-    assert risk_band(0.9).startswith("high")
+    assert risk_band(0.03, 0.05) == "low (below the 5% call point)" and risk_band(0.3, 0.05).startswith("raised")
+    assert risk_band(0.9, 0.05).startswith("high") and risk_band(0.06, 0.05).startswith("raised")
 
 
 def test_prediction_carries_the_size_characteristics_and_factors(app_weights, real_lidc, tmp_path):

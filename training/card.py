@@ -498,9 +498,12 @@ def nodule_model_section(w: Callable[[str], None], folder: Path) -> None:
       f"{tr.get('n_train')}/{tr.get('n_val')}/{tr.get('n_test')} nodules, by patient. A nodule's reading averages "
       "the logits over the central half of its slices.\n")
     o = t["outline"]
-    w(f"**Outline.** Test Dice {format_ci(o, 'dice')} against the consensus outline; the readers' own pairwise "
-      f"agreement on the same slices, estimated from their counts, is {o['readers_pairwise_dice']:.3f} "
-      f"({o['readers_pairwise_dice_n']} nodules with two or more readers).\n")
+    same = o.get("dice_same_nodules")
+    w(f"**Outline.** Test Dice {format_ci(o, 'dice')} against the readers' consensus outline (>= 50%), in the "
+      f"model's view. On the {o['readers_pairwise_dice_n']} nodules with two or more readers the readers agree with "
+      f"each other at a Dice of {o['readers_pairwise_dice']:.3f} (estimated from their counts on the same slices)"
+      + (f", the model with their consensus at {same:.3f}" if same is not None else "")
+      + ": not like for like, as a consensus is easier to match than another reader.\n")
     w("**Size** against the readers' diameter (mean absolute error, mm, test):\n")
     w("| readers' diameter | n | long axis | mean of long and short axis |")
     w("| --- | --- | --- | --- |")
@@ -508,7 +511,11 @@ def nodule_model_section(w: Callable[[str], None], folder: Path) -> None:
         lo, hi = b["band_mm"]
         band = f"{lo:g}-{hi:g} mm" if hi is not None else f">= {lo:g} mm"
         w(f"| {band} | {b['n']} | {_fmt(b['mae_long_axis_mm'], 1)} | {_fmt(b['mae_mean_axes_mm'], 1)} |")
-    w(f"| all | {t['n']} | {t['size']['mae_long_axis_mm']:.1f} | {t['size']['mae_mean_axes_mm']:.1f} |\n")
+    unmeasured = t["size"].get("n_not_outlined", 0)
+    w(f"| all | {t['n'] - unmeasured} | {t['size']['mae_long_axis_mm']:.1f} | {t['size']['mae_mean_axes_mm']:.1f} |\n")
+    if unmeasured:
+        w(f"The model outlined nothing on any read slice of {unmeasured} test nodules: their size is unknown (the "
+          "app says so) and they are left out of this table.\n")
     w("**Characteristics and the score**, each against the rest of the panel with one reader left out in turn; the "
       "model and that single reader on the very same pairs (quadratic-weighted kappa, test, 95% patient-bootstrap "
       "intervals):\n")
@@ -542,13 +549,29 @@ def nodule_model_section(w: Callable[[str], None], folder: Path) -> None:
                 d = r["paired_vs_readers_diameter"]
                 w(f"| {label} | {format_ci(r['auroc'], 'auroc')} | {format_ci(d, 'minus_readers_diameter')} | "
                   f"{r['ece']:.3f} |")
+        zero = [n for n, cf in zip(f["model"]["names"], f["model"]["coef"], strict=True) if cf == 0.0]
+        signs = ", ".join(f"{n} {sg:+d}" for n, sg in (f["fit"].get("signs") or {}).items() if sg)
+        if signs:
+            one = len(zero) == 1
+            nothing = (f" {' and '.join(zero).capitalize()} reached that bound and "
+                       f"{'contributes' if one else 'contribute'} nothing, so the app never lists "
+                       f"{'it' if one else 'them'} among the factors." if zero else "")
+            w(f"\nEach coefficient is kept on the side radiology knows ({signs}).{nothing} The constraint was added "
+              "for the explanation's sake after an unconstrained fit's test figures had been read "
+              "(`docs/nodule-model.md`).\n")
         c = f["call"]
         rule = ("the 95% lower bound of its validation sensitivity reaches" if c.get("rule") == "lower-bound"
                 else "its validation sensitivity reaches")
         read = {**c["test"], "ci95": c["test_ci95"]}
         w(f"\nIts call point, {c['threshold']:.1%}, was chosen on validation so that {rule} "
           f"{c['target_sensitivity']:.0%}; on test it found {format_ci(read, 'sensitivity')} of the malignant "
-          f"nodules and cleared {format_ci(read, 'specificity')} of the benign.\n")
+          f"nodules and cleared {format_ci(read, 'specificity')} of the benign.")
+        if (plain := f.get("call_point_rule")) and c.get("rule") == "lower-bound":
+            w(f" The plain rule (validation sensitivity itself >= {plain['target_sensitivity']:.0%}) calls from "
+              f"{plain['threshold']:.1%} and found {plain['test']['sensitivity']:.0%} on test; the conservative rule "
+              "was chosen after that figure had been read, as the plain one had also fallen short on test for every "
+              "model of the earlier operating-points check.")
+        w("")
     dx = m.get("diagnosis")
     if dx and dx.get("n_patients"):
         w(f"**Against what became of the patients** (LIDC's diagnosis list): {dx['n_patients']} test patients with a "

@@ -44,8 +44,8 @@ from lungviz.nodule_model import (
     SliceReading,
     aggregate,
     cut,
-    expected_rating,
     field_for,
+    predicted_rating,
     read_slices,
     split_logits,
 )
@@ -238,7 +238,7 @@ def selection_score(r: SplitReadings) -> float:
     for head in RATING_HEADS:
         y = _labels(r.cases, head)
         keep = y >= 0
-        call = np.rint(expected_rating(metrics.softmax(heads[head][keep]))).astype(int) - 1
+        call = np.rint(predicted_rating(head, metrics.softmax(heads[head][keep]))).astype(int) - 1
         kappas.append(metrics.quadratic_kappa(y[keep], call, NODULE_HEADS[head]))
     return float(score + kappas[0] + np.mean(kappas[1:]) + np.mean(r.dice))
 
@@ -263,19 +263,21 @@ def split_report(r: SplitReadings, temps: dict[str, float], n_boot: int) -> dict
     finite = np.isfinite(r.reader_dice)
     rep["outline"] = {"dice": float(np.mean(r.dice)), "readers_pairwise_dice": float(np.mean(r.reader_dice[finite])),
                       "readers_pairwise_dice_n": int(finite.sum()),
+                      "dice_same_nodules": float(np.mean(r.dice[finite])) if finite.any() else None,
                       "ci95": metrics.bootstrap_ci(lambda i: {"dice": float(np.mean(r.dice[i]))}, len(r.cases),
                                                    groups, n_boot)}
     readers_d = np.array([c.diameter_mm if c.diameter_mm else np.nan for c in r.cases])
     measured = {"long_axis": np.array([x.long_axis_mm for x in r.readings]),
                 "mean_axes": np.array([x.mean_axes_mm for x in r.readings])}
-    known = np.isfinite(readers_d)
+    outlined = np.isfinite(measured["long_axis"])
+    known = np.isfinite(readers_d) & outlined
     bands = []
     for lo, hi in itertools.pairwise(SIZE_BANDS):
         sel = known & (readers_d >= lo) & (readers_d < hi)
         bands.append({"band_mm": [lo, None if not np.isfinite(hi) else hi], "n": int(sel.sum()),
                       **{f"mae_{k}_mm": float(np.mean(np.abs(v[sel] - readers_d[sel]))) if sel.any() else None
                          for k, v in measured.items()}})
-    rep["size"] = {"vs": "the readers' diameter (labels.csv diameter_mm)",
+    rep["size"] = {"vs": "the readers' diameter (labels.csv diameter_mm)", "n_not_outlined": int((~outlined).sum()),
                    **{f"mae_{k}_mm": float(np.mean(np.abs(v[known] - readers_d[known]))) for k, v in measured.items()},
                    "by_band": bands}
     y = _labels(r.cases, "malignant")
@@ -297,7 +299,7 @@ def split_report(r: SplitReadings, temps: dict[str, float], n_boot: int) -> dict
         y = _labels(r.cases, head)
         keep = y >= 0
         P = metrics.softmax(heads[head], temps[head])
-        rating = expected_rating(P)
+        rating = predicted_rating(head, P)
         call = np.clip(np.rint(rating).astype(int), 1, levels)
         if head == "malignancy":
             votes = [list(c.reader_scores) for c in r.cases]
@@ -314,7 +316,7 @@ def split_report(r: SplitReadings, temps: dict[str, float], n_boot: int) -> dict
 
 def factor_rows(r: SplitReadings, temps: dict[str, float]) -> list[dict[str, float]]:
     """Each nodule's factors (:func:`lungviz.factors.factor_values`) from the nodule model's reading."""
-    z = split_logits(r.logits)["malignant"]
+    z = split_logits(r.logits)["malignant"]  # the mean raw logits over the central slices, as explain() reads them
     image = (z[:, 1] - z[:, 0]) / temps["malignant"]
     return [factor_values(x.mean_axes_mm, x.probabilities, float(v)) for x, v in zip(r.readings, image, strict=True)]
 
@@ -351,12 +353,13 @@ def estimate_report(val: SplitReadings, test: SplitReadings, temps: dict[str, fl
         # the conservative rule: the validation sensitivity's 95% lower bound reaches the target (the point rule
         # fell short of its target on test for every model it was tried on)
         point = metrics.operating_point(y_val[kv], p_val, yt, p_test, sensitivity, g_test, n_boot, "lower-bound")
+        plain = metrics.operating_point(y_val[kv], p_val, yt, p_test, sensitivity, g_test, n_boot, "point")
         rep[name] = {"factors": list(factors), "fit": choice, "model": model.to_dict(),
                      "auroc": metrics.score_auroc(yt, p_test, g_test, n_boot),
                      "paired_vs_readers_diameter": {**paired(np.arange(len(yt))),
                                                     "ci95": metrics.bootstrap_ci(paired, len(yt), g_test, n_boot)},
                      "ece": metrics.ece(yt, np.stack([1 - p_test, p_test], axis=1)),
-                     "call": point}
+                     "call": point, "call_point_rule": plain}
         if name == "factors":
             shipped = {"model": model.to_dict(), "threshold": point["threshold"], "target_sensitivity": sensitivity,
                        "rule": point["rule"],
@@ -519,7 +522,7 @@ def evaluate_characteristics(folder: Path, name: str = "nodule", data: str = "",
     temps = head_temperatures(bundle)
     heads = split_logits(r.logits)
     groups = [c.patient_id for c in cases]
-    ratings = {h: expected_rating(metrics.softmax(heads[h], temps[h])) for h in CHARACTERISTICS}
+    ratings = {h: predicted_rating(h, metrics.softmax(heads[h], temps[h])) for h in CHARACTERISTICS}
     out: dict = {"model": name, "task": "characteristics", "data": data or "default", "split": split or "all",
                  "import": report.summary(), "n": len(cases), "characteristics": {}}
     for h in CHARACTERISTICS:
