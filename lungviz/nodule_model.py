@@ -1,10 +1,10 @@
 """Reading a nodule with the nodule model (:class:`lungviz.models.NoduleNet`): a view sized to the nodule, its outline
 and size, and a calibrated distribution per head (malignancy, the 1-5 score, the eight LIDC characteristics).
 
-The view's field follows the nodule: a first pass at :data:`FIRST_FIELD_MM` measures the outline's long axis, and the
-second pass, whose outline, size and heads are kept, sees :data:`FIELD_FACTOR` times that (within
-:data:`FIELD_MM`). The image itself therefore no longer tells the nodule's size: the size comes from the measured
-outline, in millimetres. Over several slices of one nodule the heads' logits are averaged, the size is the largest
+The view's field follows the nodule (:class:`FieldRule`, from the bundle's spec): a first pass measures the
+outline's long axis, and the second pass, whose outline, size and heads are kept, sees a few times that (within
+limits). The image itself therefore no longer tells the nodule's size: the size comes from the measured outline, in
+millimetres. Over several slices of one nodule the heads' logits are averaged, the size is the largest
 slice's and the volume sums the outlined areas times the slice thickness.
 """
 
@@ -62,11 +62,37 @@ def rating_words(head: str, probabilities: np.ndarray) -> str:
     return f"{value:.1f} of {len(p)}{near}"
 
 
+@dataclass(frozen=True)
+class FieldRule:
+    """How the nodule view's field follows the nodule: ``factor`` x the long axis within ``lo``-``hi`` mm, measured
+    in a first pass at ``first`` mm. A bundle's spec carries its own (:func:`field_rule`)."""
+
+    factor: float = FIELD_FACTOR
+    lo: float = FIELD_MM[0]
+    hi: float = FIELD_MM[1]
+    first: float = FIRST_FIELD_MM
+
+    def field_for(self, long_axis_mm: float) -> float:
+        """The field (mm) for a nodule whose long axis is ``long_axis_mm`` (0 or NaN: the first field)."""
+        if not np.isfinite(long_axis_mm) or long_axis_mm <= 0:
+            return self.first
+        return float(np.clip(self.factor * long_axis_mm, self.lo, self.hi))
+
+    def to_spec(self) -> dict:
+        return {"field_factor": self.factor, "field_mm_range": [self.lo, self.hi], "first_field_mm": self.first}
+
+
+def field_rule(bundle: Bundle) -> FieldRule:
+    """The field rule a nodule model was trained with, from its spec's preprocessing (the defaults where absent)."""
+    pre = bundle.spec.get("preprocessing") or {}
+    lo, hi = pre.get("field_mm_range") or FIELD_MM
+    return FieldRule(float(pre.get("field_factor", FIELD_FACTOR)), float(lo), float(hi),
+                     float(pre.get("first_field_mm", FIRST_FIELD_MM)))
+
+
 def field_for(long_axis_mm: float) -> float:
-    """The nodule view's field (mm) for a nodule whose long axis is ``long_axis_mm`` (0 or NaN: the first field)."""
-    if not np.isfinite(long_axis_mm) or long_axis_mm <= 0:
-        return FIRST_FIELD_MM
-    return float(np.clip(FIELD_FACTOR * long_axis_mm, *FIELD_MM))
+    """The default rule's field (mm) for a nodule whose long axis is ``long_axis_mm``."""
+    return FieldRule().field_for(long_axis_mm)
 
 
 def cut(context01: np.ndarray, centre_rc: tuple[float, float], field_mm: float, spacing_mm: float | None,
@@ -105,12 +131,12 @@ def _outlines(probs: np.ndarray) -> list[np.ndarray]:
 
 
 def _measured_fields(bundle: Bundle, todo: list[tuple[np.ndarray, tuple[float, float], float | None]],
-                     field_mm: float) -> list[float | None]:
+                     field_mm: float, rule: FieldRule) -> list[float | None]:
     """Per (context, centre, spacing), the field that follows the nodule as outlined in a view of ``field_mm``,
     or None when nothing is outlined there."""
     views = [cut(c, rc, field_mm, sp, bundle.input_size) for c, rc, sp in todo]
     probs, _ = _run(bundle, np.stack([v for v, _ in views]))
-    return [field_for(axes_px(m)[0] * mmpx) if m.any() else None
+    return [rule.field_for(axes_px(m)[0] * mmpx) if m.any() else None
             for m, (_, mmpx) in zip(_outlines(probs), views, strict=True)]
 
 
@@ -121,6 +147,7 @@ def read_slices(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float 
     (with ``look_closer``, a first pass that outlines nothing is repeated at the smallest field before giving up).
     ``spacing_mm``: one pixel spacing for all, or one per crop."""
     size = bundle.input_size
+    rule = field_rule(bundle)
     n = len(contexts01)
     spacings = list(spacing_mm) if isinstance(spacing_mm, list) else [spacing_mm] * n
     centres = centres_rc or [(c.shape[0] / 2.0, c.shape[1] / 2.0) for c in contexts01]
@@ -128,13 +155,13 @@ def read_slices(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float 
     for i in range(0, n, batch):
         part = slice(i, i + batch)
         todo = list(zip(contexts01[part], centres[part], spacings[part], strict=True))
-        fields = _measured_fields(bundle, todo, FIRST_FIELD_MM)
-        missed = [j for j, f in enumerate(fields) if f is None and look_closer]  # nothing at 40 mm: look closer
+        fields = _measured_fields(bundle, todo, rule.first, rule)
+        missed = [j for j, f in enumerate(fields) if f is None and look_closer]  # nothing outlined: look closer
         if missed:
-            closer = _measured_fields(bundle, [todo[j] for j in missed], FIELD_MM[0])
+            closer = _measured_fields(bundle, [todo[j] for j in missed], rule.lo, rule)
             for j, f in zip(missed, closer, strict=True):
                 fields[j] = f
-        fields = [FIRST_FIELD_MM if f is None else f for f in fields]
+        fields = [rule.first if f is None else f for f in fields]
         second = [cut(c, rc, f, sp, size) for (c, rc, sp), f in zip(todo, fields, strict=True)]
         probs, logits = _run(bundle, np.stack([v for v, _ in second]))
         for (view, mmpx), f, mask, z in zip(second, fields, _outlines(probs), logits, strict=True):

@@ -36,15 +36,12 @@ from lungviz.models import (
     save_bundle,
 )
 from lungviz.nodule_model import (
-    FIELD_FACTOR,
-    FIELD_MM,
-    FIRST_FIELD_MM,
     RATING_HEADS,
+    FieldRule,
     NoduleReading,
     SliceReading,
     aggregate,
     cut,
-    field_for,
     predicted_rating,
     read_slices,
     split_logits,
@@ -79,7 +76,9 @@ class NoduleConfig:
     weight_decay: float = 1e-2
     patience: int = 8  # epochs without a better validation figure before early stopping
     shift: float = 0.28  # training views move the nodule's centre up to this share of the view's side
+    field_factor: float = 2.5  # the view's field is this many times the nodule's long axis (within 16-64 mm)
     field_jitter: float = 0.2  # log-normal spread of the training field around the readers' diameter
+    first_field_share: float = 0.0  # share of training views at the first pass's fixed fields (40 and 16 mm)
     reader_weight: float = 0.5  # soft targets: (1 - w) x the panel's rating + w x the readers' votes
     head_weight: float = 1.0  # weight of the heads' loss beside the outline's
     val_slices: int = 3  # slices per nodule read for early stopping
@@ -160,7 +159,11 @@ def training_view(store: SliceStore, ci: int, k: int, cfg: NoduleConfig, rng: np
     case = store.cases[ci]
     img, mask = augment_pair(store.slice01(ci, k), store.mask01(ci, k), rng, aug)
     diameter = case.diameter_mm if case.diameter_mm and case.diameter_mm > 0 else 10.0
-    field = field_for(diameter * float(np.exp(rng.normal(0.0, cfg.field_jitter))))
+    rule = FieldRule(factor=cfg.field_factor)
+    if rng.uniform() < cfg.first_field_share:  # as the first pass sees it, before the nodule is measured
+        field = rule.first if rng.uniform() < 0.5 else rule.lo
+    else:
+        field = rule.field_for(diameter * float(np.exp(rng.normal(0.0, cfg.field_jitter))))
     radius, angle = cfg.shift * np.sqrt(rng.uniform()), rng.uniform(0.0, 2.0 * np.pi)
     spacing = case.pixel_spacing_mm or 0.7
     h, w = img.shape
@@ -419,8 +422,8 @@ def train_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
     model = create_model(cfg.arch, NODULE_HEADS["malignant"], pretrained=cfg.pretrained)
     spec = ModelSpec.from_model(
         model, classes=["benign", "malignant"], view="nodule", task="nodule", input_size=cfg.input_size,
-        preprocessing={"view": "nodule", "field": "follows the nodule", "field_factor": FIELD_FACTOR,
-                       "field_mm_range": list(FIELD_MM), "first_field_mm": FIRST_FIELD_MM, "context_px": 128,
+        preprocessing={"view": "nodule", "field": "follows the nodule", **FieldRule(factor=cfg.field_factor).to_spec(),
+                       "context_px": 128,
                        "context_intensity": "minmax", "central_fraction": cfg.central_fraction},
         extra={"heads": dict(NODULE_HEADS), "cam_layer": "gated"})
     aug = dataclasses.replace(AugmentConfig(), shift_frac=0.0, scale=0.0)  # the field and shift are drawn apart
