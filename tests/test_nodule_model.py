@@ -125,6 +125,19 @@ def test_targets_mix_the_panel_and_the_readers_votes():
     assert w[0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 1, 0] and not w[1].any() and not t[1].any()
 
 
+def test_field_rule_comes_from_the_bundles_spec():
+    from lungviz.nodule_model import field_rule
+
+    from types import SimpleNamespace
+
+    spec = {"preprocessing": {"field_factor": 3.0, "field_mm_range": [10.0, 50.0], "first_field_mm": 30.0}}
+    rule = field_rule(SimpleNamespace(spec=spec))  # type: ignore[arg-type]
+    assert rule.field_for(10.0) == 30.0 and rule.field_for(1.0) == 10.0 and rule.field_for(40.0) == 50.0
+    assert rule.field_for(float("nan")) == 30.0
+    assert field_rule(SimpleNamespace(spec={})).to_spec() == {  # type: ignore[arg-type]
+        "field_factor": 2.5, "field_mm_range": [16.0, 64.0], "first_field_mm": 40.0}
+
+
 def test_field_follows_the_measured_nodule_within_limits():
     assert field_for(10.0) == pytest.approx(25.0)
     assert field_for(2.0) == FIELD_MM[0] and field_for(60.0) == FIELD_MM[1]
