@@ -126,9 +126,9 @@ def test_targets_mix_the_panel_and_the_readers_votes():
 
 
 def test_field_rule_comes_from_the_bundles_spec():
-    from lungviz.nodule_model import field_rule
-
     from types import SimpleNamespace
+
+    from lungviz.nodule_model import field_rule
 
     spec = {"preprocessing": {"field_factor": 3.0, "field_mm_range": [10.0, 50.0], "first_field_mm": 30.0}}
     rule = field_rule(SimpleNamespace(spec=spec))  # type: ignore[arg-type]
