@@ -448,48 +448,118 @@ def is_dicom_bytes(data: bytes) -> bool:
     return len(data) > 132 and data[128:132] == b"DICM"
 
 
-def _check_inflated_size(payload: bytes, name: str) -> None:
-    """A deflated DICOM data set must inflate within :data:`limits.MAX_FILE_BYTES`; inflated piece by piece and
-    dropped, since pydicom inflates it whole."""
+class _Inflation:
+    """Bytes inflated while one series is read (zip members, and the deflated DICOM data sets of a zip or a folder),
+    refused as soon as they pass :data:`limits.MAX_ZIP_INFLATED_BYTES` in all."""
+
+    def __init__(self, what: str, label: str) -> None:
+        self.total, self.what, self.label = 0, what, label
+
+    def charge(self, n: int) -> None:
+        self.total += n
+        if self.total > limits.MAX_ZIP_INFLATED_BYTES:
+            limit = describe_bytes(limits.MAX_ZIP_INFLATED_BYTES)
+            raise LungvizError(f"{self.what} to more than {limit} in all; lungviz reads at most that.",
+                               source=self.label)
+
+
+def _inflate_into(out: BinaryIO, payload: memoryview, name: str, inflation: _Inflation | None) -> None:
+    """Inflate a raw deflate stream onto ``out``, piece by piece, refused as soon as ``out`` would pass
+    :data:`limits.MAX_FILE_BYTES` (and charged to ``inflation``); input is fed in pieces too, so no step copies more
+    than a piece."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total, pending = 0, payload
+    step = limits.ZIP_READ_CHUNK
     try:
-        while True:
-            out = inflater.decompress(pending, limits.ZIP_READ_CHUNK)
-            total += len(out)
-            if total > limits.MAX_FILE_BYTES:
-                raise LungvizError(f"the deflated DICOM inflates to more than {describe_bytes(limits.MAX_FILE_BYTES)}"
-                                   ", more than any slice lungviz reads.", source=name)
-            pending = inflater.unconsumed_tail
-            if inflater.eof or (not out and not pending):
+        for start in range(0, len(payload), step):
+            pending: bytes | memoryview = payload[start : start + step]
+            while pending and not inflater.eof:
+                piece = inflater.decompress(pending, step)
+                if out.tell() + len(piece) > limits.MAX_FILE_BYTES:
+                    raise LungvizError(f"the deflated DICOM inflates to more than "
+                                       f"{describe_bytes(limits.MAX_FILE_BYTES)}, more than any slice lungviz reads.",
+                                       source=name)
+                if inflation is not None:
+                    inflation.charge(len(piece))
+                out.write(piece)
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
                 return
     except zlib.error as err:
         raise LungvizError(f"the DICOM file is damaged ({_reason(err)}).", source=name) from err
 
 
-def _dataset(data: bytes, name: str, stop_before_pixels: bool = False):
-    """The parsed DICOM file; with ``stop_before_pixels`` its header only. A deflated file is checked to inflate
-    within the per-file limit first."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+def _inflated_dicom(data: bytes, name: str, inflation: _Inflation | None = None) -> bytes:
+    """The file with a Deflated-syntax data set inflated once, within the per-file limit (and the series' total), and
+    labelled Explicit VR Little Endian: the header and then the pixels are parsed from these bytes without inflating
+    again (pydicom would inflate the whole data set unbounded on every parse). Any other file is returned as it is."""
     from pydicom.filereader import read_dataset, read_preamble
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-    _refuse_size(len(data), limits.MAX_FILE_BYTES, "the DICOM file", name)
     try:
         fp = _io.BytesIO(data)
         read_preamble(fp, False)
         meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
                             stop_when=lambda tag, vr, length: tag >> 16 != 2)
-        if dicom_text(meta, "TransferSyntaxUID", source=name) == DeflatedExplicitVRLittleEndian:
-            _check_inflated_size(data[fp.tell():], name)
-        return pydicom.dcmread(_io.BytesIO(data), stop_before_pixels=stop_before_pixels, force=False)
+        if dicom_text(meta, "TransferSyntaxUID", source=name) != DeflatedExplicitVRLittleEndian:
+            return data
+        start = fp.tell()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out = _io.BytesIO()  # grown in place, and getvalue() hands over its buffer: the file is held once
+        out.write(data[:128] + b"DICM")
+        write_file_meta_info(out, meta, enforce_standard=False)
     except LungvizError:
         raise
+    except Exception:  # not DICOM, or a damaged file meta: parsing the file says which
+        return data
+    _inflate_into(out, memoryview(data)[start:], name, inflation)
+    return out.getvalue()
+
+
+#: DICOM values longer than this are left in the file while it is parsed, and read only when used (the pixels):
+#: a large private or padding field costs nothing.
+DEFER_BYTES = 1 << 20
+
+
+class _DicomStream(_io.BytesIO):
+    """A DICOM file being parsed, noting whether a field runs past the file's end: pydicom then reads what is there
+    (or skips past the end) without complaint, so a truncated file would look like a complete one."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.end = len(data)
+        self.truncated = False
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        at = self.tell()
+        out = super().read(size)
+        # Only the 8 bytes of a next field's tag may meet the file's end, and only exactly there: any other read
+        # that comes back short is a field cut off (or one skipped past the end).
+        if size is not None and len(out) < size and (out or at > self.end or size != 8):
+            self.truncated = True
+        return out
+
+
+def _dataset(data: bytes, name: str, stop_before_pixels: bool = False):
+    """The parsed DICOM file; with ``stop_before_pixels`` its header only. A deflated file is inflated first, within
+    the per-file limit (callers that parse a file twice pass it through :func:`_inflated_dicom` once beforehand).
+    Large values are read only when used; a file that ends part-way through a field is refused as truncated."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    _refuse_size(len(data), limits.MAX_FILE_BYTES, "the DICOM file", name)
+    data = _inflated_dicom(data, name)
+    try:
+        stream = _DicomStream(data)
+        ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels, defer_size=DEFER_BYTES, force=False)
     except InvalidDicomError as err:
         raise LungvizError("this is not a DICOM file (no DICOM header found).", source=name) from err
     except Exception as err:  # pydicom raises many types on damaged files
         raise LungvizError(f"the DICOM file is damaged ({_reason(err)}).", source=name) from err
+    if stream.truncated:
+        raise LungvizError("the DICOM file is damaged: it ends part-way through its data (truncated, as by an "
+                           "interrupted copy or download).", source=name)
+    return ds
 
 
 def _check_transfer_syntax(ds, name: str) -> None:
@@ -534,7 +604,7 @@ def _check_pixel_claims(header, name: str) -> tuple[int, int]:
                            "slices have one.", source=name)
     bits = dicom_int(header, "BitsAllocated", source=name)
     if bits not in limits.DICOM_BITS_ALLOCATED:
-        raise LungvizError(f"the DICOM field BitsAllocated is {bits}; lungviz reads "
+        raise LungvizError(f"the DICOM field BitsAllocated is {'missing' if bits is None else bits}; lungviz reads "
                            f"{', '.join(map(str, limits.DICOM_BITS_ALLOCATED))} bits per pixel.", source=name)
     _check_transfer_syntax(header, name)
     return rows, cols
@@ -629,9 +699,10 @@ def read_dicom(src: Source, name: str | None = None, require_ct: bool = True) ->
     """Read one DICOM slice into Hounsfield units (RescaleSlope/Intercept applied)."""
     label = _name_of(src, name)
     data = _read_bytes(src, label, limits.MAX_FILE_BYTES)
+    budget = _Budget(len(data))
     with _decoding():
-        return _read_slice(data, _dataset(data, label, stop_before_pixels=True), label, _Budget(len(data)),
-                           require_ct)
+        data = _inflated_dicom(data, label)
+        return _read_slice(data, _dataset(data, label, stop_before_pixels=True), label, budget, require_ct)
 
 
 #: CT Image Storage and Enhanced CT Image Storage: objects meant to be CT slices (a damaged one raises).
@@ -667,7 +738,8 @@ def _skip_in_series(name: str) -> bool:
 
 def _sorted_series(slices: list[DicomSlice], n_other: int, name: str) -> list[DicomSlice]:
     if not slices:
-        other = f" ({n_other} other DICOM objects, not CT images, were left out)" if n_other else ""
+        other = ("" if not n_other else " (1 other DICOM object, not a CT image, was left out)" if n_other == 1
+                 else f" ({n_other} other DICOM objects, not CT images, were left out)")
         raise LungvizError(f"no DICOM CT slices were found{other}.", source=name)
     uids = {s.series_uid for s in slices}
     if len(uids) > 1:
@@ -728,9 +800,9 @@ def _zip_archive(data: bytes, label: str) -> zipfile.ZipFile:
 
 
 def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, limit: int,
-                head: int | None = None) -> bytes:
-    """A member's bytes (its first ``head`` bytes when given), inflated in pieces and refused as soon as they pass
-    ``limit``; the size the zip declares is checked first."""
+                head: int | None = None, inflation: _Inflation | None = None) -> bytes:
+    """A member's bytes (its first ``head`` bytes when given), inflated in pieces (charged to ``inflation``) and
+    refused as soon as they pass ``limit``; the size the zip declares is checked first."""
     where = f"'{_printable(info.filename)}' in the zip"
     if info.file_size > limit:
         raise LungvizError(f"{where} inflates to {describe_bytes(info.file_size)}, as the zip declares; lungviz reads "
@@ -738,7 +810,7 @@ def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, lim
     if info.compress_type not in ZIP_METHODS:
         raise LungvizError(f"{where} is compressed with a method lungviz does not read (zip method "
                            f"{info.compress_type}); zip the series with the usual deflate compression.", source=label)
-    parts, size = [], 0
+    out, size = _io.BytesIO(), 0  # grown in place, handed over whole by getvalue(): the member is held once
     try:
         with archive.open(info) as fh:
             while chunk := fh.read(limits.ZIP_READ_CHUNK if head is None else head - size):
@@ -746,20 +818,21 @@ def _zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str, lim
                 if size > limit:
                     raise LungvizError(f"{where} inflates to more than {describe_bytes(limit)}; lungviz reads at "
                                        f"most {describe_bytes(limit)} per file.", source=label)
-                parts.append(chunk)
+                if inflation is not None:
+                    inflation.charge(len(chunk))
+                out.write(chunk)
                 if head is not None and size >= head:
                     break
     except LungvizError:
         raise
     except Exception as err:  # damaged, encrypted or truncated members
         raise LungvizError(f"{where} cannot be extracted ({_reason(err)}).", source=label) from err
-    return b"".join(parts)
+    return out.getvalue()
 
 
-def _zip_files(data: bytes, label: str) -> Iterator[tuple[bytes, str]]:
+def _zip_files(data: bytes, label: str, inflation: _Inflation) -> Iterator[tuple[bytes, str]]:
     """``(bytes, name)`` of each member of a zip that may be a slice, read within the per-file and total limits."""
     archive = _zip_archive(data, label)
-    inflated = 0
     with archive:
         for info in archive.infolist():
             mode = info.external_attr >> 16
@@ -770,20 +843,30 @@ def _zip_files(data: bytes, label: str) -> Iterator[tuple[bytes, str]]:
                     info.compress_type not in ZIP_METHODS
                     or not is_dicom_bytes(_zip_member(archive, info, label, limits.MAX_FILE_BYTES, head=133))):
                 continue
-            member = _zip_member(archive, info, label, limits.MAX_FILE_BYTES)
-            inflated += len(member)
-            if inflated > limits.MAX_ZIP_INFLATED_BYTES:
-                raise LungvizError(f"the zip inflates to more than {describe_bytes(limits.MAX_ZIP_INFLATED_BYTES)} "
-                                   "in all; lungviz reads at most that.", source=label)
+            member = _zip_member(archive, info, label, limits.MAX_FILE_BYTES, inflation=inflation)
             yield member, f"{label}:{_printable(info.filename)}"
+
+
+def _series_slice(data: bytes, name: str, budget: _Budget, inflation: _Inflation, n_slices: int,
+                  label: str) -> DicomSlice | None:
+    """One file of a series as a slice, or None when it is not a CT image; a deflated file is inflated once, counted
+    in the series' total (call inside :func:`_decoding`)."""
+    data = _inflated_dicom(data, name, inflation)
+    header = _dataset(data, name, stop_before_pixels=True)
+    if not _is_ct_image(header, name):
+        return None
+    if n_slices >= limits.MAX_SLICES:
+        raise LungvizError(f"the series holds more than {limits.MAX_SLICES:,} CT slices; lungviz reads "
+                           f"{limits.MAX_SLICES:,} at most.", source=label)
+    return _read_slice(data, header, name, budget)
 
 
 def read_series(src: Source, name: str | None = None) -> list[DicomSlice]:
     """Read a DICOM series from a folder or a ``.zip``; slices ordered by z position (inferior first).
 
-    Objects that are not CT images (dose reports, DICOMDIR, macOS ``._`` files) are left out; a damaged
-    slice raises. When several series are present the one with most slices is kept. Files, members, slices and
-    decoded bytes are counted against :mod:`lungviz.limits` as they are read.
+    Objects that are not CT images (dose reports, DICOMDIR, macOS ``._`` files) are left out; a damaged or truncated
+    file raises. When several series are present the one with most slices is kept. Files, members, slices,
+    inflated and decoded bytes are counted against :mod:`lungviz.limits` as they are read.
     """
     label = _name_of(src, name)
     slices: list[DicomSlice] = []
@@ -791,21 +874,20 @@ def read_series(src: Source, name: str | None = None) -> list[DicomSlice]:
     is_folder = isinstance(src, (str, Path)) and Path(src).is_dir()
     if is_folder:
         budget = _Budget(what="the series")
+        inflation = _Inflation("the deflated DICOM files of the series folder inflate", label)
         files = _folder_files(Path(src), label, budget)
     else:
         data = _read_bytes(src, label)
         budget = _Budget(len(data), what="the series")
-        files = _zip_files(data, label)
+        inflation = _Inflation("the zip inflates", label)
+        files = _zip_files(data, label, inflation)
     with _decoding():
         for data_k, member in files:
-            header = _dataset(data_k, member, stop_before_pixels=True)
-            if not _is_ct_image(header, member):
+            found = _series_slice(data_k, member, budget, inflation, len(slices), label)
+            if found is None:
                 n_other += 1
-                continue
-            if len(slices) >= limits.MAX_SLICES:
-                raise LungvizError(f"the series holds more than {limits.MAX_SLICES:,} CT slices; lungviz reads "
-                                   f"{limits.MAX_SLICES:,} at most.", source=label)
-            slices.append(_read_slice(data_k, header, member, budget))
+            else:
+                slices.append(found)
     if not slices and not n_other and not is_folder:
         raise LungvizError("the zip archive contains no DICOM files.", source=label)
     return _sorted_series(slices, n_other, label)

@@ -35,7 +35,8 @@ MAX_SLICES = 2000
 MAX_SERIES_FILES = 10_000
 #: Size of a zip's central directory (its list of members), read before any member.
 MAX_ZIP_DIRECTORY_BYTES = 4 * MIB
-#: Total bytes inflated from one zip, over all the members read.
+#: Total bytes inflated while reading one series: a zip's members and the Deflated-syntax DICOM data sets in them (or
+#: those of a series folder), each inflated once.
 MAX_ZIP_INFLATED_BYTES = 1 * GIB
 #: Zip members are inflated in pieces of this size, so reading stops as soon as a limit is passed.
 ZIP_READ_CHUNK = 1 * MIB

@@ -186,6 +186,9 @@ class ReviewStore:
             if "locked" in str(err) or "busy" in str(err):
                 raise LungvizError("the review log is busy with another session; please try again.",
                                    source=self.path) from err
+            if "disk is full" in str(err):  # SQLite rolls the change back whole
+                raise LungvizError("the disk holding the review log is full; nothing was saved. Free some space and "
+                                   "try again.", source=self.path) from err
             raise LungvizError(f"cannot use the review log ({err}).", source=self.path) from err
         except sqlite3.DatabaseError as err:
             raise LungvizError(f"the review log is damaged or is not a review log ({err}).",

@@ -51,27 +51,67 @@ def _to_bytes(ds) -> bytes:
     return buf.getvalue()
 
 
-def deflated_dicom(side: int = 16384) -> bytes:
-    """A Deflated-syntax DICOM whose ``side x side`` 16-bit zero pixels are in the file (about 1,000:1 deflated)."""
+def _deflated_file(ds, before: bytes, zeros: int, after: bytes = b"") -> bytes:
+    """``ds``'s file meta in Deflated Explicit VR Little Endian, then its data set followed by ``before``, ``zeros``
+    zero bytes and ``after``, deflated as one stream (the zeros streamed through the compressor, about 1,000:1)."""
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset, write_file_meta_info
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    ds = _header(side, side, DeflatedExplicitVRLittleEndian)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     head = DicomBytesIO()
     head.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(head, ds.file_meta, enforce_standard=True)
     body = DicomBytesIO()
     body.is_little_endian, body.is_implicit_VR = True, False
     write_dataset(body, ds)
-    n_bytes = side * side * 2
     deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [deflate.compress(body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n_bytes))]
-    zeros = bytes(1 << 20)
-    for _ in range(n_bytes >> 20):
-        parts.append(deflate.compress(zeros))
-    parts.append(deflate.flush())
+    parts = [deflate.compress(body.getvalue() + before)]
+    block = bytes(1 << 20)
+    for start in range(0, zeros, len(block)):
+        parts.append(deflate.compress(block[: zeros - start]))
+    parts += [deflate.compress(after), deflate.flush()]
     return head.getvalue() + b"".join(parts)
+
+
+def _element_header(group: int, element: int, vr: bytes, length: int) -> bytes:
+    """An explicit VR little endian element header with a 4-byte length (OB, OW)."""
+    return struct.pack("<HH2sHI", group, element, vr, 0, length)
+
+
+def deflated_dicom(side: int = 16384) -> bytes:
+    """A Deflated-syntax DICOM whose ``side x side`` 16-bit zero pixels are in the file (about 1,000:1 deflated)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    n_bytes = side * side * 2
+    ds = _header(side, side, DeflatedExplicitVRLittleEndian)
+    return _deflated_file(ds, _element_header(0x7FE0, 0x0010, b"OW", n_bytes), n_bytes)
+
+
+def padded_deflated_dicom(pad: int) -> bytes:
+    """A valid 16 x 16 Deflated-syntax CT slice carrying, before its pixels, a private field of ``pad`` zero bytes."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(np.full((16, 16), 1000, np.int16), series_uid=SERIES_UID)))
+    pixels = ds.PixelData
+    del ds.PixelData
+    creator = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 4) + b"XX  "  # private creator of group 0009
+    return _deflated_file(ds, creator + _element_header(0x0009, 0x1010, b"OB", pad), pad,
+                          _element_header(0x7FE0, 0x0010, b"OW", len(pixels)) + pixels)
+
+
+def padded_deflated_zip(pad: int = 130 << 20, n: int | None = None) -> bytes:
+    """A stored zip of ``n`` copies of :func:`padded_deflated_dicom` (about 130 KB each), by default enough that
+    their data sets inflate past the zip's total inflation limit."""
+    from lungviz import limits
+
+    member = padded_deflated_dicom(pad)
+    n = limits.MAX_ZIP_INFLATED_BYTES // pad + 2 if n is None else n
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for k in range(n):
+            zf.writestr(f"series/s{k:03d}.dcm", member)
+    return buf.getvalue()
 
 
 def rle_dicom(side: int) -> bytes:

@@ -3,6 +3,7 @@ library, models and data, review log. Models are the tiny fixture bundles of ``c
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import zipfile
@@ -428,6 +429,22 @@ def test_bad_uploads_show_a_clear_error_and_the_page_keeps_working(app_env, lidc
     assert not at.exception and not at.error and at.metric[0].value.endswith("%")
 
 
+def test_a_malformed_dicom_value_is_one_error_naming_the_file_and_the_field(app_env):
+    """RescaleSlope "abc", as a single slice and as a member of a zipped series: one error naming the file (or member)
+    and the field, no traceback, no estimate."""
+    from tests.hostile_files import dicom_with_text
+
+    data = dicom_with_text({"RescaleSlope": "abc"})
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    for name, upload, source in (("slope-abc.dcm", data, "slope-abc.dcm"),
+                                 ("series.zip", _zip({"s0.dcm": data}), "series.zip:s0.dcm")):
+        at = _upload(at, name, upload)
+        assert not at.exception, f"{name}: {at.exception}"
+        assert [shown_text(e.value) for e in at.error] == [
+            f"{source}: the DICOM field RescaleSlope is 'abc', not a number."], name
+        assert not at.metric
+
+
 #: Markdown, HTML, backticks, a web address and a Streamlit shortcode in one file name.
 HOSTILE = "![x](https://host/pixel.png) <img src=x onerror=alert(1)> `tick` [link](http://evil.invalid) :streamlit:"
 HOSTILE_MARK = "host/pixel.png"
@@ -726,6 +743,75 @@ def test_fifty_large_uploads_leave_the_servers_memory_bounded(app_env):
     grown = rss() - before
     # every upload kept would be 45 x 64 MiB more (2.8 GiB); the bounded caches hold a few decoded images at most
     assert grown < 6 * decoded, f"the server grew by {grown / 2**20:.0f} MiB over 45 uploads"
+
+
+# ------------------------------------------------------------------------------------------------ cache bounds
+
+COMMON = Path(__file__).resolve().parent.parent / "app_pages" / "common.py"
+#: Caches of app_pages/common.py keyed by one server folder or file (models, index, finder, the library's tables, the
+#: review log): loaded once, so neither bounded nor expiring. Every other cache is keyed by what a session sends.
+PER_FOLDER = {"_model_set", "_case_index", "_finder", "_slice_table", "_slice_spacings", "_review_store"}
+
+
+def _caches() -> dict[str, tuple[str, dict[str, ast.expr], list[str]]]:
+    """``{function: (cache kind, decorator keywords, parameter names)}`` for every ``st.cache_data`` and
+    ``st.cache_resource`` function of app_pages/common.py."""
+    found = {}
+    for node in ast.parse(COMMON.read_text()).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for decorator in node.decorator_list:
+            call = decorator if isinstance(decorator, ast.Call) else None
+            target = call.func if call else decorator
+            if isinstance(target, ast.Attribute) and target.attr in ("cache_data", "cache_resource"):
+                keywords = {k.arg: k.value for k in call.keywords} if call else {}
+                found[node.name] = (target.attr, keywords, [a.arg for a in node.args.args])
+    return found
+
+
+def test_every_per_input_cache_is_bounded_and_expires():
+    """Each cache keyed by what a session sends declares max_entries and ttl, and the Streamlit wrappers hold them;
+    the decoded uploads (the largest values) are kept for a few inputs only."""
+    import app_pages.common as common
+
+    caches = _caches()
+    assert set(caches) > PER_FOLDER, sorted(PER_FOLDER - set(caches))
+    for name in PER_FOLDER:  # keyed by one folder or file path, nothing a session sends
+        assert caches[name][2] in (["folder"], ["slices_root"], ["path"]), (name, caches[name][2])
+    per_input = set(caches) - PER_FOLDER
+    assert {"read_image", "read_zip", "prediction", "cam_map", "similar", "series_assessment"} <= per_input
+    for name in sorted(per_input):
+        kind, keywords, _ = caches[name]
+        assert {"max_entries", "ttl"} <= set(keywords), f"{name} ({kind}) declares {sorted(keywords)}"
+        info = getattr(common, name)._info
+        assert info.max_entries and info.max_entries <= 256 and info.ttl, name
+    for name, most in (("read_image", common.MAX_DECODED_IMAGES), ("read_zip", common.MAX_DECODED_SERIES)):
+        info = getattr(common, name)._info
+        assert info.max_entries == most <= 4 and info.ttl == common.UPLOAD_TTL, name
+
+
+def test_a_session_memory_keeps_only_its_most_recent_results(monkeypatch):
+    """LIME results kept in the session: after more inputs than the bound, the oldest are forgotten."""
+    from types import SimpleNamespace
+
+    import app_pages.common as common
+
+    memo = {f"k{i}": i for i in range(10)}
+    common._keep_recent(memo, most=4)
+    assert list(memo.items()) == [(f"k{i}", i) for i in range(6, 10)]
+    common._keep_recent(memo, most=4)
+    assert len(memo) == 4
+
+    session = SimpleNamespace(session_state={})
+    bundle = SimpleNamespace(model=None, mean=0.0, std=1.0, calibration=None)
+    monkeypatch.setattr(common, "st", session)
+    monkeypatch.setattr(common, "_model_set", lambda folder: SimpleNamespace(bundles={"b": bundle}))
+    monkeypatch.setattr(common, "lime_map", lambda model, image, *args, **kwargs: float(image[0, 0]))
+    most = common.MAX_SESSION_RESULTS
+    for i in range(most + 8):
+        assert common.lime("w", "b", np.full((4, 4), i, np.float32), progress=lambda f: None) == i
+    kept = session.session_state["lime"]
+    assert sorted(kept.values()) == list(range(8, most + 8))
 
 
 # ------------------------------------------------------------------------------------------------------ paths

@@ -346,6 +346,90 @@ def test_bad_series_raise_naming_the_file(case, build, words, dicom_bytes, tmp_p
     assert str(path) in str(info.value)
 
 
+def test_a_truncated_file_is_called_damaged_wherever_it_is_cut(dicom_bytes):
+    """Cut anywhere, a slice is refused as damaged (naming the member), never counted as a non-CT object: pydicom
+    reads a cut-off field as a shorter value, which once made a slice cut inside its SOP class look like another
+    kind of object."""
+    full = dicom_bytes(RAW)
+    for cut in range(140, len(full), 3):
+        with pytest.raises(LungvizError, match=r"^cut\.zip:a\.dcm: ") as info:
+            lio.read_series(_zip({"a.dcm": full[:cut]}), name="cut.zip")
+        assert "other DICOM" not in str(info.value), cut
+    with pytest.raises(LungvizError, match=r"^cut\.zip:b\.dcm: the DICOM file is damaged: it ends part-way through its "
+                                           r"data \(truncated"):
+        lio.read_series(_zip({"a.dcm": full, "b.dcm": full[:400]}), name="cut.zip")  # cut inside the SOP class
+
+
+def test_a_file_cut_inside_a_large_field_left_unread_is_truncated():
+    """Values over lio.DEFER_BYTES are skipped while parsing, so a cut inside one is seen by the position passing
+    the file's end."""
+    import pydicom
+
+    from tests.hostile_files import dicom_with
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_with()))
+    ds.private_block(0x0009, "lungviz test", create=True).add_new(0x10, "OB", bytes(2 * lio.DEFER_BYTES))
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    full = buf.getvalue()
+    assert lio.read_dicom(full, name="whole.dcm").hu.shape == (16, 16)
+    for cut in (len(full) - lio.DEFER_BYTES, len(full) - 300):  # inside the field; inside the pixels after it
+        with pytest.raises(LungvizError, match=r"^cut\.dcm: the DICOM file is damaged: it ends part-way"):
+            lio.read_dicom(full[:cut], name="cut.dcm")
+
+
+def _count_inflations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Calls to the readers' inflater, each entry the bytes it gave; pydicom's own (whole, unbounded) inflation
+    fails the test."""
+    calls: list[int] = []
+    real = lio._inflate_into
+
+    def counted(out, payload, name, inflation):
+        start = out.tell()
+        real(out, payload, name, inflation)
+        calls.append(out.tell() - start)
+
+    def whole(*args, **kwargs):
+        raise AssertionError("pydicom inflated a deflated DICOM itself")
+
+    monkeypatch.setattr(lio, "_inflate_into", counted)
+    monkeypatch.setattr(lio.zlib, "decompress", whole)
+    return calls
+
+
+def test_a_deflated_slice_is_inflated_once(monkeypatch):
+    from tests.hostile_files import padded_deflated_dicom, padded_deflated_zip
+
+    pad = 2 * lio.DEFER_BYTES
+    calls = _count_inflations(monkeypatch)
+    sl = lio.read_dicom(padded_deflated_dicom(pad), name="padded.dcm")
+    assert (sl.hu == 1000 - 1024).all() and len(calls) == 1 and calls[0] > pad
+    calls.clear()
+    assert len(lio.read_series(padded_deflated_zip(pad, n=3), name="three.zip")) == 3
+    assert len(calls) == 3  # once per member, for its header and its pixels
+
+
+def test_deflated_slices_count_toward_the_series_inflation_limit(monkeypatch, tmp_path):
+    """A zip of small stored members whose deflated data sets inflate to 2 MiB each: what they inflate to counts,
+    in a zip and in a folder."""
+    from tests.hostile_files import padded_deflated_dicom, padded_deflated_zip
+
+    pad = 2 << 20
+    monkeypatch.setattr(lio.limits, "MAX_ZIP_INFLATED_BYTES", 5 << 20)
+    zipped = padded_deflated_zip(pad, n=3)
+    assert len(zipped) < 20_000
+    with pytest.raises(LungvizError, match=r"^padded\.zip: the zip inflates to more than 5 MB in all; lungviz reads "
+                                           "at most that"):
+        lio.read_series(zipped, name="padded.zip")
+    member = padded_deflated_dicom(pad)
+    for k in range(3):
+        (tmp_path / f"s{k}.dcm").write_bytes(member)
+    with pytest.raises(LungvizError, match="the deflated DICOM files of the series folder inflate to more than 5 MB"):
+        lio.read_series(tmp_path)
+    monkeypatch.setattr(lio.limits, "MAX_ZIP_INFLATED_BYTES", 7 << 20)
+    assert len(lio.read_series(zipped, name="padded.zip")) == 3 and len(lio.read_series(tmp_path)) == 3
+
+
 def test_read_series_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(LungvizError, match="not found"):
         lio.read_series(tmp_path / "absent.zip")

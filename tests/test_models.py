@@ -205,6 +205,35 @@ def test_lite_key_map_rejects_unknown_keys():
         lite_key_map(["_blocks.3._depthwise_conv.weight"], [1, 2])  # only 3 blocks in the layout
 
 
+def _leave_mark(path: str) -> None:
+    """Run by unpickling the crafted weights file below: leaves a file behind as proof."""
+    with open(path, "w") as fh:
+        fh.write("unpickled")
+
+
+class _Payload:
+    """An object whose unpickling calls :func:`_leave_mark`, as a malicious pickle would call anything."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return _leave_mark, (self.path,)
+
+
+def test_pretrained_weights_are_read_without_unpickling_objects(tmp_path, monkeypatch):
+    """A .pth holding a pickled object beside a tensor is refused by torch's weights-only loader, so nothing in it
+    runs. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD makes torch.load unpickle freely wherever weights_only=True is not passed."""
+    marker = tmp_path / "ran.txt"
+    crafted = tmp_path / "efficientnet_lite0.pth"
+    torch.save({"_conv_stem.weight": torch.zeros(1), "_payload": _Payload(str(marker))}, crafted)
+    monkeypatch.setattr(models, "lite_weights_path", lambda arch: crafted)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(LungvizError, match=r"could not read the pretrained weights file efficientnet_lite0\.pth"):
+        pretrained_lite_state_dict("tf_efficientnet_lite0")
+    assert not marker.exists()
+
+
 @needs_lite
 @pytest.mark.parametrize("arch", list(models.LITE_PACKAGES))
 def test_lite_mapping_is_one_to_one_and_loads_strict(arch):

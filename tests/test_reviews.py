@@ -19,6 +19,7 @@ from lungviz.errors import LungvizError
 from lungviz.reviews import (
     CSV_FIELDS,
     FIELDS,
+    MAX_NOTE_CHARS,
     MAX_REVIEWER_CHARS,
     SCHEMA_VERSION,
     ReviewStore,
@@ -276,6 +277,35 @@ def test_csv_export_to_a_file_is_whole_or_not_at_all(store: ReviewStore, tmp_pat
         store.export_csv(out)
     assert out.read_bytes() == before  # the earlier export is intact
     assert sorted(p.name for p in tmp_path.iterdir() if "export" in p.name) == ["export.csv"]  # no temporary file
+
+
+def test_a_full_disk_saves_nothing_and_says_so(store: ReviewStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite's own "database or disk is full", made by capping the log at the pages it has: the review is refused
+    with a plain message, nothing of it stays (rows, id sequence, file integrity), and the log takes reviews again
+    once there is room."""
+    first = store.add("c1", "library", "agree", note="first")
+    before = store.list()
+    connect = sqlite3.connect
+
+    def full_disk(*args, **kwargs) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", full_disk)
+    with pytest.raises(LungvizError) as info:
+        store.add("c2", "upload", "disagree", note="x" * MAX_NOTE_CHARS, model_summary=SUMMARY)  # needs new pages
+    assert str(info.value) == (f"{store.path}: the disk holding the review log is full; nothing was saved. Free some "
+                               "space and try again.")
+    assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+    assert "disk is full" in str(info.value.__cause__)
+    assert store.list() == before and store.count() == 1  # reading still works on a full disk
+    monkeypatch.undo()
+    with sqlite3.connect(store.path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert store.add("c2", "upload", "disagree", note="x" * MAX_NOTE_CHARS) == first + 1
+    assert [r["case_id"] for r in store.list()] == ["c2", "c1"]
 
 
 # ------------------------------------------------------------------------------------------ concurrent writers
