@@ -385,35 +385,40 @@ def show_assessment(assessment: Assessment) -> None:
     """The nodule model's finding: size, the characteristics in the readers' words and the factors behind its
     estimate, with the estimate's band and call."""
     r = assessment.reading
+    st.markdown("##### Nodule model: the outlined nodule, measured and described")
     if not r.outlined:
         st.warning("The nodule model outlined nothing here, so the nodule's size is unknown and its estimate counts "
                    "an average nodule's size: check that the nodule is at the centre.", icon=":material/warning:")
     size, look, why = st.columns([2, 3, 3], gap="medium")
     with size:
-        st.metric("Estimate by its factors", prob_pct(assessment.probability),
-                  help="The nodule model's own probability that the readers' panel would rate this nodule "
-                       "suspicious (score 4-5), from the factors listed beside it (fitted and calibrated on the "
-                       "validation patients). It reads the nodule alone, so it can differ from the fused estimate "
+        st.metric("Nodule model: malignant probability", prob_pct(assessment.probability),
+                  help="Malignant = the readers' panel score 4-5, as everywhere in the app. The nodule model's own "
+                       "estimate, from the factors listed beside it (fitted and calibrated on the validation "
+                       "patients). It reads the outlined nodule alone, so it can differ from the fused estimate "
                        "above, which also weighs the whole crop.")
         t = assessment.test_calls
-        target = f", chosen for {t['target_sensitivity']:.0%} sensitivity on validation" if t else ""
-        st.markdown(f"Band: **{assessment.risk_band}**; call: **{assessment.call}** (from "
+        target = f", a low threshold chosen for {t['target_sensitivity']:.0%} sensitivity" if t else ""
+        st.markdown(f"Band: **{assessment.risk_band}**; second-look call: **{assessment.call}** (from "
                     f"{prob_pct(assessment.threshold)}{target})")
         if t is not None:
-            st.caption(f"On the held-out test nodules this call found {t['sensitivity']:.0%} of those the panel "
-                       f"rated suspicious and cleared {t['specificity']:.0%} of the others.")
+            st.caption(f"On the held-out test nodules this call found {test_rate(t, 'sensitivity')} of the malignant "
+                       f"ones and cleared {test_rate(t, 'specificity')} of the others: it flags far more nodules than "
+                       "the fused estimate's call.")
         if r.outlined:
             where = (f"largest of the {r.n_slices} slices the nodule reaches" if r.n_slices > 1
                      else "this slice only")
             st.markdown(f"**Size** ({where}): long axis {r.long_axis_mm:.1f} mm, short axis {r.short_axis_mm:.1f} "
                         f"mm, mean {r.mean_axes_mm:.1f} mm" + (f"; volume {r.volume_mm3:.0f} mm³" if r.volume_mm3
                                                                else ""))
+            st.caption("Measured on its outline of what at least half of the readers would include; the outliner's "
+                       "outline above is what any reader would, so it runs larger.")
     with look:
         st.markdown("**Characteristics** (LIDC scales, as a reader would rate them)")
         st.dataframe([{"characteristic": CHARACTERISTIC_LABELS.get(h, h), "model's rating": w}
                       for h, w in assessment.characteristics.items()], hide_index=True, width="stretch")
     with why:
-        st.markdown("**What moved the estimate** (log-odds against an average nodule)")
+        st.markdown(f"**What moved the estimate** from an average nodule's {prob_pct(assessment.baseline)} "
+                    "(log-odds)")
         st.markdown("\n".join(f"- {f}" for f in assessment.top_factors()))
 
 

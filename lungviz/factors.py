@@ -181,7 +181,7 @@ def factor_phrases(values: Mapping[str, float], contributions: Mapping[str, floa
         elif k == "image":
             shown = ""
         elif k == "calcification":
-            shown = f"{v:.0%} likely" if np.isfinite(v) else "not rated"
+            shown = f"(calcified: {v:.0%} likely)" if np.isfinite(v) else "not rated"
         else:
             shown = f"{v:.1f}" if np.isfinite(v) else "not rated"
         label = FACTOR_LABELS.get(k, k)

@@ -166,6 +166,10 @@ def read_result(name: str, folder: Path | None = None) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+#: Bundle names as the page calls the models where they differ.
+MODEL_WORDS = {"nodule": "nodule model's"}
+
+
 def map_localisation_note(model: str, folder: Path | None = None, layer: str | None = "") -> str | None:
     """One sentence on how well ``model``'s Grad-CAM finds the nodule on the test split (from ``camloc``: centred
     and shifted views), or None; also None when ``layer`` (the model's current CAM layer; "" = do not check) is not
@@ -179,7 +183,8 @@ def map_localisation_note(model: str, folder: Path | None = None, layer: str | N
         return None
     c, s = r["centred"], r["shifted"]
     prior_c, prior_s = c["centre_prior"]["peak_inside"], s["centre_prior"]["peak_inside"]
-    return (f"On {c['n']} test nodules the {model} Grad-CAM peaked inside the readers' outline in "
+    label = MODEL_WORDS.get(model, model)
+    return (f"On {c['n']} test nodules the {label} Grad-CAM peaked inside the readers' outline in "
             f"{c['peak_inside']:.0%}, and in {s['peak_inside']:.0%} with the nodule moved off the view's centre "
             f"(a map fixed at the centre: {prior_c:.0%} and {prior_s:.0%}): read the map as the region the model "
             "used, not as the nodule's outline.")

@@ -49,17 +49,15 @@ LEVEL_WORDS: dict[str, dict[int, str]] = {
 
 
 def rating_words(head: str, probabilities: np.ndarray) -> str:
-    """A rating in the readers' words: a nominal scale's most probable category with its probability ("calcification
-    absent, 88%"); a graded scale's expected rating and the nearest named level ("spiculation 1.4 of 5, near none")."""
+    """A rating in the readers' words: a nominal scale's most probable category with its probability ("absent,
+    88%"); a graded scale's expected rating with the named levels of its scale ("1.4 of 5 (1 none, 5 marked)")."""
     p = np.asarray(probabilities, np.float64)
     words = LEVEL_WORDS.get(head, {})
     if head in NOMINAL_HEADS:
         k = int(np.argmax(p)) + 1
         return f"{words.get(k, k)}, {p.max():.0%}"
-    value = float(expected_rating(p))
-    nearest = min(words, key=lambda level: abs(level - value)) if words else None
-    near = f", near {words[nearest]}" if nearest is not None and abs(nearest - value) <= 1.0 else ""
-    return f"{value:.1f} of {len(p)}{near}"
+    scale = ", ".join(f"{level} {word}" for level, word in sorted(words.items()))
+    return f"{float(expected_rating(p)):.1f} of {len(p)}" + (f" ({scale})" if scale else "")
 
 
 @dataclass(frozen=True)
@@ -259,6 +257,7 @@ class Assessment:
     probability: float
     risk_band: str
     threshold: float
+    intercept: float = 0.0  # the estimate's log-odds for an average nodule
     test_calls: dict | None = None
 
     @property
@@ -271,9 +270,18 @@ class Assessment:
         return {h: rating_words(h, self.reading.probabilities[h]) for h in RATING_HEADS}
 
     def top_factors(self, n: int = 4) -> list[str]:
+        """The ``n`` factors that moved the estimate most, then what the others add together."""
         from lungviz.factors import factor_phrases
 
-        return factor_phrases(self.factors, self.contributions, n)
+        phrases = factor_phrases(self.factors, self.contributions, n)
+        rest = sum(sorted(self.contributions.values(), key=abs)[: max(0, len(self.contributions) - n)])
+        return [*phrases, f"the other factors together: {rest:+.1f} log-odds"] if len(self.contributions) > n \
+            else phrases
+
+    @property
+    def baseline(self) -> float:
+        """The probability of an average nodule of those the estimate was fitted on (every factor at its centre)."""
+        return float(1.0 / (1.0 + np.exp(-self.intercept)))
 
     def to_dict(self) -> dict:
         r = self.reading
@@ -290,13 +298,14 @@ class Assessment:
                                     "probabilities": [round(float(p), 4) for p in r.probabilities[h]]}
                                 for h, w in self.characteristics.items()},
             "malignant_probability": round(self.probability, 4),
-            "probability_of": "the readers' panel rating the nodule suspicious (score 4-5)",
+            "probability_of": "malignant: the readers' panel score 4-5",
             "risk_band": self.risk_band,
             "call": self.call,
             "calls_malignant_from": round(self.threshold, 4),
             **({"test_calls": self.test_calls} if self.test_calls else {}),
             "factors": {k: {"value": None if not np.isfinite(v) else round(v, 3),
                             "log_odds": round(self.contributions.get(k, 0.0), 3)} for k, v in self.factors.items()},
+            "average_nodule_probability": round(self.baseline, 4),
             "top_factors": self.top_factors(),
         }
 
@@ -381,4 +390,5 @@ def explain(bundle: Bundle, reading: NoduleReading) -> Assessment:
                  "ci95": estimate.get("test_ci95") or {},
                  "target_sensitivity": float(estimate.get("target_sensitivity", 0.9))}
     return Assessment(reading=reading, factors=values, contributions=model.contributions(values), probability=p,
-                      risk_band=risk_band(p, threshold), threshold=threshold, test_calls=calls)
+                      risk_band=risk_band(p, threshold), threshold=threshold, intercept=model.intercept,
+                      test_calls=calls)

@@ -207,9 +207,10 @@ def nodule_model_notes(reading: Mapping[str, Any] | None) -> list[str]:
                 "no outline found, so the size is unknown and the estimate counts an average nodule's size")
     return [f"Nodule model, over {n} slice{'s' if n != 1 else ''}: {measured}.",
             f"Characteristics (LIDC scales): {words}.",
-            f"Estimate by its factors (the panel rating it suspicious, score 4-5): {prob_pct(p)} "
+            f"Nodule model's malignant probability (panel score 4-5), by its factors: {prob_pct(p)} "
             f"({reading.get('risk_band')}; call {reading.get('call')} from "
-            f"{prob_pct(reading.get('calls_malignant_from'))}). What moved it: {factors}."]
+            f"{prob_pct(reading.get('calls_malignant_from'))}). What moved it from an average nodule's "
+            f"{prob_pct(reading.get('average_nodule_probability'))}: {factors}."]
 
 
 def estimate_notes(prediction: dict | None) -> list[str]:

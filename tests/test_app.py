@@ -389,7 +389,7 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     text = _texts(at)
     assert "What moved the estimate" in text and "log-odds" in text and "Band:" in text
     assert "slices the nodule reaches" in text or "this slice only" in text or "outlined nothing" in text
-    assert any(m.label == "Estimate by its factors" for m in at.metric)
+    assert any(m.label == "Nodule model: malignant probability" for m in at.metric)
 
 
 def _zip(files: dict[str, bytes]) -> bytes:

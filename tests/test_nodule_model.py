@@ -261,9 +261,13 @@ def test_prediction_carries_the_size_characteristics_and_factors(app_weights, re
     out = pred.to_dict()["nodule_model"]
     assert set(out["characteristics"]) == set(NODULE_HEADS) - {"malignant"}
     assert out["factors"]["size"]["log_odds"] == pytest.approx(a.contributions["size"], abs=1e-3)
-    assert len(out["top_factors"]) == 4 and out["test_calls"]["sensitivity"] == 0.9
+    assert len(out["top_factors"]) == 5 and out["top_factors"][-1].startswith("the other factors together: ")
+    assert out["test_calls"]["sensitivity"] == 0.9
+    rest = sorted(a.contributions.values(), key=abs)[:3]
+    assert out["top_factors"][-1] == f"the other factors together: {sum(rest):+.1f} log-odds"
+    assert out["average_nodule_probability"] == pytest.approx(1 / (1 + np.exp(1.4)), abs=1e-4)
     notes = estimate_notes(pred.to_dict())
-    assert notes[0].startswith("Nodule model, over 1 slice: long axis") and "What moved it:" in notes[2]
+    assert notes[0].startswith("Nodule model, over 1 slice: long axis") and "What moved it from an average nodule's" in notes[2]
 
 
 def test_factor_fit_keeps_each_coefficient_on_its_known_side():
