@@ -267,7 +267,8 @@ def test_prediction_carries_the_size_characteristics_and_factors(app_weights, re
     assert out["top_factors"][-1] == f"the other factors together: {sum(rest):+.1f} log-odds"
     assert out["average_nodule_probability"] == pytest.approx(1 / (1 + np.exp(1.4)), abs=1e-4)
     notes = estimate_notes(pred.to_dict())
-    assert notes[0].startswith("Nodule model, over 1 slice: long axis") and "What moved it from an average nodule's" in notes[2]
+    assert notes[0].startswith("Nodule model, over 1 slice: long axis")
+    assert "What moved it from an average nodule's" in notes[2]
 
 
 def test_factor_fit_keeps_each_coefficient_on_its_known_side():
