@@ -51,7 +51,7 @@ from training.augment import AugmentConfig, augment_pair
 from training.data import SliceStore, central_slices
 from training.datasets import load_cases
 from training.loop import LoopConfig, fit, seed_everything
-from training.outliner import OutlineLoss, dice
+from training.outliner import OutlineLoss, dice, outlined_splits
 from training.train import split_for
 
 log = logging.getLogger("training")
@@ -412,11 +412,7 @@ def train_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
     if cfg.measure_only:
         return remeasure_nodule(cfg, progress)
     t_start = time.perf_counter()
-    cases, report = load_cases("lidc", cfg.data)
-    split = split_for(cases, data=cfg.data)
-    parts = {n: [c for c in split.select(cases, n) if c.has_masks] for n in ("train", "val", "test")}
-    log.info("nodule: %s; train %d, val %d, test %d nodules", report.summary(), *(len(parts[n]) for n in parts))
-    stores = {n: SliceStore(parts[n], progress=progress, masks=True) for n in parts}
+    split, parts, stores = outlined_splits(cfg.data, cfg.name, progress)
     device = resolve_device()
     seed_everything(cfg.seed)
     model = create_model(cfg.arch, NODULE_HEADS["malignant"], pretrained=cfg.pretrained)

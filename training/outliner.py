@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,10 @@ from training.data import SliceStore, central_slices
 from training.datasets import load_cases
 from training.loop import LoopConfig, fit, seed_everything
 from training.train import split_for
+
+if TYPE_CHECKING:
+    from lungviz.cases import Case
+    from lungviz.splits import Split
 
 log = logging.getLogger("training")
 
@@ -108,14 +113,21 @@ def outliner_report(bundle: Bundle, store: SliceStore, cfg: OutlinerConfig, n_bo
     return rep
 
 
+def outlined_splits(data: str, what: str, progress: bool = True
+                    ) -> tuple[Split, dict[str, list[Case]], dict[str, SliceStore]]:
+    """The nodules with the readers' outlines, split by patient (the shipped split), and each split's slices and
+    masks in memory."""
+    cases, report = load_cases("lidc", data)
+    split = split_for(cases, data=data)
+    parts = {n: [c for c in split.select(cases, n) if c.has_masks] for n in ("train", "val", "test")}
+    log.info("%s: %s; train %d, val %d, test %d nodules", what, report.summary(), *(len(parts[n]) for n in parts))
+    return split, parts, {n: SliceStore(parts[n], progress=progress, masks=True) for n in parts}
+
+
 def train_outliner(cfg: OutlinerConfig, progress: bool = True) -> dict:
     """Train, select on validation, report on test and save the ``outliner`` bundle (weights/ by default)."""
     t_start = time.perf_counter()
-    cases, report = load_cases("lidc", cfg.data)
-    split = split_for(cases, data=cfg.data)
-    parts = {n: [c for c in split.select(cases, n) if c.has_masks] for n in ("train", "val", "test")}
-    log.info("outliner: %s; train %d, val %d, test %d nodules", report.summary(), *(len(parts[n]) for n in parts))
-    stores = {n: SliceStore(parts[n], progress=progress, masks=True) for n in parts}
+    split, parts, stores = outlined_splits(cfg.data, OUTLINER, progress)
     device = resolve_device()
     seed_everything(cfg.seed)
     model = create_model(cfg.arch, 1, pretrained=cfg.pretrained)
