@@ -76,9 +76,9 @@ class NoduleConfig:
     weight_decay: float = 1e-2
     patience: int = 8  # epochs without a better validation figure before early stopping
     shift: float = 0.28  # training views move the nodule's centre up to this share of the view's side
-    field_factor: float = 2.5  # the view's field is this many times the nodule's long axis (within 16-64 mm)
+    field_factor: float = 3.0  # the view's field is this many times the nodule's long axis (within 16-64 mm)
     field_jitter: float = 0.2  # log-normal spread of the training field around the readers' diameter
-    first_field_share: float = 0.0  # share of training views at the first pass's fixed fields (40 and 16 mm)
+    first_field_share: float = 0.2  # share of training views at the first pass's fixed fields (40 and 16 mm)
     reader_weight: float = 0.5  # soft targets: (1 - w) x the panel's rating + w x the readers' votes
     head_weight: float = 1.0  # weight of the heads' loss beside the outline's
     val_slices: int = 3  # slices per nodule read for early stopping
