@@ -28,7 +28,7 @@ from lungviz.library import (
     slice_spacings,
 )
 from lungviz.lidc import load_case
-from lungviz.nodule_model import Assessment, assess_series
+from lungviz.nodule_model import Assessment, assess, assess_series
 from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
 from lungviz.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.retrieval import CaseIndex, load_index, set_server_threads
@@ -379,6 +379,15 @@ def series_assessment(folder: str, file_id: str, _series: list, index: int,
     slice and centre; ``_series`` is the decoded series of upload ``file_id``)."""
     ms = _model_set(folder)
     return None if ms.nodule is None else assess_series(ms.nodule, _series, index, centre_rc)
+
+
+@st.cache_data(show_spinner="Reading the nodule's slices…", max_entries=16, ttl=RESULT_TTL)
+def case_assessment(folder: str, case_id: str, _slices: list[np.ndarray], spacing_mm: float | None,
+                    thickness_mm: float | None) -> Assessment | None:
+    """The nodule model over every slice of library case ``case_id`` (the heads over the central half, as
+    evaluation reads a nodule); None without the nodule model."""
+    ms = _model_set(folder)
+    return None if ms.nodule is None else assess(ms.nodule, list(_slices), spacing_mm, thickness_mm, central=0.5)
 
 
 def show_assessment(assessment: Assessment) -> None:

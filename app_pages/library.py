@@ -3,6 +3,8 @@ the model's map, the readers' scores and characteristics, and the model's predic
 
 from __future__ import annotations
 
+import dataclasses
+
 import streamlit as st
 
 from app_pages import common
@@ -143,6 +145,12 @@ def _show_case(record: dict) -> None:
     with p2:
         common.show_flag(pred)
     st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
+    if ms.nodule is not None:  # every slice of the nodule, as evaluation reads it
+        whole = common.case_assessment(common.weights_folder(), case_id, list(slices), case.pixel_spacing_mm,
+                                       case.slice_thickness_mm)
+        pred = dataclasses.replace(pred, assessment=whole or pred.assessment)
+        if pred.assessment is not None:
+            common.show_assessment(pred.assessment)
     fig = common.probability_bars(pred, "score")
     if fig is not None:
         st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})

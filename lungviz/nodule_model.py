@@ -355,11 +355,12 @@ def _recentred(centre_rc: tuple[float, float], reading: SliceReading, spacing_mm
 
 
 def assess(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
-           slice_thickness_mm: float | None = None) -> Assessment:
-    """Read a nodule over the given slices (all of them count, as evaluation's central slices do) and explain the
-    estimate (the spec's factor model)."""
+           slice_thickness_mm: float | None = None, central: float = 1.0) -> Assessment:
+    """Read a nodule over the given slices, in order, and explain the estimate (the spec's factor model): the heads
+    over the ``central`` share of them (0.5 for all of a nodule's slices, as evaluation reads a nodule), the size
+    and volume over all."""
     readings = read_slices(bundle, contexts01, spacing_mm)
-    return explain(bundle, aggregate(bundle, readings, slice_thickness_mm))
+    return explain(bundle, aggregate(bundle, readings, slice_thickness_mm, central=central))
 
 
 def assess_series(bundle: Bundle, series: list, index: int, centre_rc: tuple[float, float] | None) -> Assessment:

@@ -590,6 +590,36 @@ def test_library_case_says_what_a_report_says_about_the_estimate(app_env, monkey
     assert _texts(at).count(report.CALIBRATION_CAVEAT) == 1  # once, after the slice it was measured on
 
 
+@pytest.mark.slow
+def test_library_case_reads_every_slice_with_the_nodule_model(app_weights, tmp_path, monkeypatch):
+    """A library case is read by the nodule model over all its slices, as evaluation reads a nodule."""
+    import shutil
+
+    import lungviz.nodule_model as nodule_model
+
+    weights = tmp_path / "w"
+    shutil.copytree(app_weights, weights)
+    build_nodule_weights(weights)
+    monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(weights))
+    monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
+    read: list[int] = []
+    original = nodule_model.read_slices
+
+    def spy(bundle, contexts, *args, **kwargs):
+        read.append(len(contexts))
+        return original(bundle, contexts, *args, **kwargs)
+
+    monkeypatch.setattr(nodule_model, "read_slices", spy)
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
+    at.run().switch_page("app_pages/library.py")
+    at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
+    at.run()
+    assert not at.exception
+    assert 9 in read  # the case's nine slices in one reading (the middle slice alone is read for the estimate too)
+    assert any(m.label == "Nodule model: malignant probability" for m in at.metric)
+
+
 def test_the_estimate_table_gives_each_calls_sensitivity_and_specificity_on_test():
     from app_pages.common import view_table
     from lungviz.predict import Prediction, TaskPrediction
