@@ -129,6 +129,17 @@ def test_characteristics_evaluation_cli(lidc_slices_dir, tmp_path):
     assert list(rows[0]) == ["patient_id", "nodule", *CHARACTERISTICS] and len(rows) == 3
     scale = {"calcification": 6, "internalStructure": 4}
     assert all(1.0 <= float(row[h]) <= scale.get(h, 5) for row in rows for h in CHARACTERISTICS)
+    est = subprocess.run([sys.executable, "-m", "training", "evaluate", "--model", "nodule", "--data", str(data),
+                          "--weights", str(weights), "--json", "--n-boot", "20", "--predictions",
+                          str(tmp_path / "estimate.csv")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert est.returncode == 0, est.stderr
+    rep = json.loads(est.stdout)
+    assert rep["n"] == 3 and rep["task"] == "binary" and 0.0 <= rep["second_look_call"]["sensitivity"] <= 1.0
+    assert rep["second_look_call"]["calls_malignant_from"] == 0.12  # the spec's call point
+    with open(tmp_path / "estimate.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    called = ["malignant" if float(r["p_malignant"]) >= 0.12 else "benign" for r in rows]
+    assert [r["prediction"] for r in rows] == called and len(rows) == 3
     loc = subprocess.run([sys.executable, "-m", "training", "camloc", "--data", str(data), "--weights", str(weights),
                           "--models", "nodule", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert loc.returncode == 0, loc.stderr

@@ -382,6 +382,10 @@ def evaluate_bundle(
     if max_slices < 0:
         raise LungvizError("--max-slices must be 0 (all of the central slices) or more.")
     spec = read_any_spec(Path(bundle_folder), name)
+    if spec.get("task") == "nodule":  # the nodule model: its estimate by its factors
+        from training.nodule import evaluate_estimate
+
+        return evaluate_estimate(Path(bundle_folder), name, data, split, predictions, n_boot, progress)
     scheme = get_scheme(spec["task"])
     cases, report = load_cases(spec.get("dataset", "lidc"), data)
     if split:

@@ -562,3 +562,57 @@ def characteristics_text(rep: dict) -> str:
         lines.append(f"  {h:18s} model {metrics.format_ci(s, 'model_qwk')}  single reader "
                      f"{metrics.format_ci(s, 'reader_qwk')}  ({s['n_pairs']} pairs)")
     return "\n".join([*lines, *rep.get("notes", [])])
+
+
+def evaluate_estimate(folder: Path, name: str, data: str = "", split: str = "", predictions: str = "",
+                      n_boot: int = 1000, progress: bool = True) -> dict:
+    """The nodule model's estimate by its factors (benign/malignant) on a lidc-slices folder, reported as
+    ``evaluate`` reports any binary model, plus its second-look call at the spec's call point; each nodule read over
+    the central half of its slices. ``predictions`` writes one row per nodule (probabilities, the call, the truth)."""
+    import csv
+
+    from lungviz.errors import LungvizError
+    from lungviz.labels import get_scheme
+    from lungviz.models import load_bundle
+    from lungviz.nodule_model import head_temperatures
+    from training.evaluate import report_from_logits, seen_in_training, select_split
+
+    if predictions and Path(predictions).is_dir():
+        raise LungvizError(f"--predictions {predictions} is a folder; give a file name such as predictions.csv.")
+    bundle = load_bundle(Path(folder), name)
+    if not isinstance(bundle.model, NoduleNet) or not bundle.spec.get("estimate"):
+        raise LungvizError(f"model '{name}' is not a nodule model with an estimate.")
+    scheme = get_scheme("binary")
+    cases, report = load_cases("lidc", data)
+    if split:
+        cases = select_split(cases, split, bundle.spec, Path(folder))
+    pairs = scheme.labelled(cases)
+    if not pairs:
+        raise LungvizError(f"no nodule in {data or 'the data folder'} carries a malignancy label ({report.summary()}).")
+    kept, y = [c for c, _ in pairs], np.array([lab for _, lab in pairs])
+    r = read_split(bundle, SliceStore(kept, progress=progress),
+                   0, float(bundle.spec.get("preprocessing", {}).get("central_fraction", 0.5)))
+    estimate = bundle.spec["estimate"]
+    p = np.clip(FactorModel.from_dict(estimate["model"]).probabilities(factor_rows(r, head_temperatures(bundle))),
+                1e-9, 1 - 1e-9)
+    logits = np.stack([np.zeros(len(p)), np.log(p / (1 - p))], axis=1)
+    groups = [c.patient_id for c in kept]
+    rep = report_from_logits(y, logits, logits, scheme, groups, [c.reader_scores for c in kept], n_boot)
+    threshold = float(estimate.get("threshold", 0.5))
+    rep = {"model": name, "task": "binary", "view": "nodule", "data": data or "default", "split": split or "all",
+           "import": report.summary(), **rep,
+           "second_look_call": {"calls_malignant_from": threshold, **metrics.at_threshold(y == 1, p, threshold),
+                                "ci95": metrics.bootstrap_ci(lambda i: metrics.at_threshold(y[i] == 1, p[i], threshold),
+                                                             len(y), groups, n_boot)}}
+    if seen := (None if split == "test" else seen_in_training(kept, bundle.spec, Path(folder))):
+        rep["seen_in_training"], rep["notes"] = seen[0], [seen[1]]
+    if predictions:
+        path = Path(predictions)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["patient_id", "nodule", "p_benign", "p_malignant", "prediction", "truth"])
+            for c, q, t in zip(kept, p, y, strict=True):
+                w.writerow([c.patient_id, c.nodule_id, f"{1 - q:.5f}", f"{q:.5f}",
+                            "malignant" if q >= threshold else "benign", scheme.classes[int(t)]])
+    return rep
