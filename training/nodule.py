@@ -31,9 +31,11 @@ from lungviz.models import (
     ModelSpec,
     NoduleNet,
     create_model,
+    load_bundle,
     resolve_device,
     round_to_storage,
     save_bundle,
+    update_spec,
 )
 from lungviz.nodule_model import (
     RATING_HEADS,
@@ -448,15 +450,16 @@ def train_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
     run = fit(model, None, np.arange(len(train)), np.zeros(len(train), int), None, loop, device, validate, progress,
               batch_fn=batch_fn, loss_fn=NoduleLoss(cfg.input_size, cfg.head_weight),
               forward=lambda m, x: m.outputs(x))
-    round_to_storage(model)  # every figure below is that of the stored weights
-    measured = measure(as_bundle(model, spec, cfg.name, device), stores, cfg)
-    final = ModelSpec.from_dict({
-        **spec.to_dict(), **measured,
+    round_to_storage(model)
+    trained = ModelSpec.from_dict({
+        **spec.to_dict(),
         "training": {**dataclasses.asdict(cfg), **{k: v for k, v in run.items() if k != "history"},
                      "history": run["history"], "total_seconds": time.perf_counter() - t_start,
                      "n_train": len(parts["train"]), "n_val": len(parts["val"]), "n_test": len(parts["test"])},
         "split_fingerprint": split.fingerprint})
-    return save_bundle(model, final, _out(cfg), cfg.name)
+    save_bundle(model, trained, _out(cfg), cfg.name)
+    bundle = load_bundle(_out(cfg), cfg.name, device)  # every figure is that of the weights as the app loads them
+    return update_spec(_out(cfg), cfg.name, **measure(bundle, stores, cfg))
 
 
 def _out(cfg: NoduleConfig) -> Path:
@@ -479,7 +482,6 @@ def measure(bundle: Bundle, stores: dict[str, SliceStore], cfg: NoduleConfig) ->
 def remeasure_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
     """Re-measure the saved nodule model in ``cfg.out`` (no training): temperatures, estimate, every figure."""
     from lungviz.errors import LungvizError
-    from lungviz.models import load_bundle, update_spec
 
     folder = _out(cfg)
     bundle = load_bundle(folder, cfg.name)
@@ -502,7 +504,6 @@ def evaluate_characteristics(folder: Path, name: str = "nodule", data: str = "",
 
     from lungviz.cases import CHARACTERISTICS
     from lungviz.errors import LungvizError
-    from lungviz.models import load_bundle
     from lungviz.nodule_model import head_temperatures
     from training.evaluate import seen_in_training, select_split
 
@@ -573,7 +574,6 @@ def evaluate_estimate(folder: Path, name: str, data: str = "", split: str = "", 
 
     from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
-    from lungviz.models import load_bundle
     from lungviz.nodule_model import head_temperatures
     from training.evaluate import report_from_logits, seen_in_training, select_split
 
