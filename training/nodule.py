@@ -500,12 +500,11 @@ def evaluate_characteristics(folder: Path, name: str = "nodule", data: str = "",
     characteristic the model's and a single reader's quadratic-weighted kappa against the rest of the panel on the
     same nodules (each reader left out in turn), the model's kappa and MAE against the panel; ``predictions`` writes
     each nodule's predicted ratings (expected rating on the LIDC scale)."""
-    import csv
 
     from lungviz.cases import CHARACTERISTICS
     from lungviz.errors import LungvizError
     from lungviz.nodule_model import head_temperatures
-    from training.evaluate import seen_in_training, select_split
+    from training.evaluate import select_split
 
     if predictions and Path(predictions).is_dir():
         raise LungvizError(f"--predictions {predictions} is a folder; give a file name such as predictions.csv.")
@@ -537,17 +536,28 @@ def evaluate_characteristics(folder: Path, name: str = "nodule", data: str = "",
             "model_qwk_vs_panel": metrics.quadratic_kappa(y[keep], call[keep] - 1, levels) if keep.any() else None,
             "model_mae_vs_panel": float(np.mean(np.abs(ratings[h][keep] - (y[keep] + 1)))) if keep.any() else None,
             "single_reader": cmp_}
-    if seen := (None if split == "test" else seen_in_training(cases, bundle.spec, Path(folder))):
-        out["seen_in_training"], out["notes"] = seen[0], [seen[1]]
+    _finish(out, cases, bundle, Path(folder), split, predictions, ["patient_id", "nodule", *CHARACTERISTICS],
+            [[c.patient_id, c.nodule_id, *[f"{ratings[h][i]:.3f}" for h in CHARACTERISTICS]]
+             for i, c in enumerate(cases)])
+    return out
+
+
+def _finish(rep: dict, cases: list[Case], bundle: Bundle, folder: Path, split: str, predictions: str,
+            header: list[str], rows: list[list]) -> None:
+    """Note the nodules the model has seen (unless the test split was asked for) and write the predictions CSV."""
+    import csv
+
+    from training.evaluate import seen_in_training
+
+    if seen := (None if split == "test" else seen_in_training(cases, bundle.spec, folder)):
+        rep["seen_in_training"], rep["notes"] = seen[0], [seen[1]]
     if predictions:
         path = Path(predictions)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["patient_id", "nodule", *CHARACTERISTICS])
-            for i, c in enumerate(cases):
-                w.writerow([c.patient_id, c.nodule_id, *[f"{ratings[h][i]:.3f}" for h in CHARACTERISTICS]])
-    return out
+            w.writerow(header)
+            w.writerows(rows)
 
 
 def characteristics_text(rep: dict) -> str:
@@ -570,12 +580,11 @@ def evaluate_estimate(folder: Path, name: str, data: str = "", split: str = "", 
     """The nodule model's estimate by its factors (benign/malignant) on a lidc-slices folder, reported as
     ``evaluate`` reports any binary model, plus its second-look call at the spec's call point; each nodule read over
     the central half of its slices. ``predictions`` writes one row per nodule (probabilities, the call, the truth)."""
-    import csv
 
     from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
     from lungviz.nodule_model import head_temperatures
-    from training.evaluate import report_from_logits, seen_in_training, select_split
+    from training.evaluate import report_from_logits, select_split
 
     if predictions and Path(predictions).is_dir():
         raise LungvizError(f"--predictions {predictions} is a folder; give a file name such as predictions.csv.")
@@ -604,15 +613,8 @@ def evaluate_estimate(folder: Path, name: str, data: str = "", split: str = "", 
            "second_look_call": {"calls_malignant_from": threshold, **metrics.at_threshold(y == 1, p, threshold),
                                 "ci95": metrics.bootstrap_ci(lambda i: metrics.at_threshold(y[i] == 1, p[i], threshold),
                                                              len(y), groups, n_boot)}}
-    if seen := (None if split == "test" else seen_in_training(kept, bundle.spec, Path(folder))):
-        rep["seen_in_training"], rep["notes"] = seen[0], [seen[1]]
-    if predictions:
-        path = Path(predictions)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["patient_id", "nodule", "p_benign", "p_malignant", "prediction", "truth"])
-            for c, q, t in zip(kept, p, y, strict=True):
-                w.writerow([c.patient_id, c.nodule_id, f"{1 - q:.5f}", f"{q:.5f}",
-                            "malignant" if q >= threshold else "benign", scheme.classes[int(t)]])
+    _finish(rep, kept, bundle, Path(folder), split, predictions,
+            ["patient_id", "nodule", "p_benign", "p_malignant", "prediction", "truth"],
+            [[c.patient_id, c.nodule_id, f"{1 - q:.5f}", f"{q:.5f}", "malignant" if q >= threshold else "benign",
+              scheme.classes[int(t)]] for c, q, t in zip(kept, p, y, strict=True)])
     return rep
