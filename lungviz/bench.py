@@ -100,7 +100,7 @@ def cold_start_seconds(folder: Path, image_path: Path) -> float:
 
 
 def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, lime_cases: int = 12) -> dict:
-    """Time every step the app runs for one case; returns the figures the README and the issue ask for."""
+    """Time every step the app runs for one case; returns the figures docs/app.md reports."""
     import torch
 
     from lungviz.explain import LIME_STABLE_SAMPLES, bundle_cam, lime_map, segment, stock_lime, top_k_overlap

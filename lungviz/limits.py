@@ -2,7 +2,7 @@
 
 The readers (:mod:`lungviz.io`) compare what a file *claims* (its header, a zip's directory) with these
 before they decode or allocate anything, so a small file that claims a huge image is refused cheaply. The
-README's "Upload limits" section lists them for users.
+docs/app.md ("Upload limits") lists them for users.
 """
 
 from __future__ import annotations
