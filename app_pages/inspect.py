@@ -427,10 +427,10 @@ if pred.assessment is not None and ms.nodule is not None and common.MAP_METHODS[
     nc1, nc2, _ = st.columns([1, 1, 2])
     nc1.image(big, caption=f"Nodule model's view ({first.field_mm:.0f} mm, sized to the nodule)", width="stretch",
               clamp=True)
-    heat = common.cam_map(folder, ms.nodule.name, first.view, common.MAP_METHODS[method])
-    nc2.image(overlay(big, heat, alpha), caption=f"{method}, nodule model: where its image head found evidence for "
-                                                 f"'{call}' (it reads only inside its outline)", width="stretch")
-    maps[f"{method}, nodule model"] = overlay(big, heat, alpha)
+    shown = overlay(big, common.cam_map(folder, ms.nodule.name, first.view, common.MAP_METHODS[method]), alpha)
+    nc2.image(shown, caption=f"{method}, nodule model: where its image head found evidence for '{call}' (it reads "
+                             "only inside its outline)", width="stretch")
+    maps[f"{method}, nodule model"] = shown
     if note := map_localisation_note(ms.nodule.name, folder, getattr(ms.nodule, "cam_layer", "")):
         st.caption(note)
 st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Grad-CAM colours "

@@ -85,7 +85,7 @@ class FactorModel:
         return self.intercept + sum(self.contributions(values).values())
 
     def probability(self, values: Mapping[str, float]) -> float:
-        return float(1.0 / (1.0 + np.exp(-self.logit(values))))
+        return float(self.probabilities([values])[0])
 
     def design(self, rows: Sequence[Mapping[str, float]]) -> np.ndarray:
         """``(N, K)`` values of the model's factors, unknown ones at their centre."""
