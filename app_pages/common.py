@@ -29,7 +29,16 @@ from lungviz.library import (
 )
 from lungviz.lidc import load_case
 from lungviz.nodule_model import Assessment, assess, assess_series
-from lungviz.predict import ModelSet, Prediction, embed_view, load_models, predict, view_image
+from lungviz.predict import (
+    ESTIMATE_NAME,
+    NODULE_MODEL,
+    ModelSet,
+    Prediction,
+    embed_view,
+    load_models,
+    predict,
+    view_image,
+)
 from lungviz.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.retrieval import CaseIndex, load_index, set_server_threads
 from lungviz.reviews import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS, VERDICTS, ReviewStore
@@ -53,7 +62,7 @@ LIME_PRECISION = {
     "Stable": (LIME_STABLE_SAMPLES, f"{LIME_STABLE_SAMPLES:,} perturbations, about 10 s per view; the 5 regions shown "
                                     "are as repeatable as stock LIME's (1,000 coin-flip perturbations)."),
 }
-VIEW_COLOURS = {"fused": "#1f4e79", "nodule": "#5b8fc7", "slice": "#aac4e2"}
+VIEW_COLOURS = {"nodule": "#1f4e79", "slice": "#aac4e2"}
 VERDICT_LABELS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
 #: How long a per-input result stays cached without being used. Every per-input cache is also bounded in entries, and
 #: decoded uploads (the largest values: up to the readers' decoded-size limit each) are kept for a few inputs only,
@@ -270,16 +279,15 @@ def reference(model: str) -> ReferencePredictions | None:
 
 
 def headline_model(ms: ModelSet) -> str:
-    """The model whose malignant probability the app leads with: the fused one when installed."""
-    return "fused-binary" if "binary" in ms.fusions else ("nodule-binary" if "nodule-binary" in ms.bundles
-                                                          else "slice-binary")
+    """The model whose malignant probability the app leads with: the nodule model's estimate when installed."""
+    return ESTIMATE_NAME if ms.nodule is not None else "slice-binary"
 
 
 def headline(pred: Prediction) -> tuple[str | None, str | None]:
-    """``(view, model)`` the estimate leads with: fused when both views ran, else the view that did."""
-    for view in ("fused", "nodule", "slice"):
+    """``(view, model)`` the estimate leads with: the nodule model's estimate, else the slice view's."""
+    for view, name in (("nodule", ESTIMATE_NAME), ("slice", "slice-binary")):
         if "binary" in pred.views.get(view, {}):
-            return view, f"{view}-binary"
+            return view, name
     return None, None
 
 
@@ -323,7 +331,7 @@ def lime(folder: str, bundle_name: str, image: np.ndarray, progress: Callable[[f
     key = digest(folder, bundle_name, image, str(num_samples))
     memo = st.session_state.setdefault("lime", {})
     if key not in memo:
-        b = _model_set(folder).bundles[bundle_name]
+        b = _model_set(folder).networks[bundle_name]
         memo[key] = lime_map(b.model, image, b.mean, b.std, num_samples=num_samples, progress=progress,
                              calibration=b.calibration)
         _keep_recent(memo)
@@ -336,10 +344,14 @@ def similar(folder: str, data_root: str, context: np.ndarray | None, nodule_crop
     """The ``k`` nearest library cases, queried with the index model's view of this input; when the input is one of
     the library's own images, its patient's cases (``own_patient``: a case or patient id) are left out."""
     index = _case_index(folder)
-    bundle = _model_set(folder).bundles.get(index.model)
+    bundle = _model_set(folder).networks.get(index.model)
     if bundle is None:
         raise LungvizError(f"the index was built with model '{index.model}', which is not installed.")
-    query = embed_view(bundle, view_image(bundle.spec, context, nodule_crop, spacing_mm))
+    if index.model == NODULE_MODEL:  # the nodule model's own view, sized to the nodule
+        view = prediction(folder, context, nodule_crop, spacing_mm).images["nodule"]
+    else:
+        view = view_image(bundle.spec, context, nodule_crop, spacing_mm)
+    query = embed_view(bundle, view)
     exclude = same_patient_cases(index.records, own_patient) if own_patient else None
     return similar_cases(index, query, k, root=Path(data_root), exclude=exclude)
 
@@ -357,7 +369,7 @@ def library_case(root: str, case_id: str):
 def probability_bars(pred: Prediction, task: str = "score") -> go.Figure | None:
     """Grouped bars: the calibrated class probabilities of ``task`` for each view."""
     fig = go.Figure()
-    for view in ("fused", "nodule", "slice"):
+    for view in ("nodule", "slice"):
         tp = pred.views.get(view, {}).get(task)
         if tp is not None:
             fig.add_bar(x=[str(c) for c in tp.classes], y=tp.probs, name=VIEW_LABELS.get(view, view),
@@ -390,39 +402,32 @@ def case_assessment(folder: str, case_id: str, _slices: list[np.ndarray], spacin
     return None if ms.nodule is None else assess(ms.nodule, list(_slices), spacing_mm, thickness_mm, central=0.5)
 
 
-def show_assessment(assessment: Assessment) -> None:
-    """The nodule model's finding: size, the characteristics in the readers' words and the factors behind its
-    estimate, with the estimate's band and call."""
+def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> None:
+    """The finding, first: the estimate with its band and call, the size, the characteristics in the readers' words
+    and the factors that moved the estimate most, with the refer / uncertain flag in one line."""
     r = assessment.reading
-    st.markdown("##### Nodule model: the outlined nodule, measured and described")
     if not r.outlined:
-        st.warning("The nodule model outlined nothing here, so the nodule's size is unknown and its estimate counts "
-                   "an average nodule's size: check that the nodule is at the centre.", icon=":material/warning:")
-    size, look, why = st.columns([2, 3, 3], gap="medium")
-    with size:
-        st.metric("Nodule model: malignant probability", prob_pct(assessment.probability),
-                  help="Malignant = the readers' panel score 4-5, as everywhere in the app. The nodule model's own "
-                       "estimate, from the factors listed beside it (fitted and calibrated on the validation "
-                       "patients). It reads the outlined nodule alone, so it can differ from the fused estimate "
-                       "above, which also weighs the whole crop.")
-        t = assessment.test_calls
-        target = f", a low threshold chosen for {t['target_sensitivity']:.0%} sensitivity" if t else ""
-        st.markdown(f"Band: **{assessment.risk_band}**; second-look call: **{assessment.call}** (from "
-                    f"{prob_pct(assessment.threshold)}{target})")
-        if t is not None:
-            st.caption(f"On the held-out test nodules this call found {test_rate(t, 'sensitivity')} of the malignant "
-                       f"ones and cleared {test_rate(t, 'specificity')} of the others: it flags far more nodules than "
-                       "the fused estimate's call.")
+        st.warning("Nothing outlined at the centre: the size is unknown and the estimate counts an average nodule's "
+                   "size. Check that the nodule is at the centre.", icon=":material/warning:")
+    est, look, why = st.columns([2, 3, 3], gap="medium")
+    with est:
+        st.metric("Malignant probability", prob_pct(assessment.probability),
+                  help="Malignant = the readers' panel score 4-5. The nodule model's estimate from the factors "
+                       "beside it (size, characteristics, image evidence), fitted and calibrated on validation "
+                       "patients.")
+        st.markdown(f"**{assessment.risk_band}**; second-look call: **{assessment.call}** (from "
+                    f"{prob_pct(assessment.threshold)})")
+        if (t := assessment.test_calls) is not None:
+            st.caption(f"On test this call found {test_rate(t, 'sensitivity')} of malignant nodules and cleared "
+                       f"{test_rate(t, 'specificity')} of the others.")
         if r.outlined:
-            where = (f"largest of the {r.n_slices} slices the nodule reaches" if r.n_slices > 1
-                     else "this slice only")
-            st.markdown(f"**Size** ({where}): long axis {r.long_axis_mm:.1f} mm, short axis {r.short_axis_mm:.1f} "
-                        f"mm, mean {r.mean_axes_mm:.1f} mm" + (f"; volume {r.volume_mm3:.0f} mm³" if r.volume_mm3
-                                                               else ""))
-            st.caption("Measured on its outline of what at least half of the readers would include; the outliner's "
-                       "outline above is what any reader would, so it runs larger.")
+            where = f"largest of {r.n_slices} slices" if r.n_slices > 1 else "one slice"
+            st.markdown(f"**Size** ({where}): {r.long_axis_mm:.1f} × {r.short_axis_mm:.1f} mm, mean "
+                        f"{r.mean_axes_mm:.1f} mm" + (f"; volume {r.volume_mm3:.0f} mm³" if r.volume_mm3 else ""))
+        if pred is not None:
+            show_flag(pred, compact=True)
     with look:
-        st.markdown("**Characteristics** (LIDC scales, as a reader would rate them)")
+        st.markdown("**Characteristics** (LIDC scales)")
         st.dataframe([{"characteristic": CHARACTERISTIC_LABELS.get(h, h), "model's rating": w}
                       for h, w in assessment.characteristics.items()], hide_index=True, width="stretch")
     with why:
@@ -438,13 +443,19 @@ CHARACTERISTIC_LABELS = {"malignancy": "malignancy score", "subtlety": "subtlety
                          "texture": "texture"}
 
 
-def show_flag(pred: Prediction) -> None:
-    """The refer / uncertain flag with its reasons, or a plain statement that none was raised."""
+def show_flag(pred: Prediction, compact: bool = False) -> None:
+    """The refer / uncertain flag with its reasons, or a plain statement that none was raised (``compact``: one
+    line)."""
     if pred.refer:
+        if compact:
+            st.warning(f"**Refer / uncertain**: {'; '.join(pred.flags)}.", icon=":material/flag:")
+            return
         reasons = "".join(f"\n- {r}" for r in pred.flags)
         st.warning(f"**Refer / uncertain.** Do not rely on this estimate:{reasons}", icon=":material/flag:")
+    elif compact:
+        st.caption(":material/check_circle: No uncertainty flag (this does not make the estimate correct).")
     else:
-        agree = " and the views agree" if len([v for v in pred.views if v != "fused"]) > 1 else ""
+        agree = " and the views agree" if len(pred.views) > 1 else ""
         centre = "" if pred.presence is not None else " (Whether a nodule sits at the crop's centre was not checked.)"
         st.success(f"No uncertainty flag: the estimate is outside the uncertain band{agree}. This does not make it "
                    f"correct.{centre}", icon=":material/check_circle:")
@@ -454,7 +465,7 @@ def view_table(pred: Prediction) -> list[dict]:
     """One row per view: malignant probability, the binary call, the probability it is made from and how that call
     did on the held-out test nodules, and the called panel score."""
     rows = []
-    for view in ("fused", "nodule", "slice"):
+    for view in ("nodule", "slice"):
         tasks = pred.views.get(view)
         if not tasks:
             continue

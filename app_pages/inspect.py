@@ -3,8 +3,6 @@ context, saliency maps, similar library cases, review and report."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
@@ -13,32 +11,22 @@ from app_pages import common
 from lungviz import RESEARCH_NOTICE, paths
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
-from lungviz.fusion import SIZE_SOURCES, fused_models_words
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
-from lungviz.inventory import (
-    diameter_note,
-    map_localisation_note,
-    map_localisation_text,
-    outline_features_note,
-    size_only_note,
-    size_users,
-)
+from lungviz.inventory import map_localisation_note
 from lungviz.io import LoadedImage
 from lungviz.library import SPLIT_NOTES, series_split_note
 from lungviz.metrics import reliability_bin, wilson_interval
 from lungviz.outline import outline_overlay
+from lungviz.predict import with_assessment
 from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize, valid_spacing
 from lungviz.report import (
-    CALIBRATION_CAVEAT,
     VIEW_LABELS,
     CaseReport,
     build_html,
     build_pdf,
-    call_note,
     data_uri,
+    estimate_notes,
     model_versions,
-    outline_caption,
-    outline_features_text,
     pct,
     report_filename,
 )
@@ -181,17 +169,15 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
                       "patches). It often also proposes vessels seen end-on: check each candidate yourself. "
                       "Nodule-likeness is the finder's 0-1 score for ranking its candidates (how much the point "
                       "looks like a nodule centre), not a malignancy estimate. Its size is a rough guide: the nodule "
-                      "outliner measures the chosen nodule below.")
+                      "model measures the chosen nodule below.")
     st.button("Use this candidate", key=f"use-{ckey_list}", on_click=accept, icon=":material/my_location:")
     st.caption("The centre (red cross) starts at the best candidate of the first slice shown and stays where you "
                "put it when you change slices. Check it is the nodule you mean before reading the estimate.")
 
 
 def common_field_mm() -> float:
-    """The nodule view's field in millimetres, from the installed nodule bundle's spec."""
-    b = ms.bundle("nodule", "binary") or ms.bundle("nodule", "score")
-    field = (b.preprocessing.get("field_mm") if b else None) or VIEWS["nodule"].field_mm
-    return float(field)
+    """The field in millimetres an uploaded nodule crop is taken to span."""
+    return float(VIEWS["nodule"].field_mm)
 
 
 def _window() -> str:
@@ -264,7 +250,8 @@ try:
         # a series: the nodule model reads every slice the nodule reaches, not the chosen one alone
         index = int(st.session_state.get(f"slice-{common.digest(main_file.file_id)}", len(series) // 2))
         followed = common.series_assessment(folder, main_file.file_id, series, index, case.centre_rc)
-        pred = dataclasses.replace(pred, assessment=followed or pred.assessment)
+        if followed is not None:
+            pred = with_assessment(pred, followed)
 except LungvizError as err:
     common.show_error(err)
     st.stop()
@@ -285,102 +272,87 @@ if case.centre_rc is not None:
     input_notes.append(f"Nodule centre used: row {case.centre_rc[0]:.0f}, column {case.centre_rc[1]:.0f} "
                        f"(pixels of {case_label}).")
 
-# ----------------------------------------------------------------------------------------------- estimate
+# ------------------------------------------------------------------------------------------------ the finding
 
-st.subheader("Model estimate")
+st.subheader("Finding")
 head_view, headline = common.headline(pred)
 p = pred.malignant_probability(head_view) if head_view else None
-seen, est = st.columns([2, 3], gap="large")
-outline_image = (outline_overlay(case.context, pred.outline.mask)  # what the outliner measured, shown and reported
-                 if pred.outline is not None and case.context is not None else None)
+a = pred.assessment
+shown = a.reading.slices[a.reading.shown] if a is not None else None
+outline_image = (outline_overlay(resize(shown.view, SHOW_PX), resize(shown.outline.astype(np.float32), SHOW_PX) > 0.5)
+                 if shown is not None and shown.outline.any() else None)
+seen, finding = st.columns([1, 3], gap="medium")
 with seen:
-    st.markdown("**What the models see**")
-    cols = st.columns(len(pred.images) + (outline_image is not None))
-    for col, (view, img) in zip(cols, pred.images.items(), strict=False):
-        field = "whole crop, about 9 cm" if view == "slice" else f"central {common_field_mm():.0f} mm"
-        col.image(resize(img, SHOW_PX), caption=f"{VIEW_LABELS.get(view, view)} ({field})", width="stretch",
-                  clamp=True)
-    if outline_image is not None:
-        cols[-1].image(outline_image, width="stretch",
-                       caption=outline_caption(pred.outline))
-with est:
-    st.metric(f"Malignant probability: {VIEW_LABELS.get(head_view or '', '-').lower()}",
-              common.percent(p), help="Panel score 4-5 (malignant) against 1-3 (benign).")
-    common.show_flag(pred)
+    if shown is not None:
+        st.image(outline_image if outline_image is not None else resize(shown.view, SHOW_PX), width="stretch",
+                 clamp=True, caption=f"The nodule model's view ({shown.field_mm:.0f} mm, sized to the nodule)"
+                                     + (" with its outline" if outline_image is not None else ""))
+    elif "slice" in pred.images:
+        st.image(resize(pred.images["slice"], SHOW_PX), width="stretch", clamp=True,
+                 caption="Slice view as the model sees it")
+with finding:
+    if a is not None:
+        common.show_assessment(a, pred)
+    else:
+        st.metric("Malignant probability: slice view", common.percent(p),
+                  help="Panel score 4-5 (malignant) against 1-3 (benign).")
+        common.show_flag(pred, compact=True)
+
+with st.expander("How sure is this?", icon=":material/query_stats:"):
     st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
-    if pred.diameter_mm is not None:
-        assumed = "" if valid_spacing(case.spacing_mm) else f", assuming {DEFAULT_SPACING_MM:.2f} mm per pixel"
-        by = SIZE_SOURCES.get(pred.size_source or "", "a measuring tool")
-        users = fused_models_words(size_users(list(ms.fusions.values()), pred.size_source))
-        st.caption(f"Nodule diameter measured on this image by {by}: about "
-                   f"{pred.diameter_mm:.0f} mm{assumed} (used by {users}; "
-                   "the readers' own measurements are "
-                   "never inputs). " + " ".join(n for n in (diameter_note(folder), size_only_note(folder)) if n))
-    if (shape := outline_features_text(pred.outline_features, pred.outline_features_used_by)) is not None:
-        st.caption(" ".join(n for n in (shape, outline_features_note(list(pred.outline_features), folder)) if n))
-if pred.assessment is not None:
-    common.show_assessment(pred.assessment)
-fig = common.probability_bars(pred, "score")
-if fig is not None:
-    st.markdown("**Panel score distribution (1-5), calibrated**")
-    st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
-if (how_called := call_note(pred.to_dict())) is not None:
-    st.caption(f":material/info: {how_called}")
-for note in pred.calibration_notes:
-    st.caption(f":material/warning: {note}")
-st.caption(CALIBRATION_CAVEAT)
-
-# ------------------------------------------------------------------------------------- confidence in context
-
-st.subheader("Confidence in context")
-ref = common.reference(headline) if headline else None
-spec = ms.fusions.get("binary") if head_view == "fused" else getattr(ms.bundles.get(headline or ""), "spec", None)
-metrics = (spec or {}).get("metrics", {})
-which = "test_single_slice" if metrics.get("test_single_slice", {}).get("reliability_malignant") else "test"
-bins = metrics.get(which, {}).get("reliability_malignant")
-hist_col, rel_col = st.columns([3, 2], gap="large")
-with hist_col:
-    if ref is None or "malignant" not in ref.classes:
-        st.info(f"The reference test predictions of {headline} are not installed "
-                f"(`weights/reference/{headline}-test.csv`), so this case cannot be placed among them.")
-    else:
-        hfig = go.Figure()
-        probs, truths = np.array(ref.probabilities("malignant")), np.array(ref.truths())
-        for label, colour in (("benign", "#4c78a8"), ("malignant", "#e45756")):
-            hfig.add_histogram(x=probs[truths == label], name=f"panel: {label} (n={int((truths == label).sum())})",
-                               xbins={"start": 0, "end": 1, "size": 0.05}, marker_color=colour, opacity=0.7)
-        if p is not None:
-            hfig.add_vline(x=p, line_width=3, line_color="black", annotation_text=f"this case {common.percent(p)}",
-                           annotation_position="top left" if p > 0.5 else "top right")  # label inside the plot
-            called_from = pred.views[head_view]["binary"].threshold
-            if abs(called_from - 0.5) > 5e-3:  # where this model's malignant call starts
-                hfig.add_vline(x=called_from, line_width=1, line_dash="dash", line_color="#57606a",
-                               annotation_text=f"calls malignant from {common.percent(called_from)}",
-                               annotation_position="bottom right")
-        hfig.update_layout(barmode="overlay", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
-                           xaxis={"title": f"{headline} malignant probability", "tickformat": ".0%",
-                                  "range": [0, 1]},
-                           yaxis={"title": "test nodules"}, legend={"orientation": "h", "y": 1.2})
-        st.plotly_chart(hfig, key="confidence-hist", config={"displayModeBar": False})
-        st.caption(f"{len(probs)} held-out test nodules of the LIDC split, coloured by the panel's rating. Their "
-                   "probabilities average each nodule's central slices; this upload is one slice.")
-with rel_col:
-    band = reliability_bin(bins, p) if bins and p is not None else None
-    if band is None:
-        st.info("No reliability table on held-out data is recorded for this model.")
-    elif not band.get("n"):
-        st.warning(f"No test nodule received a probability between {pct(band['lo'])} and {pct(band['hi'])}: "
-                   "calibration was never checked in this range.", icon=":material/warning:")
-    else:
-        st.metric(f"Observed malignant rate, band {pct(band['lo'])}-{pct(band['hi'])}", pct(band["observed"]),
-                  help="Among held-out test nodules the model placed in the same probability band.")
-        lo_ci, hi_ci = wilson_interval(band["observed"] * band["n"], int(band["n"]))
-        st.markdown(f"Of **{band['n']}** test nodules given {pct(band['lo'])}-{pct(band['hi'])} "
-                    f"(mean {pct(band['mean_p'])}), the panel rated **{pct(band['observed'])}** malignant "
-                    f"(95% interval {pct(lo_ci)}-{pct(hi_ci)}).")
-        if band["n"] < 20:
-            st.caption(":material/warning: Few cases in this band: the observed rate is imprecise.")
-        st.caption(f"From the {which.replace('_', ' ')} reliability table of {headline}.")
+    fig = common.probability_bars(pred, "score")
+    if fig is not None:
+        st.markdown("**Panel score distribution (1-5), calibrated**")
+        st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
+    for note in estimate_notes(pred.to_dict())[3 if a is not None else 0:]:
+        st.caption(note)
+    ref = common.reference(headline) if headline else None
+    spec = ((ms.nodule.spec.get("metrics") or {}).get("binary_test") if head_view == "nodule" and ms.nodule
+            else ((getattr(ms.bundles.get(headline or ""), "spec", None) or {}).get("metrics") or {}).get("test"))
+    bins = (spec or {}).get("reliability_malignant")
+    hist_col, rel_col = st.columns([3, 2], gap="large")
+    with hist_col:
+        if ref is None or "malignant" not in ref.classes:
+            st.info(f"The reference test predictions of {headline} are not installed "
+                    f"(`weights/reference/{headline}-test.csv`), so this case cannot be placed among them.")
+        else:
+            hfig = go.Figure()
+            probs, truths = np.array(ref.probabilities("malignant")), np.array(ref.truths())
+            for label, colour in (("benign", "#4c78a8"), ("malignant", "#e45756")):
+                hfig.add_histogram(x=probs[truths == label], name=f"panel: {label} (n={int((truths == label).sum())})",
+                                   xbins={"start": 0, "end": 1, "size": 0.05}, marker_color=colour, opacity=0.7)
+            if p is not None:
+                hfig.add_vline(x=p, line_width=3, line_color="black",
+                               annotation_text=f"this case {common.percent(p)}",
+                               annotation_position="top left" if p > 0.5 else "top right")
+                called_from = pred.views[head_view]["binary"].threshold
+                if abs(called_from - 0.5) > 5e-3:  # where this model's malignant call starts
+                    hfig.add_vline(x=called_from, line_width=1, line_dash="dash", line_color="#57606a",
+                                   annotation_text=f"calls malignant from {common.percent(called_from)}",
+                                   annotation_position="bottom right")
+            hfig.update_layout(barmode="overlay", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                               xaxis={"title": f"{headline} malignant probability", "tickformat": ".0%",
+                                      "range": [0, 1]},
+                               yaxis={"title": "test nodules"}, legend={"orientation": "h", "y": 1.2})
+            st.plotly_chart(hfig, key="confidence-hist", config={"displayModeBar": False})
+            st.caption(f"{len(probs)} held-out test nodules of the LIDC split, coloured by the panel's rating.")
+    with rel_col:
+        band = reliability_bin(bins, p) if bins and p is not None else None
+        if band is None:
+            st.info("No reliability table on held-out data is recorded for this model.")
+        elif not band.get("n"):
+            st.warning(f"No test nodule received a probability between {pct(band['lo'])} and {pct(band['hi'])}: "
+                       "calibration was never checked in this range.", icon=":material/warning:")
+        else:
+            st.metric(f"Observed malignant rate, band {pct(band['lo'])}-{pct(band['hi'])}", pct(band["observed"]),
+                      help="Among held-out test nodules the model placed in the same probability band.")
+            lo_ci, hi_ci = wilson_interval(band["observed"] * band["n"], int(band["n"]))
+            st.markdown(f"Of **{band['n']}** test nodules given {pct(band['lo'])}-{pct(band['hi'])} "
+                        f"(mean {pct(band['mean_p'])}), the panel rated **{pct(band['observed'])}** malignant "
+                        f"(95% interval {pct(lo_ci)}-{pct(hi_ci)}).")
+            if band["n"] < 20:
+                st.caption(":material/warning: Few cases in this band: the observed rate is imprecise.")
+    st.caption("Validation figures for every model: the Models page and the model card.")
 
 # ------------------------------------------------------------------------------------------------------ maps
 
@@ -394,49 +366,40 @@ if common.MAP_METHODS[method] == "lime":
                                      help="More perturbations give regions that change less from run to run.")
     lime_samples, note = common.LIME_PRECISION[precision or "Fast"]
     st.caption(note)
-map_views = [v for v in ("nodule", "slice") if f"{v}-binary" in ms.bundles and v in pred.images]
+map_bundles = {v: b for v, b in (("nodule", ms.nodule), ("slice", ms.bundle("slice", "binary")))
+               if b is not None and v in pred.images and "binary" in pred.views.get(v, {})}
 maps: dict[str, np.ndarray] = {}
 map_cols = st.columns(4)
-for i, view in enumerate(map_views):
-    name, img = f"{view}-binary", pred.images[view]
+for i, (view, bundle) in enumerate(map_bundles.items()):
+    img = pred.images[view]
     big = resize(img, SHOW_PX)
     call = pred.views[view]["binary"].top
+    if view == "nodule":  # the class its image head's Grad-CAM explains
+        call = "malignant" if shown.logits[1] > shown.logits[0] else "benign"
     label = VIEW_LABELS[view].lower()
-    map_cols[2 * i].image(big, caption=f"{VIEW_LABELS[view]} as the model sees it", width="stretch", clamp=True)
+    map_cols[2 * i].image(big, caption=f"{VIEW_LABELS[view]}: the view without a map", width="stretch", clamp=True)
     with map_cols[2 * i + 1]:
         if common.MAP_METHODS[method] == "lime":
             bar = st.progress(0.0, text=f"LIME, {label}…")
-            res = common.lime(folder, name, img, lambda f, bar=bar, label=label: bar.progress(
+            res = common.lime(folder, bundle.name, img, lambda f, bar=bar, label=label: bar.progress(
                 min(1.0, f), text=f"LIME, {label}: {f:.0%}"), num_samples=lime_samples)
             bar.progress(1.0, text=f"LIME, {label}: done ({res.num_samples} samples; LIME's linear fit explains "
                                    f"{max(res.score, 0.0):.0%} of the model's response, lower = read with caution)")
-            shown = lime_overlay(big, res, k=5, alpha=alpha)
+            overlaid = lime_overlay(big, res, k=5, alpha=alpha)
             caption = f"LIME, {label}: the 5 regions most in favour of '{call}'"
         else:
-            heat = common.cam_map(folder, name, img, common.MAP_METHODS[method])
-            shown = overlay(big, heat, alpha)
+            heat = common.cam_map(folder, bundle.name, img, common.MAP_METHODS[method])
+            overlaid = overlay(big, heat, alpha)
             caption = f"{method}, {label}: evidence for '{call}'"
-        st.image(shown, caption=caption, width="stretch")
-    maps[f"{method}, {label}"] = shown
+        st.image(overlaid, caption=caption, width="stretch")
+        if note := map_localisation_note(bundle.name, folder, getattr(bundle, "cam_layer", "")):
+            st.caption(note)
+    maps[f"{method}, {label}"] = overlaid
     if method != "Grad-CAM":  # the report always carries Grad-CAM too
-        maps[f"Grad-CAM, {label}"] = overlay(big, common.cam_map(folder, name, img, "gradcam"), alpha)
-if pred.assessment is not None and ms.nodule is not None and common.MAP_METHODS[method] != "lime":
-    first = pred.assessment.reading.slices[pred.assessment.reading.shown]
-    big = resize(first.view, SHOW_PX)
-    call = "malignant" if first.logits[1] > first.logits[0] else "benign"  # the class its Grad-CAM explains
-    nc1, nc2, _ = st.columns([1, 1, 2])
-    nc1.image(big, caption=f"Nodule model's view ({first.field_mm:.0f} mm, sized to the nodule)", width="stretch",
-              clamp=True)
-    shown = overlay(big, common.cam_map(folder, ms.nodule.name, first.view, common.MAP_METHODS[method]), alpha)
-    nc2.image(shown, caption=f"{method}, nodule model: where its image head found evidence for '{call}' (it reads "
-                             "only inside its outline)", width="stretch")
-    maps[f"{method}, nodule model"] = shown
-    if note := map_localisation_note(ms.nodule.name, folder, getattr(ms.nodule, "cam_layer", "")):
-        st.caption(note)
+        maps[f"Grad-CAM, {label}"] = overlay(big, common.cam_map(folder, bundle.name, img, "gradcam"), alpha)
 st.caption("Maps show which pixels drove the model's call; they do not show that the call is right. Grad-CAM colours "
-           "run blue (none) → green → yellow → red (strongest), scaled to each map's own maximum, so colours do not "
-           "compare between maps; LIME tints green (outlined in yellow) the regions supporting the call. "
-           + map_localisation_text(folder, ms, map_views))
+           "run blue (none) → green → yellow → red (strongest), scaled to each map's own maximum; LIME tints green "
+           "(outlined in yellow) the regions supporting the call.")
 
 # ------------------------------------------------------------------------------------------------ similar cases
 
@@ -470,7 +433,7 @@ with rep_col:
     saved = st.session_state["saved_reviews"].get(review_key, {})
     report = CaseReport(
         case_id=case_label, source="upload", file_names=list(case.names), input_notes=input_notes,
-        images={**pred.images, **({outline_caption(pred.outline): outline_image} if outline_image is not None else {})},
+        images={**pred.images, **({'Nodule model outline': outline_image} if outline_image is not None else {})},
         prediction=pred.to_dict(), maps=maps,
         similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",
                                         "thumbnail")} for s in similar],

@@ -3,8 +3,6 @@ the model's map, the readers' scores and characteristics, and the model's predic
 
 from __future__ import annotations
 
-import dataclasses
-
 import streamlit as st
 
 from app_pages import common
@@ -22,9 +20,9 @@ from lungviz.library import (
     mask_outline,
     reader_count_note,
 )
-from lungviz.predict import view_image
+from lungviz.predict import view_image, with_assessment
 from lungviz.preprocess import resize
-from lungviz.report import CALIBRATION_CAVEAT, VIEW_LABELS, estimate_notes, reader_spread
+from lungviz.report import VIEW_LABELS, estimate_notes, reader_spread
 from lungviz.text import plain_text
 
 SHOW_PX = 256
@@ -102,19 +100,23 @@ def _show_case(record: dict) -> None:
                   caption=f"Slice {index_ + 1} of {n} (slider position {index_})"
                           + (" with the readers' outline" if outline else ""),
                   width="stretch", clamp=True)
-    if ms is not None:
-        for col, view in zip(cols[1:], ("slice", "nodule"), strict=True):
-            b = ms.bundle(view, "binary")
-            if b is None:
-                continue
-            vimg = view_image(b.spec, img, None, case.pixel_spacing_mm)
-            shown = overlay(resize(vimg, SHOW_PX), common.cam_map(common.weights_folder(), b.name, vimg, "gradcam"),
+    if ms is not None and (b := ms.bundle("slice", "binary")) is not None:
+        vimg = view_image(b.spec, img, None, case.pixel_spacing_mm)
+        shown = overlay(resize(vimg, SHOW_PX), common.cam_map(common.weights_folder(), b.name, vimg, "gradcam"),
+                        st.session_state.get("alpha", 0.4))
+        if outline and mask is not None:
+            shown = mask_outline(shown, view_image(b.spec, mask, None, case.pixel_spacing_mm))
+        cols[1].image(shown, caption=f"Grad-CAM, {VIEW_LABELS['slice'].lower()}", width="stretch")
+    if ms is not None and ms.nodule is not None:
+        reading = common.prediction(common.weights_folder(), img, None, case.pixel_spacing_mm).assessment
+        if reading is not None:
+            sl = reading.reading.slices[0]
+            shown = overlay(resize(sl.view, SHOW_PX), common.cam_map(common.weights_folder(), ms.nodule.name,
+                                                                     sl.view, "gradcam"),
                             st.session_state.get("alpha", 0.4))
-            if outline and mask is not None:
-                shown = mask_outline(shown, view_image(b.spec, mask, None, case.pixel_spacing_mm))
-            col.image(shown, caption=f"Grad-CAM, {VIEW_LABELS[view].lower()}", width="stretch")
+            cols[2].image(shown, caption=f"Grad-CAM, nodule model ({sl.field_mm:.0f} mm view)", width="stretch")
     if ms is not None:
-        where = map_localisation_text(common.weights_folder(), ms, ["slice", "nodule"])
+        where = map_localisation_text(common.weights_folder(), ms, ["nodule", "slice"])
         st.caption(":material/info: Grad-CAM colours run blue (none) to red (strongest), scaled to each map's own "
                    f"maximum; a map shows where the model looked, not that its call is right. {where}".strip())
     if masks is None:
@@ -138,26 +140,27 @@ def _show_case(record: dict) -> None:
     except LungvizError as err:
         st.error(str(err), icon=":material/error:")
         return
-    p1, p2 = st.columns([1, 2], gap="large")
     head_view, head = common.headline(pred)
-    p = pred.malignant_probability(head_view) if head_view else None
-    p1.metric(f"Malignant probability ({VIEW_LABELS.get(head_view or '', '-').lower()})", common.percent(p))
-    with p2:
-        common.show_flag(pred)
-    st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
     if ms.nodule is not None:  # every slice of the nodule, as evaluation reads it
         whole = common.case_assessment(common.weights_folder(), case_id, list(slices), case.pixel_spacing_mm,
                                        case.slice_thickness_mm)
-        pred = dataclasses.replace(pred, assessment=whole or pred.assessment)
-        if pred.assessment is not None:
-            common.show_assessment(pred.assessment)
-    fig = common.probability_bars(pred, "score")
-    if fig is not None:
-        st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})
-    for note in estimate_notes(pred.to_dict()):  # the calls, the fused models' measured inputs, the calibration
-        if note != CALIBRATION_CAVEAT:
+        if whole is not None:
+            pred = with_assessment(pred, whole)
+    if pred.assessment is not None:
+        common.show_assessment(pred.assessment, pred)
+    else:
+        p = pred.malignant_probability(head_view) if head_view else None
+        st.metric(f"Malignant probability ({VIEW_LABELS.get(head_view or '', '-').lower()})", common.percent(p))
+        common.show_flag(pred)
+    with st.expander("How sure is this?", icon=":material/query_stats:"):
+        st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
+        fig = common.probability_bars(pred, "score")
+        if fig is not None:
+            st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})
+        for note in estimate_notes(pred.to_dict())[3 if pred.assessment is not None else 0:]:
             st.caption(f":material/info: {note}")
-    st.caption(f"On the middle slice ({middle + 1} of {n}, the largest reader outline). {CALIBRATION_CAVEAT}")
+        st.caption(f"The slice view reads the middle slice ({middle + 1} of {n}, the largest reader outline); the "
+                   "nodule model reads every slice.")
     if case_id in correct:
         st.caption(f"On the test split the model ({head}) was **{'right' if correct[case_id] else 'wrong'}** for this "
                    "nodule (all central slices averaged).")

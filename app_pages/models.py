@@ -6,9 +6,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from lungviz import RESEARCH_NOTICE, paths
-from lungviz.inventory import data_status, fused_inputs_text, installed_models, model_card, read_result
+from lungviz.inventory import data_status, installed_models, model_card, read_result
 from lungviz.metrics import format_ci, with_malignant_ece
-from lungviz.shape import feature_groups_text
+from lungviz.predict import ESTIMATE_NAME, SCORE_NAME
 
 #: Columns of the test-results tables per task (metric key per column).
 TASK_COLUMNS = {
@@ -77,10 +77,46 @@ def _readers(readers: dict) -> dict:
             "single radiologist QWK": format_ci(readers, "reader_qwk"), "model QWK": format_ci(readers, "model_qwk")}
 
 
+def nodule_model_results(models: list[dict]) -> dict[str, dict]:
+    """The nodule model's estimate (``fused-binary``) and 1-5 score (``nodule-score``) as test results of their own,
+    from the nodule model's spec."""
+    spec = next((m for m in models if m.get("task") == "nodule"), None)
+    m = (spec or {}).get("metrics") or {}
+    out = {}
+    for name, task, key, classes in ((ESTIMATE_NAME, "binary", "binary_test", ["benign", "malignant"]),
+                                     (SCORE_NAME, "score", "score_test", ["1", "2", "3", "4", "5"])):
+        if isinstance(m.get(key), dict) and m[key].get("n"):
+            out[name] = {"task": task, "classes": classes, "metrics": {"test": m[key]}}
+    return out
+
+
+def _nodule_model(models: list[dict]) -> None:
+    """The nodule model's outline, size and characteristics against the readers (test split)."""
+    spec = next((m for m in models if m.get("task") == "nodule"), None)
+    t = ((spec or {}).get("metrics") or {}).get("test") or {}
+    if not t:
+        return
+    st.subheader("Nodule model: outline, size and characteristics (test split)")
+    o, size = t.get("outline") or {}, t.get("size") or {}
+    if o:
+        st.markdown(f"Outline: Dice with the readers' consensus **{format_ci(o, 'dice')}**; the readers with each "
+                    f"other {o.get('readers_pairwise_dice', float('nan')):.2f}. Long axis against the readers' "
+                    f"diameter: mean absolute error {size.get('mae_long_axis_mm', float('nan')):.1f} mm.")
+    rows = []
+    for head, r in (t.get("ratings") or {}).items():
+        single = r.get("single_reader") or {}
+        rows.append({"characteristic": head, "model kappa (QWK)": format_ci(single, "model_qwk"),
+                     "single reader kappa": format_ci(single, "reader_qwk"), "reader pairs": single.get("n_pairs")})
+    if rows:
+        st.dataframe(rows, hide_index=True)
+        st.caption("Each reader in turn against the median of the others; the model scored on the same pairs.")
+
+
 def _results(models: list[dict]) -> None:
     """The held-out test results of the installed models (validation and training figures are never shown)."""
-    tested = {m["_file"].removesuffix(".json"): m for m in models
-              if (m.get("metrics") or {}).get("test") and m.get("view") != "patch" and m.get("task") != "outline"}
+    tested = {**nodule_model_results(models),
+              **{m["_file"].removesuffix(".json"): m for m in models
+                 if (m.get("metrics") or {}).get("test") and m.get("view") != "patch" and m.get("task") != "nodule"}}
     st.subheader("Results on the held-out test split")
     if not tested:
         st.info("No installed model records results on held-out test data, so no performance figure is shown.")
@@ -153,13 +189,7 @@ if not models:
 else:
     st.dataframe(
         [{"model": m["_file"].removesuffix(".json"), "view": m.get("view"), "task": m.get("task"),
-          "architecture": m.get("arch") or "late fusion of " + " + ".join(
-              c if len(nets) == 1 else f"{c} (mean of {len(nets)} networks)"
-              for c, nets in m.get("_networks", {}).items())
-                          + (f" + {(m.get('fusion') or {}).get('size_source', 'finder')}'s diameter"
-                             if (m.get("fusion") or {}).get("features") else "")
-                          + (f" and outline {groups}" if (groups := feature_groups_text(
-                              (m.get("fusion") or {}).get("features") or [])) else ""),
+          "architecture": m.get("arch"),
           "input size": m.get("input_size"), "temperature": m.get("temperature"),
           "weights present": m["_weights_present"]} for m in models],
         hide_index=True,
@@ -194,27 +224,8 @@ def _finder(models: list[dict]) -> None:
                     f"{dicom['mean_false_candidates_per_slice']:.0f} false candidates per slice among the top 10.")
 
 
-def _outliner(models: list[dict]) -> None:
-    """The nodule outliner's held-out figures: overlap with the readers' outline and the size it measures."""
-    spec = next((m for m in models if m.get("task") == "outline" and (m.get("metrics") or {}).get("test")), None)
-    if spec is None:
-        return
-    st.subheader("Nodule outliner (test split)")
-    rows = []
-    for split, label in (("test", "central half of each nodule's slices"), ("test_single_slice", "middle slice")):
-        t = spec["metrics"].get(split)
-        if t:
-            ratio = t.get("ratio_to_readers_median")
-            rows.append({"slices": label, "nodules": t.get("n"), "Dice with the readers' outline": format_ci(t, "dice"),
-                         "measured / readers' diameter (median)": "–" if ratio is None else f"{ratio:.0%}",
-                         "size alone: AUROC malignant": format_ci(t.get("size_auroc") or {}, "auroc")})
-    st.dataframe(rows, hide_index=True)
-    st.caption("The outline is the area any reader drew; the measured size is the diameter of a circle of the same "
-               "area. " + (fused_inputs_text(models) or "") + " A research measurement, not volumetry.")
-
-
 if models:
-    _outliner(models)
+    _nodule_model(models)
     _finder(models)
 
 retrieval = read_result("retrieval.json")
@@ -250,12 +261,13 @@ st.markdown(
     "class). Nodules whose slices matched the readers' outlines less surely are marked `zextent_mismatch`; "
     "nodules without reader labels are left out.\n"
     "- **Split:** by patient, stratified 70/15/15 (`weights/splits/holdout.json`): train fits the weights, "
-    "validation drives early stopping, calibration, the fusion weights and the Grad-CAM layer, test is used once "
+    "validation drives early stopping, calibration, the estimate's factor weights and its call point, test is "
+    "used once "
     "for the figures above.\n"
     "- **Chest CT-Scan images** (Kaggle, listed as CC0): screenshots of mixed provenance, used only for the "
     "histology teaching model.\n"
     "- The models see images only; the readers' diameter and characteristics are shown for context and never used "
-    "as inputs. " + (fused_inputs_text(models) or "The fused models weigh the two views only.")
+    "as inputs: the size the estimate weighs is the one the nodule model measures on its own outline."
 )
 st.caption(RESEARCH_NOTICE)
 

@@ -55,6 +55,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
     # Read and check the inputs before the heavy imports, so bad input is answered at once.
     centre = _centre(args.centre)
     source = Path(args.slice) if args.slice else None
+    series, index = None, 0
     if source is not None and (source.is_dir() or source.suffix.lower() == ".zip"):
         series = read_series(source)
         index = len(series) // 2 if args.index is None else args.index
@@ -71,7 +72,12 @@ def cmd_predict(args: argparse.Namespace) -> dict:
     from lungviz.report import spec_version
 
     models = load_models(Path(args.weights) if args.weights else None)
-    pred = predict(models, case.context, case.nodule_crop, case.spacing_mm)
+    followed = None
+    if series is not None and models.nodule is not None and case.nodule_crop is None:
+        from lungviz.nodule_model import assess_series
+
+        followed = assess_series(models.nodule, series, index, case.centre_rc)  # every slice the nodule reaches
+    pred = predict(models, case.context, case.nodule_crop, case.spacing_mm, assessment=followed)
     out: dict = {"inputs": case.names, "notes": case.notes, **pred.to_dict(),
                  "models": {k: spec_version(s)[:12] for k, s in models.provenance.items()},
                  "notice": RESEARCH_NOTICE}
@@ -88,7 +94,7 @@ def cmd_predict(args: argparse.Namespace) -> dict:
                                f"{err.strerror or err}.") from err
         files = {}
         for view, image in pred.images.items():
-            bundle = models.bundle(view, "binary")
+            bundle = models.nodule if view == "nodule" else models.bundle(view, "binary")
             if bundle is None:
                 continue
             if args.explain == "lime":

@@ -117,7 +117,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
     cam_ms: dict[str, list[float]] = {}
     for pred in preds:
         for view, image in pred.images.items():
-            b = models.bundle(view, "binary")
+            b = models.nodule if view == "nodule" else models.bundle(view, "binary")
             if b is None:
                 continue
             for method in ("gradcam", "gradcampp"):
@@ -125,7 +125,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
                 cam_ms.setdefault(f"{method}_{view}", []).append(ms)
     # LIME on the nodule view: fast (and stable) vs stock lime with defaults, same model, image and superpixels;
     # top-5 overlaps are means over the cases and over the three stock runs (pairs of them for stock vs stock).
-    b = models.bundle("nodule", "binary") or next(iter(models.bundles.values()))
+    b = models.nodule or next(iter(models.bundles.values()))
     lime_views = [predict(models, c.load_slice(c.n_slices // 2), None, c.pixel_spacing_mm).images[b.spec["view"]]
                   for c in bench_cases(lime_cases)]
     lime_t: dict[str, list[float]] = {"fast": [], "stable": [], "stock": []}
@@ -154,7 +154,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
         "repeats": repeats,
         "predict_ms": float(np.median(predict_ms)),
         "predict_ms_per_case": predict_ms,
-        "models_in_predict": sorted(models.bundles) + sorted(models.members) + [f"fused-{t}" for t in models.fusions],
+        "models_in_predict": sorted(models.networks),
         "gradcam_ms": float(np.median([v for k, vs in cam_ms.items() if k.startswith("gradcam_") for v in vs])),
         "gradcampp_ms": float(np.median([v for k, vs in cam_ms.items() if k.startswith("gradcampp_") for v in vs])),
         "cam_ms_by_view": {k: float(np.median(v)) for k, v in cam_ms.items()},
@@ -170,7 +170,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
     }
     if (folder / f"{INDEX_NAME}.faiss").is_file():
         index = load_index(folder, INDEX_NAME)
-        nb = models.bundle("nodule", "binary")
+        nb = models.nodule
         queries = [embed_view(nb, p.images["nodule"]) for p in preds] if nb else []
         out["retrieval_ms"] = float(np.median([_median_ms(lambda q=q: index.search(q, 5), repeats) for q in queries]))
         out["embed_ms"] = float(np.median([_median_ms(lambda p=p: embed_view(nb, p.images["nodule"]), repeats)

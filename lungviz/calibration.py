@@ -105,8 +105,8 @@ class Calibration:
 
 
 def calibration_of(spec: Mapping) -> Calibration | None:
-    """A network spec's :class:`Calibration`; None for a fused model (its logits are calibrated as they come)."""
-    return None if spec.get("kind") == "fusion" else Calibration.from_spec(spec)
+    """A network spec's :class:`Calibration`."""
+    return Calibration.from_spec(spec)
 
 
 def shared_order(specs: Iterable[Mapping]) -> str:

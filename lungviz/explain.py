@@ -367,7 +367,7 @@ def lime_map(
     (EfficientNet-Lite0 at 64 px, 12 LIDC test nodule views, one CPU thread, three lime runs each): 256 samples (the
     default) take 0.56-0.62 s, 10-12x faster than lime's 6.2-6.6 s, and share 0.70 of the top-5 segments with a
     lime run where two lime runs share 0.77; ``LIME_STABLE_SAMPLES`` (1024) share 0.77 in 2.3 s (2.7x faster than
-    lime). At 128 px (the shipped nodule-binary since session 8) each sample costs about four times as much: 2.4 s,
+    lime). At 128 px each sample costs about four times as much: 2.4 s,
     5.5x faster than lime's 13.3 s, sharing 0.79 where two lime runs share 0.81. On validation nodules, other
     estimators gained at most 0.03 of overlap at 256 samples: other designs (the most important segments kept free
     of aliasing; coin flips are worse), control variates, a logit-scale linear surrogate scored under lime's own

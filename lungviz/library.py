@@ -24,7 +24,7 @@ from lungviz.report import reader_spread
 #: What each split means for a library case, in the words the app uses.
 SPLIT_NOTES = {
     "train": "Train case: seen by the model during training, so its prediction here is optimistic.",
-    "val": "Validation case: used for early stopping, calibration and fitting the fused models' view weights, so "
+    "val": "Validation case: used for early stopping, calibration and fitting the estimate's factor weights, so "
            "its estimates are not an independent test (the networks' weights were not fitted on it).",
     "test": "Test case: held out, never seen in training (the model card's figures come from these).",
 }

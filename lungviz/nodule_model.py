@@ -18,9 +18,8 @@ import torch
 from lungviz.errors import LungvizError
 from lungviz.metrics import expected_rating, softmax
 from lungviz.models import NODULE_HEADS, Bundle, NoduleNet
-from lungviz.outline import THRESHOLD, central_region
+from lungviz.outline import THRESHOLD, axes_px, central_region
 from lungviz.preprocess import crop_mm, mm_to_px, resize, spacing_or_default, to_model_input
-from lungviz.shape import axes_px
 
 #: The view's side is this many times the nodule's measured long axis ...
 FIELD_FACTOR = 2.5

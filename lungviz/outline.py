@@ -1,59 +1,42 @@
-"""Outline the nodule at the centre of a crop and measure it with the outliner bundle (``outliner``).
-
-The outliner (:class:`lungviz.models.LungvizSegNet`) maps its nodule view to the probability that each pixel lies
-inside the outline any LIDC reader drew. The outline is the connected region above :data:`THRESHOLD` nearest the
-view's centre; its size is the diameter of the circle with the same area (what the fused model uses), and its long
-and short axis as a reader measures them on a slice. Nothing here reads the readers' measurements: these are
-image-derived sizes, like the finder's.
+"""The geometry of a nodule's outline (pure numpy): the region nearest the view's centre, its long and short axis as a
+reader measures them on a slice, and the outline drawn on an image. The nodule model (:mod:`lungviz.nodule_model`)
+outlines; this module measures and draws.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
-import torch
 from scipy import ndimage
 
-from lungviz.errors import LungvizError
-from lungviz.models import Bundle, load_bundle
-from lungviz.preprocess import mm_to_px, spacing_or_default, to_model_input, view_from_context
-from lungviz.shape import axes_px, outline_features
-
-#: The bundle name of the shipped outliner.
-OUTLINER = "outliner"
 #: A pixel is inside the outline when its probability exceeds this.
 THRESHOLD = 0.5
 #: The outline must reach within this share of the view's side from its centre (else: nothing outlined).
 CENTRE_REACH = 0.2
+#: Directions (degrees, half a turn) over which :func:`axes_px` looks for the longest axis.
+AXIS_ANGLES = np.deg2rad(np.arange(180.0))
 
 
-@dataclass
-class Outline:
-    """The outlined nodule: its mask in the crop's pixels, the view's probabilities and its size."""
-
-    mask: np.ndarray  # (H, W) bool, in the context crop's pixels
-    probability: np.ndarray  # (S, S) float32, in the outliner's view
-    area_mm2: float
-    diameter_mm: float  # of the circle with the same area; 0 when nothing is outlined
-    long_axis_mm: float = 0.0  # the widest extent of the outline (see axes_px)
-    short_axis_mm: float = 0.0  # its widest cross-section at right angles to the long axis
-    features: dict[str, float] = field(default_factory=dict)  # lungviz.shape.OUTLINE_FEATURES (NaN: not measured)
-
-
-def load_outliner(folder: Path | None = None, device: str | None = None) -> Bundle:
-    """The shipped outliner bundle (a clear error when it is not installed)."""
-    from lungviz import paths
-
-    folder = Path(folder) if folder else paths.weights_dir()
-    if not (folder / f"{OUTLINER}.json").is_file():
-        raise LungvizError(f"the nodule outliner is not installed (no {OUTLINER}.json in {folder}); "
-                           "train it with `python -m training outliner`.")
-    bundle = load_bundle(folder, OUTLINER, device)
-    if bundle.spec.get("task") != "outline":
-        raise LungvizError(f"'{OUTLINER}' in {folder} is not a nodule outliner.")
-    return bundle
+def axes_px(mask: np.ndarray) -> tuple[float, float]:
+    """``(long axis, short axis)`` of a 2D mask in pixels, as a reader measures on a slice: the long axis is the
+    widest extent over all directions (the maximum caliper, edge to edge: each pixel counted whole, so one pixel
+    longer than the distance between the extreme pixels' centres); the short axis the widest spread at right angles
+    to it within any one-pixel band along the long axis (the longest perpendicular chord for a convex outline; a
+    band may span a concave outline's gap). ``(0, 0)`` for an empty mask."""
+    m = np.asarray(mask, bool)
+    if not m.any():
+        return 0.0, 0.0
+    pts = np.argwhere(m).astype(np.float64)
+    edge = pts[(m & ~ndimage.binary_erosion(m, structure=np.ones((3, 3)), border_value=0))[m]]
+    proj = edge @ np.stack([np.cos(AXIS_ANGLES), np.sin(AXIS_ANGLES)])  # (P, A): extents live on the edge
+    extent = proj.max(axis=0) - proj.min(axis=0) + 1.0
+    best = int(np.argmax(extent))
+    theta = AXIS_ANGLES[best]
+    along = np.floor(pts @ np.array([np.cos(theta), np.sin(theta)]))
+    across = pts @ np.array([-np.sin(theta), np.cos(theta)])
+    _, band = np.unique(along, return_inverse=True)
+    width = ndimage.maximum(across, band, np.arange(band.max() + 1)) - ndimage.minimum(
+        across, band, np.arange(band.max() + 1))
+    return float(extent[best]), float(np.max(width) + 1.0)
 
 
 def central_region(mask: np.ndarray, reach: float = CENTRE_REACH) -> np.ndarray:
@@ -70,104 +53,6 @@ def central_region(mask: np.ndarray, reach: float = CENTRE_REACH) -> np.ndarray:
     if nearest[best] > reach * max(m.shape):
         return np.zeros_like(m)
     return labels == best + 1
-
-
-@torch.inference_mode()
-def view_probabilities(bundle: Bundle, views01: np.ndarray, batch: int = 256) -> np.ndarray:
-    """``(N, S, S)`` outliner views in [0, 1] -> ``(N, S, S)`` probabilities of being inside the outline."""
-    views = np.asarray(views01, np.float32).reshape(-1, bundle.input_size, bundle.input_size)
-    out = []
-    for i in range(0, len(views), batch):
-        x = np.stack([to_model_input(v, bundle.mean, bundle.std, bundle.in_chans) for v in views[i : i + batch]])
-        logits = bundle.model(torch.from_numpy(x).to(bundle.device))[:, 0]
-        out.append(torch.sigmoid(logits.float()).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, bundle.input_size, bundle.input_size), np.float32)
-
-
-def view_mm_per_px(bundle: Bundle, spacing_mm: float | None) -> float:
-    """Millimetres per outliner view pixel for a crop at ``spacing_mm`` (the default spacing when unknown)."""
-    field = float(bundle.spec["preprocessing"]["field_mm"])
-    return mm_to_px(field, spacing_mm) * spacing_or_default(spacing_mm) / bundle.input_size
-
-
-def measure_views(bundle: Bundle, views01: np.ndarray, mm_per_px: np.ndarray | float) -> tuple[np.ndarray, ...]:
-    """Outline each view: ``(probabilities (N, S, S), outline masks (N, S, S) bool, diameters (N,) mm)``."""
-    probs = view_probabilities(bundle, views01)
-    masks = np.stack([central_region(p > THRESHOLD) for p in probs]) if len(probs) else probs.astype(bool)
-    area = masks.sum(axis=(1, 2)) * np.broadcast_to(np.asarray(mm_per_px, np.float64), (len(probs),)) ** 2
-    return probs, masks, 2.0 * np.sqrt(area / np.pi)
-
-
-#: The sizes :func:`mask_sizes_mm` measures: same-area circle diameter, long and short axis, and their mean (the
-#: Fleischner / Lung-RADS average diameter).
-SIZE_MEASURES = ("circle", "long_axis", "short_axis", "mean_axes")
-
-
-def mask_sizes_mm(masks: np.ndarray, mm_per_px: float) -> dict[str, np.ndarray]:
-    """Per outline mask ``(N, S, S)``, each of :data:`SIZE_MEASURES` in mm."""
-    m = np.asarray(masks, bool).reshape(-1, *np.shape(masks)[-2:])
-    axes = np.array([axes_px(k) for k in m], np.float64).reshape(-1, 2) * float(mm_per_px)
-    circle = 2.0 * np.sqrt(m.sum(axis=(1, 2)) * float(mm_per_px) ** 2 / np.pi)
-    return {"circle": circle, "long_axis": axes[:, 0], "short_axis": axes[:, 1], "mean_axes": axes.mean(axis=1)}
-
-
-def _crop_views(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> tuple[np.ndarray, float]:
-    """The outliner's views of several crops at one pixel spacing, and millimetres per view pixel."""
-    field = float(bundle.spec["preprocessing"]["field_mm"])
-    views = np.stack([view_from_context(c, "nodule", bundle.input_size, spacing_mm, field) for c in contexts01])
-    return views, view_mm_per_px(bundle, spacing_mm)
-
-
-def crops_sizes_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> dict[str, np.ndarray]:
-    """Each of :data:`SIZE_MEASURES` (mm) of the outline at the centre of each of several crops at one pixel
-    spacing (e.g. the slices of one nodule)."""
-    views, mm_px = _crop_views(bundle, contexts01, spacing_mm)
-    return mask_sizes_mm(measure_views(bundle, views, mm_px)[1], mm_px)
-
-
-def crops_outline_features(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None,
-                           ) -> dict[str, np.ndarray]:
-    """:data:`SIZE_MEASURES` (mm) and :data:`lungviz.shape.OUTLINE_FEATURES` of the outline at the centre of each
-    of several crops at one pixel spacing (e.g. the slices of one nodule)."""
-    views, mm_px = _crop_views(bundle, contexts01, spacing_mm)
-    masks = measure_views(bundle, views, mm_px)[1]
-    return {**mask_sizes_mm(masks, mm_px), **outline_features(masks, views)}
-
-
-def crops_diameter_mm(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float | None) -> np.ndarray:
-    """The outlined diameter (mm) at the centre of each of several crops at one pixel spacing (e.g. the slices of
-    one nodule): the same-area circle's, as the fused model uses it (no axes measured)."""
-    views, mm_px = _crop_views(bundle, contexts01, spacing_mm)
-    return measure_views(bundle, views, mm_px)[2]
-
-
-def outline_nodule(bundle: Bundle, context01: np.ndarray, spacing_mm: float | None) -> Outline:
-    """Outline the nodule at the centre of a nodule-centred crop (the slices set's context, values in [0, 1]); an
-    unknown pixel spacing is taken as the default one."""
-    img = np.asarray(context01, np.float32)
-    if img.ndim != 2 or img.size == 0 or not np.isfinite(img).all():
-        raise LungvizError("the nodule cannot be outlined: a 2D crop with valid values is needed.")
-    spacing_mm = spacing_or_default(spacing_mm)  # unknown: the default spacing, which the app then says it assumed
-    field = float(bundle.spec["preprocessing"]["field_mm"])
-    view = view_from_context(img, "nodule", bundle.input_size, spacing_mm, field)
-    mm_px = view_mm_per_px(bundle, spacing_mm)
-    probs, masks, diam = measure_views(bundle, view[None], mm_px)
-    # Back to the crop: the view resamples the central n x n pixels (n = the field at this spacing), which start
-    # where lungviz.preprocess.crop_around puts them.
-    h, w = img.shape
-    n = mm_to_px(field, spacing_mm)
-    s = bundle.input_size
-    r0, c0 = int(np.floor(h / 2.0 - n / 2.0 + 0.5)), int(np.floor(w / 2.0 - n / 2.0 + 0.5))
-    vr = np.floor((np.arange(h) - r0 + 0.5) * s / n).astype(int)
-    vc = np.floor((np.arange(w) - c0 + 0.5) * s / n).astype(int)
-    inside = (vr[:, None] >= 0) & (vr[:, None] < s) & (vc[None, :] >= 0) & (vc[None, :] < s)
-    mask = np.zeros((h, w), bool)
-    mask[inside] = masks[0][np.clip(vr, 0, s - 1)[:, None], np.clip(vc, 0, s - 1)[None, :]][inside]
-    area = float(masks[0].sum()) * mm_px**2
-    sizes = mask_sizes_mm(masks[:1], mm_px)
-    shape = {k: float(v[0]) for k, v in outline_features(masks[:1], view[None]).items()}
-    return Outline(mask, probs[0], area, float(diam[0]), float(sizes["long_axis"][0]), float(sizes["short_axis"][0]),
-                   shape)
 
 
 def outline_overlay(context01: np.ndarray, mask: np.ndarray,

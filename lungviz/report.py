@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
@@ -25,16 +25,11 @@ from PIL import Image
 from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.errors import LungvizError
 from lungviz.files import atomic_write
-from lungviz.fusion import SIZE_SOURCES, fused_models_words
 from lungviz.reviews import MAX_REVIEWER_CHARS
-from lungviz.shape import OUTLINE_FEATURE_LABELS, feature_groups_text
 from lungviz.text import shorten
 
-if TYPE_CHECKING:
-    from lungviz.outline import Outline
-
 #: Order and names of the prediction views in the report.
-VIEW_LABELS = {"fused": "Fused (both views)", "nodule": "Nodule view", "slice": "Slice view"}
+VIEW_LABELS = {"nodule": "Nodule model", "slice": "Slice view"}
 VERDICT_LABELS = {"agree": "Agree with the model", "disagree": "Disagree with the model", "unsure": "Unsure"}
 SHA_PREFIX = 12
 #: The longest case id, file name or input note a report prints (cut with an ellipsis beyond).
@@ -62,7 +57,7 @@ class CaseReport:
     verdict: str | None = None  # "agree" | "disagree" | "unsure"
     note: str = ""
     reviewer: str = ""
-    models: dict[str, str] = field(default_factory=dict)  # model -> SHA-256 of its weights (a fused model: its spec)
+    models: dict[str, str] = field(default_factory=dict)  # model -> SHA-256 of its weights
     title: str = "lungviz case report"
     notice: str = RESEARCH_NOTICE
 
@@ -87,20 +82,17 @@ class CaseReport:
 
 
 def spec_version(spec: Mapping[str, Any]) -> str:
-    """What identifies a model's version: its weights' SHA-256, or for a fused model (no weights) its spec file's."""
-    return str(spec.get("weights_sha256") or spec.get("spec_sha256") or "")
+    """What identifies a model's version: its weights' SHA-256."""
+    return str(spec.get("weights_sha256") or "")
 
 
 def model_versions(bundles: Mapping[str, Any]) -> dict[str, str]:
     """``{name (arch): SHA-256}`` from loaded bundles or their spec dicts (``ModelSet.provenance``): the weights'
-    digest, or for a fused model (a spec without weights) the spec file's, labelled with the networks it fuses."""
+    digest."""
     out = {}
     for name, bundle in bundles.items():
         spec = bundle if isinstance(bundle, Mapping) else getattr(bundle, "spec", {})
-        if spec.get("kind") == "fusion":
-            label = f"{name} (fusion of {' + '.join(map(str, spec.get('components', [])))}; spec file)"
-        else:
-            label = f"{name} ({spec['arch']})" if spec.get("arch") else str(name)
+        label = f"{name} ({spec['arch']})" if spec.get("arch") else str(name)
         out[label] = spec_version(spec)
     return out
 
@@ -214,50 +206,15 @@ def nodule_model_notes(reading: Mapping[str, Any] | None) -> list[str]:
 
 
 def estimate_notes(prediction: dict | None) -> list[str]:
-    """What a reader of the estimate must know: how the calls are made, the measured diameter the fused models used,
-    and the calibration."""
-    d = (prediction or {}).get("estimated_diameter_mm")
-    assumed = (prediction or {}).get("diameter_assumes_spacing_mm")
-    at = f", assuming {float(assumed):.2f} mm per pixel" if assumed else ""
-    by = SIZE_SOURCES.get(str((prediction or {}).get("diameter_measured_by") or "finder"), "a measuring model")
-    if d is None:
-        notes = []
-    elif float(d) <= 0:
-        notes = [f"{by[0].upper()}{by[1:]} found no nodule at the centre, so the fused estimates took the smallest "
-                 "size (1 mm): check the centre before reading them."]
-    else:
-        notes = [f"Nodule diameter measured on the image by {by}: about {float(d):.0f} mm{at} (an input of "
-                 "the fused estimates, not the readers' measurement; the model card compares the two)."]
-    shape = outline_features_text((prediction or {}).get("outline_features") or {},
-                                  (prediction or {}).get("outline_features_used_by"))
+    """What a reader of the estimate must know: the nodule model's finding, how the calls are made, and the
+    calibration."""
     call = call_note(prediction)
     nodule = nodule_model_notes((prediction or {}).get("nodule_model"))
-    return [*nodule, *([call] if call else []), *notes, *([shape] if shape else []),
+    assumed = (prediction or {}).get("sizes_assume_spacing_mm")
+    spacing = [f"No pixel spacing came with the image: sizes assume {float(assumed):.2f} mm per pixel."] \
+        if assumed else []
+    return [*nodule, *spacing, *([call] if call else []),
             *[str(n) for n in (prediction or {}).get("calibration_notes") or []], CALIBRATION_CAVEAT]
-
-
-def outline_caption(outline: Outline) -> str:
-    """What the outliner measured on the shown slice: its same-area diameter (the fused models' size input) and the
-    long and short axis a reader would measure."""
-    if outline.diameter_mm <= 0:
-        return "Outline (nodule outliner): nothing outlined at the centre of the crop"
-    return (f"Outline (nodule outliner): about {outline.diameter_mm:.0f} mm across; long axis "
-            f"{outline.long_axis_mm:.0f} mm, short axis {outline.short_axis_mm:.0f} mm on this slice")
-
-
-def outline_features_text(features: dict[str, float | None], used_by: list[str] | None = None) -> str | None:
-    """One sentence listing the outline's shape and grey-level features the fused models of the tasks ``used_by``
-    weighed (None when none)."""
-    if not features:
-        return None
-    shown = [f"{OUTLINE_FEATURE_LABELS.get(k, k)} "
-             + ("not measured" if v is None or not np.isfinite(v) else f"{v:+.2f}" if k == "contrast" else f"{v:.2f}")
-             for k, v in features.items()]
-    scale = " (grey levels on the crop's 0-1 scale)" if "grey" in feature_groups_text(features) else ""
-    who = fused_models_words(list(used_by)) if used_by else "the fused model"
-    verb = "weigh" if who.endswith("models") else "weighs"
-    return (f"{who[0].upper()}{who[1:]} also {verb} the outline's {feature_groups_text(features)} on this "
-            f"slice{scale}: " + ", ".join(shown) + ".")
 
 
 def pct(p: float | None) -> str:
@@ -296,8 +253,8 @@ def _positive_index(classes: Sequence[str]) -> int | None:
 
 
 def prediction_rows(prediction: dict | None) -> list[dict]:
-    """One row per view (fused first): label, malignant probability, binary call, score classes and probabilities,
-    the called score, and any other task as text."""
+    """One row per view (the nodule model first): label, malignant probability, binary call, score classes and
+    probabilities, the called score, and any other task as text."""
     rows = []
     views = (prediction or {}).get("views") or {}
     order = [v for v in VIEW_LABELS if v in views] + [v for v in views if v not in VIEW_LABELS]

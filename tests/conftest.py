@@ -275,7 +275,7 @@ def live_markup(markdown: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A tiny weights folder for the app: untrained cnn4 bundles, fusion specs, an index over a few real cases
+# A tiny weights folder for the app: untrained bundles and an index over a few real cases
 # ---------------------------------------------------------------------------------------------------------------
 
 #: Real library cases the app fixture indexes, with the split each is given.
@@ -327,26 +327,6 @@ def build_finder_weights(folder: Path, input_size: int = 16) -> Path:
     return folder
 
 
-def build_outliner_weights(folder: Path, input_size: int = 32, bias: float = 0.0) -> Path:
-    """A tiny untrained nodule outliner bundle with a real spec (``bias`` added to its output logits), for wiring
-    tests."""
-    import torch
-
-    from lungviz.models import ModelSpec, create_model, save_bundle
-    from lungviz.outline import OUTLINER
-
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(4)
-    model = create_model("tf_efficientnet_lite0+fpn", 1)
-    with torch.no_grad():
-        model.out[-1].bias += bias
-    spec = ModelSpec.from_model(model, classes=["nodule"], view="nodule", task="outline", input_size=input_size,
-                                preprocessing={"view": "nodule", "field_mm": 48.0, "threshold": 0.5},
-                                split_fingerprint="fixture", metrics={"test": {"n": 10, "dice": 0.7}})
-    save_bundle(model, spec, folder, OUTLINER)
-    return folder
-
-
 def build_nodule_weights(folder: Path, input_size: int = 32) -> Path:
     """An untrained nodule model (NoduleNet) bundle, tiny, with head temperatures and a factor estimate, as
     `python -m training nodule` writes it."""
@@ -361,6 +341,8 @@ def build_nodule_weights(folder: Path, input_size: int = 32) -> Path:
                           centre=np.array([2.2, 2.0, 2.0, 4.0, 4.5, 0.2, -1.0]), intercept=-1.4)
     spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view="nodule", task="nodule",
                                 input_size=input_size, preprocessing={"view": "nodule", "central_fraction": 0.5},
+                                metrics={"binary_test": _test_report("binary", ["benign", "malignant"]),
+                                         "score_test": _test_report("score", ["1", "2", "3", "4", "5"])},
                                 extra={"head_temperatures": {"malignant": 1.2}, "cam_layer": "gated",
                                        "estimate": {"model": factors.to_dict(), "threshold": 0.12,
                                                     "test": {"sensitivity": 0.9, "specificity": 0.6},
@@ -370,50 +352,42 @@ def build_nodule_weights(folder: Path, input_size: int = 32) -> Path:
 
 
 def build_app_weights(folder: Path, slices_root: Path) -> Path:
-    """Everything the app loads from a weights folder, tiny: four cnn4 bundles (32 px), both fusion specs, a
-    FAISS index over :data:`APP_CASES` (real images), reference test predictions, a model card with a figure."""
+    """Everything the app loads from a weights folder, tiny: an untrained nodule model and two cnn4 slice-view
+    bundles (32 px), a FAISS index over :data:`APP_CASES` (real images), reference test predictions, a model card
+    with a figure."""
     import json
 
     import torch
 
     from lungviz.lidc import load_case
     from lungviz.models import ModelSpec, create_model, save_bundle
-    from lungviz.predict import embed_view, load_models, view_image
+    from lungviz.predict import embed_view, load_models, predict
     from lungviz.retrieval import build_index
     from training.index import case_record
 
     folder.mkdir(parents=True, exist_ok=True)
     tasks = {"binary": ["benign", "malignant"], "score": ["1", "2", "3", "4", "5"]}
-    for view in ("slice", "nodule"):
-        for task, classes in tasks.items():
-            torch.manual_seed(0 if view == "slice" else 1)
-            model = create_model("cnn4", len(classes))
-            spec = ModelSpec.from_model(
-                model, classes=classes, view=view, task=task, input_size=APP_INPUT_PX,
-                preprocessing={"view": view, "field_mm": 32.0 if view == "nodule" else None}, temperature=1.5,
-                split_fingerprint="fixture",
-                metrics={"test": _test_report(task, classes), "val": {"n": 99, "auroc": 0.99}},
-                extra={"prior_adjust": [0.2] + [-0.2] * (len(classes) - 1)})
-            save_bundle(model, spec, folder, f"{view}-{task}")
     for task, classes in tasks.items():
-        (folder / f"fused-{task}.json").write_text(json.dumps({
-            "kind": "fusion", "view": "fused", "task": task, "classes": classes,
-            "components": [f"slice-{task}", f"nodule-{task}"],
-            "fusion": {"views": ["slice", "nodule"], "weights": [0.6, 0.6], "bias": [0.0] * len(classes)},
-            "split_fingerprint": "fixture", "metrics": {"test": _test_report(task, classes)}}))
-    build_outliner_weights(folder, bias=2.0)  # the app shows its outline and measured diameter
+        torch.manual_seed(0)
+        model = create_model("cnn4", len(classes))
+        spec = ModelSpec.from_model(
+            model, classes=classes, view="slice", task=task, input_size=APP_INPUT_PX,
+            preprocessing={"view": "slice", "field_mm": None}, temperature=1.5, split_fingerprint="fixture",
+            metrics={"test": _test_report(task, classes), "val": {"n": 99, "auroc": 0.99}},
+            extra={"prior_adjust": [0.2] + [-0.2] * (len(classes) - 1)})
+        save_bundle(model, spec, folder, f"slice-{task}")
+    build_nodule_weights(folder)
     models = load_models(folder, device="cpu")
-    bundle = models.bundle("nodule", "binary")
     cases = [load_case(slices_root, cid) for cid in APP_CASES]
-    emb = np.stack([embed_view(bundle, view_image(bundle.spec, c.load_slice(c.middle_index()), None,
-                                                  c.pixel_spacing_mm)) for c in cases])
+    emb = np.stack([embed_view(models.nodule, predict(models, c.load_slice(c.middle_index()), None,
+                                                      c.pixel_spacing_mm).images["nodule"]) for c in cases])
     records = [case_record(c, APP_CASES[c.case_id], slices_root, c.middle_index()) for c in cases]
-    build_index(emb, records, "nodule-binary").save(folder, "index-nodule-binary")
+    build_index(emb, records, "nodule").save(folder, "index-nodule-binary")
     from lungviz.splits import Split
 
     patients = {cid.split("/")[0]: split for cid, split in APP_CASES.items()}  # one split per patient
     Split(patients, "fixture", 42, "holdout", {}).save(folder / "splits" / "holdout.json")
-    (folder / "retrieval.json").write_text(json.dumps({"model": "nodule-binary", "n": len(cases), "dim": 256,
+    (folder / "retrieval.json").write_text(json.dumps({"model": "nodule", "n": len(cases), "dim": 256,
                                                        "precision_at_5_test_vs_train": 0.7,
                                                        "chance_precision_at_5": 0.6}))
     ref = folder / "reference"
@@ -427,9 +401,9 @@ def build_app_weights(folder: Path, slices_root: Path) -> Path:
     (ref / "fused-binary-test.csv").write_text("\n".join(rows) + "\n")
     build_finder_weights(folder)
     (folder / "figures").mkdir(exist_ok=True)
-    write_png(folder / "figures" / "nodule-binary-confusion.png", np.full((24, 24), 200))
+    write_png(folder / "figures" / "slice-binary-confusion.png", np.full((24, 24), 200))
     (folder / "README.md").write_text("# lungviz model card\n\nFixture card.\n\n"
-                                      "![confusion](figures/nodule-binary-confusion.png) "
+                                      "![confusion](figures/slice-binary-confusion.png) "
                                       "![reliability](figures/missing.png)\n\n## Known limits\n")
     return folder
 

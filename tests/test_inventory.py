@@ -10,13 +10,11 @@ import pytest
 from lungviz.errors import LungvizError
 from lungviz.inventory import (
     card_parts,
-    diameter_note,
     installed_models,
     map_localisation_note,
     model_card,
     read_result,
     reference_predictions,
-    size_only_note,
 )
 
 REFERENCE = """patient_id,nodule,p_benign,p_malignant,prediction,truth
@@ -26,31 +24,15 @@ P3,nodule-1,0.2,0.8,malignant,malignant
 """
 
 
-def test_installed_models_lists_bundles_and_fusion_specs(tmp_path: Path):
-    (tmp_path / "nodule-binary.json").write_text(json.dumps({"arch": "cnn4", "view": "nodule"}))
-    (tmp_path / "nodule-binary.safetensors").write_bytes(b"x")
+def test_installed_models_lists_bundles_only(tmp_path: Path):
+    (tmp_path / "nodule.json").write_text(json.dumps({"arch": "tf_efficientnet_lite0+nodule", "view": "nodule"}))
+    (tmp_path / "nodule.safetensors").write_bytes(b"x")
     (tmp_path / "slice-binary.json").write_text(json.dumps({"arch": "cnn4", "view": "slice"}))
-    (tmp_path / "fused-binary.json").write_text(json.dumps({"kind": "fusion", "components": ["slice-binary",
-                                                                                              "nodule-binary"]}))
-    (tmp_path / "index-nodule-binary.json").write_text(json.dumps({"kind": "lungviz-index", "records": []}))
+    (tmp_path / "index-nodule.json").write_text(json.dumps({"kind": "lungviz-index", "records": []}))
     (tmp_path / "retrieval.json").write_text(json.dumps({"n": 3}))
     (tmp_path / "broken.json").write_text("{")
     got = {m["_file"]: (m["_kind"], m["_weights_present"]) for m in installed_models(tmp_path)}
-    assert got == {"fused-binary.json": ("fusion", False),  # its slice component has no weights
-                   "nodule-binary.json": ("bundle", True), "slice-binary.json": ("bundle", False)}
-    (tmp_path / "slice-binary.safetensors").write_bytes(b"x")
-    fused = {"kind": "fusion", "components": ["slice-binary", "nodule-binary"],
-             "members": {"nodule-binary": ["nodule-binary-m"]}}
-    (tmp_path / "fused-binary.json").write_text(json.dumps(fused))
-    listed = {m["_file"]: m for m in installed_models(tmp_path)}["fused-binary.json"]
-    assert listed["_networks"] == {"slice-binary": ["slice-binary"],
-                                   "nodule-binary": ["nodule-binary", "nodule-binary-m"]}
-    assert not listed["_weights_present"]  # a member without weights
-    (tmp_path / "nodule-binary-m.safetensors").write_bytes(b"x")
-    assert {m["_file"]: m for m in installed_models(tmp_path)}["fused-binary.json"]["_weights_present"]
-    (tmp_path / "fused-binary.json").write_text(json.dumps(fused | {"members": {"nodule-binary": ["nodule-binary"]}}))
-    damaged = {m["_file"]: m for m in installed_models(tmp_path)}["fused-binary.json"]
-    assert not damaged["_weights_present"] and damaged["_networks"] == {}
+    assert got == {"nodule.json": ("bundle", True), "slice-binary.json": ("bundle", False)}
 
 
 def test_reference_predictions(tmp_path: Path):
@@ -121,75 +103,3 @@ def test_map_localisation_note(tmp_path: Path):
     assert map_localisation_note("absent", tmp_path) is None
 
 
-def test_size_only_note(tmp_path: Path):
-    assert size_only_note(tmp_path) is None  # no fused model
-    spec = {"kind": "fusion", "metrics": {"test": {"auroc": 0.831}},
-            "size_only_auroc": {"test": {"n": 332, "auroc": 0.849}}}
-    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert size_only_note(tmp_path) == ("On 332 test nodules this measured size alone separated benign from malignant "
-                                        "as well as the fused benign/malignant model or better (AUROC 0.85 against "
-                                        "0.83).")
-    spec["size_only_auroc"]["test"]["ci95"] = {"auroc": [0.797, 0.896]}
-    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert "(AUROC 0.85 [0.80, 0.90] against 0.83)" in size_only_note(tmp_path)
-    spec["size_only_auroc"]["test"]["auroc"] = 0.80
-    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert "less well than the fused benign/malignant model (AUROC 0.80 [0.80, 0.90] against 0.83)" in size_only_note(
-        tmp_path)
-    spec["size_only_auroc"]["test"]["auroc"] = 0.831
-    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert "as well as the fused benign/malignant model or better" in size_only_note(tmp_path)
-    del spec["size_only_auroc"]  # a fusion without the size feature
-    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    assert size_only_note(tmp_path) is None
-
-
-def test_diameter_note(tmp_path: Path):
-    assert diameter_note(tmp_path) is None
-    bands = [{"lo": 0.0, "hi": 10.0, "n": 231, "median": 0.70}, {"lo": 10.0, "hi": 20.0, "n": 68, "median": 0.61},
-             {"lo": 20.0, "hi": None, "n": 33, "median": 0.42}, {"lo": 0.0, "hi": None, "n": 332, "median": 0.66}]
-    (tmp_path / "fused-binary.json").write_text(json.dumps({"size_vs_readers_test": bands}))
-    assert diameter_note(tmp_path) == ("On 332 test nodules its measurement was a median 66% of the readers' longest "
-                                       "diameter (70% below 10 mm, 61% at 10-20 mm, 42% above 20 mm): it reads small, "
-                                       "most for large nodules.")
-    right = [{**b, "median": m} for b, m in zip(bands, (1.05, 0.92, 0.71, 0.98), strict=True)]
-    (tmp_path / "fused-binary.json").write_text(json.dumps({"size_vs_readers_test": right}))
-    assert diameter_note(tmp_path).endswith("(105% below 10 mm, 92% at 10-20 mm, 71% above 20 mm): it reads about "
-                                            "right overall, but small above 20 mm.")
-    (tmp_path / "fused-binary.json").write_text(json.dumps({"size_vs_readers_test": [{"n": 0}]}))
-    assert diameter_note(tmp_path) is None
-
-
-def test_fused_inputs_say_which_fused_model_weighs_what_the_image_measures():
-    from lungviz.fusion import fused_models_words
-    from lungviz.inventory import fused_inputs, fused_inputs_text, size_users
-
-    binary = {"task": "binary", "fusion": {"features": ["log_diameter_mm", "roundness", "contrast"],
-                                           "size_source": "outliner"}}
-    score = {"task": "score", "fusion": {"features": ["log_diameter_mm"], "size_source": "outliner"}}
-    plain = {"task": "score", "fusion": {"views": ["slice", "nodule"]}}
-    network = {"task": "binary", "arch": "tf_efficientnet_lite0"}
-    got = fused_inputs([binary, score, network])
-    assert got == {"binary": "the nodule's diameter measured by the nodule outliner and its outline's shape and "
-                             "grey levels",
-                   "score": "the nodule's diameter measured by the nodule outliner"}
-    assert fused_inputs_text([binary, score]) == (
-        "The fused benign/malignant model weighs the nodule's diameter measured by the nodule outliner and its "
-        "outline's shape and grey levels; the fused score model weighs the nodule's diameter measured by the nodule "
-        "outliner.")
-    assert fused_inputs([plain, network]) == {} and fused_inputs_text([plain]) is None
-    assert fused_models_words(list(got)) == "the fused benign/malignant and score models"
-    assert fused_models_words([]) == "no installed fused model"
-    shape_only = {"task": "binary", "fusion": {"features": ["roundness"], "size_source": "outliner"}}
-    assert fused_inputs([shape_only]) == {"binary": "its outline's shape"}
-    finder = {"task": "score", "fusion": {"features": ["log_diameter_mm"]}}  # written before the outliner: the finder
-    assert fused_inputs([finder]) == {"score": "the nodule's diameter measured by the nodule finder's localiser"}
-    # Which fused models weigh the size a given tool measured (the Inspect caption names them).
-    assert size_users([binary, score, shape_only, finder, network], "outliner") == ["binary", "score"]
-    assert size_users([binary, score, finder], "finder") == ["score"] and size_users([plain], "outliner") == []
-    assert fused_models_words(["binary"]) == "the fused benign/malignant model"
-    from lungviz.report import outline_features_text
-
-    both = outline_features_text({"roundness": 0.9}, ["binary", "score"])
-    assert both.startswith("The fused benign/malignant and score models also weigh the outline's shape on this slice")
-    assert outline_features_text({"roundness": 0.9}).startswith("The fused model also weighs")

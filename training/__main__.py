@@ -1,5 +1,5 @@
-"""``python -m training <command>``: import the LIDC data, split it by patient, train, calibrate, evaluate and
-fuse the models, build the similar-case index and write the model card."""
+"""``python -m training <command>``: import the LIDC data, split it by patient, train, calibrate and evaluate the
+models, build the similar-case index and write the model card."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +16,12 @@ from lungviz.errors import LungvizError
 from training.config import (
     CamlocConfig,
     CardConfig,
-    ClassBiasConfig,
     EvalConfig,
-    FuseConfig,
     IndexConfig,
-    OperatingConfig,
-    OrdinalCallsConfig,
     OutlierConfig,
-    OutlineFeaturesConfig,
-    OutlinerConfig,
     PackConfig,
     RefreshConfig,
-    ScoreInputsConfig,
-    SearchConfig,
-    SizesConfig,
     SplitConfig,
-    TtaConfig,
     add_config_args,
     config_from_args,
     save_config,
@@ -100,29 +89,26 @@ def train_shipped(base: TrainConfig, names: list[str]) -> dict:
 
 
 def train_all(base: TrainConfig) -> dict:
-    """Every shipped model with its preset, then the two fused models, the similar-case index and the nodule
-    model."""
-    from training.fuse import train_fusion
+    """Every shipped network and record the app loads: the nodule model, the slice view and the histology model
+    (SHIPPED presets), the nodule finder, the similar-case index, the map localisation record and the model card.
+    Uses the GPU when one is present (lungviz.models.resolve_device)."""
+    from training.cam_eval import cam_localisation
+    from training.card import write_card
+    from training.finder import FinderConfig, train_finder
     from training.index import build_library_index
-    from training.train import SHIPPED, SHIPPED_FUSIONS
-
-    for preset in SHIPPED_FUSIONS.values():  # fail now, not after hours of training
-        if preset.get("size"):
-            from lungviz.finder import load_finder
-            from lungviz.outline import load_outliner
-
-            load = load_outliner if preset.get("size_source") == "outliner" else load_finder
-            load(Path(base.out) if base.out else None)
-    done = train_shipped(base, list(SHIPPED))
-    for task, preset in SHIPPED_FUSIONS.items():
-        spec = train_fusion(task, base.out, **preset)
-        done[f"fused-{task}"] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk")}
-    done["index"] = build_library_index("nodule-binary")
     from training.nodule import NoduleConfig, train_nodule
+    from training.train import SHIPPED
 
-    nodule = train_nodule(NoduleConfig(out=str(Path(base.out) if base.out else paths.weights_dir())))
-    done["nodule"] = {"dice": nodule["metrics"]["test"]["outline"]["dice"],
-                      "estimate_auroc": nodule["metrics"]["estimate"]["factors"]["auroc"]["auroc"]}
+    out = Path(base.out) if base.out else paths.weights_dir()
+    nodule = train_nodule(NoduleConfig(out=str(out)))
+    done: dict = {"nodule": {"dice": nodule["metrics"]["test"]["outline"]["dice"],
+                             "estimate_auroc": nodule["metrics"]["estimate"]["factors"]["auroc"]["auroc"]}}
+    done |= train_shipped(base, list(SHIPPED))
+    done["finder"] = train_finder(FinderConfig(out=str(out)))
+    done["index"] = build_library_index("nodule", out=str(out))
+    cam = cam_localisation(out=str(out / "cam_localisation.json"), split="test", weights=str(out))
+    done["camloc"] = {m: r.get("shifted", {}).get("peak_inside") for m, r in cam.get("models", {}).items()}
+    done["card"] = str(write_card(out))
     return done
 
 
@@ -166,140 +152,10 @@ def cmd_index(cfg: IndexConfig) -> dict:
     return build_library_index(cfg.model, cfg.data, cfg.out, cfg.max_slices)
 
 
-def parse_members(text: str, shipped: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-    """``--members``: shipped (the preset's), none, or ``COMPONENT=NET[,NET][;COMPONENT=NET...]``."""
-    text = text.strip()
-    if text in ("shipped", "none", ""):
-        return shipped if text == "shipped" else None
-    out: dict[str, list[str]] = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
-        comp, sep, nets = part.partition("=")
-        names = [n.strip() for n in nets.split(",") if n.strip()]
-        if not sep or not comp.strip() or not names:
-            raise LungvizError(f"--members takes shipped, none or COMPONENT=NET[,NET]; got '{text}'.")
-        out[comp.strip()] = names
-    return out
-
-
-def cmd_fuse(cfg: FuseConfig) -> dict:
-    """Fit the two-view fused model (fused-<task>) on the validation split and report it on test."""
-    from training.fuse import train_fusion
-    from training.train import SHIPPED_FUSIONS
-
-    choice = cfg.size.strip().lower()
-    if choice not in ("shipped", "yes", "no"):
-        raise LungvizError(f"--size takes shipped, yes or no, got '{cfg.size}'.")
-    size = SHIPPED_FUSIONS.get(cfg.task, {}).get("size", False) if choice == "shipped" else choice == "yes"
-    source = cfg.size_source or SHIPPED_FUSIONS.get(cfg.task, {}).get("size_source", "outliner")
-    members = parse_members(cfg.members, SHIPPED_FUSIONS.get(cfg.task, {}).get("members"))
-    spec = train_fusion(cfg.task, cfg.weights, cfg.n_boot, size=size, size_source=source, members=members,
-                        outline=parse_outline(cfg.outline, SHIPPED_FUSIONS.get(cfg.task, {}).get("outline", ())))
-    test = spec["metrics"]["test"]
-    return {"name": f"fused-{cfg.task}", "fusion": spec["fusion"],
-            **{k: test[k] for k in ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece") if k in test}}
-
-
-def parse_outline(text: str, shipped: Sequence[str]) -> list[str]:
-    """``--outline``: shipped (the preset's features) | none | a comma-separated list of outline features."""
-    from lungviz.shape import OUTLINE_FEATURES
-
-    choice = text.strip()
-    if choice.lower() == "shipped":
-        return list(shipped)
-    if choice.lower() in ("none", ""):
-        return []
-    names = [n.strip() for n in choice.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OUTLINE_FEATURES]
-    if unknown:
-        raise LungvizError(f"unknown outline feature(s) {', '.join(unknown)}; choose from "
-                           f"{', '.join(OUTLINE_FEATURES)}, or shipped or none.")
-    return names
-
-
-def input_check_summary(result: dict, figure: str, base: str) -> dict:
-    """What a fusion-input check (:func:`training.experiments.fusion_input_check`) prints: its decision and, per
-    candidate, its out-of-fold validation ``figure``, the draws it beat ``base`` on and its test figure."""
-    return {"chosen_on_validation": result["chosen_on_validation"], "vetoed_on_test": result["vetoed_on_test"],
-            "shipped": result["shipped"],
-            **{r["candidate"]: {f"val_oof_{figure}": round(r[f"val_oof_{figure}_mean"], 4),
-                                f"draws_higher_than_{base}": r[f"draws_higher_than_{base}"],
-                                f"test_fused_{figure}": round(r["test_fused"][figure], 4)} for r in result["results"]}}
-
-
-def cmd_outline_features(cfg: OutlineFeaturesConfig) -> dict:
-    """Check the outline's shape and grey levels as fused-binary features beside its size (validation decides)."""
-    from training.experiments import compare_outline_features
-
-    return input_check_summary(compare_outline_features(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out),
-                               "auroc", "size")
-
-
-def cmd_score_inputs(cfg: ScoreInputsConfig) -> dict:
-    """Check the outliner's size (and the outline's shape and grey levels) as fused-score inputs beside its views
-    (validation decides)."""
-    from training.experiments import compare_score_inputs
-
-    return input_check_summary(compare_score_inputs(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out),
-                               "kappa", "views")
-
-
-def cmd_ordinal_calls(cfg: OrdinalCallsConfig) -> dict:
-    """Check the expected-score call for each score model against its shipped call (validation decides)."""
-    from training.experiments import compare_ordinal_calls
-
-    result = compare_ordinal_calls(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
-    return {"adopted": result["adopted"],
-            **{r["model"]: {"draws_higher_kappa": r["draws_higher_kappa"], "vetoed_on_test": r["vetoed_on_test"],
-                            "val_oof_kappa": [round(r["val_oof"][c]["kappa"], 4) for c in ("shipped", "expected")],
-                            "test_kappa": [round(r["test"][c]["kappa"], 4) for c in ("shipped", "expected")]}
-               for r in result["results"]}}
-
-
-def cmd_sizes(cfg: SizesConfig) -> dict:
-    """Compare the outliner's size measures as fused-binary's size input (chosen on validation; test after)."""
-    from training.fuse import compare_size_measures
-
-    result = compare_size_measures(cfg.weights, cfg.seeds, cfg.folds, cfg.n_boot, cfg.out)
-    return {"chosen_on_validation": result["chosen_on_validation"],
-            **{r["measure"]: {"val_oof_auroc": round(r["val_oof_auroc_mean"], 4),
-                              "test_fused_auroc": round(r["test_fused"]["auroc"], 4)} for r in result["results"]}}
-
-
-def cmd_tta(cfg: TtaConfig) -> dict:
-    """Check test-time augmentation (8 dihedral transforms) on each shipped network (validation decides)."""
-    from training.experiments import compare_tta
-
-    result = compare_tta(cfg.weights, cfg.n_boot, cfg.out)
-    return {"adopted": result["adopted"], **{r["model"]: {s: [round(r[s]["plain"], 4), round(r[s]["tta"], 4)]
-                                                          for s in ("val", "test")} for r in result["results"]}}
-
-
-def cmd_class_bias(cfg: ClassBiasConfig) -> dict:
-    """Check a per-class bias on top of each shipped network's temperature (validation decides, test after)."""
-    from training.experiments import compare_class_bias
-
-    result = compare_class_bias(cfg.weights, cfg.seeds, cfg.folds, cfg.out)
-    return {"adopted": result["adopted"],
-            **{r["model"]: {"draws_lower_val_nll": f"{r['draws_lower_nll']}/{r['draws']}",
-                            "test_ece": [round(r[f]["test_ece"], 4) for f in ("temperature", "temperature_bias")]}
-               for r in result["results"]}}
-
-
-def cmd_operating(cfg: OperatingConfig) -> dict:
-    """Thresholds of the binary models for 90% and 95% sensitivity, chosen on validation and read on test."""
-    from training.experiments import compare_operating_points
-
-    result = compare_operating_points(cfg.weights, n_boot=cfg.n_boot, out=cfg.out)
-    return {r["model"]: {f"{p['target_sensitivity']:.0%} {p['rule']}": {k: round(p["test"][k], 3)
-                                                            for k in ("sensitivity", "specificity")}
-                         for p in r["points"]} for r in result["results"]}
-
-
 def cmd_refresh(cfg: RefreshConfig) -> dict:
     """Re-measure saved bundles' stored weights (calibration on validation, every figure of the spec); without
-    --model, every shipped network and then the fused models built on them."""
-    from training.fuse import train_fusion
-    from training.train import SHIPPED, SHIPPED_FUSIONS, refresh_model
+    --model, every shipped network trained by ``train``."""
+    from training.train import SHIPPED, refresh_model
 
     folder = Path(cfg.weights) if cfg.weights else None
     keys = ("n", "auroc", "f1_weighted", "f1_malignant", "qwk", "ece")
@@ -308,39 +164,7 @@ def cmd_refresh(cfg: RefreshConfig) -> dict:
         spec = refresh_model(name, folder, n_boot=cfg.n_boot)
         done[name] = {"temperature": spec["temperature"],
                       **{k: spec["metrics"]["test"][k] for k in keys if k in spec["metrics"]["test"]}}
-    if not cfg.model:
-        for task, preset in SHIPPED_FUSIONS.items():
-            spec = train_fusion(task, cfg.weights, cfg.n_boot, **preset)
-            done[f"fused-{task}"] = {k: spec["metrics"]["test"][k] for k in keys if k in spec["metrics"]["test"]}
     return done
-
-
-def cmd_screen(cfg: TrainConfig) -> dict:
-    """Backbone screen (cnn4, Lite0, Lite2) of a setup on a short budget; compared on validation."""
-    from training.experiments import screen_backbones
-
-    return screen_backbones(cfg)
-
-
-def cmd_cv(cfg: TrainConfig) -> dict:
-    """5-fold patient-level cross-validation of a setup (writes weights/cv.json)."""
-    from training.experiments import cross_validate
-
-    return cross_validate(cfg)
-
-
-def cmd_ablate(cfg: TrainConfig) -> dict:
-    """Variations of a setup (training.experiments.ABLATIONS) against it, on validation (weights/ablation.json)."""
-    from training.experiments import ablate
-
-    return ablate(cfg)
-
-
-def cmd_search(cfg: SearchConfig) -> dict:
-    """Train every recipe of training.experiments.SEARCH with its seeds; compare on validation (weights/search.json)."""
-    from training.experiments import search
-
-    return search(TrainConfig(data=cfg.data), cfg.workers, out=cfg.out, run_on=cfg.run_on)["summary"]
 
 
 def cmd_pack(cfg: PackConfig) -> dict:
@@ -392,16 +216,6 @@ def cmd_nodule(cfg: NoduleConfig) -> dict:
             "ratings_qwk": {h: r["qwk"] for h, r in test["ratings"].items()}}
 
 
-def cmd_outliner(cfg: OutlinerConfig) -> dict:
-    """Train the nodule outliner (a segmenter of the readers' outline that measures the nodule) and report it."""
-    from training.outliner import train_outliner
-
-    spec = train_outliner(cfg)
-    keys = ("n", "dice", "ratio_to_readers_median", "ratio_to_target_median")
-    return {split: {**{k: rep[k] for k in keys}, "size_auroc": rep.get("size_auroc", {}).get("auroc")}
-            for split, rep in spec["metrics"].items()}
-
-
 def cmd_finder(cfg: FinderConfig) -> dict:
     """Train the nodule finder (presence classifier + localiser) and scan the DICOM test series."""
     from training.finder import train_finder
@@ -416,22 +230,9 @@ COMMANDS = {
     "evaluate": (cmd_evaluate, EvalConfig),
     "refresh": (cmd_refresh, RefreshConfig),
     "index": (cmd_index, IndexConfig),
-    "fuse": (cmd_fuse, FuseConfig),
-    "sizes": (cmd_sizes, SizesConfig),
-    "outline-features": (cmd_outline_features, OutlineFeaturesConfig),
-    "score-inputs": (cmd_score_inputs, ScoreInputsConfig),
-    "ordinal-calls": (cmd_ordinal_calls, OrdinalCallsConfig),
-    "tta": (cmd_tta, TtaConfig),
-    "class-bias": (cmd_class_bias, ClassBiasConfig),
-    "operating-points": (cmd_operating, OperatingConfig),
-    "screen": (cmd_screen, TrainConfig),
-    "ablate": (cmd_ablate, TrainConfig),
-    "search": (cmd_search, SearchConfig),
-    "cv": (cmd_cv, TrainConfig),
     "card": (cmd_card, CardConfig),
     "camloc": (cmd_camloc, CamlocConfig),
     "finder": (cmd_finder, FinderConfig),
-    "outliner": (cmd_outliner, OutlinerConfig),
     "nodule": (cmd_nodule, NoduleConfig),
     "pack": (cmd_pack, PackConfig),
     "unpack": (cmd_unpack, PackConfig),

@@ -31,7 +31,7 @@ from training.data import ViewConfig, central_slices, view_config_from_spec
 from training.datasets import load_cases
 from training.evaluate import select_split
 
-LIDC_MODELS = ("nodule", "nodule-binary", "nodule-score", "slice-binary", "slice-score")
+LIDC_MODELS = ("nodule", "slice-binary", "slice-score")
 #: Coarsest useful map: layers with an output stride above 32 or below 8 are not tried.
 MIN_STRIDE, MAX_STRIDE = 8, 32
 #: The nodule's centre moves this share of the view's side in the shifted view.

@@ -123,102 +123,40 @@ def _report(y: np.ndarray, P: np.ndarray, P_raw: np.ndarray, scheme: LabelScheme
 
 
 def read_any_spec(folder: Path, name: str) -> dict:
-    """The JSON spec of a network bundle or of a fusion model."""
+    """The JSON spec of a network bundle, or the nodule model's for the outside names of its estimate and score
+    (``fused-binary``, ``nodule-score``)."""
     from lungviz.models import read_spec
+    from lungviz.predict import NODULE_MODEL
 
-    return read_spec(Path(folder), name)
+    return read_spec(Path(folder), NODULE_MODEL if name in NODULE_ALIASES else name)
 
 
-def fusion_features(names: list[str], folder: Path, store: SliceStore, case_indices: np.ndarray,
-                    central: float = 0.5, max_slices: int = 0, source: str = "finder") -> np.ndarray:
-    """``(N, F)`` image-derived fusion features per nodule, averaged over the ``central`` share of the nodule's
-    slices (as the models' logits are; 0 = the middle slice only, as the app sees one slice): the size feature is the
-    diameter that ``source`` (the outliner or the finder) measures at the crop centre, the outline features
-    (:data:`lungviz.shape.OUTLINE_FEATURES`, outliner only) the mean over the slices where something was
-    outlined (NaN where nothing was)."""
-    from lungviz.errors import LungvizError
-    from lungviz.fusion import FEATURES, SIZE_FEATURE, SIZE_SOURCES, size_feature
-    from lungviz.preprocess import spacing_or_default
-
-    unknown = [n for n in names if n not in FEATURES]
-    if unknown:
-        raise LungvizError(f"unknown fusion feature(s): {', '.join(unknown)}.")
-    if source not in SIZE_SOURCES:
-        raise LungvizError(f"unknown size source '{source}'; choose one of {', '.join(SIZE_SOURCES)}.")
-    if source != "outliner" and set(names) - {SIZE_FEATURE}:
-        raise LungvizError("the outline features are measured by the nodule outliner only.")
-    if source == "outliner":
-        from lungviz.outline import crops_outline_features, load_outliner
-
-        outliner = load_outliner(folder)
-
-        def measure(crops: list[np.ndarray], sp: float) -> dict[str, np.ndarray]:
-            got = crops_outline_features(outliner, crops, sp)
-            return {SIZE_FEATURE: got["circle"], **got}
-    else:
-        from lungviz.finder import centre_diameter_mm, load_finder
-
-        finder = load_finder(folder)
-
-        def measure(crops: list[np.ndarray], sp: float) -> dict[str, np.ndarray]:
-            return {SIZE_FEATURE: np.array([centre_diameter_mm(finder, c, sp) for c in crops])}
-
-    rows = []
-    for ci in case_indices:
-        got = measure([store.slice01(int(ci), k) for k in store.eval_slices(int(ci), max_slices, central)],
-                      spacing_or_default(store.cases[int(ci)].pixel_spacing_mm))
-        rows.append([float(size_feature(np.mean(got[n]))) if n == SIZE_FEATURE
-                     else float(np.nanmean(got[n])) if np.isfinite(got[n]).any() else np.nan for n in names])
-    return np.array(rows, np.float64).reshape(len(case_indices), len(names))
+#: The outside names of the nodule model's estimate and 1-5 score.
+NODULE_ALIASES = ("fused-binary", "nodule-score")
 
 
 def calibrated_logits(
     folder: Path, name: str, store: SliceStore, case_indices: np.ndarray, max_slices: int = 0,
     central: float | None = None, tta: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``(calibrated, raw)`` per-nodule logits of a shipped model (a network or a two-view fusion) and its spec.
+    """``(calibrated, raw)`` per-nodule logits of a shipped network and its spec.
 
     Calibrated logits give calibrated probabilities through a plain softmax. ``central`` overrides the share of
     each nodule's slices that is averaged (None = as the spec says; 0 = the middle slice, what the app sees).
-    ``tta`` (networks only) averages each slice's logits over its dihedral transforms, with the spec's calibration.
+    ``tta`` averages each slice's logits over its dihedral transforms, with the spec's calibration.
     """
     import dataclasses
 
-    from lungviz.fusion import Fusion, check_networks, component_networks
     from lungviz.models import load_bundle
     from training.data import view_config_from_spec
 
     spec = read_any_spec(folder, name)
-    if spec.get("kind") == "fusion":
-        if tta:
-            from lungviz.errors import LungvizError
-
-            raise LungvizError("test-time augmentation is checked network by network, not on a fused model.")
-        check_networks(spec, {n: read_any_spec(folder, n) for nets in component_networks(spec).values() for n in nets})
-        parts = [ensemble_logits(folder, nets, store, case_indices, max_slices, central)
-                 for nets in component_networks(spec).values()]
-        fusion = Fusion.from_dict(spec["fusion"])
-        raw = np.mean([p[1] for p in parts], axis=0)
-        features = (fusion_features(fusion.features, folder, store, case_indices,
-                                    0.5 if central is None else central, max_slices, fusion.size_source)
-                    if fusion.features else None)
-        return fusion.logits([p[0] for p in parts], features).astype(np.float32), raw, spec
     bundle = load_bundle(Path(folder), name)
     vc = view_config_from_spec(spec)
     if central is not None:
         vc = dataclasses.replace(vc, central_fraction=float(central))
     logits = nodule_logits(bundle.model, store, case_indices, vc, bundle.device, max_slices, tta=tta)
     return Calibration.from_spec(spec).logits(logits).astype(np.float32), logits, spec
-
-
-def ensemble_logits(folder: Path, names: list[str], store: SliceStore, case_indices: np.ndarray,
-                    max_slices: int = 0, central: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(calibrated, raw)`` per-nodule logits of a mean-logit ensemble of networks (one network: its own)."""
-    from lungviz.fusion import mean_logits
-
-    parts = [calibrated_logits(folder, n, store, case_indices, max_slices, central) for n in names]
-    return (mean_logits([p[0] for p in parts]).astype(np.float32),
-            mean_logits([p[1] for p in parts]).astype(np.float32))
 
 
 def report_from_logits(y: np.ndarray, calibrated: np.ndarray, raw: np.ndarray, scheme: LabelScheme,
@@ -382,10 +320,14 @@ def evaluate_bundle(
     if max_slices < 0:
         raise LungvizError("--max-slices must be 0 (all of the central slices) or more.")
     spec = read_any_spec(Path(bundle_folder), name)
-    if spec.get("task") == "nodule":  # the nodule model: its estimate by its factors
-        from training.nodule import evaluate_estimate
+    if spec.get("task") == "nodule":  # the nodule model: its estimate by its factors, or its 1-5 score
+        from lungviz.predict import NODULE_MODEL
+        from training.nodule import evaluate_estimate, evaluate_score
 
-        return evaluate_estimate(Path(bundle_folder), name, data, split, predictions, n_boot, progress)
+        run = evaluate_score if name == "nodule-score" else evaluate_estimate
+        rep = run(Path(bundle_folder), NODULE_MODEL if name in NODULE_ALIASES else name, data, split, predictions,
+                  n_boot, progress)
+        return {**rep, "model": name}
     scheme = get_scheme(spec["task"])
     cases, report = load_cases(spec.get("dataset", "lidc"), data)
     if split:

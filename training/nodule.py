@@ -48,18 +48,48 @@ from lungviz.nodule_model import (
     read_slices,
     split_logits,
 )
+from lungviz.predict import ESTIMATE_NAME, SCORE_NAME
 from lungviz.preprocess import to_model_input
+from lungviz.splits import Split
 from training.augment import AugmentConfig, augment_pair
 from training.data import SliceStore, central_slices
 from training.datasets import load_cases
 from training.loop import LoopConfig, fit, seed_everything
-from training.outliner import OutlineLoss, dice, outlined_splits
 from training.train import split_for
 
 log = logging.getLogger("training")
 
 #: The size bands (mm, readers' diameter) the size error is reported in.
 SIZE_BANDS = (0.0, 6.0, 10.0, 20.0, np.inf)
+
+
+class OutlineLoss(nn.Module):
+    """Binary cross-entropy + soft Dice of per-pixel logits ``(N, 1, S, S)`` against targets ``(N, S, S)``."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        z = logits[:, 0].float()
+        p = torch.sigmoid(z)
+        inter = (p * target).sum(dim=(1, 2))
+        dice = 1.0 - (2.0 * inter + 1.0) / (p.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1.0)
+        return nn.functional.binary_cross_entropy_with_logits(z, target) + dice.mean()
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (1.0 when both are empty)."""
+    p, t = np.asarray(pred, bool), np.asarray(target, bool)
+    total = p.sum() + t.sum()
+    return 1.0 if total == 0 else float(2.0 * (p & t).sum() / total)
+
+
+def outlined_splits(data: str, what: str, progress: bool = True
+                    ) -> tuple[Split, dict[str, list[Case]], dict[str, SliceStore]]:
+    """The nodules with the readers' outlines, split by patient (the shipped split), and each split's slices and
+    masks in memory."""
+    cases, report = load_cases("lidc", data)
+    split = split_for(cases, data=data)
+    parts = {n: [c for c in split.select(cases, n) if c.has_masks] for n in ("train", "val", "test")}
+    log.info("%s: %s; train %d, val %d, test %d nodules", what, report.summary(), *(len(parts[n]) for n in parts))
+    return split, parts, {n: SliceStore(parts[n], progress=progress, masks=True) for n in parts}
 
 
 @dataclass
@@ -476,7 +506,46 @@ def measure(bundle: Bundle, stores: dict[str, SliceStore], cfg: NoduleConfig) ->
     estimate, reports["estimate"] = estimate_report(val, test, temps, cfg.n_boot)
     test_p = FactorModel.from_dict(estimate["model"]).probabilities(factor_rows(test, temps))
     reports["diagnosis"] = diagnosis_report(test.cases, test_p, cfg.n_boot, read_diagnoses())
+    for task, head_name in (("binary", ESTIMATE_NAME), ("score", SCORE_NAME)):
+        reports[f"{task}_test"], rows = labelled_report(test, task, temps, estimate, cfg.n_boot)
+        write_reference(bundle.folder, head_name, task, rows)
     return {"metrics": reports, "head_temperatures": temps, "estimate": estimate}
+
+
+def labelled_report(r: SplitReadings, task: str, temps: dict[str, float], estimate: dict,
+                    n_boot: int) -> tuple[dict, list[list]]:
+    """The estimate's (``binary``) or the score head's (``score``) report on the nodules of ``r`` that carry the
+    task's label, and the predictions rows."""
+    from lungviz.labels import get_scheme
+
+    scheme = get_scheme(task)
+    keep = [i for i, c in enumerate(r.cases) if scheme.label_of(c) is not None]
+    sub = subset(r, keep)
+    y = np.array([scheme.label_of(c) for c in sub.cases])
+    if task == "binary":
+        return head_report(sub, y, sub.cases, temps, estimate, n_boot)
+    return score_report(sub, y, sub.cases, temps, n_boot)
+
+
+def subset(r: SplitReadings, keep: list[int]) -> SplitReadings:
+    """The readings of the nodules ``keep`` (indices into ``r.cases``)."""
+    return SplitReadings(cases=[r.cases[i] for i in keep], logits=r.logits[keep],
+                         readings=[r.readings[i] for i in keep], dice=r.dice[keep], reader_dice=r.reader_dice[keep])
+
+
+def write_reference(folder: Path, name: str, task: str, rows: list[list]) -> Path:
+    """The test predictions the app places a case among: ``<folder>/reference/<name>-test.csv``."""
+    import csv
+
+    from lungviz.labels import get_scheme
+
+    path = folder / "reference" / f"{name}-test.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(_csv_header(get_scheme(task)))
+        w.writerows(rows)
+    return path
 
 
 def remeasure_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
@@ -577,21 +646,32 @@ def characteristics_text(rep: dict) -> str:
 
 def evaluate_estimate(folder: Path, name: str, data: str = "", split: str = "", predictions: str = "",
                       n_boot: int = 1000, progress: bool = True) -> dict:
-    """The nodule model's estimate by its factors (benign/malignant) on a lidc-slices folder, reported as
-    ``evaluate`` reports any binary model, plus its second-look call at the spec's call point; each nodule read over
-    the central half of its slices. ``predictions`` writes one row per nodule (probabilities, the call, the truth)."""
+    """The nodule model's estimate by its factors (benign/malignant, outside name ``fused-binary``) on a lidc-slices
+    folder, reported as ``evaluate`` reports any binary model, plus its second-look call at the spec's call point;
+    each nodule read over the central half of its slices. ``predictions`` writes one row per nodule."""
+    return _evaluate_head(folder, name, "binary", data, split, predictions, n_boot, progress)
 
+
+def evaluate_score(folder: Path, name: str, data: str = "", split: str = "", predictions: str = "",
+                   n_boot: int = 1000, progress: bool = True) -> dict:
+    """The nodule model's 1-5 panel score (outside name ``nodule-score``) on a lidc-slices folder, reported as
+    ``evaluate`` reports any score model (kappa against the panel beside a single reader's)."""
+    return _evaluate_head(folder, name, "score", data, split, predictions, n_boot, progress)
+
+
+def _evaluate_head(folder: Path, name: str, task: str, data: str, split: str, predictions: str, n_boot: int,
+                   progress: bool) -> dict:
     from lungviz.errors import LungvizError
     from lungviz.labels import get_scheme
     from lungviz.nodule_model import head_temperatures
-    from training.evaluate import report_from_logits, select_split
+    from training.evaluate import select_split
 
     if predictions and Path(predictions).is_dir():
         raise LungvizError(f"--predictions {predictions} is a folder; give a file name such as predictions.csv.")
     bundle = load_bundle(Path(folder), name)
     if not isinstance(bundle.model, NoduleNet) or not bundle.spec.get("estimate"):
         raise LungvizError(f"model '{name}' is not a nodule model with an estimate.")
-    scheme = get_scheme("binary")
+    scheme = get_scheme(task)
     cases, report = load_cases("lidc", data)
     if split:
         cases = select_split(cases, split, bundle.spec, Path(folder))
@@ -601,20 +681,55 @@ def evaluate_estimate(folder: Path, name: str, data: str = "", split: str = "", 
     kept, y = [c for c, _ in pairs], np.array([lab for _, lab in pairs])
     r = read_split(bundle, SliceStore(kept, progress=progress),
                    0, float(bundle.spec.get("preprocessing", {}).get("central_fraction", 0.5)))
-    estimate = bundle.spec["estimate"]
-    p = np.clip(FactorModel.from_dict(estimate["model"]).probabilities(factor_rows(r, head_temperatures(bundle))),
-                1e-9, 1 - 1e-9)
-    logits = np.stack([np.zeros(len(p)), np.log(p / (1 - p))], axis=1)
-    groups = [c.patient_id for c in kept]
-    rep = report_from_logits(y, logits, logits, scheme, groups, [c.reader_scores for c in kept], n_boot)
-    threshold = float(estimate.get("threshold", 0.5))
-    rep = {"model": name, "task": "binary", "view": "nodule", "data": data or "default", "split": split or "all",
-           "import": report.summary(), **rep,
-           "second_look_call": {"calls_malignant_from": threshold, **metrics.at_threshold(y == 1, p, threshold),
-                                "ci95": metrics.bootstrap_ci(lambda i: metrics.at_threshold(y[i] == 1, p[i], threshold),
-                                                             len(y), groups, n_boot)}}
-    _finish(rep, kept, bundle, Path(folder), split, predictions,
-            ["patient_id", "nodule", "p_benign", "p_malignant", "prediction", "truth"],
-            [[c.patient_id, c.nodule_id, f"{1 - q:.5f}", f"{q:.5f}", "malignant" if q >= threshold else "benign",
-              scheme.classes[int(t)]] for c, q, t in zip(kept, p, y, strict=True)])
+    temps = head_temperatures(bundle)
+    if task == "binary":
+        rep, rows = head_report(r, y, kept, temps, bundle.spec["estimate"], n_boot)
+    else:
+        rep, rows = score_report(r, y, kept, temps, n_boot)
+    rep = {"model": name, "task": task, "view": "nodule", "data": data or "default", "split": split or "all",
+           "import": report.summary(), **rep}
+    _finish(rep, kept, bundle, Path(folder), split, predictions, _csv_header(scheme), rows)
     return rep
+
+
+def _csv_header(scheme) -> list[str]:
+    return ["patient_id", "nodule", *[f"p_{c}" for c in scheme.classes], "prediction", "truth"]
+
+
+def head_report(r: SplitReadings, y: np.ndarray, cases: list[Case], temps: dict[str, float], estimate: dict,
+                n_boot: int) -> tuple[dict, list[list]]:
+    """The factor estimate's report (as ``evaluate`` reports a binary model, with its second-look call) and its
+    predictions rows, from a split's reading ``r`` and the labels ``y`` (0 benign, 1 malignant)."""
+    from lungviz.labels import get_scheme
+    from training.evaluate import report_from_logits
+
+    scheme = get_scheme("binary")
+    p = np.clip(FactorModel.from_dict(estimate["model"]).probabilities(factor_rows(r, temps)), 1e-9, 1 - 1e-9)
+    logits = np.stack([np.zeros(len(p)), np.log(p / (1 - p))], axis=1)
+    groups = [c.patient_id for c in cases]
+    rep = report_from_logits(y, logits, logits, scheme, groups, [c.reader_scores for c in cases], n_boot)
+    threshold = float(estimate.get("threshold", 0.5))
+    rep["second_look_call"] = {
+        "calls_malignant_from": threshold, **metrics.at_threshold(y == 1, p, threshold),
+        "ci95": metrics.bootstrap_ci(lambda i: metrics.at_threshold(y[i] == 1, p[i], threshold), len(y), groups,
+                                     n_boot)}
+    rows = [[c.patient_id, c.nodule_id, f"{1 - q:.5f}", f"{q:.5f}", "malignant" if q >= threshold else "benign",
+             scheme.classes[int(t)]] for c, q, t in zip(cases, p, y, strict=True)]
+    return rep, rows
+
+
+def score_report(r: SplitReadings, y: np.ndarray, cases: list[Case], temps: dict[str, float],
+                 n_boot: int) -> tuple[dict, list[list]]:
+    """The score head's report (as ``evaluate`` reports a score model) and its predictions rows."""
+    from lungviz.labels import get_scheme
+    from training.evaluate import report_from_logits
+
+    scheme = get_scheme("score")
+    raw = split_logits(r.logits)["malignancy"]
+    cal = raw / temps["malignancy"]
+    rep = report_from_logits(y, cal, raw, scheme, [c.patient_id for c in cases], [c.reader_scores for c in cases],
+                             n_boot)
+    P = metrics.softmax(cal)
+    rows = [[c.patient_id, c.nodule_id, *[f"{v:.5f}" for v in q], scheme.classes[int(np.argmax(q))],
+             scheme.classes[int(t)]] for c, q, t in zip(cases, P, y, strict=True)]
+    return rep, rows

@@ -30,7 +30,6 @@ from lungviz.models import (
     update_spec,
 )
 from lungviz.preprocess import VIEWS
-from lungviz.shape import GREY_FEATURES, SHAPE_FEATURES
 from lungviz.splits import Split, holdout_split
 from training.augment import AugmentConfig
 from training.data import (
@@ -91,50 +90,15 @@ class TrainConfig:
     shipped: str = ""  # train only these shipped models with their SHIPPED settings (comma-separated names)
 
 
-#: The 64 px recipe of the first shipped networks (and the base of the recipe search).
+#: The 64 px recipe: 30 epochs at most, blocks unfrozen at epochs 2 and 10, early stopping after 8 without gain.
 RECIPE_64: dict = {"epochs": 30, "stages": (2, 10), "patience": 8}
-#: Four times the 64 px recipe's training: twice the epochs, twice the samples per epoch, later unfreezing.
-LONGER: dict = {"epochs": 60, "epoch_samples": 3072, "patience": 12, "stages": (4, 20)}
-#: The shipped models: overrides of the defaults above. ``python -m training train --all`` retrains them exactly.
-#: nodule-score (session 10): the session 3 network (validation kappa 0.537) could not be rebuilt by any code, as
-#: its head was initialised unseeded then (seed_everything came later); RECIPE_64 with the current code over
-#: seeds 0-4 gave validation kappa 0.478, 0.517, 0.528, 0.522, 0.501, and the best (seed 2) replaced it.
-#: Session 13: the same recipe plus the readers' characteristics as an auxiliary target (attr_weight 0.5) and a
-#: weight average (ema 0.99), each of which had raised nodule-binary's validation AUROC at 64 px, gave validation
-#: kappa 0.507, 0.499, 0.506 over seeds 0-2 (mean 0.504 against 0.509): not adopted (test 0.598, 0.540, 0.598).
-#: Recipes come from the GPU search (training.experiments.SEARCH, weights/search.json, validation only, measured on
-#: a compressed copy of the images): per model the recipe with the best mean over seeds, as its best seed. It
-#: replaced the shipped network where, re-measured on the original images, it scored higher on validation:
-#: slice-binary AUROC 0.776 -> 0.815, slice-score kappa 0.313 -> 0.407, nodule-binary 0.864 -> 0.866 (level; kept
-#: for its Grad-CAM map, twice as fine and on validation twice as often on the nodule). nodule-score stays at 64 px
-#: (no candidate beat 0.537 on the copy; the best scored 0.530). On a 2-core CPU one 128 px, 4x training run takes
-#: about four hours; on one H100 about four minutes. histology: RECIPE_64's 30-epoch schedule at 128 px raised
-#: validation macro F1 (the selection figure, 40 images) from 0.64 to 0.88 over the default 8 epochs at 96 px (the
-#: same schedule at 96 px: 0.74); 15 minutes on the CPU.
+#: The networks ``train --all`` trains with these presets (the nodule model and the finder have their own
+#: commands): the slice view at 64 px, so that ``train --all`` fits 90 minutes on a 2-core CPU, and the histology
+#: teaching model at 128 px (its 30-epoch schedule raised validation macro F1 over a shorter one at 96 px).
 SHIPPED: dict[str, dict] = {
-    "nodule-binary": {"view": "nodule", "task": "binary", "input_size": 128, "field_mm": 24.0, **LONGER, "seed": 1},
-    "nodule-score": {"view": "nodule", "task": "score", **RECIPE_64, "seed": 2},
-    "slice-binary": {"view": "slice", "task": "binary", "input_size": 128, **LONGER, "seed": 2},
-    "slice-score": {"view": "slice", "task": "score", "input_size": 128, **LONGER, "seed": 2},
+    "slice-binary": {"view": "slice", "task": "binary", "input_size": 64, **RECIPE_64, "seed": 0},
+    "slice-score": {"view": "slice", "task": "score", "input_size": 64, **RECIPE_64, "seed": 0},
     "histology": {"dataset": "histology", "view": "slice", "task": "histology", "input_size": 128, **RECIPE_64},
-}
-#: The shipped fused models: an image-measured size raised validation AUROC for binary (0.866 -> 0.888 with the
-#: finder's) and did not raise validation kappa for score (0.519 -> 0.517 with the finder's, in session 5). Within
-#: validation (5-fold CV) views + the outliner's size scored 0.895 against 0.880 with the finder's: the outliner
-#: measures it (needs the outliner). Tried in session 9 and not shipped: fused-binary's nodule view as the mean-logit
-#: ensemble of nodule-binary and three 64 px nodule-binary networks (``members``; lungviz.fusion.component_networks).
-#: On validation it scored 0.910 against 0.898; on test 0.851 against 0.864 (paired difference -0.014 [-0.039,
-#: +0.007]); and the members, trained before a fresh head was seeded, were not reproduced by it (a retrained
-#: member reached validation AUROC 0.848 against 0.865), so `train --all` could not rebuild the fused model.
-#: fused-binary also weighs the outline features `python -m training outline-features` ships
-#: (weights/outline_features.json, its "shipped_features"; a test checks that the two agree): the shape and grey
-#: levels (out-of-fold validation AUROC 0.889 -> 0.895, higher on 18 of 20 draws; test 0.865 -> 0.864).
-#: fused-score weighs what `python -m training score-inputs` ships (weights/score_inputs.json; a test checks that
-#: they agree): the outliner's size (out-of-fold validation kappa 0.520 -> 0.533, higher on 17 of 20 draws; test
-#: 0.611 -> 0.609).
-SHIPPED_FUSIONS: dict[str, dict] = {
-    "binary": {"size": True, "size_source": "outliner", "outline": [*SHAPE_FEATURES, *GREY_FEATURES]},
-    "score": {"size": True, "size_source": "outliner"},
 }
 
 
