@@ -131,7 +131,7 @@ def test_shipped_finder_ranks_each_reader_marked_nodule_near_the_top(lidc_dicom_
     5 mm of the readers' centre is among the three best-ranked, and the best-ranked one is for at least two.
 
     The issue asks for the best-ranked candidate on all six; the shipped finder does not reach that (vessels
-    seen end-on outrank some nodules; weights/README.md has the per-nodule table)."""
+    seen end-on outrank some nodules; weights/MODEL_CARD_TABLES.md has the per-nodule table)."""
     from training.finder import dicom_scan_report
 
     rep = dicom_scan_report(WEIGHTS, str(lidc_dicom_dir))

@@ -185,11 +185,19 @@ def cmd_unpack(cfg: PackConfig) -> dict:
 
 
 def cmd_card(cfg: CardConfig) -> dict:
-    """Regenerate the model card weights/README.md and its figures from the shipped files."""
-    from training.card import write_card
+    """Regenerate the model card weights/README.md, its tables file and figures from the shipped files; with
+    --check, only say whether the shipped card and tables file are up to date."""
+    from training.card import TABLES_FILE, check_card, write_card
 
-    path = write_card(Path(cfg.weights) if cfg.weights else None)
-    return {"card": str(path)}
+    folder = Path(cfg.weights) if cfg.weights else None
+    if cfg.check:
+        diff = check_card(folder)
+        if diff:
+            raise LungvizError("the model card is out of date (`python -m training card` rewrites it):\n"
+                               + "\n".join(diff))
+        return {"card": "up to date"}
+    path = write_card(folder)
+    return {"card": str(path), "tables": str(path.with_name(TABLES_FILE))}
 
 
 def cmd_camloc(cfg: CamlocConfig) -> dict | str:

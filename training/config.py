@@ -161,9 +161,10 @@ class CamlocConfig:
 
 @dataclasses.dataclass
 class CardConfig:
-    """The model card."""
+    """The model card (README.md) and its long tables (MODEL_CARD_TABLES.md) in the weights folder."""
 
     weights: str = ""  # empty = weights/
+    check: bool = False  # regenerate in memory and fail with a short diff when the shipped files differ
 
 
 @dataclasses.dataclass
