@@ -236,8 +236,9 @@ def test_shipped_presence_check_sees_centred_nodules_and_flags_crops_centred_els
 
 @pytest.mark.skipif(not SHIPPED, reason="the shipped finder bundles are not installed")
 def test_fusion_size_feature_averages_the_central_slices_or_takes_the_middle_one(real_lidc):
-    from lungviz.finder import centre_diameter_mm
     from lungviz.fusion import SIZE_FEATURE
+
+    from lungviz.finder import centre_diameter_mm
     from training.data import SliceStore
     from training.evaluate import fusion_features
 
