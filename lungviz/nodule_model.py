@@ -386,7 +386,8 @@ def explain(bundle: Bundle, reading: NoduleReading) -> Assessment:
     test = estimate.get("test")
     calls = None
     if isinstance(test, dict) and "sensitivity" in test:
-        calls = {"sensitivity": test["sensitivity"], "specificity": test["specificity"],
+        n = ((bundle.spec.get("metrics") or {}).get("estimate") or {}).get("n_test")
+        calls = {"sensitivity": test["sensitivity"], "specificity": test["specificity"], **({"n": n} if n else {}),
                  "ci95": estimate.get("test_ci95") or {},
                  "target_sensitivity": float(estimate.get("target_sensitivity", 0.9))}
     return Assessment(reading=reading, factors=values, contributions=model.contributions(values), probability=p,

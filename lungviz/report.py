@@ -162,9 +162,9 @@ def call_note(prediction: dict | None) -> str | None:
     found = [(VIEW_LABELS.get(v, str(v)).lower(), t["binary"]["test_calls"]) for v, t in views.items()
              if isinstance((t or {}).get("binary"), dict) and isinstance(t["binary"].get("test_calls"), dict)]
     if found:
-        ns = {c["n"] for _, c in found}
+        ns = {c.get("n") for _, c in found}
         where = "one middle slice of each of" if all(c.get("single_slice") for _, c in found) else "each of"
-        parts.append(f"On {where} the {f'{ns.pop()} ' if len(ns) == 1 else ''}held-out test nodules these calls found "
+        parts.append(f"On {where} the {f'{ns.pop()} ' if len(ns) == 1 and None not in ns else ''}held-out test nodules these calls found "
                      "this share of the nodules the panel rated malignant: "
                      + ", ".join(f"{name} {test_rate(c, 'sensitivity')}" for name, c in found)
                      + "; and cleared this share of the benign ones: "
