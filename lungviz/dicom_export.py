@@ -144,7 +144,7 @@ def source_outlines(assessment: Assessment, series: Sequence[DicomSlice], index:
 # ----------------------------------------------------------------------------------------------------- DICOM
 
 
-def _headers(slices: Sequence[DicomSlice]) -> list:
+def reference_headers(slices: Sequence[DicomSlice]) -> list:
     """The slices' reference headers; a slice read without one, or from another series, is refused."""
     if any(sl.header is None for sl in slices):
         raise LungvizError("DICOM SR and SEG are made for DICOM uploads only: this image carries no DICOM header "
@@ -204,7 +204,7 @@ def segmentation(series: Sequence[DicomSlice], outlines: Mapping[int, np.ndarray
     if not keys or not any(np.asarray(outlines[k]).any() for k in keys):
         raise LungvizError("the nodule model outlined nothing, so there is no outline to export.")
     slices = [series[k] for k in keys]
-    headers = _headers(slices)
+    headers = reference_headers(slices)
     masks = np.stack([np.asarray(outlines[k], bool) for k in keys])
     if masks.shape[1:] != (int(headers[0].get("Rows", 0)), int(headers[0].get("Columns", 0))):
         raise LungvizError("the outline's size differs from the DICOM image's, so it cannot be exported.")
@@ -280,7 +280,7 @@ def measurement_report(series: Sequence[DicomSlice], indices: Sequence[int], ass
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    headers = _headers([series[k] for k in indices])
+    headers = reference_headers([series[k] for k in indices])
     sops = [str(h.SOPInstanceUID) for h in headers]
     algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version[:64])
     device = hd.sr.DeviceObserverIdentifyingAttributes(uid=_uid("device", model.name, model.version),

@@ -332,3 +332,48 @@ def test_a_nodule_the_model_did_not_outline_gets_an_sr_without_a_seg(nodule_mode
     (group,) = sr.content.get_image_measurement_groups()
     assert _value(group, _local("PANELP")) == pytest.approx(assessment.probability, abs=1e-6)
     assert {e.name.value for e in group.get_qualitative_evaluations()} >= {HEAD_CODES[h] for h in RATING_HEADS}
+
+
+# ------------------------------------------------------------------------------------------------------- page
+
+
+@pytest.fixture
+def page_env(app_weights, tmp_path, monkeypatch):
+    """The app's fixture weights with a tiny untrained nodule model, and a fresh home folder."""
+    import shutil
+
+    from conftest import build_nodule_weights
+
+    weights = tmp_path / "w"
+    shutil.copytree(app_weights, weights)
+    build_nodule_weights(weights)
+    monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(weights))
+    monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
+    return weights
+
+
+def _page_after(name: str, data: bytes):
+    from streamlit.testing.v1 import AppTest
+
+    app = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+    at = AppTest.from_file(app, default_timeout=120).run()
+    at.file_uploader[0].set_value((name, data, "application/octet-stream"))
+    return at.run()
+
+
+@pytest.mark.slow
+def test_the_inspect_page_offers_sr_and_seg_for_a_dicom_upload_and_says_why_not_for_a_png(page_env, lidc_dicom_dir,
+                                                                                          image_bytes):
+    dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[8]
+    at = _page_after(dcm.name, dcm.read_bytes())
+    assert not at.exception and not at.error
+    labels = {b.label for b in at.download_button}
+    assert {"HTML report", "PDF report", "Findings as DICOM SR"} <= labels
+    outlined = "Outline as DICOM SEG" in labels
+    assert outlined or any("outlined nothing, so there is no DICOM SEG" in c.value for c in at.caption)
+    assert all(b.proto.ignore_rerun for b in at.download_button)
+
+    at = _page_after("slice.png", image_bytes(np.full((128, 128), 90, np.uint8)))
+    assert not at.exception and not at.error
+    assert {b.label for b in at.download_button} == {"HTML report", "PDF report"}
+    assert any("DICOM SR and SEG are made for DICOM uploads only" in c.value for c in at.caption)
