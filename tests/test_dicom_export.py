@@ -377,3 +377,60 @@ def test_the_inspect_page_offers_sr_and_seg_for_a_dicom_upload_and_says_why_not_
     assert not at.exception and not at.error
     assert {b.label for b in at.download_button} == {"HTML report", "PDF report"}
     assert any("DICOM SR and SEG are made for DICOM uploads only" in c.value for c in at.caption)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_sr_and_seg_download_in_a_browser(page_env, lidc_dicom_dir, tmp_path):
+    """The real app in headless Chromium: a whole DICOM slice, its nodule centre typed in, then both deferred files
+    download and read back as an SR and a SEG of that slice."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_browser import CHROMIUM, CHROMIUM_ARGS, REPO, _download, _free_port, _wait_healthy, _wait_idle
+
+    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
+        pytest.skip(f"Chromium not found at {CHROMIUM}")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[8]
+    port = _free_port()
+    log = (tmp_path / "streamlit.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1440, "height": 3600})
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+                sync_api.expect(page.get_by_role("heading", name="Inspect a nodule")).to_be_visible(timeout=60_000)
+                page.locator("input[type=file]").first.set_input_files(str(dcm))
+                button = page.get_by_role("button", name="Findings as DICOM SR")
+                sync_api.expect(button).to_be_visible(timeout=120_000)
+                _wait_idle(page)
+                sr_file = _download(page, "Findings as DICOM SR", timeout_ms=60_000)
+                assert sr_file is not None
+                sr = pydicom.dcmread(sr_file)
+                source = pydicom.dcmread(dcm, stop_before_pixels=True)
+                assert sr.Modality == "SR" and sr.StudyInstanceUID == source.StudyInstanceUID
+                if page.get_by_role("button", name="Outline as DICOM SEG").count():
+                    seg_file = _download(page, "Outline as DICOM SEG", timeout_ms=60_000)
+                    assert seg_file is not None
+                    seg = pydicom.dcmread(seg_file)
+                    assert seg.Modality == "SEG"
+                    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+                assert page.locator('[data-testid="stException"]').count() == 0
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
