@@ -9,6 +9,7 @@ import streamlit as st
 
 from app_pages import common
 from lungviz import RESEARCH_NOTICE, paths
+from lungviz.dicom_export import ModelInfo, dicom_findings, reference_headers, upload_slices
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
 from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
@@ -188,6 +189,43 @@ def _window_select(is_hu: bool) -> None:
     if is_hu:
         st.segmented_control("CT window (display only)", list(WINDOW_PRESETS), key="window",
                              help="The models always see the crop min-max scaled from HU, as in training.")
+
+
+def _dicom_downloads(assessment, centre_rc: tuple[float, float] | None, report: CaseReport) -> None:
+    """The nodule model's finding as DICOM SR and its outline as DICOM SEG, for a DICOM upload; both are built when
+    a button is clicked (the same content gives the same UIDs, so the SR always references the SEG offered)."""
+    st.markdown("**Download as DICOM**")
+    if assessment is None or ms.nodule is None:
+        st.caption("DICOM SR and SEG come from the nodule model, which is not installed.")
+        return
+    try:
+        if main_file is None:
+            raise LungvizError("DICOM SR and SEG are made for DICOM uploads only.")
+        zipped = main_file.name.lower().endswith(".zip")
+        sources = _read(main_file) if zipped else upload_slices(main_file.getvalue(), main_file.name)
+        index = int(st.session_state.get(f"slice-{common.digest(main_file.file_id)}", len(sources) // 2)) \
+            if zipped else 0
+        reference_headers([sources[index]])
+    except LungvizError as err:
+        st.caption(f":material/info: {plain_text(err.message)}")
+        return
+    model = ModelInfo.from_spec(ms.nodule.name, ms.nodule.spec)
+    made: dict = {}
+
+    def build():
+        if "files" not in made:
+            made["files"] = dicom_findings(sources, index, centre_rc, assessment, model)
+        return made["files"]
+
+    st.caption("The finding (size, characteristics, estimate, model and version) as a DICOM SR measurement report "
+               "and the outline as DICOM SEG, both referencing the uploaded series: they open in OHIF and 3D Slicer.")
+    st.download_button("Findings as DICOM SR", lambda: build().sr, file_name=report_filename(report, "sr.dcm"),
+                       mime="application/dicom", icon=":material/download:", key="dicom-sr", on_click="ignore")
+    if assessment.reading.outlined:
+        st.download_button("Outline as DICOM SEG", lambda: build().seg, file_name=report_filename(report, "seg.dcm"),
+                           mime="application/dicom", icon=":material/download:", key="dicom-seg", on_click="ignore")
+    else:
+        st.caption("The nodule model outlined nothing, so there is no DICOM SEG.")
 
 
 def _case_input() -> tuple[CaseInput, str, str]:
@@ -446,3 +484,4 @@ with rep_col:
                        mime="text/html", icon=":material/download:", key="report-html", on_click="ignore")
     st.download_button("PDF report", lambda: build_pdf(report), file_name=report_filename(report, "pdf"),
                        mime="application/pdf", icon=":material/picture_as_pdf:", key="report-pdf", on_click="ignore")
+    _dicom_downloads(pred.assessment, case.centre_rc, report)

@@ -67,6 +67,8 @@ class DicomSlice:
     position: tuple[float, float, float] = (0.0, 0.0, 0.0)
     slice_thickness_mm: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: the header fields a result that references the slice copies (:func:`reference_header`), detached from the file
+    header: Any = field(default=None, repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -672,6 +674,35 @@ def _geometry(ds, name: str) -> dict:
     }
 
 
+#: The header fields a DICOM result (an SR, a SEG) copies from or checks in the slices it references: patient, study,
+#: series, frame of reference, image plane and pixel description (no private fields, no pixels).
+REFERENCE_KEYWORDS = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "Modality", "ImageType",
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+    "StudyDescription", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "InstanceNumber",
+    "FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "Rows", "Columns", "SamplesPerPixel",
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+)
+
+
+def reference_header(header):
+    """A new dataset with the :data:`REFERENCE_KEYWORDS` fields ``header`` has (at most 1 KB each), holding no
+    reference to the file's bytes (a parsed header keeps its whole file alive)."""
+    from pydicom.dataset import Dataset
+
+    out = Dataset()
+    for keyword in REFERENCE_KEYWORDS:
+        try:
+            elem = header.data_element(keyword)
+            if elem is not None and elem.VR != "SQ" and len(str(elem.value)) <= 1024:
+                out.add(elem)
+        except Exception:  # a damaged field is left out; what needs it says so
+            continue
+    return out
+
+
 def _read_slice(data: bytes, header, label: str, budget: _Budget, require_ct: bool = True) -> DicomSlice:
     """One slice from a file whose header is parsed: claims checked and charged, then decoded (call inside
     :func:`_decoding`)."""
@@ -692,7 +723,7 @@ def _read_slice(data: bytes, header, label: str, budget: _Budget, require_ct: bo
         raise LungvizError(f"the DICOM image decodes to shape {raw.shape}; its header says {rows} x {cols}.",
                            source=label)
     hu = _to_hu(raw, ds, label)
-    return DicomSlice(hu=hu, name=label, **_geometry(ds, label))
+    return DicomSlice(hu=hu, name=label, **_geometry(ds, label), header=reference_header(header))
 
 
 def read_dicom(src: Source, name: str | None = None, require_ct: bool = True) -> DicomSlice:

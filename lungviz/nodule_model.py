@@ -10,7 +10,7 @@ slice's and the volume sums the outlined areas times the slice thickness.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -111,6 +111,9 @@ class SliceReading:
     short_axis_mm: float
     area_mm2: float
     logits: np.ndarray  # (sum of head levels,)
+    #: following a series (:func:`follow_series`): the slice read and the whole-slice pixel its context was cut around
+    index: int | None = None
+    centre_rc: tuple[float, float] | None = None
 
 
 @torch.inference_mode()
@@ -325,7 +328,7 @@ def follow_series(bundle: Bundle, series: list, index: int,
     from lungviz.inputs import from_series
 
     start = from_series(series, index, centre_rc)
-    first = read_slices(bundle, [start.context], start.spacing_mm)[0]
+    first = replace(read_slices(bundle, [start.context], start.spacing_mm)[0], index=index, centre_rc=start.centre_rc)
     readings = {index: first}
     if int(first.outline.sum()) < MIN_OUTLINE_PX or start.centre_rc is None:
         return [first], [index]
@@ -340,7 +343,7 @@ def follow_series(bundle: Bundle, series: list, index: int,
             moved = np.hypot(*np.subtract(_recentred(centre, r, start.spacing_mm), centre))
             if moved * spacing_or_default(start.spacing_mm) > max(MAX_STEP_MM, 0.5 * prev.long_axis_mm):
                 break  # the outline jumped: another structure, not the same nodule
-            readings[k], prev, k = r, r, k + step
+            readings[k], prev, k = replace(r, index=k, centre_rc=case.centre_rc), r, k + step
     order = sorted(readings)
     return [readings[k] for k in order], order
 
