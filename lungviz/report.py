@@ -164,7 +164,8 @@ def call_note(prediction: dict | None) -> str | None:
     if found:
         ns = {c.get("n") for _, c in found}
         where = "one middle slice of each of" if all(c.get("single_slice") for _, c in found) else "each of"
-        parts.append(f"On {where} the {f'{ns.pop()} ' if len(ns) == 1 and None not in ns else ''}held-out test nodules these calls found "
+        count = f"{ns.pop()} " if len(ns) == 1 and None not in ns else ""
+        parts.append(f"On {where} the {count}held-out test nodules these calls found "
                      "this share of the nodules the panel rated malignant: "
                      + ", ".join(f"{name} {test_rate(c, 'sensitivity')}" for name, c in found)
                      + "; and cleared this share of the benign ones: "

@@ -40,8 +40,7 @@ BINARY, SCORE = ["benign", "malignant"], ["1", "2", "3", "4", "5"]
 PREDICTION = {
     "views": {
         "slice": {"binary": _task(BINARY, [0.4, 0.6]), "score": _task(SCORE, [0.05, 0.1, 0.3, 0.35, 0.2])},
-        "nodule": {"binary": _task(BINARY, [0.19, 0.81]), "score": _task(SCORE, [0.02, 0.08, 0.2, 0.4, 0.3])},
-        "fused": {"binary": _task(BINARY, [0.28, 0.72]), "score": _task(SCORE, [0.03, 0.07, 0.24, 0.41, 0.25])},
+        "nodule": {"binary": _task(BINARY, [0.28, 0.72]), "score": _task(SCORE, [0.03, 0.07, 0.24, 0.41, 0.25])},
     },
     "malignant_probability": 0.72,
     "flag": "refer / uncertain",
@@ -93,8 +92,8 @@ def test_html_has_notice_case_and_probabilities() -> None:
     assert RESEARCH_NOTICE in page
     assert page.index(RESEARCH_NOTICE) < page.index("Model estimate")  # the notice comes before any result
     assert "LIDC-IDRI-0001/nodule-0" in page and "2025-01-31 14:05 UTC" in page
-    for text in ("72%", "81%", "60%", "41%", "35%", "refer / uncertain", "uncertain band (25%-75%)",
-                 "Fused (both views)", "Nodule view", "Slice view", "Disagree with the model"):
+    for text in ("72%", "60%", "41%", "35%", "refer / uncertain", "uncertain band (25%-75%)",
+                 "Nodule model", "Slice view", "Disagree with the model"):
         assert text in page, text
     assert SHA[:12] in page and SHA not in page  # a prefix, not the whole hash
     assert "tf_efficientnet_lite0" in page
@@ -144,35 +143,36 @@ def test_minimal_report_builds_and_says_what_is_missing() -> None:
     assert report.created is not None and report.created.tzinfo is not None
 
 
-def test_prediction_without_score_or_fused_view() -> None:
+def test_prediction_without_score_or_slice_view() -> None:
     pred = {"views": {"nodule": {"binary": _task(BINARY, [0.9, 0.1])}}, "malignant_probability": 0.1,
             "flag": "no uncertainty flag", "reasons": []}
     page = build_html(CaseReport(case_id="c", prediction=pred, images={"nodule": _gray()}))
     assert "10%" in page and "no uncertainty flag" in page and "Score 1" not in page
     assert "this does not make the estimate correct" in page and 'class="headline noflag"' in page
-    assert "calibrated on the LIDC validation split" in page and "diameter measured" not in page
+    assert "calibrated on the LIDC validation split" in page and "assume" not in page
     assert page.count("data:image/png;base64,") == 1
 
 
-def test_model_probabilities_never_read_as_certain_and_the_measured_diameter_is_reported() -> None:
+def test_model_probabilities_never_read_as_certain_and_an_assumed_spacing_is_said() -> None:
     pred = {"views": {"nodule": {"binary": _task(BINARY, [0.999, 0.001])}}, "malignant_probability": 0.001,
-            "flag": "no uncertainty flag", "reasons": [], "estimated_diameter_mm": 16.6}
+            "flag": "no uncertainty flag", "reasons": []}
     report = CaseReport(case_id="c", prediction=pred, images={"nodule": _gray()})
     page = build_html(report)
     assert "&lt;1%" in page and ">99%" not in page and "<strong>0%</strong>" not in page
-    assert "about 17 mm (an input of the fused estimates" in page and "assuming" not in page
+    assert "assume" not in page
     assert build_pdf(report).startswith(b"%PDF")  # "<1%" must not break the PDF's paragraph markup
-    pred["diameter_assumes_spacing_mm"] = 0.7  # a PNG without spacing: the measurement assumed one
-    assert "about 17 mm, assuming 0.70 mm per pixel (an input" in build_html(report)
+    pred["sizes_assume_spacing_mm"] = 0.7  # a PNG without spacing: the sizes assumed one
+    assert "sizes assume 0.70 mm per pixel" in build_html(report)
 
 
 def test_real_prediction_to_dict_renders() -> None:
     """The report reads the exact dict :meth:`Prediction.to_dict` makes."""
     from lungviz.predict import Prediction, TaskPrediction, uncertainty_flags
 
-    views = {"slice": {"binary": TaskPrediction(BINARY, [0.3, 0.7])},
-             "nodule": {"binary": TaskPrediction(BINARY, [0.6, 0.4]), "score": TaskPrediction(SCORE, [.1] * 4 + [.6])}}
-    pred = Prediction(views, flags=uncertainty_flags(views)).to_dict()
+    views = {"slice": {"binary": TaskPrediction(classes=BINARY, probs=[0.3, 0.7])},
+             "nodule": {"binary": TaskPrediction(classes=BINARY, probs=[0.6, 0.4]),
+                        "score": TaskPrediction(classes=SCORE, probs=[.1] * 4 + [.6])}}
+    pred = Prediction(views=views, flags=uncertainty_flags(views)).to_dict()
     page = build_html(CaseReport(case_id="c", prediction=pred))
     assert "70%" in page and "40%" in page and "60%" in page
     assert pred["flag"] in page and pred["reasons"] and all(r in page for r in pred["reasons"])
@@ -215,11 +215,8 @@ def test_model_versions_from_bundles_or_specs() -> None:
         def __init__(self) -> None:
             self.spec = {"arch": "tf_efficientnet_lite2", "weights_sha256": SHA}
 
-    fused = {"kind": "fusion", "components": ["slice-binary", "nodule-binary"], "spec_sha256": "cd" * 32}
-    out = model_versions({"slice-binary": FakeBundle(), "nodule-score": {"weights_sha256": "ab" * 32},
-                          "fused-binary": fused})
-    assert out == {"slice-binary (tf_efficientnet_lite2)": SHA, "nodule-score": "ab" * 32,
-                   "fused-binary (fusion of slice-binary + nodule-binary; spec file)": "cd" * 32}
+    out = model_versions({"slice-binary": FakeBundle(), "nodule": {"weights_sha256": "ab" * 32}})
+    assert out == {"slice-binary (tf_efficientnet_lite2)": SHA, "nodule": "ab" * 32}
 
 
 def test_report_filename_is_safe() -> None:
@@ -369,25 +366,15 @@ def test_save_report_is_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["r.html"]
 
 
-def test_outline_caption_gives_the_size_and_both_axes() -> None:
-    from lungviz.outline import Outline
-    from lungviz.report import outline_caption
-
-    out = Outline(np.zeros((4, 4), bool), np.zeros((4, 4), np.float32), 80.0, 10.1, 13.6, 7.2)
-    text = outline_caption(out)
-    assert "about 10 mm across" in text and "long axis 14 mm" in text and "short axis 7 mm" in text
-    empty = Outline(np.zeros((4, 4), bool), np.zeros((4, 4), np.float32), 0.0, 0.0)
-    assert outline_caption(empty) == "Outline (nodule outliner): nothing outlined at the centre of the crop"
-
-
 def test_nothing_outlined_is_reported_and_input_notes_reach_the_report() -> None:
     pred = {"views": {"nodule": {"binary": _task(BINARY, [0.99, 0.01])}}, "malignant_probability": 0.01,
-            "flag": "no uncertainty flag", "reasons": [], "estimated_diameter_mm": 0.0,
-            "diameter_measured_by": "outliner"}
+            "flag": "no uncertainty flag", "reasons": [],
+            "nodule_model": {"slices_read": 1, "outlined": False, "size_mm": {}, "characteristics": {},
+                             "top_factors": [], "malignant_probability": 0.01}}
     warning = "This image is `slice-4.png` of library case LIDC-IDRI-0001/nodule-0. Train case: optimistic."
     report = CaseReport(case_id="slice-4.png", source="upload", file_names=["slice-4.png"], prediction=pred,
                         images={"nodule": _gray()}, input_notes=[warning, "Nodule centre used: row 3, column 4."])
     page = build_html(report)
-    assert "The nodule outliner found no nodule at the centre, so the fused estimates took the smallest size" in page
+    assert "no outline found, so the size is unknown" in page
     assert "LIDC-IDRI-0001/nodule-0. Train case: optimistic." in page and "Nodule centre used: row 3" in page
     assert build_pdf(report).startswith(b"%PDF")
