@@ -88,11 +88,11 @@ def test_camloc_cli_on_a_small_folder(app_weights, lidc_slices_dir, tmp_path):
     data = _small_folder(tmp_path / "slices", lidc_slices_dir, ["LIDC-IDRI-0001/nodule-0", "LIDC-IDRI-0003/nodule-1",
                                                                 "LIDC-IDRI-0003/nodule-2"])
     out = subprocess.run([sys.executable, "-m", "training", "camloc", "--data", str(data), "--weights",
-                          str(app_weights), "--models", "nodule-binary,slice-binary", "--json"],
+                          str(app_weights), "--models", "nodule,slice-binary", "--json"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
-    assert set(rep["models"]) == {"nodule-binary", "slice-binary"} and rep["split"] == "all"
+    assert set(rep["models"]) == {"nodule", "slice-binary"} and rep["split"] == "all"
     for r in rep["models"].values():
         for key in ("centred", "shifted"):
             b = r[key]

@@ -32,7 +32,11 @@ def test_predict_json_and_gradcam_files(weights, crop_png, tmp_path, capsys):  #
                  "--out", str(tmp_path / "maps")])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out["views"]) == {"slice", "nodule", "fused"}
+    assert set(out["views"]) == {"slice", "nodule"}
+    assert out["views"]["nodule"]["binary"]["model"] == "fused-binary"  # the headline keeps its outside name
+    factors = out["nodule_model"]["factors"]
+    assert set(factors) == {"size", "spiculation", "lobulation", "margin", "texture", "calcification", "image"}
+    assert out["nodule_model"]["top_factors"] and "log-odds" in out["nodule_model"]["top_factors"][0]
     assert 0.0 <= out["malignant_probability"] <= 1.0 and out["flag"] in ("no uncertainty flag", "refer / uncertain")
     assert "Research and education use only" in out["notice"]
     files = out["explanations"]["files"]
@@ -108,13 +112,14 @@ def test_plain_output_never_prints_a_certain_looking_percentage(weights, crop_pn
 
     def extreme(args):
         out = real(args)
-        out["views"]["fused"]["binary"]["probabilities"] = [0.998, 0.002]
+        out["views"]["nodule"]["binary"]["probabilities"] = [0.998, 0.002]
         return out
 
     monkeypatch.setattr(cli, "cmd_predict", extreme)
     assert main(["predict", "--slice", str(crop_png), "--weights", str(weights)]) == 0
     text = capsys.readouterr().out
-    assert "fused: malignant <1%" in text and " 0%" not in text and "100%" not in text
+    assert "nodule: malignant <1%" in text and " 0%" not in text and "100%" not in text
+    assert "What moved it from an average nodule's" in text  # the factors, in plain text too
 
 
 def _series(folder: Path, n: int = 5, spacing: tuple[float, float] | None = (0.7, 0.7)) -> Path:
