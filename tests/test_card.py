@@ -31,14 +31,17 @@ def _binary_spec() -> dict:
 
 def test_card_lists_every_model_with_its_figures(tmp_path):
     (tmp_path / "nodule-binary.json").write_text(json.dumps(_binary_spec()))
-    (tmp_path / "retrieval.json").write_text(json.dumps({"n": 2236, "index": "index-nodule-binary.faiss",
-                                                         "precision_at_5_test_vs_train": 0.81,
-                                                         "chance_precision_at_5": 0.67}))
+    (tmp_path / "retrieval.json").write_text(json.dumps({"n": 2236, "index": "index-nodule.faiss", "model": "nodule",
+                                                         "precision_at_5_test_vs_train": 0.81, "n_test_queries": 332,
+                                                         "precision_at_5_val_vs_train": 0.82, "n_val_queries": 336,
+                                                         "chance_precision_at_5": 0.67,
+                                                         "atlas": "index-nodule-atlas.png", "atlas_bytes": 3_880_000}))
     card = write_card(tmp_path).read_text()
     assert "Research and education use only" in card
     assert "| nodule-binary | 10 | 0.931 [0.831, 0.990]" in card
     assert "0.120 → 0.040" in card and "AUROC 0.730 [0.600, 0.800]" in card
-    assert "**0.810** (chance 0.670)" in card
+    assert "test queries **0.810** (n = 332), validation 0.820 (n = 336); chance 0.670" in card
+    assert "Thumbnail atlas `index-nodule-atlas.png` (3.9 MB" in card and "Creative Commons Attribution 3.0" in card
     assert "How much of the ECE is chance" not in card  # no band recorded: no section
     spec = _binary_spec()
     spec["metrics"]["test"]["ece_if_calibrated"] = {"median": 0.031, "p95": 0.052, "p_value": 0.4}

@@ -272,3 +272,29 @@ def test_grouped_folds_keep_each_patient_whole_and_are_reproducible():
     assert max(patients_per_fold) - min(patients_per_fold) <= 1  # dealt round-robin
     assert np.array_equal(fold, grouped_folds(groups, 5, seed=0))
     assert not np.array_equal(fold, grouped_folds(groups, 5, seed=1))
+
+
+def test_an_upload_is_embedded_as_its_library_case_was(tmp_path, real_lidc):
+    """The index command and the app's query read a slice the same way (the nodule model's two passes, its pooled
+    features), so a library slice uploaded again finds its own case at similarity 1."""
+    from conftest import build_nodule_weights
+
+    from lungviz.models import load_bundle
+    from lungviz.predict import ModelSet, retrieval_query
+    from training.data import SliceStore, central_slices
+    from training.index import nodule_library
+
+    bundle = load_bundle(build_nodule_weights(tmp_path), "nodule", device="cpu")
+    cases = [c for c in real_lidc[0] if c.malignancy is not None][:3]
+    store = SliceStore(cases, progress=False)
+    middles = [c.middle_index() for c in cases]
+    emb, views = nodule_library(bundle, store, middles, max_slices=1)
+    assert emb.shape == (3, bundle.model.embed_dim) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert [v.shape for v in views] == [(32, 32)] * 3  # the model's own view of each middle slice
+    models = ModelSet(bundles={}, fusions={}, folder=tmp_path, nodule=bundle)
+    for ci, case in enumerate(cases):
+        k = central_slices(store.n_slices(ci), 1, 0.5)[0]  # the one slice the library read
+        query = retrieval_query(models, "nodule", store.slice01(ci, k), None, case.pixel_spacing_mm)
+        assert float(query @ emb[ci]) > 0.9999
+    with pytest.raises(LungvizError, match="not installed"):
+        retrieval_query(models, "nodule-binary", store.slice01(0, 0), None, None)

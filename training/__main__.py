@@ -100,10 +100,10 @@ def train_shipped(base: TrainConfig, names: list[str]) -> dict:
 
 
 def train_all(base: TrainConfig) -> dict:
-    """Every shipped model with its preset, then the two fused models, the similar-case index and the nodule
-    model."""
+    """Every shipped model with its preset, then the two fused models, the nodule model and the similar-case index
+    (which embeds with the nodule model)."""
     from training.fuse import train_fusion
-    from training.index import build_library_index
+    from training.index import INDEX_MODEL, build_library_index
     from training.train import SHIPPED, SHIPPED_FUSIONS
 
     for preset in SHIPPED_FUSIONS.values():  # fail now, not after hours of training
@@ -117,12 +117,12 @@ def train_all(base: TrainConfig) -> dict:
     for task, preset in SHIPPED_FUSIONS.items():
         spec = train_fusion(task, base.out, **preset)
         done[f"fused-{task}"] = {k: spec["metrics"]["test"].get(k) for k in ("n", "auroc", "f1_weighted", "qwk")}
-    done["index"] = build_library_index("nodule-binary")
     from training.nodule import NoduleConfig, train_nodule
 
     nodule = train_nodule(NoduleConfig(out=str(Path(base.out) if base.out else paths.weights_dir())))
     done["nodule"] = {"dice": nodule["metrics"]["test"]["outline"]["dice"],
                       "estimate_auroc": nodule["metrics"]["estimate"]["factors"]["auroc"]["auroc"]}
+    done["index"] = build_library_index(INDEX_MODEL)  # embeds with the nodule model, so after it
     return done
 
 
@@ -160,7 +160,8 @@ def cmd_evaluate(cfg: EvalConfig) -> dict | str:
 
 
 def cmd_index(cfg: IndexConfig) -> dict:
-    """Embed every labelled library nodule with a shipped model into a FAISS index (weights/index-<model>)."""
+    """Embed every labelled library nodule with a shipped model (default the nodule model) into a FAISS index with
+    its thumbnail atlas (weights/index-<model>.faiss, .json, -atlas.png) and measure its retrieval."""
     from training.index import build_library_index
 
     return build_library_index(cfg.model, cfg.data, cfg.out, cfg.max_slices)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import RESEARCH_NOTICE, metrics, paths
+from lungviz.atlas import ATLAS_PX, ATTRIBUTION
 from lungviz.calibration import PRIOR_AFTER_T, Calibration
 from lungviz.fusion import SIZE_FEATURE, SIZE_SOURCES
 from lungviz.inventory import diameter_sentence, read_result
@@ -23,6 +24,7 @@ from lungviz.metrics import (
     miscalibration_direction,
     with_malignant_ece,
 )
+from lungviz.retrieval import LIBRARY_INDEX
 from lungviz.shape import (
     GREY_FEATURES,
     MIN_SHAPE_PX,
@@ -953,6 +955,23 @@ def calls_section(w: Callable[[str], None], specs: dict) -> None:
     w("")
 
 
+def retrieval_text(retrieval: dict) -> str:
+    """The card's paragraph on the similar-case index, its retrieval figures and its thumbnail atlas."""
+    val = retrieval.get("precision_at_5_val_vs_train")
+    text = (f"Index `{retrieval.get('index', '')}`: {retrieval['n']} library nodules embedded with "
+            f"`{retrieval.get('model', '?')}` ({retrieval.get('embedding', 'penultimate layer, L2-normalised')}; "
+            "FAISS inner product). Precision@5 (share of a query's 5 nearest train-library nodules with its "
+            "benign/malignant panel label): test queries "
+            f"**{retrieval['precision_at_5_test_vs_train']:.3f}** (n = {retrieval.get('n_test_queries', '?')})"
+            + (f", validation {val:.3f} (n = {retrieval.get('n_val_queries', '?')})" if val is not None else "")
+            + f"; chance {retrieval['chance_precision_at_5']:.3f}.")
+    if retrieval.get("atlas"):
+        text += (f"\n\nThumbnail atlas `{retrieval['atlas']}` ({retrieval.get('atlas_bytes', 0) / 1e6:.1f} MB, one "
+                 f"{ATLAS_PX} px picture of each library case's nodule view, a lossless PNG sprite sheet): the similar "
+                 "cases and the case library show it where the data folder is absent. " + ATTRIBUTION)
+    return text
+
+
 def write_card(folder: Path | None = None) -> Path:
     """Regenerate ``weights/README.md`` and ``weights/figures/``."""
     folder = folder or paths.weights_dir()
@@ -978,7 +997,7 @@ def write_card(folder: Path | None = None) -> Path:
       "Each crop is min-max scaled from HU as the slices set stores it.\n")
     w("- Label = the panel: median of 1-4 readers' malignancy ratings rounded half up (`score`, 1-5); `binary` "
       "groups 1-3 as benign and 4-5 as malignant. Nodules read by one radiologist carry that reader's score only.\n")
-    records = (read_result("index-nodule-binary.json", folder) or {}).get("records") or []
+    records = (read_result(f"{LIBRARY_INDEX}.json", folder) or {}).get("records") or []
     many = [int(r["n_readers"]) for r in records if int(r.get("n_readers") or 0) > MAX_LIDC_READERS]
     if many:
         w(f"- {len(many)} nodules carry {min(many)}-{max(many)} ratings, more than the {MAX_LIDC_READERS} readers of a "
@@ -1077,10 +1096,7 @@ def write_card(folder: Path | None = None) -> Path:
               "nodules lost part of their outline at the view's edge.\n")
     if retrieval:
         w("## Similar-case retrieval\n")
-        w(f"Index `{retrieval.get('index', '')}`: {retrieval['n']} library nodules embedded with "
-          f"`{retrieval.get('model', 'nodule-binary')}` (penultimate layer, L2-normalised, FAISS inner product). "
-          f"Precision@5 (same binary label) for test queries against the train library: "
-          f"**{retrieval['precision_at_5_test_vs_train']:.3f}** (chance {retrieval['chance_precision_at_5']:.3f}).\n")
+        w(retrieval_text(retrieval) + "\n")
     if screen:
         w("## Backbone screen (validation split only)\n")
         w(_budget(screen["setup"]) + "\n")
