@@ -805,7 +805,7 @@ def test_fifty_large_uploads_leave_the_servers_memory_bounded(app_env):
 COMMON = Path(__file__).resolve().parent.parent / "app_pages" / "common.py"
 #: Caches of app_pages/common.py keyed by one server folder or file (models, index, finder, the library's tables, the
 #: review log): loaded once, so neither bounded nor expiring. Every other cache is keyed by what a session sends.
-PER_FOLDER = {"_model_set", "_case_index", "_finder", "_slice_table", "_slice_spacings", "_review_store"}
+PER_FOLDER = {"_model_set", "_case_index", "_atlas", "_finder", "_slice_table", "_slice_spacings", "_review_store"}
 
 
 def _caches() -> dict[str, tuple[str, dict[str, ast.expr], list[str]]]:
