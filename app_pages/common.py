@@ -14,12 +14,14 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from lungviz import paths
+from lungviz.atlas import Atlas, atlas_path, load_atlas
 from lungviz.errors import LungvizError
 from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundle_cam, lime_map
 from lungviz.finder import Finder, load_finder, scan
 from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
 from lungviz.library import (
+    PICTURE_SOURCES,
     library_slice_of,
     same_patient_cases,
     series_split,
@@ -29,22 +31,13 @@ from lungviz.library import (
 )
 from lungviz.lidc import load_case
 from lungviz.nodule_model import Assessment, assess, assess_series
-from lungviz.predict import (
-    ESTIMATE_NAME,
-    NODULE_MODEL,
-    ModelSet,
-    Prediction,
-    embed_view,
-    load_models,
-    predict,
-    view_image,
-)
+from lungviz.predict import ESTIMATE_NAME, ModelSet, Prediction, load_models, predict, retrieval_query
 from lungviz.report import VIEW_LABELS, prob_pct, test_rate
-from lungviz.retrieval import CaseIndex, load_index, set_server_threads
+from lungviz.retrieval import LIBRARY_INDEX, CaseIndex, load_index, set_server_threads
 from lungviz.reviews import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS, VERDICTS, ReviewStore
 from lungviz.text import plain_text
 
-INDEX_NAME = "index-nodule-binary"
+INDEX_NAME = LIBRARY_INDEX
 LIBRARY_PAGE = "app_pages/library.py"
 #: Preferences kept across pages (widget keys re-assigned each run, so leaving a page does not reset them).
 PREFERENCES = {"alpha": 0.4, "map_method": "Grad-CAM", "lime_precision": "Fast", "k_similar": 5, "window": "lung",
@@ -162,6 +155,19 @@ def _model_set(folder: str) -> ModelSet:
 def _case_index(folder: str) -> CaseIndex:
     set_server_threads(1)
     return load_index(Path(folder), INDEX_NAME)
+
+
+@st.cache_resource(show_spinner="Loading the case thumbnails…")
+def _atlas(folder: str) -> Atlas | None:
+    try:
+        return load_atlas(atlas_path(Path(folder), INDEX_NAME))
+    except LungvizError:
+        return None  # the pictures then come from the data folder only
+
+
+def atlas() -> Atlas | None:
+    """The thumbnail atlas shipped with the index, or None when it is not installed or damaged."""
+    return _atlas(weights_folder())
 
 
 @st.cache_resource(show_spinner="Loading the nodule finder…")
@@ -344,16 +350,9 @@ def similar(folder: str, data_root: str, context: np.ndarray | None, nodule_crop
     """The ``k`` nearest library cases, queried with the index model's view of this input; when the input is one of
     the library's own images, its patient's cases (``own_patient``: a case or patient id) are left out."""
     index = _case_index(folder)
-    bundle = _model_set(folder).networks.get(index.model)
-    if bundle is None:
-        raise LungvizError(f"the index was built with model '{index.model}', which is not installed.")
-    if index.model == NODULE_MODEL:  # the nodule model's own view, sized to the nodule
-        view = prediction(folder, context, nodule_crop, spacing_mm).images["nodule"]
-    else:
-        view = view_image(bundle.spec, context, nodule_crop, spacing_mm)
-    query = embed_view(bundle, view)
+    query = retrieval_query(_model_set(folder), index.model, context, nodule_crop, spacing_mm)
     exclude = same_patient_cases(index.records, own_patient) if own_patient else None
-    return similar_cases(index, query, k, root=Path(data_root), exclude=exclude)
+    return similar_cases(index, query, k, root=Path(data_root), exclude=exclude, atlas=_atlas(folder))
 
 
 @st.cache_data(show_spinner="Loading the case…", max_entries=16, ttl=RESULT_TTL)
@@ -526,9 +525,10 @@ def similar_case_cards(cases: list[dict], key: str) -> None:
     for i, (col, c) in enumerate(zip(cols, cases, strict=True)):
         with col.container(border=True):
             if c.get("thumbnail") is not None:
-                st.image(c["thumbnail"], width="stretch", clamp=True)
+                st.image(c["thumbnail"], width="stretch", clamp=True,
+                         caption=PICTURE_SOURCES.get(c.get("thumbnail_source") or ""))
             else:
-                st.caption("image not in the data folder")
+                st.caption("no picture: not in the data folder nor in the thumbnail atlas")
             st.markdown(f"**{c['case_id']}**")
             label = {1: "malignant", 0: "benign"}.get(c.get("malignant"), "-")
             d = c.get("diameter_mm")

@@ -11,7 +11,10 @@ from lungviz.errors import LungvizError
 from lungviz.explain import overlay
 from lungviz.inventory import map_localisation_text
 from lungviz.library import (
+    NEEDS_DATA_FOLDER,
+    PICTURE_SOURCES,
     SPLIT_NOTES,
+    case_picture,
     characteristic_rows,
     diameter_range,
     filter_records,
@@ -30,14 +33,11 @@ SHOW_PX = 256
 st.title("Case library")
 index = common.case_index(quiet=True)
 if index is None:
-    st.error("The case library is not available: the similar-case index (`index-nodule-binary`) is not installed "
+    st.error(f"The case library is not available: the similar-case index (`{common.INDEX_NAME}`) is not installed "
              f"in {paths.weights_dir()}. Build it with `python -m training index`.", icon=":material/error:")
     st.stop()
 root = paths.lidc_slices_dir()
-if not root.is_dir():
-    st.error(f"The library's images are not there: {root} does not exist. Set LUNGVIZ_DATA to the folder holding "
-             "lidc-slices/.", icon=":material/error:")
-    st.stop()
+has_data = root.is_dir()
 records = index.records
 by_id = {r["case_id"]: r for r in records}
 ms = common.models()
@@ -56,6 +56,28 @@ def _close_case() -> None:
     st.query_params.clear()
 
 
+def _facts(record: dict) -> None:
+    """The case's panel and reader scores, diameter and characteristics, from the index's record."""
+    facts, chars = st.columns([1, 1], gap="large")
+    d, spacing = record.get("diameter_mm"), record.get("pixel_spacing_mm")
+    with facts:
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Panel score", "-" if record.get("malignancy") is None else record["malignancy"],
+                  help="Median of the readers' malignancy ratings (1-5), rounded half up.")
+        m2.metric("Readers", record.get("n_readers") or len(record.get("reader_scores") or []))
+        m3.metric("Diameter", "-" if d is None else f"{float(d):.1f} mm")
+        st.markdown(f"Each reader's score: **{reader_spread(record.get('reader_scores'))}**  \n"
+                    f"Panel: **{ {1: 'malignant (4-5)', 0: 'benign (1-3)'}.get(record.get('malignant'), '-') }**  \n"
+                    f"Label check: `{record.get('label_check', '-')}` · pixel spacing "
+                    f"{'-' if spacing is None else f'{float(spacing):.2f} mm'}")
+        for note in (reader_count_note(record.get("n_readers")), label_check_note(record.get("label_check"))):
+            if note:
+                st.caption(f":material/info: {note}")
+    with chars:
+        st.markdown("**Readers' characteristics (panel medians)**")
+        st.table(characteristic_rows(record.get("characteristics") or {}), hide_index=True, border="horizontal")
+
+
 def _show_case(record: dict) -> None:
     case_id = record["case_id"]
     st.button("Back to the list", icon=":material/arrow_back:", on_click=_close_case)
@@ -63,6 +85,13 @@ def _show_case(record: dict) -> None:
     split = record.get("split", "?")
     {"train": st.warning, "val": st.info, "test": st.success}.get(split, st.info)(
         SPLIT_NOTES.get(split, f"Split: {split}."), icon=":material/dataset:")
+    _facts(record)
+    if not has_data:  # the index's record and the atlas's thumbnail are all there is
+        picture, source = case_picture(record, root, common.atlas())
+        if picture is not None:
+            st.image(resize(picture, SHOW_PX // 2), caption=PICTURE_SOURCES[source or "atlas"], clamp=True)
+        st.info(f"{NEEDS_DATA_FOLDER} It is not at {root}.", icon=":material/folder_off:")
+        return
     try:
         case, slices, masks = common.library_case(str(root), case_id)
     except LungvizError as err:
@@ -70,24 +99,6 @@ def _show_case(record: dict) -> None:
         return
     n = len(slices)
     middle = int(record.get("middle_index", n // 2))
-
-    facts, chars = st.columns([1, 1], gap="large")
-    with facts:
-        m1, m2, m3 = st.columns(3)
-        m1.metric("Panel score", "-" if case.malignancy is None else case.malignancy,
-                  help="Median of the readers' malignancy ratings (1-5), rounded half up.")
-        m2.metric("Readers", case.n_readers)
-        m3.metric("Diameter", "-" if case.diameter_mm is None else f"{case.diameter_mm:.1f} mm")
-        st.markdown(f"Each reader's score: **{reader_spread(case.reader_scores)}**  \n"
-                    f"Panel: **{ {1: 'malignant (4-5)', 0: 'benign (1-3)'}.get(case.malignant, '-') }**  \n"
-                    f"Label check: `{case.label_check}` · pixel spacing "
-                    f"{'-' if case.pixel_spacing_mm is None else f'{case.pixel_spacing_mm:.2f} mm'}")
-        for note in (reader_count_note(case.n_readers), label_check_note(case.label_check)):
-            if note:
-                st.caption(f":material/info: {note}")
-    with chars:
-        st.markdown("**Readers' characteristics (panel medians)**")
-        st.table(characteristic_rows(case.characteristics), hide_index=True, border="horizontal")
 
     st.subheader("Slices, readers' outline and the model's map")
     index_ = st.slider("Slice (inferior → superior)", 0, n - 1, middle, key=f"libslice-{case_id}") if n > 1 else 0
@@ -172,6 +183,8 @@ def _show_case(record: dict) -> None:
 def _browse() -> None:
     st.caption(f"{len(records)} LIDC-IDRI nodules with their radiologists' ratings. Train cases were seen by the "
                "model; test cases were held out.")
+    st.caption(f":material/folder: {NEEDS_DATA_FOLDER}"
+               + ("" if has_data else f" It is not at {root}: open a case for its ratings and thumbnail."))
     with st.container(border=True):
         f1, f2, f3 = st.columns(3)
         scores = f1.multiselect("Panel score", [1, 2, 3, 4, 5], default=[1, 2, 3, 4, 5], key="lib-scores")

@@ -17,8 +17,9 @@ import numpy as np
 
 from lungviz import paths
 from lungviz.errors import LungvizError
+from lungviz.retrieval import LIBRARY_INDEX
 
-INDEX_NAME = "index-nodule-binary"
+INDEX_NAME = LIBRARY_INDEX
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -104,7 +105,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
     import torch
 
     from lungviz.explain import LIME_STABLE_SAMPLES, bundle_cam, lime_map, segment, stock_lime, top_k_overlap
-    from lungviz.predict import embed_view, load_models, predict
+    from lungviz.predict import load_models, predict, retrieval_query
     from lungviz.retrieval import load_index, set_server_threads
 
     folder = folder or paths.weights_dir()
@@ -170,11 +171,13 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
     }
     if (folder / f"{INDEX_NAME}.faiss").is_file():
         index = load_index(folder, INDEX_NAME)
-        nb = models.nodule
-        queries = [embed_view(nb, p.images["nodule"]) for p in preds] if nb else []
+
+        def query(ctx: np.ndarray, sp: float | None) -> np.ndarray:
+            return retrieval_query(models, index.model, ctx, None, sp)
+
+        queries = [query(ctx, sp) for ctx, sp in contexts]
         out["retrieval_ms"] = float(np.median([_median_ms(lambda q=q: index.search(q, 5), repeats) for q in queries]))
-        out["embed_ms"] = float(np.median([_median_ms(lambda p=p: embed_view(nb, p.images["nodule"]), repeats)
-                                           for p in preds])) if nb else None
+        out["embed_ms"] = float(np.median([_median_ms(lambda c=c, s=s: query(c, s), repeats) for c, s in contexts]))
         out["index_size"] = len(index)
     out.update(locate_bench(folder, repeats))
     first = cases[0].image_paths[cases[0].n_slices // 2]

@@ -16,6 +16,7 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 
 from lungviz import paths
+from lungviz.atlas import Atlas
 from lungviz.errors import LungvizError
 from lungviz.io import load_gray
 from lungviz.preprocess import resize
@@ -98,6 +99,26 @@ def thumbnail(record: Mapping, root: Path | None = None) -> np.ndarray | None:
         return load_gray(record_image_path(record, root=root))
     except LungvizError:
         return None
+
+
+#: Where a case's picture came from: its middle slice in the data folder, or the thumbnail atlas shipped with the
+#: index (the nodule view, small), in the words the app shows under it.
+PICTURE_SOURCES = {"data": "middle slice", "atlas": "nodule view (thumbnail atlas)"}
+#: What of the case library needs the data folder, in one line for the page.
+NEEDS_DATA_FOLDER = ("Full-size slices, every slice of a nodule, the readers' outlines, the models' maps and readings "
+                     "of a case need the data folder (LUNGVIZ_DATA); the case list, the ratings and a small thumbnail "
+                     "of each nodule come with the index.")
+
+
+def case_picture(record: Mapping, root: Path | None = None, atlas: Atlas | None = None
+                 ) -> tuple[np.ndarray | None, str | None]:
+    """``(picture (H, W) float32 in [0, 1], source)``: the middle slice from the data folder when it is there, else
+    the atlas's thumbnail (source ``"data"`` / ``"atlas"``); ``(None, None)`` when neither has it."""
+    image = thumbnail(record, root)
+    if image is not None:
+        return image, "data"
+    small = atlas.thumbnail(str(record.get("case_id"))) if atlas is not None else None
+    return (small, "atlas") if small is not None else (None, None)
 
 
 def slice_file_table(slices_root: Path | None = None) -> dict[str, str]:
@@ -238,11 +259,16 @@ def same_patient_cases(records: Sequence[Mapping], case_or_patient: str) -> set[
 
 
 def similar_cases(index, query: np.ndarray, k: int = 5, root: Path | None = None,
-                  exclude: set[str] | None = None) -> list[dict]:
-    """The ``k`` library cases nearest a ``(D,)`` query embedding: each record with ``similarity`` and
-    ``thumbnail`` (its middle slice, None when missing) added, most similar first."""
+                  exclude: set[str] | None = None, atlas: Atlas | None = None) -> list[dict]:
+    """The ``k`` library cases nearest a ``(D,)`` query embedding, most similar first: each record with
+    ``similarity``, ``thumbnail`` (:func:`case_picture`: the data folder's middle slice, else the atlas's; None when
+    neither has it) and ``thumbnail_source`` added."""
     hits = index.search(np.asarray(query, np.float32)[None], k, exclude)[0]
-    return [{**rec, "similarity": float(sim), "thumbnail": thumbnail(rec, root)} for sim, rec in hits]
+    out = []
+    for sim, rec in hits:
+        picture, source = case_picture(rec, root, atlas)
+        out.append({**rec, "similarity": float(sim), "thumbnail": picture, "thumbnail_source": source})
+    return out
 
 
 def mask_outline(image: np.ndarray, mask: np.ndarray, threshold: float = 0.5,

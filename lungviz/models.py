@@ -395,7 +395,9 @@ class NoduleNet(nn.Module):
     def feature_layer(self) -> nn.Module:
         return self.gated
 
-    def _pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, C, H, W)`` -> (outline logits ``(N, 1, H, W)``, the gated pooled features ``(N, D)`` the heads
+        read)."""
         taps = self.seg.encode(x)
         y = self.seg.pyramid(taps)
         outline = nn.functional.interpolate(self.seg.out(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -409,11 +411,11 @@ class NoduleNet(nn.Module):
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, C, H, W)`` -> (outline logits ``(N, 1, H, W)``, every head's logits ``(N, sum of levels)``)."""
-        outline, pooled = self._pooled(x)
+        outline, pooled = self.pooled(x)
         return outline, self.head(pooled)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self._pooled(x)[1]
+        return self.pooled(x)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.outputs(x)[1][:, : self.num_classes]

@@ -114,16 +114,21 @@ class SliceReading:
     #: following a series (:func:`follow_series`): the slice read and the whole-slice pixel its context was cut around
     index: int | None = None
     centre_rc: tuple[float, float] | None = None
+    embedding: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))  # pooled (D,)
 
 
 @torch.inference_mode()
-def _run(bundle: Bundle, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _run(bundle: Bundle, views: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Outline probabilities ``(N, S, S)``, head logits ``(N, sum of levels)`` and the pooled features the heads
+    read ``(N, D)`` (the retrieval embedding) of a batch of views."""
     model = bundle.model
     if not isinstance(model, NoduleNet):
         raise LungvizError(f"model '{bundle.name}' is not a nodule model.")
     x = np.stack([to_model_input(v, bundle.mean, bundle.std, bundle.in_chans) for v in views])
-    outline, heads = model.outputs(torch.from_numpy(x).to(bundle.device))
-    return torch.sigmoid(outline[:, 0].float()).cpu().numpy(), heads.float().cpu().numpy()
+    outline, pooled = model.pooled(torch.from_numpy(x).to(bundle.device))
+    heads = model.head(pooled)
+    return (torch.sigmoid(outline[:, 0].float()).cpu().numpy(), heads.float().cpu().numpy(),
+            pooled.float().cpu().numpy())
 
 
 def _outlines(probs: np.ndarray) -> list[np.ndarray]:
@@ -135,7 +140,7 @@ def _measured_fields(bundle: Bundle, todo: list[tuple[np.ndarray, tuple[float, f
     """Per (context, centre, spacing), the field that follows the nodule as outlined in a view of ``field_mm``,
     or None when nothing is outlined there."""
     views = [cut(c, rc, field_mm, sp, bundle.input_size) for c, rc, sp in todo]
-    probs, _ = _run(bundle, np.stack([v for v, _ in views]))
+    probs, _, _ = _run(bundle, np.stack([v for v, _ in views]))
     return [rule.field_for(axes_px(m)[0] * mmpx) if m.any() else None
             for m, (_, mmpx) in zip(_outlines(probs), views, strict=True)]
 
@@ -163,12 +168,25 @@ def read_slices(bundle: Bundle, contexts01: list[np.ndarray], spacing_mm: float 
                 fields[j] = f
         fields = [rule.first if f is None else f for f in fields]
         second = [cut(c, rc, f, sp, size) for (c, rc, sp), f in zip(todo, fields, strict=True)]
-        probs, logits = _run(bundle, np.stack([v for v, _ in second]))
-        for (view, mmpx), f, mask, z in zip(second, fields, _outlines(probs), logits, strict=True):
+        probs, logits, pooled = _run(bundle, np.stack([v for v, _ in second]))
+        for (view, mmpx), f, mask, z, e in zip(second, fields, _outlines(probs), logits, pooled, strict=True):
             long_px, short_px = axes_px(mask)
             out.append(SliceReading(view=view, field_mm=f, mm_per_px=mmpx, outline=mask, long_axis_mm=long_px * mmpx,
-                                    short_axis_mm=short_px * mmpx, area_mm2=float(mask.sum()) * mmpx**2, logits=z))
+                                    short_axis_mm=short_px * mmpx, area_mm2=float(mask.sum()) * mmpx**2, logits=z,
+                                    embedding=e))
     return out
+
+
+def reading_embedding(readings: list[SliceReading], central: float = 1.0) -> np.ndarray:
+    """A nodule's retrieval embedding ``(D,)``: its slices' L2-normalised pooled features averaged over the
+    ``central`` share of the slices (the share the heads' logits are averaged over), then L2-normalised."""
+    if not readings or any(r.embedding.size == 0 for r in readings):
+        raise LungvizError("the nodule model's reading carries no embedding.")
+    keep = max(1, int(np.ceil(len(readings) * min(max(central, 0.0), 1.0))))
+    first = (len(readings) - keep) // 2
+    e = np.stack([r.embedding for r in readings[first : first + keep]]).astype(np.float64)
+    e = (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).mean(axis=0)
+    return (e / max(float(np.linalg.norm(e)), 1e-12)).astype(np.float32)
 
 
 @dataclass(frozen=True, kw_only=True)

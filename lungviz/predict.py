@@ -21,7 +21,7 @@ from lungviz.errors import LungvizError
 from lungviz.finder import Finder, centre_presence, load_finder
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, load_bundle
-from lungviz.nodule_model import Assessment, assess
+from lungviz.nodule_model import Assessment, assess, read_slices, reading_embedding
 from lungviz.preprocess import (
     VIEWS,
     spacing_or_default,
@@ -348,3 +348,19 @@ def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         e = bundle.model.embed(x).float().cpu().numpy()[0]
     return (e / max(float(np.linalg.norm(e)), 1e-12)).astype(np.float32)
+
+
+def retrieval_query(models: ModelSet, model: str, context: np.ndarray | None, nodule_crop: np.ndarray | None,
+                    spacing_mm: float | None) -> np.ndarray:
+    """The L2-normalised query ``(D,)`` for an index built with ``model``, embedded as its library cases were: the
+    nodule model reads the slice as it does for its estimate (the view's field follows the nodule; an uploaded
+    nodule crop alone is read as the slice), a classifier embeds its view."""
+    if models.nodule is not None and model == models.nodule.name:
+        if context is None and nodule_crop is None:
+            raise LungvizError("upload a slice image (or a nodule crop) to find similar cases.")
+        image, spacing = (context, spacing_mm) if context is not None else crop_as_context(nodule_crop)
+        return reading_embedding(read_slices(models.nodule, [image], spacing))
+    bundle = models.bundles.get(model)
+    if bundle is None:
+        raise LungvizError(f"the similar-case index was built with model '{model}', which is not installed.")
+    return embed_view(bundle, view_image(bundle.spec, context, nodule_crop, spacing_mm))

@@ -13,6 +13,8 @@ from lungviz.errors import LungvizError
 from lungviz.files import atomic_write, replacing
 
 INDEX_KIND = "lungviz-index"
+#: The similar-case index the app loads from weights/ (built by ``python -m training index``), and its atlas beside it.
+LIBRARY_INDEX = "index-nodule"
 #: The FAISS index types lungviz builds (exact inner product; exact L2), by their four-byte tag.
 FLAT_INDEX_TAGS = (b"IxFI", b"IxF2")
 #: Tag, dimension (int32), rows (int64), two unused int64, trained flag (1 byte), metric (int32), float count (uint64).

@@ -353,16 +353,17 @@ def build_nodule_weights(folder: Path, input_size: int = 32) -> Path:
 
 def build_app_weights(folder: Path, slices_root: Path) -> Path:
     """Everything the app loads from a weights folder, tiny: an untrained nodule model and two cnn4 slice-view
-    bundles (32 px), a FAISS index over :data:`APP_CASES` (real images), reference test predictions, a model card
-    with a figure."""
+    bundles (32 px), a FAISS index over :data:`APP_CASES` (real images) with its thumbnail atlas, reference test
+    predictions, a model card with a figure."""
     import json
 
     import torch
 
+    from lungviz.atlas import atlas_path, build_atlas, save_atlas
     from lungviz.lidc import load_case
     from lungviz.models import ModelSpec, create_model, save_bundle
-    from lungviz.predict import embed_view, load_models, predict
-    from lungviz.retrieval import build_index
+    from lungviz.predict import load_models, predict, retrieval_query
+    from lungviz.retrieval import LIBRARY_INDEX, build_index
     from training.index import case_record
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -379,10 +380,13 @@ def build_app_weights(folder: Path, slices_root: Path) -> Path:
     build_nodule_weights(folder)
     models = load_models(folder, device="cpu")
     cases = [load_case(slices_root, cid) for cid in APP_CASES]
-    emb = np.stack([embed_view(models.nodule, predict(models, c.load_slice(c.middle_index()), None,
-                                                      c.pixel_spacing_mm).images["nodule"]) for c in cases])
+    emb = np.stack([retrieval_query(models, "nodule", c.load_slice(c.middle_index()), None, c.pixel_spacing_mm)
+                    for c in cases])
+    views = [predict(models, c.load_slice(c.middle_index()), None, c.pixel_spacing_mm).images["nodule"]
+             for c in cases]
     records = [case_record(c, APP_CASES[c.case_id], slices_root, c.middle_index()) for c in cases]
-    build_index(emb, records, "nodule").save(folder, "index-nodule-binary")
+    build_index(emb, records, "nodule").save(folder, LIBRARY_INDEX)
+    save_atlas(build_atlas([c.case_id for c in cases], views, "fixture"), atlas_path(folder, LIBRARY_INDEX))
     from lungviz.splits import Split
 
     patients = {cid.split("/")[0]: split for cid, split in APP_CASES.items()}  # one split per patient

@@ -685,6 +685,31 @@ def test_library_case_view_of_a_training_case(app_env):
                                                                         "agree")]
 
 
+def test_similar_cases_and_the_library_show_atlas_pictures_without_the_data_folder(app_env, lidc_slices_dir,
+                                                                                   tmp_path, monkeypatch):
+    """On a machine without the data folder the similar cases and a library case still come with pictures (the
+    thumbnail atlas shipped with the index), and the library says which parts need the data folder."""
+    from lungviz.library import NEEDS_DATA_FOLDER, PICTURE_SOURCES
+
+    image = (lidc_slices_dir / REAL_SLICE).read_bytes()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("LUNGVIZ_DATA", str(tmp_path / "empty"))
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "slice-4.png", image)
+    assert not at.exception
+    cards = [m.value for m in at.markdown if m.value.startswith("**LIDC-IDRI-")]
+    pictures = [img for img in at.image if img.captions and img.captions[0] == PICTURE_SOURCES["atlas"]]
+    assert len(cards) == 5 and len(pictures) == 5
+    assert "no picture" not in _texts(at)
+    at.switch_page("app_pages/library.py").run()
+    assert not at.exception and NEEDS_DATA_FOLDER in _texts(at)
+    assert len(at.dataframe[0].value) == len(APP_CASES)  # the list comes with the index
+    at.selectbox(key="lib-open").set_value("LIDC-IDRI-0003/nodule-1").run()
+    at.button(key="lib-open-btn").click().run()
+    assert not at.exception and at.header[0].value == "LIDC-IDRI-0003/nodule-1"
+    assert [img.captions[0] for img in at.image] == [PICTURE_SOURCES["atlas"]]
+    assert any(NEEDS_DATA_FOLDER in i.value for i in at.info) and at.metric[0].label == "Panel score"
+
+
 def test_library_explains_a_missing_index(tmp_path, monkeypatch):
     monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(tmp_path))
     monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
@@ -780,7 +805,7 @@ def test_fifty_large_uploads_leave_the_servers_memory_bounded(app_env):
 COMMON = Path(__file__).resolve().parent.parent / "app_pages" / "common.py"
 #: Caches of app_pages/common.py keyed by one server folder or file (models, index, finder, the library's tables, the
 #: review log): loaded once, so neither bounded nor expiring. Every other cache is keyed by what a session sends.
-PER_FOLDER = {"_model_set", "_case_index", "_finder", "_slice_table", "_slice_spacings", "_review_store"}
+PER_FOLDER = {"_model_set", "_case_index", "_atlas", "_finder", "_slice_table", "_slice_spacings", "_review_store"}
 
 
 def _caches() -> dict[str, tuple[str, dict[str, ast.expr], list[str]]]:

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lungviz.atlas import ATLAS_PX, atlas_path, build_atlas, load_atlas, save_atlas, to_thumbnail
 from lungviz.errors import LungvizError
 from lungviz.library import (
+    case_picture,
     characteristic_rows,
     diameter_range,
     filter_records,
@@ -100,6 +102,98 @@ def test_similar_cases_attach_similarity_and_thumbnail(tmp_path):
     assert hits[1]["thumbnail"] is None
     assert [h["case_id"] for h in similar_cases(index, emb[0], 1, tmp_path, exclude={"P1/nodule-0"})] == [
         "P2/nodule-0"]
+
+
+def test_similar_cases_fall_back_to_the_atlas_where_the_data_folder_lacks_the_image(tmp_path):
+    from conftest import write_png
+
+    write_png(tmp_path / "P1/nodule-0/images/slice-0.png", np.full((16, 16), 255))
+    emb = np.eye(4, 8, dtype=np.float32)
+    index = build_index(emb, RECORDS, "nodule")
+    small = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    atlas = build_atlas(["P2/nodule-0", "P4/nodule-1"], [small, np.zeros((32, 32))], "test")
+    hits = similar_cases(index, emb[0] + 0.1 * emb[1] + 0.05 * emb[2], k=3, root=tmp_path, atlas=atlas)
+    assert [h["thumbnail_source"] for h in hits] == ["data", "atlas", None]  # P1 on disk, P2 in the atlas, P3 neither
+    assert hits[0]["thumbnail"].shape == (16, 16)
+    assert np.abs(hits[1]["thumbnail"] - small).max() <= 0.5 / 255 + 1e-6  # the atlas's 8-bit copy of the view
+    assert hits[2]["thumbnail"] is None
+    empty = tmp_path / "empty"  # a machine without the data folder: every picture from the atlas
+    picture, source = case_picture(RECORDS[0], empty, atlas)
+    assert (picture, source) == (None, None)
+    assert case_picture(RECORDS[3], empty, atlas)[1] == "atlas"
+
+
+def test_atlas_round_trips_through_one_png_with_its_attribution(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    views = [rng.random((40, 40)).astype(np.float32) for _ in range(5)]
+    ids = [f"P{i}/nodule-0" for i in range(5)]
+    path = save_atlas(build_atlas(ids, views, "test views"), tmp_path / "ix-atlas.png", columns=2)
+    back = load_atlas(path)
+    assert back.case_ids == ids and back.images.shape == (5, ATLAS_PX, ATLAS_PX) and back.images.dtype == np.uint8
+    for cid, v in zip(ids, views, strict=True):
+        assert np.array_equal(back.images[ids.index(cid)], to_thumbnail(v))
+    assert back.thumbnail("absent") is None and "P3/nodule-0" in back
+    assert "CC BY 3.0" in back.attribution and "10.7937/K9/TCIA.2015.LO9QL9SX" in back.attribution
+    with Image.open(path) as img:  # the licence travels in the picture file itself
+        assert "Creative Commons Attribution 3.0" in img.text["Copyright"]
+
+
+def _resaved(path: Path, out: Path, meta: dict | None = None, size: tuple[int, int] | None = None) -> Path:
+    """The atlas at ``path`` saved again with other metadata or another sheet size."""
+    import json
+
+    from PIL import Image, PngImagePlugin
+
+    with Image.open(path) as img:
+        text = json.loads(img.text["lungviz-atlas"])
+        sheet = img.copy() if size is None else img.resize(size)
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("lungviz-atlas", json.dumps({**text, **(meta or {})}))
+    sheet.save(out, "PNG", pnginfo=info)
+    return out
+
+
+@pytest.mark.parametrize(("meta", "size", "message"), [
+    ({"kind": "other"}, None, "not a lungviz thumbnail atlas"),
+    ({"case_ids": "P1"}, None, "list of cases is damaged"),
+    ({"size_px": 0}, None, "tiles of 0 px"),
+    (None, (64, 64), "not 3 grey tiles of 64 px"),
+    ({"case_ids": [f"P{i}" for i in range(49)]}, None, "not 49 grey tiles"),  # a second row of tiles
+])
+def test_a_damaged_atlas_is_a_clear_error(tmp_path, meta, size, message):
+    path = save_atlas(build_atlas(["a", "b", "c"], [np.zeros((8, 8))] * 3, "t"), tmp_path / "a.png")
+    with pytest.raises(LungvizError, match=message):
+        load_atlas(_resaved(path, tmp_path / "b.png", meta, size))
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    with pytest.raises(LungvizError, match="damaged"):
+        load_atlas(tmp_path / "c.png")
+    with pytest.raises(LungvizError, match="not installed"):
+        load_atlas(tmp_path / "absent.png")
+
+
+def test_the_shipped_atlas_matches_each_case_view_computed_from_the_real_data(lidc_slices_dir):
+    """Every library case has a thumbnail, and a thumbnail is the nodule model's view of the case's middle slice,
+    read as the app reads an upload."""
+    from lungviz import paths
+    from lungviz.lidc import load_case
+    from lungviz.models import load_bundle
+    from lungviz.nodule_model import read_slices
+    from lungviz.retrieval import LIBRARY_INDEX, load_index
+
+    folder = paths.weights_dir()
+    if not atlas_path(folder, LIBRARY_INDEX).is_file():
+        pytest.skip("the shipped index is not installed")
+    index, atlas = load_index(folder, LIBRARY_INDEX), load_atlas(atlas_path(folder, LIBRARY_INDEX))
+    assert index.model == "nodule" and atlas.case_ids == [r["case_id"] for r in index.records]
+    assert atlas_path(folder, LIBRARY_INDEX).stat().st_size < 5_000_000
+    bundle = load_bundle(folder, index.model, device="cpu")
+    for record in (index.records[0], index.records[len(index.records) // 2]):
+        case = load_case(lidc_slices_dir, record["case_id"])
+        view = read_slices(bundle, [case.load_slice(record["middle_index"])], case.pixel_spacing_mm)[0].view
+        assert np.abs(atlas.images[atlas.case_ids.index(record["case_id"])].astype(int)
+                      - to_thumbnail(view).astype(int)).max() <= 1
 
 
 def test_same_patient_cases_from_a_case_or_a_patient_id():

@@ -95,7 +95,7 @@ def train_all(base: TrainConfig) -> dict:
     from training.cam_eval import cam_localisation
     from training.card import write_card
     from training.finder import FinderConfig, train_finder
-    from training.index import build_library_index
+    from training.index import INDEX_MODEL, build_library_index
     from training.nodule import NoduleConfig, train_nodule
     from training.train import SHIPPED
 
@@ -105,7 +105,7 @@ def train_all(base: TrainConfig) -> dict:
                              "estimate_auroc": nodule["metrics"]["estimate"]["factors"]["auroc"]["auroc"]}}
     done |= train_shipped(base, list(SHIPPED))
     done["finder"] = train_finder(FinderConfig(out=str(out)))
-    done["index"] = build_library_index("nodule", out=str(out))
+    done["index"] = build_library_index(INDEX_MODEL, out=str(out))  # embeds with the nodule model, so after it
     cam = cam_localisation(out=str(out / "cam_localisation.json"), split="test", weights=str(out))
     done["camloc"] = {m: r.get("shifted", {}).get("peak_inside") for m, r in cam.get("models", {}).items()}
     done["card"] = str(write_card(out))
@@ -146,7 +146,8 @@ def cmd_evaluate(cfg: EvalConfig) -> dict | str:
 
 
 def cmd_index(cfg: IndexConfig) -> dict:
-    """Embed every labelled library nodule with a shipped model into a FAISS index (weights/index-<model>)."""
+    """Embed every labelled library nodule with a shipped model (default the nodule model) into a FAISS index with
+    its thumbnail atlas (weights/index-<model>.faiss, .json, -atlas.png) and measure its retrieval."""
     from training.index import build_library_index
 
     return build_library_index(cfg.model, cfg.data, cfg.out, cfg.max_slices)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import RESEARCH_NOTICE, paths
+from lungviz.atlas import ATLAS_PX, ATTRIBUTION
 from lungviz.metrics import format_ci
 
 CARD_FILE = "README.md"
@@ -598,6 +599,10 @@ def similar_cases(w: Weights) -> Part:
               "the five nearest training nodules share the query's benign/malignant label (chance "
               f"{pct(ev.get('chance_precision_at_5'))})." if ev.get("precision_at_5_test_vs_train") is not None
               else f"Retrieval precision: {NOT_MEASURED}.")
+    if ev.get("atlas"):
+        figure += (f" A {ev.get('atlas_bytes', 0) / 1e6:.1f} MB thumbnail atlas (`{ev['atlas']}`, one {ATLAS_PX} px "
+                   "picture of each case's nodule view) shows the cases where the data folder is absent. "
+                   + ATTRIBUTION)
     return Part(f"{len(records)} nodules embedded with `{index.get('model', '?')}` (cosine similarity of L2-normalised "
                 f"embeddings, FAISS); the library shown to users is the {library} training nodules. {figure} "
                 "Similar-looking cases are for comparison, not evidence of the diagnosis.\n")
@@ -735,6 +740,7 @@ def figures(name: str, spec: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / f"{name}-reliability.png")
     plt.close(fig)
+
 
 
 def write_card(folder: Path | None = None) -> Path:

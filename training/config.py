@@ -124,9 +124,9 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class IndexConfig:
-    """The similar-case index over every labelled nodule of the library."""
+    """The similar-case index (and its thumbnail atlas) over every labelled nodule of the library."""
 
-    model: str = "nodule-binary"
+    model: str = "nodule"
     data: str = ""
     out: str = ""  # empty = weights/
     max_slices: int = 5

@@ -1,4 +1,4 @@
-"""Build the similar-case library index from a shipped model's penultimate layer."""
+"""Build the similar-case library index (and its thumbnail atlas) from a shipped model, and measure its retrieval."""
 
 from __future__ import annotations
 
@@ -8,13 +8,24 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import paths
+from lungviz.atlas import atlas_path, build_atlas, save_atlas
 from lungviz.cases import Case
-from lungviz.models import load_bundle
+from lungviz.models import Bundle, NoduleNet, load_bundle
+from lungviz.nodule_model import read_slices, reading_embedding
+from lungviz.predict import view_image
 from lungviz.retrieval import build_index, precision_at_k
 from lungviz.splits import Split
-from training.data import SliceStore, view_config_from_spec
+from training.data import SliceStore, central_slices, view_config_from_spec
 from training.datasets import load_cases
 from training.evaluate import nodule_outputs
+
+#: The model the shipped index embeds with.
+INDEX_MODEL = "nodule"
+
+
+def index_name(model: str) -> str:
+    """The index's file stem in weights/ (``index-<model>``)."""
+    return f"index-{model}"
 
 
 def case_record(case: Case, split: str, data_root: Path, middle_index: int) -> dict:
@@ -31,9 +42,52 @@ def case_record(case: Case, split: str, data_root: Path, middle_index: int) -> d
     }
 
 
-def build_library_index(model: str = "nodule-binary", data: str = "", out: str = "", max_slices: int = 5,
+def nodule_library(bundle: Bundle, store: SliceStore, middles: list[int], max_slices: int
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per case, the nodule model's retrieval embedding ``(N, D)`` over the central share of its slices (thinned to
+    ``max_slices``) and its view of the middle slice ``(S, S)``, each slice read as the app reads an upload
+    (:func:`lungviz.nodule_model.read_slices`: the view's field follows the nodule)."""
+    central = float((bundle.spec.get("preprocessing") or {}).get("central_fraction", 0.5))
+    wanted = [(ci, k) for ci in range(len(store)) for k in central_slices(store.n_slices(ci), max_slices, central)]
+    wanted += [(ci, k) for ci, k in enumerate(middles)]
+    readings = read_slices(bundle, [store.slice01(ci, k) for ci, k in wanted],
+                           [store.cases[ci].pixel_spacing_mm for ci, _ in wanted])
+    n_central = len(wanted) - len(middles)
+    per_case: dict[int, list] = {}
+    for (ci, _), r in zip(wanted[:n_central], readings[:n_central], strict=True):
+        per_case.setdefault(ci, []).append(r)
+    emb = np.stack([reading_embedding(per_case[ci]) for ci in range(len(store))])
+    return emb, [r.view for r in readings[n_central:]]
+
+
+def classifier_library(bundle: Bundle, store: SliceStore, middles: list[int], max_slices: int
+                       ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per case, a classifier's penultimate-layer embedding (mean over its central slices) and its view of the
+    middle slice."""
+    vc = view_config_from_spec(bundle.spec)
+    _, emb = nodule_outputs(bundle.model, store, np.arange(len(store)), vc, bundle.device, max_slices)
+    views = [view_image(bundle.spec, store.slice01(ci, k), None, store.cases[ci].pixel_spacing_mm)
+             for ci, k in enumerate(middles)]
+    return emb, views
+
+
+def retrieval_figures(emb: np.ndarray, splits: np.ndarray, labels: np.ndarray, k: int = 5) -> dict:
+    """Precision@``k`` (same benign/malignant panel label) of each held-out split's nodules queried against the
+    train library, with the chance level (the train library's label mix) and the number of queries."""
+    lib = splits == "train"
+    chance = float(np.mean(labels[lib] == 1) ** 2 + np.mean(labels[lib] == 0) ** 2)
+    out: dict = {"n_train_library": int(lib.sum()), f"chance_precision_at_{k}": chance}
+    for split in ("val", "test"):
+        q = splits == split
+        out[f"n_{split}_queries"] = int(q.sum())
+        out[f"precision_at_{k}_{split}_vs_train"] = precision_at_k(emb[q], labels[q], emb[lib], labels[lib], k)
+    return out
+
+
+def build_library_index(model: str = INDEX_MODEL, data: str = "", out: str = "", max_slices: int = 5,
                         progress: bool = True) -> dict:
-    """Embed every labelled nodule with ``model``; save ``index-<model>`` in weights/; report precision@5."""
+    """Embed every labelled nodule with ``model``; save ``index-<model>`` and its thumbnail atlas in weights/ (or
+    ``out``); write ``retrieval.json`` (precision@5 of validation and test queries against the train library)."""
     folder = paths.weights_dir()
     bundle = load_bundle(folder, model)
     cases, report = load_cases("lidc", data)
@@ -41,19 +95,24 @@ def build_library_index(model: str = "nodule-binary", data: str = "", out: str =
     split = Split.load(folder / "splits" / "holdout.json")
     split.check(cases)
     store = SliceStore(cases, progress=progress)
-    vc = view_config_from_spec(bundle.spec)
-    _, emb = nodule_outputs(bundle.model, store, np.arange(len(cases)), vc, bundle.device, max_slices)
+    middles = [c.middle_index() for c in cases]
+    nodule = isinstance(bundle.model, NoduleNet)
+    emb, views = (nodule_library if nodule else classifier_library)(bundle, store, middles, max_slices)
     root = Path(data) if data else paths.lidc_slices_dir()
-    records = [case_record(c, split.assignment[c.patient_id], root, c.middle_index()) for c in cases]
+    records = [case_record(c, split.assignment[c.patient_id], root, m) for c, m in zip(cases, middles, strict=True)]
     index = build_index(emb, records, model)
     out_dir = Path(out) if out else folder
-    ipath, mpath = index.save(out_dir, f"index-{model}")
-    sp = np.array([r["split"] for r in records])
-    lab = np.array([r["malignant"] for r in records])
-    p5 = precision_at_k(emb[sp == "test"], lab[sp == "test"], emb[sp == "train"], lab[sp == "train"], 5)
-    base = float(np.mean(lab[sp == "train"] == 1) ** 2 + np.mean(lab[sp == "train"] == 0) ** 2)
+    name = index_name(model)
+    ipath, mpath = index.save(out_dir, name)
+    apath = save_atlas(build_atlas([r["case_id"] for r in records], views,
+                                   f"the {model} model's view of each case's middle slice (largest reader outline)"),
+                       atlas_path(out_dir, name))
+    embedding = ("the pooled features its heads read, gated by its own outline, L2-normalised per slice and averaged "
+                 "over the central slices" if nodule else "penultimate layer, L2-normalised, averaged over the "
+                 "central slices")
     result = {"model": model, "n": len(records), "dim": index.dim, "index": ipath.name, "metadata": mpath.name,
-              "n_test_queries": int((sp == "test").sum()), "n_train_library": int((sp == "train").sum()),
-              "precision_at_5_test_vs_train": p5, "chance_precision_at_5": base}
+              "embedding": embedding, "atlas": apath.name, "atlas_bytes": apath.stat().st_size,
+              **retrieval_figures(emb, np.array([r["split"] for r in records]),
+                                  np.array([r["malignant"] for r in records]))}
     (out_dir / "retrieval.json").write_text(json.dumps(result, indent=1) + "\n")
     return {"import": report.summary(), **result}
