@@ -237,22 +237,48 @@ def finder_section(w, folder: Path) -> None:
               f"{cs['top1_within_5mm']:.1%}, within the top 3 {cs['top3_within_5mm']:.1%}; other candidates "
               f"scored >= 0.5: {cs['false_candidates_score_ge_0_5_per_crop']:.1f} per crop; "
               f"{cs['seconds_per_crop'] * 1000:.0f} ms per crop.\n")
-        ds = res.get("dicom_scan")
-        if ds and ds.get("nodules"):
-            w(f"**Whole 512 x 512 DICOM slices** (LIDC-IDRI-0001..0003, never trained on; the slice through each "
-              f"reader-marked nodule): best-ranked candidate within 5 mm for {ds['best_within_5mm']} of "
-              f"{ds['n_nodules']} nodules; false candidates (score >= 0.5, not within 5 mm of a nodule) "
-              f"{ds['mean_false_candidates_per_slice']:.1f} per slice among the top 10.\n")
-            w("| patient | slice | diameter mm | best candidate: distance mm | rank of first within 5 mm | "
-              "false candidates >= 0.5 | seconds |")
-            w("| --- | --- | --- | --- | --- | --- | --- |")
-            for r in ds["nodules"]:
-                w(f"| {r['patient_id']} | {r['slice_index']} | {r['diameter_mm']} | {r['best_distance_mm']} | "
-                  f"{r['rank_within_5mm'] or '–'} | {r['false_candidates_score_ge_0_5']} | {r['seconds']} |")
-            w("")
-    w("The finder works on single 2D slices: vessels seen end-on look like small nodules there, so expect "
-      "several candidates per slice and check each one. It proposes where to crop; it is not a detector "
-      "validated for screening.\n")
+        ws = res.get("wholeslice")
+        if ws and ws.get("variants"):
+            wholeslice_table(w, ws)
+    w("On a single slice vessels seen end-on look like small nodules, so expect several candidates per slice and "
+      "check each one. The finder proposes where to crop; it is not a detector validated for screening.\n")
+
+
+#: The whole-slice ranker variants, in the card's order, and how the card names them.
+WHOLESLICE_VARIANTS = {
+    "network": "presence network alone (one slice)",
+    "slice": "slice ranker: network + density + 2D Hessian (one slice)",
+    "hessian3d_only": "3D Hessian blob/vessel + density, no network (series)",
+    "series_all_points": "series ranker on every candidate point (slower)",
+    "series": "series ranker as shipped: network + 2D + 3D Hessian (series)",
+}
+
+
+def wholeslice_table(w: Callable[[str], None], ws: dict) -> None:
+    """The finder on whole DICOM slices and series: each ranker variant, leave-one-series-out, with its FROC."""
+    names = ", ".join(s["patient_id"] for s in ws["series"])
+    n = next(iter(ws["variants"].values()))["n_nodules"]
+    n_all = next(iter(ws["variants"].values()))["n_slices_all"]
+    w(f"**Whole 512 x 512 DICOM slices and series** ({names}: {n} nodules outlined by at least two readers, "
+      f"{n_all} slices; candidates only inside the lung mask). Leave-one-series-out: each series is ranked by a "
+      "model and a threshold fitted on the other series only. Best / top 3: a candidate within "
+      f"{ws['hit_mm']:g} mm of the readers' median centre on the nodule's central slice. False candidates: above "
+      f"the threshold (fitted for {ws['target_false_per_slice']:g} per slice) and not on any outlined nodule, "
+      "per slice over every slice of the series. FROC: sensitivity at 0.5 / 1 / 2 / 4 false candidates per "
+      "slice, over every slice.\n")
+    w("| ranking | best within 5 mm | top 3 | false per slice | FROC 0.5 / 1 / 2 / 4 |")
+    w("| --- | --- | --- | --- | --- |")
+    for key, label in WHOLESLICE_VARIANTS.items():
+        v = ws["variants"].get(key)
+        if not v:
+            continue
+        fr = v["froc_all_slices"]
+        w(f"| {label} | {v['best_within_5mm']:.0%} | {v['top3_within_5mm']:.0%} | "
+          f"{v['false_per_slice_all_slices']:.2f} | {' / '.join(f'{fr[k]:.0%}' for k in ('0.5', '1', '2', '4'))} |")
+    secs = ws.get("seconds_per_slice", {})
+    if secs:
+        w(f"\nMedian seconds per slice (one CPU thread, lung mask included): one slice "
+          f"{secs.get('slice', 0):.2f} s, in a series {secs.get('series', 0):.2f} s.\n")
 
 
 def tta_section(w: Callable[[str], None], folder: Path) -> None:
