@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=20)
     b.add_argument("--cases", type=int, default=5, help="number of real test cases to time")
     b.add_argument("--weights", help="model folder (default: the shipped weights/)")
+    b.add_argument("--only", choices=("all", "locate"), default="all", help="locate: time the nodule finder alone "
+                   "(one slice, and every slice of each real series)")
     b.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -234,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.repeats < 1 or args.cases < 1:
                 raise LungvizError("--repeats and --cases must be at least 1.")
-            result = run_bench(args.repeats, args.cases, Path(args.weights) if args.weights else None)
+            result = run_bench(args.repeats, args.cases, Path(args.weights) if args.weights else None,
+                               only=args.only)
     except LungvizError as err:
         print(f"error: {_one_line(str(err))}", file=sys.stderr)
         return 2

@@ -115,5 +115,14 @@ def lung_found(mask: np.ndarray) -> bool:
     return bool(np.asarray(mask).any())
 
 
+def mask_overlay(gray01: np.ndarray, mask: np.ndarray, alpha: float = 0.18,
+                 colour: tuple[float, float, float] = (0.2, 0.85, 0.35)) -> np.ndarray:
+    """A faint tint of ``mask`` over a grey ``(H, W)`` image in [0, 1]: ``(H, W, 3) float32`` in [0, 1]."""
+    g = np.clip(np.asarray(gray01, np.float32), 0.0, 1.0)
+    rgb = np.repeat(g[..., None], 3, axis=-1)
+    m = np.asarray(mask, bool)[..., None]
+    return np.where(m, (1.0 - alpha) * rgb + alpha * np.asarray(colour, np.float32), rgb).astype(np.float32)
+
+
 NO_LUNG_MESSAGE = ("No lung was found on this slice (it may be a head CT, a localiser or a phantom, or a slice above "
                    "or below the lungs), so the finder proposes nothing here. Click the nodule to place it by hand.")

@@ -67,7 +67,7 @@ def _head_ct() -> np.ndarray:
 
 def _localiser() -> np.ndarray:
     """A projection radiograph stored like a CT: smooth values, nothing near air inside the body."""
-    r, c = np.mgrid[0:512, 0:512].astype(float)
+    c = np.mgrid[0:512, 0:512][1].astype(float)
     img = np.full((512, 512), -1000.0)
     body = np.abs(c - 256) < 200
     img[body] = 200.0 - 250.0 * np.exp(-(((c[body] - 256) % 200 - 100) / 60) ** 2)
