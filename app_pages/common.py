@@ -17,7 +17,7 @@ from lungviz import paths
 from lungviz.atlas import Atlas, atlas_path, load_atlas
 from lungviz.errors import LungvizError
 from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundle_cam, lime_map
-from lungviz.finder import Finder, load_finder, scan
+from lungviz.finder import Finder, load_finder, scan, scan_series, series_volume
 from lungviz.inventory import ReferencePredictions, reference_predictions
 from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
 from lungviz.library import (
@@ -30,8 +30,10 @@ from lungviz.library import (
     slice_spacings,
 )
 from lungviz.lidc import load_case
+from lungviz.lungmask import lung_mask
 from lungviz.nodule_model import Assessment, assess, assess_series
 from lungviz.predict import ESTIMATE_NAME, ModelSet, Prediction, load_models, predict, retrieval_query
+from lungviz.preprocess import DEFAULT_SPACING_MM
 from lungviz.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.retrieval import LIBRARY_INDEX, CaseIndex, load_index, set_server_threads
 from lungviz.reviews import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS, VERDICTS, ReviewStore
@@ -227,6 +229,29 @@ def nodule_candidates(folder: str, image: np.ndarray, is_hu: bool, spacing: floa
     """Ranked nodule candidates on a whole slice (dicts of :class:`lungviz.finder.Candidate`)."""
     cands, _ = scan(_finder(folder), image, is_hu, spacing, top_k=top_k)
     return [c.to_dict() for c in cands]
+
+
+@st.cache_data(show_spinner=False, max_entries=32, ttl=RESULT_TTL)
+def lung_of(image: np.ndarray, is_hu: bool, spacing: float | None) -> np.ndarray:
+    """The slice's lung mask, ``(H, W) bool`` (all False when no lung was found)."""
+    return lung_mask(np.asarray(image, np.float32), is_hu, spacing or DEFAULT_SPACING_MM)
+
+
+def series_candidates(folder: str, upload_id: str, series: list[DicomSlice]) -> list[list[dict]]:
+    """Candidates on every slice of an uploaded series (its neighbours as the third dimension), searched once
+    per upload with a progress bar and kept for the session."""
+    store = st.session_state.setdefault("_series_candidates", {})
+    key = f"{folder}|{upload_id}"
+    if key not in store:
+        vol, sp, gap = series_volume(series)
+        bar = st.progress(0.0, text="Searching every slice of the series for nodules…")
+        res = scan_series(_finder(folder), vol, True, sp, gap,
+                          progress=lambda done, total: bar.progress(done / total, text=f"Searching slice {done} of "
+                                                                                         f"{total} for nodules…"))
+        bar.empty()
+        store.clear()  # one series at a time
+        store[key] = [[c.to_dict() for c in cands] for cands in res.per_slice]
+    return store[key]
 
 
 @st.cache_resource

@@ -16,6 +16,7 @@ from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, i
 from lungviz.inventory import map_localisation_note
 from lungviz.io import LoadedImage
 from lungviz.library import SPLIT_NOTES, series_split_note
+from lungviz.lungmask import NO_LUNG_MESSAGE, mask_overlay
 from lungviz.metrics import reliability_bin, wilson_interval
 from lungviz.outline import outline_overlay
 from lungviz.predict import with_assessment
@@ -87,11 +88,14 @@ def _read(file) -> LoadedImage | list:
 
 
 def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: str,
-                   controls) -> tuple[float, float]:
-    """The nodule centre on a whole slice: a click on the image (plotly selection) or number inputs in ``controls``."""
+                   controls, found: list[dict] | None = None) -> tuple[float, float]:
+    """The nodule centre on a whole slice: a click on the image (plotly selection) or number inputs in ``controls``.
+    ``found``: the slice's candidates when already searched (a series), else the slice is searched here."""
     h, w = image.shape
     rkey, ckey = f"row-{key}", f"col-{key}"
-    cands = common.nodule_candidates(folder, image, is_hu, spacing) if common.finder_available() else None
+    lung = common.lung_of(image, is_hu, spacing)
+    cands = found if found is not None else (
+        common.nodule_candidates(folder, image, is_hu, spacing) if common.finder_available() else None)
     first = (int(round(cands[0]["y"])), int(round(cands[0]["x"]))) if cands else (h // 2, w // 2)
     st.session_state.setdefault(rkey, first[0])  # start at the finder's best candidate, else the middle
     st.session_state.setdefault(ckey, first[1])
@@ -103,6 +107,8 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
             st.session_state[ckey] = int(np.clip(round(points[0]["x"]), 0, w - 1))
 
     shown = display_image(image, is_hu, _window())
+    if st.session_state.get("show_lung"):  # the checkbox below the candidates
+        shown = mask_overlay(shown, lung)
     row, col = st.session_state[rkey], st.session_state[ckey]
     fig = go.Figure(go.Image(source=data_uri(shown), hoverinfo="skip"))
     step = max(4, max(h, w) // 96)  # an invisible grid of points makes a click select a position
@@ -129,7 +135,12 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     st.plotly_chart(fig, key=f"pick-{key}", on_select=on_click, selection_mode="points",
                     config={"displayModeBar": False})
     with controls:
-        _candidate_picker(cands, rkey, ckey, key)
+        if not lung.any():
+            st.warning(NO_LUNG_MESSAGE, icon=":material/search_off:")
+        _candidate_picker(cands if lung.any() else [], rkey, ckey, key)
+        st.checkbox("Show the lung mask", key="show_lung",
+                    help="A faint green tint over the lungs as lungviz finds them: the finder proposes candidates only "
+                         "inside it.")
         c1, c2 = st.columns(2)
         c1.number_input("Nodule centre: row", 0, h - 1, step=1, key=rkey)
         c2.number_input("Nodule centre: column", 0, w - 1, step=1, key=ckey)
@@ -244,14 +255,18 @@ def _case_input() -> tuple[CaseInput, str, str]:
             with controls:
                 st.markdown(f"**DICOM series** {plain_text(main_file.name, common.NAME_CHARS)}: {n} slices")
                 _window_select(True)
-                st.session_state.setdefault(f"slice-{key}", n // 2)
+                found = (common.series_candidates(folder, main_file.file_id, loaded)
+                         if common.finder_available() else None)
+                # a series opens on the slice of its best candidate
+                best = max(((c[0]["score"], -k, k) for k, c in enumerate(found or []) if c), default=None)
+                st.session_state.setdefault(f"slice-{key}", best[2] if best else n // 2)
                 index = st.slider("Slice (inferior → superior)", 0, n - 1, key=f"slice-{key}") if n > 1 else 0
                 sl = loaded[index]
                 st.caption(f"Slice {index + 1} of {n} (slider position {index}), z = {sl.z_mm:.1f} mm, "
                            f"instance {sl.instance_number}")
             with picture:
                 centre = _centre_picker(sl.hu, True, valid_spacing(float(np.mean(sl.pixel_spacing_mm))), key,
-                                         controls)
+                                         controls, found[index] if found is not None else None)
         return from_series(loaded, index, centre), f"{main_file.name} slice {index + 1}", loaded[index].series_uid
     centre = None
     if loaded is not None and (loaded.is_hu or is_whole_slice(loaded.pixels)):

@@ -109,26 +109,57 @@ def cmd_predict(args: argparse.Namespace) -> dict:
 
 
 def cmd_locate(args: argparse.Namespace) -> dict:
-    """Rank nodule candidates on a whole slice (image, DICOM slice, or a DICOM series with --slice)."""
+    """Rank nodule candidates on a whole slice (image, DICOM slice), one slice of a DICOM series (--slice, with its
+    neighbours as the third dimension) or a whole series (every slice, with a progress bar)."""
     import time
 
-    from lungviz.finder import load_finder, read_search_slice, scan
+    from lungviz.finder import load_finder, read_search_slice, scan, scan_series, series_context, series_volume
+    from lungviz.io import read_series
 
+    path = Path(args.image)
+    is_series = path.exists() and (path.is_dir() or path.suffix.lower() == ".zip")
+    if is_series and args.slice is None:
+        series = read_series(path)
+        finder = load_finder(Path(args.weights) if args.weights else None)
+        vol, sp, gap = series_volume(series)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(vol), desc="searching the series", unit="slice", file=sys.stderr,
+                   disable=not sys.stderr.isatty())
+        res = scan_series(finder, vol, True, sp, gap, progress=lambda done, total: bar.update(1))
+        bar.close()
+        best = res.ranked(args.top_k)
+        out = {"input": path.name, "shape": list(vol.shape), "is_hu": True, "pixel_spacing_mm": sp,
+               "slice_gap_mm": gap, "candidates": [{**c.to_dict(), "slice_index": k} for k, c in best
+                                                   if c.score >= args.min_score],
+               "scan": {"seconds": round(res.seconds, 3), "slices": len(vol),
+                        "slices_with_lung": int(sum(res.lung_found))}, "notice": RESEARCH_NOTICE}
+        if best:
+            out.update(slice_index=best[0][0], n_slices=len(vol))
+        if not any(res.lung_found):
+            from lungviz.lungmask import NO_LUNG_MESSAGE
+
+            out["notes"] = [NO_LUNG_MESSAGE.replace("this slice", "any slice of this series")]
+        return out
     target = read_search_slice(args.image, args.slice)
     finder = load_finder(Path(args.weights) if args.weights else None)
+    context = series_context(read_series(path), target.slice_index)[0] if target.slice_index is not None else None
     t0 = time.perf_counter()
     cands, info = scan(finder, target.pixels, target.is_hu, target.spacing_mm, top_k=args.top_k,
-                       min_score=args.min_score)
+                       min_score=args.min_score, context=context)
     out: dict = {"input": target.name, "shape": list(target.pixels.shape), "is_hu": target.is_hu,
                  "pixel_spacing_mm": target.spacing_mm, "candidates": [c.to_dict() for c in cands],
                  "scan": {**info, "seconds": round(time.perf_counter() - t0, 3)}, "notice": RESEARCH_NOTICE}
     if target.slice_index is not None:
         out.update(slice_index=target.slice_index, n_slices=target.n_slices)
+    notes = [info["message"]] if info.get("message") else []
     if not target.spacing_mm:
         from lungviz.preprocess import DEFAULT_SPACING_MM
 
-        out["notes"] = [f"pixel spacing unknown: sizes assume {DEFAULT_SPACING_MM} mm per pixel and no mm positions "
-                        "are given"]
+        notes.append(f"pixel spacing unknown: sizes assume {DEFAULT_SPACING_MM} mm per pixel and no mm positions "
+                     "are given")
+    if notes:
+        out["notes"] = notes
     return out
 
 
@@ -141,7 +172,8 @@ def _print_human(result: dict) -> None:
             print(f"{result['input']}: slice {result['slice_index'] + 1} of {result['n_slices']} "
                   f"(--slice {result['slice_index']}; 0 = most inferior)")
         for i, c in enumerate(result["candidates"], 1):
-            print(f"{i:>2}. x {c['x']:.0f}, y {c['y']:.0f} px   diameter {c['diameter_mm']:.1f} mm   "
+            where = f"slice {c['slice_index']}, " if "slice_index" in c else ""
+            print(f"{i:>2}. {where}x {c['x']:.0f}, y {c['y']:.0f} px   diameter {c['diameter_mm']:.1f} mm   "
                   f"score {c['score']:.2f}")
         if not result["candidates"]:
             print("no candidates found")
@@ -182,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     lo = sub.add_parser("locate", help="find nodule candidates on a whole slice")
     lo.add_argument("image", help="whole slice (PNG/JPG/TIFF/NPY/DICOM) or a DICOM series folder or zip")
-    lo.add_argument("--slice", type=int, help="slice index in a DICOM series (0 = most inferior; default middle)")
+    lo.add_argument("--slice", type=int, help="slice index in a DICOM series (0 = most inferior; default: search "
+                    "every slice and list the series' best candidates)")
     lo.add_argument("--top-k", type=int, default=10, help="candidates to list")
     lo.add_argument("--min-score", type=float, default=0.0, help="leave out candidates scored below this")
     lo.add_argument("--weights", help="model folder (default: the shipped weights/)")
@@ -191,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=20)
     b.add_argument("--cases", type=int, default=5, help="number of real test cases to time")
     b.add_argument("--weights", help="model folder (default: the shipped weights/)")
+    b.add_argument("--only", choices=("all", "locate"), default="all", help="locate: time the nodule finder alone "
+                   "(one slice, and every slice of each real series)")
     b.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -207,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.repeats < 1 or args.cases < 1:
                 raise LungvizError("--repeats and --cases must be at least 1.")
-            result = run_bench(args.repeats, args.cases, Path(args.weights) if args.weights else None)
+            result = run_bench(args.repeats, args.cases, Path(args.weights) if args.weights else None,
+                               only=args.only)
     except LungvizError as err:
         print(f"error: {_one_line(str(err))}", file=sys.stderr)
         return 2

@@ -47,9 +47,13 @@ def bench_cases(n: int) -> list:
     return cases[::step][:n]
 
 
-def locate_bench(folder: Path, repeats: int) -> dict:
-    """Scanning whole 512 x 512 DICOM slices for nodules: the median over the real series' nodule slices."""
-    from lungviz.finder import load_finder, scan
+def locate_bench(folder: Path, repeats: int, progress: bool = True) -> dict:
+    """Searching whole 512 x 512 DICOM slices for nodules: one slice (the median over each real series' first
+    nodule slice) and every slice of each real series with its neighbours (a progress bar per series), scaled to
+    100 slices."""
+    from tqdm import tqdm
+
+    from lungviz.finder import load_finder, scan, scan_series, series_volume
     from lungviz.lidc_dicom import find_nodules, read_patient
 
     root = paths.lidc_dicom_dir()
@@ -57,17 +61,25 @@ def locate_bench(folder: Path, repeats: int) -> dict:
         finder = load_finder(folder)
     except LungvizError:
         return {}
-    slices = []
+    slices, series_s, series_n = [], {}, {}
     for patient in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         series, marks, _ = read_patient(patient)
         nodules, _ = find_nodules(series, marks)
         slices += [series[int(round(nd.centre_z_index))] for nd in nodules[:1]]
+        vol, sp, gap = series_volume(series)
+        with tqdm(total=len(vol), desc=f"series {patient.name}", unit="slice", disable=not progress) as bar:
+            res = scan_series(finder, vol, True, sp, gap, progress=lambda done, total: bar.update(1))
+        series_s[patient.name], series_n[patient.name] = res.seconds, len(vol)
     if not slices:
         return {}
     times = [_median_ms(lambda s=s: scan(finder, s.hu, True, float(np.mean(s.pixel_spacing_mm))),
                         max(3, repeats // 4)) for s in slices]
+    per_100 = {k: 100.0 * series_s[k] / series_n[k] for k in series_s}
     return {"locate_ms": float(np.median(times)), "locate_ms_per_slice": times,
-            "locate_slice_shape": list(slices[0].hu.shape)}
+            "locate_slice_shape": list(slices[0].hu.shape),
+            "locate_series_s": series_s, "locate_series_slices": series_n,
+            "locate_series_s_per_100_slices": float(np.max(list(per_100.values()))),
+            "locate_series_s_per_100_slices_by_series": per_100}
 
 
 COLD_START = """
@@ -100,9 +112,16 @@ def cold_start_seconds(folder: Path, image_path: Path) -> float:
     return wall
 
 
-def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, lime_cases: int = 12) -> dict:
-    """Time every step the app runs for one case; returns the figures docs/app.md reports."""
+def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, lime_cases: int = 12,
+              only: str = "all") -> dict:
+    """Time every step the app runs for one case; returns the figures docs/app.md reports. ``only="locate"``
+    times the nodule finder alone."""
     import torch
+
+    if only == "locate":
+        torch.set_num_threads(1)
+        return {"device": "cpu" if not torch.cuda.is_available() else "cuda", "torch_threads": 1,
+                **locate_bench(folder or paths.weights_dir(), repeats)}
 
     from lungviz.explain import LIME_STABLE_SAMPLES, bundle_cam, lime_map, segment, stock_lime, top_k_overlap
     from lungviz.predict import load_models, predict, retrieval_query

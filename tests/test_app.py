@@ -300,6 +300,20 @@ def test_inspect_whole_slice_shows_finder_candidates_and_accepting_one_moves_the
     assert at.metric[0].value.endswith("%")  # the crop cut at the accepted candidate is inspected as usual
 
 
+def test_inspect_whole_slice_draws_the_lung_mask_and_says_when_there_is_no_lung(app_env, lidc_dicom_dir):
+    dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[8]
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), dcm.name, dcm.read_bytes())
+    box = next(c for c in at.checkbox if c.label == "Show the lung mask")
+    assert box.value is False and "No lung was found" not in _texts(at)
+    box.check().run()
+    assert not at.exception and not at.error and at.metric[0].value.endswith("%")
+    r, c = np.mgrid[0:512, 0:512]
+    head = np.where(((r - 256) / 180) ** 2 + ((c - 256) / 150) ** 2 <= 1, 200, 0).astype(np.uint8)  # no air inside
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "head.png", encode_image(head))
+    assert not at.exception and any("No lung was found" in w.value for w in at.warning)
+    assert "Click the nodule" in _texts(at) and len(at.number_input) == 2  # the manual centre stays available
+
+
 def test_inspect_whole_slice_without_the_finder_starts_in_the_middle(app_weights, lidc_dicom_dir, tmp_path,
                                                                       monkeypatch):
     import shutil
@@ -327,7 +341,9 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     at = _upload(at, "series.zip", buf.getvalue())
     assert not at.exception and not at.error
     slider = next(s for s in at.slider if s.label.startswith("Slice"))
-    assert slider.value == 1 and slider.max == 2
+    found = next(iter(at.session_state["_series_candidates"].values()))  # every slice searched once, on upload
+    assert len(found) == 3 and slider.max == 2
+    assert slider.value == max(range(3), key=lambda k: (found[k][0]["score"] if found[k] else -1.0, -k))  # its best
     slider.set_value(2).run()
     assert not at.exception and at.metric[0].value.endswith("%")
     assert "Slice 3 of 3 (slider position 2)" in _texts(at)
@@ -385,7 +401,8 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     monkeypatch.setattr(nodule_model, "follow_series", spy)
     at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "series.zip", buf.getvalue())
     assert not at.exception and not at.error
-    assert followed == [(5, 2)]  # the series was followed from the slice shown, its middle one
+    shown = next(s for s in at.slider if s.label.startswith("Slice")).value  # the slice of the best candidate
+    assert followed == [(5, shown)]  # the series was followed from the slice shown
     text = _texts(at)
     assert "What moved the estimate" in text and "log-odds" in text and "Band:" in text
     assert "slices the nodule reaches" in text or "this slice only" in text or "outlined nothing" in text

@@ -125,20 +125,76 @@ def test_read_search_slice_series_folder_and_errors(lidc_dicom_dir, tmp_path):
         read_search_slice(tmp_path / "nope.png")
 
 
-@pytest.mark.skipif(not SHIPPED, reason="the shipped finder bundles are not installed")
-def test_shipped_finder_ranks_each_reader_marked_nodule_near_the_top(lidc_dicom_dir):
-    """LIDC-IDRI-0001..0003 (never trained on), the slice through each reader-marked nodule: a candidate within
-    5 mm of the readers' centre is among the three best-ranked, and the best-ranked one is for at least two.
+@pytest.mark.skipif(not (SHIPPED and (WEIGHTS / "finder-rank.json").is_file()), reason="shipped finder not installed")
+def test_shipped_finder_ranks_each_confirmed_nodule_near_the_top(lidc_dicom_dir):
+    """The slice through each nodule at least two readers outlined (seven in four series), searched with its
+    neighbours as a series is: a candidate within 5 mm of the readers' median centre is among the three best, and
+    the best for at least five. The shipped rankers were fitted on these series, so this guards against
+    regressions; the held-out (leave-one-series-out) figures are in weights/finder.json."""
+    from lungviz.finder import SERIES_NET_POINTS, SERIES_REFINE_TOP, SERIES_ROTATIONS, series_context
+    from lungviz.lidc_dicom import find_nodules, read_patient
 
-    The issue asks for the best-ranked candidate on all six; the shipped finder does not reach that (vessels
-    seen end-on outrank some nodules; weights/MODEL_CARD_TABLES.md has the per-nodule table)."""
-    from training.finder import dicom_scan_report
+    finder = load_finder(WEIGHTS)
+    ranks = []
+    for patient in ("LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003", "LIDC-IDRI-0006"):
+        series, marks, _ = read_patient(lidc_dicom_dir / patient)
+        nodules, _ = find_nodules(series, marks)
+        for nd in (n for n in nodules if n.n_readers >= 2):
+            r, c, k = np.median(np.array([g.centroid_rck for g in nd.marks]), axis=0)
+            context, sp = series_context(series, int(round(k)))
+            cands, info = scan(finder, series[int(round(k))].hu, True, sp, context=context,
+                               net_points=SERIES_NET_POINTS, rotations=SERIES_ROTATIONS, refine_top=SERIES_REFINE_TOP)
+            assert info["ranker"] == "series"
+            dist = [np.hypot(cd.y - r, cd.x - c) * sp for cd in cands]
+            ranks.append(next((i + 1 for i, d in enumerate(dist) if d <= 5.0), None))
+    assert len(ranks) == 7 and all(x is not None and x <= 3 for x in ranks), ranks
+    assert sum(x == 1 for x in ranks) >= 5, ranks
 
-    rep = dicom_scan_report(WEIGHTS, str(lidc_dicom_dir))
-    assert rep["n_nodules"] == 6
-    ranks = [r["rank_within_5mm"] for r in rep["nodules"]]
-    assert all(r is not None and r <= 3 for r in ranks), ranks
-    assert rep["best_within_5mm"] >= 2, ranks
+
+def test_slices_without_lung_give_no_candidate_and_say_so(tmp_path):
+    finder = load_finder(build_finder_weights(tmp_path))
+    r, c = np.mgrid[0:512, 0:512].astype(float)
+    head = np.full((512, 512), -1000.0, np.float32)
+    head[((r - 256) / 180) ** 2 + ((c - 256) / 150) ** 2 <= 1] = 35.0
+    for img, is_hu in ((head, True), (np.clip((head + 1350) / 1500, 0, 1), False), (np.zeros((64, 64)), True)):
+        cands, info = scan(finder, img, is_hu, 0.7)
+        assert cands == [] and info["lung_found"] is False and "No lung was found" in info["message"]
+
+
+def test_ranker_file_is_loaded_and_ranks_the_candidates(tmp_path):
+    from lungviz.finder import RANK, SERIES_FEATURES, SLICE_FEATURES, Ranker
+
+    folder = build_finder_weights(tmp_path)
+    mk = lambda feats: Ranker(feats, np.zeros(len(feats)), np.ones(len(feats)),  # noqa: E731
+                              np.array([1.0 if f == "density" else 0.0 for f in feats]), 0.0, 0.7)
+    rankers = {"slice": mk(SLICE_FEATURES), "series": mk(SERIES_FEATURES)}
+    (folder / f"{RANK}.json").write_text(json.dumps({"rankers": {k: r.to_dict() for k, r in rankers.items()}}))
+    finder = load_finder(folder)
+    assert set(finder.rankers) == {"slice", "series"} and finder.rankers["slice"].threshold == 0.7
+    assert Ranker.from_dict(rankers["series"].to_dict()).features == SERIES_FEATURES
+    cands, info = scan(finder, phantom(), True, 0.7, top_k=5)
+    assert info["ranker"] == "slice" and info["threshold"] == 0.7 and cands
+    # ranked by density alone: the dense phantom nodule comes first
+    assert np.hypot(cands[0].y - 250, cands[0].x - 170) * 0.7 <= 5.0
+    scores = [cd.score for cd in cands]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_scan_series_searches_every_slice_with_progress(tmp_path):
+    from lungviz.finder import scan_series
+
+    finder = load_finder(build_finder_weights(tmp_path))
+    vol = np.stack([phantom(), phantom(), phantom(), np.full((512, 512), -1000.0, np.float32)])
+    calls = []
+    res = scan_series(finder, vol, True, 0.7, 2.5, top_k=3, progress=lambda d, n: calls.append((d, n)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert res.lung_found == [True, True, True, False] and res.per_slice[3] == []
+    k, best = res.best
+    assert k < 3 and best.score == max(cd.score for cands in res.per_slice for cd in cands)
+    lung = lung_mask(vol[0], True, 0.7)
+    assert all(lung[int(round(cd.y)), int(round(cd.x))] for cands in res.per_slice for cd in cands)
+    with pytest.raises(LungvizError, match="stack"):
+        scan_series(finder, np.zeros((5, 5)), True, 0.7, 2.5)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -159,6 +215,11 @@ def test_locate_cli_on_a_dicom_slice_and_a_series(lidc_dicom_dir, tmp_path):
     series = _cli(str(lidc_dicom_dir / "LIDC-IDRI-0003"), "--slice", "25", "--json", "--weights", str(weights))
     assert series.returncode == 0, series.stderr
     assert json.loads(series.stdout)["slice_index"] == 25
+    whole = _cli(str(lidc_dicom_dir / "LIDC-IDRI-0001"), "--json", "--weights", str(weights), "--top-k", "3")
+    assert whole.returncode == 0, whole.stderr
+    out = json.loads(whole.stdout)
+    assert out["scan"]["slices"] == 17 and len(out["candidates"]) == 3
+    assert out["slice_index"] == out["candidates"][0]["slice_index"]  # opens on the series' best candidate
 
 
 def test_locate_cli_bad_input_exits_2_with_one_line(tmp_path):
@@ -178,7 +239,7 @@ def test_train_finder_on_a_few_real_patients(tmp_path):
     cfg = FinderConfig(limit=24, epochs=1, epoch_samples=64, batch_size=32, input_size=16, n_boot=10,
                        out=str(tmp_path / "w"), runs=str(tmp_path / "runs"), channel_fields="48,24,96")
     res = train_finder(cfg, progress=False)
-    assert {"presence", "locate", "crop_scan_val", "crop_scan_test", "dicom_scan"} <= set(res)
+    assert {"presence", "locate", "crop_scan_val", "crop_scan_test"} <= set(res)
     assert 0.0 <= res["presence"]["accuracy"] <= 1.0 and res["locate"]["centre_mae_mm"] > 0
     spec = json.loads((tmp_path / "w" / "finder-presence.json").read_text())
     assert spec["preprocessing"]["channel_fields_mm"] == [48.0, 24.0, 96.0] and spec["in_chans"] == 3
@@ -255,3 +316,17 @@ def test_fusion_size_feature_averages_the_central_slices_or_takes_the_middle_one
                                                       rel=1e-5)
     with pytest.raises(LungvizError, match="unknown fusion feature"):
         fusion_features(["shape"], WEIGHTS, store, every)
+
+
+def test_froc_and_point_labels_on_hand_made_cases():
+    from training.finder_eval import Region, froc, point_labels
+
+    # two nodules: one hit scored 0.9, one never hit; false candidates over 4 slices scored 0.95, 0.8, 0.3, 0.2
+    out = froc([0.9, None], [0.95, 0.8, 0.3, 0.2], n_slices=4)
+    assert out == {"0.5": 0.5, "1": 0.5, "2": 0.5, "4": 0.5}
+    # 0.5 false per slice over 2 slices allows one false candidate (0.95): the hit at 0.9 is below the second (0.92)
+    assert froc([0.9], [0.95, 0.92, 0.7], n_slices=2)["0.5"] == 0.0 and froc([0.9], [0.95, 0.8], 2)["0.5"] == 1.0
+    regions = [Region(np.array([100.0, 100.0]), 10.0, 0), Region(np.array([300.0, 300.0]), 4.0, None)]
+    table = {"rc": np.array([[100.0, 103.0], [100.0, 110.0], [300.0, 302.0], [200.0, 200.0]])}
+    # within 5 mm of a confirmed centre; on the nodule but off centre; on a one-reader nodule; elsewhere
+    assert point_labels(table, regions, 1.0).tolist() == [1, -1, -1, 0]

@@ -6,7 +6,9 @@ and most of those at the points the whole-slice scan itself would score (hard ne
 The localiser sees the nodule up to ``loc_offset_mm`` off centre and regresses its offset and diameter.
 Both use the one training loop (:func:`training.loop.fit`) with a patch batch function.
 
-LIDC-IDRI-0001..0003 are left out of training: their DICOM series are the whole-slice test.
+LIDC-IDRI-0001..0003 are left out of training: their DICOM series are the whole-slice test (LIDC-IDRI-0006, whose
+series came later, is in the validation split of the networks). The candidate rankers and the whole-slice figures
+come from :mod:`training.finder_eval`.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class FinderConfig:
     limit: int = 0  # only the first N patients (quick checks)
     n_boot: int = 500
     only: str = ""  # presence | locate: train one model only; "none": only re-run the scan evaluations;
+    # "wholeslice": only fit the candidate rankers and measure the whole-slice/series scan on the DICOM series;
     # "mine": scan the training crops with the saved finder and fine-tune the presence model on its false candidates
     mine_epochs: int = 15
     mined_share: float = 0.5  # share of negatives drawn from the mined false candidates while fine-tuning
@@ -328,57 +331,31 @@ def crop_scan_report(folder: Path, src: PatchSource, cases: np.ndarray, top_k: i
             "seconds_per_crop": float(np.median(secs)) if secs else None}
 
 
-def dicom_scan_report(folder: Path | None = None, data: str = "") -> dict:
-    """Scan the slice through each reader-marked nodule of the DICOM series (LIDC-IDRI-0001..0003).
+def wholeslice_only(cfg: FinderConfig, progress: bool = True) -> dict:
+    """Fit the candidate rankers on the DICOM series and measure them leave-one-series-out; the result replaces
+    the ``wholeslice`` block of ``finder.json`` (the other blocks are kept)."""
+    from training.finder_eval import wholeslice_report
 
-    Per nodule: the best-ranked candidate's distance to the readers' centre, the rank of the first
-    candidate within 5 mm, and the false candidates (scored >= 0.5, not within 5 mm of any nodule on the slice).
-    """
-    from lungviz.lidc_dicom import find_nodules, read_patient
-
-    finder = load_finder(folder)
-    root = Path(data) if data else paths.lidc_dicom_dir()
-    rows = []
-    for pid in DICOM_TEST_PATIENTS:
-        if not (root / pid).is_dir():
-            continue
-        series, marks, _ = read_patient(root / pid)
-        nodules, _ = find_nodules(series, marks)
-        for nd in nodules:
-            k = int(round(nd.centre_z_index))
-            sl = series[k]
-            sp = float(np.mean(sl.pixel_spacing_mm))
-            t0 = time.perf_counter()
-            cands, info = scan(finder, sl.hu, True, sp, top_k=10)
-            seconds = time.perf_counter() - t0
-            # every nodule outlined on this slice (its centre on the slice from the readers' counts)
-            centres = []
-            for other in nodules:
-                if k in other.slice_indices:
-                    counts = other.counts[other.slice_indices.index(k)]
-                    centres.append(np.argwhere(counts > 0).mean(axis=0))
-            own = np.array(nd.centre_rc)
-            dist = [float(np.hypot(c.y - own[0], c.x - own[1]) * sp) for c in cands]
-            near_any = [min(float(np.hypot(c.y - q[0], c.x - q[1]) * sp) for q in centres) <= 5.0 for c in cands]
-            hit = next((i + 1 for i, d in enumerate(dist) if d <= 5.0), None)
-            rows.append({"patient_id": pid, "slice_index": k, "diameter_mm": round(nd.diameter_mm, 1),
-                         "best_distance_mm": round(dist[0], 2) if dist else None,
-                         "best_score": round(cands[0].score, 3) if cands else None,
-                         "best_diameter_mm": round(cands[0].diameter_mm, 1) if cands else None,
-                         "rank_within_5mm": hit,
-                         "false_candidates_score_ge_0_5": sum(1 for c, n in zip(cands, near_any, strict=True)
-                                                              if c.score >= 0.5 and not n),
-                         "candidates": len(cands), "points_scored": info["points_scored"],
-                         "seconds": round(seconds, 3)})
-    n = len(rows)
-    return {"n_nodules": n, "best_within_5mm": sum(1 for r in rows if r["best_distance_mm"] is not None
-                                                   and r["best_distance_mm"] <= 5.0),
-            "mean_false_candidates_per_slice": float(np.mean([r["false_candidates_score_ge_0_5"] for r in rows]))
-            if rows else None, "nodules": rows}
+    out = Path(cfg.out) if cfg.out else paths.weights_dir()
+    torch.set_num_threads(1)  # the rankers' figures include seconds per slice, measured as the app runs
+    block = wholeslice_report(load_finder(out), out, progress)
+    path = out / "finder.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.pop("dicom_scan", None)  # the network-only scan of three series, superseded by the whole-slice block
+    results["wholeslice"] = block
+    path.write_text(json.dumps(results, indent=1, default=float))
+    v = block["variants"]
+    log.info("whole slices (leave-one-series-out): best within 5 mm %.0f%% (slice ranker) / %.0f%% (series ranker); "
+             "false candidates per slice %.2f / %.2f", 100 * v["slice"]["best_within_5mm"],
+             100 * v["series"]["best_within_5mm"], v["slice"]["false_per_slice_all_slices"],
+             v["series"]["false_per_slice_all_slices"])
+    return results
 
 
 def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
     """Train (or retrain one of) the presence classifier and the localiser; save both bundles and a report."""
+    if cfg.only == "wholeslice":
+        return wholeslice_only(cfg, progress)
     t_start = time.perf_counter()
     cases, report = load_cases("lidc", cfg.data)
     split = Split.load(paths.weights_dir() / "splits" / "holdout.json")
@@ -499,7 +476,10 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
     for name in ("val", "test"):
         results[f"crop_scan_{name}"] = crop_scan_report(out, src, idx[name])
         log.info("crop scan %s: top-1 within 5 mm %.3f", name, results[f"crop_scan_{name}"]["top1_within_5mm"])
-    results["dicom_scan"] = dicom_scan_report(out)
+    if not cfg.limit:  # a quick check on a few patients skips the DICOM series (``--only wholeslice`` runs it)
+        from training.finder_eval import wholeslice_report
+
+        results["wholeslice"] = wholeslice_report(load_finder(out), out, progress)
     for name, bundle in (("presence", PRESENCE), ("locate", LOCATE)):
         if name not in results:  # not retrained: its test figures as saved
             test = json.loads((out / f"{bundle}.json").read_text())["metrics"]["test"]
