@@ -85,22 +85,25 @@ def test_models_page_shows_held_out_results_card_and_provenance(app_env, monkeyp
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/models.py").run()
     assert not at.exception
     installed = at.dataframe[0].value
-    assert {"fused-binary", "fused-score", "nodule-binary", "slice-score"} <= set(installed["model"])
+    assert {"nodule", "slice-binary", "slice-score"} <= set(installed["model"])
     tables = [d.value for d in at.dataframe]
     binary = next(t for t in tables if "sensitivity" in t.columns)
-    row = binary[binary["model"] == "nodule-binary"].iloc[0]
+    row = binary[binary["model"] == "fused-binary"].iloc[0]  # the nodule model's estimate, by its outside name
     assert row["AUROC"] == "0.710 [0.600, 0.800]" and row["n"] == 40  # test figures, never the val 0.99
     # the malignant probability's own calibration beside the top-class ECE (the fixture's curve is off by 0.2)
     assert row["ECE of the malignant probability"] == "0.200" and row["top-class ECE"] == "0.050"
     assert not any("0.990" in str(t.to_dict()) for t in tables)
+    score = next(t for t in tables if "kappa (QWK)" in t.columns)
+    assert set(score["model"]) == {"nodule-score", "slice-score"}
     readers = next(t for t in tables if "single radiologist AUROC" in t.columns)
     assert readers.iloc[0]["single radiologist AUROC"] == "0.720 [0.600, 0.800]"
     assert len(at.get("plotly_chart")) == 2  # confusion matrix and reliability diagram
-    assert "outliner" not in at.selectbox(key="models-detail").options  # no confusion matrix for an outline
-    at.selectbox(key="models-detail").set_value("nodule-binary").run()
+    assert "nodule" not in at.selectbox(key="models-detail").options  # its figures are its estimate's and score's
+    at.selectbox(key="models-detail").set_value("fused-binary").run()
     assert "**Reliability** (test; ECE of this curve 0.200; top-class ECE 0.050)" in _texts(at)
-    outliner = next(t for t in tables if "Dice with the readers' outline" in t.columns)
-    assert outliner.iloc[0]["Dice with the readers' outline"] == "0.700"  # the fixture's test figure
+    chars = next(t for t in tables if "single reader kappa" in t.columns)
+    row = chars[chars["characteristic"] == "spiculation"].iloc[0]
+    assert row["model kappa (QWK)"] == "0.510 [0.400, 0.600]" and row["single reader kappa"] == "0.440 [0.300, 0.550]"
     text = _texts(at)
     assert "10.7937/K9/TCIA.2015.LO9QL9SX" in text and "not pathology" in text
     assert "Fixture card." in text and "figure missing" in text  # the card, its missing figure named
@@ -125,12 +128,15 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     at = _upload(at, "slice-4.png", (lidc_slices_dir / REAL_SLICE).read_bytes())
     assert not at.exception and not at.error
-    headline = at.metric[0]
-    assert headline.label.startswith("Malignant probability: fused") and headline.value.endswith("%")
-    assert any(w.value.startswith("**Refer / uncertain.**") for w in at.warning) or any(
-        "No uncertainty flag" in s.value for s in at.success)
-    views = at.dataframe[0].value
-    assert list(views["view"]) == ["Fused (both views)", "Nodule view", "Slice view"]
+    headline = at.metric[0]  # the finding first: the nodule model's estimate, its size and characteristics
+    assert headline.label == "Malignant probability" and headline.value.endswith("%")
+    assert any(w.value.startswith("**Refer / uncertain**") for w in at.warning) or any(
+        "No uncertainty flag" in c.value for c in at.caption)
+    chars = at.dataframe[0].value
+    assert list(chars["characteristic"])[:2] == ["malignancy score", "subtlety"] and len(chars) == 9
+    assert any("What moved the estimate" in m.value for m in at.markdown)
+    views = at.dataframe[1].value  # behind "How sure is this?"
+    assert list(views["view"]) == ["Nodule model", "Slice view"]
     text = _texts(at)
     assert "calibrated on the LIDC validation split" in text
     # confidence in context: histogram of the reference test cases and the reliability of this band
@@ -140,8 +146,7 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     # maps (two views as seen + two Grad-CAM overlays) and five similar-case thumbnails
     captions = [img.captions[0] for img in at.image]
     assert sum(c.startswith("Grad-CAM,") for c in captions) == 2
-    assert sum(c.startswith("Outline (nodule outliner): about ") and " mm across; long axis " in c
-               and c.endswith(" mm on this slice") for c in captions) == 1
+    assert sum(c.startswith("The nodule model's view (") and "sized to the nodule" in c for c in captions) == 1
     # similar cases: the upload is the library's own image, so its patient's cases are left out, and it says so
     cards = [m.value for m in at.markdown if m.value.startswith("**LIDC-IDRI-")]
     assert len(cards) == 5 and not any(c.startswith("**LIDC-IDRI-0001/") for c in cards), cards
@@ -406,7 +411,7 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     text = _texts(at)
     assert "What moved the estimate" in text and "log-odds" in text and "Band:" in text
     assert "slices the nodule reaches" in text or "this slice only" in text or "outlined nothing" in text
-    assert any(m.label == "Nodule model: malignant probability" for m in at.metric)
+    assert any(m.label == "Malignant probability" for m in at.metric)
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -538,8 +543,8 @@ def test_nodule_crop_alone_gives_a_nodule_view_prediction(app_env, lidc_slices_d
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
     at = _upload(at, "crop.png", (lidc_slices_dir / REAL_SLICE).read_bytes(), which=1)
     assert not at.exception and not at.error
-    assert at.metric[0].label == "Malignant probability: nodule view"
-    assert list(at.dataframe[0].value["view"]) == ["Nodule view"]
+    assert at.metric[0].label == "Malignant probability"  # the nodule model reads the crop alone
+    assert list(at.dataframe[1].value["view"]) == ["Nodule model"]
 
 
 # ---------------------------------------------------------------------------------------------------- library
@@ -569,7 +574,7 @@ def test_library_lists_filters_and_opens_a_case(app_env):
 
 def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tmp_path):
     """The maps of both views are shown, so each view's test-split localisation is quoted (it differs: on the real
-    weights the slice map peaks on the nodule in 0% of test nodules, the nodule map in 17%)."""
+    weights the slice map peaks on the nodule in 0% of test nodules, the nodule model's in 87% when shifted)."""
     from lungviz.inventory import map_localisation_text
     from lungviz.predict import load_models
 
@@ -578,12 +583,12 @@ def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tm
         return {"n": 10, "peak_inside": peak, "mass_inside": 0.2, "mask_area": 0.1,
                 "centre_prior": {"peak_inside": 0.9, "mass_inside": 0.5}}
 
-    found = {f"{v}-binary": {"centred": block(peak), "shifted": block(peak / 2),
-                             "layer": getattr(ms.bundle(v, "binary"), "cam_layer", "")}
-             for v, peak in (("slice", 0.0), ("nodule", 0.4))}
+    found = {"slice-binary": {"centred": block(0.0), "shifted": block(0.0),
+                              "layer": getattr(ms.bundle("slice", "binary"), "cam_layer", "")},
+             "nodule": {"centred": block(0.4), "shifted": block(0.2), "layer": ms.nodule.cam_layer}}
     (tmp_path / "cam_localisation.json").write_text(json.dumps({"models": found}))
     both = map_localisation_text(tmp_path, ms, ["nodule", "slice"])
-    assert "the nodule-binary Grad-CAM peaked inside the readers' outline in 40%, and in 20% with" in both
+    assert "the nodule model's Grad-CAM peaked inside the readers' outline in 40%, and in 20% with" in both
     assert "the slice-binary Grad-CAM peaked inside the readers' outline in 0%, and in 0% with" in both
     assert "slice-binary" not in map_localisation_text(tmp_path, ms, ["nodule"])
     found["slice-binary"]["layer"] = "another.layer"  # measured on a layer the model no longer uses: not quoted
@@ -592,19 +597,20 @@ def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tm
 
 
 def test_library_case_says_what_a_report_says_about_the_estimate(app_env, monkeypatch):
-    """The case page gives the estimate's notes (calls, the measured size and outline the fused models weigh,
-    calibration), as Inspect and the report do: the fused estimate may fall outside both views because of them."""
+    """The case page gives the estimate's notes (how the calls are made, calibration) behind "How sure is this?", as
+    Inspect and the report do; the nodule model's own three lines are on the first screen already."""
     from lungviz import report
 
-    said = "Nodule diameter measured on the image by the nodule outliner: about 30 mm (an input of the fused estimates)"
-    monkeypatch.setattr(report, "estimate_notes", lambda prediction: [said, report.CALIBRATION_CAVEAT])
+    said = "Each view calls a nodule malignant from its own operating point."
+    monkeypatch.setattr(report, "estimate_notes",
+                        lambda prediction: ["finding 1", "finding 2", "finding 3", said, report.CALIBRATION_CAVEAT])
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
     at.run().switch_page("app_pages/library.py")
     at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
     at.run()
     assert not at.exception and f":material/info: {said}" in [c.value for c in at.caption]
-    assert _texts(at).count(report.CALIBRATION_CAVEAT) == 1  # once, after the slice it was measured on
+    assert _texts(at).count(report.CALIBRATION_CAVEAT) == 1 and "finding 1" not in _texts(at)
 
 
 @pytest.mark.slow
@@ -634,7 +640,7 @@ def test_library_case_reads_every_slice_with_the_nodule_model(app_weights, tmp_p
     at.run()
     assert not at.exception
     assert 9 in read  # the case's nine slices in one reading (the middle slice alone is read for the estimate too)
-    assert any(m.label == "Nodule model: malignant probability" for m in at.metric)
+    assert any(m.label == "Malignant probability" for m in at.metric)
 
 
 def test_the_estimate_table_gives_each_calls_sensitivity_and_specificity_on_test():
@@ -644,8 +650,9 @@ def test_the_estimate_table_gives_each_calls_sensitivity_and_specificity_on_test
     calls = {"n": 332, "sensitivity": 0.493, "specificity": 0.958, "ci95": {"sensitivity": [0.394, 0.597],
                                                                             "specificity": [None, 0.98]},
              "single_slice": True}
-    pred = Prediction({"fused": {"binary": TaskPrediction(["benign", "malignant"], [0.97, 0.03], test_calls=calls)},
-                       "nodule": {"binary": TaskPrediction(["benign", "malignant"], [0.9, 0.1])}})
+    two = ["benign", "malignant"]
+    pred = Prediction(views={"nodule": {"binary": TaskPrediction(classes=two, probs=[0.97, 0.03], test_calls=calls)},
+                             "slice": {"binary": TaskPrediction(classes=two, probs=[0.9, 0.1])}})
     rows = view_table(pred)
     assert (rows[0]["sensitivity on test"], rows[0]["specificity on test"]) == ("49% [39-60%]", "96%")  # no bound
     assert rows[1]["sensitivity on test"] == rows[1]["specificity on test"] == "-"  # not measured: not made up

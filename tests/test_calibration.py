@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lungviz import metrics
-from lungviz.calibration import PRIOR_AFTER_T, PRIOR_BEFORE_T, Calibration, calibration_of
+from lungviz.calibration import PRIOR_AFTER_T, PRIOR_BEFORE_T, Calibration
 from lungviz.errors import LungvizError
 
 PRIOR = (0.46, -0.88)  # log(train prior / balanced prior) of a 20%-malignant training set
@@ -81,7 +81,6 @@ def test_bad_calibrations_are_clear_errors() -> None:
         Calibration.from_spec({"temperature": "warm"})
     with pytest.raises(LungvizError, match="3 prior values but the model has 2 classes"):
         Calibration(1.0, (0.0, 0.0, 0.0)).probabilities(_logits(3, 2))
-    assert calibration_of({"kind": "fusion", "temperature": 2.0}) is None
 
 
 def test_scores_count_the_calls_not_the_most_probable_class() -> None:

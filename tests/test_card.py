@@ -96,8 +96,13 @@ def _finder_specs() -> dict[str, dict]:
     loc = {"arch": "cnn4", "metrics": {"test": {"n": 30, "centre_mae_mm": 1.61, "diameter_mae_mm": 1.52}}}
     res = {"crop_scan_test": {"n": 30, "top1_within_5mm": 0.8, "top3_within_5mm": 0.9,
                               "false_candidates_score_ge_0_5_per_crop": 1.3},
-           "whole_slice": {"n_slices": 12, "curve": [{"false_per_slice": 1.0, "sensitivity": 0.55},
-                                                     {"false_per_slice": 4.0, "sensitivity": 0.825}]}}
+           "wholeslice": {"series": [{"patient_id": "P9"}], "hit_mm": 5.0, "variants": {
+               "series": {"n_nodules": 7, "n_slices_all": 138, "best_within_5mm": 5 / 7, "top3_within_5mm": 1.0,
+                          "false_per_slice_all_slices": 0.89,
+                          "froc_all_slices": {"0.5": 0.857, "1": 1.0, "2": 1.0, "4": 1.0},
+                          "nodules": [{"patient_id": "P9", "slice_index": 8, "diameter_mm": 32.8, "n_readers": 4,
+                                       "best_distance_mm": 2.5, "rank_within_5mm": 1}]}},
+               "seconds_per_slice": {"slice": 0.46, "series": 0.16}}}
     return {"finder-presence.json": pres, "finder-locate.json": loc, "finder.json": res}
 
 
@@ -171,7 +176,8 @@ def test_maps_slice_view_finder_and_similar_cases_show_their_records(weights: Pa
     assert "`slice-binary` ranks below the readers' diameter (0.777 against 0.872)" in view
     found = _section(card, "Nodule finder")
     assert "| presence: accuracy | 60 | 0.933 |" in found and "| diameter error (mm) | 30 | 1.52 |" in found
-    assert "| false per slice | sensitivity |" in found and "| 4.000 | 0.825 |" in found  # the optional block
+    assert "| series ranker as shipped: network + 2D + 3D Hessian (series) | 71% | 100% | 0.89 | " \
+           "86% / 100% / 100% / 100% |" in found  # the whole-slice block, leave-one-series-out
     similar = _section(card, "Similar cases")
     assert "embedded with `nodule`" in similar and "80% of the five nearest" in similar  # index-nodule.json first
 

@@ -137,7 +137,7 @@ def nodule_models():
     from lungviz.models import load_bundle
     from lungviz.predict import ModelSet
 
-    return ModelSet(bundles={}, fusions={}, folder=WEIGHTS, nodule=load_bundle(WEIGHTS, "nodule", "cpu"))
+    return ModelSet(folder=WEIGHTS, nodule=load_bundle(WEIGHTS, "nodule", "cpu"))
 
 
 def _nodules(folder: Path):

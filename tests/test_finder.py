@@ -295,29 +295,6 @@ def test_shipped_presence_check_sees_centred_nodules_and_flags_crops_centred_els
     assert np.median(centred) > np.median(moved) + 0.3
 
 
-@pytest.mark.skipif(not SHIPPED, reason="the shipped finder bundles are not installed")
-def test_fusion_size_feature_averages_the_central_slices_or_takes_the_middle_one(real_lidc):
-    from lungviz.fusion import SIZE_FEATURE
-
-    from lungviz.finder import centre_diameter_mm
-    from training.data import SliceStore
-    from training.evaluate import fusion_features
-
-    cases = [c for c in real_lidc[0] if c.n_slices >= 4][:3]
-    store = SliceStore(cases, progress=False)
-    finder = load_finder(WEIGHTS)
-    every = np.arange(len(cases))
-    central, middle = (fusion_features([SIZE_FEATURE], WEIGHTS, store, every, c) for c in (0.5, 0.0))
-    assert central.shape == middle.shape == (3, 1)
-    for i, c in enumerate(cases):
-        d = [centre_diameter_mm(finder, store.slice01(i, k), c.pixel_spacing_mm) for k in range(c.n_slices)]
-        assert np.exp(middle[i, 0]) == pytest.approx(max(1.0, d[store.eval_slices(i, 0, 0.0)[0]]), rel=1e-5)
-        assert np.exp(central[i, 0]) == pytest.approx(max(1.0, np.mean([d[k] for k in store.eval_slices(i, 0, 0.5)])),
-                                                      rel=1e-5)
-    with pytest.raises(LungvizError, match="unknown fusion feature"):
-        fusion_features(["shape"], WEIGHTS, store, every)
-
-
 def test_froc_and_point_labels_on_hand_made_cases():
     from training.finder_eval import Region, froc, point_labels
 

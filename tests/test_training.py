@@ -298,68 +298,6 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
 
 
 @pytest.mark.slow
-def test_outliner_learns_the_readers_outline_and_measures_the_nodule(tmp_path):
-    from lungviz.errors import LungvizError
-    from lungviz.outline import load_outliner
-    from training.config import OutlinerConfig
-    from training.datasets import load_cases
-    from training.evaluate import fusion_features
-    from training.outliner import train_outliner
-
-    data = _synthetic_slices(tmp_path / "slices", n_patients=60)
-    cfg = OutlinerConfig(data=str(data), input_size=32, field_mm=30.0, epochs=12, batch_size=8, n_boot=20,
-                         out=str(tmp_path / "w"))
-    spec = train_outliner(cfg, progress=False)
-    assert spec["task"] == "outline" and spec["classes"] == ["nodule"] and spec["preprocessing"]["field_mm"] == 30.0
-    history = [h["val_score"] for h in spec["training"]["history"]]
-    assert max(history) > history[0] + 0.1  # validation Dice rose as it trained
-    test = spec["metrics"]["test"]
-    assert test["dice"] > 0.8  # the synthetic discs are bright on noise: a working outliner finds them
-    for key in ("n", "dice", "ci95", "ratio_to_readers_median", "by_size_vs_readers", "size_auroc"):
-        assert key in test, key
-    assert set(spec["metrics"]) == {"val", "test", "test_single_slice"}
-    bundle = load_outliner(tmp_path / "w")
-    assert bundle.input_size == 32
-    cases, _ = load_cases("lidc", str(data))
-    store = SliceStore(cases[:6], progress=False)
-    sizes = fusion_features(["log_diameter_mm"], tmp_path / "w", store, np.arange(6), source="outliner")
-    assert sizes.shape == (6, 1) and np.isfinite(sizes).all()
-    with pytest.raises(LungvizError, match="unknown size source"):
-        fusion_features(["log_diameter_mm"], tmp_path / "w", store, np.arange(6), source="ruler")
-    # The outline's features beside the size: the same size column, each feature a mean over the central slices.
-    names = ["log_diameter_mm", "roundness", "mean_inside", "contrast"]
-    both = fusion_features(names, tmp_path / "w", store, np.arange(6), source="outliner")
-    assert both.shape == (6, 4) and np.allclose(both[:, 0], sizes[:, 0])
-    assert np.isfinite(both).all() and (both[:, 1] > 0.5).all() and (both[:, 1] <= 1.0).all()  # discs are round
-    assert (both[:, 3] > 0).all()  # the synthetic nodules are brighter than their surroundings
-    with pytest.raises(LungvizError, match="outliner only"):
-        fusion_features(names, tmp_path / "w", store, np.arange(6), source="finder")
-
-
-@pytest.mark.slow
-def test_ablation_trains_each_variation_and_records_validation_only(tmp_path, monkeypatch):
-    import json
-
-    from training.experiments import ablate
-    from training.train import TrainConfig
-
-    monkeypatch.setenv("LUNGVIZ_RUNS", str(tmp_path / "runs"))
-    data = _synthetic_slices(tmp_path / "slices")
-    base = TrainConfig(data=str(data), view="slice", task="binary", arch="cnn4", pretrained=False, input_size=32,
-                       epochs=2, stages=(1,), stage_groups=(1, 0), lr=3e-3, batch_size=32, patience=10)
-    variants = {"recipe": {}, "soft": {"soft_labels": 1.0}}
-    result = ablate(base, variants, out=str(tmp_path / "ablation.json"))
-    assert json.loads((tmp_path / "ablation.json").read_text()) == json.loads(json.dumps(result, default=str))
-    rows = result["results"]
-    assert [r["variant"] for r in rows] == ["recipe", "soft"] and rows[1]["overrides"] == {"soft_labels": 1.0}
-    assert all(0.0 <= r["val_auroc"] <= 1.0 and 1 <= r["best_epoch"] <= 2 for r in rows)
-    assert not any("test" in key for r in rows for key in r)  # the comparison never reads the test split
-    assert (tmp_path / "runs" / "ablate" / "soft" / "config.json").is_file()
-    assert json.loads((tmp_path / "runs" / "ablate" / "soft" / "config.json").read_text())["soft_labels"] == 1.0
-    assert result["setup"]["epochs"] == 2
-
-
-@pytest.mark.slow
 def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
     """`python -m training evaluate --json` on any lidc-slices folder, with a predictions CSV."""
     import json
@@ -458,7 +396,8 @@ def test_command_line_help_comes_from_the_settings_comments(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--view VIEW nodule | slice | fused (default: nodule)" in text
+    assert "--view VIEW nodule | slice (nodule: the nodule model's estimate fused-binary or score nodule-score) " \
+           "(default: nodule)" in text
     assert "bootstrap resamples for the 95% intervals (default: 1000)" in text
 
 
@@ -588,61 +527,19 @@ def test_cam_layer_candidates_are_stride_8_to_32_stages_then_the_last_layer(tmp_
     assert not any(m._forward_hooks for m in bundle.model.modules())
 
 
-@pytest.mark.slow
-def test_search_trains_every_recipe_seed_in_parallel_and_keeps_validation_only(tmp_path, monkeypatch):
-    import json
-
-    from training.experiments import search
-    from training.train import TrainConfig
-
-    monkeypatch.setenv("LUNGVIZ_RUNS", str(tmp_path / "runs"))
-    data = _synthetic_slices(tmp_path / "slices")
-    base = TrainConfig(data=str(data), arch="cnn4", pretrained=False, epochs=2, stages=(1,), stage_groups=(1, 0),
-                       lr=3e-3, batch_size=32, patience=10)
-    grid = {"slice-binary": {"32 px": ({"input_size": 32}, (0, 1)), "48 px": ({"input_size": 48}, (0,))}}
-    result = search(base, workers=2, grid=grid, out=str(tmp_path / "search.json"), recipe={})
-    assert json.loads((tmp_path / "search.json").read_text()) == json.loads(json.dumps(result, default=str))
-    rows = result["results"]
-    assert sorted((r["recipe"], r["seed"]) for r in rows) == [("32 px", 0), ("32 px", 1), ("48 px", 0)]
-    assert not any("test" in key for r in rows for key in r)  # the record holds validation figures only
-    summary = result["summary"]["slice-binary"]
-    assert summary["32 px"]["n_seeds"] == 2 and summary["48 px"]["n_seeds"] == 1
-    mine = [r["val_auroc"] for r in rows if r["recipe"] == "32 px"]
-    assert summary["32 px"]["mean"] == pytest.approx(np.mean(mine)) and summary["32 px"]["max"] == max(mine)
-    # each run's bundle is kept, so the chosen one can be shipped as it is
-    best = max(rows, key=lambda r: r["val_auroc"])
-    bundle = load_bundle(Path(best["bundle"]), "slice-binary")
-    assert bundle.spec["training"]["seed"] == best["seed"] and bundle.spec["view"] == "slice"
-    assert bundle.spec["input_size"] == (32 if best["recipe"] == "32 px" else 48)
-
-
 def test_train_shipped_takes_each_model_preset_and_refuses_unknown_names(monkeypatch):
     import training.__main__ as cli
     import training.train as T
 
     seen = []
     monkeypatch.setattr(T, "train_model", lambda cfg: seen.append(cfg) or {"metrics": {"test": {"n": 1}}})
-    done = cli.cmd_train(T.TrainConfig(shipped="slice-binary, nodule-score", data="somewhere"))
-    assert list(done) == ["slice-binary", "nodule-score"]
+    done = cli.cmd_train(T.TrainConfig(shipped="slice-binary, histology", data="somewhere"))
+    assert list(done) == ["slice-binary", "histology"]
     for cfg in seen:
         preset = T.SHIPPED[cfg.name]
         assert all(getattr(cfg, k) == v for k, v in preset.items()) and cfg.data == "somewhere" and not cfg.shipped
     with pytest.raises(LungvizError, match="no shipped model called nodule-size"):
         cli.cmd_train(T.TrainConfig(shipped="nodule-size"))
-
-
-def test_cv_result_summarises_the_folds_with_mean_and_spread():
-    from training.experiments import cv_result
-    from training.train import TrainConfig
-
-    rows = [{"fold": r, "n_test": 10, "auroc": a, "f1_malignant": 0.5, "f1_weighted": 0.8, "ece": 0.03}
-            for r, a in enumerate((0.80, 0.90))]
-    res = cv_result(TrainConfig(input_size=128, name="x", runs="y"), 2, rows)
-    assert res["k"] == 2 and res["folds"] == rows and res["setup"]["input_size"] == 128
-    assert "name" not in res["setup"] and "runs" not in res["setup"]
-    assert res["summary"]["auroc"]["mean"] == pytest.approx(0.85)
-    assert res["summary"]["auroc"]["sd"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
-    assert res["summary"]["ece"]["sd"] == 0.0
 
 
 def test_device_pack_splits_patients_into_parts_and_unpacks_the_exact_pixels(tmp_path):
@@ -677,68 +574,6 @@ def test_device_pack_splits_patients_into_parts_and_unpacks_the_exact_pixels(tmp
         unpack_slices(tmp_path / "nothing", tmp_path / "x")
 
 
-def test_a_fused_view_with_ensemble_members_averages_their_calibrated_logits(tmp_path):
-    """Evaluation of a fusion whose nodule view is a mean-logit ensemble: each network with its own view, size
-    and calibration, then the mean, then the fusion weights."""
-    import json
-
-    from lungviz.fusion import Fusion
-    from lungviz.lidc import import_slices
-    from lungviz.models import ModelSpec, save_bundle
-    from training.evaluate import calibrated_logits
-
-    cases, _ = import_slices(_synthetic_slices(tmp_path / "s", n_patients=6))
-    store = SliceStore(cases, progress=False)
-    folder = tmp_path / "w"
-    for name, view, size, temperature in (("slice-binary", "slice", 32, 1.0), ("nodule-binary", "nodule", 32, 2.0),
-                                          ("nodule-binary-m", "nodule", 48, 0.5)):
-        torch.manual_seed(len(name))
-        model = create_model("cnn4", 2)
-        spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view=view, task="binary",
-                                    input_size=size, preprocessing={"view": view, "field_mm": 24.0 if view ==
-                                                                    "nodule" else None, "central_fraction": 0.5},
-                                    temperature=temperature, split_fingerprint="x")
-        save_bundle(model, spec, folder, name)
-    fusion = {"views": ["slice", "nodule"], "weights": [0.3, 0.9], "bias": [0.2, -0.2]}
-    fused = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
-             "components": ["slice-binary", "nodule-binary"], "fusion": fusion, "split_fingerprint": "x"}
-    (folder / "fused-binary.json").write_text(json.dumps(fused))
-    idx = np.arange(len(cases))
-    one = {n: calibrated_logits(folder, n, store, idx)[0] for n in ("slice-binary", "nodule-binary",
-                                                                    "nodule-binary-m")}
-    plain = calibrated_logits(folder, "fused-binary", store, idx)[0]
-    assert np.allclose(plain, Fusion.from_dict(fusion).logits([one["slice-binary"], one["nodule-binary"]]), atol=1e-5)
-    (folder / "fused-binary.json").write_text(json.dumps(fused | {"members": {"nodule-binary": ["nodule-binary-m"]}}))
-    ensembled = calibrated_logits(folder, "fused-binary", store, idx)[0]
-    nodule = (one["nodule-binary"] + one["nodule-binary-m"]) / 2
-    assert np.allclose(ensembled, Fusion.from_dict(fusion).logits([one["slice-binary"], nodule]), atol=1e-5)
-    assert not np.allclose(ensembled, plain, atol=1e-3)  # the member counts
-    # The app computes the same fused logits from the middle slice as evaluation does with central=0.
-    from lungviz.predict import load_models, predict
-    from training.data import central_slices
-
-    middle = calibrated_logits(folder, "fused-binary", store, idx, central=0.0)[0]
-    models = load_models(folder)
-    assert set(models.members) == {"nodule-binary-m"}
-    for ci, case in enumerate(cases):
-        k = central_slices(store.n_slices(ci), 0, 0.0)[0]
-        pred = predict(models, store.slice01(ci, k), spacing_mm=case.pixel_spacing_mm)
-        assert np.allclose(pred.views["fused"]["binary"].logits, middle[ci], atol=1e-4)
-
-
-def test_fuse_members_option_reads_presets_and_explicit_lists():
-    from training.__main__ import parse_members
-
-    preset = {"nodule-binary": ["a"]}
-    assert parse_members("shipped", preset) == preset and parse_members("shipped", None) is None
-    assert parse_members("none", preset) is None
-    assert parse_members("nodule-binary=m1, m2; slice-binary=s1", None) == {"nodule-binary": ["m1", "m2"],
-                                                                            "slice-binary": ["s1"]}
-    for bad in ("nodule-binary", "nodule-binary=", "=m1"):
-        with pytest.raises(LungvizError, match="--members takes"):
-            parse_members(bad, None)
-
-
 def test_test_time_augmentation_averages_the_eight_dihedral_views():
     from training.evaluate import dihedral_logits
 
@@ -757,46 +592,6 @@ def test_test_time_augmentation_averages_the_eight_dihedral_views():
 
 
 
-def test_test_time_augmentation_is_refused_for_a_fused_model(tmp_path):
-    import json
-
-    from training.evaluate import calibrated_logits
-
-    spec = {"kind": "fusion", "view": "fused", "task": "binary", "classes": ["benign", "malignant"],
-            "components": ["slice-binary", "nodule-binary"],
-            "fusion": {"views": ["slice", "nodule"], "weights": [0.5, 0.5], "bias": [0.0, 0.0]}}
-    (tmp_path / "fused-binary.json").write_text(json.dumps(spec))
-    with pytest.raises(LungvizError, match="network by network"):
-        calibrated_logits(tmp_path, "fused-binary", None, np.arange(0), tta=True)
-
-
-def test_tta_is_adopted_per_family_only_when_every_network_rises_on_validation():
-    from lungviz.labels import get_scheme
-    from lungviz.metrics import decide, quadratic_kappa, softmax
-    from training.experiments import tta_decision, tta_figures
-
-    def row(model: str, plain: float, tta: float) -> dict:
-        return {"model": model, "val": {"plain": plain, "tta": tta}, "test": {"plain": 0.0, "tta": 1.0}}
-
-    rows = [row("nodule-binary", 0.86, 0.87), row("slice-binary", 0.81, 0.82),
-            row("nodule-score", 0.52, 0.54), row("slice-score", 0.41, 0.39)]
-    assert tta_decision(rows) == {"binary": True, "score": False}  # test figures never decide
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 2, 120)
-    plain = np.stack([np.zeros(120), rng.normal(0, 1, 120)], 1)
-    better = plain + np.stack([np.zeros(120), 2.0 * y], 1)
-    fig = tta_figures(y, plain, better, get_scheme("binary"), [f"P{i // 2}" for i in range(120)], 100)
-    assert fig["tta"] > fig["plain"] + 0.2 and fig["difference_ci95"][0] > 0 and fig["n"] == 120
-    # a score network's kappa is that of its calls (argmax(log p + decision bias)), as the spec's figures are
-    ys = rng.integers(0, 5, 120)
-    logits = rng.normal(0, 1, (120, 5)) + 1.5 * np.eye(5)[ys]
-    bias = np.array([1.0, 0.5, -2.0, 0.5, 1.0])
-    called = tta_figures(ys, logits, logits, get_scheme("score"), [f"P{i}" for i in range(120)], 20, bias)
-    assert called["plain"] == pytest.approx(quadratic_kappa(ys, decide(softmax(logits), bias), 5))
-    assert called["plain"] != pytest.approx(tta_figures(ys, logits, logits, get_scheme("score"),
-                                                        [f"P{i}" for i in range(120)], 20)["plain"])
-
-
 def test_evaluating_histology_on_its_test_folder_drops_the_near_duplicates_of_training_images(histology_dir):
     """As training does: 91 of the 259 test-folder images nearly duplicate a training image, and scoring them would
     inflate the test figures; the shipped card's 168 test images are what remains."""
@@ -812,268 +607,6 @@ def test_evaluating_histology_on_its_test_folder_drops_the_near_duplicates_of_tr
     assert len([c for c in cases if c.split_hint == "test"]) == 259
 
 
-def test_a_class_bias_is_adopted_only_where_it_lowers_the_out_of_fold_validation_nll():
-    from lungviz.metrics import softmax
-    from training.experiments import DRAWS_RULE, class_bias_check
-
-    rng = np.random.default_rng(3)
-
-    def split(n: int, bias: np.ndarray) -> dict:
-        z = rng.normal(0, 1.5, (n, 3))
-        y = np.array([rng.choice(3, p=p) for p in softmax(z / 1.5 + bias)])
-        return {"logits": z, "y": y, "groups": [f"P{i // 2}" for i in range(n)]}
-
-    prior = np.array([0.0, -0.5, -0.5])
-    skewed = prior + np.array([0.0, 1.5, -1.0])  # the network's classes 1 and 2 are off beyond its prior
-    off = class_bias_check(split(400, skewed), split(300, skewed), prior, seeds=5)
-    assert off["adopt"] and off["draws_lower_nll"] == 5 and off["draws"] == 5
-    assert off["class_bias"][0] == 0.0 and off["class_bias"][1] > 1.0 > -0.5 > off["class_bias"][2]
-    assert off["temperature_bias"]["test_nll"] < off["temperature"]["test_nll"]
-    fine = class_bias_check(split(400, prior), split(300, skewed), prior, seeds=5)  # test never decides
-    assert not fine["adopt"] and fine["draws_lower_nll"] < 5 * DRAWS_RULE
-    assert fine["temperature"]["val_oof_nll"] < fine["temperature_bias"]["val_oof_nll"]
-
-
-def test_expected_score_call_and_the_ordinal_call_check():
-    from lungviz.metrics import expected_score_call
-    from training.experiments import ordinal_call_check
-
-    P = np.array([[0.4, 0.1, 0.1, 0.1, 0.3], [0.0, 0.0, 0.0, 0.0, 1.0], [0.05, 0.1, 0.3, 0.35, 0.2],
-                  [0.5, 0.5, 0.0, 0.0, 0.0]])
-    assert expected_score_call(P).tolist() == [2, 4, 3, 0]  # means 1.8, 4, 2.55, 0.5 (a tie goes to the lower)
-    rng = np.random.default_rng(5)
-
-    def split(n: int, truth: str) -> dict:
-        P = rng.dirichlet(np.full(5, 0.6), n)
-        y = expected_score_call(P) if truth == "expected" else P.argmax(axis=1)
-        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "P": P}
-
-    def predictor(split: dict, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return split["P"][idx], split["P"][idx].argmax(axis=1)
-
-    fitted: list[int] = []
-
-    def fold(rows: np.ndarray):
-        fitted.append(len(rows))
-        return predictor
-
-    got = ordinal_call_check(split(200, "expected"), split(150, "expected"), fold, predictor, seeds=3, n_boot=50)
-    assert got["draws_higher_kappa"] == 3 and got["adopt"] and not got["vetoed_on_test"]
-    assert got["val_oof"]["expected"]["kappa"] == pytest.approx(1.0)
-    assert got["val_oof"]["shipped"]["kappa"] < 0.99
-    assert got["test_kappa_difference_ci95"][0] > 0 and 0 < got["test_calls_changed"] < 1
-    assert len(fitted) == 3 * 5 and all(120 <= n <= 200 for n in fitted)  # refitted on the other folds each time
-    vetoed = ordinal_call_check(split(200, "expected"), split(150, "argmax"), fold, predictor, seeds=3, n_boot=50)
-    assert vetoed["adopt_on_validation"] and vetoed["vetoed_on_test"] and not vetoed["adopt"]
-    kept = ordinal_call_check(split(200, "argmax"), split(150, "expected"), fold, predictor, seeds=3, n_boot=50)
-    assert kept["draws_higher_kappa"] == 0 and not kept["adopt"]  # test never adopts
-    # A draw counts only where the expected-score call is strictly higher: identical calls never count.
-    peaked = split(200, "argmax")
-    peaked["P"] = np.eye(5)[peaked["y"]] * 0.9 + 0.02
-    same = ordinal_call_check(peaked, peaked, fold, predictor, seeds=3, n_boot=20)
-    assert same["draws_higher_kappa"] == 0 and same["test_calls_changed"] == 0.0
-    # A test difference whose interval straddles zero does not veto what validation adopted.
-    noise = split(150, "expected")
-    noise["y"] = rng.integers(0, 5, 150)
-    kept_on_noise = ordinal_call_check(split(200, "expected"), noise, fold, predictor, seeds=3, n_boot=200)
-    lo, hi = kept_on_noise["test_kappa_difference_ci95"]
-    assert lo < 0 < hi and kept_on_noise["adopt"] and not kept_on_noise["vetoed_on_test"]
-
-
-def test_the_ordinal_call_check_reads_each_score_model_as_it_ships(tmp_path, monkeypatch):
-    import json
-
-    import training.evaluate
-    import training.experiments as experiments
-    from lungviz.fusion import SIZE_FEATURE, Fusion
-    from lungviz.metrics import quadratic_kappa, softmax
-
-    rng = np.random.default_rng(11)
-    prior = [0.3, -0.2, -0.5, 0.1, 0.4]
-    nets = {"slice-score": {"temperature": 3.0, "prior_adjust": prior, "calibration": "prior-after-temperature"},
-            "nodule-score": {"temperature": 1.5, "prior_adjust": prior, "calibration": "prior-after-temperature"}}
-    fusion = Fusion(["slice", "nodule"], np.array([0.3, 0.8]), np.zeros(5), [SIZE_FEATURE],
-                    np.array([[-0.5, -0.2, 0.0, 0.3, 0.5]]), "outliner")
-    specs = {**nets, "fused-score": {"fusion": fusion.to_dict()}}
-
-    def split(n: int) -> dict:
-        y = rng.integers(0, 5, n)
-        raw = [rng.normal(0, 1, (n, 5)) + 2.0 * np.eye(5)[y] * w for w in (0.5, 1.5)]  # the views differ
-        logits = [r / nets[c]["temperature"] + np.array(prior) for r, c in zip(raw, nets, strict=True)]
-        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "raw": raw, "logits": logits,
-                "features": {SIZE_FEATURE: np.log(rng.uniform(3, 30, n)) + 0.1 * y}}
-
-    parts = {"val": split(200), "test": split(150)}
-    monkeypatch.setattr(experiments, "fusion_check_parts", lambda task, folder, progress=True: parts)
-    monkeypatch.setattr(training.evaluate, "read_any_spec", lambda folder, name: specs[name])
-    out = tmp_path / "ordinal.json"
-    result = experiments.compare_ordinal_calls(str(tmp_path), seeds=2, k=5, n_boot=20, out=str(out))
-    rows = {r["model"]: r for r in result["results"]}
-    test = parts["test"]
-    for name, view in (("slice-score", 0), ("nodule-score", 1)):  # the shipped call: argmax(z + b), each its own view
-        calls = (test["raw"][view] + np.array(prior)).argmax(axis=1)
-        assert rows[name]["test"]["shipped"]["kappa"] == pytest.approx(quadratic_kappa(test["y"], calls, 5))
-    fused = softmax(fusion.logits(test["logits"], test["features"][SIZE_FEATURE][:, None]))
-    assert rows["fused-score"]["test"]["shipped"]["kappa"] == pytest.approx(
-        quadratic_kappa(test["y"], fused.argmax(axis=1), 5))
-    assert json.loads(out.read_text())["results"][0]["model"] == "nodule-score"
-    specs["fused-score"] = {"fusion": {**fusion.to_dict(), "size_source": "finder"}}
-    with pytest.raises(LungvizError, match="with the nodule outliner"):
-        experiments.compare_ordinal_calls(str(tmp_path), seeds=2, n_boot=20, out=str(out))
-
-
-def test_the_draws_rule_counts_exactly():
-    from training.experiments import DRAWS_RULE, enough_draws
-
-    assert DRAWS_RULE == 0.8
-    assert enough_draws(16, 20) and not enough_draws(15, 20)
-    assert enough_draws(12, 15) and not enough_draws(11, 15)  # 0.8 x 15 is 12.000000000000002 in floating point
-    assert enough_draws(4, 4) and not enough_draws(3, 4)
-
-
-def test_outline_features_join_fused_binary_only_where_out_of_fold_validation_says_so():
-    from lungviz.fusion import SIZE_FEATURE
-    from lungviz.shape import OUTLINE_FEATURES
-    from training.experiments import OUTLINE_CANDIDATES, outline_feature_check
-
-    rng = np.random.default_rng(8)
-
-    def split(n: int, contrast_matters: bool) -> dict:
-        log_d = rng.normal(2.0, 0.5, n)
-        feats = {name: rng.normal(0.5, 0.1, n) for name in OUTLINE_FEATURES}
-        z = 1.5 * (log_d - 2.0) + (25.0 * (feats["contrast"] - 0.5) if contrast_matters else 0.0)
-        y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
-        views = [np.stack([np.zeros(n), rng.normal(0, 1, n) + 0.3 * (2 * y - 1)], 1) for _ in range(2)]
-        feats["contrast"][::25] = np.nan  # now and then nothing was outlined
-        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "logits": views,
-                "features": {SIZE_FEATURE: log_d, **feats}}
-
-    test = split(300, True)
-    test["middle"] = {"logits": test["logits"], "features": {**test["features"], "contrast": np.full(300, np.nan)}}
-    found = outline_feature_check(split(400, True), test, seeds=4, n_boot=50)
-    rows = {r["candidate"]: r for r in found["results"]}
-    assert set(rows) == set(OUTLINE_CANDIDATES) and rows["size"]["draws_higher_than_size"] is None
-    assert rows["grey levels"]["passes"] and rows["grey levels"]["draws_higher_than_size"] == 4
-    assert not rows["shape"]["passes"]  # noise beside the size
-    best = max((r for r in rows.values() if r["passes"]), key=lambda r: r["val_oof_auroc_mean"])["candidate"]
-    assert found["chosen_on_validation"] == best != "size"  # the passing set with the highest validation mean
-    assert found["chosen_features"] == list(OUTLINE_CANDIDATES[best])
-    gain = rows["grey levels"]["test_fused"]
-    assert gain["auroc"] > rows["size"]["test_fused"]["auroc"] and gain["difference_ci95"][0] > 0  # a paired gain
-    assert gain["difference_from_size"] == pytest.approx(gain["auroc"] - rows["size"]["test_fused"]["auroc"])
-    assert "difference_from_size" not in rows["size"]["test_fused"]
-    # On the middle slice nothing's contrast was measured: it counts at its validation mean, no gain is left.
-    assert abs(rows["grey levels"]["test_middle_slice"]["difference_from_size"]) < 0.05
-    assert found["val_feature_alone_auroc"]["contrast"] > 0.6
-    assert not found["vetoed_on_test"] and found["shipped"] == best and found["shipped_features"] == list(
-        OUTLINE_CANDIDATES[best])
-    # Test never decides: a contrast that matters on test only is not chosen.
-    kept = outline_feature_check(split(400, False), split(300, True), seeds=4, n_boot=20)
-    assert kept["chosen_on_validation"] == "size" and kept["chosen_features"] == [] and kept["shipped"] == "size"
-    # ... but it may veto: where the chosen set clearly loses on test, the size alone ships.
-    reversed_test = split(300, True)
-    reversed_test["features"]["contrast"] = 1.0 - reversed_test["features"]["contrast"]  # contrast now misleads
-    vetoed = outline_feature_check(split(400, True), reversed_test, seeds=4, n_boot=50)
-    loser = next(r for r in vetoed["results"] if r["candidate"] == vetoed["chosen_on_validation"])
-    assert vetoed["chosen_on_validation"] != "size" and loser["test_fused"]["difference_ci95"][1] < 0
-    assert vetoed["vetoed_on_test"] and vetoed["shipped"] == "size" and vetoed["shipped_features"] == []
-
-
-def test_fused_score_takes_the_size_only_where_its_out_of_fold_validation_kappa_says_so():
-    from lungviz.fusion import SIZE_FEATURE
-    from lungviz.shape import OUTLINE_FEATURES
-    from training.experiments import fusion_input_check
-
-    candidates = {"views": (), "size": (SIZE_FEATURE,), "size and roundness": (SIZE_FEATURE, "roundness")}
-
-    rng = np.random.default_rng(3)
-    cuts = np.array([-2.0, -0.7, 0.7, 2.0])
-
-    def split(n: int, size_matters: bool) -> dict:
-        log_d = rng.normal(2.0, 0.5, n)
-        seen = rng.normal(0, 1, n)  # what the views see of the score
-        latent = seen + (3.0 * (log_d - 2.0) if size_matters else 0.0) + rng.logistic(0, 0.4, n)
-        y = np.searchsorted(cuts, latent)  # ordinal scores 0..4
-        views = [np.stack([-0.5 * (seen - c) ** 2 for c in (-2.5, -1.2, 0.0, 1.2, 2.5)], 1) for _ in range(2)]
-        feats = {name: rng.normal(0.5, 0.1, n) for name in OUTLINE_FEATURES}
-        return {"y": y, "groups": [f"P{i // 2}" for i in range(n)], "logits": views,
-                "features": {SIZE_FEATURE: log_d, **feats}}
-
-    found = fusion_input_check(split(300, True), split(200, True), candidates, "views", "kappa",
-                               seeds=3, n_boot=50)
-    rows = {r["candidate"]: r for r in found["results"]}
-    assert rows["views"]["draws_higher_than_views"] is None and not rows["views"]["passes"]
-    assert rows["size"]["passes"] and rows["size"]["draws_higher_than_views"] == 3
-    assert rows["size"]["val_oof_kappa_mean"] > rows["views"]["val_oof_kappa_mean"] + 0.05
-    assert found["chosen_on_validation"] in ("size", "size and roundness") and not found["vetoed_on_test"]
-    gain = rows["size"]["test_fused"]
-    assert gain["difference_from_views"] == pytest.approx(gain["kappa"] - rows["views"]["test_fused"]["kappa"])
-    assert gain["difference_ci95"][0] > 0 and "difference_from_views" not in rows["views"]["test_fused"]
-    assert found["shipped_features"] == list(candidates[found["shipped"]])
-    # Test never decides: a size that matters on test only is not chosen.
-    kept = fusion_input_check(split(300, False), split(200, True), candidates, "views", "kappa",
-                              seeds=3, n_boot=20)
-    assert kept["chosen_on_validation"] == "views" and kept["shipped_features"] == []
-    # ... but it may veto: where the chosen size clearly misleads on test, the views alone ship.
-    misleading = split(200, True)
-    misleading["features"][SIZE_FEATURE] = 4.0 - misleading["features"][SIZE_FEATURE]  # size now runs backwards
-    vetoed = fusion_input_check(split(300, True), misleading, candidates, "views", "kappa", seeds=3,
-                                n_boot=50)
-    loser = next(r for r in vetoed["results"] if r["candidate"] == vetoed["chosen_on_validation"])
-    assert vetoed["chosen_on_validation"] != "views" and loser["test_fused"]["difference_ci95"][1] < 0
-    assert vetoed["vetoed_on_test"] and vetoed["shipped"] == "views" and vetoed["shipped_features"] == []
-    with pytest.raises(LungvizError, match="kappa"):  # kappa of the calls needs ordinal classes
-        binary = split(100, True)
-        binary["logits"] = [lg[:, :2] for lg in binary["logits"]]
-        binary["y"] = np.minimum(binary["y"], 1)
-        fusion_input_check(binary, binary, candidates, "views", "kappa", seeds=2, n_boot=10)
-
-
-def test_the_outline_option_of_fuse():
-    from training.__main__ import parse_outline
-
-    assert parse_outline("shipped", ("contrast",)) == ["contrast"] and parse_outline("none", ("contrast",)) == []
-    assert parse_outline(" contrast, solidity ", ()) == ["contrast", "solidity"]
-    with pytest.raises(LungvizError, match="unknown outline feature"):
-        parse_outline("contrast,spiculation", ())
-
-
-def test_outline_features_need_the_outliners_size():
-    from training.fuse import train_fusion
-
-    for size, source in ((False, "outliner"), (True, "finder")):
-        with pytest.raises(LungvizError, match="come with the size the nodule outliner measures"):
-            train_fusion("binary", "/nowhere", size=size, size_source=source, outline=["contrast"])
-
-
-def test_the_shipped_fused_binary_uses_the_outline_features_its_check_chose():
-    import json
-
-    from training.train import SHIPPED_FUSIONS
-
-    weights = Path(__file__).resolve().parent.parent / "weights"
-    shipped = json.loads((weights / "outline_features.json").read_text())["shipped_features"]
-    spec = json.loads((weights / "fused-binary.json").read_text())
-    assert SHIPPED_FUSIONS["binary"].get("outline", []) == shipped
-    assert spec["fusion"]["features"] == ["log_diameter_mm", *shipped] and SHIPPED_FUSIONS["binary"]["size"]
-    assert spec["fusion"]["size_source"] == SHIPPED_FUSIONS["binary"]["size_source"] == "outliner"
-
-
-def test_the_shipped_fused_score_uses_the_inputs_its_check_chose():
-    import json
-
-    from training.train import SHIPPED_FUSIONS
-
-    weights = Path(__file__).resolve().parent.parent / "weights"
-    shipped = json.loads((weights / "score_inputs.json").read_text())["shipped_features"]
-    spec = json.loads((weights / "fused-score.json").read_text())
-    preset = SHIPPED_FUSIONS["score"]
-    assert (["log_diameter_mm"] if preset.get("size") else []) + list(preset.get("outline", [])) == shipped
-    assert spec["fusion"].get("features", []) == shipped
-    if shipped:
-        assert spec["fusion"]["size_source"] == preset["size_source"] == "outliner"
-
-
 def test_the_command_line_help_lists_every_command(capsys):
     from training.__main__ import COMMANDS, main
 
@@ -1081,4 +614,6 @@ def test_the_command_line_help_lists_every_command(capsys):
         main(["--help"])
     assert done.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())  # help wraps its lines
-    assert all(name in shown for name in COMMANDS) and "90% and 95% sensitivity" in shown
+    assert all(name in shown for name in COMMANDS) and "Grad-CAM find the nodule" in shown
+    for retired in ("fuse", "outliner", "tta", "search", "ablate", "screen", "class-bias"):
+        assert retired not in COMMANDS

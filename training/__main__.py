@@ -139,7 +139,9 @@ def cmd_evaluate(cfg: EvalConfig) -> dict | str:
         rep = evaluate_characteristics(folder, cfg.model or "nodule", cfg.data, cfg.split, cfg.predictions,
                                        cfg.n_boot, progress=not cfg.json)
         return rep if cfg.json else characteristics_text(rep)
-    name = cfg.model or ("histology" if cfg.task == "histology" else f"{cfg.view}-{cfg.task}")
+    nodule = {"binary": "fused-binary", "score": "nodule-score"}  # the nodule model's outside names
+    name = cfg.model or ("histology" if cfg.task == "histology" else nodule.get(cfg.task, f"nodule-{cfg.task}")
+                         if cfg.view == "nodule" else f"{cfg.view}-{cfg.task}")
     rep = evaluate_bundle(folder, name, cfg.data, cfg.split, cfg.predictions, cfg.n_boot, cfg.max_slices,
                           progress=not cfg.json)
     return rep if cfg.json else evaluation_text(rep)

@@ -112,8 +112,8 @@ class EvalConfig:
 
     data: str = ""  # lidc-slices layout folder (histology: class folders); empty = the configured data folder
     task: str = "binary"  # binary | score | histology | characteristics (the nodule model's eight ratings)
-    view: str = "nodule"  # nodule | slice | fused
-    model: str = ""  # bundle name; empty = <view>-<task> (histology: the histology model)
+    view: str = "nodule"  # nodule | slice (nodule: the nodule model's estimate fused-binary or score nodule-score)
+    model: str = ""  # model name (fused-binary, nodule-score, slice-binary, ...); empty = from --view and --task
     weights: str = ""  # bundle folder; empty = weights/
     split: str = ""  # train | val | test restricts to the saved split; empty = every labelled nodule
     predictions: str = ""  # write per-nodule probabilities to this CSV
