@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import io
+import re
 import json
 import zipfile
 from pathlib import Path
@@ -217,15 +218,14 @@ def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, app_weig
            "none." in built[-1].input_notes  # measured as the library page measures it, not at an assumed spacing
     at = _upload(at, "slice-4.png", other)
     assert not at.exception and built[-1].case_id == "LIDC-IDRI-0003/nodule-0 (slice-4.png)"
-    # its nodule view is cut at the case's 0.82 mm per pixel, as the library page cuts it, not at the 0.70 default
+    # its views are cut at the case's 0.82 mm per pixel, as the library page cuts them, not at the 0.70 default
     from lungviz.inputs import from_loaded
     from lungviz.io import load_image
     from lungviz.predict import load_models, view_image
 
-    spec = load_models(app_weights).bundle("nodule", "binary").spec
+    spec = load_models(app_weights).bundle("slice", "binary").spec
     context = from_loaded(load_image(other, "slice-4.png")).context
-    assert np.allclose(built[-1].images["nodule"], view_image(spec, context, None, 0.8203), atol=1e-6)
-    assert not np.allclose(built[-1].images["nodule"], view_image(spec, context, None, None), atol=1e-3)
+    assert np.allclose(built[-1].images["slice"], view_image(spec, context, None, 0.8203), atol=1e-6)
     assert (built[-1].verdict, built[-1].note) == (None, "") and at.radio[0].value is None
     at = _upload(at, "slice-4.png", first)  # the first image again: its review comes back
     assert (built[-1].verdict, built[-1].note) == ("disagree", "about patient 0001")
@@ -409,8 +409,8 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     shown = next(s for s in at.slider if s.label.startswith("Slice")).value  # the slice of the best candidate
     assert followed == [(5, shown)]  # the series was followed from the slice shown
     text = _texts(at)
-    assert "What moved the estimate" in text and "log-odds" in text and "Band:" in text
-    assert "slices the nodule reaches" in text or "this slice only" in text or "outlined nothing" in text
+    assert "What moved the estimate" in text and "log-odds" in text and "second-look call" in text
+    assert re.search(r"\*\*Size\*\* \((largest of \d+ slices|one slice)\)", text) or "Nothing outlined" in text
     assert any(m.label == "Malignant probability" for m in at.metric)
 
 
@@ -692,8 +692,9 @@ def test_library_case_view_of_a_training_case(app_env):
     captions = [img.captions[0] for img in at.image]
     assert "Slice 4 of 9 (slider position 3) with the readers' outline" in captions  # the middle (largest outline)
     assert [c for c in captions if c.isdigit()] == [str(k) for k in range(1, 10)]  # thumbnails numbered from 1
-    assert "On the middle slice (4 of 9, the largest reader outline)." in _texts(at)
-    assert {"Grad-CAM, slice view", "Grad-CAM, nodule view"} <= set(captions)
+    assert "The slice view reads the middle slice (4 of 9, the largest reader outline)" in _texts(at)
+    assert "Grad-CAM, slice view" in captions
+    assert any(c.startswith("Grad-CAM, nodule model (") for c in captions)
     assert at.metric[3].label.startswith("Malignant probability") and at.metric[3].value.endswith("%")
     assert any(c.value.startswith(":material/info: Grad-CAM colours run blue (none) to red") for c in at.caption)
     next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
@@ -884,7 +885,7 @@ def test_a_session_memory_keeps_only_its_most_recent_results(monkeypatch):
     session = SimpleNamespace(session_state={})
     bundle = SimpleNamespace(model=None, mean=0.0, std=1.0, calibration=None)
     monkeypatch.setattr(common, "st", session)
-    monkeypatch.setattr(common, "_model_set", lambda folder: SimpleNamespace(bundles={"b": bundle}))
+    monkeypatch.setattr(common, "_model_set", lambda folder: SimpleNamespace(networks={"b": bundle}))
     monkeypatch.setattr(common, "lime_map", lambda model, image, *args, **kwargs: float(image[0, 0]))
     most = common.MAX_SESSION_RESULTS
     for i in range(most + 8):
