@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import ast
 import io
-import re
 import json
+import re
 import zipfile
 from pathlib import Path
 

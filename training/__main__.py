@@ -104,7 +104,8 @@ def train_all(base: TrainConfig) -> dict:
     done: dict = {"nodule": {"dice": nodule["metrics"]["test"]["outline"]["dice"],
                              "estimate_auroc": nodule["metrics"]["estimate"]["factors"]["auroc"]["auroc"]}}
     done |= train_shipped(base, list(SHIPPED))
-    done["finder"] = train_finder(FinderConfig(out=str(out)))
+    train_finder(FinderConfig(out=str(out)))
+    done["finder"] = train_finder(FinderConfig(out=str(out), only="mine"))  # one round of hard-negative mining
     done["index"] = build_library_index(INDEX_MODEL, out=str(out))  # embeds with the nodule model, so after it
     cam = cam_localisation(out=str(out / "cam_localisation.json"), split="test", weights=str(out))
     done["camloc"] = {m: r.get("shifted", {}).get("peak_inside") for m, r in cam.get("models", {}).items()}

@@ -51,10 +51,10 @@ log = logging.getLogger("training")
 class TrainConfig:
     """Everything that defines a shipped model; written next to the bundle."""
 
-    name: str = "nodule-binary"  # the bundle's name: weights/<name>.json and .safetensors
+    name: str = "slice-binary"  # the bundle's name: weights/<name>.json and .safetensors
     dataset: str = "lidc"  # lidc | histology
     data: str = ""  # the dataset's folder; empty = the configured data folder
-    view: str = "nodule"  # nodule | slice
+    view: str = "slice"  # slice | nodule (a classifier on the fixed nodule view; the nodule model has its own command)
     task: str = "binary"  # binary | binary-no3 | score | histology
     arch: str = "tf_efficientnet_lite0"  # cnn4 | a timm backbone (ImageNet weights for the EfficientNet-Lites)
     pretrained: bool = True  # start from the ImageNet weights (tf_efficientnet_lite0 / lite2 only)
@@ -86,7 +86,7 @@ class TrainConfig:
     n_boot: int = 1000  # bootstrap resamples for the 95% intervals
     out: str = ""  # bundle folder; empty = weights/
     runs: str = ""  # logs and predictions; empty = runs/<name>
-    all: bool = False  # train every shipped model (SHIPPED), then the fused models and the index
+    all: bool = False  # every shipped network and record: nodule model, SHIPPED, finder, index, camloc, card
     shipped: str = ""  # train only these shipped models with their SHIPPED settings (comma-separated names)
 
 
