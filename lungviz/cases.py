@@ -67,7 +67,7 @@ class Case:
     mask_paths: tuple[Path, ...] = ()
     mask_mode: str = "consensus"  # "consensus" (pixel = reader count) or "per-reader" (mask_paths per reader)
     reader_mask_paths: tuple[tuple[Path, ...], ...] = ()  # per reader, per slice (original layout)
-    crop_paths: tuple[Path, ...] = ()  # an explicit nodule crop (CSV manifests); else cut from the centre
+    crop_paths: tuple[Path, ...] = ()  # an explicit nodule crop; else cut from the centre
     slices: np.ndarray | None = field(default=None, repr=False, compare=False)
     masks: np.ndarray | None = field(default=None, repr=False, compare=False)
     n_readers: int = 0

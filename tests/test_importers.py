@@ -1,4 +1,4 @@
-"""Importers: the LIDC slices layout (synthetic and real), folder-per-class sets and CSV pair manifests."""
+"""Importers: the LIDC slices layout (synthetic and real) and folder-per-class sets."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 from conftest import READER_MASKS, SIDE, label_row, write_labels, write_png
 
-from lungviz.cases import ImportReport, data_fingerprint, round_half_up
+from lungviz.cases import data_fingerprint, round_half_up
 from lungviz.errors import LungvizError
 from lungviz.folders import import_class_folders, normalise_class_name
 from lungviz.labels import HISTOLOGY_CLASSES
 from lungviz.lidc import import_slices, read_labels
-from lungviz.manifest import import_manifest
 
 # ================================================================================================ LIDC (synthetic)
 
@@ -325,94 +324,3 @@ def test_class_folders_invalid(tmp_path):
     with pytest.raises(LungvizError, match="no images") as info:
         import_class_folders(tmp_path)
     assert str(tmp_path) in str(info.value)
-
-
-# ================================================================================================ manifests
-
-MANIFEST_HEADER = "slice_path,nodule_path,malignancy,patient_id,nodule_id,pixel_spacing_mm"
-
-
-@pytest.fixture
-def manifest_dir(tmp_path: Path) -> Path:
-    for name in ("s1.png", "n1.png", "s2.png", "n2.png"):
-        write_png(tmp_path / "img" / name, np.zeros((SIDE, SIDE)))
-    return tmp_path
-
-
-#: (row after the header, kept?, skip reason words)
-MANIFEST_ROWS = [
-    ("img/s1.png,img/n1.png,4,p1,,0.7", True, ""),
-    ("img/s2.png,img/n2.png,2.0,p1,nod-b,", True, ""),
-    ("img/s1.png,img/n2.png,1,p2,,", True, ""),
-    ("img/missing.png,img/n1.png,3,p3,,", False, "file not found"),
-    ("img/s1.png,img/n1.png,high,p4,,", False, "not a whole number"),
-    ("img/s1.png,img/n1.png,3.5,p4,,", False, "not a whole number"),
-    ("img/s1.png,img/n1.png,inf,p4,,", False, "not a whole number"),
-    ("img/s1.png,img/n1.png,6,p4,,", False, "outside 1-5"),
-    ("img/s1.png,img/n1.png,0,p4,,", False, "outside 1-5"),
-    ("img/s1.png,img/n1.png,3,,,", False, "no patient id"),
-    ("img/s1.png,img/n1.png,3,p5,,thin", False, "pixel_spacing_mm"),
-    (",img/n1.png,3,p6,,", False, "no slice_path"),
-]
-
-
-@pytest.mark.parametrize("row, kept, words", MANIFEST_ROWS)
-def test_manifest_rows(manifest_dir, row, kept, words):
-    path = manifest_dir / "pairs.csv"
-    path.write_text(f"{MANIFEST_HEADER}\n{row}\n")
-    cases, report = import_manifest(path)
-    assert (len(cases), report.n_skipped) == ((1, 0) if kept else (0, 1))
-    if not kept:
-        assert report.skipped[0][0] == "line 2" and words in report.skipped[0][1]
-
-
-def test_manifest_records(manifest_dir):
-    path = manifest_dir / "pairs.csv"
-    path.write_bytes(b"\xef\xbb\xbf" + "\n".join([MANIFEST_HEADER] + [r for r, _, _ in MANIFEST_ROWS]).encode())
-    cases, report = import_manifest(path)
-    assert isinstance(report, ImportReport) and report.n_cases == 3 and report.n_skipped == len(MANIFEST_ROWS) - 3
-    a, b, c = cases
-    assert (a.case_id, b.case_id, c.case_id) == ("p1/pair-0", "p1/nod-b", "p2/pair-0")
-    assert a.image_paths == ((manifest_dir / "img" / "s1.png").resolve(),)
-    assert a.crop_paths == ((manifest_dir / "img" / "n1.png").resolve(),)
-    assert (a.malignancy, a.malignant, a.reader_scores, a.pixel_spacing_mm) == (4, 1, (4,), 0.7)
-    assert (b.malignancy, b.malignant, b.pixel_spacing_mm) == (2, 0, None)
-    assert all(x.source == "manifest" for x in cases)
-
-
-def test_manifest_check_files_off_keeps_missing_files(manifest_dir):
-    path = manifest_dir / "pairs.csv"
-    path.write_text(f"{MANIFEST_HEADER}\nimg/missing.png,img/n1.png,3,p3,,\n")
-    cases, _ = import_manifest(path, check_files=False)
-    assert cases[0].image_paths[0].name == "missing.png"
-
-
-def test_manifest_short_rows_do_not_crash(manifest_dir):
-    path = manifest_dir / "pairs.csv"
-    path.write_text("patient_id,malignancy,slice_path,nodule_path\np1,3,img/s1.png\n")
-    cases, report = import_manifest(path)
-    assert cases == [] and report.skipped == (("line 2", "no nodule_path"),)
-
-
-MANIFEST_INVALID = [
-    ("slice,crop,score,patient\na.png,b.png,3,p1\n", "lacks the column"),
-    ("slice_path,nodule_path,patient_id\na.png,b.png,p1\n", "malignancy"),
-]
-
-
-@pytest.mark.parametrize("text, words", MANIFEST_INVALID)
-def test_manifest_wrong_columns_raise_naming_the_file(tmp_path, text, words):
-    path = tmp_path / "pairs.csv"
-    path.write_text(text)
-    with pytest.raises(LungvizError, match=words) as info:
-        import_manifest(path)
-    assert str(path) in str(info.value)
-
-
-def test_manifest_missing_or_binary(tmp_path):
-    with pytest.raises(LungvizError, match="not found"):
-        import_manifest(tmp_path / "absent.csv")
-    path = tmp_path / "pairs.csv"
-    path.write_bytes(b"\xff\xfe\x00\x81" * 20)
-    with pytest.raises(LungvizError, match="not a text CSV"):
-        import_manifest(path)
