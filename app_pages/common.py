@@ -15,11 +15,15 @@ import streamlit as st
 
 from lungviz import paths
 from lungviz.atlas import Atlas, atlas_path, load_atlas
+from lungviz.data.io import DicomSlice, LoadedImage, load_image, read_series
+from lungviz.data.lidc import load_case
+from lungviz.data.preprocess import DEFAULT_SPACING_MM
 from lungviz.errors import LungvizError
 from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundle_cam, lime_map
-from lungviz.finder import Finder, load_finder, scan, scan_series, series_volume
-from lungviz.inventory import ReferencePredictions, reference_predictions
-from lungviz.io import DicomSlice, LoadedImage, load_image, read_series
+from lungviz.inference.finder import Finder, load_finder, scan, scan_series, series_volume
+from lungviz.inference.lungmask import lung_mask
+from lungviz.inference.nodule import Assessment, assess, assess_series
+from lungviz.inference.predict import ESTIMATE_NAME, ModelSet, Prediction, load_models, predict, retrieval_query
 from lungviz.library import (
     PICTURE_SOURCES,
     library_slice_of,
@@ -29,15 +33,11 @@ from lungviz.library import (
     slice_file_table,
     slice_spacings,
 )
-from lungviz.lidc import load_case
-from lungviz.lungmask import lung_mask
-from lungviz.nodule_model import Assessment, assess, assess_series
-from lungviz.predict import ESTIMATE_NAME, ModelSet, Prediction, load_models, predict, retrieval_query
-from lungviz.preprocess import DEFAULT_SPACING_MM
-from lungviz.report import VIEW_LABELS, prob_pct, test_rate
+from lungviz.present.inventory import ReferencePredictions, reference_predictions
+from lungviz.present.report import VIEW_LABELS, prob_pct, test_rate
+from lungviz.present.text import plain_text
 from lungviz.retrieval import LIBRARY_INDEX, CaseIndex, load_index, set_server_threads
 from lungviz.reviews import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS, VERDICTS, ReviewStore
-from lungviz.text import plain_text
 
 INDEX_NAME = LIBRARY_INDEX
 LIBRARY_PAGE = "app_pages/library.py"
@@ -226,7 +226,7 @@ def finder_available() -> bool:
 @st.cache_data(show_spinner="Searching the slice for nodules…", max_entries=32, ttl=RESULT_TTL)
 def nodule_candidates(folder: str, image: np.ndarray, is_hu: bool, spacing: float | None, top_k: int = 5,
                       ) -> list[dict]:
-    """Ranked nodule candidates on a whole slice (dicts of :class:`lungviz.finder.Candidate`)."""
+    """Ranked nodule candidates on a whole slice (dicts of :class:`lungviz.inference.finder.Candidate`)."""
     cands, _ = scan(_finder(folder), image, is_hu, spacing, top_k=top_k)
     return [c.to_dict() for c in cands]
 

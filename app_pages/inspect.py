@@ -9,19 +9,27 @@ import streamlit as st
 
 from app_pages import common
 from lungviz import RESEARCH_NOTICE, paths
-from lungviz.dicom_export import ModelInfo, dicom_findings, reference_headers, upload_slices
+from lungviz.data.io import LoadedImage
+from lungviz.data.preprocess import (
+    DEFAULT_SPACING_MM,
+    SLICE_CROP_PX,
+    VIEWS,
+    WINDOW_PRESETS,
+    mm_to_px,
+    resize,
+    valid_spacing,
+)
+from lungviz.data.upload import CaseInput, display_image, from_loaded, from_series, is_whole_slice
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
-from lungviz.inputs import CaseInput, display_image, from_loaded, from_series, is_whole_slice
-from lungviz.inventory import map_localisation_note
-from lungviz.io import LoadedImage
+from lungviz.inference.lungmask import NO_LUNG_MESSAGE, mask_overlay
+from lungviz.inference.outline import outline_overlay
+from lungviz.inference.predict import with_assessment
 from lungviz.library import SPLIT_NOTES, series_split_note
-from lungviz.lungmask import NO_LUNG_MESSAGE, mask_overlay
 from lungviz.metrics import reliability_bin, wilson_interval
-from lungviz.outline import outline_overlay
-from lungviz.predict import with_assessment
-from lungviz.preprocess import DEFAULT_SPACING_MM, SLICE_CROP_PX, VIEWS, WINDOW_PRESETS, mm_to_px, resize, valid_spacing
-from lungviz.report import (
+from lungviz.present.dicom_export import ModelInfo, dicom_findings, reference_headers, upload_slices
+from lungviz.present.inventory import map_localisation_note
+from lungviz.present.report import (
     VIEW_LABELS,
     CaseReport,
     build_html,
@@ -32,7 +40,7 @@ from lungviz.report import (
     pct,
     report_filename,
 )
-from lungviz.text import plain_text
+from lungviz.present.text import plain_text
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "npy", "dcm", "dicom"]
 SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are shown

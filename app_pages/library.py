@@ -7,9 +7,10 @@ import streamlit as st
 
 from app_pages import common
 from lungviz import paths
+from lungviz.data.preprocess import resize
 from lungviz.errors import LungvizError
 from lungviz.explain import overlay
-from lungviz.inventory import map_localisation_text
+from lungviz.inference.predict import view_image, with_assessment
 from lungviz.library import (
     NEEDS_DATA_FOLDER,
     PICTURE_SOURCES,
@@ -23,10 +24,9 @@ from lungviz.library import (
     mask_outline,
     reader_count_note,
 )
-from lungviz.predict import view_image, with_assessment
-from lungviz.preprocess import resize
-from lungviz.report import VIEW_LABELS, estimate_notes, reader_spread
-from lungviz.text import plain_text
+from lungviz.present.inventory import map_localisation_text
+from lungviz.present.report import VIEW_LABELS, estimate_notes, reader_spread
+from lungviz.present.text import plain_text
 
 SHOW_PX = 256
 

@@ -6,9 +6,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from lungviz import RESEARCH_NOTICE, paths
-from lungviz.inventory import data_status, installed_models, model_card, read_result
+from lungviz.inference.predict import ESTIMATE_NAME, SCORE_NAME
 from lungviz.metrics import format_ci, with_malignant_ece
-from lungviz.predict import ESTIMATE_NAME, SCORE_NAME
+from lungviz.present.inventory import data_status, installed_models, model_card, read_result
 
 #: Columns of the test-results tables per task (metric key per column).
 TASK_COLUMNS = {

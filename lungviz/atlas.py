@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lungviz.data.preprocess import resize
 from lungviz.errors import LungvizError
 from lungviz.files import atomic_write
-from lungviz.preprocess import resize
 
 ATLAS_KIND = "lungviz-atlas"
 #: The side of each thumbnail (px): big enough to recognise a nodule, small enough for a few MB in all.

@@ -17,10 +17,10 @@ from skimage.segmentation import find_boundaries
 
 from lungviz import paths
 from lungviz.atlas import Atlas
+from lungviz.data.io import load_gray
+from lungviz.data.preprocess import resize
 from lungviz.errors import LungvizError
-from lungviz.io import load_gray
-from lungviz.preprocess import resize
-from lungviz.report import reader_spread
+from lungviz.present.report import reader_spread
 
 #: What each split means for a library case, in the words the app uses.
 SPLIT_NOTES = {
@@ -34,7 +34,7 @@ SPLIT_NOTES = {
 def patient_split(patient_id: str, split_file: Path | None = None) -> str | None:
     """The split a patient is in (default split file: the shipped holdout), or None when it is not listed or the
     split file is missing."""
-    from lungviz.splits import Split
+    from lungviz.data.splits import Split
 
     with contextlib.suppress(LungvizError):
         return Split.load(split_file or paths.weights_dir() / "splits" / "holdout.json").assignment.get(patient_id)
@@ -45,7 +45,7 @@ def series_split(series_uid: str, data_root: Path | None = None, split_file: Pat
                  ) -> tuple[str, str] | None:
     """``(patient_id, split)`` of an uploaded DICOM series that is one of the library's LIDC scans (matched on the
     SeriesInstanceUID in ``lidc-slices/labels.csv``), or None when it is not, or the labels or split are missing."""
-    from lungviz.lidc import read_labels
+    from lungviz.data.lidc import read_labels
 
     if not series_uid:
         return None
@@ -147,8 +147,8 @@ def library_slice_of(data: bytes, table: Mapping[str, str], split_file: Path | N
 def slice_spacings(slices_root: Path | None = None) -> dict[str, float]:
     """Case id -> the pixel spacing (mm) its ``labels.csv`` row gives, for the rows with a valid one (unlabelled
     nodules too); empty when the file cannot be read."""
-    from lungviz.lidc import read_labels
-    from lungviz.preprocess import valid_spacing
+    from lungviz.data.lidc import read_labels
+    from lungviz.data.preprocess import valid_spacing
 
     root = Path(slices_root) if slices_root else paths.lidc_slices_dir()
     try:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from lungviz.cases import round_half_up
+from lungviz.data.cases import round_half_up
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

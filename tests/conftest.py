@@ -53,7 +53,7 @@ def histology_dir(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_lidc(lidc_slices_dir: Path):
     """``(cases, report)`` of the real slices set, imported once per test session (about 1 s)."""
-    from lungviz.lidc import import_slices
+    from lungviz.data.lidc import import_slices
 
     return import_slices(lidc_slices_dir)
 
@@ -242,7 +242,7 @@ def slices_tree(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Markdown that renders as something other than its text (an independent check of lungviz.text.plain_text)
+# Markdown that renders as something other than its text (an independent check of lungviz.present.text.plain_text)
 # ---------------------------------------------------------------------------------------------------------------
 
 #: A backslash before ASCII punctuation: CommonMark renders the character itself.
@@ -311,7 +311,7 @@ def build_finder_weights(folder: Path, input_size: int = 16) -> Path:
     """Tiny untrained nodule-finder bundles (presence + localiser) with real specs, for wiring tests."""
     import torch
 
-    from lungviz.finder import LOCATE, PRESENCE
+    from lungviz.inference.finder import LOCATE, PRESENCE
     from lungviz.models import ModelSpec, create_model, save_bundle
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -332,7 +332,7 @@ def build_nodule_weights(folder: Path, input_size: int = 32) -> Path:
     `python -m training nodule` writes it."""
     import torch
 
-    from lungviz.factors import FACTORS, FactorModel
+    from lungviz.inference.factors import FACTORS, FactorModel
     from lungviz.models import ModelSpec, create_model, save_bundle
 
     torch.manual_seed(0)
@@ -367,9 +367,9 @@ def build_app_weights(folder: Path, slices_root: Path) -> Path:
     import torch
 
     from lungviz.atlas import atlas_path, build_atlas, save_atlas
-    from lungviz.lidc import load_case
+    from lungviz.data.lidc import load_case
+    from lungviz.inference.predict import load_models, predict, retrieval_query
     from lungviz.models import ModelSpec, create_model, save_bundle
-    from lungviz.predict import load_models, predict, retrieval_query
     from lungviz.retrieval import LIBRARY_INDEX, build_index
     from training.index import case_record
 
@@ -394,7 +394,7 @@ def build_app_weights(folder: Path, slices_root: Path) -> Path:
     records = [case_record(c, APP_CASES[c.case_id], slices_root, c.middle_index()) for c in cases]
     build_index(emb, records, "nodule").save(folder, LIBRARY_INDEX)
     save_atlas(build_atlas([c.case_id for c in cases], views, "fixture"), atlas_path(folder, LIBRARY_INDEX))
-    from lungviz.splits import Split
+    from lungviz.data.splits import Split
 
     patients = {cid.split("/")[0]: split for cid, split in APP_CASES.items()}  # one split per patient
     Split(patients, "fixture", 42, "holdout", {}).save(folder / "splits" / "holdout.json")

@@ -103,7 +103,7 @@ def padded_deflated_dicom(pad: int) -> bytes:
 def padded_deflated_zip(pad: int = 130 << 20, n: int | None = None) -> bytes:
     """A stored zip of ``n`` copies of :func:`padded_deflated_dicom` (about 130 KB each), by default enough that
     their data sets inflate past the zip's total inflation limit."""
-    from lungviz import limits
+    from lungviz.data import limits
 
     member = padded_deflated_dicom(pad)
     n = limits.MAX_ZIP_INFLATED_BYTES // pad + 2 if n is None else n
@@ -288,7 +288,7 @@ def run_lungviz(argv: list[str], timeout: float = 60.0) -> Run:
 #: imports and decoders are loaded) and prints the peak memory the upload added to that baseline, in MB.
 PROBE = """
 import json, resource, sys
-from lungviz import io as lio
+from lungviz.data import io as lio
 from lungviz.errors import LungvizError
 
 def read(path):

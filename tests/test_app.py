@@ -194,7 +194,7 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
 def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, app_weights, lidc_slices_dir, monkeypatch):
     """Every LIDC nodule folder names its files slice-N.png: a review saved on one patient's slice-4.png must not
     appear in the report of another patient's slice-4.png."""
-    from lungviz import report
+    from lungviz.present import report
 
     built: list[report.CaseReport] = []
 
@@ -219,9 +219,9 @@ def test_a_saved_review_stays_with_its_image_not_its_file_name(app_env, app_weig
     at = _upload(at, "slice-4.png", other)
     assert not at.exception and built[-1].case_id == "LIDC-IDRI-0003/nodule-0 (slice-4.png)"
     # its views are cut at the case's 0.82 mm per pixel, as the library page cuts them, not at the 0.70 default
-    from lungviz.inputs import from_loaded
-    from lungviz.io import load_image
-    from lungviz.predict import load_models, view_image
+    from lungviz.data.io import load_image
+    from lungviz.data.upload import from_loaded
+    from lungviz.inference.predict import load_models, view_image
 
     spec = load_models(app_weights).bundle("slice", "binary").spec
     context = from_loaded(load_image(other, "slice-4.png")).context
@@ -394,7 +394,7 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     with zipfile.ZipFile(buf, "w") as zf:
         for p in sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[6:11]:
             zf.write(p, f"series/{p.name}")
-    import lungviz.nodule_model as nodule_model
+    import lungviz.inference.nodule as nodule_model
 
     followed: list[tuple[int, int]] = []
     follow = nodule_model.follow_series
@@ -575,8 +575,8 @@ def test_library_lists_filters_and_opens_a_case(app_env):
 def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tmp_path):
     """The maps of both views are shown, so each view's test-split localisation is quoted (it differs: on the real
     weights the slice map peaks on the nodule in 0% of test nodules, the nodule model's in 87% when shifted)."""
-    from lungviz.inventory import map_localisation_text
-    from lungviz.predict import load_models
+    from lungviz.inference.predict import load_models
+    from lungviz.present.inventory import map_localisation_text
 
     ms = load_models(app_weights)
     def block(peak: float) -> dict:
@@ -599,7 +599,7 @@ def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tm
 def test_library_case_says_what_a_report_says_about_the_estimate(app_env, monkeypatch):
     """The case page gives the estimate's notes (how the calls are made, calibration) behind "How sure is this?", as
     Inspect and the report do; the nodule model's own three lines are on the first screen already."""
-    from lungviz import report
+    from lungviz.present import report
 
     said = "Each view calls a nodule malignant from its own operating point."
     monkeypatch.setattr(report, "estimate_notes",
@@ -618,7 +618,7 @@ def test_library_case_reads_every_slice_with_the_nodule_model(app_weights, tmp_p
     """A library case is read by the nodule model over all its slices, as evaluation reads a nodule."""
     import shutil
 
-    import lungviz.nodule_model as nodule_model
+    import lungviz.inference.nodule as nodule_model
 
     weights = tmp_path / "w"
     shutil.copytree(app_weights, weights)
@@ -645,7 +645,7 @@ def test_library_case_reads_every_slice_with_the_nodule_model(app_weights, tmp_p
 
 def test_the_estimate_table_gives_each_calls_sensitivity_and_specificity_on_test():
     from app_pages.common import view_table
-    from lungviz.predict import Prediction, TaskPrediction
+    from lungviz.inference.predict import Prediction, TaskPrediction
 
     calls = {"n": 332, "sensitivity": 0.493, "specificity": 0.958, "ci95": {"sensitivity": [0.394, 0.597],
                                                                             "specificity": [None, 0.98]},

@@ -118,7 +118,7 @@ def test_characteristics_evaluation_cli(lidc_slices_dir, tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
-    from lungviz.cases import CHARACTERISTICS
+    from lungviz.data.cases import CHARACTERISTICS
 
     assert rep["n"] == 3 and list(rep["characteristics"]) == list(CHARACTERISTICS)
     for r in rep["characteristics"].values():

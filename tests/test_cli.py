@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungviz.__main__ import main
+from lungviz.cli.main import main
 from tests.test_predict import weights  # noqa: F401  (module-scoped tiny bundles fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def test_an_error_naming_a_file_with_a_line_break_is_still_one_line(tmp_path, we
 
 
 def test_an_unexpected_fault_exits_1_with_one_line(crop_png, capsys, monkeypatch):
-    import lungviz.__main__ as cli
+    import lungviz.cli.main as cli
 
     def broken(args):
         raise ValueError("a bug\nwith two lines")
@@ -106,7 +106,7 @@ def test_bench_needs_at_least_one_repeat_and_case(capsys):
 
 
 def test_plain_output_never_prints_a_certain_looking_percentage(weights, crop_png, capsys, monkeypatch):  # noqa: F811
-    import lungviz.__main__ as cli
+    import lungviz.cli.main as cli
 
     real = cli.cmd_predict
 

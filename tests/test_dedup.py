@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lungviz.cases import Case
-from lungviz.folders import average_hash, leaked_cases
+from lungviz.data.cases import Case
+from lungviz.data.histology import average_hash, leaked_cases
 
 
 def _case(name: str, img: np.ndarray) -> Case:

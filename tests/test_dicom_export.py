@@ -11,7 +11,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from lungviz.dicom_export import (
+from lungviz.data.io import DicomSlice
+from lungviz.data.preprocess import crop_around
+from lungviz.data.upload import context_from_whole
+from lungviz.errors import LungvizError
+from lungviz.inference.nodule import RATING_HEADS, SliceReading, cut
+from lungviz.present.dicom_export import (
     HEAD_CODES,
     SCHEME,
     ModelInfo,
@@ -23,11 +28,6 @@ from lungviz.dicom_export import (
     upload_slices,
     view_to_source,
 )
-from lungviz.errors import LungvizError
-from lungviz.inputs import context_from_whole
-from lungviz.io import DicomSlice
-from lungviz.nodule_model import RATING_HEADS, SliceReading, cut
-from lungviz.preprocess import crop_around
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = (WEIGHTS / "nodule.json").is_file()
@@ -134,14 +134,14 @@ def nodule_models():
     """The prediction path with the shipped nodule model alone (``predict`` reads the nodule with it)."""
     if not SHIPPED:
         pytest.skip("the shipped nodule model is not installed")
+    from lungviz.inference.predict import ModelSet
     from lungviz.models import load_bundle
-    from lungviz.predict import ModelSet
 
     return ModelSet(folder=WEIGHTS, nodule=load_bundle(WEIGHTS, "nodule", "cpu"))
 
 
 def _nodules(folder: Path):
-    from lungviz.lidc_dicom import find_nodules, read_patient
+    from lungviz.data.dicom import find_nodules, read_patient
 
     series, marks, _ = read_patient(folder)
     return series, find_nodules(series, marks)[0]
@@ -229,9 +229,9 @@ def _read_back(found):
 
 def test_a_dicom_slice_upload_gets_its_findings_as_sr_and_seg(nodule_models, lidc_dicom_dir):
     """LIDC-IDRI-0001's nodule (33 mm) on the slice at its centre, uploaded as one .dcm, predicted as the app does."""
-    from lungviz.inputs import from_loaded
-    from lungviz.io import load_image
-    from lungviz.predict import predict
+    from lungviz.data.io import load_image
+    from lungviz.data.upload import from_loaded
+    from lungviz.inference.predict import predict
 
     folder = lidc_dicom_dir / "LIDC-IDRI-0001"
     series, nodules = _nodules(folder)
@@ -277,7 +277,7 @@ def test_a_zipped_series_gets_the_followed_slices_in_its_seg(nodule_models, lidc
     the SEG holds the model's outline on each slice it followed, the SR the volume over them."""
     from pydicom.sr.codedict import codes
 
-    from lungviz.nodule_model import assess_series
+    from lungviz.inference.nodule import assess_series
 
     folder = lidc_dicom_dir / "LIDC-IDRI-0006"
     full, nodules = _nodules(folder)
@@ -317,7 +317,7 @@ def test_a_nodule_the_model_did_not_outline_gets_an_sr_without_a_seg(nodule_mode
     holds the estimate and characteristics without a size or an ROI, and there is no SEG."""
     import highdicom as hd
 
-    from lungviz.nodule_model import assess_series
+    from lungviz.inference.nodule import assess_series
 
     series, nodules = _nodules(lidc_dicom_dir / "LIDC-IDRI-0002")
     nodule = nodules[0]

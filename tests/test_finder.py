@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lungviz.errors import LungvizError
-from lungviz.finder import (
+from lungviz.inference.finder import (
     Candidate,
     candidate_points,
     load_finder,
@@ -131,8 +131,8 @@ def test_shipped_finder_ranks_each_confirmed_nodule_near_the_top(lidc_dicom_dir)
     neighbours as a series is: a candidate within 5 mm of the readers' median centre is among the three best, and
     the best for at least five. The shipped rankers were fitted on these series, so this guards against
     regressions; the held-out (leave-one-series-out) figures are in weights/finder.json."""
-    from lungviz.finder import SERIES_NET_POINTS, SERIES_REFINE_TOP, SERIES_ROTATIONS, series_context
-    from lungviz.lidc_dicom import find_nodules, read_patient
+    from lungviz.data.dicom import find_nodules, read_patient
+    from lungviz.inference.finder import SERIES_NET_POINTS, SERIES_REFINE_TOP, SERIES_ROTATIONS, series_context
 
     finder = load_finder(WEIGHTS)
     ranks = []
@@ -162,7 +162,7 @@ def test_slices_without_lung_give_no_candidate_and_say_so(tmp_path):
 
 
 def test_ranker_file_is_loaded_and_ranks_the_candidates(tmp_path):
-    from lungviz.finder import RANK, SERIES_FEATURES, SLICE_FEATURES, Ranker
+    from lungviz.inference.finder import RANK, SERIES_FEATURES, SLICE_FEATURES, Ranker
 
     folder = build_finder_weights(tmp_path)
     mk = lambda feats: Ranker(feats, np.zeros(len(feats)), np.ones(len(feats)),  # noqa: E731
@@ -181,7 +181,7 @@ def test_ranker_file_is_loaded_and_ranks_the_candidates(tmp_path):
 
 
 def test_scan_series_searches_every_slice_with_progress(tmp_path):
-    from lungviz.finder import scan_series
+    from lungviz.inference.finder import scan_series
 
     finder = load_finder(build_finder_weights(tmp_path))
     vol = np.stack([phantom(), phantom(), phantom(), np.full((512, 512), -1000.0, np.float32)])
@@ -260,8 +260,8 @@ def test_shipped_localiser_measures_real_nodules_in_step_with_the_readers(real_l
     the crop centre rises with the readers' measured diameter and is of the same order."""
     from scipy.stats import spearmanr
 
-    from lungviz.finder import centre_diameter_mm
-    from lungviz.splits import Split
+    from lungviz.data.splits import Split
+    from lungviz.inference.finder import centre_diameter_mm
 
     cases = Split.load(WEIGHTS / "splits" / "holdout.json").select(real_lidc[0], "test")
     cases = [c for c in cases if c.diameter_mm][::8][:40]
@@ -278,10 +278,10 @@ def test_shipped_localiser_measures_real_nodules_in_step_with_the_readers(real_l
 def test_shipped_presence_check_sees_centred_nodules_and_flags_crops_centred_elsewhere(real_lidc):
     """The refer flag's presence check: on 40 real test-split nodules (middle slice) the finder sees a nodule at the
     centre of most crops centred on one, and of few crops re-centred 25 px (about 18 mm) away."""
-    from lungviz.finder import centre_presence
-    from lungviz.predict import PRESENCE_FLAG
-    from lungviz.preprocess import crop_around, spacing_or_default
-    from lungviz.splits import Split
+    from lungviz.data.preprocess import crop_around, spacing_or_default
+    from lungviz.data.splits import Split
+    from lungviz.inference.finder import centre_presence
+    from lungviz.inference.predict import PRESENCE_FLAG
 
     cases = Split.load(WEIGHTS / "splits" / "holdout.json").select(real_lidc[0], "test")[::8][:40]
     finder = load_finder(WEIGHTS)

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungviz import io as lio
-from lungviz import limits
+from lungviz.data import io as lio
+from lungviz.data import limits
 from lungviz.errors import LungvizError
 from tests.hostile_files import run_lungviz, with_transfer_syntax
 from tests.test_predict import weights  # noqa: F401  (module-scoped tiny bundles fixture)

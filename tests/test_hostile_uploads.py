@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungviz import io as lio
-from lungviz import limits
+from lungviz.data import io as lio
+from lungviz.data import limits
+from lungviz.data.preprocess import view_from_context
+from lungviz.data.upload import from_loaded, from_series
 from lungviz.errors import LungvizError
-from lungviz.inputs import from_loaded, from_series
-from lungviz.preprocess import view_from_context
 from tests import hostile_files as hf
 from tests.conftest import make_dicom
 from tests.test_predict import weights  # noqa: F401  (module-scoped tiny bundles fixture)

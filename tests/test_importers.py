@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from conftest import READER_MASKS, SIDE, label_row, write_labels, write_png
 
-from lungviz.cases import data_fingerprint, round_half_up
+from lungviz.data.cases import data_fingerprint, round_half_up
+from lungviz.data.histology import import_class_folders, normalise_class_name
+from lungviz.data.labels import HISTOLOGY_CLASSES
+from lungviz.data.lidc import import_slices, read_labels
 from lungviz.errors import LungvizError
-from lungviz.folders import import_class_folders, normalise_class_name
-from lungviz.labels import HISTOLOGY_CLASSES
-from lungviz.lidc import import_slices, read_labels
 
 # ================================================================================================ LIDC (synthetic)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lungviz.data.io import DicomSlice, LoadedImage
+from lungviz.data.upload import display_image, from_loaded, from_series
 from lungviz.errors import LungvizError
-from lungviz.inputs import display_image, from_loaded, from_series
-from lungviz.io import DicomSlice, LoadedImage
 
 
 def _hu_slice() -> np.ndarray:
@@ -82,14 +82,14 @@ def test_reading_notes_reach_the_case_notes():
     ("P", "palette (indexed) image"), ("I;16", "16-bit"), ("F", "32-bit"), ("L", None), ("", None),
 ])
 def test_conversion_note_tells_what_reading_changed(mode, expected):
-    from lungviz.inputs import conversion_note
+    from lungviz.data.upload import conversion_note
 
     note = conversion_note(LoadedImage(np.zeros((32, 32), np.float32), False, "x.png", meta={"mode": mode}))
     assert note is None if expected is None else expected in note
 
 
 def test_rgba_upload_is_read_with_a_note(image_bytes):
-    from lungviz.io import load_image
+    from lungviz.data.io import load_image
 
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[..., 3] = 255

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lungviz.errors import LungvizError
-from lungviz.inventory import (
+from lungviz.present.inventory import (
     card_parts,
     installed_models,
     map_localisation_note,

@@ -1,4 +1,4 @@
-"""lungviz.io: every supported format read to the documented array, and every bad input refused by name."""
+"""lungviz.data.io: every supported format read to the documented array, and every bad input refused by name."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungviz import io as lio
+from lungviz.data import io as lio
 from lungviz.errors import LungvizError
 
 RAMP = (np.arange(32 * 32).reshape(32, 32) % 256).astype(np.uint8)  # every 8-bit value, 32 x 32

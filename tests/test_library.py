@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lungviz.atlas import ATLAS_PX, atlas_path, build_atlas, load_atlas, save_atlas, to_thumbnail
+from lungviz.data.lidc import load_case
 from lungviz.errors import LungvizError
 from lungviz.library import (
     case_picture,
@@ -21,7 +22,6 @@ from lungviz.library import (
     similar_cases,
     thumbnail,
 )
-from lungviz.lidc import load_case
 from lungviz.retrieval import build_index
 
 RECORDS = [
@@ -177,9 +177,9 @@ def test_the_shipped_atlas_matches_each_case_view_computed_from_the_real_data(li
     """Every library case has a thumbnail, and a thumbnail is the nodule model's view of the case's middle slice,
     read as the app reads an upload."""
     from lungviz import paths
-    from lungviz.lidc import load_case
+    from lungviz.data.lidc import load_case
+    from lungviz.inference.nodule import read_slices
     from lungviz.models import load_bundle
-    from lungviz.nodule_model import read_slices
     from lungviz.retrieval import LIBRARY_INDEX, load_index
 
     folder = paths.weights_dir()
@@ -243,8 +243,8 @@ def test_load_case_reads_one_real_nodule(real_labels, lidc_slices_dir: Path):
 
 
 def test_series_split_matches_an_upload_to_the_librarys_scans(tmp_path):
+    from lungviz.data.splits import Split
     from lungviz.library import series_split, series_split_note
-    from lungviz.splits import Split
 
     labels = tmp_path / "data" / "lidc-slices" / "labels.csv"
     labels.parent.mkdir(parents=True)
@@ -264,7 +264,7 @@ def test_series_split_matches_an_upload_to_the_librarys_scans(tmp_path):
 
 def test_the_real_dicom_series_are_found_in_the_library(lidc_dicom_dir):
     """LIDC-IDRI-0001..0003's series carry the UIDs of labels.csv, so the app can say which split they are in."""
-    from lungviz.io import read_dicom
+    from lungviz.data.io import read_dicom
     from lungviz.library import series_split
 
     dcm = sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[0]
@@ -275,8 +275,8 @@ def test_the_real_dicom_series_are_found_in_the_library(lidc_dicom_dir):
 def test_library_slice_of_names_an_upload_that_is_a_library_slice_file(tmp_path):
     from conftest import write_png
 
+    from lungviz.data.splits import Split
     from lungviz.library import library_slice_of, slice_file_table
-    from lungviz.splits import Split
 
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 256, (16, 16)) for _ in range(2))

@@ -1,4 +1,4 @@
-"""Tests for the LIDC DICOM + reader XML importer (lungviz.lidc_dicom).
+"""Tests for the LIDC DICOM + reader XML importer (lungviz.data.dicom).
 
 The real-data tests use the named series of /work/shared/data/lidc-dicom (LIDC-IDRI-0001, -0002, -0003, -0006)
 and check the import against the LIDC-IDRI-slices set (labels.csv, images/, consensus/) of the same patients.
@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungviz.errors import LungvizError
-from lungviz.io import DicomSlice, load_raw_gray, read_series
-from lungviz.lidc_dicom import (
+from lungviz.data.dicom import (
     SOURCE,
     ReaderNodule,
     Roi,
@@ -32,6 +30,8 @@ from lungviz.lidc_dicom import (
     to_unit,
     whole_slice_and_crop,
 )
+from lungviz.data.io import DicomSlice, load_raw_gray, read_series
+from lungviz.errors import LungvizError
 from lungviz.paths import lidc_dicom_dir, lidc_slices_dir
 
 # Each series the tests check, with its number of slices and the nodules the reader XML gives it.

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lungviz.blobness import hessian_2d, hessian_3d
-from lungviz.lungmask import lung_mask, series_lung_mask
+from lungviz.inference.blobness import hessian_2d, hessian_3d
+from lungviz.inference.lungmask import lung_mask, series_lung_mask
 
 SP = 0.7
 
@@ -117,7 +117,7 @@ def test_hessian_tells_a_ball_from_a_vessel_across_slices():
 
 
 def test_real_series_masks_hold_both_lungs_and_every_confirmed_nodule(lidc_dicom_dir):
-    from lungviz.lidc_dicom import find_nodules, read_patient
+    from lungviz.data.dicom import find_nodules, read_patient
 
     checked = 0
     for patient in ("LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003", "LIDC-IDRI-0006"):

@@ -227,7 +227,7 @@ def test_pretrained_weights_are_read_without_unpickling_objects(tmp_path, monkey
     marker = tmp_path / "ran.txt"
     crafted = tmp_path / "efficientnet_lite0.pth"
     torch.save({"_conv_stem.weight": torch.zeros(1), "_payload": _Payload(str(marker))}, crafted)
-    monkeypatch.setattr(models, "lite_weights_path", lambda arch: crafted)
+    monkeypatch.setattr(models.pretrained, "lite_weights_path", lambda arch: crafted)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(LungvizError, match=r"could not read the pretrained weights file efficientnet_lite0\.pth"):
         pretrained_lite_state_dict("tf_efficientnet_lite0")

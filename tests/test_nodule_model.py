@@ -10,11 +10,9 @@ import torch
 from conftest import build_nodule_weights
 from torch import nn
 
-from lungviz.cases import Case
+from lungviz.data.cases import Case
 from lungviz.explain import cam
-from lungviz.metrics import rating_comparison
-from lungviz.models import NODULE_HEADS, ModelSpec, NoduleNet, create_model, load_bundle, save_bundle
-from lungviz.nodule_model import (
+from lungviz.inference.nodule import (
     FIELD_MM,
     FIRST_FIELD_MM,
     SliceReading,
@@ -24,6 +22,8 @@ from lungviz.nodule_model import (
     predicted_rating,
     split_logits,
 )
+from lungviz.metrics import rating_comparison
+from lungviz.models import NODULE_HEADS, ModelSpec, NoduleNet, create_model, load_bundle, save_bundle
 from training.nodule import NoduleLoss, head_targets, pairwise_reader_dice, panel_and_votes
 
 ARCH = "tf_efficientnet_lite0+nodule"
@@ -128,7 +128,7 @@ def test_targets_mix_the_panel_and_the_readers_votes():
 def test_field_rule_comes_from_the_bundles_spec():
     from types import SimpleNamespace
 
-    from lungviz.nodule_model import field_rule
+    from lungviz.inference.nodule import field_rule
 
     spec = {"preprocessing": {"field_factor": 3.0, "field_mm_range": [10.0, 50.0], "first_field_mm": 30.0}}
     rule = field_rule(SimpleNamespace(spec=spec))  # type: ignore[arg-type]
@@ -209,7 +209,7 @@ def test_rating_comparison_puts_model_and_reader_on_the_same_pairs():
 
 def test_factor_model_contributions_sum_to_its_estimate_and_fit_the_direction():
     from lungviz.errors import LungvizError
-    from lungviz.factors import FactorModel, factor_phrases, factor_values, fit_factor_model, risk_band
+    from lungviz.inference.factors import FactorModel, factor_phrases, factor_values, fit_factor_model, risk_band
 
     rng = np.random.default_rng(0)
     n = 400
@@ -245,8 +245,8 @@ def test_factor_model_contributions_sum_to_its_estimate_and_fit_the_direction():
 def test_prediction_carries_the_size_characteristics_and_factors(app_weights, real_lidc, tmp_path):
     import shutil
 
-    from lungviz.predict import load_models, predict
-    from lungviz.report import estimate_notes
+    from lungviz.inference.predict import load_models, predict
+    from lungviz.present.report import estimate_notes
 
     weights = tmp_path / "w"
     shutil.copytree(app_weights, weights)
@@ -272,7 +272,7 @@ def test_prediction_carries_the_size_characteristics_and_factors(app_weights, re
 
 
 def test_factor_fit_keeps_each_coefficient_on_its_known_side():
-    from lungviz.factors import fit_factor_model
+    from lungviz.inference.factors import fit_factor_model
 
     rng = np.random.default_rng(1)
     n = 300
@@ -294,8 +294,8 @@ SHIPPED = (Path(__file__).resolve().parents[1] / "weights" / "nodule.json").is_f
 def test_shipped_nodule_model_measures_and_describes_a_library_case(real_lidc):
     """LIDC-IDRI-0045/nodule-9 (a test patient: 18 mm, solid, no calcification, panel score 5): the shipped model's
     size and characteristics over its central slices, as evaluation reads a nodule."""
+    from lungviz.inference.nodule import assess
     from lungviz.models import load_bundle
-    from lungviz.nodule_model import assess
     from training.data import central_slices
 
     case = next(c for c in real_lidc[0] if c.case_id == "LIDC-IDRI-0045/nodule-9")
@@ -314,10 +314,10 @@ def test_shipped_nodule_model_measures_and_describes_a_library_case(real_lidc):
 def test_shipped_model_follows_a_nodule_through_a_series(lidc_dicom_dir):
     """LIDC-IDRI-0006/nodule-3 (9 mm, outlined on slices 33-35 of 40): followed from its middle slice, the model
     reads the slices the nodule reaches and stops where it ends, with a volume near the readers'."""
-    from lungviz.io import read_series
-    from lungviz.lidc_dicom import import_dicom_case
+    from lungviz.data.dicom import import_dicom_case
+    from lungviz.data.io import read_series
+    from lungviz.inference.nodule import assess_series, follow_series
     from lungviz.models import load_bundle
-    from lungviz.nodule_model import assess_series, follow_series
 
     series = read_series(lidc_dicom_dir / "LIDC-IDRI-0006")
     bundle = load_bundle(Path(__file__).resolve().parents[1] / "weights", "nodule", "cpu")

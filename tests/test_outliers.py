@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from lungviz.cases import Case
+from lungviz.data.cases import Case
 from lungviz.errors import LungvizError
 from training.outliers import find_outliers, write_outputs
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lungviz.errors import LungvizError
+from lungviz.inference.outline import axes_px, central_region, outline_overlay
 from lungviz.models import ModelSpec, create_model, load_bundle, save_bundle
-from lungviz.outline import axes_px, central_region, outline_overlay
 
 
 def test_the_segmentation_network_maps_every_pixel_and_round_trips_as_a_bundle(tmp_path):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from lungviz.data.upload import context_from_whole
 from lungviz.errors import LungvizError
-from lungviz.inputs import context_from_whole
+from lungviz.inference.predict import TaskPrediction, load_models, predict, uncertain_band, uncertainty_flags
 from lungviz.models import ModelSpec, create_model, save_bundle
-from lungviz.predict import TaskPrediction, load_models, predict, uncertain_band, uncertainty_flags
 
 
 def _save(folder, view, task, classes, temperature=1.0, prior=None):
@@ -52,7 +52,7 @@ def test_predict_reads_the_nodule_model_and_the_slice_view(weights):
     assert pred.malignant_probability() == pytest.approx(a.probability)
     # the slice view: calibration (raw + prior) / T
     b = models.bundle("slice", "binary")
-    from lungviz.preprocess import to_model_input
+    from lungviz.data.preprocess import to_model_input
 
     x = torch.from_numpy(to_model_input(pred.images["slice"], b.mean, b.std)[None])
     raw = b.model(x).detach().numpy()[0]
@@ -66,8 +66,8 @@ def test_predict_reads_the_nodule_model_and_the_slice_view(weights):
 
 
 def test_a_followed_series_replaces_the_reading_and_its_flags(weights):
-    from lungviz.nodule_model import assess
-    from lungviz.predict import with_assessment
+    from lungviz.inference.nodule import assess
+    from lungviz.inference.predict import with_assessment
 
     models = load_models(weights)
     ctx = np.random.default_rng(0).random((128, 128)).astype(np.float32)
@@ -115,8 +115,8 @@ def test_context_from_hu_matches_slices_set_convention():
 
 
 def test_a_view_whose_malignant_probability_is_off_on_test_says_so(weights):
-    from lungviz.predict import calibration_notes
-    from lungviz.report import estimate_notes
+    from lungviz.inference.predict import calibration_notes
+    from lungviz.present.report import estimate_notes
 
     models = load_models(weights)
     off = [{"lo": 0.3, "hi": 0.4, "n": 10, "mean_p": 0.35, "observed": 0.1},
@@ -155,9 +155,9 @@ def test_miscalibration_direction_needs_one_side_to_dominate():
 def test_calls_keep_the_trained_rule_with_the_prior_after_the_temperature(tmp_path):
     """A bundle calibrated as training now writes it: probabilities softmax(z / T + b); the call argmax(z + b), shown
     as a malignant threshold below 50%, in the prediction, its flags and the report."""
+    from lungviz.data.preprocess import to_model_input
     from lungviz.models import update_spec
-    from lungviz.preprocess import to_model_input
-    from lungviz.report import call_note, estimate_notes
+    from lungviz.present.report import call_note, estimate_notes
 
     prior = [0.46, -0.88]
     _save(tmp_path, "slice", "binary", ["benign", "malignant"], temperature=3.0, prior=prior)
@@ -207,9 +207,9 @@ def test_calls_keep_the_trained_rule_with_the_prior_after_the_temperature(tmp_pa
 def test_each_binary_call_carries_how_it_did_on_the_held_out_test_nodules(tmp_path):
     """The sensitivity and specificity of a view's call, measured on test (one middle slice per nodule when
     measured so), travel with the prediction and are said beside the calls: a benign call misses malignant ones."""
+    from lungviz.inference.predict import test_call_figures
     from lungviz.models import update_spec
-    from lungviz.predict import test_call_figures
-    from lungviz.report import call_note
+    from lungviz.present.report import call_note
 
     single = {"n": 332, "sensitivity": 0.493, "specificity": 0.958,
               "ci95": {"sensitivity": [0.394, 0.597], "specificity": [0.93, 0.98]}}

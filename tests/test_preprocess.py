@@ -1,4 +1,4 @@
-"""lungviz.preprocess on tiny arrays, compared with values computed by hand or with plain numpy."""
+"""lungviz.data.preprocess on tiny arrays, compared with values computed by hand or with plain numpy."""
 
 from __future__ import annotations
 

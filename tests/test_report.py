@@ -16,7 +16,7 @@ from PIL import Image
 
 from lungviz import RESEARCH_NOTICE
 from lungviz.errors import LungvizError
-from lungviz.report import (
+from lungviz.present.report import (
     CaseReport,
     build_html,
     build_pdf,
@@ -167,7 +167,7 @@ def test_model_probabilities_never_read_as_certain_and_an_assumed_spacing_is_sai
 
 def test_real_prediction_to_dict_renders() -> None:
     """The report reads the exact dict :meth:`Prediction.to_dict` makes."""
-    from lungviz.predict import Prediction, TaskPrediction, uncertainty_flags
+    from lungviz.inference.predict import Prediction, TaskPrediction, uncertainty_flags
 
     views = {"slice": {"binary": TaskPrediction(classes=BINARY, probs=[0.3, 0.7])},
              "nodule": {"binary": TaskPrediction(classes=BINARY, probs=[0.6, 0.4]),
@@ -282,7 +282,7 @@ MANY_SCRIPTS = "Dr. Müller: Ωμέγα, Узел 8 мм, 肺结节，边缘毛�
 def test_pdf_sets_text_in_any_script_in_a_font_that_draws_it() -> None:
     """A note or a name in Greek, Cyrillic or CJK must print, not come out as empty boxes in Helvetica."""
     pytest.importorskip("reportlab")
-    from lungviz.report import pdf_markup
+    from lungviz.present.report import pdf_markup
 
     markup = pdf_markup(MANY_SCRIPTS)
     outside = re.sub(r'<font name="[^"]+">.*?</font>', "", markup)
@@ -299,7 +299,7 @@ def test_pdf_sets_text_in_any_script_in_a_font_that_draws_it() -> None:
 
 def test_pdf_without_a_cjk_font_file_uses_the_readers_cjk_fonts(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("reportlab")
-    from lungviz import report
+    from lungviz.present import report
 
     monkeypatch.setattr(report, "EMBEDDED_FONTS", {b: fonts[:1] for b, fonts in report.EMBEDDED_FONTS.items()})
     report._embedded_fonts.cache_clear()
@@ -336,7 +336,7 @@ def test_a_30000_character_name_no_longer_breaks_the_pdf() -> None:
     """A table row taller than a page stopped reportlab (LayoutError): the reviewer's name, the case id, the file
     names and the input notes are bounded in the report."""
     pytest.importorskip("reportlab")
-    from lungviz.report import MAX_FIELD_CHARS
+    from lungviz.present.report import MAX_FIELD_CHARS
     from lungviz.reviews import MAX_REVIEWER_CHARS
 
     long = "Dr " + "R" * 30_000

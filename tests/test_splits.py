@@ -8,10 +8,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from lungviz.cases import Case, by_patient, data_fingerprint
+from lungviz.data.cases import Case, by_patient, data_fingerprint
+from lungviz.data.labels import HISTOLOGY_CLASSES, SCHEMES, get_scheme
+from lungviz.data.splits import Split, holdout_split, kfold_split, patient_stratum
 from lungviz.errors import LungvizError
-from lungviz.labels import HISTOLOGY_CLASSES, SCHEMES, get_scheme
-from lungviz.splits import Split, holdout_split, kfold_split, patient_stratum
 
 SPLITS = ("train", "val", "test")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import live_markup, shown_text
 
-from lungviz.text import plain_text, shorten
+from lungviz.present.text import plain_text, shorten
 
 #: Names an upload or a zip member can carry, each with the markup it would render unescaped.
 HOSTILE_NAMES = [

@@ -59,7 +59,7 @@ def test_augment_pair_moves_the_mask_with_the_image():
 
 
 def test_mask_targets_and_the_auxiliary_loss(tmp_path):
-    from lungviz.lidc import import_slices
+    from lungviz.data.lidc import import_slices
 
     cases, _ = import_slices(_synthetic_slices(tmp_path / "s", n_patients=4))
     store = SliceStore(cases, progress=False, masks=True)
@@ -87,8 +87,8 @@ def test_mask_targets_and_the_auxiliary_loss(tmp_path):
 
 
 def test_reader_targets_mix_the_panel_label_with_the_readers_votes():
-    from lungviz.cases import Case
-    from lungviz.labels import get_scheme
+    from lungviz.data.cases import Case
+    from lungviz.data.labels import get_scheme
 
     def case(scores: tuple[int, ...]) -> Case:
         return Case(patient_id="P", nodule_id="n0", source="t", image_paths=(), reader_scores=scores)
@@ -109,7 +109,7 @@ def test_reader_targets_mix_the_panel_label_with_the_readers_votes():
 
 
 def test_attribute_targets_are_standardised_on_train_and_the_loss_reads_pooled_features():
-    from lungviz.cases import CHARACTERISTICS, Case
+    from lungviz.data.cases import CHARACTERISTICS, Case
 
     def case(i: int, spic: float | None, diam: float | None) -> Case:
         chars = {k: 3.0 for k in CHARACTERISTICS} | ({"spiculation": spic} if spic is not None else {})
@@ -337,7 +337,7 @@ def test_evaluate_command_on_a_lidc_slices_folder(tmp_path, capsys):
     assert called == np.array(rep["confusion"]).sum(0).tolist()
     # with the model's split file beside it, the folder's training patients are counted and said; --split test is
     # held out; without --json the summary is readable text
-    from lungviz.splits import holdout_split
+    from lungviz.data.splits import holdout_split
     from training.datasets import load_cases
 
     holdout_split(load_cases("lidc", str(data))[0], seed=42).save(tmp_path / "w" / "splits" / "holdout.json")
@@ -438,10 +438,10 @@ def test_evaluate_task_histology_means_the_histology_model(tmp_path, capsys):
 def test_evaluate_says_how_many_cases_the_model_has_seen(tmp_path, monkeypatch):
     """Evaluating a folder that holds training or validation patients (or, for histology, near copies of training
     images) says how many, since figures on them are optimistic; a folder of held-out cases gets no such note."""
-    from lungviz.cases import data_fingerprint
-    from lungviz.folders import import_class_folders
-    from lungviz.labels import HISTOLOGY_CLASSES
-    from lungviz.splits import holdout_split
+    from lungviz.data.cases import data_fingerprint
+    from lungviz.data.histology import import_class_folders
+    from lungviz.data.labels import HISTOLOGY_CLASSES
+    from lungviz.data.splits import holdout_split
     from training.datasets import load_cases
     from training.evaluate import seen_in_training
 
@@ -482,7 +482,7 @@ def test_evaluate_says_how_many_cases_the_model_has_seen(tmp_path, monkeypatch):
 
 
 def test_evaluate_on_a_split_refuses_a_split_file_drawn_with_another_seed(tmp_path):
-    from lungviz.splits import holdout_split
+    from lungviz.data.splits import holdout_split
     from training.datasets import load_cases
     from training.evaluate import select_split
 
@@ -505,7 +505,7 @@ def test_evaluate_on_a_split_refuses_a_split_file_drawn_with_another_seed(tmp_pa
 
 
 def test_a_nodule_listed_twice_in_labels_csv_counts_once(tmp_path):
-    from lungviz.lidc import import_slices
+    from lungviz.data.lidc import import_slices
 
     data = _synthetic_slices(tmp_path / "slices", n_patients=5)
     lines = (data / "labels.csv").read_text().splitlines()
@@ -545,7 +545,7 @@ def test_train_shipped_takes_each_model_preset_and_refuses_unknown_names(monkeyp
 def test_device_pack_splits_patients_into_parts_and_unpacks_the_exact_pixels(tmp_path):
     import tarfile
 
-    from lungviz.io import load_gray
+    from lungviz.data.io import load_gray
     from training.devicepack import pack_slices, part_of, unpack_slices
 
     src = _synthetic_slices(tmp_path / "slices", n_patients=12)

@@ -33,7 +33,7 @@ from training.train import TrainConfig
 
 def cmd_splits(cfg: SplitConfig) -> dict:
     """Write the patient-level holdout and k-fold split files for the LIDC slices set."""
-    from lungviz.splits import holdout_split, kfold_split
+    from lungviz.data.splits import holdout_split, kfold_split
     from training.datasets import load_cases
 
     cases, report = load_cases("lidc", cfg.data)
@@ -131,7 +131,7 @@ def cmd_train(cfg: TrainConfig) -> dict:
 
 def cmd_evaluate(cfg: EvalConfig) -> dict | str:
     """Evaluate a shipped model on a lidc-slices folder (all labelled nodules, or --split)."""
-    from training.evaluate import evaluate_bundle, evaluation_text
+    from training.evaluate import NODULE_ALIASES, evaluate_bundle, evaluation_text
 
     folder = Path(cfg.weights) if cfg.weights else paths.weights_dir()
     if cfg.task == "characteristics":
@@ -143,8 +143,16 @@ def cmd_evaluate(cfg: EvalConfig) -> dict | str:
     nodule = {"binary": "fused-binary", "score": "nodule-score"}  # the nodule model's outside names
     name = cfg.model or ("histology" if cfg.task == "histology" else nodule.get(cfg.task, f"nodule-{cfg.task}")
                          if cfg.view == "nodule" else f"{cfg.view}-{cfg.task}")
-    rep = evaluate_bundle(folder, name, cfg.data, cfg.split, cfg.predictions, cfg.n_boot, cfg.max_slices,
-                          progress=not cfg.json)
+    if name in NODULE_ALIASES:  # the nodule model's estimate by its factors, or its 1-5 score
+        from lungviz.inference.predict import NODULE_MODEL
+        from training.nodule import evaluate_estimate, evaluate_score
+
+        run = evaluate_score if name == "nodule-score" else evaluate_estimate
+        rep = {**run(folder, NODULE_MODEL, cfg.data, cfg.split, cfg.predictions, cfg.n_boot, progress=not cfg.json),
+               "model": name}
+    else:
+        rep = evaluate_bundle(folder, name, cfg.data, cfg.split, cfg.predictions, cfg.n_boot, cfg.max_slices,
+                              progress=not cfg.json)
     return rep if cfg.json else evaluation_text(rep)
 
 

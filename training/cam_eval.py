@@ -21,12 +21,12 @@ from scipy.ndimage import binary_dilation
 from tqdm import tqdm
 
 from lungviz import paths
-from lungviz.cases import Case
+from lungviz.data.cases import Case
+from lungviz.data.preprocess import crop_around, mm_to_px, pad_to_square, resize
 from lungviz.errors import LungvizError
 from lungviz.explain import cam, cam_in_mask
+from lungviz.inference.nodule import read_slices
 from lungviz.models import Bundle, NoduleNet, load_bundle, stage_shapes, update_spec
-from lungviz.nodule_model import read_slices
-from lungviz.preprocess import crop_around, mm_to_px, pad_to_square, resize
 from training.data import ViewConfig, central_slices, view_config_from_spec
 from training.datasets import load_cases
 from training.evaluate import select_split

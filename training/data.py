@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from lungviz.cases import CHARACTERISTICS, Case
-from lungviz.labels import LabelScheme
-from lungviz.preprocess import to_model_input, view_from_context
+from lungviz.data.cases import CHARACTERISTICS, Case
+from lungviz.data.labels import LabelScheme
+from lungviz.data.preprocess import to_model_input, view_from_context
 from training.augment import AugmentConfig, augment, augment_pair
 
 

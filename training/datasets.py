@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from lungviz import paths
-from lungviz.cases import Case, ImportReport
+from lungviz.data.cases import Case, ImportReport
+from lungviz.data.histology import import_class_folders
+from lungviz.data.labels import HISTOLOGY_CLASSES
+from lungviz.data.lidc import import_slices
 from lungviz.errors import LungvizError
-from lungviz.folders import import_class_folders
-from lungviz.labels import HISTOLOGY_CLASSES
-from lungviz.lidc import import_slices
 
 
 def load_cases(dataset: str = "lidc", data: str | Path = "") -> tuple[list[Case], ImportReport]:

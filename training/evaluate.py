@@ -9,7 +9,7 @@ import torch
 
 from lungviz import metrics
 from lungviz.calibration import Calibration, calibration_of
-from lungviz.labels import LabelScheme
+from lungviz.data.labels import LabelScheme
 from lungviz.models import LungvizNet
 from training.data import SliceStore, ViewConfig, make_input
 
@@ -125,8 +125,8 @@ def _report(y: np.ndarray, P: np.ndarray, P_raw: np.ndarray, scheme: LabelScheme
 def read_any_spec(folder: Path, name: str) -> dict:
     """The JSON spec of a network bundle, or the nodule model's for the outside names of its estimate and score
     (``fused-binary``, ``nodule-score``)."""
+    from lungviz.inference.predict import NODULE_MODEL
     from lungviz.models import read_spec
-    from lungviz.predict import NODULE_MODEL
 
     return read_spec(Path(folder), NODULE_MODEL if name in NODULE_ALIASES else name)
 
@@ -180,7 +180,7 @@ def holdout_file(bundle_folder: Path | None = None) -> Path:
 
 
 def is_models_split(split, spec: dict) -> bool:
-    """Whether a loaded :class:`lungviz.splits.Split` can be the one the model was trained on: the spec's data
+    """Whether a loaded :class:`lungviz.data.splits.Split` can be the one the model was trained on: the spec's data
     fingerprint and split seed, where it records them, match it."""
     trained = spec.get("split") or {}
     return not ((spec.get("split_fingerprint") and split.fingerprint != spec["split_fingerprint"])
@@ -191,9 +191,9 @@ def select_split(cases: list, split: str, spec: dict, bundle_folder: Path | None
     """Restrict cases to one split of the split the model was trained on (the histology set's own folders, less the
     val/test images that nearly duplicate a training image, as training drops them; for LIDC the saved holdout next
     to the model, else the shipped one), refusing a split file that is not that one."""
+    from lungviz.data.splits import Split
     from lungviz.errors import LungvizError
-    from lungviz.splits import Split
-    from training.train import split_for, without_train_duplicates
+    from training.splits import split_for, without_train_duplicates
 
     if split not in SPLIT_NAMES:
         raise LungvizError(f"unknown split '{split}'; choose one of {', '.join(SPLIT_NAMES)}.")
@@ -259,14 +259,14 @@ def seen_in_training(cases: list, spec: dict, bundle_folder: Path | None = None)
     are train or validation patients. Histology: images that nearly duplicate an image of the training folder the
     model was trained on (the histology data folder, checked by its fingerprint)."""
     from lungviz import paths
-    from lungviz.splits import Split
+    from lungviz.data.splits import Split
 
     if spec.get("dataset") == "histology":
-        from lungviz.cases import data_fingerprint
+        from lungviz.data.cases import data_fingerprint
+        from lungviz.data.histology import import_class_folders, leaked_cases
+        from lungviz.data.labels import HISTOLOGY_CLASSES
         from lungviz.errors import LungvizError
-        from lungviz.folders import import_class_folders, leaked_cases
-        from lungviz.labels import HISTOLOGY_CLASSES
-        from training.train import split_for
+        from training.splits import split_for
 
         try:
             trained_on, _ = import_class_folders(paths.histology_dir(), HISTOLOGY_CLASSES)
@@ -310,9 +310,9 @@ def evaluate_bundle(
     """Evaluate a shipped model on every labelled nodule of a lidc-slices folder (or one saved split of it)."""
     import csv
 
+    from lungviz.data.labels import get_scheme
+    from lungviz.data.preprocess import DEFAULT_SPACING_MM, valid_spacing
     from lungviz.errors import LungvizError
-    from lungviz.labels import get_scheme
-    from lungviz.preprocess import DEFAULT_SPACING_MM, valid_spacing
     from training.datasets import load_cases
 
     if predictions and Path(predictions).is_dir():
@@ -320,14 +320,9 @@ def evaluate_bundle(
     if max_slices < 0:
         raise LungvizError("--max-slices must be 0 (all of the central slices) or more.")
     spec = read_any_spec(Path(bundle_folder), name)
-    if spec.get("task") == "nodule":  # the nodule model: its estimate by its factors, or its 1-5 score
-        from lungviz.predict import NODULE_MODEL
-        from training.nodule import evaluate_estimate, evaluate_score
-
-        run = evaluate_score if name == "nodule-score" else evaluate_estimate
-        rep = run(Path(bundle_folder), NODULE_MODEL if name in NODULE_ALIASES else name, data, split, predictions,
-                  n_boot, progress)
-        return {**rep, "model": name}
+    if spec.get("task") == "nodule":
+        raise LungvizError(f"'{name}' is the nodule model: evaluate its estimate as fused-binary, its score as "
+                           "nodule-score, its characteristics with --task characteristics.")
     scheme = get_scheme(spec["task"])
     cases, report = load_cases(spec.get("dataset", "lidc"), data)
     if split:

@@ -27,11 +27,11 @@ from torch import nn
 from tqdm import tqdm
 
 from lungviz import metrics, paths
-from lungviz.cases import Case
-from lungviz.finder import LOCATE, PRESENCE, candidate_points, load_finder, otsu, sample_patches, scan
+from lungviz.data.cases import Case
+from lungviz.data.preprocess import DEFAULT_SPACING_MM, to_model_input
+from lungviz.data.splits import Split
+from lungviz.inference.finder import LOCATE, PRESENCE, candidate_points, load_finder, otsu, sample_patches, scan
 from lungviz.models import ModelSpec, create_model, load_bundle, resolve_device, save_bundle
-from lungviz.preprocess import DEFAULT_SPACING_MM, to_model_input
-from lungviz.splits import Split
 from training.augment import AugmentConfig, augment
 from training.data import SliceStore, centre_weights
 from training.datasets import load_cases

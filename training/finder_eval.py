@@ -1,7 +1,7 @@
 """The finder on whole slices and series of the DICOM set: fit the candidate rankers and measure them.
 
 Every slice of every series in ``lidc-dicom/`` is scanned once (candidate features cached per mode); the rankers
-(logistic models over the candidate features, :class:`lungviz.finder.Ranker`) are then fitted and judged
+(logistic models over the candidate features, :class:`lungviz.inference.finder.Ranker`) are then fitted and judged
 leave-one-series-out: each series is ranked by a model and an operating threshold fitted on the other series
 only, so no nodule is reported with a model tuned on it. The shipped rankers are fitted on all series.
 
@@ -22,8 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lungviz import paths
-from lungviz.blobness import contrast_units
-from lungviz.finder import (
+from lungviz.inference.blobness import contrast_units
+from lungviz.inference.finder import (
     RANK,
     REFINE_TOP,
     SERIES_FEATURES,
@@ -39,7 +39,7 @@ from lungviz.finder import (
     feature_matrix,
     select,
 )
-from lungviz.lungmask import lung_mask
+from lungviz.inference.lungmask import lung_mask
 
 log = logging.getLogger("training")
 
@@ -84,7 +84,7 @@ class SeriesData:
 
 def load_series_data(finder: Finder, root: Path | None = None, progress: bool = True) -> list[SeriesData]:
     """Scan every slice of each DICOM series in both modes and collect the readers' nodules."""
-    from lungviz.lidc_dicom import find_nodules, read_patient
+    from lungviz.data.dicom import find_nodules, read_patient
 
     root = root or paths.lidc_dicom_dir()
     out = []

@@ -9,12 +9,12 @@ import numpy as np
 
 from lungviz import paths
 from lungviz.atlas import atlas_path, build_atlas, save_atlas
-from lungviz.cases import Case
+from lungviz.data.cases import Case
+from lungviz.data.splits import Split
+from lungviz.inference.nodule import read_slices, reading_embedding
+from lungviz.inference.predict import view_image
 from lungviz.models import Bundle, NoduleNet, load_bundle
-from lungviz.nodule_model import read_slices, reading_embedding
-from lungviz.predict import view_image
 from lungviz.retrieval import build_index, precision_at_k
-from lungviz.splits import Split
 from training.data import SliceStore, central_slices, view_config_from_spec
 from training.datasets import load_cases
 from training.evaluate import nodule_outputs
@@ -46,7 +46,7 @@ def nodule_library(bundle: Bundle, store: SliceStore, middles: list[int], max_sl
                    ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Per case, the nodule model's retrieval embedding ``(N, D)`` over the central share of its slices (thinned to
     ``max_slices``) and its view of the middle slice ``(S, S)``, each slice read as the app reads an upload
-    (:func:`lungviz.nodule_model.read_slices`: the view's field follows the nodule)."""
+    (:func:`lungviz.inference.nodule.read_slices`: the view's field follows the nodule)."""
     central = float((bundle.spec.get("preprocessing") or {}).get("central_fraction", 0.5))
     wanted = [(ci, k) for ci in range(len(store)) for k in central_slices(store.n_slices(ci), max_slices, central)]
     wanted += [(ci, k) for ci, k in enumerate(middles)]

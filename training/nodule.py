@@ -23,8 +23,22 @@ import torch
 from torch import nn
 
 from lungviz import metrics, paths
-from lungviz.cases import Case, round_half_up
-from lungviz.factors import FACTORS, FactorModel, factor_values, fit_factor_model
+from lungviz.data.cases import Case, round_half_up
+from lungviz.data.preprocess import to_model_input
+from lungviz.data.splits import Split
+from lungviz.inference.factors import FACTORS, FactorModel, factor_values, fit_factor_model
+from lungviz.inference.nodule import (
+    RATING_HEADS,
+    FieldRule,
+    NoduleReading,
+    SliceReading,
+    aggregate,
+    cut,
+    predicted_rating,
+    read_slices,
+    split_logits,
+)
+from lungviz.inference.predict import ESTIMATE_NAME, SCORE_NAME
 from lungviz.models import (
     NODULE_HEADS,
     Bundle,
@@ -37,25 +51,11 @@ from lungviz.models import (
     save_bundle,
     update_spec,
 )
-from lungviz.nodule_model import (
-    RATING_HEADS,
-    FieldRule,
-    NoduleReading,
-    SliceReading,
-    aggregate,
-    cut,
-    predicted_rating,
-    read_slices,
-    split_logits,
-)
-from lungviz.predict import ESTIMATE_NAME, SCORE_NAME
-from lungviz.preprocess import to_model_input
-from lungviz.splits import Split
 from training.augment import AugmentConfig, augment_pair
 from training.data import SliceStore, central_slices
 from training.datasets import load_cases
 from training.loop import LoopConfig, fit, seed_everything
-from training.train import split_for
+from training.splits import split_for
 
 log = logging.getLogger("training")
 
@@ -350,7 +350,7 @@ def split_report(r: SplitReadings, temps: dict[str, float], n_boot: int) -> dict
 
 
 def factor_rows(r: SplitReadings, temps: dict[str, float]) -> list[dict[str, float]]:
-    """Each nodule's factors (:func:`lungviz.factors.factor_values`) from the nodule model's reading."""
+    """Each nodule's factors (:func:`lungviz.inference.factors.factor_values`) from the nodule model's reading."""
     z = split_logits(r.logits)["malignant"]  # the mean raw logits over the central slices, as explain() reads them
     image = (z[:, 1] - z[:, 0]) / temps["malignant"]
     return [factor_values(x.mean_axes_mm, x.probabilities, float(v)) for x, v in zip(r.readings, image, strict=True)]
@@ -516,7 +516,7 @@ def labelled_report(r: SplitReadings, task: str, temps: dict[str, float], estima
                     n_boot: int) -> tuple[dict, list[list]]:
     """The estimate's (``binary``) or the score head's (``score``) report on the nodules of ``r`` that carry the
     task's label, and the predictions rows."""
-    from lungviz.labels import get_scheme
+    from lungviz.data.labels import get_scheme
 
     scheme = get_scheme(task)
     keep = [i for i, c in enumerate(r.cases) if scheme.label_of(c) is not None]
@@ -537,7 +537,7 @@ def write_reference(folder: Path, name: str, task: str, rows: list[list]) -> Pat
     """The test predictions the app places a case among: ``<folder>/reference/<name>-test.csv``."""
     import csv
 
-    from lungviz.labels import get_scheme
+    from lungviz.data.labels import get_scheme
 
     path = folder / "reference" / f"{name}-test.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -570,9 +570,9 @@ def evaluate_characteristics(folder: Path, name: str = "nodule", data: str = "",
     same nodules (each reader left out in turn), the model's kappa and MAE against the panel; ``predictions`` writes
     each nodule's predicted ratings (expected rating on the LIDC scale)."""
 
-    from lungviz.cases import CHARACTERISTICS
+    from lungviz.data.cases import CHARACTERISTICS
     from lungviz.errors import LungvizError
-    from lungviz.nodule_model import head_temperatures
+    from lungviz.inference.nodule import head_temperatures
     from training.evaluate import select_split
 
     if predictions and Path(predictions).is_dir():
@@ -661,9 +661,9 @@ def evaluate_score(folder: Path, name: str, data: str = "", split: str = "", pre
 
 def _evaluate_head(folder: Path, name: str, task: str, data: str, split: str, predictions: str, n_boot: int,
                    progress: bool) -> dict:
+    from lungviz.data.labels import get_scheme
     from lungviz.errors import LungvizError
-    from lungviz.labels import get_scheme
-    from lungviz.nodule_model import head_temperatures
+    from lungviz.inference.nodule import head_temperatures
     from training.evaluate import select_split
 
     if predictions and Path(predictions).is_dir():
@@ -700,7 +700,7 @@ def head_report(r: SplitReadings, y: np.ndarray, cases: list[Case], temps: dict[
                 n_boot: int) -> tuple[dict, list[list]]:
     """The factor estimate's report (as ``evaluate`` reports a binary model, with its second-look call) and its
     predictions rows, from a split's reading ``r`` and the labels ``y`` (0 benign, 1 malignant)."""
-    from lungviz.labels import get_scheme
+    from lungviz.data.labels import get_scheme
     from training.evaluate import report_from_logits
 
     scheme = get_scheme("binary")
@@ -721,7 +721,7 @@ def head_report(r: SplitReadings, y: np.ndarray, cases: list[Case], temps: dict[
 def score_report(r: SplitReadings, y: np.ndarray, cases: list[Case], temps: dict[str, float],
                  n_boot: int) -> tuple[dict, list[list]]:
     """The score head's report (as ``evaluate`` reports a score model) and its predictions rows."""
-    from lungviz.labels import get_scheme
+    from lungviz.data.labels import get_scheme
     from training.evaluate import report_from_logits
 
     scheme = get_scheme("score")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungviz.cases import Case
+from lungviz.data.cases import Case
 from lungviz.errors import LungvizError
 
 
@@ -134,7 +134,7 @@ def embed_cases(
 
 def screen_image(case: Case, view: str, input_size: int) -> np.ndarray:
     """The image screened for a case: its view of the slice with the largest mask (or the middle slice)."""
-    from lungviz.preprocess import view_from_context
+    from lungviz.data.preprocess import view_from_context
 
     return view_from_context(case.load_slice(case.middle_index()), view, input_size, case.pixel_spacing_mm)
 
@@ -143,8 +143,8 @@ def pretrained_embedder(arch: str) -> Callable[[np.ndarray], np.ndarray]:
     """An ImageNet-pretrained backbone as ``(N, H, W) [0, 1] -> (N, D)`` pooled features, on the resolved device."""
     import torch
 
+    from lungviz.data.preprocess import to_model_input
     from lungviz.models import create_model, resolve_device
-    from lungviz.preprocess import to_model_input
 
     device = resolve_device()
     model = create_model(arch, num_classes=2, pretrained=True).to(device).eval()

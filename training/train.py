@@ -16,8 +16,10 @@ from torch import nn
 
 from lungviz import paths
 from lungviz.calibration import Calibration
-from lungviz.cases import Case, data_fingerprint
-from lungviz.labels import LabelScheme, get_scheme
+from lungviz.data.cases import Case
+from lungviz.data.labels import LabelScheme, get_scheme
+from lungviz.data.preprocess import VIEWS
+from lungviz.data.splits import Split
 from lungviz.models import (
     LungvizNet,
     ModelSpec,
@@ -29,8 +31,6 @@ from lungviz.models import (
     stage_shapes,
     update_spec,
 )
-from lungviz.preprocess import VIEWS
-from lungviz.splits import Split, holdout_split
 from training.augment import AugmentConfig
 from training.data import (
     SliceStore,
@@ -43,6 +43,7 @@ from training.data import (
 from training.datasets import load_cases
 from training.evaluate import full_report, nodule_logits, selection_score
 from training.loop import AttributeAuxLoss, LoopConfig, MaskAuxLoss, class_loss, fit, seed_everything
+from training.splits import split_for, without_train_duplicates
 
 log = logging.getLogger("training")
 
@@ -112,21 +113,6 @@ def mask_layer(model: nn.Module, input_size: int) -> tuple[str, int, int]:
     return found[-1], int(shapes[found[-1]][1]), side
 
 
-def split_for(cases: list[Case], dataset: str = "lidc", data: str = "", split_seed: int = 42) -> Split:
-    """The split a model trains on: the histology set's own folders; for LIDC the shipped patient-level split
-    (checked against this very data) unless another data folder or split seed is asked for."""
-    if dataset == "histology":
-        assignment = {c.patient_id: (c.split_hint or "train") for c in cases}
-        return Split(assignment, data_fingerprint(cases), 0, "given", {"source": "folders"})
-    saved = paths.weights_dir() / "splits" / "holdout.json"
-    if saved.is_file() and not data:
-        split = Split.load(saved)
-        if split.seed == split_seed:
-            split.check(cases)  # the shipped split must describe this very data
-            return split
-    return holdout_split(cases, seed=split_seed)
-
-
 def _write_predictions(path: Path, cases: list[Case], P: np.ndarray, calls: np.ndarray, classes: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
@@ -134,14 +120,6 @@ def _write_predictions(path: Path, cases: list[Case], P: np.ndarray, calls: np.n
         w.writerow(["patient_id", "nodule", *[f"p_{c}" for c in classes], "prediction"])
         for c, p, k in zip(cases, P, calls, strict=True):
             w.writerow([c.patient_id, c.nodule_id, *[f"{v:.5f}" for v in p], classes[int(k)]])
-
-
-def fold_split(folds: Split, k: int) -> Split:
-    """Cross-validation round ``k``: fold k is the test set, fold k+1 the validation set, the rest train."""
-    n = int(folds.params["k"])
-    names = {str(k): "test", str((k + 1) % n): "val"}
-    assignment = {p: names.get(f, "train") for p, f in folds.assignment.items()}
-    return Split(assignment, folds.fingerprint, folds.seed, "cv-round", {"k": n, "round": k})
 
 
 @dataclass
@@ -154,14 +132,6 @@ class Prepared:
     idx: dict[str, np.ndarray]
     split: Split
     leaks: dict[str, int]
-
-
-def without_train_duplicates(cases: list[Case], train_cases: list[Case]) -> list[Case]:
-    """``cases`` less the images that nearly duplicate a training image (the histology set's folders share some)."""
-    from lungviz.folders import leaked_cases
-
-    leaked = leaked_cases(cases, train_cases)
-    return [c for c in cases if c.case_id not in leaked]
 
 
 def prepare(cfg: TrainConfig, split: Split | None = None) -> Prepared:

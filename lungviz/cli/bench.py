@@ -34,8 +34,8 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def bench_cases(n: int) -> list:
     """``n`` real test-split nodules (middle slice as context), for timing."""
-    from lungviz.lidc import import_slices
-    from lungviz.splits import Split
+    from lungviz.data.lidc import import_slices
+    from lungviz.data.splits import Split
 
     cases, _ = import_slices(paths.lidc_slices_dir())
     split_file = paths.weights_dir() / "splits" / "holdout.json"
@@ -53,8 +53,8 @@ def locate_bench(folder: Path, repeats: int, progress: bool = True) -> dict:
     100 slices."""
     from tqdm import tqdm
 
-    from lungviz.finder import load_finder, scan, scan_series, series_volume
-    from lungviz.lidc_dicom import find_nodules, read_patient
+    from lungviz.data.dicom import find_nodules, read_patient
+    from lungviz.inference.finder import load_finder, scan, scan_series, series_volume
 
     root = paths.lidc_dicom_dir()
     try:
@@ -86,10 +86,10 @@ COLD_START = """
 import time, sys
 t0 = time.perf_counter()
 import numpy as np
-from lungviz.predict import load_models, predict
+from lungviz.inference.predict import load_models, predict
 from lungviz.retrieval import load_index
-from lungviz.io import load_image
-from lungviz.inputs import from_loaded
+from lungviz.data.io import load_image
+from lungviz.data.upload import from_loaded
 from pathlib import Path
 folder = Path(sys.argv[1])
 models = load_models(folder)
@@ -124,7 +124,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
                 **locate_bench(folder or paths.weights_dir(), repeats)}
 
     from lungviz.explain import LIME_STABLE_SAMPLES, bundle_cam, lime_map, segment, stock_lime, top_k_overlap
-    from lungviz.predict import load_models, predict, retrieval_query
+    from lungviz.inference.predict import load_models, predict, retrieval_query
     from lungviz.retrieval import load_index, set_server_threads
 
     folder = folder or paths.weights_dir()

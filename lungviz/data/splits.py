@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungviz.cases import Case, by_patient, data_fingerprint
+from lungviz.data.cases import Case, by_patient, data_fingerprint
 from lungviz.errors import LungvizError
 
 SPLIT_NAMES = ("train", "val", "test")

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lungviz.data.io import DicomSlice, is_dicom_bytes, read_dicom, read_series
+from lungviz.data.preprocess import SLICE_CROP_PX, mm_to_px, spacing_or_default, valid_spacing
 from lungviz.errors import LungvizError
-from lungviz.io import DicomSlice, is_dicom_bytes, read_dicom, read_series
-from lungviz.nodule_model import LEVEL_WORDS, NOMINAL_HEADS, RATING_HEADS, Assessment, SliceReading
-from lungviz.preprocess import SLICE_CROP_PX, mm_to_px, spacing_or_default, valid_spacing
+from lungviz.inference.nodule import LEVEL_WORDS, NOMINAL_HEADS, RATING_HEADS, Assessment, SliceReading
 
 #: The coding scheme designator of lungviz's own concepts (DICOM's "99" prefix marks a private scheme).
 SCHEME = "99LUNGVIZ"
@@ -74,7 +74,8 @@ class DicomFindings:
 
 
 def crop_origin(centre_rc: tuple[float, float], size: int) -> tuple[int, int]:
-    """The first row and column of the ``size`` window :func:`lungviz.preprocess.crop_around` cuts at ``centre_rc``."""
+    """The first row and column of the ``size`` window :func:`lungviz.data.preprocess.crop_around` cuts at
+    ``centre_rc``."""
     return (int(np.floor(centre_rc[0] - size / 2.0 + 0.5)), int(np.floor(centre_rc[1] - size / 2.0 + 0.5)))
 
 
@@ -98,17 +99,17 @@ def view_to_source(outline: np.ndarray, origin_rc: tuple[int, int], side_px: int
 
 
 def slice_spacing(sl: DicomSlice) -> float | None:
-    """The pixel spacing the models read a DICOM slice at (as :func:`lungviz.inputs.from_series`)."""
+    """The pixel spacing the models read a DICOM slice at (as :func:`lungviz.data.upload.from_series`)."""
     return valid_spacing(float(np.mean(sl.pixel_spacing_mm)))
 
 
 def outline_on_slice(reading: SliceReading, sl: DicomSlice, centre_rc: tuple[float, float] | None) -> np.ndarray:
     """The nodule model's outline of ``reading`` on the slice it read, ``(H, W) bool`` in the slice's pixels.
 
-    The view was cut as :mod:`lungviz.inputs` and :func:`lungviz.nodule_model.cut` cut it: on a whole slice, the
-    128 px context around the nodule centre (the reading's own centre when the series was followed, else
+    The view was cut as :mod:`lungviz.data.upload` and :func:`lungviz.inference.nodule.cut` cut it: on a whole
+    slice, the 128 px context around the nodule centre (the reading's own centre when the series was followed, else
     ``centre_rc``), then the view's field around the context's middle; a crop-sized image is its own context."""
-    from lungviz.inputs import is_whole_slice
+    from lungviz.data.upload import is_whole_slice
 
     spacing = slice_spacing(sl)
     side = mm_to_px(reading.field_mm, spacing)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from lungviz.cases import Case
+from lungviz.data.cases import Case
 from lungviz.errors import LungvizError
 
 HISTOLOGY_CLASSES = ("adenocarcinoma", "large.cell.carcinoma", "squamous.cell.carcinoma", "normal")

@@ -1,5 +1,5 @@
 """The geometry of a nodule's outline (pure numpy): the region nearest the view's centre, its long and short axis as a
-reader measures them on a slice, and the outline drawn on an image. The nodule model (:mod:`lungviz.nodule_model`)
+reader measures them on a slice, and the outline drawn on an image. The nodule model (:mod:`lungviz.inference.nodule`)
 outlines; this module measures and draws.
 """
 

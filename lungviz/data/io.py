@@ -1,7 +1,7 @@
 """Reading images: PNG/JPG/TIFF/GIF/NPY/DICOM files and DICOM series (folder or zip) into arrays.
 
 Every reader checks its input and raises :class:`LungvizError` naming the file and the problem. What a file
-claims (image size, frames, bits, an NPY header, a zip's directory) is checked against :mod:`lungviz.limits`
+claims (image size, frames, bits, an NPY header, a zip's directory) is checked against :mod:`lungviz.data.limits`
 before anything is decoded or allocated, and every DICOM value used is parsed by one checked helper.
 """
 
@@ -21,10 +21,10 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
-from lungviz import limits
+from lungviz.data import limits
+from lungviz.data.limits import MAX_SIDE_PX, MIN_SIDE_PX, describe_bytes
+from lungviz.data.preprocess import valid_spacing
 from lungviz.errors import LungvizError
-from lungviz.limits import MAX_SIDE_PX, MIN_SIDE_PX, describe_bytes
-from lungviz.preprocess import valid_spacing
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom", "")
@@ -897,7 +897,7 @@ def read_series(src: Source, name: str | None = None) -> list[DicomSlice]:
 
     Objects that are not CT images (dose reports, DICOMDIR, macOS ``._`` files) are left out; a damaged or truncated
     file raises. When several series are present the one with most slices is kept. Files, members, slices,
-    inflated and decoded bytes are counted against :mod:`lungviz.limits` as they are read.
+    inflated and decoded bytes are counted against :mod:`lungviz.data.limits` as they are read.
     """
     label = _name_of(src, name)
     slices: list[DicomSlice] = []

@@ -21,12 +21,12 @@ import torch
 from scipy import ndimage
 
 from lungviz import paths
-from lungviz.blobness import contrast_units, hessian_2d, hessian_3d
+from lungviz.data.dicom import AIR_HU
+from lungviz.data.preprocess import DEFAULT_SPACING_MM, valid_spacing
 from lungviz.errors import LungvizError
-from lungviz.lidc_dicom import AIR_HU
-from lungviz.lungmask import NO_LUNG_MESSAGE, lung_mask, otsu
+from lungviz.inference.blobness import contrast_units, hessian_2d, hessian_3d
+from lungviz.inference.lungmask import NO_LUNG_MESSAGE, lung_mask, otsu
 from lungviz.models import Bundle, load_bundle
-from lungviz.preprocess import DEFAULT_SPACING_MM, valid_spacing
 
 PRESENCE = "finder-presence"
 LOCATE = "finder-locate"
@@ -314,7 +314,7 @@ def refine(finder: Finder, img: np.ndarray, lo: np.ndarray, hi: np.ndarray, lung
 class SeriesContext:
     """The third dimension of a slice being scanned: its series in contrast units and where the slice lies in it."""
 
-    volume_u: np.ndarray  # (K, H, W) float32, see lungviz.blobness.contrast_units
+    volume_u: np.ndarray  # (K, H, W) float32, see lungviz.inference.blobness.contrast_units
     index: int  # the slice's position in the volume
     slice_gap_mm: float  # distance between slice centres
 
@@ -339,7 +339,7 @@ def candidate_table(
     """The features of the refined candidate points of one slice (empty arrays when there are none).
 
     ``rc (N, 2)`` row/col, ``diameter`` (mm, the localiser's), ``net`` (presence log-odds), ``density``
-    (contrast units), ``dot2d``/``line2d`` and, with a series, ``dot3d``/``line3d`` (:mod:`lungviz.blobness`).
+    (contrast units), ``dot2d``/``line2d`` and, with a series, ``dot3d``/``line3d`` (:mod:`lungviz.inference.blobness`).
     ``net_points`` caps the points the presence network scores (the densest 2D blobs first; for speed on a
     series); the best ``refine_top`` are moved by the localiser and rescored, averaged over ``rotations``
     right-angle turns of the patch. Also returns the
@@ -569,7 +569,7 @@ def series_context(series: list, slice_index: int) -> tuple[SeriesContext, float
 
 def read_search_slice(src: str | Path, slice_index: int | None = None) -> SearchSlice:
     """Read a whole slice to search: an image file (PNG/JPG/TIFF/NPY/DICOM) or a DICOM series (folder or zip)."""
-    from lungviz.io import load_image, read_series
+    from lungviz.data.io import load_image, read_series
 
     path = Path(src)
     name = path.name or str(src)

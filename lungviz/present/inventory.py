@@ -178,7 +178,8 @@ def map_localisation_note(model: str, folder: Path | None = None, layer: str | N
 
 def map_localisation_text(folder: str | Path, models, views: list[str]) -> str:
     """How well each shown view's Grad-CAM found the nodule on the test split (for the layer its network of
-    ``models``, a :class:`lungviz.predict.ModelSet`, uses now), one sentence per view; "" when none was measured."""
+    ``models``, a :class:`lungviz.inference.predict.ModelSet`, uses now), one sentence per view; "" when none was
+    measured."""
     notes = []
     for view in views:
         b = models.nodule if view == "nodule" else models.bundle(view, "binary")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from lungviz.data.limits import MAX_SIDE_PX, SPACING_RANGE_MM
 from lungviz.errors import LungvizError
-from lungviz.limits import MAX_SIDE_PX, SPACING_RANGE_MM
 
 # (width, level) in Hounsfield units.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -151,7 +151,7 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def valid_spacing(spacing_mm: float | None) -> float | None:
-    """The pixel spacing when it lies in the plausible :data:`~lungviz.limits.SPACING_RANGE_MM`, else None
+    """The pixel spacing when it lies in the plausible :data:`~lungviz.data.limits.SPACING_RANGE_MM`, else None
     (unknown: missing, NaN, zero, or so small or large that a crop in millimetres would be absurd)."""
     lo, hi = SPACING_RANGE_MM
     return float(spacing_mm) if spacing_mm is not None and lo <= spacing_mm <= hi else None

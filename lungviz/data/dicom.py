@@ -3,7 +3,7 @@
 Each patient folder holds the CT slices (``*.dcm``) and one reader XML (namespace ``http://www.nih.gov``):
 one ``readingSession`` per radiologist, each with its ``unblindedReadNodule`` marks (ratings and outlines
 per slice). This module parses the XML, rasterises each reader's outlines onto the series, groups the
-readers' marks of the same physical nodule (as pylidc does) and produces :class:`lungviz.cases.Case`
+readers' marks of the same physical nodule (as pylidc does) and produces :class:`lungviz.data.cases.Case`
 records with ``source="lidc-dicom"``.
 
 How the LIDC-IDRI-slices set relates to the DICOM (checked pixel for pixel on LIDC-IDRI-0001..0003, see
@@ -36,10 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lungviz.cases import CHARACTERISTICS, Case, ImportReport, panel_median, round_half_up
-from lungviz.errors import LungvizError
-from lungviz.io import DicomSlice, read_series
-from lungviz.preprocess import (
+from lungviz.data.cases import CHARACTERISTICS, Case, ImportReport, panel_median, round_half_up
+from lungviz.data.io import DicomSlice, read_series
+from lungviz.data.preprocess import (
     SLICE_CROP_PX,
     VIEWS,
     WINDOW_PRESETS,
@@ -49,6 +48,7 @@ from lungviz.preprocess import (
     view_from_whole_slice,
     window_preset,
 )
+from lungviz.errors import LungvizError
 
 NS = "{http://www.nih.gov}"
 SOURCE = "lidc-dicom"
@@ -659,7 +659,7 @@ def whole_slice_and_crop(
     """The whole slice through the nodule centre and a ``size_mm`` square cut around the centre, both in [0, 1].
 
     The crop keeps the native pixels (``round(size_mm / spacing)`` wide) unless ``input_size`` asks for a
-    resized model view (:func:`lungviz.preprocess.view_from_whole_slice`).
+    resized model view (:func:`lungviz.data.preprocess.view_from_whole_slice`).
     """
     hu = case.extra.get("whole_slice_hu")
     centre = case.extra.get("centre_rc")

@@ -37,7 +37,7 @@ def contrast_units(image: np.ndarray, is_hu: bool, lung: np.ndarray | None = Non
     img = np.asarray(image, np.float32)
     if is_hu:
         return (img - PARENCHYMA_HU) / (TISSUE_HU - PARENCHYMA_HU)
-    from lungviz.lungmask import otsu
+    from lungviz.inference.lungmask import otsu
 
     thr = otsu(img)
     inside = img[lung & (img < thr)] if lung is not None and (lung & (img < thr)).any() else img[img < thr]

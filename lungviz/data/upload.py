@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lungviz.data.io import DicomSlice, LoadedImage
+from lungviz.data.preprocess import SLICE_CROP_PX, VIEWS, crop_around, minmax, valid_spacing, window_preset
 from lungviz.errors import LungvizError
-from lungviz.io import DicomSlice, LoadedImage
-from lungviz.preprocess import SLICE_CROP_PX, VIEWS, crop_around, minmax, valid_spacing, window_preset
 
 #: An image up to this side is taken as a nodule-centred context crop; a larger one as a whole slice.
 MAX_CONTEXT_SIDE = 192

@@ -2,7 +2,8 @@
 its factors and the 1-5 score), the slice view beside it, and a refer/uncertain flag.
 
 All preprocessing is read from each bundle's spec (view, field in mm, input size, mean/std); calibration is the
-spec's, fitted on the validation split, and so is each call (:mod:`lungviz.calibration`, :mod:`lungviz.factors`).
+spec's, fitted on the validation split, and so is each call (:mod:`lungviz.calibration`,
+:mod:`lungviz.inference.factors`).
 The headline estimate keeps the outside name ``fused-binary`` (the nodule model's factor estimate: size,
 characteristics and image evidence) and the 1-5 score the name ``nodule-score`` (the nodule model's score head).
 """
@@ -17,12 +18,7 @@ import numpy as np
 import torch
 
 from lungviz import metrics, paths
-from lungviz.errors import LungvizError
-from lungviz.finder import Finder, centre_presence, load_finder
-from lungviz.metrics import softmax
-from lungviz.models import Bundle, load_bundle
-from lungviz.nodule_model import Assessment, assess, read_slices, reading_embedding
-from lungviz.preprocess import (
+from lungviz.data.preprocess import (
     VIEWS,
     spacing_or_default,
     to_model_input,
@@ -30,6 +26,11 @@ from lungviz.preprocess import (
     view_from_context,
     view_from_nodule_crop,
 )
+from lungviz.errors import LungvizError
+from lungviz.inference.finder import Finder, centre_presence, load_finder
+from lungviz.inference.nodule import Assessment, assess, read_slices, reading_embedding
+from lungviz.metrics import softmax
+from lungviz.models import Bundle, load_bundle
 
 #: The nodule model's bundle name (lungviz.models.NoduleNet).
 NODULE_MODEL = "nodule"
@@ -287,7 +288,7 @@ def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]], presence: flo
 
 def crop_as_context(nodule_crop: np.ndarray) -> tuple[np.ndarray, float]:
     """A nodule crop uploaded without its slice, as a context the nodule model can read: the crop and its pixel
-    spacing, taking it to span the default nodule field (:data:`lungviz.preprocess.VIEWS`)."""
+    spacing, taking it to span the default nodule field (:data:`lungviz.data.preprocess.VIEWS`)."""
     side = max(np.asarray(nodule_crop).shape[:2])
     return nodule_crop, VIEWS["nodule"].field_mm / max(side, 1)
 

@@ -25,8 +25,8 @@ from PIL import Image
 from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.errors import LungvizError
 from lungviz.files import atomic_write
+from lungviz.present.text import shorten
 from lungviz.reviews import MAX_REVIEWER_CHARS
-from lungviz.text import shorten
 
 #: Order and names of the prediction views in the report.
 VIEW_LABELS = {"nodule": "Nodule model", "slice": "Slice view"}
@@ -138,7 +138,8 @@ CALIBRATION_CAVEAT = (
 
 
 def test_rate(figures: dict, key: str) -> str:
-    """``49% [39-60%]``: a measured rate of :func:`lungviz.predict.test_call_figures` with its 95% interval."""
+    """``49% [39-60%]``: a measured rate of :func:`lungviz.inference.predict.test_call_figures` with its 95%
+    interval."""
     lo_hi = (figures.get("ci95") or {}).get(key)
     value = pct(figures[key])
     if not (lo_hi and len(lo_hi) == 2 and all(isinstance(v, (int, float)) and np.isfinite(v) for v in lo_hi)):

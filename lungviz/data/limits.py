@@ -1,6 +1,6 @@
 """Every limit an upload is checked against, in one place.
 
-The readers (:mod:`lungviz.io`) compare what a file *claims* (its header, a zip's directory) with these
+The readers (:mod:`lungviz.data.io`) compare what a file *claims* (its header, a zip's directory) with these
 before they decode or allocate anything, so a small file that claims a huge image is refused cheaply. The
 docs/app.md ("Upload limits") lists them for users.
 """

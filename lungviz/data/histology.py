@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lungviz.cases import Case, ImportReport
+from lungviz.data.cases import Case, ImportReport
+from lungviz.data.io import IMAGE_SUFFIXES
 from lungviz.errors import LungvizError
-from lungviz.io import IMAGE_SUFFIXES
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "val", "val": "val", "validation": "val",
                  "test": "test", "testing": "test"}
@@ -70,7 +70,7 @@ def import_class_folders(root: Path, classes: Sequence[str] = ()) -> tuple[list[
 
 def average_hash(image: np.ndarray, size: int = 16) -> np.ndarray:
     """A perceptual hash: the ``size x size`` thumbnail thresholded at its median, as a flat bool vector."""
-    from lungviz.preprocess import pad_to_square, resize
+    from lungviz.data.preprocess import pad_to_square, resize
 
     thumb = resize(pad_to_square(np.asarray(image, np.float32)), size)
     return (thumb > np.median(thumb)).ravel()

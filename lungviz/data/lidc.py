@@ -2,7 +2,7 @@
 
 Masks may be the merged ``consensus/`` reader-count maps or the original per-reader ``mask-0..N``
 folders. Rows marked ``unmatched`` carry no labels and are skipped and counted. The DICOM + reader-XML
-path lives in :mod:`lungviz.lidc_dicom`.
+path lives in :mod:`lungviz.data.dicom`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungviz.cases import CHARACTERISTICS, Case, ImportReport, panel_median, round_half_up
+from lungviz.data.cases import CHARACTERISTICS, Case, ImportReport, panel_median, round_half_up
 from lungviz.errors import LungvizError
 
 REQUIRED_COLUMNS = ("patient_id", "nodule", "n_readers", "malignancy_readers")

@@ -110,7 +110,7 @@ class Case:
         """All slices as ``(S, H, W) float32 in [0, 1]``."""
         if self.slices is not None:
             return self.slices
-        from lungviz.io import load_gray
+        from lungviz.data.io import load_gray
 
         return np.stack([load_gray(p) for p in self.image_paths])
 
@@ -118,7 +118,7 @@ class Case:
         """One slice as ``(H, W) float32 in [0, 1]``."""
         if self.slices is not None:
             return self.slices[index]
-        from lungviz.io import load_gray
+        from lungviz.data.io import load_gray
 
         return load_gray(self.image_paths[index])
 
@@ -137,7 +137,7 @@ class Case:
         """Reader-consensus masks ``(S, H, W) float32 in [0, 1]`` (fraction of readers), or None."""
         if self.masks is not None:
             return self.masks
-        from lungviz.io import load_raw_gray
+        from lungviz.data.io import load_raw_gray
 
         if self.reader_mask_paths:
             per_reader = [np.stack([load_raw_gray(p) > 0 for p in paths]) for paths in self.reader_mask_paths]

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from lungviz.data.preprocess import crop_mm, mm_to_px, resize, spacing_or_default, to_model_input
 from lungviz.errors import LungvizError
+from lungviz.inference.outline import THRESHOLD, axes_px, central_region
 from lungviz.metrics import expected_rating, softmax
 from lungviz.models import NODULE_HEADS, Bundle, NoduleNet
-from lungviz.outline import THRESHOLD, axes_px, central_region
-from lungviz.preprocess import crop_mm, mm_to_px, resize, spacing_or_default, to_model_input
 
 #: The view's side is this many times the nodule's measured long axis ...
 FIELD_FACTOR = 2.5
@@ -291,7 +291,7 @@ class Assessment:
 
     def top_factors(self, n: int = 4) -> list[str]:
         """The ``n`` factors that moved the estimate most, then what the others add together."""
-        from lungviz.factors import factor_phrases
+        from lungviz.inference.factors import factor_phrases
 
         phrases = factor_phrases(self.factors, self.contributions, n)
         rest = sum(sorted(self.contributions.values(), key=abs)[: max(0, len(self.contributions) - n)])
@@ -340,10 +340,10 @@ MAX_STEP_MM = 5.0
 
 def follow_series(bundle: Bundle, series: list, index: int,
                   centre_rc: tuple[float, float] | None) -> tuple[list[SliceReading], list[int]]:
-    """Follow a nodule through a DICOM series (:class:`lungviz.io.DicomSlice` list) from slice ``index`` at
+    """Follow a nodule through a DICOM series (:class:`lungviz.data.io.DicomSlice` list) from slice ``index`` at
     ``centre_rc``: read that slice, then each neighbour on either side while the model still outlines a nodule
     there, re-centring on the previous slice's outline. Returns the readings and their slice indices, in order."""
-    from lungviz.inputs import from_series
+    from lungviz.data.upload import from_series
 
     start = from_series(series, index, centre_rc)
     first = replace(read_slices(bundle, [start.context], start.spacing_mm)[0], index=index, centre_rc=start.centre_rc)
@@ -395,7 +395,7 @@ def assess_series(bundle: Bundle, series: list, index: int, centre_rc: tuple[flo
 
 def explain(bundle: Bundle, reading: NoduleReading) -> Assessment:
     """The :class:`Assessment` of a nodule's reading: the spec's factor model, its call point and test figures."""
-    from lungviz.factors import FactorModel, factor_values, risk_band
+    from lungviz.inference.factors import FactorModel, factor_values, risk_band
 
     estimate = bundle.spec.get("estimate") or {}
     model = FactorModel.from_dict(estimate.get("model") or {})
