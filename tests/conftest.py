@@ -423,3 +423,29 @@ def build_app_weights(folder: Path, slices_root: Path) -> Path:
 def app_weights(tmp_path_factory, lidc_slices_dir: Path) -> Path:
     """A complete, tiny weights folder for the app (built once per session, about 2 s)."""
     return build_app_weights(tmp_path_factory.mktemp("app-weights"), lidc_slices_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test tiers: `pytest -m "not slow"` is the everyday loop; the README's command runs everything
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Whole modules in the slow tier: the app (AppTest), the real browser, training runs and the map localisation CLI.
+SLOW_MODULES = {"test_app.py", "test_browser.py", "test_training.py", "test_camloc.py"}
+#: Single tests in the slow tier: subprocess CLIs over real data, the shipped finder on whole series, two-process
+#: stress, memory-bound checks and the real-browser download.
+SLOW_TESTS = {
+    "test_locate_cli_on_a_dicom_slice_and_a_series", "test_locate_cli_bad_input_exits_2_with_one_line",
+    "test_the_sr_and_seg_download_in_a_browser", "test_fuzzed_uploads_through_the_cli",
+    "test_train_finder_on_a_few_real_patients", "test_shipped_finder_ranks_each_confirmed_nodule_near_the_top",
+    "test_two_processes_with_threads_lose_nothing",
+    "test_the_cli_predicts_with_an_implausible_spacing_taken_as_unknown",
+    "test_the_cli_refuses_a_crafted_upload_in_one_line", "test_the_peak_memory_of_a_crafted_upload_stays_bounded",
+    "test_bad_input_in_a_real_process_prints_no_traceback",
+    "test_inference_model_folds_batchnorm_with_the_same_outputs",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

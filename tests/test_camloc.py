@@ -129,17 +129,30 @@ def test_characteristics_evaluation_cli(lidc_slices_dir, tmp_path):
     assert list(rows[0]) == ["patient_id", "nodule", *CHARACTERISTICS] and len(rows) == 3
     scale = {"calcification": 6, "internalStructure": 4}
     assert all(1.0 <= float(row[h]) <= scale.get(h, 5) for row in rows for h in CHARACTERISTICS)
-    est = subprocess.run([sys.executable, "-m", "training", "evaluate", "--model", "nodule", "--data", str(data),
+    est = subprocess.run([sys.executable, "-m", "training", "evaluate", "--model", "fused-binary", "--data", str(data),
                           "--weights", str(weights), "--json", "--n-boot", "20", "--predictions",
                           str(tmp_path / "estimate.csv")], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert est.returncode == 0, est.stderr
     rep = json.loads(est.stdout)
     assert rep["n"] == 3 and rep["task"] == "binary" and 0.0 <= rep["second_look_call"]["sensitivity"] <= 1.0
+    assert rep["model"] == "fused-binary"  # the outside name of the nodule model's estimate
     assert rep["second_look_call"]["calls_malignant_from"] == 0.12  # the spec's call point
     with open(tmp_path / "estimate.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     called = ["malignant" if float(r["p_malignant"]) >= 0.12 else "benign" for r in rows]
     assert [r["prediction"] for r in rows] == called and len(rows) == 3
+    score = subprocess.run([sys.executable, "-m", "training", "evaluate", "--model", "nodule-score", "--data",
+                            str(data), "--weights", str(weights), "--json", "--n-boot", "20", "--predictions",
+                            str(tmp_path / "score.csv")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert score.returncode == 0, score.stderr
+    rep = json.loads(score.stdout)
+    assert rep["model"] == "nodule-score" and rep["task"] == "score" and rep["n"] == 3 and "qwk" in rep
+    with open(tmp_path / "score.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[2:7] == ["p_1", "p_2", "p_3", "p_4", "p_5"] and len(rows) == 3
+    bare = subprocess.run([sys.executable, "-m", "training", "evaluate", "--model", "nodule", "--data", str(data),
+                           "--weights", str(weights), "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bare.returncode == 2 and "fused-binary" in bare.stderr  # the bundle itself: says which name to use
     loc = subprocess.run([sys.executable, "-m", "training", "camloc", "--data", str(data), "--weights", str(weights),
                           "--models", "nodule", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert loc.returncode == 0, loc.stderr

@@ -241,7 +241,7 @@ def test_lime_top_segment_covers_the_bright_square(model, image) -> None:
 
 def test_fast_lime_agrees_with_stock_lime_with_fewer_model_calls(model, image) -> None:
     seg = explain.segment(image, n_segments=16)
-    probe = explain._model_input(model, image, MEAN, STD)[None]
+    probe = explain.common._model_input(model, image, MEAN, STD)[None]
     sizes, handle = _count_images(inference_model(model, probe))  # the folded copy LIME runs
     fast = explain.lime_map(model, image, MEAN, STD, segments=seg, seed=0, hide_value=HIDE)
     handle.remove()
@@ -258,7 +258,7 @@ def test_fast_lime_agrees_with_stock_lime_with_fewer_model_calls(model, image) -
 
 
 def test_lime_design_is_balanced_orthogonal_and_folded_over() -> None:
-    masks = explain._design(128, 20, np.random.default_rng(0))
+    masks = explain.lime._design(128, 20, np.random.default_rng(0))
     assert masks.shape == (128, 20) and masks.dtype == np.int8 and np.all(masks[0] == 1)
     np.testing.assert_array_equal(masks[65:], 1 - masks[1:64])  # the second half flips every segment
     signs = 2 * masks.astype(int) - 1  # row 0 (the image itself) replaced one row of the design
@@ -269,8 +269,8 @@ def test_lime_design_is_balanced_orthogonal_and_folded_over() -> None:
     inter = np.stack([signs[:, i] * signs[:, j] for i in range(20) for j in range(i + 1, 20)], axis=1)
     assert np.abs(signs.T @ inter).max() <= 2
     assert len({tuple(r) for r in masks}) == 128
-    assert not np.array_equal(masks, explain._design(128, 20, np.random.default_rng(1)))
-    sub = explain._design(41, 50, np.random.default_rng(0))  # fewer samples than segments + 1, odd count
+    assert not np.array_equal(masks, explain.lime._design(128, 20, np.random.default_rng(1)))
+    sub = explain.lime._design(41, 50, np.random.default_rng(0))  # fewer samples than segments + 1, odd count
     assert sub.shape == (41, 50) and np.all(sub[0] == 1)
     np.testing.assert_array_equal(sub[22:], 1 - sub[1:20])
 

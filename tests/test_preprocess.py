@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from lungviz import preprocess as pp
+from lungviz.data import preprocess as pp
 from lungviz.errors import LungvizError
 
 # ------------------------------------------------------------------------------------------------ windowing

@@ -107,6 +107,8 @@ def train_all(base: TrainConfig) -> dict:
     train_finder(FinderConfig(out=str(out)))
     done["finder"] = train_finder(FinderConfig(out=str(out), only="mine"))  # one round of hard-negative mining
     done["index"] = build_library_index(INDEX_MODEL, out=str(out))  # embeds with the nodule model, so after it
+    slice_view = tuple(n for n in SHIPPED if n.startswith("slice-"))
+    cam_localisation(slice_view, split="val", choose=True, weights=str(out))  # their map layer, chosen on validation
     cam = cam_localisation(out=str(out / "cam_localisation.json"), split="test", weights=str(out))
     done["camloc"] = {m: r.get("shifted", {}).get("peak_inside") for m, r in cam.get("models", {}).items()}
     done["card"] = str(write_card(out))

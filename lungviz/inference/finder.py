@@ -279,12 +279,6 @@ def _centre_patch(bundle: Bundle, context: np.ndarray, spacing_mm: float) -> np.
     return normalised_patches(img, lo, hi, centre, bundle, float(spacing_mm))
 
 
-def centre_diameter_mm(finder: Finder, context: np.ndarray, spacing_mm: float) -> float:
-    """The localiser's diameter (mm) of the nodule at the centre of a crop centred on it."""
-    loc = locate_patches(finder.locate, _centre_patch(finder.locate, context, spacing_mm))
-    return max(float(loc[0, 2]), 0.0) * channel_fields(finder.locate.spec)[0] / finder.locate.input_size
-
-
 def centre_presence(finder: Finder, context: np.ndarray, spacing_mm: float) -> float:
     """The presence classifier's calibrated probability that a nodule sits at the centre of a crop."""
     return float(presence_scores(finder.presence, _centre_patch(finder.presence, context, spacing_mm))[0])
