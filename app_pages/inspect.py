@@ -495,7 +495,7 @@ with rep_col:
     report = CaseReport(
         case_id=case_label, source="upload", file_names=list(case.names), input_notes=input_notes,
         images={**pred.images, **({'Nodule model outline': outline_image} if outline_image is not None else {})},
-        prediction=pred.to_dict(), maps=maps,
+        prediction=pred, maps=maps,
         similar=[{f: s.get(f) for f in ("case_id", "malignancy", "reader_scores", "diameter_mm", "similarity",
                                         "thumbnail")} for s in similar],
         verdict=saved.get("verdict"), note=saved.get("note", ""), reviewer=saved.get("reviewer", ""),

@@ -168,7 +168,7 @@ def _show_case(record: dict) -> None:
         fig = common.probability_bars(pred, "score")
         if fig is not None:
             st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})
-        for note in estimate_notes(pred.to_dict())[3 if pred.assessment is not None else 0:]:
+        for note in estimate_notes(pred)[3 if pred.assessment is not None else 0:]:
             st.caption(f":material/info: {note}")
         st.caption(f"The slice view reads the middle slice ({middle + 1} of {n}, the largest reader outline); the "
                    "nodule model reads every slice.")

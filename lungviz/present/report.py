@@ -1,8 +1,11 @@
-"""Per-case report: what the model saw and said, its maps, similar library cases and the reviewer's verdict.
+"""Per-case report: the finding first, then the maps and similar library cases, the reviewer's verdict, and an
+appendix with the validation figures and model versions.
 
-:func:`build_html` writes one self-contained page (images as base64 PNG data URIs, inline CSS, A4 print rules);
-:func:`build_pdf` the same content as a PDF through reportlab. Both show the research-use notice first and on every
-printed page, and escape every piece of user text.
+:func:`report_content` turns a typed :class:`~lungviz.inference.predict.Prediction` into what the report says;
+:func:`report_sections` lays the whole report out as one list of typed sections, which :func:`build_html` (one
+self-contained page: images as base64 PNG data URIs, inline CSS, A4 print rules) and :func:`build_pdf` (reportlab)
+both render, so the two cannot drift. Both show the research-use notice before any result and on every printed page,
+and escape every piece of user text.
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
 from PIL import Image
 
 from lungviz import RESEARCH_NOTICE, __version__
+from lungviz.data.preprocess import spacing_or_default
 from lungviz.errors import LungvizError
 from lungviz.files import atomic_write
 from lungviz.present.text import shorten
 from lungviz.reviews import MAX_REVIEWER_CHARS
+
+if TYPE_CHECKING:
+    from lungviz.inference.predict import Prediction
 
 #: Order and names of the prediction views in the report.
 VIEW_LABELS = {"nodule": "Nodule model", "slice": "Slice view"}
@@ -49,8 +56,10 @@ class CaseReport:
     #: what the app said about the input (conversions, the centre used, a library training case's warning)
     input_notes: list[str] = field(default_factory=list)
     created: datetime | None = None  # defaults to now (UTC)
-    images: dict[str, np.ndarray] = field(default_factory=dict)  # view ("slice", "nodule") -> what the model saw
-    prediction: dict | None = None  # Prediction.to_dict()
+    #: what the model saw: view ("nodule", "slice") or a caption ("Nodule model outline") -> image
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    #: what the models said (the JSON form is read at its edge: :meth:`ReportContent.from_json`)
+    prediction: Prediction | ReportContent | None = None
     maps: dict[str, np.ndarray] = field(default_factory=dict)  # caption ("Grad-CAM, nodule view") -> overlay
     #: dicts with case_id, malignancy (panel score), reader_scores, diameter_mm, similarity, thumbnail (or None)
     similar: list[dict] = field(default_factory=list)
@@ -62,6 +71,9 @@ class CaseReport:
     notice: str = RESEARCH_NOTICE
 
     def __post_init__(self) -> None:
+        if isinstance(self.prediction, Mapping):
+            raise TypeError("CaseReport.prediction is a Prediction (or ReportContent.from_json of its JSON form), "
+                            "not a dict.")
         if self.created is None:
             self.created = datetime.now(UTC)
         # outside text on one line and bounded: a table row of the PDF must fit on one page
@@ -127,7 +139,7 @@ def data_uri(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
-# ------------------------------------------------------------------------------------- content, shared by both
+# ---------------------------------------------------------------------------------------- typed report content
 
 
 CALIBRATION_CAVEAT = (
@@ -135,6 +147,185 @@ CALIBRATION_CAVEAT = (
     "rate the nodule (a suspicion rating, not pathology) and may be miscalibrated on other scanners, protocols or "
     "populations."
 )
+#: The LIDC characteristics (and the 1-5 score) as a clinician reads them, in the nodule model's order.
+CHARACTERISTIC_LABELS = {"malignancy": "malignancy score", "subtlety": "subtlety", "internalStructure":
+                         "internal structure", "calcification": "calcification", "sphericity": "sphericity",
+                         "margin": "margin", "lobulation": "lobulation", "spiculation": "spiculation",
+                         "texture": "texture"}
+
+
+def _num(v: Any) -> float | None:
+    """A finite float, or None (NaN, None and text are unknown)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewEstimate:
+    """One view's estimate as the report shows it: the malignant probability and its call, the 1-5 score."""
+
+    label: str
+    malignant: float | None = None
+    call: str = "-"
+    calls_malignant_from: float | None = None
+    test_calls: dict | None = None  # :func:`lungviz.inference.predict.test_call_figures`
+    score_classes: tuple[str, ...] = ()
+    score_probs: tuple[float, ...] = ()
+    score_call: str = "-"
+    other: tuple[str, ...] = ()  # any other task, as text
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finding:
+    """The nodule model's finding: size in mm (None where not outlined), the characteristics in the readers' words,
+    the estimate by its factors with its risk band, call and test figures, and the factors that moved it."""
+
+    slices_read: int = 1
+    outlined: bool = True
+    long_axis_mm: float | None = None
+    short_axis_mm: float | None = None
+    mean_axes_mm: float | None = None
+    volume_mm3: float | None = None
+    characteristics: dict[str, str] = field(default_factory=dict)  # head -> the readers' words
+    probability: float | None = None
+    risk_band: str = "-"
+    call: str = "-"
+    threshold: float | None = None
+    baseline: float | None = None  # an average nodule's probability
+    top_factors: tuple[str, ...] = ()
+    test_calls: dict | None = None
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Finding:
+        """From :meth:`lungviz.inference.nodule.Assessment.to_dict` (the JSON edge: the CLI's output, a review log's
+        summary)."""
+        size = d.get("size_mm") or {}
+        chars = d.get("characteristics") or {}
+        return cls(slices_read=int(d.get("slices_read") or 1), outlined=bool(d.get("outlined", True)),
+                   long_axis_mm=_num(size.get("long_axis")), short_axis_mm=_num(size.get("short_axis")),
+                   mean_axes_mm=_num(size.get("mean_axes")), volume_mm3=_num(size.get("volume_mm3")),
+                   characteristics={k: str(v.get("words")) for k, v in chars.items() if isinstance(v, Mapping)},
+                   probability=_num(d.get("malignant_probability")), risk_band=str(d.get("risk_band") or "-"),
+                   call=str(d.get("call") or "-"), threshold=_num(d.get("calls_malignant_from")),
+                   baseline=_num(d.get("average_nodule_probability")),
+                   top_factors=tuple(str(f) for f in d.get("top_factors") or []),
+                   test_calls=d.get("test_calls") if isinstance(d.get("test_calls"), dict) else None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportContent:
+    """What a report (and the page's notes) say of one prediction, typed: built from a
+    :class:`lungviz.inference.predict.Prediction` by :func:`report_content`."""
+
+    malignant_probability: float | None = None
+    flags: tuple[str, ...] = ()
+    views: tuple[ViewEstimate, ...] = ()  # the nodule model first
+    finding: Finding | None = None
+    assumed_spacing_mm: float | None = None  # sizes assume this pixel spacing (none came with the image)
+    calibration_notes: tuple[str, ...] = ()
+
+    @property
+    def refer(self) -> bool:
+        return bool(self.flags)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ReportContent:
+        """From :meth:`lungviz.inference.predict.Prediction.to_dict` (the JSON edge)."""
+        views = d.get("views") or {}
+        rows = []
+        for view in _view_order(views):
+            row: dict[str, Any] = {"label": VIEW_LABELS.get(view, str(view)), "other": []}
+            for task, tp in (views[view] or {}).items():
+                tp = tp or {}
+                classes, probs = [str(c) for c in tp.get("classes") or []], [float(p) for p in tp.get("probabilities")
+                                                                             or []]
+                if task == "binary":
+                    i = _positive_index(classes)
+                    row |= {"malignant": probs[i] if i is not None and i < len(probs) else None,
+                            "call": str(tp.get("prediction", "-")),
+                            "calls_malignant_from": _num(tp.get("calls_malignant_from")),
+                            "test_calls": tp.get("test_calls") if isinstance(tp.get("test_calls"), dict) else None}
+                elif task == "score":
+                    row |= {"score_classes": tuple(classes), "score_probs": tuple(probs),
+                            "score_call": str(tp.get("prediction", "-"))}
+                else:
+                    shown = ", ".join(f"{c} {prob_pct(p)}" for c, p in zip(classes, probs, strict=False))
+                    row["other"].append(f"{task}: {tp.get('prediction', '-')} ({shown})")
+            rows.append(ViewEstimate(**{**row, "other": tuple(row["other"])}))
+        nodule = d.get("nodule_model")
+        return cls(malignant_probability=_num(d.get("malignant_probability")),
+                   flags=tuple(str(r) for r in d.get("reasons") or []), views=tuple(rows),
+                   finding=Finding.from_json(nodule) if isinstance(nodule, Mapping) else None,
+                   assumed_spacing_mm=_num(d.get("sizes_assume_spacing_mm")),
+                   calibration_notes=tuple(str(n) for n in d.get("calibration_notes") or []))
+
+
+def _view_order(views: Mapping[str, Any]) -> list[str]:
+    return [v for v in VIEW_LABELS if v in views] + [v for v in views if v not in VIEW_LABELS]
+
+
+def _positive_index(classes: Sequence[str]) -> int | None:
+    names = [str(c).lower() for c in classes]
+    if "malignant" in names:
+        return names.index("malignant")
+    return 1 if len(names) == 2 else None
+
+
+def report_content(prediction: Prediction | ReportContent | Mapping[str, Any] | None) -> ReportContent | None:
+    """The one function that turns a prediction into what the report says: from a
+    :class:`~lungviz.inference.predict.Prediction` (the app), or from its JSON form (the CLI, a review log)."""
+    if prediction is None or isinstance(prediction, ReportContent):
+        return prediction
+    if isinstance(prediction, Mapping):
+        return ReportContent.from_json(prediction)
+    p = prediction
+    rows = []
+    for view in _view_order(p.views):
+        tasks = p.views[view] or {}
+        b, s = tasks.get("binary"), tasks.get("score")
+        i = _positive_index(b.classes) if b is not None else None
+        other = tuple(f"{t}: {tp.top} (" + ", ".join(f"{c} {prob_pct(q)}" for c, q in zip(tp.classes, tp.probs,
+                                                                                           strict=False)) + ")"
+                      for t, tp in tasks.items() if t not in ("binary", "score"))
+        rows.append(ViewEstimate(
+            label=VIEW_LABELS.get(view, str(view)), other=other,
+            **({"malignant": float(b.probs[i]) if i is not None and i < len(b.probs) else None, "call": b.top,
+                "calls_malignant_from": float(b.threshold), "test_calls": b.test_calls} if b is not None else {}),
+            **({"score_classes": tuple(str(c) for c in s.classes), "score_probs": tuple(float(q) for q in s.probs),
+                "score_call": s.top} if s is not None else {})))
+    finding = None
+    if (a := p.assessment) is not None:
+        r = a.reading
+
+        def mm(v: float | None) -> float | None:
+            return None if v is None or not np.isfinite(v) else float(v)
+
+        finding = Finding(slices_read=r.n_slices, outlined=r.outlined, long_axis_mm=mm(r.long_axis_mm),
+                          short_axis_mm=mm(r.short_axis_mm), mean_axes_mm=mm(r.mean_axes_mm),
+                          volume_mm3=mm(r.volume_mm3), characteristics=dict(a.characteristics),
+                          probability=float(a.probability), risk_band=a.risk_band, call=a.call,
+                          threshold=float(a.threshold), baseline=a.baseline, top_factors=tuple(a.top_factors()),
+                          test_calls=a.test_calls)
+    return ReportContent(malignant_probability=p.malignant_probability(), flags=tuple(p.flags), views=tuple(rows),
+                         finding=finding, assumed_spacing_mm=spacing_or_default(None) if p.spacing_assumed else None,
+                         calibration_notes=tuple(p.calibration_notes))
+
+
+# ------------------------------------------------------------------------------------------ wording, shared
+
+
+def pct(p: float | None) -> str:
+    return "-" if p is None else f"{float(p):.0%}"
+
+
+def prob_pct(p: float | None) -> str:
+    """A model probability for display: whole percent, but never a certain-looking 0% or 100%."""
+    if p is None or not np.isfinite(p):
+        return "-"
+    return "<1%" if p < 0.005 else (">99%" if p > 0.995 else pct(p))
 
 
 def test_rate(figures: dict, key: str) -> str:
@@ -147,21 +338,24 @@ def test_rate(figures: dict, key: str) -> str:
     return f"{value} [{pct(lo_hi[0])[:-1]}-{pct(lo_hi[1])}]"
 
 
-def call_note(prediction: dict | None) -> str | None:
-    """How the calls are made from the probabilities: each view's malignant call point when any is not 50%, and
-    each score call that is not the most probable score."""
-    views = (prediction or {}).get("views") or {}
-    points = [(VIEW_LABELS.get(v, str(v)).lower(), float(t["binary"]["calls_malignant_from"]))
-              for v, t in views.items() if isinstance((t or {}).get("binary"), dict)
-              and t["binary"].get("calls_malignant_from") is not None]
+def _mm(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} mm"
+
+
+def call_note(prediction: Prediction | ReportContent | Mapping[str, Any] | None) -> str | None:
+    """How the calls are made from the probabilities: each view's malignant call point when any is not 50%, how the
+    calls did on the held-out test nodules, and each score call that is not the most probable score."""
+    content = report_content(prediction)
+    if content is None:
+        return None
+    points = [(v.label.lower(), v.calls_malignant_from) for v in content.views if v.calls_malignant_from is not None]
     parts = []
     if any(abs(x - 0.5) > 5e-3 for _, x in points):
         parts.append("Each view calls a nodule malignant from its own operating point on its calibrated probability: "
                      + ", ".join(f"{name} from {prob_pct(x)}" for name, x in points)
                      + ". These are the calls the model card's sensitivity, specificity and F1 were measured with; "
                      "below 50% they favour sensitivity, as malignant nodules are the rarer class.")
-    found = [(VIEW_LABELS.get(v, str(v)).lower(), t["binary"]["test_calls"]) for v, t in views.items()
-             if isinstance((t or {}).get("binary"), dict) and isinstance(t["binary"].get("test_calls"), dict)]
+    found = [(v.label.lower(), v.test_calls) for v in content.views if isinstance(v.test_calls, dict)]
     if found:
         ns = {c.get("n") for _, c in found}
         where = "one middle slice of each of" if all(c.get("single_slice") for _, c in found) else "each of"
@@ -172,62 +366,51 @@ def call_note(prediction: dict | None) -> str | None:
                      + "; and cleared this share of the benign ones: "
                      + ", ".join(f"{name} {test_rate(c, 'specificity')}" for name, c in found)
                      + ". A benign call does not rule malignancy out.")
-    for v, t in views.items():
-        score = (t or {}).get("score")
-        if not isinstance(score, dict) or not score.get("probabilities"):
+    for v in content.views:
+        if not v.score_probs:
             continue
-        classes, probs = list(score.get("classes") or []), [float(q) for q in score["probabilities"]]
-        likeliest = classes[int(np.argmax(probs))] if len(classes) == len(probs) else None
-        if likeliest is not None and str(score.get("prediction")) != str(likeliest):
-            parts.append(f"The {VIEW_LABELS.get(v, str(v)).lower()}'s score call ({score.get('prediction')}) is not "
-                         f"its most probable score ({likeliest}): a network's call leans towards the rarer scores, "
-                         "the rule its kappa was measured with.")
+        likeliest = v.score_classes[int(np.argmax(v.score_probs))] if len(v.score_classes) == len(v.score_probs) \
+            else None
+        if likeliest is not None and v.score_call != str(likeliest):
+            parts.append(f"The {v.label.lower()}'s score call ({v.score_call}) is not its most probable score "
+                         f"({likeliest}): a network's call leans towards the rarer scores, the rule its kappa was "
+                         "measured with.")
     return " ".join(parts) or None
 
 
-def nodule_model_notes(reading: Mapping[str, Any] | None) -> list[str]:
+def finding_lines(finding: Finding | None) -> list[str]:
     """The nodule model's finding in three sentences: size, characteristics, and the estimate with its factors."""
-    if not isinstance(reading, Mapping):
+    if finding is None:
         return []
-    size = reading.get("size_mm") or {}
-    n = reading.get("slices_read", 1)
-    words = "; ".join(f"{k} {v.get('words')}" for k, v in (reading.get("characteristics") or {}).items()
-                      if isinstance(v, Mapping) and k != "malignancy")
-    factors = "; ".join(str(f) for f in reading.get("top_factors") or [])
-    p = reading.get("malignant_probability")
-    volume = f", volume {size['volume_mm3']:.0f} mm3" if size.get("volume_mm3") else ""
-    measured = (f"long axis {size.get('long_axis')} mm, short axis {size.get('short_axis')} mm, mean "
-                f"{size.get('mean_axes')} mm{volume}" if reading.get("outlined", True) else
+    f, n = finding, finding.slices_read
+    words = "; ".join(f"{k} {v}" for k, v in f.characteristics.items() if k != "malignancy")
+    volume = f", volume {f.volume_mm3:.0f} mm3" if f.volume_mm3 else ""
+    measured = (f"long axis {_mm(f.long_axis_mm)[:-3]} mm, short axis {_mm(f.short_axis_mm)[:-3]} mm, mean "
+                f"{_mm(f.mean_axes_mm)[:-3]} mm{volume}" if f.outlined else
                 "no outline found, so the size is unknown and the estimate counts an average nodule's size")
     return [f"Nodule model, over {n} slice{'s' if n != 1 else ''}: {measured}.",
             f"Characteristics (LIDC scales): {words}.",
-            f"Nodule model's malignant probability (panel score 4-5), by its factors: {prob_pct(p)} "
-            f"({reading.get('risk_band')}; call {reading.get('call')} from "
-            f"{prob_pct(reading.get('calls_malignant_from'))}). What moved it from an average nodule's "
-            f"{prob_pct(reading.get('average_nodule_probability'))}: {factors}."]
+            f"Nodule model's malignant probability (panel score 4-5), by its factors: {prob_pct(f.probability)} "
+            f"({f.risk_band}; call {f.call} from {prob_pct(f.threshold)}). What moved it from an average nodule's "
+            f"{prob_pct(f.baseline)}: {'; '.join(f.top_factors)}."]
 
 
-def estimate_notes(prediction: dict | None) -> list[str]:
-    """What a reader of the estimate must know: the nodule model's finding, how the calls are made, and the
-    calibration."""
-    call = call_note(prediction)
-    nodule = nodule_model_notes((prediction or {}).get("nodule_model"))
-    assumed = (prediction or {}).get("sizes_assume_spacing_mm")
-    spacing = [f"No pixel spacing came with the image: sizes assume {float(assumed):.2f} mm per pixel."] \
-        if assumed else []
-    return [*nodule, *spacing, *([call] if call else []),
-            *[str(n) for n in (prediction or {}).get("calibration_notes") or []], CALIBRATION_CAVEAT]
+def nodule_model_notes(reading: Mapping[str, Any] | None) -> list[str]:
+    """:func:`finding_lines` of the JSON form of an assessment (the CLI's output)."""
+    return finding_lines(Finding.from_json(reading)) if isinstance(reading, Mapping) else []
 
 
-def pct(p: float | None) -> str:
-    return "-" if p is None else f"{float(p):.0%}"
-
-
-def prob_pct(p: float | None) -> str:
-    """A model probability for display: whole percent, but never a certain-looking 0% or 100%."""
-    if p is None or not np.isfinite(p):
-        return "-"
-    return "<1%" if p < 0.005 else (">99%" if p > 0.995 else pct(p))
+def estimate_notes(prediction: Prediction | ReportContent | Mapping[str, Any] | None) -> list[str]:
+    """What a reader of the estimate must know: the nodule model's finding (three lines, when there is one), an
+    assumed pixel spacing, how the calls are made, and the calibration."""
+    content = report_content(prediction)
+    if content is None:
+        return [CALIBRATION_CAVEAT]
+    call = call_note(content)
+    spacing = ([f"No pixel spacing came with the image: sizes assume {content.assumed_spacing_mm:.2f} mm per pixel."]
+               if content.assumed_spacing_mm else [])
+    return [*finding_lines(content.finding), *spacing, *([call] if call else []), *content.calibration_notes,
+            CALIBRATION_CAVEAT]
 
 
 def reader_spread(scores: Sequence[Any] | str | None) -> str:
@@ -247,65 +430,8 @@ def reader_spread(scores: Sequence[Any] | str | None) -> str:
     return ", ".join(str(v) for v in sorted(values)) or "-"
 
 
-def _positive_index(classes: Sequence[str]) -> int | None:
-    names = [str(c).lower() for c in classes]
-    if "malignant" in names:
-        return names.index("malignant")
-    return 1 if len(names) == 2 else None
-
-
-def prediction_rows(prediction: dict | None) -> list[dict]:
-    """One row per view (the nodule model first): label, malignant probability, binary call, score classes and
-    probabilities, the called score, and any other task as text."""
-    rows = []
-    views = (prediction or {}).get("views") or {}
-    order = [v for v in VIEW_LABELS if v in views] + [v for v in views if v not in VIEW_LABELS]
-    for view in order:
-        tasks = views[view] or {}
-        row: dict[str, Any] = {"view": VIEW_LABELS.get(view, str(view)), "malignant": None, "call": "-",
-                               "score_classes": [], "score_probs": [], "score_top": "-", "other": []}
-        for task, tp in tasks.items():
-            classes, probs = list(tp.get("classes", [])), [float(p) for p in tp.get("probabilities", [])]
-            if task == "binary" and probs:
-                i = _positive_index(classes)
-                row["malignant"] = probs[i] if i is not None and i < len(probs) else None
-                row["call"] = str(tp.get("prediction", "-"))
-            elif task == "score" and probs:
-                row["score_classes"], row["score_probs"] = classes, probs
-                row["score_top"] = str(tp.get("prediction", "-"))
-            else:
-                shown = ", ".join(f"{c} {prob_pct(p)}" for c, p in zip(classes, probs, strict=False))
-                row["other"].append(f"{task}: {tp.get('prediction', '-')} ({shown})")
-        rows.append(row)
-    return rows
-
-
-def score_classes(rows: list[dict]) -> list[str]:
-    """The score columns of the predictions table (normally 1-5)."""
-    for r in rows:
-        if r["score_classes"]:
-            return [str(c) for c in r["score_classes"]]
-    return []
-
-
-def similar_rows(similar: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """Similar cases as display text (and the thumbnail array or None)."""
-    rows = []
-    for s in similar:
-        d, m, sim = s.get("diameter_mm"), s.get("malignancy"), s.get("similarity")
-        rows.append({
-            "case_id": str(s.get("case_id", "-")),
-            "malignancy": "-" if m is None or m == "" else str(m),
-            "readers": reader_spread(s.get("reader_scores")),
-            "diameter": "-" if d is None or d == "" else f"{float(d):.1f} mm",
-            "similarity": "-" if sim is None or sim == "" else f"{float(sim):.2f}",
-            "thumbnail": s.get("thumbnail"),
-        })
-    return rows
-
-
 def case_lines(report: CaseReport) -> list[tuple[str, str]]:
-    """(label, value) lines identifying the case."""
+    """(label, value) lines identifying the case and its inputs."""
     lines = [("Case", report.case_id or "-")]
     if report.source == "upload":
         lines.append(("Source", "uploaded by the user"))
@@ -316,6 +442,208 @@ def case_lines(report: CaseReport) -> list[tuple[str, str]]:
     lines.append(("Report date", report.created_text))
     lines.append(("lungviz version", __version__))
     return lines
+
+
+# ------------------------------------------------------------------------- sections: one list, two renderers
+
+
+@dataclass(frozen=True)
+class Text:
+    """A paragraph. ``style``: body, small, missing (what the report lacks), headline (the estimate), refer / noflag
+    (the one-line flag), label (bold) or note (user text, line breaks kept)."""
+
+    text: str
+    style: str = "body"
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KeyValues:
+    """Label / value pairs, ``columns`` pairs side by side on each row."""
+
+    rows: tuple[tuple[str, str], ...]
+    columns: int = 1
+
+    def lines(self) -> list[list[str]]:
+        """The pairs laid out as table rows of ``2 * columns`` cells (the last row padded)."""
+        n = max(1, self.columns)
+        out = [[x for pair in self.rows[i:i + n] for x in pair] for i in range(0, len(self.rows), n)]
+        return [r + [""] * (2 * n - len(r)) for r in out]
+
+
+@dataclass(frozen=True)
+class Thumb:
+    """A small image in a table cell."""
+
+    image: np.ndarray = field(repr=False)
+    alt: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table with a header row; ``widths``: each column's share of the text width; ``numeric``: right-aligned
+    columns."""
+
+    header: tuple[str, ...]
+    rows: tuple[tuple[str | Thumb, ...], ...]
+    widths: tuple[float, ...] = ()
+    numeric: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """Captioned images side by side; ``large`` for the images the finding shows, else small (the maps)."""
+
+    items: tuple[tuple[str, np.ndarray], ...] = field(repr=False)
+    large: bool = True
+
+
+Block = Text | Bullets | KeyValues | Table | Gallery
+#: The parts of a report, in order: the finding (one page), the maps and similar cases, the review, the appendix.
+PARTS = ("finding", "evidence", "review", "appendix")
+
+
+@dataclass(frozen=True)
+class Section:
+    """One titled section of the report; ``new_page``: it starts a part that begins on a new printed page."""
+
+    title: str
+    blocks: tuple[Block, ...]
+    part: str = "finding"
+    new_page: bool = False
+
+
+def _missing(text: str) -> tuple[Block, ...]:
+    return (Text(text, "missing"),)
+
+
+def _estimate_blocks(content: ReportContent | None) -> tuple[Block, ...]:
+    if content is None or not content.views:
+        return _missing("No model estimate is included in this report.")
+    f, blocks = content.finding, []
+    if f is not None and f.probability is not None:
+        blocks.append(Text(f"Malignant probability: {prob_pct(f.probability)} - {f.risk_band} - second-look call: "
+                           f"{f.call} (from {prob_pct(f.threshold)})", "headline"))
+        if f.test_calls and "sensitivity" in f.test_calls and "specificity" in f.test_calls:
+            blocks.append(Text(f"On test this call found {test_rate(f.test_calls, 'sensitivity')} of malignant "
+                               f"nodules and cleared {test_rate(f.test_calls, 'specificity')} of the others.",
+                               "small"))
+    else:
+        v = content.views[0]
+        blocks.append(Text(f"Malignant probability ({v.label.lower()}): {prob_pct(content.malignant_probability)} - "
+                           f"call: {v.call} (from {prob_pct(v.calls_malignant_from)})", "headline"))
+    blocks.append(Text(f"Refer / uncertain: {'; '.join(content.flags)}." if content.refer else
+                       "No uncertainty flag (this does not make the estimate correct).",
+                       "refer" if content.refer else "noflag"))
+    blocks.append(Text("Malignant means the LIDC readers' panel score 4-5, a suspicion rating, not pathology.",
+                       "small"))
+    return tuple(blocks)
+
+
+def _size_blocks(f: Finding | None) -> tuple[Block, ...]:
+    if f is None:
+        return _missing("The nodule model's reading is not included, so no size was measured.")
+    if not f.outlined:
+        return _missing("No outline found, so the size is unknown and the estimate counts an average nodule's size.")
+    where = f"the largest of {f.slices_read} slices" if f.slices_read > 1 else "one slice"
+    return (Table(("Long axis", "Short axis", "Mean of the axes", "Volume", "Measured on"),
+                  ((_mm(f.long_axis_mm), _mm(f.short_axis_mm), _mm(f.mean_axes_mm),
+                    f"{f.volume_mm3:.0f} mm3" if f.volume_mm3 else "-", where),),
+                  (0.16, 0.16, 0.18, 0.16, 0.34), frozenset({0, 1, 2, 3})),)
+
+
+def _characteristic_blocks(f: Finding | None) -> tuple[Block, ...]:
+    if f is None or not f.characteristics:
+        return _missing("No characteristics are included.")
+    return (KeyValues(tuple((CHARACTERISTIC_LABELS.get(h, h), w) for h, w in f.characteristics.items()), columns=2),
+            Text("The model's rating on each LIDC scale, in the readers' words.", "small"))
+
+
+def _factor_blocks(f: Finding | None) -> tuple[Block, ...]:
+    if f is None or not f.top_factors:
+        return _missing("No factors are included.")
+    return (Text(f"From an average nodule's {prob_pct(f.baseline)} (log-odds):"), Bullets(f.top_factors))
+
+
+def _similar_blocks(similar: Sequence[Mapping[str, Any]]) -> tuple[Block, ...]:
+    if not similar:
+        return _missing("No similar cases are included in this report.")
+    rows = []
+    for s in similar:
+        d, m, sim, thumb = s.get("diameter_mm"), s.get("malignancy"), s.get("similarity"), s.get("thumbnail")
+        case = str(s.get("case_id", "-"))
+        rows.append((Thumb(thumb, case) if thumb is not None else "", case, "-" if m is None or m == "" else str(m),
+                     reader_spread(s.get("reader_scores")), "-" if d is None or d == "" else f"{float(d):.1f} mm",
+                     "-" if sim is None or sim == "" else f"{float(sim):.2f}"))
+    return (Table(("Image", "Case", "Panel score", "Reader scores", "Diameter", "Similarity"), tuple(rows),
+                  (0.12, 0.3, 0.12, 0.18, 0.14, 0.14), frozenset({2, 4, 5})),)
+
+
+def _review_blocks(report: CaseReport) -> tuple[Block, ...]:
+    if not report.verdict and not report.note.strip():
+        return _missing("This case has not been reviewed.")
+    verdict = VERDICT_LABELS.get(str(report.verdict), str(report.verdict or "-"))
+    blocks: list[Block] = [KeyValues((("Verdict", verdict), ("Reviewer", report.reviewer or "-")))]
+    if report.note.strip():
+        blocks += [Text("Note", "label"), Text(report.note, "note")]
+    return tuple(blocks)
+
+
+def _validation_blocks(content: ReportContent | None) -> tuple[Block, ...]:
+    """The appendix: every view's probability, call, call point, test figures and score; then the notes on how the
+    calls were chosen and how far the probabilities can be trusted."""
+    if content is None or not content.views:
+        return _missing("No model estimate is included in this report.")
+    scores = next((v.score_classes for v in content.views if v.score_classes), ())
+    rows = []
+    for v in content.views:
+        probs = dict(zip(v.score_classes, v.score_probs, strict=False))
+        t = v.test_calls or {}
+        rows.append((v.label + "".join(f"\n{o}" for o in v.other), prob_pct(v.malignant), v.call,
+                     prob_pct(v.calls_malignant_from),
+                     test_rate(t, "sensitivity") if "sensitivity" in t else "-",
+                     test_rate(t, "specificity") if "specificity" in t else "-",
+                     *[prob_pct(probs.get(c)) for c in scores], v.score_call))
+    n = len(scores)
+    table = Table(("View", "Malignant", "Call", "Calls malignant from", "Sensitivity on test", "Specificity on test",
+                   *[f"Score {c}" for c in scores], "Score call"), tuple(rows),
+                  (0.16, 0.09, 0.09, 0.1, 0.13, 0.13, *[0.045] * n, 0.07) if n else (0.2, 0.12, 0.12, 0.14, 0.2, 0.2),
+                  frozenset({1, 3, *range(6, 6 + n)}))
+    notes = estimate_notes(content)[len(finding_lines(content.finding)):]
+    return (table, *[Text(note, "small") for note in notes])
+
+
+def report_sections(report: CaseReport) -> list[Section]:
+    """The report as one list of sections, in the page's order, that :func:`build_html` and :func:`build_pdf` both
+    render: the finding (case and inputs, the images as the model saw them, the estimate with its band, call and
+    flag, the size, the characteristics, the factors), the maps and similar cases, the review, and an appendix with
+    the validation figures and the model versions."""
+    content = report_content(report.prediction)
+    f = content.finding if content is not None else None
+    images = tuple((VIEW_LABELS.get(v, v), a) for v, a in report.images.items())
+    maps = tuple(report.maps.items())
+    models = (Table(("Model", "SHA-256 (prefix)"), tuple((n, sha[:SHA_PREFIX] or "-")
+                                                         for n, sha in report.models.items()), (0.6, 0.4)),) \
+        if report.models else _missing("No model versions were recorded.")
+    return [
+        Section("Case and inputs", (KeyValues(tuple(case_lines(report))),)),
+        Section("Images, as the model saw them",
+                (Gallery(images),) if images else _missing("No input images are included.")),
+        Section("Malignancy estimate", _estimate_blocks(content)),
+        Section("Size", _size_blocks(f)),
+        Section("Characteristics", _characteristic_blocks(f)),
+        Section("What moved the estimate", _factor_blocks(f)),
+        Section("Where the model looked", (Gallery(maps, large=False),) if maps else
+                _missing("No explanation maps are included."), part="evidence", new_page=True),
+        Section("Similar library cases", _similar_blocks(report.similar), part="evidence"),
+        Section("Review", _review_blocks(report), part="review"),
+        Section("Appendix: how sure is this?", _validation_blocks(content), part="appendix", new_page=True),
+        Section("Appendix: model versions", models, part="appendix"),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------ HTML
@@ -329,23 +657,24 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:17px;margin:0 0 8px;border-bottom:
 .notice{border:2px solid #b42318;background:#fef3f2;color:#7a271a;padding:10px 14px;border-radius:6px;
  font-weight:600;margin:0 0 18px}
 section{margin:0 0 20px}h2{break-after:avoid;page-break-after:avoid}
+section.newpage{break-before:page;page-break-before:always}
 figure,tr,.headline,.notice,.note,table.kv{break-inside:avoid;page-break-inside:avoid}
 table{border-collapse:collapse;width:100%}th,td{border:1px solid #d0d7de;padding:4px 6px;text-align:left;
  vertical-align:middle}th{background:#f6f8fa}
 table.kv{width:auto}table.kv th{width:160px}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-.bar{position:relative}.bar span{position:absolute;left:0;top:0;bottom:0;background:#cfe2ff;z-index:0}
-.bar b{position:relative;z-index:1;font-weight:normal}
 .grid{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;text-align:center}figure img{width:220px;height:auto;border:1px solid #d0d7de}
+.small-grid figure img{width:160px}.small-grid figcaption{max-width:160px}
 figcaption{font-size:12px;color:#57606a;margin-top:2px;max-width:220px}
 img{image-rendering:pixelated}
 img.thumb{width:64px;height:auto;border:1px solid #d0d7de}
-.headline{font-size:16px;padding:8px 12px;border-radius:6px;margin:0 0 8px}
+.headline{font-size:16px;font-weight:600;padding:8px 12px;border-radius:6px;margin:0 0 8px;background:#f6f8fa;
+ border:1px solid #d0d7de}
+.flag{padding:6px 12px;border-radius:6px;margin:0 0 8px}
 .refer{background:#fffaeb;border:1px solid #f79009}.noflag{background:#f2f4f7;border:1px solid #98a2b3}
 .note{white-space:pre-wrap;border:1px solid #d0d7de;padding:8px;border-radius:4px;background:#fafbfc}
 .missing{color:#57606a;font-style:italic}.small{font-size:12px;color:#57606a}
-code{font-size:12px}
 footer{color:#57606a;font-size:12px;border-top:1px solid #d0d7de;padding-top:6px}
 @page{size:A4;margin:14mm}
 @media print{body{padding:0;max-width:none;font-size:11px}figure img{width:170px}figcaption{max-width:170px}
@@ -357,100 +686,52 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _figure(image: np.ndarray, caption: str, cls: str = "") -> str:
-    klass = f' class="{cls}"' if cls else ""
-    return (f'<figure><img{klass} src="{data_uri(image)}" alt="{_e(caption)}">'
-            f"<figcaption>{_e(caption)}</figcaption></figure>")
+def _html_lines(text: str) -> str:
+    """Escaped text whose line breaks show."""
+    return "<br>".join(_e(line) for line in str(text).split("\n"))
 
 
-def _missing(text: str) -> str:
-    return f'<p class="missing">{_e(text)}</p>'
+def _html_cell(cell: str | Thumb, numeric: bool) -> str:
+    klass = ' class="num"' if numeric else ""
+    if isinstance(cell, Thumb):
+        return f'<td><img class="thumb" src="{data_uri(cell.image)}" alt="{_e(cell.alt)}"></td>'
+    return f"<td{klass}>{_html_lines(cell)}</td>"
 
 
-def _html_prediction(prediction: dict | None) -> str:
-    rows = prediction_rows(prediction)
-    if not rows:
-        return _missing("No model estimate is included in this report.")
-    pred = prediction or {}
-    p, flag, reasons = pred.get("malignant_probability"), str(pred.get("flag") or ""), pred.get("reasons") or []
-    refer = bool(reasons) or "refer" in flag.lower()
-    parts = [f'<div class="headline {"refer" if refer else "noflag"}">Malignant probability: '
-             f"<strong>{_e(prob_pct(p))}</strong> &middot; Flag: <strong>{_e(flag or '-')}</strong>"
-             + ("" if refer else " (this does not make the estimate correct)") + "</div>"]
-    if reasons:
-        parts.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>")
-    scores = score_classes(rows)
-    head = "".join(f"<th>Score {_e(c)}</th>" for c in scores)
-    parts.append(f"<table><thead><tr><th>View</th><th>Malignant probability</th><th>Call</th>{head}"
-                 "<th>Score call</th></tr></thead><tbody>")
-    for r in rows:
-        cells = []
-        probs = dict(zip(r["score_classes"], r["score_probs"], strict=False))
-        for c in scores:
-            q = probs.get(c)
-            cells.append('<td class="num">-</td>' if q is None else
-                         f'<td class="num bar"><span style="width:{100 * q:.0f}%"></span><b>{_e(prob_pct(q))}</b></td>')
-        other = "".join(f"<br><small>{_e(o)}</small>" for o in r["other"])
-        parts.append(f"<tr><td>{_e(r['view'])}{other}</td><td class=\"num\">{_e(prob_pct(r['malignant']))}</td>"
-                     f"<td>{_e(r['call'])}</td>{''.join(cells)}<td>{_e(r['score_top'])}</td></tr>")
-    parts.append("</tbody></table>")
-    parts += [f'<p class="small">{_e(n)}</p>' for n in estimate_notes(prediction)]
-    return "".join(parts)
-
-
-def _html_similar(similar: list[dict]) -> str:
-    rows = similar_rows(similar)
-    if not rows:
-        return _missing("No similar cases are included in this report.")
-    out = ["<table><thead><tr><th>Image</th><th>Case</th><th>Panel score</th><th>Reader scores</th>"
-           "<th>Diameter</th><th>Similarity</th></tr></thead><tbody>"]
-    for r in rows:
-        thumb = "" if r["thumbnail"] is None else (f'<img class="thumb" src="{data_uri(r["thumbnail"])}" '
-                                                   f'alt="{_e(r["case_id"])}">')
-        out.append(f"<tr><td>{thumb}</td><td>{_e(r['case_id'])}</td><td class=\"num\">{_e(r['malignancy'])}</td>"
-                   f"<td>{_e(r['readers'])}</td><td class=\"num\">{_e(r['diameter'])}</td>"
-                   f"<td class=\"num\">{_e(r['similarity'])}</td></tr>")
-    out.append("</tbody></table>")
-    return "".join(out)
-
-
-def _html_review(report: CaseReport) -> str:
-    if not report.verdict and not report.note.strip():
-        return _missing("This case has not been reviewed.")
-    verdict = VERDICT_LABELS.get(str(report.verdict), str(report.verdict or "-"))
-    out = [f'<table class="kv"><tr><th>Verdict</th><td>{_e(verdict)}</td></tr>'
-           f"<tr><th>Reviewer</th><td>{_e(report.reviewer or '-')}</td></tr></table>"]
-    if report.note.strip():
-        out.append(f'<p><strong>Note</strong></p><div class="note">{_e(report.note)}</div>')
-    return "".join(out)
-
-
-def _html_models(models: dict[str, str]) -> str:
-    if not models:
-        return _missing("No model versions were recorded.")
-    rows = "".join(f"<tr><td>{_e(n)}</td><td><code>{_e(sha[:SHA_PREFIX] or '-')}</code></td></tr>"
-                   for n, sha in models.items())
-    head = "<tr><th>Model</th><th>SHA-256 (prefix)</th></tr>"
-    return f"<table><thead>{head}</thead><tbody>{rows}</tbody></table>"
+def _html_block(block: Block) -> str:
+    if isinstance(block, Text):
+        if block.style == "headline":
+            return f'<div class="headline">{_e(block.text)}</div>'
+        if block.style in ("refer", "noflag"):
+            return f'<p class="flag {block.style}">{_e(block.text)}</p>'
+        if block.style == "label":
+            return f"<p><strong>{_e(block.text)}</strong></p>"
+        if block.style == "note":
+            return f'<div class="note">{_e(block.text)}</div>'
+        return f'<p class="{block.style}">{_e(block.text)}</p>' if block.style != "body" else f"<p>{_e(block.text)}</p>"
+    if isinstance(block, Bullets):
+        return "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in block.items) + "</ul>"
+    if isinstance(block, KeyValues):
+        rows = "".join("<tr>" + "".join(f"<th>{_e(c)}</th>" if i % 2 == 0 else f"<td>{_e(c)}</td>"
+                                        for i, c in enumerate(r)) + "</tr>" for r in block.lines())
+        return f'<table class="kv">{rows}</table>'
+    if isinstance(block, Table):
+        head = "".join(f"<th>{_e(h)}</th>" for h in block.header)
+        rows = "".join("<tr>" + "".join(_html_cell(c, i in block.numeric) for i, c in enumerate(r)) + "</tr>"
+                       for r in block.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    if isinstance(block, Gallery):
+        figures = "".join(f'<figure><img src="{data_uri(a)}" alt="{_e(c)}"><figcaption>{_e(c)}</figcaption></figure>'
+                          for c, a in block.items)
+        return f'<div class="grid{"" if block.large else " small-grid"}">{figures}</div>'
+    raise TypeError(f"not a report block: {type(block).__name__}")
 
 
 def build_html(report: CaseReport) -> str:
-    """The report as one self-contained HTML page (no external files; prints on A4)."""
-    views = [_figure(img, VIEW_LABELS.get(v, v)) for v, img in report.images.items()]
-    maps = [_figure(img, caption) for caption, img in report.maps.items()]
-    case = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in case_lines(report))
-    sections = [
-        ("Case", f'<table class="kv">{case}</table>'),
-        ("Input images, as the model saw them",
-         f'<div class="grid">{"".join(views)}</div>' if views else _missing("No input images are included.")),
-        ("Model estimate", _html_prediction(report.prediction)),
-        ("Explanation maps",
-         f'<div class="grid">{"".join(maps)}</div>' if maps else _missing("No explanation maps are included.")),
-        ("Similar library cases", _html_similar(report.similar)),
-        ("Review", _html_review(report)),
-        ("Models", _html_models(report.models)),
-    ]
-    body = "".join(f"<section><h2>{_e(h)}</h2>{content}</section>" for h, content in sections)
+    """The report as one self-contained HTML page (no external files; prints on A4): :func:`report_sections` after
+    the research-use notice."""
+    body = "".join(f'<section class="{s.part}{" newpage" if s.new_page else ""}"><h2>{_e(s.title)}</h2>'
+                   + "".join(_html_block(b) for b in s.blocks) + "</section>" for s in report_sections(report))
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -566,7 +847,8 @@ def pdf_markup(text: Any, bold: bool = False) -> str:
 
 
 def build_pdf(report: CaseReport) -> bytes:
-    """The report as A4 PDF bytes (reportlab); the notice heads the first page and footers every page."""
+    """The report as A4 PDF bytes (reportlab): :func:`report_sections`, the finding on the first page; the notice
+    heads the first page and footers every page."""
     try:
         from reportlab.lib import colors
         from reportlab.lib.pagesizes import A4
@@ -574,7 +856,16 @@ def build_pdf(report: CaseReport) -> bytes:
         from reportlab.lib.units import cm, mm
         from reportlab.lib.utils import simpleSplit
         from reportlab.platypus import Image as RLImage
-        from reportlab.platypus import KeepTogether, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+        from reportlab.platypus import (
+            KeepTogether,
+            ListFlowable,
+            PageBreak,
+            Paragraph,
+            SimpleDocTemplate,
+            Spacer,
+            TableStyle,
+        )
+        from reportlab.platypus import Table as RLTable
     except ImportError as err:
         raise LungvizError("PDF reports need the reportlab package (pip install reportlab); "
                            "the HTML report works without it.") from err
@@ -582,101 +873,79 @@ def build_pdf(report: CaseReport) -> bytes:
     styles = getSampleStyleSheet()
     body = ParagraphStyle("body", parent=styles["Normal"], fontSize=9, leading=11.5)
     small = ParagraphStyle("small", parent=body, fontSize=8, leading=10, textColor=colors.HexColor("#57606a"))
+    missing = ParagraphStyle("missing", parent=small, fontName="Helvetica-Oblique")
+    bold = ParagraphStyle("label", parent=body, fontName="Helvetica-Bold")
+    headline = ParagraphStyle("headline", parent=body, fontName="Helvetica-Bold", fontSize=10.5, leading=13,
+                              spaceAfter=3)
     h1 = ParagraphStyle("h1", parent=styles["Title"], fontSize=18, alignment=0, spaceAfter=2)
-    h2 = ParagraphStyle("h2", parent=styles["Heading2"], fontSize=12, spaceBefore=8, spaceAfter=4)
+    h2 = ParagraphStyle("h2", parent=styles["Heading2"], fontSize=12, spaceBefore=6, spaceAfter=3)
     notice = ParagraphStyle("notice", parent=body, fontName="Helvetica-Bold", textColor=colors.HexColor("#7a271a"))
+    styles_by_name = {"body": body, "small": small, "missing": missing, "label": bold, "note": body,
+                      "headline": headline, "refer": body, "noflag": body}
+    flag_colours = {"refer": ("#fffaeb", "#f79009"), "noflag": ("#f2f4f7", "#98a2b3")}
     grid = colors.HexColor("#d0d7de")
-    head_bg = colors.HexColor("#f6f8fa")
+    width = A4[0] - 36 * mm
 
     def p(text: Any, style: ParagraphStyle = body) -> Paragraph:
         return Paragraph(pdf_markup(text, bold="Bold" in style.fontName), style)
 
-    def img(image: np.ndarray, width: float) -> RLImage:
+    def img(image: np.ndarray, side: float) -> RLImage:
         h, w = np.asarray(image).shape[:2]
-        return RLImage(io.BytesIO(png_bytes(image)), width=width, height=width * h / w)
+        return RLImage(io.BytesIO(png_bytes(image)), width=side, height=side * h / w)
 
-    def table(rows: list[list[Any]], widths: list[float] | None = None, header: bool = True) -> Table:
-        t = Table(rows, colWidths=widths, repeatRows=1 if header else 0, hAlign="LEFT")
+    def boxed(flowable: Any, fill: str, line: str) -> RLTable:
+        t = RLTable([[flowable]], colWidths=[width])
+        t.setStyle(TableStyle([("BOX", (0, 0), (-1, -1), 1, colors.HexColor(line)),
+                               ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor(fill))]))
+        return t
+
+    def table(rows: list[list[Any]], widths: list[float], header: bool, numeric: frozenset[int] = frozenset()) -> Any:
+        t = RLTable(rows, colWidths=widths, repeatRows=1 if header else 0, hAlign="LEFT")
         style = [("GRID", (0, 0), (-1, -1), 0.5, grid), ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
-                 ("FONTSIZE", (0, 0), (-1, -1), 8.5)]
+                 ("FONTSIZE", (0, 0), (-1, -1), 8.5), *[("ALIGN", (i, 1), (i, -1), "RIGHT") for i in numeric]]
         if header:
-            style.append(("BACKGROUND", (0, 0), (-1, 0), head_bg))
+            style.append(("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#f6f8fa")))
         t.setStyle(TableStyle(style))
         return t
 
-    def gallery(items: list[tuple[str, np.ndarray]], width: float, per_row: int) -> Table:
-        cells = [[img(a, width), p(c, small)] for c, a in items]
-        rows = [cells[i:i + per_row] for i in range(0, len(cells), per_row)]
-        rows[-1] += [""] * (per_row - len(rows[-1]))
-        t = Table(rows, colWidths=[width + 0.4 * cm] * per_row, hAlign="LEFT")
-        t.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (0, 0), (-1, -1), "CENTER")]))
-        return t
-
-    def section(title: str, *flowables: Any) -> list[Any]:
-        return [KeepTogether([p(title, h2), *flowables])]
+    def flowable(block: Block) -> Any:
+        if isinstance(block, Text):
+            par = p(block.text, styles_by_name.get(block.style, body))
+            return boxed(par, *flag_colours[block.style]) if block.style in flag_colours else par
+        if isinstance(block, Bullets):
+            return ListFlowable([p(i) for i in block.items], bulletType="bullet", start="-", leftIndent=10)
+        if isinstance(block, KeyValues):
+            label = 4.2 * cm if block.columns == 1 else 2.6 * cm
+            value = (width - block.columns * label) / block.columns
+            return table([[p(c, bold) if i % 2 == 0 else p(c) for i, c in enumerate(r)] for r in block.lines()],
+                         [label, value] * block.columns, header=False)
+        if isinstance(block, Table):
+            shares = block.widths or (1.0 / len(block.header),) * len(block.header)
+            rows = [[p(h, small) for h in block.header]]
+            rows += [[img(c.image, 1.6 * cm) if isinstance(c, Thumb) else p(c) for c in r] for r in block.rows]
+            return table(rows, [s * width for s in shares], header=True, numeric=block.numeric)
+        if isinstance(block, Gallery):
+            side, per_row = (4.0 * cm, 3) if block.large else (3.6 * cm, 4)
+            cells = [[img(a, side), p(c, small)] for c, a in block.items]
+            rows = [cells[i:i + per_row] for i in range(0, len(cells), per_row)]
+            rows[-1] += [""] * (per_row - len(rows[-1]))
+            t = RLTable(rows, colWidths=[side + 0.4 * cm] * per_row, hAlign="LEFT")
+            t.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"), ("ALIGN", (0, 0), (-1, -1), "CENTER")]))
+            return t
+        raise TypeError(f"not a report block: {type(block).__name__}")
 
     story: list[Any] = [p(report.title, h1), p(f"{report.case_id} - {report.created_text}", small), Spacer(1, 6)]
-    box = Table([[p(report.notice, notice)]], colWidths=[A4[0] - 36 * mm])
+    box = RLTable([[p(report.notice, notice)]], colWidths=[width])
     box.setStyle(TableStyle([("BOX", (0, 0), (-1, -1), 1.5, colors.HexColor("#b42318")),
                              ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fef3f2")),
                              ("TOPPADDING", (0, 0), (-1, -1), 6), ("BOTTOMPADDING", (0, 0), (-1, -1), 6)]))
     story.append(box)
-    story += section("Case", table([[p(k), p(v)] for k, v in case_lines(report)], [4 * cm, 12 * cm], header=False))
-
-    views = [(VIEW_LABELS.get(v, v), a) for v, a in report.images.items()]
-    story += section("Input images, as the model saw them",
-                     gallery(views, 5.2 * cm, 3) if views else p("No input images are included.", small))
-
-    rows = prediction_rows(report.prediction)
-    if rows:
-        pred = report.prediction or {}
-        flag, reasons = str(pred.get("flag") or "-"), [str(r) for r in pred.get("reasons") or []]
-        scores = score_classes(rows)
-        data = [["View", "Malignant", "Call", *[f"Score {c}" for c in scores], "Score call"]]
-        for r in rows:
-            probs = dict(zip(r["score_classes"], r["score_probs"], strict=False))
-            view = r["view"] + "".join(f"\n{o}" for o in r["other"])
-            data.append([p(view), prob_pct(r["malignant"]), p(r["call"]), *[prob_pct(probs.get(c)) for c in scores],
-                         r["score_top"]])
-        headline = p(f"Malignant probability: {prob_pct(pred.get('malignant_probability'))} - Flag: {flag}",
-                     ParagraphStyle("headline", parent=body, fontName="Helvetica-Bold", fontSize=10.5, spaceAfter=3))
-        story += section("Model estimate", headline, *[p(f"- {r}") for r in reasons], Spacer(1, 4),
-                         table(data, [3.6 * cm, 1.9 * cm, 2 * cm] + [1.4 * cm] * len(scores) + [1.9 * cm]),
-                         *[p(n, small) for n in estimate_notes(pred)])
-    else:
-        story += section("Model estimate", p("No model estimate is included in this report.", small))
-
-    maps = list(report.maps.items())
-    story += section("Explanation maps", gallery(maps, 3.6 * cm, 4) if maps else
-                     p("No explanation maps are included.", small))
-
-    srows = similar_rows(report.similar)
-    if srows:
-        data = [["Image", "Case", "Panel score", "Reader scores", "Diameter", "Similarity"]]
-        data += [[img(r["thumbnail"], 1.6 * cm) if r["thumbnail"] is not None else "", p(r["case_id"]),
-                  r["malignancy"], p(r["readers"]), r["diameter"], r["similarity"]] for r in srows]
-        story += [p("Similar library cases", h2),
-                  table(data, [2 * cm, 5 * cm, 2 * cm, 3 * cm, 2 * cm, 2 * cm])]
-    else:
-        story += section("Similar library cases", p("No similar cases are included in this report.", small))
-
-    if report.verdict or report.note.strip():
-        verdict = VERDICT_LABELS.get(str(report.verdict), str(report.verdict or "-"))
-        review = [table([[p("Verdict"), p(verdict)], [p("Reviewer"), p(report.reviewer or "-")]],
-                        [4 * cm, 12 * cm], header=False)]
-        if report.note.strip():
-            review += [Spacer(1, 4), p("Note", ParagraphStyle("b", parent=body, fontName="Helvetica-Bold")),
-                       p(report.note)]
-        story += section("Review", *review)
-    else:
-        story += section("Review", p("This case has not been reviewed.", small))
-
-    if report.models:
-        data = [["Model", "SHA-256 (prefix)"]] + [[p(n), sha[:SHA_PREFIX] or "-"]
-                                                          for n, sha in report.models.items()]
-        story += section("Models", table(data, [10 * cm, 6 * cm]))
-    else:
-        story += section("Models", p("No model versions were recorded.", small))
+    for s in report_sections(report):
+        if s.new_page:
+            story.append(PageBreak())
+        parts = [p(s.title, h2), *[flowable(b) for b in s.blocks]]
+        # a long table may run over pages (its header repeats); anything else stays with its title
+        story += parts if any(isinstance(b, Table) and len(b.rows) > 8 for b in s.blocks) else [KeepTogether(parts)]
 
     def footer(canvas: Any, doc: Any) -> None:
         canvas.saveState()
