@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from skimage.segmentation import find_boundaries
 
 from lungviz.data.preprocess import resize
@@ -16,25 +14,6 @@ from lungviz.explain.common import _view
 if TYPE_CHECKING:
     from lungviz.explain.lime import LimeResult
 
-#: Grad-CAM variants by the name the app and the CLI use.
-CAM_METHODS: dict[str, type] = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}
-
-#: LIME's kernel width on the cosine distance between a perturbation and the full image (lime's default).
-LIME_KERNEL_WIDTH = 0.25
-#: Perturbations per fast-LIME run (lime's default is 1000); see :func:`lime_map` for the trade-off.
-LIME_SAMPLES = 256
-#: Perturbations for a "stable" LIME run, as repeatable as stock lime (see :func:`lime_map`): as many as lime's
-#: default 1000 (rounded to the design's power of two). On 24 validation nodules, top-5 overlap with a stock run
-#: was 0.71 / 0.74 / 0.78 / 0.75 / 0.76 at 256 / 384 / 512 / 768 / 1024 samples; two stock runs shared 0.77.
-LIME_STABLE_SAMPLES = 1024
-#: Most superpixels a LIME run explains (the design matrix grows with them).
-MAX_SEGMENTS = 1023
-#: Perturbed images per forward pass on CPU: small batches stay in cache (32 beat 64-256 by 25-75 % at 64 px).
-LIME_CPU_BATCH = 32
-
-# Grad-CAM hooks see every forward pass through the target layer: one CAM at a time per process, so two app
-# sessions sharing a cached model cannot read each other's activations.
-_CAM_LOCK = threading.Lock()
 
 
 # ----------------------------------------------------------------------------------------------- overlays
