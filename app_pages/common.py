@@ -433,7 +433,7 @@ def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> N
     if not r.outlined:
         st.warning("Nothing outlined at the centre: the size is unknown and the estimate counts an average nodule's "
                    "size. Check that the nodule is at the centre.", icon=":material/warning:")
-    est, look, why = st.columns([2, 3, 3], gap="medium")
+    est, look, why = st.columns([2, 3.5, 2.5], gap="medium")
     with est:
         st.metric("Malignant probability", prob_pct(assessment.probability),
                   help="Malignant = the readers' panel score 4-5. The nodule model's estimate from the factors "
@@ -441,9 +441,6 @@ def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> N
                        "patients.")
         st.markdown(f"**{assessment.risk_band}**; second-look call: **{assessment.call}** (from "
                     f"{prob_pct(assessment.threshold)})")
-        if (t := assessment.test_calls) is not None:
-            st.caption(f"On test this call found {test_rate(t, 'sensitivity')} of malignant nodules and cleared "
-                       f"{test_rate(t, 'specificity')} of the others.")
         if r.outlined:
             where = f"largest of {r.n_slices} slices" if r.n_slices > 1 else "one slice"
             st.markdown(f"**Size** ({where}): {r.long_axis_mm:.1f} × {r.short_axis_mm:.1f} mm, mean "
@@ -458,6 +455,13 @@ def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> N
         st.markdown(f"**What moved the estimate** from an average nodule's {prob_pct(assessment.baseline)} "
                     "(log-odds)")
         st.markdown("\n".join(f"- {f}" for f in assessment.top_factors()))
+
+
+def show_call_on_test(assessment: Assessment) -> None:
+    """How the nodule model's second-look call did on the held-out test nodules (for "How sure is this?")."""
+    if (t := assessment.test_calls) is not None:
+        st.caption(f"On test the second-look call found {test_rate(t, 'sensitivity')} of malignant nodules and "
+                   f"cleared {test_rate(t, 'specificity')} of the others.")
 
 
 #: The LIDC characteristics as a clinician reads them.

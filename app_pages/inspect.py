@@ -46,9 +46,6 @@ IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "npy", "dcm", "dicom"
 SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are shown
 
 st.title("Inspect a nodule")
-st.caption("Upload a CT slice centred on the nodule (or a whole slice, then choose the nodule), optionally a nodule "
-           "crop, or a DICOM series as .zip. You get a calibrated estimate of how the LIDC radiologists would rate "
-           "the nodule, where the model looked, and similar reference cases.")
 
 ms = common.models()
 if ms is None:
@@ -73,7 +70,10 @@ for col, f, back, k in ((up1, main_file, main_back, "upload_slice"), (up2, crop_
                     "this session; upload a file to replace it.")
         col.button("Forget it", key=f"forget-{k}", on_click=common.forget_upload, args=(k,),
                    icon=":material/close:")
-if main_file is None and crop_file is None:
+if main_file is None and crop_file is None:  # the introduction, only until there is a finding to show
+    st.caption("Upload a CT slice centred on the nodule (or a whole slice, then choose the nodule), optionally a "
+               "nodule crop, or a DICOM series as .zip. You get a calibrated estimate of how the LIDC radiologists "
+               "would rate the nodule, where the model looked, and similar reference cases.")
     st.info("Upload a file to start, for example a slice PNG from the LIDC slices set "
             "(`lidc-slices/<patient>/<nodule>/images/slice-N.png`), a DICOM slice or a zipped DICOM series.",
             icon=":material/upload_file:")
@@ -258,6 +258,7 @@ def _case_input() -> tuple[CaseInput, str, str]:
         if crop is not None:
             st.info("The nodule crop is not used with a DICOM series: the nodule view is cut from the chosen slice.")
         n = len(loaded)
+        st.subheader("Choose the nodule")
         with st.container(border=True):
             picture, controls = st.columns([3, 2], gap="large")
             with controls:
@@ -278,6 +279,7 @@ def _case_input() -> tuple[CaseInput, str, str]:
         return from_series(loaded, index, centre), f"{main_file.name} slice {index + 1}", loaded[index].series_uid
     centre = None
     if loaded is not None and (loaded.is_hu or is_whole_slice(loaded.pixels)):
+        st.subheader("Choose the nodule")
         with st.container(border=True):
             picture, controls = st.columns([3, 2], gap="large")
             with controls:
@@ -295,6 +297,9 @@ def _case_input() -> tuple[CaseInput, str, str]:
     return from_loaded(loaded, crop, centre), " + ".join(names), uid
 
 
+# The finding leads the page: its box comes before the slice and centre choice of a whole slice or a series, which
+# is drawn first (the finding depends on it) but shown below.
+finding_box = st.container()
 try:
     case, case_label, series_uid = _case_input()
     # one of the library's own slice files: named by its case, measured at its case's pixel spacing
@@ -316,104 +321,115 @@ try:
 except LungvizError as err:
     common.show_error(err)
     st.stop()
-for note in case.notes:  # notes on a conversion name the file
-    st.caption(f":material/info: {plain_text(note)}")
 input_notes = list(case.notes)  # what the page says about the input goes into the report too
 own_patient = ""  # the library patient this input comes from, when it is one of the library's own images
+library_note = None  # (note, whether it is a test case) when the input is one of the library's own images
 if (known := common.library_series(series_uid)) is not None:
     own_patient = known[0]
-    input_notes.append(series_split_note(*known))
-    (st.info if known[1] == "test" else st.warning)(plain_text(input_notes[-1]), icon=":material/database:")
+    library_note = (series_split_note(*known), known[1] == "test")
 elif same is not None:
     case_id, name, split = same
     own_patient = case_id
-    input_notes.append(f"This image is {name} of library case {case_id}. " + SPLIT_NOTES.get(str(split), ""))
-    (st.info if split == "test" else st.warning)(plain_text(input_notes[-1]), icon=":material/database:")
+    library_note = (f"This image is {name} of library case {case_id}. " + SPLIT_NOTES.get(str(split), ""),
+                    split == "test")
+if library_note is not None:
+    input_notes.append(library_note[0])
 if case.centre_rc is not None:
     input_notes.append(f"Nodule centre used: row {case.centre_rc[0]:.0f}, column {case.centre_rc[1]:.0f} "
                        f"(pixels of {case_label}).")
 
 # ------------------------------------------------------------------------------------------------ the finding
 
-st.subheader("Finding")
 head_view, headline = common.headline(pred)
 p = pred.malignant_probability(head_view) if head_view else None
 a = pred.assessment
 shown = a.reading.slices[a.reading.shown] if a is not None else None
 outline_image = (outline_overlay(resize(shown.view, SHOW_PX), resize(shown.outline.astype(np.float32), SHOW_PX) > 0.5)
                  if shown is not None and shown.outline.any() else None)
-seen, finding = st.columns([1, 3], gap="medium")
-with seen:
-    if shown is not None:
-        st.image(outline_image if outline_image is not None else resize(shown.view, SHOW_PX), width="stretch",
-                 clamp=True, caption=f"The nodule model's view ({shown.field_mm:.0f} mm, sized to the nodule)"
-                                     + (" with its outline" if outline_image is not None else ""))
-    elif "slice" in pred.images:
-        st.image(resize(pred.images["slice"], SHOW_PX), width="stretch", clamp=True,
-                 caption="Slice view as the model sees it")
-with finding:
-    if a is not None:
-        common.show_assessment(a, pred)
-    else:
-        st.metric("Malignant probability: slice view", common.percent(p),
-                  help="Panel score 4-5 (malignant) against 1-3 (benign).")
-        common.show_flag(pred, compact=True)
+with finding_box:
+    st.subheader("Finding")
+    seen, finding = st.columns([1, 3], gap="medium")
+    with seen:
+        if shown is not None:
+            st.image(outline_image if outline_image is not None else resize(shown.view, SHOW_PX), width="stretch",
+                     clamp=True, caption=f"The nodule model's view ({shown.field_mm:.0f} mm, sized to the nodule)"
+                                         + (" with its outline" if outline_image is not None else ""))
+        elif "slice" in pred.images:
+            st.image(resize(pred.images["slice"], SHOW_PX), width="stretch", clamp=True,
+                     caption="Slice view as the model sees it")
+        if case.centre_rc is not None:  # a whole slice: the centre is chosen below the finding
+            st.caption(f"Centre at row {case.centre_rc[0]:.0f}, column {case.centre_rc[1]:.0f}: change it under "
+                       "*Choose the nodule* below.")
+    with finding:
+        if a is not None:
+            common.show_assessment(a, pred)
+        else:
+            st.metric("Malignant probability: slice view", common.percent(p),
+                      help="Panel score 4-5 (malignant) against 1-3 (benign).")
+            common.show_flag(pred, compact=True)
+    for note in case.notes:  # notes on a conversion name the file
+        st.caption(f":material/info: {plain_text(note)}")
+    if library_note is not None:
+        (st.info if library_note[1] else st.warning)(plain_text(library_note[0]), icon=":material/database:")
 
-with st.expander("How sure is this?", icon=":material/query_stats:"):
-    st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
-    fig = common.probability_bars(pred, "score")
-    if fig is not None:
-        st.markdown("**Panel score distribution (1-5), calibrated**")
-        st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
-    for note in estimate_notes(pred.to_dict())[3 if a is not None else 0:]:
-        st.caption(note)
-    ref = common.reference(headline) if headline else None
-    spec = ((ms.nodule.spec.get("metrics") or {}).get("binary_test") if head_view == "nodule" and ms.nodule
-            else ((getattr(ms.bundles.get(headline or ""), "spec", None) or {}).get("metrics") or {}).get("test"))
-    bins = (spec or {}).get("reliability_malignant")
-    hist_col, rel_col = st.columns([3, 2], gap="large")
-    with hist_col:
-        if ref is None or "malignant" not in ref.classes:
-            st.info(f"The reference test predictions of {headline} are not installed "
-                    f"(`weights/reference/{headline}-test.csv`), so this case cannot be placed among them.")
-        else:
-            hfig = go.Figure()
-            probs, truths = np.array(ref.probabilities("malignant")), np.array(ref.truths())
-            for label, colour in (("benign", "#4c78a8"), ("malignant", "#e45756")):
-                hfig.add_histogram(x=probs[truths == label], name=f"panel: {label} (n={int((truths == label).sum())})",
-                                   xbins={"start": 0, "end": 1, "size": 0.05}, marker_color=colour, opacity=0.7)
-            if p is not None:
-                hfig.add_vline(x=p, line_width=3, line_color="black",
-                               annotation_text=f"this case {common.percent(p)}",
-                               annotation_position="top left" if p > 0.5 else "top right")
-                called_from = pred.views[head_view]["binary"].threshold
-                if abs(called_from - 0.5) > 5e-3:  # where this model's malignant call starts
-                    hfig.add_vline(x=called_from, line_width=1, line_dash="dash", line_color="#57606a",
-                                   annotation_text=f"calls malignant from {common.percent(called_from)}",
-                                   annotation_position="bottom right")
-            hfig.update_layout(barmode="overlay", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
-                               xaxis={"title": f"{headline} malignant probability", "tickformat": ".0%",
-                                      "range": [0, 1]},
-                               yaxis={"title": "test nodules"}, legend={"orientation": "h", "y": 1.2})
-            st.plotly_chart(hfig, key="confidence-hist", config={"displayModeBar": False})
-            st.caption(f"{len(probs)} held-out test nodules of the LIDC split, coloured by the panel's rating.")
-    with rel_col:
-        band = reliability_bin(bins, p) if bins and p is not None else None
-        if band is None:
-            st.info("No reliability table on held-out data is recorded for this model.")
-        elif not band.get("n"):
-            st.warning(f"No test nodule received a probability between {pct(band['lo'])} and {pct(band['hi'])}: "
-                       "calibration was never checked in this range.", icon=":material/warning:")
-        else:
-            st.metric(f"Observed malignant rate, band {pct(band['lo'])}-{pct(band['hi'])}", pct(band["observed"]),
-                      help="Among held-out test nodules the model placed in the same probability band.")
-            lo_ci, hi_ci = wilson_interval(band["observed"] * band["n"], int(band["n"]))
-            st.markdown(f"Of **{band['n']}** test nodules given {pct(band['lo'])}-{pct(band['hi'])} "
-                        f"(mean {pct(band['mean_p'])}), the panel rated **{pct(band['observed'])}** malignant "
-                        f"(95% interval {pct(lo_ci)}-{pct(hi_ci)}).")
-            if band["n"] < 20:
-                st.caption(":material/warning: Few cases in this band: the observed rate is imprecise.")
-    st.caption("Validation figures for every model: the Models page and the model card.")
+    with st.expander("How sure is this?", icon=":material/query_stats:"):
+        if a is not None:
+            common.show_call_on_test(a)
+        st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
+        fig = common.probability_bars(pred, "score")
+        if fig is not None:
+            st.markdown("**Panel score distribution (1-5), calibrated**")
+            st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
+        for note in estimate_notes(pred.to_dict())[3 if a is not None else 0:]:
+            st.caption(note)
+        ref = common.reference(headline) if headline else None
+        spec = ((ms.nodule.spec.get("metrics") or {}).get("binary_test") if head_view == "nodule" and ms.nodule
+                else ((getattr(ms.bundles.get(headline or ""), "spec", None) or {}).get("metrics") or {}).get("test"))
+        bins = (spec or {}).get("reliability_malignant")
+        hist_col, rel_col = st.columns([3, 2], gap="large")
+        with hist_col:
+            if ref is None or "malignant" not in ref.classes:
+                st.info(f"The reference test predictions of {headline} are not installed "
+                        f"(`weights/reference/{headline}-test.csv`), so this case cannot be placed among them.")
+            else:
+                hfig = go.Figure()
+                probs, truths = np.array(ref.probabilities("malignant")), np.array(ref.truths())
+                for label, colour in (("benign", "#4c78a8"), ("malignant", "#e45756")):
+                    n_label = int((truths == label).sum())
+                    hfig.add_histogram(x=probs[truths == label], name=f"panel: {label} (n={n_label})",
+                                       xbins={"start": 0, "end": 1, "size": 0.05}, marker_color=colour, opacity=0.7)
+                if p is not None:
+                    hfig.add_vline(x=p, line_width=3, line_color="black",
+                                   annotation_text=f"this case {common.percent(p)}",
+                                   annotation_position="top left" if p > 0.5 else "top right")
+                    called_from = pred.views[head_view]["binary"].threshold
+                    if abs(called_from - 0.5) > 5e-3:  # where this model's malignant call starts
+                        hfig.add_vline(x=called_from, line_width=1, line_dash="dash", line_color="#57606a",
+                                       annotation_text=f"calls malignant from {common.percent(called_from)}",
+                                       annotation_position="bottom right")
+                hfig.update_layout(barmode="overlay", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                                   xaxis={"title": f"{headline} malignant probability", "tickformat": ".0%",
+                                          "range": [0, 1]},
+                                   yaxis={"title": "test nodules"}, legend={"orientation": "h", "y": 1.2})
+                st.plotly_chart(hfig, key="confidence-hist", config={"displayModeBar": False})
+                st.caption(f"{len(probs)} held-out test nodules of the LIDC split, coloured by the panel's rating.")
+        with rel_col:
+            band = reliability_bin(bins, p) if bins and p is not None else None
+            if band is None:
+                st.info("No reliability table on held-out data is recorded for this model.")
+            elif not band.get("n"):
+                st.warning(f"No test nodule received a probability between {pct(band['lo'])} and {pct(band['hi'])}: "
+                           "calibration was never checked in this range.", icon=":material/warning:")
+            else:
+                st.metric(f"Observed malignant rate, band {pct(band['lo'])}-{pct(band['hi'])}", pct(band["observed"]),
+                          help="Among held-out test nodules the model placed in the same probability band.")
+                lo_ci, hi_ci = wilson_interval(band["observed"] * band["n"], int(band["n"]))
+                st.markdown(f"Of **{band['n']}** test nodules given {pct(band['lo'])}-{pct(band['hi'])} "
+                            f"(mean {pct(band['mean_p'])}), the panel rated **{pct(band['observed'])}** malignant "
+                            f"(95% interval {pct(lo_ci)}-{pct(hi_ci)}).")
+                if band["n"] < 20:
+                    st.caption(":material/warning: Few cases in this band: the observed rate is imprecise.")
+        st.caption("Validation figures for every model: the Models page and the model card.")
 
 # ------------------------------------------------------------------------------------------------------ maps
 

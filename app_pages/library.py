@@ -164,6 +164,8 @@ def _show_case(record: dict) -> None:
         st.metric(f"Malignant probability ({VIEW_LABELS.get(head_view or '', '-').lower()})", common.percent(p))
         common.show_flag(pred)
     with st.expander("How sure is this?", icon=":material/query_stats:"):
+        if pred.assessment is not None:
+            common.show_call_on_test(pred.assessment)
         st.dataframe(common.view_table(pred), hide_index=True, width="stretch")
         fig = common.probability_bars(pred, "score")
         if fig is not None:
