@@ -329,3 +329,17 @@ def test_shipped_model_follows_a_nodule_through_a_series(lidc_dicom_dir):
     assert set(case.extra["slice_indices"]) <= set(range(indices[0] - 1, indices[-1] + 2))
     a = assess_series(bundle, series, start, centre)
     assert a.reading.n_slices == len(indices) and 0.5 < a.reading.volume_mm3 / case.volume_mm3 < 2.0
+
+
+@pytest.mark.parametrize(("head", "probs", "words"), [
+    ("malignancy", [0, 0, 0, 0.1, 0.9], "4.9 of 5, highly suspicious"),
+    ("lobulation", [0.1, 0.2, 0.3, 0.2, 0.2], "3.2 of 5, between none and marked"),
+    ("lobulation", [0.9, 0.1, 0, 0, 0], "1.1 of 5, none"),
+    ("texture", [0, 0, 1, 0, 0], "3.0 of 5, part solid"),
+    ("calcification", [0, 0, 0, 0, 0.02, 0.98], "absent, 98%"),
+    ("internalStructure", [1, 0, 0, 0], "soft tissue, 100%"),
+])
+def test_ratings_read_in_the_readers_words(head, probs, words):
+    from lungviz.inference.nodule import rating_words
+
+    assert rating_words(head, np.array(probs, float)) == words

@@ -49,14 +49,24 @@ LEVEL_WORDS: dict[str, dict[int, str]] = {
 
 def rating_words(head: str, probabilities: np.ndarray) -> str:
     """A rating in the readers' words: a nominal scale's most probable category with its probability ("absent,
-    88%"); a graded scale's expected rating with the named levels of its scale ("1.4 of 5 (1 none, 5 marked)")."""
+    88%"); a graded scale's expected rating with the named level it sits on, or the two it lies between
+    ("4.6 of 5, highly suspicious"; "3.2 of 5, between none and marked")."""
     p = np.asarray(probabilities, np.float64)
     words = LEVEL_WORDS.get(head, {})
     if head in NOMINAL_HEADS:
         k = int(np.argmax(p)) + 1
         return f"{words.get(k, k)}, {p.max():.0%}"
-    scale = ", ".join(f"{level} {word}" for level, word in sorted(words.items()))
-    return f"{float(expected_rating(p)):.1f} of {len(p)}" + (f" ({scale})" if scale else "")
+    value = float(expected_rating(p))
+    text = f"{value:.1f} of {len(p)}"
+    if not words:
+        return text
+    levels = sorted(words)
+    near = min(levels, key=lambda k: abs(k - value))
+    if abs(near - value) <= 0.5:
+        return f"{text}, {words[near]}"
+    lower = max((k for k in levels if k < value), default=levels[0])
+    upper = min((k for k in levels if k > value), default=levels[-1])
+    return f"{text}, between {words[lower]} and {words[upper]}"
 
 
 @dataclass(frozen=True)
