@@ -35,7 +35,7 @@ from lungviz.present.report import (
     build_html,
     build_pdf,
     data_uri,
-    estimate_notes,
+    evidence_notes,
     model_versions,
     pct,
     report_filename,
@@ -380,7 +380,7 @@ with finding_box:
         if fig is not None:
             st.markdown("**Panel score distribution (1-5), calibrated**")
             st.plotly_chart(fig, key="score-bars", config={"displayModeBar": False})
-        for note in estimate_notes(pred.to_dict())[3 if a is not None else 0:]:
+        for note in evidence_notes(pred):
             st.caption(note)
         ref = common.reference(headline) if headline else None
         spec = ((ms.nodule.spec.get("metrics") or {}).get("binary_test") if head_view == "nodule" and ms.nodule

@@ -25,7 +25,7 @@ from lungviz.library import (
     reader_count_note,
 )
 from lungviz.present.inventory import map_localisation_text
-from lungviz.present.report import VIEW_LABELS, estimate_notes, reader_spread
+from lungviz.present.report import VIEW_LABELS, evidence_notes, reader_spread
 from lungviz.present.text import plain_text
 
 SHOW_PX = 256
@@ -170,7 +170,7 @@ def _show_case(record: dict) -> None:
         fig = common.probability_bars(pred, "score")
         if fig is not None:
             st.plotly_chart(fig, key=f"lib-bars-{case_id}", config={"displayModeBar": False})
-        for note in estimate_notes(pred)[3 if pred.assessment is not None else 0:]:
+        for note in evidence_notes(pred):
             st.caption(f":material/info: {note}")
         st.caption(f"The slice view reads the middle slice ({middle + 1} of {n}, the largest reader outline); the "
                    "nodule model reads every slice.")

@@ -413,6 +413,13 @@ def estimate_notes(prediction: Prediction | ReportContent | Mapping[str, Any] | 
             CALIBRATION_CAVEAT]
 
 
+def evidence_notes(prediction: Prediction | ReportContent | Mapping[str, Any] | None) -> list[str]:
+    """:func:`estimate_notes` less the finding's own lines: what sits behind "How sure is this?"."""
+    content = report_content(prediction)
+    notes = estimate_notes(content)
+    return notes[len(finding_lines(content.finding)):] if content is not None else notes
+
+
 def reader_spread(scores: Sequence[Any] | str | None) -> str:
     """Reader scores as a clinician reads them, sorted: ``[5, 3, 4, 5]`` or ``"5 3 4 5"`` -> ``"3, 4, 5, 5"``."""
     if scores is None:
@@ -613,7 +620,7 @@ def _validation_blocks(content: ReportContent | None) -> tuple[Block, ...]:
                    *[f"Score {c}" for c in scores], "Score call"), tuple(rows),
                   (0.16, 0.09, 0.09, 0.1, 0.13, 0.13, *[0.045] * n, 0.07) if n else (0.2, 0.12, 0.12, 0.14, 0.2, 0.2),
                   frozenset({1, 3, *range(6, 6 + n)}))
-    notes = estimate_notes(content)[len(finding_lines(content.finding)):]
+    notes = evidence_notes(content)
     return (table, *[Text(note, "small") for note in notes])
 
 
