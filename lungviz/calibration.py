@@ -12,8 +12,8 @@ threshold on the positive class's probability (:meth:`Calibration.threshold`), b
 the rarer one and ``T > 1``, above it when ``T < 1``.
 
 Specs written before the calibration key existed divided the prior by the temperature too, ``softmax((z + b) / T)``
-(``"prior-before-temperature"``): that kept the call at ``argmax(p)`` but left the malignant probability of the slice
-models too high by about a third. They are read as written.
+(``"prior-before-temperature"``): that keeps the call at ``argmax(p)`` but divides the prior correction by the
+temperature as well, so with ``T > 1`` a rarer class's probability comes out too high. They are read as written.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ class CardConfig:
 class RefreshConfig:
     """Re-measure saved bundles on their own split: calibration refitted on validation, every figure recomputed."""
 
-    model: str = ""  # bundle name; empty = every shipped network, then the fused models refitted on them
+    model: str = ""  # bundle name; empty = every shipped network trained by train (SHIPPED)
     weights: str = ""  # bundle folder; empty = weights/
     n_boot: int = 1000
 

@@ -36,7 +36,8 @@ def _encode(path: Path, quality: int) -> bytes:
         if quality:
             im.save(buf, "WEBP", quality=quality, method=6)
         else:
-            im.save(buf, "WEBP", lossless=True, quality=80, method=4)  # 50x faster than the maximum effort, 5% larger
+            # method 4: far faster than the maximum effort (6), for files barely larger
+            im.save(buf, "WEBP", lossless=True, quality=80, method=4)
     return buf.getvalue()
 
 

@@ -105,8 +105,8 @@ def full_report(
 
 def _report(y: np.ndarray, P: np.ndarray, P_raw: np.ndarray, scheme: LabelScheme, calibration: Calibration | None,
             groups: list[str], reader_scores: list[tuple[int, ...]] | None, n_boot: int) -> dict:
-    """The figures of calibrated probabilities ``P``; ``calibration`` (None = a fused model's: none of its own, the
-    call is the most probable class) sets the call."""
+    """The figures of calibrated probabilities ``P``; ``calibration`` (None = an estimate with no network calibration
+    of its own, such as the nodule model's: the call is the most probable class) sets the call."""
     bias = None if calibration is None else calibration.decision_bias
     rep = metrics.evaluate_probabilities(y, P, scheme.positive_class, scheme.ordinal, groups, n_boot,
                                          decision_bias=bias)
@@ -163,7 +163,7 @@ def report_from_logits(y: np.ndarray, calibrated: np.ndarray, raw: np.ndarray, s
                        groups: list[str], reader_scores: list[tuple[int, ...]] | None, n_boot: int,
                        calibration: Calibration | None = None) -> dict:
     """:func:`full_report` for logits that are already calibrated (``calibration``, the network's, sets the call;
-    None for a fused model)."""
+    None for the nodule model's estimate and score, whose calls are the most probable class)."""
     return _report(y, metrics.softmax(calibrated), metrics.softmax(raw), scheme, calibration, groups, reader_scores,
                    n_boot)
 

@@ -74,8 +74,8 @@ class TrainConfig:
     patience: int = 4  # epochs without a better validation figure before early stopping
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     mask_weight: float = 0.0  # > 0: also learn the readers' mask from a stride-16 feature map (training only)
-    # The three options below are tried against the recipe by ``python -m training ablate`` (weights/ablation.json);
-    # none beat the recipe's seed-to-seed spread there, so the shipped models use none of them.
+    # The three options below are off in every shipped recipe: none helped beyond the recipe's seed-to-seed spread
+    # (docs/history.md).
     attr_weight: float = 0.0  # > 0: also regress the readers' characteristics and log diameter (training only)
     soft_labels: float = 0.0  # > 0: soft targets mixing the panel's class with the readers' votes (reader_targets)
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights (decay per step), validated each epoch
@@ -95,7 +95,7 @@ class TrainConfig:
 RECIPE_64: dict = {"epochs": 30, "stages": (2, 10), "patience": 8}
 #: The networks ``train --all`` trains with these presets (the nodule model and the finder have their own
 #: commands): the slice view at 64 px, so that ``train --all`` fits 90 minutes on a 2-core CPU, and the histology
-#: teaching model at 128 px (its 30-epoch schedule raised validation macro F1 over a shorter one at 96 px).
+#: teaching model at 128 px, where the same 30-epoch schedule does best on its validation images.
 SHIPPED: dict[str, dict] = {
     "slice-binary": {"view": "slice", "task": "binary", "input_size": 64, **RECIPE_64, "seed": 0},
     "slice-score": {"view": "slice", "task": "score", "input_size": 64, **RECIPE_64, "seed": 0},

