@@ -280,7 +280,7 @@ class LungvizSegNet(nn.Module):
         super().__init__()
         bb = encoder.backbone
         if not all(hasattr(bb, a) for a in ("conv_stem", "bn1", "blocks")):
-            raise LungvizError(f"'{arch}': only EfficientNet-style backbones can be turned into an outliner.")
+            raise LungvizError(f"'{arch}': only EfficientNet-style backbones can outline a nodule.")
         self.stem = nn.Sequential(bb.conv_stem, bb.bn1)
         # (stride, channels) of each stage, from one eval-mode pass (a train-mode pass would move the batch norms'
         # pretrained running statistics towards a blank image)
