@@ -294,7 +294,8 @@ def seen_in_training(cases: list, spec: dict, bundle_folder: Path | None = None)
     return ({f"{k}_patients": v for k, v in seen.items()},
             f"{seen['train']} of {len(cases)} nodules are from patients the model was trained on and {seen['val']} "
             "from validation patients (early stopping and calibration used them, and the nodule model's estimate "
-            "was fitted on them): figures on them are optimistic. --split test evaluates the held-out test patients only.")
+            "was fitted on them): figures on them are optimistic. --split test evaluates the held-out test "
+            "patients only.")
 
 
 def evaluate_bundle(
