@@ -88,11 +88,12 @@ def build_library_index(model: str = INDEX_MODEL, data: str = "", out: str = "",
                         progress: bool = True) -> dict:
     """Embed every labelled nodule with ``model``; save ``index-<model>`` and its thumbnail atlas in weights/ (or
     ``out``); write ``retrieval.json`` (precision@5 of validation and test queries against the train library)."""
-    folder = paths.weights_dir()
+    folder = Path(out) if out else paths.weights_dir()  # the model embeds from the folder the index is written to
     bundle = load_bundle(folder, model)
     cases, report = load_cases("lidc", data)
     cases = [c for c in cases if c.malignancy is not None]
-    split = Split.load(folder / "splits" / "holdout.json")
+    split_file = folder / "splits" / "holdout.json"
+    split = Split.load(split_file if split_file.is_file() else paths.weights_dir() / "splits" / "holdout.json")
     split.check(cases)
     store = SliceStore(cases, progress=progress)
     middles = [c.middle_index() for c in cases]
@@ -101,7 +102,7 @@ def build_library_index(model: str = INDEX_MODEL, data: str = "", out: str = "",
     root = Path(data) if data else paths.lidc_slices_dir()
     records = [case_record(c, split.assignment[c.patient_id], root, m) for c, m in zip(cases, middles, strict=True)]
     index = build_index(emb, records, model)
-    out_dir = Path(out) if out else folder
+    out_dir = folder
     name = index_name(model)
     ipath, mpath = index.save(out_dir, name)
     apath = save_atlas(build_atlas([r["case_id"] for r in records], views,
