@@ -213,16 +213,19 @@ def _finder(models: list[dict]) -> None:
             {"measure": "diameter error (mm)", "result": format_ci(lt, "diameter_mae_mm", 2), "n patches": lt.get("n")}]
     st.dataframe(rows, hide_index=True)
     res = read_result("finder.json") or {}
-    crop, dicom = res.get("crop_scan_test") or {}, res.get("dicom_scan") or {}
+    crop = res.get("crop_scan_test") or {}
+    series = (((res.get("wholeslice") or {}).get("variants") or {}).get("series")) or {}
     if crop.get("n"):
         st.markdown(f"Whole scan of {crop['n']} test crops: the best-ranked candidate lies within 5 mm of the "
                     f"readers' centre for **{crop['top1_within_5mm']:.0%}**, one of the top three for "
                     f"{crop['top3_within_5mm']:.0%}.")
-    if dicom.get("n_nodules"):
-        st.markdown(f"Whole DICOM slices (LIDC-IDRI-0001..0003, never trained on): best-ranked candidate within 5 mm "
-                    f"for {dicom['best_within_5mm']} of {dicom['n_nodules']} nodules, "
-                    f"{dicom['mean_false_candidates_per_slice']:.0f} false candidates per slice among the top 10.")
-
+    if series.get("n_nodules"):
+        froc = series.get("froc_all_slices") or {}
+        st.markdown(f"Whole DICOM series, each ranked by a model fitted on the other series: the best candidate lies "
+                    f"within 5 mm for **{series['best_within_5mm']:.0%}** of {series['n_nodules']} reader-confirmed "
+                    f"nodules, one of the top three for {series['top3_within_5mm']:.0%}; "
+                    f"{series['false_per_slice_all_slices']:.2f} false candidates per slice; sensitivity at 1 false "
+                    f"candidate per slice {froc.get('1', float('nan')):.0%}. Seven nodules: each is 14 points.")
 
 if models:
     _nodule_model(models)
