@@ -29,8 +29,8 @@ SLICE_MODELS = ("slice-binary", "slice-score")
 MAP_MODELS = ("nodule", *SLICE_MODELS)
 #: Models with a test confusion matrix and reliability diagram in ``figures/``.
 FIGURE_MODELS = (*SLICE_MODELS, "histology")
-#: The similar-case index's metadata, newest name first.
-INDEX_FILES = ("index-nodule.json", "index-nodule-binary.json")
+#: The similar-case index's metadata.
+INDEX_FILES = ("index-nodule.json",)
 #: The whole-slice ranker variants of ``finder.json``'s ``wholeslice`` block, in the card's order, as it names them.
 WHOLESLICE_VARIANTS = {
     "network": "presence network alone (one slice)",
