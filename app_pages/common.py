@@ -33,6 +33,7 @@ from lungviz.library import (
     slice_file_table,
     slice_spacings,
 )
+from lungviz.present.dicom_export import source_outlines
 from lungviz.present.inventory import ReferencePredictions, reference_predictions
 from lungviz.present.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.present.text import plain_text
@@ -415,6 +416,14 @@ def series_assessment(folder: str, file_id: str, _series: list, index: int,
     slice and centre; ``_series`` is the decoded series of upload ``file_id``)."""
     ms = _model_set(folder)
     return None if ms.nodule is None else assess_series(ms.nodule, _series, index, centre_rc)
+
+
+@st.cache_data(show_spinner=False, max_entries=4, ttl=RESULT_TTL)
+def series_outlines(folder: str, file_id: str, _series: list, index: int, centre_rc: tuple[float, float] | None,
+                    _assessment: Assessment) -> dict[int, np.ndarray]:
+    """``{series index: (H, W) bool}``: the nodule model's outline on each slice it followed, in that slice's pixels
+    (``_assessment`` is :func:`series_assessment` of the same folder, upload, slice and centre)."""
+    return source_outlines(_assessment, _series, index, centre_rc)
 
 
 @st.cache_data(show_spinner="Reading the nodule's slices…", max_entries=16, ttl=RESULT_TTL)

@@ -412,6 +412,19 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     assert "What moved the estimate" in text and "log-odds" in text and "second-look call" in text
     assert re.search(r"\*\*Size\*\* \((largest of \d+ slices|one slice)\)", text) or "Nothing outlined" in text
     assert any(m.label == "Malignant probability" for m in at.metric)
+    # the nodule through the series: over how many slices, the size of each, and a slider that draws the outline
+    n_read = int(re.search(r"The estimate is over the nodule's \*\*(\d+) slices?\*\*", text).group(1))
+    sizes = next(d.value for d in at.dataframe if "long axis (mm)" in d.value.columns)
+    assert len(sizes) == n_read and shown + 1 in list(sizes["slice"])
+    assert list(sizes.loc[sizes["slice"] == shown + 1, ""]) == ["picked"]
+    through = next(s for s in at.slider if s.label == "Move through the series (slice)")
+    assert through.value == shown + 1 and through.max == 5  # slice numbers, as in the table
+    other = 4 if shown < 2 else 0
+    through.set_value(other + 1).run()
+    assert not at.exception and not at.error
+    caption = next(c.value for c in at.caption if c.value.startswith(f"Slice {other + 1} of 5, z = "))
+    assert ("outside the nodule's slices" in caption) == (other + 1 not in list(sizes["slice"]))
+    assert followed == [(5, shown)]  # moving through the series reads no slice again
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
