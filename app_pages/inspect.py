@@ -585,7 +585,11 @@ if index is not None:
         input_notes.append(own)
     st.caption("Nearest cases by the nodule model's features. The library holds training cases too (seen by the "
                "model); the panel and reader scores are the LIDC radiologists' ratings, not pathology. " + own)
-    common.similar_case_cards(similar, "inspect")
+    upload_view = shown.view if shown is not None else pred.images.get("nodule", pred.images.get("slice"))
+    upload_chars = dict(a.characteristics) if a is not None else {}
+    if a is not None and a.reading.outlined:
+        upload_chars["size"] = f"{a.reading.long_axis_mm:.1f} × {a.reading.short_axis_mm:.1f} mm"
+    common.similar_case_cards(similar, "inspect", upload_view, upload_chars)
 
 # ------------------------------------------------------------------------------------------- review and report
 

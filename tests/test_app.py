@@ -723,6 +723,32 @@ def test_library_case_view_of_a_training_case(app_env):
                                                                         "agree")]
 
 
+def test_similar_cases_sit_beside_the_upload_and_one_compares_at_full_size(app_env, lidc_slices_dir):
+    """Each row of similar cases starts with the upload's own view; a card gives the readers' spread, the size and
+    characteristics; "Compare" shows the upload and that case side by side at full size until closed."""
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "slice-4.png",
+                 (lidc_slices_dir / REAL_SLICE).read_bytes())
+    assert not at.exception
+    captions = [img.captions[0] for img in at.image if img.captions]
+    assert captions.count("this upload (nodule model's view)") == 1  # five cases: one row, headed by the upload
+    cards = [m.value for m in at.markdown if m.value.startswith("Panel score **")]
+    assert len(cards) == 5 and all(re.search(r"Readers: \d(, \d)*( \(\d-\d\)| \(all agree\))", c) for c in cards)
+    assert all("Diameter: " in c for c in cards) and any("spiculation: " in c for c in cards)
+    case_ids = [m.value.strip("*") for m in at.markdown if m.value.startswith("**LIDC-IDRI-")]
+    compare = [b for b in at.button if b.label == "Compare"]
+    assert len(compare) == 5
+    compare[2].click().run()
+    assert not at.exception
+    assert any(m.value.startswith(f"**Compare: this upload and {case_ids[2]}**") for m in at.markdown)
+    table = next(d.value for d in at.dataframe if "similar case (readers)" in d.value.columns)
+    assert {"malignancy (panel score)", "size", "spiculation"} <= set(table[""])
+    full = [img for img in at.image if img.captions and img.captions[0].startswith(f"{case_ids[2]}: ")]
+    assert len(full) == 1
+    assert any(img.captions and img.captions[0] == "This upload: the nodule model's view" for img in at.image)
+    next(b for b in at.button if b.label == "Close").click().run()
+    assert not any(m.value.startswith("**Compare: ") for m in at.markdown)
+
+
 def test_similar_cases_and_the_library_show_atlas_pictures_without_the_data_folder(app_env, lidc_slices_dir,
                                                                                    tmp_path, monkeypatch):
     """On a machine without the data folder the similar cases and a library case still come with pictures (the
