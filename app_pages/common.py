@@ -555,8 +555,6 @@ def show_error(err: LungvizError | str) -> None:
 
 #: The characteristics a similar case's card names (the compare view lists them all).
 CARD_CHARACTERISTICS = ("texture", "margin", "spiculation", "calcification")
-#: Side of each picture in the compare view (px).
-COMPARE_PX = 384
 
 
 def reader_spread(scores: list | None) -> str:
@@ -643,12 +641,12 @@ def _compare(c: dict, upload_view: np.ndarray | None, upload_chars: dict[str, st
         head.markdown(f"**Compare: this upload and {c['case_id']}** (the same view, each scaled to its own range)")
         close.button("Close", key=f"{ckey}-close", icon=":material/close:",
                      on_click=st.session_state.__setitem__, args=(ckey, None))
-        left, right, facts = st.columns([2, 2, 3], gap="medium")
+        left, right, facts = st.columns([1, 1, 1], gap="medium")  # each picture a third of the page wide
         if upload_view is not None:
-            left.image(upload_view, width=COMPARE_PX, clamp=True, caption="This upload: the nodule model's view")
+            left.image(upload_view, width="stretch", clamp=True, caption="This upload: the nodule model's view")
         picture, source = same_view_picture(c)
         if picture is not None:
-            right.image(picture, width=COMPARE_PX, clamp=True,
+            right.image(picture, width="stretch", clamp=True,
                         caption=f"{c['case_id']}: {PICTURE_SOURCES.get(source or '', 'picture')}")
         d = c.get("diameter_mm")
         chars = c.get("characteristics") or {}
