@@ -48,11 +48,6 @@ SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are 
 
 st.title("Inspect a nodule")
 
-ms = common.models()
-if ms is None:
-    st.stop()
-folder = common.weights_folder()
-
 up1, up2 = st.columns(2)
 present = {k: k in st.session_state for k in ("upload_slice", "upload_crop")}  # before the uploaders run
 main_file = up1.file_uploader("Slice image, DICOM slice or DICOM series (.zip)", type=[*IMAGE_TYPES, "zip"],
@@ -78,7 +73,12 @@ if main_file is None and crop_file is None:  # the introduction, only until ther
     st.info("Upload a file to start, for example a slice PNG from the LIDC slices set "
             "(`lidc-slices/<patient>/<nodule>/images/slice-N.png`), a DICOM slice or a zipped DICOM series.",
             icon=":material/upload_file:")
+    common.models()  # drawn first, then loaded: a fresh server shows its page before the models are in memory
     st.stop()
+ms = common.models()
+if ms is None:
+    st.stop()
+folder = common.weights_folder()
 
 
 def _read(file) -> LoadedImage | list:
