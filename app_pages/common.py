@@ -22,7 +22,7 @@ from lungviz.errors import LungvizError
 from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundle_cam, lime_map
 from lungviz.inference.finder import Finder, load_finder, scan, scan_series, series_volume
 from lungviz.inference.lungmask import lung_mask
-from lungviz.inference.nodule import Assessment, assess, assess_series
+from lungviz.inference.nodule import LEVEL_WORDS, Assessment, assess, assess_series
 from lungviz.inference.predict import ESTIMATE_NAME, ModelSet, Prediction, load_models, predict, retrieval_query
 from lungviz.library import (
     PICTURE_SOURCES,
@@ -33,6 +33,7 @@ from lungviz.library import (
     slice_file_table,
     slice_spacings,
 )
+from lungviz.present.dicom_export import source_outlines
 from lungviz.present.inventory import ReferencePredictions, reference_predictions
 from lungviz.present.report import VIEW_LABELS, prob_pct, test_rate
 from lungviz.present.text import plain_text
@@ -417,6 +418,14 @@ def series_assessment(folder: str, file_id: str, _series: list, index: int,
     return None if ms.nodule is None else assess_series(ms.nodule, _series, index, centre_rc)
 
 
+@st.cache_data(show_spinner=False, max_entries=4, ttl=RESULT_TTL)
+def series_outlines(folder: str, file_id: str, _series: list, index: int, centre_rc: tuple[float, float] | None,
+                    _assessment: Assessment) -> dict[int, np.ndarray]:
+    """``{series index: (H, W) bool}``: the nodule model's outline on each slice it followed, in that slice's pixels
+    (``_assessment`` is :func:`series_assessment` of the same folder, upload, slice and centre)."""
+    return source_outlines(_assessment, _series, index, centre_rc)
+
+
 @st.cache_data(show_spinner="Reading the nodule's slices…", max_entries=16, ttl=RESULT_TTL)
 def case_assessment(folder: str, case_id: str, _slices: list[np.ndarray], spacing_mm: float | None,
                     thickness_mm: float | None) -> Assessment | None:
@@ -544,28 +553,108 @@ def show_error(err: LungvizError | str) -> None:
     st.error(plain_text(err), icon=":material/error:")
 
 
-def similar_case_cards(cases: list[dict], key: str) -> None:
-    """Each similar case: thumbnail, panel and reader scores, diameter, split, and a button to open it."""
+#: The characteristics a similar case's card names (the compare view lists them all).
+CARD_CHARACTERISTICS = ("texture", "margin", "spiculation", "calcification")
+
+
+def reader_spread(scores: list | None) -> str:
+    """The readers' malignancy scores, lowest first, with their range: "3, 4, 4, 5 (3-5)"."""
+    s = sorted(int(v) for v in scores or [])
+    if not s:
+        return "-"
+    return ", ".join(map(str, s)) + (f" ({s[0]}-{s[-1]})" if s[0] != s[-1] else " (all agree)")
+
+
+def panel_words(head: str, value: float | None) -> str:
+    """A panel median in the readers' words: the named level of its LIDC scale nearest to it ("4.5, marked")."""
+    if value is None:
+        return "-"
+    words = LEVEL_WORDS.get(head, {})
+    near = min(words, key=lambda k: abs(k - float(value))) if words else None
+    return f"{float(value):g}" + (f", {words[near]}" if near is not None else "")
+
+
+def same_view_picture(case: dict) -> tuple[np.ndarray | None, str | None]:
+    """A similar case's picture in the upload's nodule-model view: the thumbnail atlas's (the model's view of the
+    case), else the card's own picture (the data folder's middle slice)."""
+    small = atlas()
+    view = small.thumbnail(str(case.get("case_id"))) if small is not None else None
+    if view is not None:
+        return view, "atlas"
+    return case.get("thumbnail"), case.get("thumbnail_source")
+
+
+def similar_case_cards(cases: list[dict], key: str, upload_view: np.ndarray | None = None,
+                       upload_chars: dict[str, str] | None = None) -> None:
+    """Each similar case beside the upload, in the same view: its picture, the readers' spread, size and
+    characteristics, a "Compare" button (the upload and that case side by side at full size) and one to open it.
+    ``upload_view``: the upload's nodule-model view ``(S, S)`` in [0, 1]; ``upload_chars``: the model's ratings."""
     if not cases:
         st.info("No similar cases were found.")
         return
+    ckey = f"compare-{key}"
+    ids = [str(c["case_id"]) for c in cases]
+    if st.session_state.get(ckey) in ids:
+        _compare(cases[ids.index(st.session_state[ckey])], upload_view, upload_chars or {}, ckey)
     per_row = 5  # more per row squeezes the text to a letter per line
-    cols = [col for start in range(0, len(cases), per_row) for col in st.columns(per_row)][: len(cases)]
-    for i, (col, c) in enumerate(zip(cols, cases, strict=True)):
-        with col.container(border=True):
-            if c.get("thumbnail") is not None:
-                st.image(c["thumbnail"], width="stretch", clamp=True,
-                         caption=PICTURE_SOURCES.get(c.get("thumbnail_source") or ""))
-            else:
-                st.caption("no picture: not in the data folder nor in the thumbnail atlas")
-            st.markdown(f"**{c['case_id']}**")
-            label = {1: "malignant", 0: "benign"}.get(c.get("malignant"), "-")
-            d = c.get("diameter_mm")
-            readers = ", ".join(str(s) for s in sorted(c.get("reader_scores") or [])) or "-"
-            st.markdown(f"Panel score **{c.get('malignancy', '-')}** ({label})  \nReaders: {readers}  \n"
-                        f"Diameter: {'-' if d is None else f'{float(d):.1f} mm'}  \n"
-                        f"Similarity: {c['similarity']:.2f}  \nSplit: {c.get('split', '-')}")
-            if c["similarity"] > 0.995:
-                st.caption(":material/info: Nearly identical: possibly this very case.")
-            if st.button("Open in library", key=f"open-{key}-{i}", icon=":material/open_in_new:"):
-                st.switch_page(LIBRARY_PAGE, query_params={"case": c["case_id"]})
+    for start in range(0, len(cases), per_row):
+        row = cases[start : start + per_row]
+        cols = st.columns([1] * (per_row + (upload_view is not None)))
+        if upload_view is not None:  # the upload heads every row, at the cases' size
+            with cols[0].container(border=True):
+                st.image(upload_view, width="stretch", clamp=True, caption="this upload (nodule model's view)")
+                st.markdown("**This upload**")
+            cols = cols[1:]
+        for i, (col, c) in enumerate(zip(cols, row, strict=False), start):
+            _case_card(col, c, key, i, ckey)
+
+
+def _case_card(col, c: dict, key: str, i: int, ckey: str) -> None:
+    with col.container(border=True):
+        picture, source = same_view_picture(c)
+        if picture is not None:
+            st.image(picture, width="stretch", clamp=True, caption=PICTURE_SOURCES.get(source or ""))
+        else:
+            st.caption("no picture: not in the data folder nor in the thumbnail atlas")
+        st.markdown(f"**{c['case_id']}**")
+        label = {1: "malignant", 0: "benign"}.get(c.get("malignant"), "-")
+        d = c.get("diameter_mm")
+        chars = c.get("characteristics") or {}
+        looks = "  \n".join(f"{h}: {panel_words(h, chars.get(h))}" for h in CARD_CHARACTERISTICS if h in chars)
+        st.markdown(f"Panel score **{c.get('malignancy', '-')}** ({label})  \nReaders: "
+                    f"{reader_spread(c.get('reader_scores'))}  \n"
+                    f"Diameter: {'-' if d is None else f'{float(d):.1f} mm'}  \n" + (f"{looks}  \n" if looks else "")
+                    + f"Similarity: {c['similarity']:.2f}  \nSplit: {c.get('split', '-')}")
+        if c["similarity"] > 0.995:
+            st.caption(":material/info: Nearly identical: possibly this very case.")
+        st.button("Compare", key=f"cmp-{key}-{i}", icon=":material/compare:", on_click=st.session_state.__setitem__,
+                  args=(ckey, str(c["case_id"])), help="This upload and this case side by side at full size.")
+        if st.button("Open in library", key=f"open-{key}-{i}", icon=":material/open_in_new:"):
+            st.switch_page(LIBRARY_PAGE, query_params={"case": c["case_id"]})
+
+
+def _compare(c: dict, upload_view: np.ndarray | None, upload_chars: dict[str, str], ckey: str) -> None:
+    """The upload and one similar case next to each other at full size, with the case's readings beside the
+    model's."""
+    with st.container(border=True):
+        head, close = st.columns([5, 1])
+        head.markdown(f"**Compare: this upload and {c['case_id']}** (the same view, each scaled to its own range)")
+        close.button("Close", key=f"{ckey}-close", icon=":material/close:",
+                     on_click=st.session_state.__setitem__, args=(ckey, None))
+        left, right, facts = st.columns([1, 1, 1], gap="medium")  # each picture a third of the page wide
+        if upload_view is not None:
+            left.image(upload_view, width="stretch", clamp=True, caption="This upload: the nodule model's view")
+        picture, source = same_view_picture(c)
+        if picture is not None:
+            right.image(picture, width="stretch", clamp=True,
+                        caption=f"{c['case_id']}: {PICTURE_SOURCES.get(source or '', 'picture')}")
+        d = c.get("diameter_mm")
+        chars = c.get("characteristics") or {}
+        rows = [{"": "malignancy (panel score)", "this upload (model)": upload_chars.get("malignancy", "-"),
+                 "similar case (readers)": f"{c.get('malignancy', '-')}; readers "
+                                           f"{reader_spread(c.get('reader_scores'))}"},
+                {"": "size", "this upload (model)": upload_chars.get("size", "-"),
+                 "similar case (readers)": "-" if d is None else f"{float(d):.1f} mm diameter"}]
+        rows += [{"": CHARACTERISTIC_LABELS.get(h, h), "this upload (model)": upload_chars.get(h, "-"),
+                  "similar case (readers)": panel_words(h, v)} for h, v in chars.items()]
+        facts.dataframe(rows, hide_index=True, width="stretch")

@@ -15,6 +15,7 @@ from lungviz.data.preprocess import (
     SLICE_CROP_PX,
     VIEWS,
     WINDOW_PRESETS,
+    crop_around,
     mm_to_px,
     resize,
     valid_spacing,
@@ -47,11 +48,6 @@ SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are 
 
 st.title("Inspect a nodule")
 
-ms = common.models()
-if ms is None:
-    st.stop()
-folder = common.weights_folder()
-
 up1, up2 = st.columns(2)
 present = {k: k in st.session_state for k in ("upload_slice", "upload_crop")}  # before the uploaders run
 main_file = up1.file_uploader("Slice image, DICOM slice or DICOM series (.zip)", type=[*IMAGE_TYPES, "zip"],
@@ -77,7 +73,12 @@ if main_file is None and crop_file is None:  # the introduction, only until ther
     st.info("Upload a file to start, for example a slice PNG from the LIDC slices set "
             "(`lidc-slices/<patient>/<nodule>/images/slice-N.png`), a DICOM slice or a zipped DICOM series.",
             icon=":material/upload_file:")
+    common.models()  # drawn first, then loaded: a fresh server shows its page before the models are in memory
     st.stop()
+ms = common.models()
+if ms is None:
+    st.stop()
+folder = common.weights_folder()
 
 
 def _read(file) -> LoadedImage | list:
@@ -108,11 +109,18 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     st.session_state.setdefault(rkey, first[0])  # start at the finder's best candidate, else the middle
     st.session_state.setdefault(ckey, first[1])
 
+    sp_px = spacing or DEFAULT_SPACING_MM
+    rings = [(c["y"], c["x"], max(6.0, c["diameter_mm"] / sp_px / 2 + 3)) for c in cands or []]
+
     def on_click() -> None:
         points = st.session_state[f"pick-{key}"].selection.points
         if points:
-            st.session_state[rkey] = int(np.clip(round(points[0]["y"]), 0, h - 1))
-            st.session_state[ckey] = int(np.clip(round(points[0]["x"]), 0, w - 1))
+            y, x = float(points[0]["y"]), float(points[0]["x"])
+            inside = [(np.hypot(y - ry, x - rx), ry, rx) for ry, rx, rad in rings if np.hypot(y - ry, x - rx) <= rad]
+            if inside:  # a click in a candidate's ring accepts that candidate
+                _, y, x = min(inside)
+            st.session_state[rkey] = int(np.clip(round(y), 0, h - 1))
+            st.session_state[ckey] = int(np.clip(round(x), 0, w - 1))
 
     shown = display_image(image, is_hu, _window())
     if st.session_state.get("show_lung"):  # the checkbox below the candidates
@@ -128,9 +136,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
                                (mm_to_px(nodule_mm, spacing), "#00e5ff", "nodule view")):
         fig.add_shape(type="rect", x0=col - side / 2, x1=col + side / 2, y0=row - side / 2, y1=row + side / 2,
                       line={"color": colour, "width": 2}, name=name)
-    sp_px = spacing or DEFAULT_SPACING_MM
-    for rank, cand in enumerate(cands or [], 1):
-        rad = max(6.0, cand["diameter_mm"] / sp_px / 2 + 3)
+    for rank, (cand, (_, _, rad)) in enumerate(zip(cands or [], rings, strict=True), 1):
         fig.add_shape(type="circle", x0=cand["x"] - rad, x1=cand["x"] + rad, y0=cand["y"] - rad, y1=cand["y"] + rad,
                       line={"color": "#ff9500" if rank == 1 else "#ffcc80", "width": 2})
         fig.add_annotation(x=cand["x"] + rad, y=cand["y"] - rad, text=str(rank), showarrow=False,
@@ -139,9 +145,11 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
                                                                 "line": {"color": "#ff3b30", "width": 2}},
                     hoverinfo="skip", showlegend=False)
     fig.update_layout(height=520, margin={"l": 0, "r": 0, "t": 0, "b": 0}, clickmode="event+select",
-                      dragmode=False, xaxis={"visible": False}, yaxis={"visible": False})
+                      dragmode="zoom", xaxis={"visible": False}, yaxis={"visible": False},
+                      uirevision=key)  # zoom and pan stay as they were when the page reruns after a click
     st.plotly_chart(fig, key=f"pick-{key}", on_select=on_click, selection_mode="points",
-                    config={"displayModeBar": False})
+                    config={"displayModeBar": True, "displaylogo": False, "scrollZoom": True,
+                            "modeBarButtonsToRemove": ["select2d", "lasso2d", "toImage", "autoScale2d"]})
     with controls:
         if not lung.any():
             st.warning(NO_LUNG_MESSAGE, icon=":material/search_off:")
@@ -153,7 +161,8 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
         c1.number_input("Nodule centre: row", 0, h - 1, step=1, key=rkey)
         c2.number_input("Nodule centre: column", 0, w - 1, step=1, key=ckey)
         sp = f"{spacing:.2f} mm/pixel" if spacing else "unknown spacing (0.70 mm/pixel assumed)"
-        st.caption(f"Click the nodule on the image or type its position (pixels). Yellow: the slice view "
+        st.caption(f"Click the nodule, or a ring to accept that candidate; drag or scroll to zoom, double-click to "
+                   f"zoom out. Yellow: the slice view "
                    f"({SLICE_CROP_PX} pixels, about {SLICE_CROP_PX * (spacing or 0.7):.0f} mm); cyan: the nodule "
                    f"view ({nodule_mm:.0f} mm), at {sp}.")
     return float(st.session_state[rkey]), float(st.session_state[ckey])
@@ -247,6 +256,79 @@ def _dicom_downloads(assessment, centre_rc: tuple[float, float] | None, report: 
         st.caption("The nodule model outlined nothing, so there is no DICOM SEG.")
 
 
+THROUGH_PX = 384  # side at which a slice's neighbourhood of the nodule is shown when moving through a series
+
+
+def _through_series(series: list, assessment, index: int, centre_rc: tuple[float, float] | None, key: str) -> None:
+    """The nodule followed through a series: its size per slice, the largest axis and the volume, and a slider
+    through the series that draws the model's outline (in the slice's own pixels) on each slice it followed."""
+    r = assessment.reading
+    sizes = r.slice_sizes()
+    read = [s["index"] for s in sizes]
+    outlines = common.series_outlines(folder, main_file.file_id, series, index, centre_rc, assessment)
+    st.subheader("The nodule through the series")
+    zs = [float(series[k].z_mm) for k in read]
+    span = (f"series slices {min(read) + 1}-{max(read) + 1}, z {min(zs):.1f} to {max(zs):.1f} mm"
+            if len(read) > 1 else f"series slice {read[0] + 1}, z {zs[0]:.1f} mm")
+    largest = max(sizes, key=lambda s: s["long_axis_mm"])
+    size = (f" Largest axis **{largest['long_axis_mm']:.1f} mm** (slice {largest['index'] + 1})"
+            + (f"; volume **{r.volume_mm3:.0f} mm³**." if r.volume_mm3 else "; volume unknown (one slice).")
+            if r.outlined else " Nothing was outlined, so the size is unknown.")
+    st.markdown(f"The estimate is over the nodule's **{r.n_slices} slice{'s' if r.n_slices != 1 else ''}** "
+                f"({span}), followed from the slice you picked.{size}")
+    table_col, view_col = st.columns([3, 2], gap="large")
+    with table_col:
+        st.dataframe([{"slice": k + 1, "z (mm)": round(z, 1), "long axis (mm)": round(s["long_axis_mm"], 1),
+                       "short axis (mm)": round(s["short_axis_mm"], 1), "area (mm²)": round(s["area_mm2"], 1),
+                       "": "picked" if k == index else ""}
+                      for k, z, s in zip(read, zs, sizes, strict=True)],
+                     hide_index=True, width="stretch", height=min(36 * (len(read) + 1) + 4, 320))
+        if len(read) > 1:
+            fig = go.Figure()
+            for field, name in (("long_axis_mm", "long axis"), ("short_axis_mm", "short axis")):
+                fig.add_scatter(x=zs, y=[s[field] for s in sizes], mode="lines+markers", name=name)
+            fig.update_layout(height=200, margin={"l": 10, "r": 10, "t": 10, "b": 10},
+                              xaxis={"title": "z (mm)"}, yaxis={"title": "mm", "rangemode": "tozero"},
+                              legend={"orientation": "h", "y": 1.15})
+            st.plotly_chart(fig, key="series-sizes", config={"displayModeBar": False})
+    with view_col:
+        n = len(series)
+        skey = f"through-{key}"
+        if st.session_state.get(f"{skey}-from") != (index, centre_rc):  # a new pick starts at the picked slice
+            st.session_state[skey], st.session_state[f"{skey}-from"] = index + 1, (index, centre_rc)
+        k = (st.slider("Move through the series (slice)", 1, n, key=skey) if n > 1 else 1) - 1
+        st.image(_series_view(series, k, outlines, read, [s.centre_rc for s in r.slices]), width=THROUGH_PX)
+        st.caption(_series_view_caption(series, k, sizes, read))
+
+
+def _series_view(series: list, k: int, outlines: dict, read: list[int],
+                 centres: list[tuple[float, float] | None]) -> np.ndarray:
+    """Slice ``k`` around the nodule (the slice view's field, centred where the nodule is on the nearest followed
+    slice), in the chosen window, with the model's outline when it followed the nodule there."""
+    sl = series[k]
+    h, w = sl.hu.shape
+    near = min(range(len(read)), key=lambda i: abs(read[i] - k))
+    centre = centres[near] if is_whole_slice(sl.hu) and centres[near] is not None else (h / 2.0, w / 2.0)
+    side = min(SLICE_CROP_PX, h, w) if is_whole_slice(sl.hu) else max(h, w)
+    crop = crop_around(display_image(sl.hu, True, _window()), centre, side, fill=0.0)
+    mask = outlines.get(k)
+    if mask is None:
+        return resize(crop, THROUGH_PX)
+    edge = crop_around(mask.astype(np.float32), centre, side, fill=0.0) > 0.5
+    return outline_overlay(resize(crop, THROUGH_PX), resize(edge.astype(np.float32), THROUGH_PX) > 0.5)
+
+
+def _series_view_caption(series: list, k: int, sizes: list[dict], read: list[int]) -> str:
+    sl = series[k]
+    where = f"Slice {k + 1} of {len(series)}, z = {sl.z_mm:.1f} mm: "
+    if k not in read:
+        return where + "outside the nodule's slices (no outline)"
+    s = sizes[read.index(k)]
+    if not s["area_mm2"]:
+        return where + "followed, nothing outlined"
+    return where + (f"outline {s['long_axis_mm']:.1f} × {s['short_axis_mm']:.1f} mm, area {s['area_mm2']:.0f} mm²")
+
+
 def _case_input() -> tuple[CaseInput, str, str]:
     """Widgets for the uploaded files -> the model inputs, a label for the case and the DICOM series UID ("" when
     not DICOM)."""
@@ -312,6 +394,7 @@ try:
             case.notes.append(f"The pixel spacing of library case {same[0]}, {known_mm:.2f} mm, was used: the "
                               "image file carries none.")
     pred = common.prediction(folder, case.context, case.nodule_crop, case.spacing_mm)
+    followed = series = None
     if series_uid and pred.assessment is not None and isinstance(series := _read(main_file), list):
         # a series: the nodule model reads every slice the nodule reaches, not the chosen one alone
         index = int(st.session_state.get(f"slice-{common.digest(main_file.file_id)}", len(series) // 2))
@@ -431,6 +514,11 @@ with finding_box:
                     st.caption(":material/warning: Few cases in this band: the observed rate is imprecise.")
         st.caption("Validation figures for every model: the Models page and the model card.")
 
+# --------------------------------------------------------------------------------------- the nodule in the series
+
+if followed is not None and isinstance(series, list):
+    _through_series(series, followed, index, case.centre_rc, common.digest(main_file.file_id))
+
 # ------------------------------------------------------------------------------------------------------ maps
 
 st.subheader("Where the model looked")
@@ -497,7 +585,11 @@ if index is not None:
         input_notes.append(own)
     st.caption("Nearest cases by the nodule model's features. The library holds training cases too (seen by the "
                "model); the panel and reader scores are the LIDC radiologists' ratings, not pathology. " + own)
-    common.similar_case_cards(similar, "inspect")
+    upload_view = shown.view if shown is not None else pred.images.get("nodule", pred.images.get("slice"))
+    upload_chars = dict(a.characteristics) if a is not None else {}
+    if a is not None and a.reading.outlined:
+        upload_chars["size"] = f"{a.reading.long_axis_mm:.1f} × {a.reading.short_axis_mm:.1f} mm"
+    common.similar_case_cards(similar, "inspect", upload_view, upload_chars)
 
 # ------------------------------------------------------------------------------------------- review and report
 

@@ -412,6 +412,19 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     assert "What moved the estimate" in text and "log-odds" in text and "second-look call" in text
     assert re.search(r"\*\*Size\*\* \((largest of \d+ slices|one slice)\)", text) or "Nothing outlined" in text
     assert any(m.label == "Malignant probability" for m in at.metric)
+    # the nodule through the series: over how many slices, the size of each, and a slider that draws the outline
+    n_read = int(re.search(r"The estimate is over the nodule's \*\*(\d+) slices?\*\*", text).group(1))
+    sizes = next(d.value for d in at.dataframe if "long axis (mm)" in d.value.columns)
+    assert len(sizes) == n_read and shown + 1 in list(sizes["slice"])
+    assert list(sizes.loc[sizes["slice"] == shown + 1, ""]) == ["picked"]
+    through = next(s for s in at.slider if s.label == "Move through the series (slice)")
+    assert through.value == shown + 1 and through.max == 5  # slice numbers, as in the table
+    other = 4 if shown < 2 else 0
+    through.set_value(other + 1).run()
+    assert not at.exception and not at.error
+    caption = next(c.value for c in at.caption if c.value.startswith(f"Slice {other + 1} of 5, z = "))
+    assert ("outside the nodule's slices" in caption) == (other + 1 not in list(sizes["slice"]))
+    assert followed == [(5, shown)]  # moving through the series reads no slice again
 
 
 def _zip(files: dict[str, bytes]) -> bytes:
@@ -708,6 +721,32 @@ def test_library_case_view_of_a_training_case(app_env):
     rows = ReviewStore(app_env / "reviews.sqlite3").list()
     assert [(r["case_id"], r["source"], r["verdict"]) for r in rows] == [("LIDC-IDRI-0001/nodule-0", "library",
                                                                         "agree")]
+
+
+def test_similar_cases_sit_beside_the_upload_and_one_compares_at_full_size(app_env, lidc_slices_dir):
+    """Each row of similar cases starts with the upload's own view; a card gives the readers' spread, the size and
+    characteristics; "Compare" shows the upload and that case side by side at full size until closed."""
+    at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "slice-4.png",
+                 (lidc_slices_dir / REAL_SLICE).read_bytes())
+    assert not at.exception
+    captions = [img.captions[0] for img in at.image if img.captions]
+    assert captions.count("this upload (nodule model's view)") == 1  # five cases: one row, headed by the upload
+    cards = [m.value for m in at.markdown if m.value.startswith("Panel score **")]
+    assert len(cards) == 5 and all(re.search(r"Readers: \d(, \d)*( \(\d-\d\)| \(all agree\))", c) for c in cards)
+    assert all("Diameter: " in c for c in cards) and any("spiculation: " in c for c in cards)
+    case_ids = [m.value.strip("*") for m in at.markdown if m.value.startswith("**LIDC-IDRI-")]
+    compare = [b for b in at.button if b.label == "Compare"]
+    assert len(compare) == 5
+    compare[2].click().run()
+    assert not at.exception
+    assert any(m.value.startswith(f"**Compare: this upload and {case_ids[2]}**") for m in at.markdown)
+    table = next(d.value for d in at.dataframe if "similar case (readers)" in d.value.columns)
+    assert {"malignancy (panel score)", "size", "spiculation"} <= set(table[""])
+    full = [img for img in at.image if img.captions and img.captions[0].startswith(f"{case_ids[2]}: ")]
+    assert len(full) == 1
+    assert any(img.captions and img.captions[0] == "This upload: the nodule model's view" for img in at.image)
+    next(b for b in at.button if b.label == "Close").click().run()
+    assert not any(m.value.startswith("**Compare: ") for m in at.markdown)
 
 
 def test_similar_cases_and_the_library_show_atlas_pictures_without_the_data_folder(app_env, lidc_slices_dir,

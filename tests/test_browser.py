@@ -278,9 +278,12 @@ def test_first_screen_is_the_finding(shipped_server: str, data_dir: Path, tmp_pa
             page = browser.new_page(viewport={"width": 1440, "height": FOLD}, accept_downloads=True)
             page.goto(shipped_server, wait_until="domcontentloaded")
             expect(page.get_by_role("heading", name="Inspect a nodule")).to_be_visible(timeout=90_000)
+            started = time.perf_counter()
             page.locator("input[type=file]").first.set_input_files(str(upload))
             value = page.locator('[data-testid="stMetricValue"]').first
             expect(value).to_have_text(re.compile(r"^[<>]?\d+%$"), timeout=180_000)
+            # recorded, not asserted: the speed a user feels (issue 27 asks <= 3 s with warm caches)
+            print(f"{kind}: upload to first estimate {time.perf_counter() - started:.1f} s")
             # the whole page has run: the similar cases come last before the review and report
             expect(page.get_by_role("button", name="Open in library").first).to_be_attached(timeout=120_000)
             _wait_idle(page, timeout_ms=120_000)

@@ -1,16 +1,22 @@
-"""Speed benchmark on real cases: prediction, Grad-CAM, LIME (fast vs stock), retrieval, nodule search, cold start.
+"""Speed benchmark on real cases: prediction, Grad-CAM, LIME (fast vs stock), retrieval, nodule search, cold start,
+and the speed a user of the app feels (:func:`felt_bench`: upload to first estimate, a slider step on a 100-slice
+series, the first page of a fresh server).
 
 Medians of repeated runs with warm caches (models loaded once), except ``cold_start_s``, which times a fresh
-Python process from import to its first prediction.
+Python process from import to its first prediction, and ``first_page_s``, a fresh ``streamlit run``.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +118,177 @@ def cold_start_seconds(folder: Path, image_path: Path) -> float:
     return wall
 
 
+#: What the user feels, in seconds: upload to first estimate (warm caches), one slider step on a 100-slice series,
+#: the first page of a fresh server (issue 27).
+FELT_TARGETS_S = {"upload_to_estimate_s": 3.0, "slider_step_s": 1.0, "first_page_s": 5.0}
+SERIES_SLICES = 100
+CHROMIUM = os.environ.get("LUNGVIZ_CHROMIUM", "/usr/bin/chromium")
+
+
+def _median_s(fn: Callable[[], object], repeats: int) -> float:
+    return _median_ms(fn, repeats) / 1000.0
+
+
+def upload_to_estimate(models, data: bytes, name: str, finder=None) -> object:
+    """What the Inspect page does between an upload and its estimate, with the models loaded: decode the file, find
+    the nodule candidates on a whole slice (the centre starts at the best), cut the views and predict."""
+    from lungviz.data.io import load_image
+    from lungviz.data.upload import from_loaded, is_whole_slice
+    from lungviz.inference.finder import scan
+    from lungviz.inference.predict import predict
+
+    loaded = load_image(data, name)
+    centre = None
+    if is_whole_slice(loaded.pixels):
+        cands = scan(finder, loaded.pixels, loaded.is_hu, loaded.pixel_spacing_mm, top_k=5)[0] if finder else []
+        h, w = loaded.pixels.shape
+        centre = (cands[0].y, cands[0].x) if cands else (h / 2.0, w / 2.0)
+    case = from_loaded(loaded, None, centre)
+    return predict(models, case.context, case.nodule_crop, case.spacing_mm)
+
+
+def padded_series(series: list, n: int = SERIES_SLICES) -> list:
+    """A real series repeated to ``n`` slices (a 100-slice series from a shorter real one), z stepping on evenly."""
+    step = float(abs(series[1].z_mm - series[0].z_mm)) if len(series) > 1 else 2.5
+    return [replace(series[k % len(series)], z_mm=float(series[0].z_mm) + k * (step or 2.5)) for k in range(n)]
+
+
+def slider_step(series: list, k: int, outlines: dict, centre_rc: tuple[float, float], window: str = "lung") -> str:
+    """What the Inspect page draws when the series slider moves to slice ``k`` (the slices are decoded once per
+    upload, the outlines mapped once per pick): the slice in its window, cut around the nodule, the model's outline
+    drawn, shown at 384 px and encoded for the browser."""
+    from lungviz.data.preprocess import SLICE_CROP_PX, crop_around, resize
+    from lungviz.data.upload import display_image
+    from lungviz.inference.outline import outline_overlay
+    from lungviz.present.report import data_uri
+
+    crop = resize(crop_around(display_image(series[k].hu, True, window), centre_rc, SLICE_CROP_PX, fill=0.0), 384)
+    mask = outlines.get(k)
+    if mask is not None:
+        edge = resize((crop_around(mask.astype(np.float32), centre_rc, SLICE_CROP_PX, fill=0.0) > 0.5)
+                      .astype(np.float32), 384) > 0.5
+        crop = outline_overlay(crop, edge)
+    return data_uri(crop)
+
+
+def picker_step(series: list, k: int, window: str = "lung") -> str:
+    """What the nodule picker redraws when its slice slider moves: the lung mask of the new slice and the whole
+    slice in its window, encoded for the plotly figure."""
+    from lungviz.data.upload import display_image
+    from lungviz.inference.lungmask import lung_mask, mask_overlay
+    from lungviz.present.report import data_uri
+
+    sl = series[k]
+    lung = lung_mask(sl.hu, True, float(np.mean(sl.pixel_spacing_mm)))
+    return data_uri(mask_overlay(display_image(sl.hu, True, window), lung))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def first_page_seconds(folder: Path, timeout_s: float = 120.0) -> dict:
+    """A fresh ``streamlit run`` of the app: seconds until its health endpoint answers, until the Inspect page's
+    first run has drawn its upload box in headless Chromium, and until that run has finished (the models loaded);
+    the last two need Playwright and Chromium."""
+    port = _free_port()
+    env = {**os.environ, "LUNGVIZ_WEIGHTS": str(folder)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
+                             "--server.port", str(port), "--server.address", "127.0.0.1",
+                             "--browser.gatherUsageStats", "false"], cwd=str(paths.REPO_ROOT), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out: dict = {}
+    try:
+        while "server_health_s" not in out:
+            if proc.poll() is not None or time.perf_counter() - t0 > timeout_s:
+                raise LungvizError("the app's server did not start for the first-page timing.")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        out["server_health_s"] = time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.05)
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            return out
+        if not Path(CHROMIUM).is_file():
+            return out
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page(viewport={"width": 1440, "height": 900})
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+                page.locator('[data-testid="stFileUploader"]').first.wait_for(timeout=timeout_s * 1000)
+                out["first_page_s"] = time.perf_counter() - t0
+                page.wait_for_timeout(200)  # then the rest of the first run: the models load into the server
+                page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=timeout_s * 1000)
+                out["first_run_done_s"] = time.perf_counter() - t0
+            finally:
+                browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return out
+
+
+def felt_bench(folder: Path, repeats: int) -> dict:
+    """The speed the user feels (issue 27): upload to first estimate with warm caches (a real LIDC slice PNG and a
+    real whole DICOM slice), a slider step on a real series repeated to 100 slices (the series view's slider, and
+    the picker's, which also re-follows the nodule from the new slice), and the first page of a fresh server."""
+    from lungviz.data.dicom import find_nodules, read_patient
+    from lungviz.inference.finder import load_finder
+    from lungviz.inference.nodule import assess_series
+    from lungviz.inference.predict import load_models
+    from lungviz.present.dicom_export import source_outlines
+
+    models = load_models(folder)
+    try:
+        finder = load_finder(folder)
+    except LungvizError:
+        finder = None
+    case = bench_cases(1)[0]
+    png = Path(case.image_paths[case.n_slices // 2])
+    out: dict = {"felt_targets_s": FELT_TARGETS_S}
+    out["upload_to_estimate_png_s"] = _median_s(lambda: upload_to_estimate(models, png.read_bytes(), png.name),
+                                                repeats)
+    root = paths.lidc_dicom_dir()
+    read = [read_patient(p) for p in sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    with_nodule = [(series, nodules[0]) for series, marks, _ in read if (nodules := find_nodules(series, marks)[0])]
+    if with_nodule:
+        series, nodule = with_nodule[0]
+        sl = series[int(round(nodule.centre_z_index))]
+        if Path(sl.name).is_file():  # a real whole DICOM slice through the nodule
+            data, name = Path(sl.name).read_bytes(), Path(sl.name).name
+            out["upload_to_estimate_dicom_slice_s"] = _median_s(
+                lambda: upload_to_estimate(models, data, name, finder), repeats)
+        # the same series repeated to 100 slices (its nodule spans 13 slices: the outline is drawn on them)
+        big = padded_series(series)
+        mid, centre = int(round(nodule.centre_z_index)), nodule.centre_rc
+        outlines: dict = {}
+        if models.nodule is not None:
+            outlines = source_outlines(assess_series(models.nodule, big, mid, centre), big, mid, centre)
+            out["series_followed_slices"] = len(outlines)
+        steps = [(mid + d) % len(big) for d in range(-5, 5)]  # through the nodule and beyond it
+        out["series_slices"] = len(big)
+        out["slider_step_s"] = float(np.median([_median_s(lambda j=j: slider_step(big, j, outlines, centre),
+                                                          max(3, repeats)) for j in steps]))
+        out["picker_step_s"] = float(np.median([_median_s(lambda j=j: picker_step(big, j), max(3, repeats // 2))
+                                                for j in steps[:3]]))
+        if models.nodule is not None:
+            out["picker_step_refollow_s"] = float(np.median([_median_s(
+                lambda j=j: assess_series(models.nodule, big, j, centre), 1) for j in steps[4:7]]))
+    out.update(first_page_seconds(folder))
+    out["upload_to_estimate_s"] = max(v for key, v in out.items() if key.startswith("upload_to_estimate_"))
+    return out
+
+
 def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, lime_cases: int = 12,
               only: str = "all") -> dict:
     """Time every step the app runs for one case; returns the figures docs/app.md reports. ``only="locate"``
@@ -201,4 +378,5 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
     out.update(locate_bench(folder, repeats))
     first = cases[0].image_paths[cases[0].n_slices // 2]
     out["cold_start_s"] = cold_start_seconds(folder, Path(first))
+    out.update(felt_bench(folder, repeats))
     return out

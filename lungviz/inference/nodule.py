@@ -228,6 +228,12 @@ class NoduleReading:
     def malignant_probability(self) -> float:
         return float(self.probabilities["malignant"][1])
 
+    def slice_sizes(self) -> list[dict]:
+        """Per slice read, in order: its series index (None unless a series was followed), long and short axis (mm)
+        and outlined area (mm²), 0 where nothing was outlined."""
+        return [{"index": s.index, "long_axis_mm": float(s.long_axis_mm), "short_axis_mm": float(s.short_axis_mm),
+                 "area_mm2": float(s.area_mm2)} for s in self.slices]
+
 
 def head_temperatures(bundle: Bundle) -> dict[str, float]:
     """Each head's temperature from the spec (1.0 where none was fitted)."""
