@@ -94,9 +94,11 @@ def cam(
     with _CAM_LOCK, torch.inference_mode(False), torch.enable_grad():
         x = _model_input(model, view, mean, std)[None]
         x.requires_grad_(True)  # so a frozen model (no trainable parameters) still gets gradients at the layer
+        import pytorch_grad_cam  # here, not at import: it pulls in torchvision, which the first page need not wait for
+
         try:
             # BaseCAM.__exit__ releases the hooks (and swallows IndexError, hence the `heat is None` check).
-            with CAM_METHODS[method](model=model, target_layers=[layer]) as explainer:
+            with getattr(pytorch_grad_cam, CAM_METHODS[method])(model=model, target_layers=[layer]) as explainer:
                 heat = explainer(input_tensor=x, targets=[target])[0]
         finally:
             model.zero_grad(set_to_none=True)

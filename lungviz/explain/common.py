@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
 from torch import nn
 
 from lungviz import metrics
@@ -17,7 +16,8 @@ from lungviz.data.preprocess import to_model_input
 from lungviz.errors import LungvizError
 
 #: Grad-CAM variants by the name the app and the CLI use.
-CAM_METHODS: dict[str, type] = {"gradcam": GradCAM, "gradcampp": GradCAMPlusPlus}
+#: (pytorch-grad-cam class names: the package, which imports torchvision, loads on the first map, not with the app.)
+CAM_METHODS: dict[str, str] = {"gradcam": "GradCAM", "gradcampp": "GradCAMPlusPlus"}
 
 #: LIME's kernel width on the cosine distance between a perturbation and the full image (lime's default).
 LIME_KERNEL_WIDTH = 0.25
