@@ -23,7 +23,15 @@ from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundl
 from lungviz.inference.finder import Finder, load_finder, scan, scan_series, series_volume
 from lungviz.inference.lungmask import lung_mask
 from lungviz.inference.nodule import LEVEL_WORDS, Assessment, assess, assess_series
-from lungviz.inference.predict import ESTIMATE_NAME, ModelSet, Prediction, load_models, predict, retrieval_query
+from lungviz.inference.predict import (
+    ESTIMATE_NAME,
+    ModelSet,
+    Prediction,
+    load_models,
+    predict,
+    retrieval_query,
+    short_flag,
+)
 from lungviz.library import (
     PICTURE_SOURCES,
     library_slice_of,
@@ -485,7 +493,8 @@ def show_flag(pred: Prediction, compact: bool = False) -> None:
     line)."""
     if pred.refer:
         if compact:
-            st.warning(f"**Refer / uncertain**: {'; '.join(pred.flags)}.", icon=":material/flag:")
+            st.warning(f"**Refer / uncertain**: {', '.join(short_flag(r) for r in pred.flags)} (why: *How sure is "
+                       "this?*)", icon=":material/flag:")
             return
         reasons = "".join(f"\n- {r}" for r in pred.flags)
         st.warning(f"**Refer / uncertain.** Do not rely on this estimate:{reasons}", icon=":material/flag:")

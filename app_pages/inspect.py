@@ -456,6 +456,8 @@ with finding_box:
         (st.info if library_note[1] else st.warning)(plain_text(library_note[0]), icon=":material/database:")
 
     with st.expander("How sure is this?", icon=":material/query_stats:"):
+        if pred.refer:
+            common.show_flag(pred)  # each reason in full
         if a is not None:
             common.show_call_on_test(a)
         st.dataframe(common.view_table(pred), hide_index=True, width="stretch")

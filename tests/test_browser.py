@@ -157,8 +157,8 @@ def test_upload_shows_estimate_gradcam_and_similar_cases(shipped_server: str, li
             assert "Research and education use only" in html and "slice-4.png" in html
             assert "Grad-CAM, nodule model" in html and "LIDC-IDRI-0001/nodule-0" in html
             assert "are left out of the similar cases" in html
-            # the measured outline travels
-            assert re.search(r"Nodule model, over \d+ slices?: long axis [\d.]+ mm", html)
+            # the measured outline travels: the report's size table, in millimetres
+            assert re.search(r"Long axis</th>.*?<td[^>]*>[\d.]+ mm</td>", html, re.S)
             pdf_file = _download(page, "PDF report")
             pdf = pdf_file.read_bytes() if pdf_file else None
             assert pdf is not None and pdf[:5] == b"%PDF-"
@@ -222,7 +222,7 @@ def _first_screen(page) -> dict[str, object]:
         "top factors": main.locator('[data-testid="stMarkdown"]', has=page.locator("li")).filter(
             has_text="log-odds"),
         "flag line": main.locator('[data-testid="stAlert"], [data-testid="stCaptionContainer"]').filter(
-            has_text=re.compile(r"Refer / uncertain|No uncertainty flag")),
+            has_text=re.compile(r"Refer / uncertain|No uncertainty flag"), visible=True),  # the expander's is hidden
     }
 
 

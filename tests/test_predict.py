@@ -228,3 +228,15 @@ def test_each_binary_call_carries_how_it_did_on_the_held_out_test_nodules(tmp_pa
     assert ("On one middle slice of each of the 332 held-out test nodules these calls found this share of the nodules "
             "the panel rated malignant: slice view 49% [39-60%]; and cleared this share of the benign ones: slice "
             "view 96% [93-98%]. A benign call does not rule malignancy out.") in note
+
+
+def test_each_flag_has_a_few_words_for_the_one_line_flag():
+    from lungviz.inference.predict import short_flag
+
+    two = ["benign", "malignant"]
+    flags = uncertainty_flags({"nodule": {"binary": TaskPrediction(classes=two, probs=[0.5, 0.5])},
+                               "slice": {"binary": TaskPrediction(classes=two, probs=[0.95, 0.05])}},
+                              presence=0.1, outlined=False)
+    assert [short_flag(f) for f in flags] == ["no nodule seen at the centre", "nothing outlined",
+                                              "close to the call point", "the views disagree"]
+    assert short_flag("something new") == "something new"

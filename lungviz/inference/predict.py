@@ -286,6 +286,19 @@ def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]], presence: flo
     return reasons
 
 
+#: Each refer / uncertain reason in a few words, by how its sentence starts (:func:`uncertainty_flags`).
+FLAG_WORDS = (("the nodule finder does not see", "no nodule seen at the centre"),
+              ("the nodule model outlined no nodule", "nothing outlined"),
+              ("malignant probability", "close to the call point"),
+              ("the views disagree", "the views disagree"),
+              ("no panel score is likely", "no score likely"))
+
+
+def short_flag(reason: str) -> str:
+    """A refer / uncertain reason in a few words, for the one-line flag; the sentence itself otherwise."""
+    return next((words for start, words in FLAG_WORDS if reason.startswith(start)), reason)
+
+
 def crop_as_context(nodule_crop: np.ndarray) -> tuple[np.ndarray, float]:
     """A nodule crop uploaded without its slice, as a context the nodule model can read: the crop and its pixel
     spacing, taking it to span the default nodule field (:data:`lungviz.data.preprocess.VIEWS`)."""
