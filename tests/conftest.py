@@ -435,7 +435,7 @@ SLOW_MODULES = {"test_app.py", "test_browser.py", "test_training.py", "test_caml
 #: stress, memory-bound checks and the real-browser download.
 SLOW_TESTS = {
     "test_locate_cli_on_a_dicom_slice_and_a_series", "test_locate_cli_bad_input_exits_2_with_one_line",
-    "test_the_sr_and_seg_download_in_a_browser", "test_fuzzed_uploads_through_the_cli",
+    "test_fuzzed_uploads_through_the_cli",
     "test_train_finder_on_a_few_real_patients", "test_shipped_finder_ranks_each_confirmed_nodule_near_the_top",
     "test_two_processes_with_threads_lose_nothing",
     "test_the_cli_predicts_with_an_implausible_spacing_taken_as_unknown",

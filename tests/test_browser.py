@@ -9,11 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,26 +29,6 @@ FIRST_SCREEN = Path(os.environ.get("LUNGVIZ_FIRST_SCREEN", "/tmp/lungviz-e2e-fir
 SHIPPED_WEIGHTS = REPO / "weights"
 FOLD = 900  # the first screen: a 1440x900 window at scroll 0
 MAX_PROSE_WORDS = 150
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"streamlit did not answer at {url} within {timeout_s:.0f} s")
 
 
 def _wait_idle(page, timeout_ms: int = 60_000) -> None:
@@ -87,26 +63,16 @@ def _browser_available() -> None:
 @contextmanager
 def _serve(weights: Path, home: Path) -> Iterator[str]:
     """The real app served by `streamlit run` on a free port with the weights in ``weights``; stopped afterwards."""
-    port = _free_port()
-    env = {**os.environ, "LUNGVIZ_WEIGHTS": str(weights), "LUNGVIZ_HOME": str(home)}
+    from lungviz.cli.serve import app_server
+
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "streamlit.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_healthy(f"http://127.0.0.1:{port}/_stcore/health", proc)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        proc.terminate()
+    with log_path.open("w") as log:
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        print("streamlit log (tail):", *log_path.read_text().splitlines()[-30:], sep="\n")
+            with app_server({"LUNGVIZ_WEIGHTS": str(weights), "LUNGVIZ_HOME": str(home)}, log) as (url, _):
+                yield url
+        finally:
+            print("streamlit log (tail):", *log_path.read_text().splitlines()[-30:], sep="\n")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,10 @@ Python process from import to its first prediction, and ``first_page_s``, a fres
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from lungviz import paths
+from lungviz.cli.serve import app_server, chromium_path
 from lungviz.errors import LungvizError
 from lungviz.retrieval import LIBRARY_INDEX
 
@@ -122,7 +120,6 @@ def cold_start_seconds(folder: Path, image_path: Path) -> float:
 #: the first page of a fresh server (issue 27).
 FELT_TARGETS_S = {"upload_to_estimate_s": 3.0, "slider_step_s": 1.0, "first_page_s": 5.0}
 SERIES_SLICES = 100
-CHROMIUM = os.environ.get("LUNGVIZ_CHROMIUM", "/usr/bin/chromium")
 
 
 def _median_s(fn: Callable[[], object], repeats: int) -> float:
@@ -183,45 +180,25 @@ def picker_step(series: list, k: int, window: str = "lung") -> str:
     return data_uri(mask_overlay(display_image(sl.hu, True, window), lung))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def first_page_seconds(folder: Path, timeout_s: float = 120.0) -> dict:
     """A fresh ``streamlit run`` of the app: seconds until its health endpoint answers, until the Inspect page's
     first run has drawn its upload box in headless Chromium, and until that run has finished (the models loaded);
     the last two need Playwright and Chromium."""
-    port = _free_port()
-    env = {**os.environ, "LUNGVIZ_WEIGHTS": str(folder)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-                             "--server.port", str(port), "--server.address", "127.0.0.1",
-                             "--browser.gatherUsageStats", "false"], cwd=str(paths.REPO_ROOT), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    out: dict = {}
-    try:
-        while "server_health_s" not in out:
-            if proc.poll() is not None or time.perf_counter() - t0 > timeout_s:
-                raise LungvizError("the app's server did not start for the first-page timing.")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        out["server_health_s"] = time.perf_counter() - t0
-            except OSError:
-                time.sleep(0.05)
+    with app_server({"LUNGVIZ_WEIGHTS": str(folder)}, timeout_s=timeout_s) as (url, health_s):
+        out: dict = {"server_health_s": health_s}
         try:
             from playwright.sync_api import sync_playwright
         except ImportError:
             return out
-        if not Path(CHROMIUM).is_file():
+        if not chromium_path().is_file():
             return out
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            browser = p.chromium.launch(executable_path=str(chromium_path()),
+                                        args=["--headless", "--no-sandbox", "--disable-gpu"])
             try:
                 page = browser.new_page(viewport={"width": 1440, "height": 900})
-                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+                page.goto(url, wait_until="domcontentloaded")
                 page.locator('[data-testid="stFileUploader"]').first.wait_for(timeout=timeout_s * 1000)
                 out["first_page_s"] = time.perf_counter() - t0
                 page.wait_for_timeout(200)  # then the rest of the first run: the models load into the server
@@ -229,12 +206,6 @@ def first_page_seconds(folder: Path, timeout_s: float = 120.0) -> dict:
                 out["first_run_done_s"] = time.perf_counter() - t0
             finally:
                 browser.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return out
 
 
