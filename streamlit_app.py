@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app_pages.common import init_state
+from app_pages.session import init_state
 from lungviz import RESEARCH_NOTICE
 
 st.set_page_config(page_title="lungviz", page_icon=":material/pulmonology:", layout="wide")

@@ -1,11 +1,49 @@
-"""Inspect an upload: a slice (and optional nodule crop) or a DICOM series -> calibrated estimate, confidence in
-context, saliency maps, similar library cases, review and report."""
+"""Inspect an upload: a slice (and optional nodule crop) or a DICOM series -> the finding, how sure it is, saliency
+maps, similar library cases, review and report.
+
+The title and the uploaders are drawn before the models' libraries are imported (below them), so a fresh server
+shows its first page in seconds."""
 
 from __future__ import annotations
 
+import streamlit as st
+
+from app_pages import session
+from lungviz.present.text import plain_text
+
+IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "npy", "dcm", "dicom"]
+SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are shown
+
+st.title("Inspect a nodule")
+
+up1, up2 = st.columns(2)
+present = {k: k in st.session_state for k in ("upload_slice", "upload_crop")}  # before the uploaders run
+main_file = up1.file_uploader("Slice image, DICOM slice or DICOM series (.zip)", type=[*IMAGE_TYPES, "zip"],
+                              key="upload_slice",
+                              help="PNG, JPG, TIFF, NPY or DICOM (.dcm). A crop about 9 cm wide centred on the "
+                                   "nodule (as in the LIDC slices set) or a whole CT slice.")
+crop_file = up2.file_uploader("Nodule crop (optional)", type=IMAGE_TYPES, key="upload_crop",
+                              help="A zoomed crop of the nodule, taken to span about 32 mm. Without it the nodule "
+                                   "view is cut from the slice in millimetres.")
+# A file uploaded before a visit to another page comes back (the uploader forgets it).
+main_file, main_back = session.kept_upload("upload_slice", present["upload_slice"], main_file)
+crop_file, crop_back = session.kept_upload("upload_crop", present["upload_crop"], crop_file)
+for col, f, back, k in ((up1, main_file, main_back, "upload_slice"), (up2, crop_file, crop_back, "upload_crop")):
+    if back and f is not None:
+        col.caption(f":material/history: Still inspecting **{plain_text(f.name, session.NAME_CHARS)}** from earlier in "
+                    "this session; upload a file to replace it.")
+        col.button("Forget it", key=f"forget-{k}", on_click=session.forget_upload, args=(k,),
+                   icon=":material/close:")
+if main_file is None and crop_file is None:  # the introduction, only until there is a finding to show
+    st.caption("Upload a CT slice centred on the nodule (or a whole slice, then choose the nodule), optionally a "
+               "nodule crop, or a DICOM series as .zip. You get a calibrated estimate of how the LIDC radiologists "
+               "would rate the nodule, where the model looked, and similar reference cases.")
+    st.info("Upload a file to start, for example a slice PNG from the LIDC slices set "
+            "(`lidc-slices/<patient>/<nodule>/images/slice-N.png`), a DICOM slice or a zipped DICOM series.",
+            icon=":material/upload_file:")
+# The models' libraries (torch, timm, ...) load here, after the first page is drawn.
 import numpy as np
 import plotly.graph_objects as go
-import streamlit as st
 
 from app_pages import common
 from lungviz import RESEARCH_NOTICE, paths
@@ -41,38 +79,8 @@ from lungviz.present.report import (
     pct,
     report_filename,
 )
-from lungviz.present.text import plain_text
 
-IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "npy", "dcm", "dicom"]
-SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are shown
-
-st.title("Inspect a nodule")
-
-up1, up2 = st.columns(2)
-present = {k: k in st.session_state for k in ("upload_slice", "upload_crop")}  # before the uploaders run
-main_file = up1.file_uploader("Slice image, DICOM slice or DICOM series (.zip)", type=[*IMAGE_TYPES, "zip"],
-                              key="upload_slice",
-                              help="PNG, JPG, TIFF, NPY or DICOM (.dcm). A crop about 9 cm wide centred on the "
-                                   "nodule (as in the LIDC slices set) or a whole CT slice.")
-crop_file = up2.file_uploader("Nodule crop (optional)", type=IMAGE_TYPES, key="upload_crop",
-                              help="A zoomed crop of the nodule, taken to span about 32 mm. Without it the nodule "
-                                   "view is cut from the slice in millimetres.")
-# A file uploaded before a visit to another page comes back (the uploader forgets it).
-main_file, main_back = common.kept_upload("upload_slice", present["upload_slice"], main_file)
-crop_file, crop_back = common.kept_upload("upload_crop", present["upload_crop"], crop_file)
-for col, f, back, k in ((up1, main_file, main_back, "upload_slice"), (up2, crop_file, crop_back, "upload_crop")):
-    if back and f is not None:
-        col.caption(f":material/history: Still inspecting **{plain_text(f.name, common.NAME_CHARS)}** from earlier in "
-                    "this session; upload a file to replace it.")
-        col.button("Forget it", key=f"forget-{k}", on_click=common.forget_upload, args=(k,),
-                   icon=":material/close:")
-if main_file is None and crop_file is None:  # the introduction, only until there is a finding to show
-    st.caption("Upload a CT slice centred on the nodule (or a whole slice, then choose the nodule), optionally a "
-               "nodule crop, or a DICOM series as .zip. You get a calibrated estimate of how the LIDC radiologists "
-               "would rate the nodule, where the model looked, and similar reference cases.")
-    st.info("Upload a file to start, for example a slice PNG from the LIDC slices set "
-            "(`lidc-slices/<patient>/<nodule>/images/slice-N.png`), a DICOM slice or a zipped DICOM series.",
-            icon=":material/upload_file:")
+if main_file is None and crop_file is None:
     common.models()  # drawn first, then loaded: a fresh server shows its page before the models are in memory
     st.stop()
 ms = common.models()
