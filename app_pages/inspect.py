@@ -476,8 +476,8 @@ with finding_box:
         for note in evidence_notes(pred):
             st.caption(note)
         ref = common.reference(headline) if headline else None
-        spec = ((ms.nodule.spec.get("metrics") or {}).get("binary_test") if head_view == "nodule" and ms.nodule
-                else ((getattr(ms.bundles.get(headline or ""), "spec", None) or {}).get("metrics") or {}).get("test"))
+        spec = (ms.nodule.spec.metrics.get("binary_test") if head_view == "nodule" and ms.nodule
+                else (ms.bundles[headline].spec.metrics.get("test") if headline in ms.bundles else None))
         bins = (spec or {}).get("reliability_malignant")
         hist_col, rel_col = st.columns([3, 2], gap="large")
         with hist_col:

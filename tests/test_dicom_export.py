@@ -244,7 +244,7 @@ def test_a_dicom_slice_upload_gets_its_findings_as_sr_and_seg(nodule_models, lid
     assessment = predict(nodule_models, case.context, None, case.spacing_mm).assessment
     assert assessment is not None and assessment.reading.outlined
     model = ModelInfo.from_spec("nodule", nodule_models.nodule.spec)
-    assert model.version == nodule_models.nodule.spec["weights_sha256"]
+    assert model.version == nodule_models.nodule.spec.weights_sha256
 
     sources = upload_slices(data, path.name)
     found = dicom_findings(sources, 0, case.centre_rc, assessment, model)
@@ -325,7 +325,7 @@ def test_a_nodule_the_model_did_not_outline_gets_an_sr_without_a_seg(nodule_mode
     assessment = assess_series(nodule_models.nodule, series, k, nodule.centre_rc)
     if assessment.reading.outlined:
         pytest.skip("the installed nodule model outlines this nodule")
-    found = dicom_findings(series, k, nodule.centre_rc, assessment, ModelInfo.from_spec("nodule", {}))
+    found = dicom_findings(series, k, nodule.centre_rc, assessment, ModelInfo.from_spec("nodule", None))
     assert found.seg is None
     sr = hd.sr.srread(io.BytesIO(found.sr))
     assert not sr.content.get_volumetric_roi_measurement_groups()

@@ -328,14 +328,14 @@ def test_bundle_round_trip(tmp_path, arch):
 
     bundle = load_bundle(tmp_path, "m1", device="cpu")
     assert isinstance(bundle, Bundle)
-    assert bundle.spec == json.loads((tmp_path / "m1.json").read_text()) == written
+    assert bundle.spec.to_dict() == json.loads((tmp_path / "m1.json").read_text()) == written
     assert not bundle.model.training
     assert all(p.dtype == torch.float32 for p in bundle.model.parameters())
     assert bundle.classes == ["c0", "c1", "c2"] and bundle.view == "nodule" and bundle.task == "malignancy"
     assert bundle.input_size == model.data_config["input_size"][-1]
     assert bundle.mean == tuple(model.data_config["mean"]) and bundle.std == tuple(model.data_config["std"])
     assert bundle.temperature == 1.7 and bundle.preprocessing == {"window": "lung", "field_mm": 32.0}
-    assert bundle.model_spec.split_fingerprint == "abc123"
+    assert bundle.spec.split_fingerprint == "abc123"
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected, got = model(x), bundle.model(x)
@@ -350,7 +350,7 @@ def test_update_spec_sets_fields_and_keeps_the_weights(tmp_path):
     updated = update_spec(tmp_path, "m1", cam_layer="backbone.blocks.2")
     assert updated == {**written, "cam_layer": "backbone.blocks.2"}
     bundle = load_bundle(tmp_path, "m1", "cpu")  # the checksum still matches: only the JSON changed
-    assert bundle.cam_layer == "backbone.blocks.2" and bundle.spec == updated
+    assert bundle.cam_layer == "backbone.blocks.2" and bundle.spec.to_dict() == updated
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(LungvizError, match="not found"):
         update_spec(tmp_path, "absent", cam_layer="x")
@@ -389,7 +389,7 @@ def test_bundle_accepts_model_spec_and_single_channel(tmp_path):
     spec = ModelSpec.from_model(model, classes=["benign", "malignant"], view="slice", task="malignancy")
     save_bundle(model, spec, tmp_path, "gray")
     bundle = load_bundle(tmp_path, "gray", "cpu")
-    assert bundle.in_chans == 1 and bundle.model_spec == ModelSpec.from_dict(bundle.spec)
+    assert bundle.in_chans == 1 and isinstance(bundle.spec, ModelSpec) and bundle.spec.in_chans == 1
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(x), model(x), atol=2e-2, rtol=2e-2)

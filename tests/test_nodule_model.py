@@ -129,12 +129,18 @@ def test_field_rule_comes_from_the_bundles_spec():
     from types import SimpleNamespace
 
     from lungviz.inference.nodule import field_rule
+    from lungviz.models import ModelSpec
 
-    spec = {"preprocessing": {"field_factor": 3.0, "field_mm_range": [10.0, 50.0], "first_field_mm": 30.0}}
-    rule = field_rule(SimpleNamespace(spec=spec))  # type: ignore[arg-type]
+    def spec(pre: dict) -> ModelSpec:
+        return ModelSpec.from_dict({"arch": "x", "classes": ["benign", "malignant"], "view": "nodule",
+                                    "task": "nodule", "input_size": 64, "mean": [0.5], "std": [0.5],
+                                    "preprocessing": pre})
+
+    rule = field_rule(SimpleNamespace(spec=spec({"field_factor": 3.0, "field_mm_range": [10.0, 50.0],
+                                                 "first_field_mm": 30.0})))  # type: ignore[arg-type]
     assert rule.field_for(10.0) == 30.0 and rule.field_for(1.0) == 10.0 and rule.field_for(40.0) == 50.0
     assert rule.field_for(float("nan")) == 30.0
-    assert field_rule(SimpleNamespace(spec={})).to_spec() == {  # type: ignore[arg-type]
+    assert field_rule(SimpleNamespace(spec=spec({}))).to_spec() == {  # type: ignore[arg-type]
         "field_factor": 2.5, "field_mm_range": [16.0, 64.0], "first_field_mm": 40.0}
 
 
@@ -155,7 +161,11 @@ def _reading(long_mm: float, short_mm: float, area: float, logits: list[float], 
 
 class _Spec:
     def __init__(self) -> None:
-        self.spec = {"head_temperatures": {"malignant": 2.0}}
+        from lungviz.models import ModelSpec
+
+        self.spec = ModelSpec.from_dict({"arch": "x", "classes": ["benign", "malignant"], "view": "nodule",
+                                         "task": "nodule", "input_size": 4, "mean": [0.5], "std": [0.5],
+                                         "head_temperatures": {"malignant": 2.0}})
 
 
 def test_aggregate_over_slices():

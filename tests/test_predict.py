@@ -121,7 +121,7 @@ def test_a_view_whose_malignant_probability_is_off_on_test_says_so(weights):
     models = load_models(weights)
     off = [{"lo": 0.3, "hi": 0.4, "n": 10, "mean_p": 0.35, "observed": 0.1},
            {"lo": 0.0, "hi": 0.1, "n": 10, "mean_p": 0.05, "observed": 0.0}]
-    models.bundles["slice-binary"].spec["metrics"] = {"test": {"n": 20, "reliability_malignant": off}}
+    models.bundles["slice-binary"].spec.metrics = {"test": {"n": 20, "reliability_malignant": off}}
     notes = calibration_notes(models, ["slice"])
     assert notes == ["The slice view's malignant probability runs high on the held-out test nodules (mean 20% "
                      "against 5% malignant; calibration error 0.15): read it as a ranking among cases rather than "
@@ -131,7 +131,7 @@ def test_a_view_whose_malignant_probability_is_off_on_test_says_so(weights):
     # errors that cancel: the mean matches the rate, yet the probability is off both ways
     both = [{"lo": 0.0, "hi": 0.1, "n": 10, "mean_p": 0.05, "observed": 0.25},
             {"lo": 0.3, "hi": 0.4, "n": 10, "mean_p": 0.35, "observed": 0.15}]
-    models.bundles["slice-binary"].spec["metrics"] = {"test": {"n": 20, "reliability_malignant": both}}
+    models.bundles["slice-binary"].spec.metrics = {"test": {"n": 20, "reliability_malignant": both}}
     assert calibration_notes(models, ["slice"]) == [
         "The slice view's malignant probability runs high in some probability ranges and low in others on the "
         "held-out test nodules (mean 20% against 20% malignant; calibration error 0.20): read it as a ranking among "
@@ -215,10 +215,10 @@ def test_each_binary_call_carries_how_it_did_on_the_held_out_test_nodules(tmp_pa
               "ci95": {"sensitivity": [0.394, 0.597], "specificity": [0.93, 0.98]}}
     averaged = {**single, "sensitivity": 0.451}
     spec = {"task": "binary", "metrics": {"test": averaged, "test_single_slice": single}}
-    assert test_call_figures(spec) == {**single, "single_slice": True}
-    assert test_call_figures({"task": "binary", "metrics": {"test": averaged}})["sensitivity"] == 0.451
-    assert test_call_figures({"task": "score", "metrics": {"test": averaged}}) is None
-    assert test_call_figures({"task": "binary", "metrics": {"test": {"n": 3}}}) is None  # not measured
+    assert test_call_figures("binary", spec["metrics"]) == {**single, "single_slice": True}
+    assert test_call_figures("binary", {"test": averaged})["sensitivity"] == 0.451
+    assert test_call_figures("score", {"test": averaged}) is None
+    assert test_call_figures("binary", {"test": {"n": 3}}) is None  # not measured
     _save(tmp_path, "slice", "binary", ["benign", "malignant"])
     update_spec(tmp_path, "slice-binary", metrics=spec["metrics"])
     d = predict(load_models(tmp_path), np.random.default_rng(1).random((128, 128)).astype(np.float32),
@@ -240,3 +240,20 @@ def test_each_flag_has_a_few_words_for_the_one_line_flag():
     assert [short_flag(f) for f in flags] == ["no nodule seen at the centre", "nothing outlined",
                                               "close to the call point", "the views disagree"]
     assert short_flag("something new") == "something new"
+
+
+def test_a_cases_views_are_cut_once_and_shared(weights):
+    from lungviz.data.preprocess import VIEWS
+    from lungviz.inference.predict import cut_views
+
+    models = load_models(weights)
+    ctx = np.random.default_rng(2).random((128, 128)).astype(np.float32)
+    cut = cut_views(models, ctx, None, 0.7)
+    assert set(cut.slice) == {"slice-binary", "slice-score"}
+    assert cut.slice["slice-binary"] is cut.slice["slice-score"]  # one view spec, one image, read by both
+    assert cut.nodule_input[0] is ctx and cut.nodule_input[1] == 0.7 and not cut.spacing_assumed
+    crop = np.zeros((40, 40), np.float32)
+    alone = cut_views(models, None, crop, None)
+    assert alone.slice == {} and alone.presence_patch is None
+    assert alone.nodule_input[1] == pytest.approx(VIEWS["nodule"].field_mm / 40)  # the crop spans the nodule field
+    assert predict(models, ctx, spacing_mm=0.7).images["slice"] is not None

@@ -144,7 +144,7 @@ def measure(bundle: Bundle, cases: list[Case], layer: str | None = None, method:
             continue
         for key, view in zip(("centred", "shifted"), views, strict=True):
             heat = cam(bundle.model, view.image, bundle.mean, bundle.std, method,
-                       prior_adjust=bundle.spec.get("prior_adjust"), layer=layer)
+                       prior_adjust=bundle.spec.prior_adjust, layer=layer)
             rows[key].append(score_map(heat, view))
             priors[key].append(score_map(prior, view))
             kept[key].append(view.kept)

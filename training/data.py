@@ -11,6 +11,7 @@ from tqdm import tqdm
 from lungviz.data.cases import CHARACTERISTICS, Case
 from lungviz.data.labels import LabelScheme
 from lungviz.data.preprocess import to_model_input, view_from_context
+from lungviz.models import ModelSpec, spec_dict
 from training.augment import AugmentConfig, augment, augment_pair
 
 
@@ -166,8 +167,9 @@ def train_batch_with_masks(
     return np.stack(xs), np.stack(ys)
 
 
-def view_config_from_spec(spec: dict) -> ViewConfig:
+def view_config_from_spec(spec: ModelSpec | dict) -> ViewConfig:
     """The input pipeline a bundle was trained with, read from its spec (never retyped)."""
+    spec = spec_dict(spec)
     pre = spec.get("preprocessing", {})
     return ViewConfig(str(spec["view"]), int(spec["input_size"]), tuple(spec["mean"]), tuple(spec["std"]),
                       pre.get("field_mm") if spec["view"] == "nodule" else None,

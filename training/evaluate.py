@@ -10,7 +10,7 @@ import torch
 from lungviz import metrics
 from lungviz.calibration import Calibration, calibration_of
 from lungviz.data.labels import LabelScheme
-from lungviz.models import LungvizNet
+from lungviz.models import LungvizNet, ModelSpec, spec_dict
 from training.data import SliceStore, ViewConfig, make_input
 
 
@@ -187,10 +187,11 @@ def is_models_split(split, spec: dict) -> bool:
                 or (trained.get("seed") is not None and int(trained["seed"]) != split.seed))
 
 
-def select_split(cases: list, split: str, spec: dict, bundle_folder: Path | None = None) -> list:
+def select_split(cases: list, split: str, spec: ModelSpec | dict, bundle_folder: Path | None = None) -> list:
     """Restrict cases to one split of the split the model was trained on (the histology set's own folders, less the
     val/test images that nearly duplicate a training image, as training drops them; for LIDC the saved holdout next
     to the model, else the shipped one), refusing a split file that is not that one."""
+    spec = spec_dict(spec)
     from lungviz.data.splits import Split
     from lungviz.errors import LungvizError
     from training.splits import split_for, without_train_duplicates
@@ -252,12 +253,13 @@ def evaluation_text(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def seen_in_training(cases: list, spec: dict, bundle_folder: Path | None = None) -> tuple[dict, str] | None:
+def seen_in_training(cases: list, spec: ModelSpec | dict, bundle_folder: Path | None = None) -> tuple[dict, str] | None:
     """How many of ``cases`` the model has seen, and a note saying so, or None when none (or it cannot tell).
 
     LIDC: nodules of patients in the model's own split file (its fingerprint and seed must match the spec's) that
     are train or validation patients. Histology: images that nearly duplicate an image of the training folder the
     model was trained on (the histology data folder, checked by its fingerprint)."""
+    spec = spec_dict(spec)
     from lungviz import paths
     from lungviz.data.splits import Split
 

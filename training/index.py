@@ -47,7 +47,7 @@ def nodule_library(bundle: Bundle, store: SliceStore, middles: list[int], max_sl
     """Per case, the nodule model's retrieval embedding ``(N, D)`` over the central share of its slices (thinned to
     ``max_slices``) and its view of the middle slice ``(S, S)``, each slice read as the app reads an upload
     (:func:`lungviz.inference.nodule.read_slices`: the view's field follows the nodule)."""
-    central = float((bundle.spec.get("preprocessing") or {}).get("central_fraction", 0.5))
+    central = float(bundle.spec.preprocessing.get("central_fraction", 0.5))
     wanted = [(ci, k) for ci in range(len(store)) for k in central_slices(store.n_slices(ci), max_slices, central)]
     wanted += [(ci, k) for ci, k in enumerate(middles)]
     readings = read_slices(bundle, [store.slice01(ci, k) for ci, k in wanted],

@@ -207,8 +207,8 @@ def training_view(store: SliceStore, ci: int, k: int, cfg: NoduleConfig, rng: np
 
 def as_bundle(model: nn.Module, spec: ModelSpec | dict, name: str, device: torch.device) -> Bundle:
     """A bundle around an in-memory model (for reading nodules during training)."""
-    data = spec.to_dict() if isinstance(spec, ModelSpec) else spec
-    return Bundle(model=model, spec=data, name=name, folder=Path("."), device=device)  # type: ignore[arg-type]
+    typed = spec if isinstance(spec, ModelSpec) else ModelSpec.from_dict(spec)
+    return Bundle(model=model, spec=typed, name=name, folder=Path("."), device=device)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -556,7 +556,7 @@ def remeasure_nodule(cfg: NoduleConfig, progress: bool = True) -> dict:
     bundle = load_bundle(folder, cfg.name)
     cases, _ = load_cases("lidc", cfg.data)
     split = split_for(cases, data=cfg.data)
-    if split.fingerprint != bundle.spec.get("split_fingerprint"):
+    if split.fingerprint != bundle.spec.split_fingerprint:
         raise LungvizError(f"model '{cfg.name}' was trained on another split of the data; it cannot be re-measured.")
     stores = {n: SliceStore([c for c in split.select(cases, n) if c.has_masks], progress=progress, masks=True)
               for n in ("val", "test")}
@@ -586,7 +586,7 @@ def evaluate_characteristics(folder: Path, name: str = "nodule", data: str = "",
     if not cases:
         raise LungvizError(f"no nodule in {data or 'the data folder'} ({report.summary()}).")
     store = SliceStore(cases, progress=progress)
-    r = read_split(bundle, store, 0, float(bundle.spec.get("preprocessing", {}).get("central_fraction", 0.5)))
+    r = read_split(bundle, store, 0, float(bundle.spec.preprocessing.get("central_fraction", 0.5)))
     temps = head_temperatures(bundle)
     heads = split_logits(r.logits)
     groups = [c.patient_id for c in cases]
@@ -669,7 +669,7 @@ def _evaluate_head(folder: Path, name: str, task: str, data: str, split: str, pr
     if predictions and Path(predictions).is_dir():
         raise LungvizError(f"--predictions {predictions} is a folder; give a file name such as predictions.csv.")
     bundle = load_bundle(Path(folder), name)
-    if not isinstance(bundle.model, NoduleNet) or not bundle.spec.get("estimate"):
+    if not isinstance(bundle.model, NoduleNet) or not bundle.spec.estimate:
         raise LungvizError(f"model '{name}' is not a nodule model with an estimate.")
     scheme = get_scheme(task)
     cases, report = load_cases("lidc", data)
@@ -680,10 +680,10 @@ def _evaluate_head(folder: Path, name: str, task: str, data: str, split: str, pr
         raise LungvizError(f"no nodule in {data or 'the data folder'} carries a malignancy label ({report.summary()}).")
     kept, y = [c for c, _ in pairs], np.array([lab for _, lab in pairs])
     r = read_split(bundle, SliceStore(kept, progress=progress),
-                   0, float(bundle.spec.get("preprocessing", {}).get("central_fraction", 0.5)))
+                   0, float(bundle.spec.preprocessing.get("central_fraction", 0.5)))
     temps = head_temperatures(bundle)
     if task == "binary":
-        rep, rows = head_report(r, y, kept, temps, bundle.spec["estimate"], n_boot)
+        rep, rows = head_report(r, y, kept, temps, bundle.spec.estimate, n_boot)
     else:
         rep, rows = score_report(r, y, kept, temps, n_boot)
     rep = {"model": name, "task": task, "view": "nodule", "data": data or "default", "split": split or "all",

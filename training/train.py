@@ -294,7 +294,7 @@ def refresh_model(name: str, folder: Path | None = None, progress: bool = True, 
 
     folder = Path(folder) if folder else paths.weights_dir()
     bundle = load_bundle(folder, name)
-    spec = bundle.spec
+    spec = bundle.spec.to_dict()
     cfg = dataclasses.replace(config_of(spec), n_boot=n_boot)
     prep = prepare(cfg)
     if prep.split.fingerprint != spec.get("split_fingerprint"):

@@ -294,7 +294,7 @@ def run_bench(repeats: int = 20, n_cases: int = 5, folder: Path | None = None, l
     # LIME on the nodule view: fast (and stable) vs stock lime with defaults, same model, image and superpixels;
     # top-5 overlaps are means over the cases and over the three stock runs (pairs of them for stock vs stock).
     b = models.nodule or next(iter(models.bundles.values()))
-    lime_views = [predict(models, c.load_slice(c.n_slices // 2), None, c.pixel_spacing_mm).images[b.spec["view"]]
+    lime_views = [predict(models, c.load_slice(c.n_slices // 2), None, c.pixel_spacing_mm).images[b.spec.view]
                   for c in bench_cases(lime_cases)]
     lime_t: dict[str, list[float]] = {"fast": [], "stable": [], "stock": []}
     lime_ov: dict[str, list[float]] = {"fast": [], "stable": [], "stock": []}

@@ -113,7 +113,7 @@ def bundle_cam(
 ) -> np.ndarray:
     """:func:`cam` of a shipped model on its view, on the bundle's chosen layer (``cam_layer``) and with its prior."""
     return cam(bundle.model, image, bundle.mean, bundle.std, method, target_class,
-               prior_adjust=bundle.spec.get("prior_adjust"), layer=bundle.cam_layer)
+               prior_adjust=bundle.spec.prior_adjust, layer=bundle.cam_layer)
 
 
 

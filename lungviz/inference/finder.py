@@ -26,7 +26,7 @@ from lungviz.data.preprocess import DEFAULT_SPACING_MM, valid_spacing
 from lungviz.errors import LungvizError
 from lungviz.inference.blobness import contrast_units, hessian_2d, hessian_3d
 from lungviz.inference.lungmask import NO_LUNG_MESSAGE, lung_mask, otsu
-from lungviz.models import Bundle, load_bundle
+from lungviz.models import Bundle, ModelSpec, load_bundle
 
 PRESENCE = "finder-presence"
 LOCATE = "finder-locate"
@@ -206,9 +206,9 @@ def candidate_points(image: np.ndarray, lung: np.ndarray, spacing_mm: float, is_
 # ----------------------------------------------------------------------------------------------- models
 
 
-def channel_fields(spec: dict) -> list[float]:
+def channel_fields(spec: ModelSpec) -> list[float]:
     """The field (mm) of each input channel: several scales of the same point, or one field repeated."""
-    pre = spec.get("preprocessing", {})
+    pre = spec.preprocessing
     return [float(f) for f in pre.get("channel_fields_mm") or [pre["field_mm"]]]
 
 
@@ -279,9 +279,14 @@ def _centre_patch(bundle: Bundle, context: np.ndarray, spacing_mm: float) -> np.
     return normalised_patches(img, lo, hi, centre, bundle, float(spacing_mm))
 
 
+def presence_patch(finder: Finder, context: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The presence classifier's patch at the centre of a crop, as :func:`presence_scores` reads it."""
+    return _centre_patch(finder.presence, context, spacing_mm)
+
+
 def centre_presence(finder: Finder, context: np.ndarray, spacing_mm: float) -> float:
     """The presence classifier's calibrated probability that a nodule sits at the centre of a crop."""
-    return float(presence_scores(finder.presence, _centre_patch(finder.presence, context, spacing_mm))[0])
+    return float(presence_scores(finder.presence, presence_patch(finder, context, spacing_mm))[0])
 
 
 def refine(finder: Finder, img: np.ndarray, lo: np.ndarray, hi: np.ndarray, lung: np.ndarray,

@@ -91,7 +91,7 @@ class FieldRule:
 
 def field_rule(bundle: Bundle) -> FieldRule:
     """The field rule a nodule model was trained with, from its spec's preprocessing (the defaults where absent)."""
-    pre = bundle.spec.get("preprocessing") or {}
+    pre = bundle.spec.preprocessing
     lo, hi = pre.get("field_mm_range") or FIELD_MM
     return FieldRule(float(pre.get("field_factor", FIELD_FACTOR)), float(lo), float(hi),
                      float(pre.get("first_field_mm", FIRST_FIELD_MM)))
@@ -237,7 +237,7 @@ class NoduleReading:
 
 def head_temperatures(bundle: Bundle) -> dict[str, float]:
     """Each head's temperature from the spec (1.0 where none was fitted)."""
-    fitted = bundle.spec.get("head_temperatures") or {}
+    fitted = bundle.spec.head_temperatures
     return {h: float(fitted.get(h, 1.0)) for h in NODULE_HEADS}
 
 
@@ -413,7 +413,7 @@ def explain(bundle: Bundle, reading: NoduleReading) -> Assessment:
     """The :class:`Assessment` of a nodule's reading: the spec's factor model, its call point and test figures."""
     from lungviz.inference.factors import FactorModel, factor_values, risk_band
 
-    estimate = bundle.spec.get("estimate") or {}
+    estimate = bundle.spec.estimate
     model = FactorModel.from_dict(estimate.get("model") or {})
     z = split_logits(reading.logits)["malignant"]
     image = float((z[1] - z[0]) / head_temperatures(bundle)["malignant"])
@@ -423,7 +423,7 @@ def explain(bundle: Bundle, reading: NoduleReading) -> Assessment:
     test = estimate.get("test")
     calls = None
     if isinstance(test, dict) and "sensitivity" in test:
-        n = ((bundle.spec.get("metrics") or {}).get("estimate") or {}).get("n_test")
+        n = (bundle.spec.metrics.get("estimate") or {}).get("n_test")
         calls = {"sensitivity": test["sensitivity"], "specificity": test["specificity"], **({"n": n} if n else {}),
                  "ci95": estimate.get("test_ci95") or {},
                  "target_sensitivity": float(estimate.get("target_sensitivity", 0.9))}

@@ -27,10 +27,10 @@ from lungviz.data.preprocess import (
     view_from_nodule_crop,
 )
 from lungviz.errors import LungvizError
-from lungviz.inference.finder import Finder, centre_presence, load_finder
+from lungviz.inference.finder import Finder, load_finder, presence_patch, presence_scores
 from lungviz.inference.nodule import Assessment, assess, read_slices, reading_embedding
 from lungviz.metrics import softmax
-from lungviz.models import Bundle, load_bundle
+from lungviz.models import Bundle, ModelSpec, load_bundle
 
 #: The nodule model's bundle name (lungviz.models.NoduleNet).
 NODULE_MODEL = "nodule"
@@ -80,7 +80,7 @@ class ModelSet:
     @property
     def provenance(self) -> dict[str, dict]:
         """The spec of every model a prediction uses, by name (for reports)."""
-        return {n: b.spec for n, b in self.networks.items()}
+        return {n: b.spec.to_dict() for n, b in self.networks.items()}
 
     @property
     def device(self) -> torch.device:
@@ -115,12 +115,12 @@ def load_models(folder: Path | None = None, device: str | None = None) -> ModelS
     return ModelSet(folder=folder, nodule=nodule, bundles=bundles, finder=finder, notes=notes)
 
 
-def view_image(bundle_spec: dict, context: np.ndarray | None, nodule_crop: np.ndarray | None,
+def view_image(spec: ModelSpec, context: np.ndarray | None, nodule_crop: np.ndarray | None,
                spacing_mm: float | None) -> np.ndarray:
     """The ``(S, S)`` image a bundle sees: its view cut from the context crop, or from an uploaded nodule crop
     (taken to span the default nodule field; see :func:`view_from_nodule_crop`)."""
-    view, size = bundle_spec["view"], int(bundle_spec["input_size"])
-    field_mm = bundle_spec.get("preprocessing", {}).get("field_mm")
+    view, size = spec.view, int(spec.input_size)
+    field_mm = spec.preprocessing.get("field_mm")
     if view == "nodule" and nodule_crop is not None:
         return view_from_nodule_crop(nodule_crop, size, field_mm)
     if context is None:
@@ -136,13 +136,13 @@ def calibrated_logits(bundle: Bundle, image: np.ndarray) -> np.ndarray:
     return bundle.calibration.logits(logits)[0]
 
 
-def test_call_figures(spec: dict) -> dict | None:
+def test_call_figures(task: str, metrics: dict) -> dict | None:
     """A binary model's calls on the held-out test nodules, on one middle slice each as the app sees a case (else
-    on the nodule's central slices): ``{"n", "sensitivity", "specificity", "ci95", "single_slice"}``; None for
-    another task or when they were not measured."""
-    if spec.get("task") != "binary":
+    on the nodule's central slices), from its spec's ``metrics``: ``{"n", "sensitivity", "specificity", "ci95",
+    "single_slice"}``; None for another task or when they were not measured."""
+    if task != "binary":
         return None
-    m = spec.get("metrics") or {}
+    m = metrics or {}
     single = bool(m.get("test_single_slice"))
     t = m.get("test_single_slice") or m.get("test") or {}
     if not all(isinstance(t.get(k), (int, float)) for k in ("n", "sensitivity", "specificity")):
@@ -243,8 +243,8 @@ def calibration_notes(models: ModelSet, views: list[str]) -> list[str]:
     case), a note saying so with the measured figures."""
     notes = []
     for view in views:
-        spec = getattr(models.bundle(view, "binary"), "spec", None)
-        reports = (spec or {}).get("metrics") or {}
+        bundle = models.bundle(view, "binary")
+        reports = bundle.spec.metrics if bundle is not None else {}
         t = metrics.with_malignant_ece(reports.get("test_single_slice") or reports.get("test") or {})
         if t.get("ece_malignant") is None or not t["ece_malignant"] > metrics.MALIGNANT_ECE_LIMIT:
             continue
@@ -306,43 +306,74 @@ def crop_as_context(nodule_crop: np.ndarray) -> tuple[np.ndarray, float]:
     return nodule_crop, VIEWS["nodule"].field_mm / max(side, 1)
 
 
+@dataclass(frozen=True, kw_only=True)
+class CaseViews:
+    """Every view of one case the networks read, cut once from the upload by each bundle's spec.
+
+    ``nodule_input``: what the nodule model reads (it cuts its own two views, the second sized to the nodule it
+    measures in the first): the context, or an uploaded nodule crop taken as the context, with its spacing.
+    ``slice``: each slice-view bundle's ``(S, S)`` image by bundle name (bundles with the same view spec share one).
+    ``presence_patch``: the finder's patch at the centre of the context."""
+
+    nodule_input: tuple[np.ndarray, float | None] | None
+    slice: dict[str, np.ndarray] = field(default_factory=dict)
+    presence_patch: np.ndarray | None = field(repr=False, default=None)
+    spacing_assumed: bool = False
+
+
+def cut_views(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarray | None,
+              spacing_mm: float | None) -> CaseViews:
+    """:class:`CaseViews` of an upload: ``context`` ``(H, W) float32 in [0, 1]`` (the ~9 cm crop around the
+    nodule), an optional ``nodule_crop``, and the context's pixel spacing when known."""
+    if context is None and nodule_crop is None:
+        raise LungvizError("upload a slice image (and optionally a nodule crop) to get a prediction.")
+    read = (context, spacing_mm) if context is not None else crop_as_context(nodule_crop)
+    shared: dict[tuple, np.ndarray] = {}
+    slice_views = {}
+    if context is not None:
+        for name, bundle in models.bundles.items():
+            key = (bundle.spec.view, bundle.spec.input_size, bundle.spec.preprocessing.get("field_mm"))
+            slice_views[name] = shared.setdefault(key, view_image(bundle.spec, context, None, spacing_mm))
+    patch = None
+    if models.finder is not None and context is not None:
+        patch = presence_patch(models.finder, context, spacing_or_default(spacing_mm))
+    return CaseViews(nodule_input=read, slice=slice_views, presence_patch=patch,
+                     spacing_assumed=valid_spacing(read[1]) is None)
+
+
 def predict(models: ModelSet, context: np.ndarray | None, nodule_crop: np.ndarray | None = None,
             spacing_mm: float | None = None, assessment: Assessment | None = None) -> Prediction:
     """The nodule model's reading (size, characteristics, the estimate by its factors, the 1-5 score) and the slice
-    view beside it, with the uncertainty flags.
+    view beside it, with the uncertainty flags; every view cut once (:func:`cut_views`).
 
     ``context``: the ~9 cm crop centred on the nodule (``(H, W) float32 in [0, 1]``, as the slices set);
     ``nodule_crop``: an optional zoomed crop (read alone when no context is given); ``spacing_mm``: the context's
     pixel spacing when known; ``assessment``: the nodule model's reading when the caller has it already (a series
     followed through its slices), else it reads ``context``.
     """
-    if context is None and nodule_crop is None:
-        raise LungvizError("upload a slice image (and optionally a nodule crop) to get a prediction.")
+    cut = cut_views(models, context, nodule_crop, spacing_mm)
     views: dict[str, dict[str, TaskPrediction]] = {}
     images: dict[str, np.ndarray] = {}
-    spacing_assumed = valid_spacing(spacing_mm) is None
-    if models.nodule is not None and assessment is None:
-        read, read_spacing = (context, spacing_mm) if context is not None else crop_as_context(nodule_crop)
-        spacing_assumed = valid_spacing(read_spacing) is None
-        assessment = assess(models.nodule, [read], read_spacing)
+    if models.nodule is not None and assessment is None and cut.nodule_input is not None:
+        assessment = assess(models.nodule, [cut.nodule_input[0]], cut.nodule_input[1])
     if assessment is not None:
         views["nodule"] = {"binary": estimate_prediction(assessment), "score": score_prediction(assessment)}
         images["nodule"] = assessment.reading.slices[assessment.reading.shown].view
-    if context is not None:
-        for name, bundle in models.bundles.items():
-            img = view_image(bundle.spec, context, None, spacing_mm)
-            images.setdefault("slice", img)
-            lg = calibrated_logits(bundle, img)
-            bias = bundle.calibration.decision_bias
-            views.setdefault("slice", {})[name.split("-", 1)[1]] = TaskPrediction(
-                classes=list(bundle.classes), probs=softmax(lg[None])[0].tolist(), logits=lg.tolist(),
-                decision_bias=None if bias is None else bias.tolist(), test_calls=test_call_figures(bundle.spec))
+    for name, img in cut.slice.items():
+        bundle = models.bundles[name]
+        images.setdefault("slice", img)
+        lg = calibrated_logits(bundle, img)
+        bias = bundle.calibration.decision_bias
+        views.setdefault("slice", {})[name.split("-", 1)[1]] = TaskPrediction(
+            classes=list(bundle.classes), probs=softmax(lg[None])[0].tolist(), logits=lg.tolist(),
+            decision_bias=None if bias is None else bias.tolist(),
+            test_calls=test_call_figures(bundle.spec.task, bundle.spec.metrics))
     presence = None
-    if models.finder is not None and context is not None:
-        presence = centre_presence(models.finder, context, spacing_or_default(spacing_mm))
+    if cut.presence_patch is not None and models.finder is not None:
+        presence = float(presence_scores(models.finder.presence, cut.presence_patch)[0])
     outlined = assessment is None or assessment.reading.outlined
     return Prediction(views=views, images=images, flags=uncertainty_flags(views, presence, outlined),
-                      presence=presence, spacing_assumed=spacing_assumed,
+                      presence=presence, spacing_assumed=cut.spacing_assumed,
                       calibration_notes=calibration_notes(models, [v for v in views if v == "slice"]),
                       assessment=assessment)
 

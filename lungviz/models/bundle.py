@@ -85,6 +85,39 @@ class ModelSpec:
         extra = {**dict(data.get("extra", {})), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
         return cls(**known, extra=extra)
 
+    @property
+    def cam_layer(self) -> str | None:
+        """Dotted name of the Grad-CAM target layer chosen for this model (None = its last feature layer)."""
+        layer = self.extra.get("cam_layer")
+        return str(layer) if layer else None
+
+    @property
+    def prior_adjust(self) -> list[float] | None:
+        """The prior correction added to the logits (``calibration``), None when there is none."""
+        prior = self.extra.get("prior_adjust")
+        return None if prior is None else [float(v) for v in prior]
+
+    @property
+    def estimate(self) -> dict[str, Any]:
+        """The nodule model's estimate by its factors (model, call point, test figures); empty for another model."""
+        return dict(self.extra.get("estimate") or {})
+
+    @property
+    def head_temperatures(self) -> dict[str, float]:
+        """The nodule model's temperature per head (empty for another model)."""
+        return {str(k): float(v) for k, v in (self.extra.get("head_temperatures") or {}).items()}
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """The SHA-256 of the weights file, as written by :func:`save_bundle`."""
+        sha = self.extra.get("weights_sha256")
+        return str(sha) if sha else None
+
+    @property
+    def dataset(self) -> str:
+        """``lidc`` or ``histology``."""
+        return str(self.extra.get("dataset") or "lidc")
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: the fields, then ``extra``'s keys at the top level."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
@@ -94,79 +127,78 @@ class ModelSpec:
 
 @dataclass
 class Bundle:
-    """A loaded model bundle: the model in eval mode on its device and its spec (the JSON as written)."""
+    """A loaded model bundle: the model in eval mode on its device and its typed spec (:class:`ModelSpec`)."""
 
     model: LungvizNet
-    spec: dict[str, Any]
+    spec: ModelSpec
     name: str
     folder: Path
     device: torch.device
 
     @property
-    def model_spec(self) -> ModelSpec:
-        """The spec as a :class:`ModelSpec`."""
-        return ModelSpec.from_dict(self.spec)
-
-    @property
     def arch(self) -> str:
         """The architecture name."""
-        return str(self.spec["arch"])
+        return self.spec.arch
 
     @property
     def classes(self) -> list[str]:
         """Class names, in logit order."""
-        return [str(c) for c in self.spec["classes"]]
+        return list(self.spec.classes)
 
     @property
     def input_size(self) -> int:
         """Side of the square model input in pixels."""
-        return int(self.spec["input_size"])
+        return int(self.spec.input_size)
 
     @property
     def in_chans(self) -> int:
         """Number of input channels."""
-        return int(self.spec.get("in_chans", 3))
+        return int(self.spec.in_chans)
 
     @property
     def mean(self) -> tuple[float, ...]:
         """Per-channel normalisation mean."""
-        return tuple(float(v) for v in self.spec["mean"])
+        return tuple(self.spec.mean)
 
     @property
     def std(self) -> tuple[float, ...]:
         """Per-channel normalisation standard deviation."""
-        return tuple(float(v) for v in self.spec["std"])
+        return tuple(self.spec.std)
 
     @property
     def view(self) -> str:
         """The model view (``slice`` or ``nodule``)."""
-        return str(self.spec["view"])
+        return self.spec.view
 
     @property
     def task(self) -> str:
         """The task the model was trained for."""
-        return str(self.spec["task"])
+        return self.spec.task
 
     @property
     def temperature(self) -> float:
         """Calibration temperature dividing the logits (1.0 when uncalibrated)."""
-        return float(self.spec.get("temperature", 1.0))
+        return float(self.spec.temperature)
 
     @property
     def calibration(self) -> Calibration:
         """How the logits become calibrated probabilities and a call (:mod:`lungviz.calibration`)."""
-        return Calibration.from_spec(self.spec)
+        return Calibration.from_spec(self.spec.to_dict())
 
     @property
     def preprocessing(self) -> dict[str, Any]:
         """Preprocessing parameters (window, contrast, field of view...)."""
-        return dict(self.spec.get("preprocessing", {}))
+        return dict(self.spec.preprocessing)
 
     @property
     def cam_layer(self) -> str | None:
         """Dotted name of the Grad-CAM target layer chosen for this model (None = its last feature layer)."""
-        layer = self.spec.get("cam_layer")
-        return str(layer) if layer else None
+        return self.spec.cam_layer
+
+
+def spec_dict(spec: ModelSpec | Mapping[str, Any]) -> dict[str, Any]:
+    """A spec as its JSON dict, whether a bundle's :class:`ModelSpec` or a spec read from a file."""
+    return spec.to_dict() if isinstance(spec, ModelSpec) else dict(spec)
 
 
 def _check_name(name: str) -> None:
@@ -311,7 +343,7 @@ def load_bundle(folder: Path, name: str, device: str | torch.device | None = Non
         raise LungvizError(f"the weights of model '{name}' do not match its architecture: {err}") from err
     dev = resolve_device(device)
     model.to(dev).eval()
-    return Bundle(model=model, spec=spec, name=name, folder=Path(folder), device=dev)
+    return Bundle(model=model, spec=ModelSpec.from_dict(spec), name=name, folder=Path(folder), device=dev)
 
 
 def list_bundles(folder: Path | None = None) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from lungviz.data.io import DicomSlice, is_dicom_bytes, read_dicom, read_series
 from lungviz.data.preprocess import SLICE_CROP_PX, mm_to_px, spacing_or_default, valid_spacing
 from lungviz.errors import LungvizError
 from lungviz.inference.nodule import LEVEL_WORDS, NOMINAL_HEADS, RATING_HEADS, Assessment, SliceReading
+from lungviz.models import ModelSpec
 
 #: The coding scheme designator of lungviz's own concepts (DICOM's "99" prefix marks a private scheme).
 SCHEME = "99LUNGVIZ"
@@ -55,11 +56,10 @@ class ModelInfo:
     version: str
 
     @classmethod
-    def from_spec(cls, name: str, spec: Mapping) -> ModelInfo:
-        """From a bundle's name and spec (``arch``, ``weights_sha256``)."""
-        arch = spec.get("arch")
-        label = f"lungviz {name} ({arch})" if arch else f"lungviz {name}"
-        return cls(name=label[:64], version=str(spec.get("weights_sha256") or spec.get("spec_sha256") or "unknown"))
+    def from_spec(cls, name: str, spec: ModelSpec | None) -> ModelInfo:
+        """From a bundle's name and spec (its architecture and weights' SHA-256)."""
+        label = f"lungviz {name} ({spec.arch})" if spec is not None else f"lungviz {name}"
+        return cls(name=label[:64], version=(spec.weights_sha256 if spec is not None else None) or "unknown")
 
 
 @dataclass(frozen=True)

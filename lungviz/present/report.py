@@ -29,6 +29,7 @@ from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.data.preprocess import spacing_or_default
 from lungviz.errors import LungvizError
 from lungviz.files import atomic_write
+from lungviz.models import spec_dict
 from lungviz.present.text import shorten
 from lungviz.reviews import MAX_REVIEWER_CHARS
 
@@ -103,7 +104,7 @@ def model_versions(bundles: Mapping[str, Any]) -> dict[str, str]:
     digest."""
     out = {}
     for name, bundle in bundles.items():
-        spec = bundle if isinstance(bundle, Mapping) else getattr(bundle, "spec", {})
+        spec = bundle if isinstance(bundle, Mapping) else spec_dict(getattr(bundle, "spec", {}))
         label = f"{name} ({spec['arch']})" if spec.get("arch") else str(name)
         out[label] = spec_version(spec)
     return out
