@@ -10,7 +10,7 @@ import pytest
 
 from lungviz.data.cases import Case, by_patient, data_fingerprint
 from lungviz.data.labels import HISTOLOGY_CLASSES, SCHEMES, get_scheme
-from lungviz.data.splits import Split, holdout_split, kfold_split, patient_stratum
+from lungviz.data.splits import Split, holdout_split, patient_stratum
 from lungviz.errors import LungvizError
 
 SPLITS = ("train", "val", "test")
@@ -186,34 +186,6 @@ def test_split_load_missing_or_folder(tmp_path):
 
 
 # ================================================================================================ k-fold
-
-
-@pytest.mark.parametrize("k", [2, 5, 10])
-def test_kfold_real(real_cases, k):
-    split = kfold_split(real_cases, k=k)
-    patients = {c.patient_id for c in real_cases}
-    assert split.kind == "kfold" and split.params == {"k": k}
-    assert split.names == sorted(str(i) for i in range(k))
-    assert set(split.assignment) == patients  # every patient in exactly one fold (a dict: disjoint)
-    sizes = Counter(split.assignment.values())
-    assert max(sizes.values()) - min(sizes.values()) <= 1
-    overall = _malignant_rate(real_cases)
-    for fold in split.names:
-        assert abs(_malignant_rate(split.select(real_cases, fold)) - overall) <= 0.05
-    assert kfold_split(real_cases, k=k).assignment == split.assignment
-    assert kfold_split(real_cases, k=k, seed=1).assignment != split.assignment
-
-
-def test_kfold_small_data_balanced():
-    cases = _synthetic(23)
-    sizes = Counter(kfold_split(cases, k=5).assignment.values())
-    assert sorted(sizes.values()) == [4, 4, 5, 5, 5]
-
-
-@pytest.mark.parametrize("k, n_patients, words", [(1, 10, "k >= 2"), (0, 10, "k >= 2"), (6, 5, "at least 6")])
-def test_kfold_invalid(k, n_patients, words):
-    with pytest.raises(LungvizError, match=words):
-        kfold_split(_synthetic(n_patients), k=k)
 
 
 # ================================================================================================ label schemes

@@ -32,16 +32,14 @@ from training.train import TrainConfig
 
 
 def cmd_splits(cfg: SplitConfig) -> dict:
-    """Write the patient-level holdout and k-fold split files for the LIDC slices set."""
-    from lungviz.data.splits import holdout_split, kfold_split
+    """Write the patient-level holdout split file for the LIDC slices set."""
+    from lungviz.data.splits import holdout_split
     from training.datasets import load_cases
 
     cases, report = load_cases("lidc", cfg.data)
     out = Path(cfg.out) if cfg.out else paths.weights_dir() / "splits"
     hold = holdout_split(cases, seed=cfg.seed)
-    folds = kfold_split(cases, k=cfg.k, seed=cfg.seed)
     hold.save(out / "holdout.json")
-    folds.save(out / f"kfold{cfg.k}.json")
     summary = {"import": report.summary(), "fingerprint": hold.fingerprint, "out": str(out)}
     for name in ("train", "val", "test"):
         sel = hold.select(cases, name)

@@ -22,7 +22,6 @@ class SplitConfig:
 
     data: str = ""  # lidc-slices folder; empty = the configured data folder
     seed: int = 42
-    k: int = 5
     out: str = ""  # folder for the split files; empty = weights/splits (shipped with the models)
 
 

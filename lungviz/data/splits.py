@@ -51,7 +51,7 @@ class Split:
     assignment: dict[str, str]
     fingerprint: str
     seed: int
-    kind: str  # "holdout" or "kfold"
+    kind: str  # "holdout", or "given" (the histology set's own folders)
     params: dict = field(default_factory=dict)
 
     def patients(self, name: str) -> set[str]:
@@ -130,21 +130,3 @@ def holdout_split(
         for i, pid in enumerate(order):
             assignment[pid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return Split(assignment, data_fingerprint(cases), seed, "holdout", {"fractions": list(fractions)})
-
-
-def kfold_split(cases: Sequence[Case], k: int = 5, seed: int = 42) -> Split:
-    """Patient-level k folds (``"0"``..``"k-1"``), stratified as :func:`holdout_split`; sizes differ by at most 1."""
-    if k < 2:
-        raise LungvizError(f"k-fold needs k >= 2, got {k}.")
-    n_patients = len({c.patient_id for c in cases})
-    if k > n_patients:
-        raise LungvizError(f"{k} folds need at least {k} patients; the data has {n_patients}.")
-    rng = np.random.default_rng(seed)
-    assignment: dict[str, str] = {}
-    offset = 0
-    for _stratum, pids in sorted(_strata(cases).items()):
-        order = [pids[i] for i in rng.permutation(len(pids))]
-        for i, pid in enumerate(order):
-            assignment[pid] = str((i + offset) % k)
-        offset += len(order)  # continue the round-robin so small strata don't all land in fold 0
-    return Split(assignment, data_fingerprint(cases), seed, "kfold", {"k": k})
