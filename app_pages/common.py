@@ -313,7 +313,9 @@ def similar(folder: str, data_root: str, context: np.ndarray | None, nodule_crop
     """The ``k`` nearest library cases, queried with the index model's view of this input; when the input is one of
     the library's own images, its patient's cases (``own_patient``: a case or patient id) are left out."""
     index = _case_index(folder)
-    query = retrieval_query(_model_set(folder), index.model, context, nodule_crop, spacing_mm)
+    assessment = prediction(folder, context, nodule_crop, spacing_mm).assessment  # cached: the estimate's reading
+    query = retrieval_query(_model_set(folder), index.model, context, nodule_crop, spacing_mm,
+                            assessment.reading if assessment is not None else None)
     exclude = same_patient_cases(index.records, own_patient) if own_patient else None
     return similar_cases(index, query, k, root=Path(data_root), exclude=exclude, atlas=_atlas(folder))
 

@@ -257,3 +257,13 @@ def test_a_cases_views_are_cut_once_and_shared(weights):
     assert alone.slice == {} and alone.presence_patch is None
     assert alone.nodule_input[1] == pytest.approx(VIEWS["nodule"].field_mm / 40)  # the crop spans the nodule field
     assert predict(models, ctx, spacing_mm=0.7).images["slice"] is not None
+
+
+def test_the_similar_case_query_reuses_the_estimates_reading(weights):
+    from lungviz.inference.predict import retrieval_query
+
+    models = load_models(weights)
+    ctx = np.random.default_rng(3).random((128, 128)).astype(np.float32)
+    fresh = retrieval_query(models, "nodule", ctx, None, 0.7)
+    reused = retrieval_query(models, "nodule", ctx, None, 0.7, predict(models, ctx, spacing_mm=0.7).assessment.reading)
+    assert np.allclose(fresh, reused, atol=1e-6) and abs(float(np.linalg.norm(reused)) - 1.0) < 1e-5

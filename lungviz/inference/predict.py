@@ -28,7 +28,7 @@ from lungviz.data.preprocess import (
 )
 from lungviz.errors import LungvizError
 from lungviz.inference.finder import Finder, load_finder, presence_patch, presence_scores
-from lungviz.inference.nodule import Assessment, assess, read_slices, reading_embedding
+from lungviz.inference.nodule import Assessment, NoduleReading, assess, read_slices, reading_embedding
 from lungviz.metrics import softmax
 from lungviz.models import Bundle, ModelSpec, load_bundle
 
@@ -396,11 +396,14 @@ def embed_view(bundle: Bundle, image: np.ndarray) -> np.ndarray:
 
 
 def retrieval_query(models: ModelSet, model: str, context: np.ndarray | None, nodule_crop: np.ndarray | None,
-                    spacing_mm: float | None) -> np.ndarray:
+                    spacing_mm: float | None, reading: NoduleReading | None = None) -> np.ndarray:
     """The L2-normalised query ``(D,)`` for an index built with ``model``, embedded as its library cases were: the
     nodule model reads the slice as it does for its estimate (the view's field follows the nodule; an uploaded
-    nodule crop alone is read as the slice), a classifier embeds its view."""
+    nodule crop alone is read as the slice), a classifier embeds its view. ``reading``: the nodule model's reading
+    of this very input when the caller has it (the prediction's), so the slice is not read twice."""
     if models.nodule is not None and model == models.nodule.name:
+        if reading is not None:
+            return reading_embedding(reading.slices)
         if context is None and nodule_crop is None:
             raise LungvizError("upload a slice image (or a nodule crop) to find similar cases.")
         image, spacing = (context, spacing_mm) if context is not None else crop_as_context(nodule_crop)
