@@ -152,6 +152,20 @@ def _file_of(folder: Path, sop_uid: str) -> Path:
                 if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == sop_uid)
 
 
+def _dciodvfy_errors(data: bytes, tmp_path: Path, name: str) -> list[str]:
+    """The errors David Clunie's DICOM validator (Debian dicom3tools' ``dciodvfy``) finds in a file: each IOD's
+    required modules, attributes, value representations and code sequences checked against the standard."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+    path = tmp_path / name
+    path.write_bytes(data)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
 def _group(sr):
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 1
@@ -272,7 +286,7 @@ def hd_sr(data: bytes):
     return hd.sr.srread(io.BytesIO(data))
 
 
-def test_a_zipped_series_gets_the_followed_slices_in_its_seg(nodule_models, lidc_dicom_dir):
+def test_a_zipped_series_gets_the_followed_slices_in_its_seg(nodule_models, lidc_dicom_dir, tmp_path):
     """LIDC-IDRI-0006's 15 mm nodule (slices 19-22 of 40) in a zip of 16 slices around it, followed from its centre:
     the SEG holds the model's outline on each slice it followed, the SR the volume over them."""
     from pydicom.sr.codedict import codes
@@ -310,6 +324,14 @@ def test_a_zipped_series_gets_the_followed_slices_in_its_seg(nodule_models, lidc
     assert np.hypot(rows.mean() - nodule.centre_rc[0], cols.mean() - nodule.centre_rc[1]) * spacing < 3.0
     outlined = {i for i, m in zip(followed, masks, strict=True) if m.any()}
     assert outlined & {i - 13 for i in nodule.slice_indices}  # on the readers' slices
+    # both files conform to their IODs (Comprehensive 3D SR, Segmentation) as the standard's validator reads them
+    assert _dciodvfy_errors(found.sr, tmp_path, "sr.dcm") == []
+    assert _dciodvfy_errors(found.seg, tmp_path, "seg.dcm") == []
+    broken = pydicom.dcmread(io.BytesIO(found.sr))
+    del broken.ValueType  # a required attribute of the SR document: the validator must notice
+    out = io.BytesIO()
+    broken.save_as(out, enforce_file_format=True)
+    assert _dciodvfy_errors(out.getvalue(), tmp_path, "broken.dcm")
 
 
 def test_a_nodule_the_model_did_not_outline_gets_an_sr_without_a_seg(nodule_models, lidc_dicom_dir):

@@ -287,3 +287,27 @@ def test_froc_and_point_labels_on_hand_made_cases():
     table = {"rc": np.array([[100.0, 103.0], [100.0, 110.0], [300.0, 302.0], [200.0, 200.0]])}
     # within 5 mm of a confirmed centre; on the nodule but off centre; on a one-reader nodule; elsewhere
     assert point_labels(table, regions, 1.0).tolist() == [1, -1, -1, 0]
+
+
+def test_centre_on_blobs_moves_a_point_on_a_dense_spot_to_the_ground_glass_nodules_centre():
+    """A 20 mm ground-glass nodule (-650 HU) with a denser spot 6 mm off its centre: a point on the spot moves to
+    the nodule's centre and takes its size; points on parenchyma or on a blob larger than a nodule stay put."""
+    from lungviz.inference.blobness import contrast_units
+    from lungviz.inference.finder import centre_on_blobs
+
+    sp = 0.7
+    hu = phantom(nodule_rc=(400, 400), radius_px=0)  # lungs and body; the nodule is drawn below
+    r, c = np.mgrid[0:512, 0:512].astype(float)
+    centre = np.array([250.0, 170.0])
+    hu[np.hypot(r - centre[0], c - centre[1]) <= 10.0 / sp] = -650.0
+    spot = centre + [0.0, 6.0 / sp]
+    hu[np.hypot(r - spot[0], c - spot[1]) <= 2.5 / sp] = -250.0
+    hu[np.hypot(r - 250, c - 352) <= 30.0 / sp] = -100.0  # a consolidation 60 mm across in the other lung
+    lung = lung_mask(hu, True, sp)
+    pts = np.array([spot, [150.0, 150.0], [250.0, 352.0]])
+    moved, diam = centre_on_blobs(contrast_units(hu, True), lung, pts, np.array([5.0, 4.0, 6.0]), sp)
+    assert np.hypot(*(moved[0] - centre)) * sp < 1.0
+    assert 16.0 < diam[0] < 22.0  # about its size: the blob is cut at 30% of the spot's contrast
+    assert np.array_equal(moved[1:], pts[1:]) and diam[1:].tolist() == [4.0, 6.0]
+    none, nd = centre_on_blobs(contrast_units(hu, True), lung, np.zeros((0, 2)), np.zeros(0), sp)
+    assert none.shape == (0, 2) and nd.shape == (0,)

@@ -41,6 +41,12 @@ MAX_CANDIDATES = 500
 REFINE_TOP = 40  # candidates refined by the localiser and scored again
 MAX_SHIFT_MM = 12.0  # the localiser may move a candidate at most this far per step
 REFINE_STEPS = 1  # localiser moves per candidate: more moves cost time without placing candidates better
+#: Blob centring after the localiser: the candidate moves to the centroid of the dense blob it sits on, the pixels
+#: of the smoothed slice above this share of the local peak (in contrast units, parenchyma = 0), so a large or
+#: ground-glass nodule is marked at its centre rather than at a dense spot inside it ...
+BLOB_FRACTION = 0.3
+BLOB_OPEN_MM = 1.5  # ... after an opening of this radius cuts vessels off the blob ...
+BLOB_MAX_RADIUS_MM = 20.0  # ... and only when the blob is a nodule's size (larger: lung wall or consolidation)
 
 
 @dataclass
@@ -309,6 +315,54 @@ def refine(finder: Finder, img: np.ndarray, lo: np.ndarray, hi: np.ndarray, lung
     return here, diam
 
 
+def _disk(radius_px: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius_px : radius_px + 1, -radius_px : radius_px + 1]
+    return yy**2 + xx**2 <= radius_px**2
+
+
+def centre_on_blobs(image_u: np.ndarray, lung: np.ndarray, points_rc: np.ndarray, diameters_mm: np.ndarray,
+                    spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Move each point to the centroid of the blob it lies on (see :data:`BLOB_FRACTION`) and widen its diameter
+    to the blob's equivalent diameter. A point stays where it is when no blob is found within 3 mm, when the blob
+    is larger than a nodule (:data:`BLOB_MAX_RADIUS_MM`) or when its centroid is farther than the blob's radius
+    (at least 5 mm) away. ``image_u`` in contrast units (:func:`lungviz.inference.blobness.contrast_units`)."""
+    pts = np.asarray(points_rc, np.float64).reshape(-1, 2).copy()
+    diam = np.asarray(diameters_mm, np.float64).copy()
+    if len(pts) == 0:
+        return pts, diam
+    smooth = ndimage.gaussian_filter(np.asarray(image_u, np.float32), sigma=max(0.5, 1.0 / spacing_mm))
+    half = int(np.ceil((BLOB_MAX_RADIUS_MM + 5.0) / spacing_mm))
+    near_px = int(np.ceil(3.0 / spacing_mm))
+    disk = _disk(max(1, int(round(BLOB_OPEN_MM / spacing_mm))))
+    h, w = smooth.shape
+    for i, (r, c) in enumerate(pts):
+        ri, ci = int(np.clip(round(r), 0, h - 1)), int(np.clip(round(c), 0, w - 1))
+        r0, c0 = max(0, ri - half), max(0, ci - half)
+        win = smooth[r0 : ri + half + 1, c0 : ci + half + 1]
+        pr, pc = ri - r0, ci - c0
+        around = (slice(max(0, pr - near_px), pr + near_px + 1), slice(max(0, pc - near_px), pc + near_px + 1))
+        peak = float(win[around].max())
+        if peak <= 0.1:  # nothing denser than parenchyma here
+            continue
+        blobs = ndimage.binary_opening((win > BLOB_FRACTION * peak) & lung[r0 : r0 + win.shape[0],
+                                                                           c0 : c0 + win.shape[1]], structure=disk)
+        labels, _ = ndimage.label(blobs)
+        ids = labels[around][labels[around] > 0]
+        if ids.size == 0:
+            continue
+        rows, cols = np.nonzero(labels == np.bincount(ids).argmax())
+        area_mm2 = len(rows) * spacing_mm**2
+        at_edge = rows.min() == 0 or cols.min() == 0 or rows.max() == win.shape[0] - 1 or cols.max() == win.shape[1] - 1
+        if at_edge or area_mm2 > np.pi * BLOB_MAX_RADIUS_MM**2:
+            continue
+        radius_mm = float(np.sqrt(area_mm2 / np.pi))
+        centre = np.array([rows.mean() + r0, cols.mean() + c0])
+        if np.hypot(*(centre - pts[i])) * spacing_mm > max(5.0, radius_mm):
+            continue
+        pts[i], diam[i] = centre, max(diam[i], 2.0 * radius_mm)
+    return pts, diam
+
+
 @dataclass
 class SeriesContext:
     """The third dimension of a slice being scanned: its series in contrast units and where the slice lies in it."""
@@ -337,11 +391,13 @@ def candidate_table(
 ) -> tuple[dict[str, np.ndarray], int]:
     """The features of the refined candidate points of one slice (empty arrays when there are none).
 
-    ``rc (N, 2)`` row/col, ``diameter`` (mm, the localiser's), ``net`` (presence log-odds), ``density``
-    (contrast units), ``dot2d``/``line2d`` and, with a series, ``dot3d``/``line3d`` (:mod:`lungviz.inference.blobness`).
+    ``rc (N, 2)`` row/col, ``diameter`` (mm, the localiser's or the blob's if wider), ``net`` (presence log-odds),
+    ``density`` (contrast units), ``dot2d``/``line2d`` and, with a series, ``dot3d``/``line3d``
+    (:mod:`lungviz.inference.blobness`).
     ``net_points`` caps the points the presence network scores (the densest 2D blobs first; for speed on a
     series); the best ``refine_top`` are moved by the localiser and rescored, averaged over ``rotations``
-    right-angle turns of the patch. Also returns the
+    right-angle turns of the patch; their features are measured there, and each is then placed at the centre of
+    the blob it lies on (:func:`centre_on_blobs`), which also sets its diameter. Also returns the
     number of points the network scored.
     """
     names = SERIES_FEATURES if context is not None else SLICE_FEATURES
@@ -368,6 +424,8 @@ def candidate_table(
     if context is not None:
         krc = np.column_stack([np.full(len(refined), float(context.index)), refined])
         table["dot3d"], table["line3d"] = hessian_3d(context.volume_u, krc, sp, context.slice_gap_mm)
+    # scored where the localiser put them (as the ranker was fitted), shown at the centre of their blob
+    table["rc"], table["diameter"] = centre_on_blobs(u, lung, refined, diam, sp)
     return table, len(pts)
 
 
