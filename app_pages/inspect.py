@@ -58,7 +58,15 @@ from lungviz.data.preprocess import (
     resize,
     valid_spacing,
 )
-from lungviz.data.upload import CaseInput, display_image, from_loaded, from_series, is_whole_slice
+from lungviz.data.upload import (
+    PICK_ZOOMS,
+    CaseInput,
+    display_image,
+    from_loaded,
+    from_series,
+    is_whole_slice,
+    zoom_ranges,
+)
 from lungviz.errors import LungvizError
 from lungviz.explain import lime_overlay, overlay
 from lungviz.inference.lungmask import NO_LUNG_MESSAGE, mask_overlay
@@ -130,6 +138,11 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
             st.session_state[rkey] = int(np.clip(round(y), 0, h - 1))
             st.session_state[ckey] = int(np.clip(round(x), 0, w - 1))
 
+    with controls:  # the page reruns after each click and Plotly's own zoom does not survive it: this one does
+        zoom = st.segmented_control("Zoom around the centre", list(PICK_ZOOMS), key=f"zoom-{key}",
+                                    default=next(iter(PICK_ZOOMS)),
+                                    help="Magnify the slice around the nodule centre; it stays magnified as you "
+                                         "click. Scrolling or dragging on the image zooms too, until the next click.")
     shown = display_image(image, is_hu, _window())
     if st.session_state.get("show_lung"):  # the checkbox below the candidates
         shown = mask_overlay(shown, lung)
@@ -152,9 +165,10 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     fig.add_scatter(x=[col], y=[row], mode="markers", marker={"symbol": "cross-thin", "size": 16,
                                                                 "line": {"color": "#ff3b30", "width": 2}},
                     hoverinfo="skip", showlegend=False)
+    x_range, y_range = zoom_ranges((h, w), (row, col), PICK_ZOOMS.get(zoom or "", 1.0))
     fig.update_layout(height=520, margin={"l": 0, "r": 0, "t": 0, "b": 0}, clickmode="event+select",
-                      dragmode="zoom", xaxis={"visible": False}, yaxis={"visible": False},
-                      uirevision=key)  # zoom and pan stay as they were when the page reruns after a click
+                      dragmode="zoom", xaxis={"visible": False, "range": x_range},
+                      yaxis={"visible": False, "range": y_range}, uirevision=f"{key}-{zoom}-{row}-{col}")
     st.plotly_chart(fig, key=f"pick-{key}", on_select=on_click, selection_mode="points",
                     config={"displayModeBar": True, "displaylogo": False, "scrollZoom": True,
                             "modeBarButtonsToRemove": ["select2d", "lasso2d", "toImage", "autoScale2d"]})

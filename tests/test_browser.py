@@ -288,3 +288,46 @@ def test_first_screen_is_the_finding(shipped_server: str, data_dir: Path, tmp_pa
                     assert ds.Modality == ("SR" if what == "sr" else "SEG")
         finally:
             browser.close()
+
+
+def test_the_picker_stays_zoomed_after_a_click(shipped_server: str, data_dir: Path):
+    """A whole DICOM slice, the picker magnified 4x around the centre: a click on the image moves the centre there
+    and the page reruns, and the picker still shows a quarter of the slice's width, around the new centre."""
+    from playwright.sync_api import expect, sync_playwright
+
+    upload = INPUTS["dicom-slice"](data_dir, None)
+    if not upload.is_file():
+        pytest.skip(f"real input not found: {upload}")
+    # the ranges Plotly drew (it widens one axis to keep the pixels square): the shorter span is the zoom's
+    shown = "el => [el._fullLayout.xaxis.range, el._fullLayout.yaxis.range]"
+
+    def spans(plot) -> tuple[float, tuple[float, float]]:
+        (x0, x1), (y0, y1) = plot.evaluate(shown)
+        return min(abs(x1 - x0), abs(y1 - y0)), (min(x0, x1), max(x0, x1))
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": FOLD})
+            page.goto(shipped_server, wait_until="domcontentloaded")
+            expect(page.get_by_role("heading", name="Inspect a nodule")).to_be_visible(timeout=90_000)
+            page.locator("input[type=file]").first.set_input_files(str(upload))
+            expect(page.locator('[data-testid="stMetricValue"]').first).to_have_text(re.compile(r"\d+%"),
+                                                                                      timeout=180_000)
+            _wait_idle(page, timeout_ms=120_000)
+            page.locator('[data-testid="stButtonGroup"] button').filter(has_text=re.compile(r"^4x$")).click()
+            _wait_idle(page, timeout_ms=120_000)
+            plot = page.locator('[class*="st-key-pick-"] .js-plotly-plot').first  # the picker, by its key
+            assert spans(plot)[0] == pytest.approx(128.0, abs=1.0)
+            col = page.get_by_label("Nodule centre: column")
+            before = int(col.input_value())
+            box = plot.locator(".nsewdrag").first.bounding_box()  # the plotting area
+            page.mouse.click(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.5)
+            expect(col).not_to_have_value(str(before), timeout=60_000)
+            _wait_idle(page, timeout_ms=120_000)
+            after = int(col.input_value())
+            span, (x0, x1) = spans(plot)
+            assert span == pytest.approx(128.0, abs=1.0)  # still magnified after the rerun
+            assert x0 - 1 <= after <= x1 + 1  # around the new centre
+        finally:
+            browser.close()

@@ -300,7 +300,7 @@ def test_centre_on_blobs_moves_a_point_on_a_dense_spot_to_the_ground_glass_nodul
     r, c = np.mgrid[0:512, 0:512].astype(float)
     centre = np.array([250.0, 170.0])
     hu[np.hypot(r - centre[0], c - centre[1]) <= 10.0 / sp] = -650.0
-    spot = centre + [0.0, 6.0 / sp]
+    spot = centre + np.array([0.0, 6.0 / sp])
     hu[np.hypot(r - spot[0], c - spot[1]) <= 2.5 / sp] = -250.0
     hu[np.hypot(r - 250, c - 352) <= 30.0 / sp] = -100.0  # a consolidation 60 mm across in the other lung
     lung = lung_mask(hu, True, sp)

@@ -95,3 +95,13 @@ def test_rgba_upload_is_read_with_a_note(image_bytes):
     rgba[..., 3] = 255
     case = from_loaded(load_image(image_bytes(rgba), "rgba.png"))
     assert any("transparency" in n for n in case.notes) and case.context.shape == (32, 32)
+
+
+def test_zoom_ranges_magnify_around_the_centre_and_stay_inside_the_image():
+    from lungviz.data.upload import PICK_ZOOMS, zoom_ranges
+
+    assert zoom_ranges((512, 512), (100.0, 300.0), PICK_ZOOMS["whole slice"]) == ([-0.5, 511.5], [511.5, -0.5])
+    x, y = zoom_ranges((512, 512), (256.0, 300.0), 4.0)  # a quarter of each side, centred on the point
+    assert x == [236.0, 364.0] and y == [320.0, 192.0]
+    x, y = zoom_ranges((400, 512), (5.0, 510.0), 2.0)  # near a corner: shifted to stay on the image
+    assert x == [255.5, 511.5] and y == [199.5, -0.5]

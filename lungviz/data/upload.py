@@ -139,3 +139,21 @@ def display_image(image: np.ndarray, is_hu: bool, window: str = "lung") -> np.nd
     range (a 16-bit export of HU + 1024 fills only 6% of [0, 1] and would show black; the models min-max scale
     their crops anyway)."""
     return window_preset(image, window) if is_hu else minmax(image)
+
+
+#: The picker's magnifications around the nodule centre.
+PICK_ZOOMS = {"whole slice": 1.0, "2x": 2.0, "4x": 4.0}
+
+
+def zoom_ranges(shape: tuple[int, int], centre_rc: tuple[float, float], zoom: float,
+                ) -> tuple[list[float], list[float]]:
+    """Plotly axis ranges showing ``1/zoom`` of an image around ``centre_rc``, kept inside the image: ``x`` left to
+    right, ``y`` bottom to top (an image's rows run downwards)."""
+    h, w = shape
+    out = []
+    for size, c in ((w, centre_rc[1]), (h, centre_rc[0])):
+        half = size / (2.0 * max(zoom, 1.0))
+        lo = float(np.clip(c - half, -0.5, size - 0.5 - 2 * half))
+        out.append([lo, lo + 2 * half])
+    (x0, x1), (y0, y1) = out
+    return [x0, x1], [y1, y0]
