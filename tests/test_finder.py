@@ -233,7 +233,7 @@ def test_locate_cli_bad_input_exits_2_with_one_line(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-def test_train_finder_on_a_few_real_patients(tmp_path):
+def test_train_finder_on_a_few_real_patients(tmp_path, monkeypatch):
     from training.finder import FinderConfig, train_finder
 
     cfg = FinderConfig(limit=24, epochs=1, epoch_samples=64, batch_size=32, input_size=16, n_boot=10,
@@ -247,11 +247,26 @@ def test_train_finder_on_a_few_real_patients(tmp_path):
     finder = load_finder(tmp_path / "w")
     cands, _ = scan(finder, phantom(), True, 0.7, top_k=3)
     assert cands and all(np.isfinite(c.diameter_mm) for c in cands)
-    # a hard-negative mining round fine-tunes the saved presence model on the scan's false candidates
+    # a hard-negative mining round fine-tunes the saved presence model on the scan's false candidates; a mined model
+    # that ranks worse on validation is not kept: the base model's files come back
+    import training.finder as tf
+
+    real_report = tf.crop_scan_report
+    base_files = {f: (tmp_path / "w" / f).read_bytes() for f in ("finder-presence.json", "finder-presence.safetensors")}
+    monkeypatch.setattr(tf, "crop_scan_report", lambda *a, **k: {**real_report(*a, **k), "top1_within_5mm": -1.0})
+    worse = train_finder(dataclasses.replace(cfg, only="mine", mine_epochs=1), progress=False)
+    assert worse["mining"]["adopted"] is False
+    assert {f: (tmp_path / "w" / f).read_bytes() for f in base_files} == base_files
+    monkeypatch.setattr(tf, "crop_scan_report", real_report)
     mined = train_finder(dataclasses.replace(cfg, only="mine", mine_epochs=1), progress=False)
     spec2 = json.loads((tmp_path / "w" / "finder-presence.json").read_text())
-    assert spec2["training"]["mined_false_candidates"] > 0 and spec2["training"]["base_training"]["epochs"] == 1
-    assert spec2["weights_sha256"] != spec["weights_sha256"] and "crop_scan_val" in mined
+    m = mined["mining"]
+    assert m["adopted"] == (m["crop_scan_val_top1_mined"] >= m["crop_scan_val_top1_base"]) and "crop_scan_val" in mined
+    if m["adopted"]:
+        assert spec2["training"]["mined_false_candidates"] > 0 and spec2["training"]["base_training"]["epochs"] == 1
+        assert spec2["weights_sha256"] != spec["weights_sha256"]
+    else:
+        assert spec2["weights_sha256"] == spec["weights_sha256"]
 
 
 @pytest.mark.skipif(not SHIPPED, reason="the shipped finder bundles are not installed")

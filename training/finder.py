@@ -71,7 +71,8 @@ class FinderConfig:
     n_boot: int = 500
     only: str = ""  # presence | locate: train one model only; "none": only re-run the scan evaluations;
     # "wholeslice": only fit the candidate rankers and measure the whole-slice/series scan on the DICOM series;
-    # "mine": scan the training crops with the saved finder and fine-tune the presence model on its false candidates
+    # "mine": scan the training crops with the saved finder and fine-tune the presence model on its false candidates,
+    # kept only when its validation crop-scan top-1 is at least the base model's
     mine_epochs: int = 15
     mined_share: float = 0.5  # share of negatives drawn from the mined false candidates while fine-tuning
     out: str = ""  # bundle folder; empty = weights/
@@ -390,6 +391,9 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
     results: dict = {}
     if cfg.only in ("", "presence", "mine"):
         if cfg.only == "mine":  # hard-negative mining round: start from the saved presence model
+            base_files = {f: (out / f).read_bytes() for f in (f"{PRESENCE}.json", f"{PRESENCE}.safetensors")}
+            base_scan = (json.loads((out / "finder.json").read_text()) if (out / "finder.json").is_file()
+                         else {}).get("crop_scan_val") or crop_scan_report(out, src, idx["val"])
             src.mined = mine_false_candidates(out, src, idx["train"])
             log.info("mined %d false candidates on %d training crops", len(src.mined), len(idx["train"]))
             base_training = json.loads((out / f"{PRESENCE}.json").read_text())["training"]
@@ -476,6 +480,18 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
     for name in ("val", "test"):
         results[f"crop_scan_{name}"] = crop_scan_report(out, src, idx[name])
         log.info("crop scan %s: top-1 within 5 mm %.3f", name, results[f"crop_scan_{name}"]["top1_within_5mm"])
+        if name == "val" and cfg.only == "mine":  # the mined model is kept only if it ranks better on validation
+            mined, base = results["crop_scan_val"]["top1_within_5mm"], base_scan["top1_within_5mm"]
+            results["mining"] = {"adopted": bool(mined >= base), "crop_scan_val_top1_mined": mined,
+                                 "crop_scan_val_top1_base": base, "rule": "adopted when validation crop-scan "
+                                 "top-1 is at least the base model's"}
+            if mined < base:
+                log.info("mining round not adopted: validation crop-scan top-1 %.3f < %.3f (base)", mined, base)
+                for f, data in base_files.items():
+                    (out / f).write_bytes(data)
+                results["presence"] = {k: v for k, v in json.loads(base_files[f"{PRESENCE}.json"])["metrics"][
+                    "test"].items() if k in ("n", "accuracy", "f1_nodule", "auroc", "ece", "ci95")}
+                results["crop_scan_val"] = base_scan
     if not cfg.limit:  # a quick check on a few patients skips the DICOM series (``--only wholeslice`` runs it)
         from training.finder_eval import wholeslice_report
 
