@@ -253,7 +253,13 @@ def test_train_finder_on_a_few_real_patients(tmp_path, monkeypatch):
 
     real_report = tf.crop_scan_report
     base_files = {f: (tmp_path / "w" / f).read_bytes() for f in ("finder-presence.json", "finder-presence.safetensors")}
-    monkeypatch.setattr(tf, "crop_scan_report", lambda *a, **k: {**real_report(*a, **k), "top1_within_5mm": -1.0})
+    calls: list[int] = []
+
+    def worse_after_mining(*a, **k) -> dict:  # the first scan is the base model's, before mining
+        calls.append(1)
+        return real_report(*a, **k) if len(calls) == 1 else {**real_report(*a, **k), "top1_within_5mm": -1.0}
+
+    monkeypatch.setattr(tf, "crop_scan_report", worse_after_mining)
     worse = train_finder(dataclasses.replace(cfg, only="mine", mine_epochs=1), progress=False)
     assert worse["mining"]["adopted"] is False
     assert {f: (tmp_path / "w" / f).read_bytes() for f in base_files} == base_files

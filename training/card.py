@@ -547,6 +547,11 @@ def finder(w: Weights) -> Part:
                 ("presence: AUROC", t["n"], format_ci(t, "auroc")),
                 ("centre error per coordinate (mm)", lt["n"], format_ci(lt, "centre_mae_mm", 2)),
                 ("diameter error (mm)", lt["n"], format_ci(lt, "diameter_mae_mm", 2))]))
+    if mining := res.get("mining"):
+        text += (f"\nA round of hard-negative mining (fine-tuning the presence network on the scan's own false "
+                 f"candidates on the training crops) was {'kept' if mining['adopted'] else 'tried and not kept'}: "
+                 f"validation crop-scan top-1 {pct(mining['crop_scan_val_top1_mined'])} with it, "
+                 f"{pct(mining['crop_scan_val_top1_base'])} without.\n")
     cs = res.get("crop_scan_test") or {}
     text += (f"\n**Scanning a test crop** ({cs['n']} nodules): the best-ranked candidate lies within 5 mm of the "
              f"readers' centre for {pct(cs['top1_within_5mm'])}, one of the top three for "

@@ -30,7 +30,16 @@ from lungviz import metrics, paths
 from lungviz.data.cases import Case
 from lungviz.data.preprocess import DEFAULT_SPACING_MM, to_model_input
 from lungviz.data.splits import Split
-from lungviz.inference.finder import LOCATE, PRESENCE, candidate_points, load_finder, otsu, sample_patches, scan
+from lungviz.inference.finder import (
+    LOCATE,
+    PRESENCE,
+    Finder,
+    candidate_points,
+    load_finder,
+    otsu,
+    sample_patches,
+    scan,
+)
 from lungviz.models import ModelSpec, create_model, load_bundle, resolve_device, save_bundle
 from training.augment import AugmentConfig, augment
 from training.data import SliceStore, centre_weights
@@ -293,11 +302,17 @@ def locate_report(pred: np.ndarray, target: np.ndarray, step_mm: float, spacing_
             "diameter_true_mean_mm": float((target[:, 2] * step_mm).mean())}
 
 
+def network_finder(folder: Path) -> Finder:
+    """The saved finder networks without the candidate rankers: candidates ranked by the presence network alone."""
+    return dataclasses.replace(load_finder(folder), rankers={})
+
+
 def mine_false_candidates(folder: Path, src: PatchSource, cases: np.ndarray, top_k: int = 10,
                           ) -> list[tuple[int, int, np.ndarray]]:
-    """Scan two outlined slices of each training crop with the saved finder; keep the candidates that lie
-    outside the nodule (its outline's reach + ``neg_margin_mm``): the scan's own false positives."""
-    finder = load_finder(folder)
+    """Scan two outlined slices of each training crop with the saved finder (ranked by its presence network); keep
+    the candidates that lie outside the nodule (its outline's reach + ``neg_margin_mm``): the scan's own false
+    positives."""
+    finder = network_finder(folder)
     rng = np.random.default_rng(src.cfg.seed + 1)
     mined = []
     for ci in tqdm(cases, desc="mining false candidates", unit="crop", leave=False):
@@ -312,9 +327,11 @@ def mine_false_candidates(folder: Path, src: PatchSource, cases: np.ndarray, top
 
 
 def crop_scan_report(folder: Path, src: PatchSource, cases: np.ndarray, top_k: int = 5) -> dict:
-    """The whole scan on each nodule's slices-set crop (its largest outline), as on a whole slice: is the
-    best-ranked candidate within 5 mm of the readers' centre, and how many others score >= 0.5?"""
-    finder = load_finder(folder)
+    """The whole scan on each nodule's slices-set crop (its largest outline), as on a whole slice, ranked by the
+    presence network: is the best-ranked candidate within 5 mm of the readers' centre, and how many others score
+    >= 0.5? (The candidate rankers are fitted on whole DICOM slices after the networks, and would make a crop's
+    figure depend on which ranker file was present.)"""
+    finder = network_finder(folder)
     hits, hits3, false, secs = [], [], [], []
     for ci in cases:
         k = src.pick_slice(int(ci), None)
@@ -392,8 +409,7 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
     if cfg.only in ("", "presence", "mine"):
         if cfg.only == "mine":  # hard-negative mining round: start from the saved presence model
             base_files = {f: (out / f).read_bytes() for f in (f"{PRESENCE}.json", f"{PRESENCE}.safetensors")}
-            base_scan = (json.loads((out / "finder.json").read_text()) if (out / "finder.json").is_file()
-                         else {}).get("crop_scan_val") or crop_scan_report(out, src, idx["val"])
+            base_scan = crop_scan_report(out, src, idx["val"])
             src.mined = mine_false_candidates(out, src, idx["train"])
             log.info("mined %d false candidates on %d training crops", len(src.mined), len(idx["train"]))
             base_training = json.loads((out / f"{PRESENCE}.json").read_text())["training"]
