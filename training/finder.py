@@ -51,6 +51,8 @@ log = logging.getLogger("training")
 #: Patients whose DICOM series (``lidc-dicom/``) test the whole-slice scan; never trained on.
 DICOM_TEST_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003")
 #: Intensity-only augmentation of a patch (geometry is applied while sampling it).
+#: The presence network's test figures kept in finder.json.
+PRESENCE_FIGURES = ("n", "accuracy", "f1_nodule", "auroc", "ece", "ci95")
 PATCH_AUG = AugmentConfig(rotate_deg=0.0, flip=False, shift_frac=0.0, scale=0.0)
 
 
@@ -453,7 +455,7 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
             split_fingerprint=split.fingerprint,
             extra={"dataset": "lidc", "left_out_patients": list(DICOM_TEST_PATIENTS)})
         save_bundle(model, spec, out, PRESENCE)
-        results["presence"] = {k: test[k] for k in ("n", "accuracy", "f1_nodule", "auroc", "ece", "ci95")}
+        results["presence"] = {k: test[k] for k in PRESENCE_FIGURES}
     if cfg.only in ("", "locate"):
         seed_everything(cfg.seed)
         model = create_model(cfg.arch, 3, drop_rate=0.1, in_chans=in_chans)
@@ -505,8 +507,8 @@ def train_finder(cfg: FinderConfig, progress: bool = True) -> dict:
                 log.info("mining round not adopted: validation crop-scan top-1 %.3f < %.3f (base)", mined, base)
                 for f, data in base_files.items():
                     (out / f).write_bytes(data)
-                results["presence"] = {k: v for k, v in json.loads(base_files[f"{PRESENCE}.json"])["metrics"][
-                    "test"].items() if k in ("n", "accuracy", "f1_nodule", "auroc", "ece", "ci95")}
+                base_test = json.loads(base_files[f"{PRESENCE}.json"])["metrics"]["test"]
+                results["presence"] = {k: base_test[k] for k in PRESENCE_FIGURES}
                 results["crop_scan_val"] = base_scan
     if not cfg.limit:  # a quick check on a few patients skips the DICOM series (``--only wholeslice`` runs it)
         from training.finder_eval import wholeslice_report

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from skimage import morphology
 
 from lungviz import paths
 from lungviz.data.dicom import AIR_HU
@@ -315,11 +316,6 @@ def refine(finder: Finder, img: np.ndarray, lo: np.ndarray, hi: np.ndarray, lung
     return here, diam
 
 
-def _disk(radius_px: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius_px : radius_px + 1, -radius_px : radius_px + 1]
-    return yy**2 + xx**2 <= radius_px**2
-
-
 def centre_on_blobs(image_u: np.ndarray, lung: np.ndarray, points_rc: np.ndarray, diameters_mm: np.ndarray,
                     spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Move each point to the centroid of the blob it lies on (see :data:`BLOB_FRACTION`) and widen its diameter
@@ -333,7 +329,7 @@ def centre_on_blobs(image_u: np.ndarray, lung: np.ndarray, points_rc: np.ndarray
     smooth = ndimage.gaussian_filter(np.asarray(image_u, np.float32), sigma=max(0.5, 1.0 / spacing_mm))
     half = int(np.ceil((BLOB_MAX_RADIUS_MM + 5.0) / spacing_mm))
     near_px = int(np.ceil(3.0 / spacing_mm))
-    disk = _disk(max(1, int(round(BLOB_OPEN_MM / spacing_mm))))
+    disk = morphology.disk(max(1, int(round(BLOB_OPEN_MM / spacing_mm))))
     h, w = smooth.shape
     for i, (r, c) in enumerate(pts):
         ri, ci = int(np.clip(round(r), 0, h - 1)), int(np.clip(round(c), 0, w - 1))
