@@ -98,7 +98,8 @@ def _finder_specs() -> dict[str, dict]:
                               "false_candidates_score_ge_0_5_per_crop": 1.3},
            "wholeslice": {"series": [{"patient_id": "P9"}], "hit_mm": 5.0, "variants": {
                "series": {"n_nodules": 7, "n_slices_all": 138, "best_within_5mm": 5 / 7, "top3_within_5mm": 1.0,
-                          "false_per_slice_all_slices": 0.89,
+                          "false_per_slice_all_slices": 0.89, "outlined_slices_best_on_nodule": 33 / 63,
+                          "n_outlined_slices": 63,
                           "froc_all_slices": {"0.5": 0.857, "1": 1.0, "2": 1.0, "4": 1.0},
                           "nodules": [{"patient_id": "P9", "slice_index": 8, "diameter_mm": 32.8, "n_readers": 4,
                                        "best_distance_mm": 2.5, "rank_within_5mm": 1}]}},
@@ -176,7 +177,7 @@ def test_maps_slice_view_finder_and_similar_cases_show_their_records(weights: Pa
     assert "`slice-binary` ranks below the readers' diameter (0.777 against 0.872)" in view
     found = _section(card, "Nodule finder")
     assert "| presence: accuracy | 60 | 0.933 |" in found and "| diameter error (mm) | 30 | 1.52 |" in found
-    assert "| series ranker as shipped: network + 2D + 3D Hessian (series) | 71% | 100% | 0.89 | " \
+    assert "| series ranker as shipped: network + 2D + 3D Hessian (series) | 71% | 100% | 52% | 0.89 | " \
            "86% / 100% / 100% / 100% |" in found  # the whole-slice block, leave-one-series-out
     similar = _section(card, "Similar cases")
     assert "embedded with `nodule`" in similar and "80% of the five nearest" in similar  # index-nodule.json first

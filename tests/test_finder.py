@@ -332,3 +332,30 @@ def test_centre_on_blobs_moves_a_point_on_a_dense_spot_to_the_ground_glass_nodul
     assert np.array_equal(moved[1:], pts[1:]) and diam[1:].tolist() == [4.0, 6.0]
     none, nd = centre_on_blobs(contrast_units(hu, True), lung, np.zeros((0, 2)), np.zeros(0), sp)
     assert none.shape == (0, 2) and nd.shape == (0,)
+
+
+def test_whole_slice_figures_on_a_hand_made_series():
+    """One confirmed nodule outlined on three slices, ranked by the network alone: on its central slice a false
+    candidate outranks it (rank 2); on the two other outlined slices it ranks first. The central-slice figures
+    and the every-outlined-slice figure count exactly that."""
+    from training.finder_eval import Region, SeriesData, evaluate_variant
+
+    centre = np.array([100.0, 100.0])
+
+    def table(nodule_score: float, false_score: float) -> dict:
+        t = {"rc": np.array([[101.0, 100.0], [300.0, 300.0]]), "net": np.array([nodule_score, false_score])}
+        return {**t, "diameter": np.array([8.0, 4.0]), **{k: np.zeros(2) for k in ("density", "dot2d", "line2d")}}
+
+    regions = [[Region(centre, 4.0, 0)] for _ in range(3)] + [[]]
+    sd = SeriesData("P1", 1.0, 4, regions,
+                    [{"patient_id": "P1", "slice_index": 1, "centre_rc": centre.tolist(), "n_readers": 3,
+                      "diameter_mm": 8.0}],
+                    {"slice": [table(2.0, 0.0), table(1.0, 3.0), table(2.0, -1.0), table(-5.0, -4.0)]},
+                    {"slice": [0.1] * 4})
+    v = evaluate_variant([sd], "slice", None)
+    assert v["n_nodules"] == 1 and v["best_within_5mm"] == 0.0 and v["top3_within_5mm"] == 1.0
+    assert v["nodules"][0]["rank_within_5mm"] == 2 and v["nodules"][0]["best_distance_mm"] == pytest.approx(282.8, 0.1)
+    assert v["n_outlined_slices"] == 3 and v["outlined_slices_best_on_nodule"] == pytest.approx(2 / 3)
+    assert v["n_slices_all"] == 4
+    assert v["per_series"] == {"P1": {"n_nodules": 1, "best_within_5mm": 0, "n_outlined_slices": 3,
+                                      "outlined_slices_best_on_nodule": 2, "n_slices": 4, "false_above_threshold": 2}}

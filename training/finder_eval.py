@@ -202,17 +202,23 @@ def froc(hit_scores: list[float | None], false_scores: list[float], n_slices: in
 def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...] | None) -> dict:
     """Leave-one-series-out figures of one ranker variant (``features`` None = the network's score alone)."""
     rows, central_false, all_false, all_false_thr, hit_scores = [], [], [], [], []
+    outlined_hits: list[bool] = []  # every slice a confirmed nodule is outlined on: its best candidate on it?
+    per_series: dict[str, dict] = {}
     n_all = 0
     for i, sd in enumerate(data):
         rest = [d for j, d in enumerate(data) if j != i]
         ranker = fit_ranker(rest, mode, features) if features else None
         thr = ranker.threshold if ranker is not None else 0.5
+        first_row, first_outlined, first_false = len(rows), len(outlined_hits), len(all_false_thr)
         for k in range(sd.n_slices):
             n_all += 1
             cands = _scored(sd, mode, k, ranker)
             fal = [c.score for c in cands if _is_false(c, sd.regions[k], sd.spacing_mm)]
             all_false += fal
             all_false_thr.append(sum(s >= thr for s in fal))
+            outlined_hits += [bool(cands) and np.hypot(cands[0].y - reg.centre[0], cands[0].x - reg.centre[1])
+                              * sd.spacing_mm <= max(HIT_MM, reg.radius_px * sd.spacing_mm)
+                              for reg in sd.regions[k] if reg.truth is not None]
         for nd in sd.nodules:
             k = nd["slice_index"]
             cands = _scored(sd, mode, k, ranker)
@@ -232,6 +238,11 @@ def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...
                          "hit_above_threshold": bool(hit is not None and cands[hit].score >= thr),
                          "false_candidates_above_threshold": int(sum(s >= thr for s in fal)),
                          "threshold": round(thr, 4)})
+        mine, seen = rows[first_row:], outlined_hits[first_outlined:]
+        per_series[sd.patient_id] = {
+            "n_nodules": len(mine), "best_within_5mm": sum(r["rank_within_5mm"] == 1 for r in mine),
+            "n_outlined_slices": len(seen), "outlined_slices_best_on_nodule": int(sum(seen)),
+            "n_slices": sd.n_slices, "false_above_threshold": int(sum(all_false_thr[first_false:]))}
     n = len(rows)
     return {
         "n_nodules": n,
@@ -243,9 +254,13 @@ def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...
         "false_per_slice_nodule_slices": float(np.mean([r["false_candidates_above_threshold"] for r in rows]))
         if n else None,
         "false_per_slice_all_slices": float(np.mean(all_false_thr)) if all_false_thr else None,
+        # a larger, less noisy sample than the central slices: each outlined slice of each confirmed nodule
+        "outlined_slices_best_on_nodule": float(np.mean(outlined_hits)) if outlined_hits else None,
+        "n_outlined_slices": len(outlined_hits),
         "froc_nodule_slices": froc(hit_scores, central_false, n),
         "froc_all_slices": froc(hit_scores, all_false, n_all),
         "n_slices_all": n_all,
+        "per_series": per_series,  # counts, so that folds or series can be pooled
         "nodules": rows,
     }
 
