@@ -53,7 +53,7 @@ from lungviz.library import (
 from lungviz.present.dicom_export import source_outlines
 from lungviz.present.inventory import ReferencePredictions, reference_predictions
 from lungviz.present.report import VIEW_LABELS, prob_pct, test_rate
-from lungviz.present.text import plain_text
+from lungviz.present.text import call_words, plain_text
 from lungviz.retrieval import LIBRARY_INDEX, CaseIndex, load_index, set_server_threads
 from lungviz.reviews import MAX_NOTE_CHARS, MAX_REVIEWER_CHARS, VERDICTS, ReviewStore
 
@@ -387,7 +387,7 @@ def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> N
                   help="Malignant = the readers' panel score 4-5. The nodule model's estimate from the factors "
                        "beside it (size, characteristics, image evidence), fitted and calibrated on validation "
                        "patients.")
-        st.markdown(f"**{assessment.risk_band}**; second-look call: **{assessment.call}** (from "
+        st.markdown(f"**{assessment.risk_band}**; second-look call: **{call_words(assessment.call)}** (from "
                     f"{prob_pct(assessment.threshold)})")
         if r.outlined:
             where = f"largest of {r.n_slices} slices" if r.n_slices > 1 else "one slice"

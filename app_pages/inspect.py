@@ -13,6 +13,10 @@ from lungviz.present.text import plain_text
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp", "npy", "dcm", "dicom"]
 SHOW_PX = 256  # side at which the model's views (64-128 px) and their maps are shown
+#: The finding's place while a whole slice's nodule centre is not placed: no estimate for an arbitrary spot.
+UNPLACED_MESSAGE = ("No finding yet: nothing on this image has been chosen as the nodule (the finder proposed no "
+                    "candidate here, or is not installed). Click the nodule on the image under *Choose the nodule* "
+                    "below, or type its position; the estimate appears once a centre is placed.")
 
 st.title("Inspect a nodule")
 
@@ -113,17 +117,22 @@ def _read(file) -> LoadedImage | list:
 
 
 def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: str,
-                   controls, found: list[dict] | None = None) -> tuple[float, float]:
+                   controls, found: list[dict] | None = None) -> tuple[float, float] | None:
     """The nodule centre on a whole slice: a click on the image (plotly selection) or number inputs in ``controls``.
-    ``found``: the slice's candidates when already searched (a series), else the slice is searched here."""
+    ``found``: the slice's candidates when already searched (a series), else the slice is searched here.
+
+    None while nobody has placed it: the finder proposed nothing (no lung, no candidate, or no finder) and the user
+    has not clicked or typed a position yet. The page then gives no estimate for an arbitrary spot."""
     h, w = image.shape
+    pkey = placed_key(key)
     rkey, ckey = f"row-{key}", f"col-{key}"
     lung = common.lung_of(image, is_hu, spacing)
     cands = found if found is not None else (
         common.nodule_candidates(folder, image, is_hu, spacing) if common.finder_available() else None)
     first = (int(round(cands[0]["y"])), int(round(cands[0]["x"]))) if cands else (h // 2, w // 2)
-    st.session_state.setdefault(rkey, first[0])  # start at the finder's best candidate, else the middle
-    st.session_state.setdefault(ckey, first[1])
+    if rkey not in st.session_state:  # start at the finder's best candidate, else the middle (not yet placed)
+        st.session_state[rkey], st.session_state[ckey] = first
+        st.session_state[pkey] = bool(cands)
 
     sp_px = spacing or DEFAULT_SPACING_MM
     rings = [(c["y"], c["x"], max(6.0, c["diameter_mm"] / sp_px / 2 + 3)) for c in cands or []]
@@ -137,6 +146,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
                 _, y, x = min(inside)
             st.session_state[rkey] = int(np.clip(round(y), 0, h - 1))
             st.session_state[ckey] = int(np.clip(round(x), 0, w - 1))
+            st.session_state[pkey] = True
 
     with controls:  # the page reruns after each click and Plotly's own zoom does not survive it: this one does
         zoom = st.segmented_control("Zoom around the centre", list(PICK_ZOOMS), key=f"zoom-{key}",
@@ -180,14 +190,25 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
                     help="A faint green tint over the lungs as lungviz finds them: the finder proposes candidates only "
                          "inside it.")
         c1, c2 = st.columns(2)
-        c1.number_input("Nodule centre: row", 0, h - 1, step=1, key=rkey)
-        c2.number_input("Nodule centre: column", 0, w - 1, step=1, key=ckey)
+        c1.number_input("Nodule centre: row", 0, h - 1, step=1, key=rkey, on_change=_mark_placed, args=(key,))
+        c2.number_input("Nodule centre: column", 0, w - 1, step=1, key=ckey, on_change=_mark_placed, args=(key,))
         sp = f"{spacing:.2f} mm/pixel" if spacing else "unknown spacing (0.70 mm/pixel assumed)"
         st.caption(f"Click the nodule, or a ring to accept that candidate; drag or scroll to zoom, double-click to "
                    f"zoom out. Yellow: the slice view "
                    f"({SLICE_CROP_PX} pixels, about {SLICE_CROP_PX * (spacing or 0.7):.0f} mm); cyan: the nodule "
                    f"view ({nodule_mm:.0f} mm), at {sp}.")
+    if not st.session_state.get(pkey):
+        return None
     return float(st.session_state[rkey]), float(st.session_state[ckey])
+
+
+def placed_key(key: str) -> str:
+    """Session key: whether the nodule centre of upload ``key`` was placed (by the finder or by hand)."""
+    return f"placed-{key}"
+
+
+def _mark_placed(key: str) -> None:
+    st.session_state[placed_key(key)] = True
 
 
 def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) -> None:
@@ -213,6 +234,7 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
         i = st.session_state.get(ckey_list)
         if isinstance(i, int) and 0 <= i < len(cands):
             st.session_state[rkey], st.session_state[ckey] = int(round(cands[i]["y"])), int(round(cands[i]["x"]))
+            _mark_placed(key)
 
     st.selectbox("Nodule candidates (orange circles, best first)", range(len(cands)), format_func=label,
                  key=ckey_list, on_change=accept,
@@ -253,8 +275,7 @@ def _dicom_downloads(assessment, centre_rc: tuple[float, float] | None, report: 
             raise LungvizError("DICOM SR and SEG are made for DICOM uploads only.")
         zipped = main_file.name.lower().endswith(".zip")
         sources = _read(main_file) if zipped else upload_slices(main_file.getvalue(), main_file.name)
-        index = int(st.session_state.get(f"slice-{common.digest(main_file.file_id)}", len(sources) // 2)) \
-            if zipped else 0
+        index = _series_index(main_file.file_id, len(sources)) if zipped else 0
         reference_headers([sources[index]])
     except LungvizError as err:
         st.caption(f":material/info: {plain_text(err.message)}")
@@ -351,9 +372,14 @@ def _series_view_caption(series: list, k: int, sizes: list[dict], read: list[int
     return where + (f"outline {s['long_axis_mm']:.1f} × {s['short_axis_mm']:.1f} mm, area {s['area_mm2']:.0f} mm²")
 
 
-def _case_input() -> tuple[CaseInput, str, str]:
+def _series_index(file_id: str, n: int) -> int:
+    """The slice (0-based) chosen on the series slider of upload ``file_id`` (which counts from 1)."""
+    return int(st.session_state.get(f"slice-{common.digest(file_id)}", n // 2 + 1)) - 1
+
+
+def _case_input() -> tuple[CaseInput | None, str, str]:
     """Widgets for the uploaded files -> the model inputs, a label for the case and the DICOM series UID ("" when
-    not DICOM)."""
+    not DICOM). No inputs (None) while a whole slice's nodule centre has not been placed."""
     loaded = _read(main_file) if main_file is not None else None
     crop = _read(crop_file) if crop_file is not None else None
     # the slice and centre widgets belong to the main file: adding or removing a crop must not reset them
@@ -372,15 +398,17 @@ def _case_input() -> tuple[CaseInput, str, str]:
                          if common.finder_available() else None)
                 # a series opens on the slice of its best candidate
                 best = max(((c[0]["score"], -k, k) for k, c in enumerate(found or []) if c), default=None)
-                st.session_state.setdefault(f"slice-{key}", best[2] if best else n // 2)
-                index = st.slider("Slice (inferior → superior)", 0, n - 1, key=f"slice-{key}") if n > 1 else 0
+                st.session_state.setdefault(f"slice-{key}", (best[2] if best else n // 2) + 1)
+                # numbered from 1, as the series table and the slider below count
+                index = (st.slider("Slice (inferior → superior)", 1, n, key=f"slice-{key}") if n > 1 else 1) - 1
                 sl = loaded[index]
-                st.caption(f"Slice {index + 1} of {n} (slider position {index}), z = {sl.z_mm:.1f} mm, "
+                st.caption(f"Slice {index + 1} of {n}, z = {sl.z_mm:.1f} mm, "
                            f"instance {sl.instance_number}")
             with picture:
                 centre = _centre_picker(sl.hu, True, valid_spacing(float(np.mean(sl.pixel_spacing_mm))), key,
                                          controls, found[index] if found is not None else None)
-        return from_series(loaded, index, centre), f"{main_file.name} slice {index + 1}", loaded[index].series_uid
+        label = f"{main_file.name} slice {index + 1}"
+        return (from_series(loaded, index, centre) if centre else None), label, loaded[index].series_uid
     centre = None
     if loaded is not None and (loaded.is_hu or is_whole_slice(loaded.pixels)):
         st.subheader("Choose the nodule")
@@ -394,6 +422,8 @@ def _case_input() -> tuple[CaseInput, str, str]:
             with picture:
                 if is_whole_slice(loaded.pixels):
                     centre = _centre_picker(loaded.pixels, loaded.is_hu, loaded.pixel_spacing_mm, key, controls)
+                    if centre is None:
+                        return None, loaded.name, ""
                 else:
                     st.image(display_image(loaded.pixels, True, _window()), width=SHOW_PX, clamp=True)
     names = [f.name for f in (main_file, crop_file) if f is not None]
@@ -406,6 +436,11 @@ def _case_input() -> tuple[CaseInput, str, str]:
 finding_box = st.container()
 try:
     case, case_label, series_uid = _case_input()
+    if case is None:  # a whole slice or series on which nobody has placed the nodule yet
+        with finding_box:
+            st.subheader("Finding")
+            st.info(UNPLACED_MESSAGE, icon=":material/ads_click:")
+        st.stop()
     # one of the library's own slice files: named by its case, measured at its case's pixel spacing
     same = common.library_slice(main_file.getvalue()) if main_file is not None and not series_uid else None
     if same is not None:
@@ -419,7 +454,7 @@ try:
     followed = series = None
     if series_uid and pred.assessment is not None and isinstance(series := _read(main_file), list):
         # a series: the nodule model reads every slice the nodule reaches, not the chosen one alone
-        index = int(st.session_state.get(f"slice-{common.digest(main_file.file_id)}", len(series) // 2))
+        index = _series_index(main_file.file_id, len(series))
         followed = common.series_assessment(folder, main_file.file_id, series, index, case.centre_rc)
         if followed is not None:
             pred = with_assessment(pred, followed)

@@ -101,14 +101,14 @@ def _show_case(record: dict) -> None:
     middle = int(record.get("middle_index", n // 2))
 
     st.subheader("Slices, readers' outline and the model's map")
-    index_ = st.slider("Slice (inferior → superior)", 0, n - 1, middle, key=f"libslice-{case_id}") if n > 1 else 0
+    index_ = (st.slider("Slice (inferior → superior)", 1, n, middle + 1, key=f"libslice-{case_id}") if n > 1 else 1) - 1
     outline = st.toggle("Show the readers' outline (drawn by at least half the readers)", value=True,
                         key="lib-outline")
     mask = masks[index_] if masks is not None else None
     img = slices[index_]
     cols = st.columns(3)
     cols[0].image(mask_outline(resize(img, SHOW_PX), mask) if outline and mask is not None else resize(img, SHOW_PX),
-                  caption=f"Slice {index_ + 1} of {n} (slider position {index_})"
+                  caption=f"Slice {index_ + 1} of {n}"
                           + (" with the readers' outline" if outline else ""),
                   width="stretch", clamp=True)
     if ms is not None and (b := ms.bundle("slice", "binary")) is not None:

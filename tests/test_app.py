@@ -265,9 +265,9 @@ def test_a_session_keeps_the_slice_and_centre_of_its_current_upload_only(app_env
     for i in range(3):
         series = {f"s{j}.dcm": make_dicom(hu + 1024 + i, z_mm=2.5 * j, instance=j + 1) for j in range(3)}
         at = _upload(at, f"series-{i}.zip", _zip(series))
-        next(s for s in at.slider if s.label.startswith("Slice")).set_value(i).run()
+        next(s for s in at.slider if s.label.startswith("Slice")).set_value(i + 1).run()  # counted from 1
         assert not at.exception and len(view_keys()) == 3  # this upload's slice, row and column
-    assert at.session_state[next(k for k in view_keys() if k.startswith("slice-"))] == 2
+    assert at.session_state[next(k for k in view_keys() if k.startswith("slice-"))] == 3
 
 
 def test_inspect_whole_dicom_slice_asks_for_the_centre(app_env, lidc_dicom_dir):
@@ -317,6 +317,11 @@ def test_inspect_whole_slice_draws_the_lung_mask_and_says_when_there_is_no_lung(
     at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "head.png", encode_image(head))
     assert not at.exception and any("No lung was found" in w.value for w in at.warning)
     assert "Click the nodule" in _texts(at) and len(at.number_input) == 2  # the manual centre stays available
+    # no estimate for a spot nobody chose: the finding waits for a centre placed by hand
+    assert not at.metric and any(i.value.startswith("No finding yet") for i in at.info)
+    at.number_input[0].set_value(200).run()
+    assert not at.exception and at.metric[0].value.endswith("%")
+    assert not any(i.value.startswith("No finding yet") for i in at.info)
 
 
 def test_inspect_whole_slice_without_the_finder_starts_in_the_middle(app_weights, lidc_dicom_dir, tmp_path,
@@ -334,7 +339,9 @@ def test_inspect_whole_slice_without_the_finder_starts_in_the_middle(app_weights
     assert not any(s.label.startswith("Nodule candidates") for s in at.selectbox)
     assert "nodule finder is not installed" in _texts(at)
     row, col = at.number_input
-    assert (row.value, col.value) == (256, 256) and at.metric[0].value.endswith("%")
+    assert (row.value, col.value) == (256, 256) and not at.metric  # the middle is not a finding: the user places it
+    col.set_value(200).run()
+    assert not at.exception and at.metric[0].value.endswith("%")
 
 
 def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
@@ -347,21 +354,21 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     assert not at.exception and not at.error
     slider = next(s for s in at.slider if s.label.startswith("Slice"))
     found = next(iter(at.session_state["_series_candidates"].values()))  # every slice searched once, on upload
-    assert len(found) == 3 and slider.max == 2
-    assert slider.value == max(range(3), key=lambda k: (found[k][0]["score"] if found[k] else -1.0, -k))  # its best
-    slider.set_value(2).run()
+    assert len(found) == 3 and slider.min == 1 and slider.max == 3  # slices counted from 1, as the table counts
+    assert slider.value == 1 + max(range(3), key=lambda k: (found[k][0]["score"] if found[k] else -1.0, -k))  # best
+    slider.set_value(3).run()
     assert not at.exception and at.metric[0].value.endswith("%")
-    assert "Slice 3 of 3 (slider position 2)" in _texts(at)
+    assert "Slice 3 of 3, z = " in _texts(at)
     at = _upload(at, "crop.png", encode_image(np.full((46, 46), 90, np.uint8)), which=1)
     assert "The nodule crop is not used with a DICOM series" in _texts(at)
-    assert next(s for s in at.slider if s.label.startswith("Slice")).value == 2  # the crop kept the chosen slice
+    assert next(s for s in at.slider if s.label.startswith("Slice")).value == 3  # the crop kept the chosen slice
     assert any(shown_text(m.value).startswith("This series is LIDC-IDRI-0001")  # a library scan
                for m in [*at.warning, *at.info])
     # Moving through the slices and then accepting a candidate of the slice shown moves the centre to that slice's
     # candidate. (The browser-only crash of a stale candidate list, fixed by one widget per list, does not reproduce
     # in AppTest; it was checked in Chromium.)
     for index in (0, 1, 0):
-        next(s for s in at.slider if s.label.startswith("Slice")).set_value(index).run()
+        next(s for s in at.slider if s.label.startswith("Slice")).set_value(index + 1).run()
         assert not at.exception and not at.error
     pick = next(s for s in at.selectbox if s.label.startswith("Nodule candidates"))
     last = len(pick.options) - 1
@@ -406,7 +413,7 @@ def test_inspect_shows_the_nodule_models_finding_over_a_series(app_weights, tmp_
     monkeypatch.setattr(nodule_model, "follow_series", spy)
     at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "series.zip", buf.getvalue())
     assert not at.exception and not at.error
-    shown = next(s for s in at.slider if s.label.startswith("Slice")).value  # the slice of the best candidate
+    shown = next(s for s in at.slider if s.label.startswith("Slice")).value - 1  # the best candidate's slice
     assert followed == [(5, shown)]  # the series was followed from the slice shown
     text = _texts(at)
     assert "What moved the estimate" in text and "log-odds" in text and "second-look call" in text
@@ -703,15 +710,15 @@ def test_library_case_view_of_a_training_case(app_env):
     chars = at.table[0].value
     assert "spiculation" in set(chars["characteristic"])
     captions = [img.captions[0] for img in at.image]
-    assert "Slice 4 of 9 (slider position 3) with the readers' outline" in captions  # the middle (largest outline)
+    assert "Slice 4 of 9 with the readers' outline" in captions  # the middle (largest outline)
     assert [c for c in captions if c.isdigit()] == [str(k) for k in range(1, 10)]  # thumbnails numbered from 1
     assert "The slice view reads the middle slice (4 of 9, the largest reader outline)" in _texts(at)
     assert "Grad-CAM, slice view" in captions
     assert any(c.startswith("Grad-CAM, nodule model (") for c in captions)
     assert at.metric[3].label.startswith("Malignant probability") and at.metric[3].value.endswith("%")
     assert any(c.value.startswith(":material/info: Grad-CAM colours run blue (none) to red") for c in at.caption)
-    next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
-    assert not at.exception and "Slice 1 of 9 (slider position 0) with the readers' outline" in [
+    next(s for s in at.slider if s.label.startswith("Slice")).set_value(1).run()
+    assert not at.exception and "Slice 1 of 9 with the readers' outline" in [
         img.captions[0] for img in at.image]
     next(b for b in at.button if b.label == "Save review").click().run()  # no verdict chosen: nothing is saved
     assert not ReviewStore(app_env / "reviews.sqlite3").list()
@@ -971,10 +978,10 @@ def test_a_kept_dicom_series_comes_back_at_the_chosen_slice_and_centre(app_env, 
         for p in sorted((lidc_dicom_dir / "LIDC-IDRI-0001").glob("*.dcm"))[:3]:
             zf.write(p, f"series/{p.name}")
     at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "series.zip", buf.getvalue())
-    next(s for s in at.slider if s.label.startswith("Slice")).set_value(0).run()
+    next(s for s in at.slider if s.label.startswith("Slice")).set_value(1).run()
     at.number_input[0].set_value(100).run()
     before = at.metric[0].value
     at = at.switch_page("app_pages/library.py").run().switch_page("app_pages/inspect.py").run()
     assert not at.exception and "Still inspecting **series.zip**" in shown_text(_texts(at))
-    assert next(s for s in at.slider if s.label.startswith("Slice")).value == 0
+    assert next(s for s in at.slider if s.label.startswith("Slice")).value == 1
     assert at.number_input[0].value == 100 and at.metric[0].value == before

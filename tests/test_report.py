@@ -41,6 +41,7 @@ from lungviz.present.report import (
     save_report,
     to_rgb8,
 )
+from lungviz.present.text import call_words
 
 RNG = np.random.default_rng(0)
 SHA = "0123456789abcdef" * 4
@@ -134,7 +135,7 @@ def test_html_has_notice_case_and_the_finding() -> None:
     first_result = min(page.index(t) for t in ("72%", "Malignant probability", "<h2>"))
     assert RESEARCH_NOTICE in page and page.index(RESEARCH_NOTICE) < first_result  # the notice before any result
     assert "LIDC-IDRI-0001/nodule-0" in page and "2025-01-31 14:05 UTC" in page
-    for text in ("Malignant probability: 72% - high (over 50%) - second-look call: malignant (from 30%)",
+    for text in ("Malignant probability: 72% - high (over 50%) - second-look call: flag for a second look (from 30%)",
                  "On test this call found 90% [82-95%] of malignant nodules and cleared 61% [52-69%] of the others.",
                  f"Refer / uncertain: {FLAG}.", "14.3 mm", "9.0 mm", "11.7 mm", "812 mm3", "largest of 3 slices",
                  "spiculation", "marked", "From an average nodule&#x27;s 23%", "spiculation 4.2: +1.3 log-odds",
@@ -242,7 +243,8 @@ def test_a_real_prediction_of_the_nodule_model_renders(tmp_path: Path) -> None:
     report = CaseReport(case_id="c", prediction=pred, images=pred.images, models=model_versions(models.networks))
     page = build_html(report)
     assert f"Malignant probability: {html.escape(prob_pct(a.probability))} - {html.escape(a.risk_band)}" in page
-    assert f"second-look call: {a.call} (from 12%)" in page and "found 90% [80-95%] of malignant nodules" in page
+    assert f"second-look call: {call_words(a.call)} (from 12%)" in page
+    assert "found 90% [80-95%] of malignant nodules" in page
     assert all(html.escape(w) in page for w in a.characteristics.values())
     assert all(html.escape(f) in page for f in a.top_factors())
     assert ("No uncertainty flag" in page) != pred.refer and all(html.escape(f) in page for f in pred.flags)

@@ -30,7 +30,7 @@ from lungviz.data.preprocess import spacing_or_default
 from lungviz.errors import LungvizError
 from lungviz.files import atomic_write
 from lungviz.models import spec_dict
-from lungviz.present.text import shorten
+from lungviz.present.text import call_words, shorten
 from lungviz.reviews import MAX_REVIEWER_CHARS
 
 if TYPE_CHECKING:
@@ -392,8 +392,8 @@ def finding_lines(finding: Finding | None) -> list[str]:
     return [f"Nodule model, over {n} slice{'s' if n != 1 else ''}: {measured}.",
             f"Characteristics (LIDC scales): {words}.",
             f"Nodule model's malignant probability (panel score 4-5), by its factors: {prob_pct(f.probability)} "
-            f"({f.risk_band}; call {f.call} from {prob_pct(f.threshold)}). What moved it from an average nodule's "
-            f"{prob_pct(f.baseline)}: {'; '.join(f.top_factors)}."]
+            f"({f.risk_band}; {call_words(f.call)} from {prob_pct(f.threshold)}). What moved it from an average "
+            f"nodule's {prob_pct(f.baseline)}: {'; '.join(f.top_factors)}."]
 
 
 def nodule_model_notes(reading: Mapping[str, Any] | None) -> list[str]:
@@ -535,7 +535,7 @@ def _estimate_blocks(content: ReportContent | None) -> tuple[Block, ...]:
     f, blocks = content.finding, []
     if f is not None and f.probability is not None:
         blocks.append(Text(f"Malignant probability: {prob_pct(f.probability)} - {f.risk_band} - second-look call: "
-                           f"{f.call} (from {prob_pct(f.threshold)})", "headline"))
+                           f"{call_words(f.call)} (from {prob_pct(f.threshold)})", "headline"))
         if f.test_calls and "sensitivity" in f.test_calls and "specificity" in f.test_calls:
             blocks.append(Text(f"On test this call found {test_rate(f.test_calls, 'sensitivity')} of malignant "
                                f"nodules and cleared {test_rate(f.test_calls, 'specificity')} of the others.",

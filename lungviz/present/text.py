@@ -20,6 +20,9 @@ _INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u20
 #: Zero-width and invisible; put after each colon so that Streamlit's shortcodes (``:streamlit:``, emoji), which it
 #: matches in the text after unescaping, never match a name.
 WORD_JOINER = "\u2060"
+#: How the nodule model's benign/malignant call reads on screen and in reports: its call point is set low, for a
+#: second look, so at the malignant side it flags a nodule to look at again; it is not a diagnosis.
+CALL_WORDS = {"malignant": "flag for a second look", "benign": "no flag"}
 
 
 def shorten(text: object, limit: int) -> str:
@@ -32,3 +35,8 @@ def shorten(text: object, limit: int) -> str:
 def plain_text(text: object, limit: int = MAX_SHOWN_CHARS) -> str:
     """``text`` as Streamlit markdown that shows exactly its characters (shortened to ``limit``)."""
     return _PUNCTUATION.sub(r"\\\1", shorten(text, limit)).replace(":", ":" + WORD_JOINER)
+
+
+def call_words(call: str) -> str:
+    """The benign/malignant call of the nodule model as shown to a reader (:data:`CALL_WORDS`)."""
+    return CALL_WORDS.get(call, call)
