@@ -381,7 +381,7 @@ def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> N
     if not r.outlined:
         st.warning("Nothing outlined at the centre: the size is unknown and the estimate counts an average nodule's "
                    "size. Check that the nodule is at the centre.", icon=":material/warning:")
-    est, look, why = st.columns([2, 3.5, 2.5], gap="medium")
+    est, look, why = st.columns([2.6, 3.4, 2.4], gap="medium")  # the estimate's column holds the flag's sentence
     with est:
         st.metric("Malignant probability", prob_pct(assessment.probability),
                   help="Malignant = the readers' panel score 4-5. The nodule model's estimate from the factors "
@@ -397,8 +397,9 @@ def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> N
             show_flag(pred, compact=True)
     with look:
         st.markdown("**Characteristics** (LIDC scales)")
-        st.dataframe([{"characteristic": CHARACTERISTIC_LABELS.get(h, h), "model's rating": w}
-                      for h, w in assessment.characteristics.items()], hide_index=True, width="stretch")
+        # a static table: its cells wrap, where a data grid cuts the readers' words off in this narrow column
+        st.table([{"characteristic": CHARACTERISTIC_LABELS.get(h, h), "model's rating": w}
+                  for h, w in assessment.characteristics.items()], hide_index=True, border="horizontal")
     with why:
         st.markdown(f"**What moved the estimate** from an average nodule's {prob_pct(assessment.baseline)} "
                     "(log-odds)")

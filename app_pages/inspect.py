@@ -79,7 +79,7 @@ from lungviz.inference.predict import with_assessment
 from lungviz.library import SPLIT_NOTES, series_split_note
 from lungviz.metrics import reliability_bin, wilson_interval
 from lungviz.present.dicom_export import ModelInfo, dicom_findings, reference_headers, upload_slices
-from lungviz.present.inventory import map_localisation_note
+from lungviz.present.inventory import map_finds_nodule, map_localisation_note
 from lungviz.present.report import (
     VIEW_LABELS,
     CaseReport,
@@ -602,7 +602,15 @@ for i, (view, bundle) in enumerate(map_bundles.items()):
         call = "malignant" if shown.logits[1] > shown.logits[0] else "benign"
     label = VIEW_LABELS[view].lower()
     map_cols[2 * i].image(big, caption=f"{VIEW_LABELS[view]}: the view without a map", width="stretch", clamp=True)
+    layer = getattr(bundle, "cam_layer", "")
+    note = map_localisation_note(bundle.name, folder, layer)
     with map_cols[2 * i + 1]:
+        # a map measured to look away from the nodule is not shown beside one that finds it, unless asked for
+        if map_finds_nodule(bundle.name, folder, layer) is False and not st.toggle(
+                f"Show the {label}'s map anyway", key=f"weak-map-{view}",
+                help="Hidden because on the test nodules this model's map rarely peaked on the nodule."):
+            st.caption(f"The {label}'s map is hidden: it rarely points at the nodule. " + (note or ""))
+            continue
         if common.MAP_METHODS[method] == "lime":
             bar = st.progress(0.0, text=f"LIME, {label}…")
             res = common.lime(folder, bundle.name, img, lambda f, bar=bar, label=label: bar.progress(
@@ -616,7 +624,7 @@ for i, (view, bundle) in enumerate(map_bundles.items()):
             overlaid = overlay(big, heat, alpha)
             caption = f"{method}, {label}: evidence for '{call}'"
         st.image(overlaid, caption=caption, width="stretch")
-        if note := map_localisation_note(bundle.name, folder, getattr(bundle, "cam_layer", "")):
+        if note:
             st.caption(note)
     maps[f"{method}, {label}"] = overlaid
     if method != "Grad-CAM":  # the report always carries Grad-CAM too

@@ -184,7 +184,7 @@ def _first_screen(page) -> dict[str, object]:
         "size": main.locator('[data-testid="stMarkdown"]', has_text=re.compile(r"Size.*mm, mean")),
         "characteristics table": main.locator('[data-testid="stColumn"]').filter(  # the innermost such column
             has=page.locator('[data-testid="stMarkdown"]', has_text=re.compile(r"^Characteristics"))).last.locator(
-            '[data-testid="stDataFrame"]'),
+            '[data-testid="stTable"]'),
         "top factors": main.locator('[data-testid="stMarkdown"]', has=page.locator("li")).filter(
             has_text="log-odds"),
         "flag line": main.locator('[data-testid="stAlert"], [data-testid="stCaptionContainer"]').filter(

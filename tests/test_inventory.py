@@ -11,6 +11,7 @@ from lungviz.errors import LungvizError
 from lungviz.present.inventory import (
     card_parts,
     installed_models,
+    map_finds_nodule,
     map_localisation_note,
     model_card,
     read_result,
@@ -103,3 +104,13 @@ def test_map_localisation_note(tmp_path: Path):
     assert map_localisation_note("absent", tmp_path) is None
 
 
+
+
+def test_map_finds_nodule_reads_the_shifted_views(tmp_path: Path):
+    assert map_finds_nodule("nodule", tmp_path) is None  # not measured
+    result = {"models": {"nodule": _camloc_entry(0.95, 0.87), "slice-binary": _camloc_entry(0.6, 0.0),
+                         "edge": _camloc_entry(0.5, 0.5)}}
+    (tmp_path / "cam_localisation.json").write_text(json.dumps(result))
+    assert map_finds_nodule("nodule", tmp_path) is True and map_finds_nodule("slice-binary", tmp_path) is False
+    assert map_finds_nodule("edge", tmp_path) is True  # from half the shifted views on
+    assert map_finds_nodule("nodule", tmp_path, "another.layer") is None

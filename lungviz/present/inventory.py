@@ -156,16 +156,34 @@ def read_result(name: str, folder: Path | None = None) -> dict | None:
 MODEL_WORDS = {"nodule": "nodule model's"}
 
 
-def map_localisation_note(model: str, folder: Path | None = None, layer: str | None = "") -> str | None:
-    """One sentence on how well ``model``'s Grad-CAM finds the nodule on the test split (from ``camloc``: centred
-    and shifted views), or None; also None when ``layer`` (the model's current CAM layer; "" = do not check) is not
-    the layer measured."""
+#: A map is shown by default when its Grad-CAM peaked inside the readers' outline on at least this share of the
+#: shifted test views (``camloc``); below it, the page hides it until asked.
+MAP_SHOWN_FROM = 0.5
+
+
+def _cam_record(model: str, folder: Path | None, layer: str | None) -> dict | None:
+    """``model``'s record in ``cam_localisation.json`` when complete and measured at ``layer`` ("" = any)."""
     r = ((read_result("cam_localisation.json", folder) or {}).get("models") or {}).get(model)
     keys = ("n", "peak_inside", "mass_inside", "mask_area")
     if not isinstance(r, dict) or not all(isinstance(r.get(v), dict) and all(k in r[v] for k in keys)
                                           for v in ("centred", "shifted")):
         return None
-    if layer != "" and r.get("layer") != layer:
+    return r if layer == "" or r.get("layer") == layer else None
+
+
+def map_finds_nodule(model: str, folder: Path | None = None, layer: str | None = "") -> bool | None:
+    """Whether ``model``'s Grad-CAM peaked inside the readers' outline on at least :data:`MAP_SHOWN_FROM` of the
+    shifted test views; None when not measured (for this layer)."""
+    r = _cam_record(model, folder, layer)
+    return None if r is None else bool(r["shifted"]["peak_inside"] >= MAP_SHOWN_FROM)
+
+
+def map_localisation_note(model: str, folder: Path | None = None, layer: str | None = "") -> str | None:
+    """One sentence on how well ``model``'s Grad-CAM finds the nodule on the test split (from ``camloc``: centred
+    and shifted views), or None; also None when ``layer`` (the model's current CAM layer; "" = do not check) is not
+    the layer measured."""
+    r = _cam_record(model, folder, layer)
+    if r is None:
         return None
     c, s = r["centred"], r["shifted"]
     prior_c, prior_s = c["centre_prior"]["peak_inside"], s["centre_prior"]["peak_inside"]
