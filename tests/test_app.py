@@ -592,6 +592,18 @@ def test_library_lists_filters_and_opens_a_case(app_env):
         wrong["case"])
 
 
+def _camloc_records(ms, nodule: tuple[float, float], slice_: tuple[float, float]) -> dict:
+    """``cam_localisation.json``'s models block for the nodule model and slice-binary of ``ms``: peak inside the
+    outline (centred, shifted) as given, at the layers the models map now."""
+    def block(peak: float) -> dict:
+        return {"n": 10, "peak_inside": peak, "mass_inside": 0.2, "mask_area": 0.1,
+                "centre_prior": {"peak_inside": 0.9, "mass_inside": 0.5}}
+
+    return {"slice-binary": {"centred": block(slice_[0]), "shifted": block(slice_[1]),
+                             "layer": getattr(ms.bundle("slice", "binary"), "cam_layer", "")},
+            "nodule": {"centred": block(nodule[0]), "shifted": block(nodule[1]), "layer": ms.nodule.cam_layer}}
+
+
 def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tmp_path):
     """The maps of both views are shown, so each view's test-split localisation is quoted (it differs: on the real
     weights the slice map peaks on the nodule in 0% of test nodules, the nodule model's in 87% when shifted)."""
@@ -599,13 +611,7 @@ def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tm
     from lungviz.present.inventory import map_localisation_text
 
     ms = load_models(app_weights)
-    def block(peak: float) -> dict:
-        return {"n": 10, "peak_inside": peak, "mass_inside": 0.2, "mask_area": 0.1,
-                "centre_prior": {"peak_inside": 0.9, "mass_inside": 0.5}}
-
-    found = {"slice-binary": {"centred": block(0.0), "shifted": block(0.0),
-                              "layer": getattr(ms.bundle("slice", "binary"), "cam_layer", "")},
-             "nodule": {"centred": block(0.4), "shifted": block(0.2), "layer": ms.nodule.cam_layer}}
+    found = _camloc_records(ms, nodule=(0.4, 0.2), slice_=(0.0, 0.0))
     (tmp_path / "cam_localisation.json").write_text(json.dumps({"models": found}))
     both = map_localisation_text(tmp_path, ms, ["nodule", "slice"])
     assert "the nodule model's Grad-CAM peaked inside the readers' outline in 40%, and in 20% with" in both
@@ -625,15 +631,7 @@ def test_a_map_measured_to_miss_the_nodule_is_hidden_until_asked(app_weights, li
     from lungviz.inference.predict import load_models
 
     weights = shutil.copytree(app_weights, tmp_path / "weights")
-    ms = load_models(weights)
-
-    def block(peak: float) -> dict:
-        return {"n": 10, "peak_inside": peak, "mass_inside": 0.2, "mask_area": 0.1,
-                "centre_prior": {"peak_inside": 0.9, "mass_inside": 0.5}}
-
-    found = {"slice-binary": {"centred": block(0.0), "shifted": block(0.0),
-                              "layer": getattr(ms.bundle("slice", "binary"), "cam_layer", "")},
-             "nodule": {"centred": block(0.95), "shifted": block(0.9), "layer": ms.nodule.cam_layer}}
+    found = _camloc_records(load_models(weights), nodule=(0.95, 0.9), slice_=(0.0, 0.0))
     (weights / "cam_localisation.json").write_text(json.dumps({"models": found}))
     monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(weights))
     monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
