@@ -374,9 +374,10 @@ def case_assessment(folder: str, case_id: str, _slices: list[np.ndarray], spacin
     return None if ms.nodule is None else assess(ms.nodule, list(_slices), spacing_mm, thickness_mm, central=0.5)
 
 
-def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> None:
+def show_assessment(assessment: Assessment, pred: Prediction | None = None, measured: str | None = None) -> None:
     """The finding, first: the estimate with its band and call, the size, the characteristics in the readers' words
-    and the factors that moved the estimate most, with the refer / uncertain flag in one line."""
+    and the factors that moved the estimate most, with the refer / uncertain flag in one line. ``measured``: how
+    often test nodules given a like estimate were malignant (:func:`lungviz.present.report.band_sentence`)."""
     r = assessment.reading
     if not r.outlined:
         st.warning("Nothing outlined at the centre: the size is unknown and the estimate counts an average nodule's "
@@ -389,6 +390,8 @@ def show_assessment(assessment: Assessment, pred: Prediction | None = None) -> N
                        "patients.")
         st.markdown(f"**{assessment.risk_band}**; second-look call: **{call_words(assessment.call)}** (from "
                     f"{prob_pct(assessment.threshold)})")
+        if measured:
+            st.caption(measured)
         if r.outlined:
             where = f"largest of {r.n_slices} slices" if r.n_slices > 1 else "one slice"
             st.markdown(f"**Size** ({where}): {r.long_axis_mm:.1f} × {r.short_axis_mm:.1f} mm, mean "

@@ -83,6 +83,7 @@ from lungviz.present.inventory import map_finds_nodule, map_localisation_note
 from lungviz.present.report import (
     VIEW_LABELS,
     CaseReport,
+    band_sentence,
     build_html,
     build_pdf,
     data_uri,
@@ -482,6 +483,9 @@ if case.centre_rc is not None:
 
 head_view, headline = common.headline(pred)
 p = pred.malignant_probability(head_view) if head_view else None
+spec = (ms.nodule.spec.metrics.get("binary_test") if head_view == "nodule" and ms.nodule
+        else (ms.bundles[headline].spec.metrics.get("test") if headline in ms.bundles else None))
+bins = (spec or {}).get("reliability_malignant")  # the headline's reliability table on the test split
 a = pred.assessment
 shown = a.reading.slices[a.reading.shown] if a is not None else None
 outline_image = (outline_overlay(resize(shown.view, SHOW_PX), resize(shown.outline.astype(np.float32), SHOW_PX) > 0.5)
@@ -502,7 +506,7 @@ with finding_box:
                        "*Choose the nodule* below.")
     with finding:
         if a is not None:
-            common.show_assessment(a, pred)
+            common.show_assessment(a, pred, band_sentence(bins, p))
         else:
             st.metric("Malignant probability: slice view", common.percent(p),
                       help="Panel score 4-5 (malignant) against 1-3 (benign).")
@@ -525,9 +529,6 @@ with finding_box:
         for note in evidence_notes(pred):
             st.caption(note)
         ref = common.reference(headline) if headline else None
-        spec = (ms.nodule.spec.metrics.get("binary_test") if head_view == "nodule" and ms.nodule
-                else (ms.bundles[headline].spec.metrics.get("test") if headline in ms.bundles else None))
-        bins = (spec or {}).get("reliability_malignant")
         hist_col, rel_col = st.columns([3, 2], gap="large")
         with hist_col:
             if ref is None or "malignant" not in ref.classes:

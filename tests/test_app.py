@@ -143,6 +143,9 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     # confidence in context: histogram of the reference test cases and the reliability of this band
     assert "4 held-out test nodules" in text
     assert any(m.label.startswith("Observed malignant rate, band") for m in at.metric)
+    # and on the first screen, under the estimate: what a like estimate meant on the test nodules
+    assert any(c.value.startswith("On ") and " test nodules given " in c.value and "95% interval" in c.value
+               for c in at.caption)
     assert len(at.get("plotly_chart")) == 2  # score distribution and confidence histogram
     # maps (two views as seen + two Grad-CAM overlays) and five similar-case thumbnails
     captions = [img.captions[0] for img in at.image]

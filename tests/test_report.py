@@ -535,3 +535,15 @@ def test_nothing_outlined_is_reported_and_input_notes_reach_the_report() -> None
     assert "No outline found, so the size is unknown" in page and "Long axis" not in page
     assert "LIDC-IDRI-0001/nodule-0. Train case: optimistic." in page and "Nodule centre used: row 3" in page
     assert build_pdf(report).startswith(b"%PDF")
+
+
+def test_band_sentence_quotes_the_bins_observed_rate_with_its_interval() -> None:
+    from lungviz.present.report import band_sentence
+
+    bins = [{"lo": 0.0, "hi": 0.1, "n": 50, "observed": 0.04, "mean_p": 0.05},
+            {"lo": 0.1, "hi": 0.2, "n": 36, "observed": 5 / 36, "mean_p": 0.14},
+            {"lo": 0.2, "hi": 1.0, "n": 0, "observed": 0.0, "mean_p": 0.0}]
+    assert band_sentence(bins, 0.15) == ("On 36 test nodules given 10%-20%, the readers' panel rated 14% malignant "
+                                         "(95% interval 6%-29%).")
+    assert band_sentence(bins, 0.1).startswith("On 50 test nodules given 0%-10%")  # bins are (lo, hi]
+    assert band_sentence(bins, 0.5) is None and band_sentence(None, 0.5) is None and band_sentence(bins, None) is None

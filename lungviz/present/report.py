@@ -29,6 +29,7 @@ from lungviz import RESEARCH_NOTICE, __version__
 from lungviz.data.preprocess import spacing_or_default
 from lungviz.errors import LungvizError
 from lungviz.files import atomic_write
+from lungviz.metrics import reliability_bin, wilson_interval
 from lungviz.models import spec_dict
 from lungviz.present.text import call_words, shorten
 from lungviz.reviews import MAX_REVIEWER_CHARS
@@ -327,6 +328,18 @@ def prob_pct(p: float | None) -> str:
     if p is None or not np.isfinite(p):
         return "-"
     return "<1%" if p < 0.005 else (">99%" if p > 0.995 else pct(p))
+
+
+def band_sentence(bins: list[dict] | None, p: float | None) -> str | None:
+    """How often the held-out test nodules the model placed in ``p``'s reliability bin were malignant, with the
+    Wilson 95% interval: the estimate's measured meaning in one line. None without a table or a bin with cases."""
+    band = reliability_bin(bins, p) if bins and p is not None else None
+    if not band or not band.get("n"):
+        return None
+    n = int(band["n"])
+    lo, hi = wilson_interval(band["observed"] * n, n)
+    return (f"On {n} test nodules given {pct(band['lo'])}-{pct(band['hi'])}, the readers' panel rated "
+            f"{pct(band['observed'])} malignant (95% interval {pct(lo)}-{pct(hi)}).")
 
 
 def test_rate(figures: dict, key: str) -> str:
