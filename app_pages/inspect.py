@@ -373,9 +373,14 @@ def _series_view_caption(series: list, k: int, sizes: list[dict], read: list[int
     return where + (f"outline {s['long_axis_mm']:.1f} × {s['short_axis_mm']:.1f} mm, area {s['area_mm2']:.0f} mm²")
 
 
+def slice_key(key: str) -> str:
+    """Session key of the series slider of upload ``key`` (it counts slices from 1)."""
+    return f"slice-{key}"
+
+
 def _series_index(file_id: str, n: int) -> int:
-    """The slice (0-based) chosen on the series slider of upload ``file_id`` (which counts from 1)."""
-    return int(st.session_state.get(f"slice-{common.digest(file_id)}", n // 2 + 1)) - 1
+    """The slice (0-based) chosen on the series slider of upload ``file_id``; the middle before it is drawn."""
+    return int(st.session_state.get(slice_key(common.digest(file_id)), n // 2 + 1)) - 1
 
 
 def _case_input() -> tuple[CaseInput | None, str, str]:
@@ -399,9 +404,9 @@ def _case_input() -> tuple[CaseInput | None, str, str]:
                          if common.finder_available() else None)
                 # a series opens on the slice of its best candidate
                 best = max(((c[0]["score"], -k, k) for k, c in enumerate(found or []) if c), default=None)
-                st.session_state.setdefault(f"slice-{key}", (best[2] if best else n // 2) + 1)
+                st.session_state.setdefault(slice_key(key), (best[2] if best else n // 2) + 1)
                 # numbered from 1, as the series table and the slider below count
-                index = (st.slider("Slice (inferior → superior)", 1, n, key=f"slice-{key}") if n > 1 else 1) - 1
+                index = (st.slider("Slice (inferior → superior)", 1, n, key=slice_key(key)) if n > 1 else 1) - 1
                 sl = loaded[index]
                 st.caption(f"Slice {index + 1} of {n}, z = {sl.z_mm:.1f} mm, "
                            f"instance {sl.instance_number}")
@@ -606,11 +611,14 @@ for i, (view, bundle) in enumerate(map_bundles.items()):
     layer = getattr(bundle, "cam_layer", "")
     note = map_localisation_note(bundle.name, folder, layer)
     with map_cols[2 * i + 1]:
-        # a map measured to look away from the nodule is not shown beside one that finds it, unless asked for
-        if map_finds_nodule(bundle.name, folder, layer) is False and not st.toggle(
-                f"Show the {label}'s map anyway", key=f"weak-map-{view}",
-                help="Hidden because on the test nodules this model's map rarely peaked on the nodule."):
-            st.caption(f"The {label}'s map is hidden: it rarely points at the nodule. " + (note or ""))
+        # a Grad-CAM measured to look away from the nodule is not shown beside one that finds it, unless asked for
+        if method == "Grad-CAM" and map_finds_nodule(bundle.name, folder, layer) is False and not st.toggle(
+                f"Show the {label}'s Grad-CAM anyway", key=f"weak-map-{view}",
+                help="Hidden because on the shifted test views this model's Grad-CAM peaked on the nodule in under "
+                     "half of the nodules."):
+            hidden = f"The {label}'s Grad-CAM is hidden: it peaked on the nodule in under half of the test nodules."
+            st.caption(f"{hidden} {note or ''}")
+            input_notes.append(f"{hidden} It is left out of this report.")
             continue
         if common.MAP_METHODS[method] == "lime":
             bar = st.progress(0.0, text=f"LIME, {label}…")

@@ -263,13 +263,14 @@ def test_a_session_keeps_the_slice_and_centre_of_its_current_upload_only(app_env
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
 
     def view_keys() -> set[str]:
-        return {k for k in at.session_state if isinstance(k, str) and k.startswith(("slice-", "row-", "col-"))}
+        return {k for k in at.session_state if isinstance(k, str)
+                and k.startswith(("slice-", "row-", "col-", "placed-"))}
 
     for i in range(3):
         series = {f"s{j}.dcm": make_dicom(hu + 1024 + i, z_mm=2.5 * j, instance=j + 1) for j in range(3)}
         at = _upload(at, f"series-{i}.zip", _zip(series))
         next(s for s in at.slider if s.label.startswith("Slice")).set_value(i + 1).run()  # counted from 1
-        assert not at.exception and len(view_keys()) == 3  # this upload's slice, row and column
+        assert not at.exception and len(view_keys()) == 4  # this upload's slice, row, column and placed flag
     assert at.session_state[next(k for k in view_keys() if k.startswith("slice-"))] == 3
 
 
@@ -608,8 +609,8 @@ def _camloc_records(ms, nodule: tuple[float, float], slice_: tuple[float, float]
 
 
 def test_each_shown_map_gets_its_own_models_localisation_figures(app_weights, tmp_path):
-    """The maps of both views are shown, so each view's test-split localisation is quoted (it differs: on the real
-    weights the slice map peaks on the nodule in 0% of test nodules, the nodule model's in 87% when shifted)."""
+    """Each shown view's map quotes its own test-split localisation (they differ: on the real weights the slice
+    map peaks on the nodule in 0% of test nodules, the nodule model's in 87% when shifted)."""
     from lungviz.inference.predict import load_models
     from lungviz.present.inventory import map_localisation_text
 
@@ -644,7 +645,7 @@ def test_a_map_measured_to_miss_the_nodule_is_hidden_until_asked(app_weights, li
     maps = [img.captions[0] for img in at.image if img.captions[0].startswith("Grad-CAM,")]
     assert maps == ["Grad-CAM, nodule model: evidence for 'malignant'"] or maps == [
         "Grad-CAM, nodule model: evidence for 'benign'"]
-    assert "The slice view's map is hidden: it rarely points at the nodule." in _texts(at)
+    assert "The slice view's Grad-CAM is hidden: it peaked on the nodule in under half" in _texts(at)
     at.toggle(key="weak-map-slice").set_value(True).run()
     assert not at.exception
     assert sum(img.captions[0].startswith("Grad-CAM,") for img in at.image) == 2

@@ -350,12 +350,12 @@ def test_whole_slice_figures_on_a_hand_made_series():
     sd = SeriesData("P1", 1.0, 4, regions,
                     [{"patient_id": "P1", "slice_index": 1, "centre_rc": centre.tolist(), "n_readers": 3,
                       "diameter_mm": 8.0}],
-                    {"slice": [table(2.0, 0.0), table(1.0, 3.0), table(2.0, -1.0), table(-5.0, -4.0)]},
+                    {"slice": [table(2.0, 0.5), table(1.0, 3.0), table(2.0, -1.0), table(-5.0, -4.0)]},
                     {"slice": [0.1] * 4})
     v = evaluate_variant([sd], "slice", None)
     assert v["n_nodules"] == 1 and v["best_within_5mm"] == 0.0 and v["top3_within_5mm"] == 1.0
     assert v["nodules"][0]["rank_within_5mm"] == 2 and v["nodules"][0]["best_distance_mm"] == pytest.approx(282.8, 0.1)
     assert v["n_outlined_slices"] == 3 and v["outlined_slices_best_on_nodule"] == pytest.approx(2 / 3)
     assert v["n_slices_all"] == 4
-    assert v["per_series"] == {"P1": {"n_nodules": 1, "best_within_5mm": 0, "n_outlined_slices": 3,
-                                      "outlined_slices_best_on_nodule": 2, "n_slices": 4, "false_above_threshold": 2}}
+    assert v["per_series"] == {"P1": {"n_nodules": 1, "n_best_within_5mm": 0, "n_outlined_slices": 3,
+                                      "n_outlined_best_on_nodule": 2, "n_slices": 4, "false_above_threshold": 2}}

@@ -104,8 +104,6 @@ def test_map_localisation_note(tmp_path: Path):
     assert map_localisation_note("absent", tmp_path) is None
 
 
-
-
 def test_map_finds_nodule_reads_the_shifted_views(tmp_path: Path):
     assert map_finds_nodule("nodule", tmp_path) is None  # not measured
     result = {"models": {"nodule": _camloc_entry(0.95, 0.87), "slice-binary": _camloc_entry(0.6, 0.0),

@@ -202,7 +202,9 @@ def froc(hit_scores: list[float | None], false_scores: list[float], n_slices: in
 def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...] | None) -> dict:
     """Leave-one-series-out figures of one ranker variant (``features`` None = the network's score alone)."""
     rows, central_false, all_false, all_false_thr, hit_scores = [], [], [], [], []
-    outlined_hits: list[bool] = []  # every slice a confirmed nodule is outlined on: its best candidate on it?
+    # each (confirmed nodule, slice it is outlined on): is the slice's best candidate on it? (A slice showing two
+    # confirmed nodules counts twice, and only one of them can be best.)
+    outlined_hits: list[bool] = []
     per_series: dict[str, dict] = {}
     n_all = 0
     for i, sd in enumerate(data):
@@ -240,8 +242,8 @@ def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...
                          "threshold": round(thr, 4)})
         mine, seen = rows[first_row:], outlined_hits[first_outlined:]
         per_series[sd.patient_id] = {
-            "n_nodules": len(mine), "best_within_5mm": sum(r["rank_within_5mm"] == 1 for r in mine),
-            "n_outlined_slices": len(seen), "outlined_slices_best_on_nodule": int(sum(seen)),
+            "n_nodules": len(mine), "n_best_within_5mm": sum(r["rank_within_5mm"] == 1 for r in mine),
+            "n_outlined_slices": len(seen), "n_outlined_best_on_nodule": int(sum(seen)),
             "n_slices": sd.n_slices, "false_above_threshold": int(sum(all_false_thr[first_false:]))}
     n = len(rows)
     return {
