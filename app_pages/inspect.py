@@ -77,7 +77,7 @@ from lungviz.inference.lungmask import NO_LUNG_MESSAGE, mask_overlay
 from lungviz.inference.outline import outline_overlay
 from lungviz.inference.predict import with_assessment
 from lungviz.library import SPLIT_NOTES, series_split_note
-from lungviz.metrics import reliability_bin, wilson_interval
+from lungviz.metrics import reliability_bin
 from lungviz.present.dicom_export import ModelInfo, dicom_findings, reference_headers, upload_slices
 from lungviz.present.inventory import map_finds_nodule, map_localisation_note
 from lungviz.present.report import (
@@ -571,10 +571,7 @@ with finding_box:
             else:
                 st.metric(f"Observed malignant rate, band {pct(band['lo'])}-{pct(band['hi'])}", pct(band["observed"]),
                           help="Among held-out test nodules the model placed in the same probability band.")
-                lo_ci, hi_ci = wilson_interval(band["observed"] * band["n"], int(band["n"]))
-                st.markdown(f"Of **{band['n']}** test nodules given {pct(band['lo'])}-{pct(band['hi'])} "
-                            f"(mean {pct(band['mean_p'])}), the panel rated **{pct(band['observed'])}** malignant "
-                            f"(95% interval {pct(lo_ci)}-{pct(hi_ci)}).")
+                st.markdown(f"{band_sentence(bins, p)} Their mean estimate: {pct(band['mean_p'])}.")
                 if band["n"] < 20:
                     st.caption(":material/warning: Few cases in this band: the observed rate is imprecise.")
         st.caption("Validation figures for every model: the Models page and the model card.")
