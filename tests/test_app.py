@@ -639,6 +639,13 @@ def test_a_map_measured_to_miss_the_nodule_is_hidden_until_asked(app_weights, li
     (weights / "cam_localisation.json").write_text(json.dumps({"models": found}))
     monkeypatch.setenv("LUNGVIZ_WEIGHTS", str(weights))
     monkeypatch.setenv("LUNGVIZ_HOME", str(tmp_path / "home"))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run().switch_page("app_pages/library.py")
+    at.query_params["case"] = "LIDC-IDRI-0001/nodule-0"
+    at.run()  # the library's case view hides the same map
+    assert not at.exception and "Grad-CAM, slice view" not in [img.captions[0] for img in at.image]
+    assert "The slice view's Grad-CAM is hidden" in _texts(at)
+    at.toggle(key="lib-weak-map").set_value(True).run()
+    assert not at.exception and "Grad-CAM, slice view" in [img.captions[0] for img in at.image]
     at = _upload(AppTest.from_file(APP, default_timeout=TIMEOUT).run(), "slice-4.png",
                  (lidc_slices_dir / REAL_SLICE).read_bytes())
     assert not at.exception and not at.error
