@@ -193,6 +193,9 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
         c1, c2 = st.columns(2)
         c1.number_input("Nodule centre: row", 0, h - 1, step=1, key=rkey, on_change=_mark_placed, args=(key,))
         c2.number_input("Nodule centre: column", 0, w - 1, step=1, key=ckey, on_change=_mark_placed, args=(key,))
+        if not st.session_state.get(pkey):  # the position shown is only the default: let the reader confirm it
+            st.button("Use this position", key=f"use-position-{key}", on_click=_mark_placed, args=(key,),
+                      icon=":material/my_location:", help="Assess the nodule at the red cross as it is.")
         sp = f"{spacing:.2f} mm/pixel" if spacing else "unknown spacing (0.70 mm/pixel assumed)"
         st.caption(f"Click the nodule, or a ring to accept that candidate; drag or scroll to zoom, double-click to "
                    f"zoom out. Yellow: the slice view "

@@ -344,6 +344,9 @@ def test_inspect_whole_slice_without_the_finder_starts_in_the_middle(app_weights
     assert "nodule finder is not installed" in _texts(at)
     row, col = at.number_input
     assert (row.value, col.value) == (256, 256) and not at.metric  # the middle is not a finding: the user places it
+    at.button(key=next(b.key for b in at.button if b.label == "Use this position")).click().run()
+    assert not at.exception and at.metric[0].value.endswith("%")  # confirmed as it is
+    assert not any(b.label == "Use this position" for b in at.button)
     col.set_value(200).run()
     assert not at.exception and at.metric[0].value.endswith("%")
 
