@@ -79,7 +79,7 @@ from lungviz.inference.predict import with_assessment
 from lungviz.library import SPLIT_NOTES, series_split_note
 from lungviz.metrics import reliability_bin
 from lungviz.present.dicom_export import ModelInfo, dicom_findings, reference_headers, upload_slices
-from lungviz.present.inventory import map_finds_nodule, map_localisation_note
+from lungviz.present.inventory import map_finds_nodule, map_hidden_note, map_localisation_note
 from lungviz.present.report import (
     VIEW_LABELS,
     CaseReport,
@@ -616,7 +616,7 @@ for i, (view, bundle) in enumerate(map_bundles.items()):
                 f"Show the {label}'s Grad-CAM anyway", key=f"weak-map-{view}",
                 help="Hidden because on the shifted test views this model's Grad-CAM peaked on the nodule in under "
                      "half of the nodules."):
-            hidden = f"The {label}'s Grad-CAM is hidden: it peaked on the nodule in under half of the test nodules."
+            hidden = map_hidden_note(label)
             st.caption(f"{hidden} {note or ''}")
             input_notes.append(f"{hidden} It is left out of this report.")
             continue

@@ -24,7 +24,7 @@ from lungviz.library import (
     mask_outline,
     reader_count_note,
 )
-from lungviz.present.inventory import map_finds_nodule, map_localisation_text
+from lungviz.present.inventory import map_finds_nodule, map_hidden_note, map_localisation_text
 from lungviz.present.report import VIEW_LABELS, evidence_notes, reader_spread
 from lungviz.present.text import plain_text
 
@@ -114,8 +114,7 @@ def _show_case(record: dict) -> None:
     b = ms.bundle("slice", "binary") if ms is not None else None
     if b is not None and map_finds_nodule(b.name, common.weights_folder(), getattr(b, "cam_layer", "")) is False \
             and not cols[1].toggle(f"Show the {VIEW_LABELS['slice'].lower()}'s Grad-CAM anyway", key="lib-weak-map"):
-        cols[1].caption(f"The {VIEW_LABELS['slice'].lower()}'s Grad-CAM is hidden: it peaked on the nodule in under "
-                        "half of the test nodules (below).")
+        cols[1].caption(f"{map_hidden_note(VIEW_LABELS['slice'].lower())} (Figures below.)")
     elif b is not None:
         vimg = view_image(b.spec, img, None, case.pixel_spacing_mm)
         shown = overlay(resize(vimg, SHOW_PX), common.cam_map(common.weights_folder(), b.name, vimg, "gradcam"),

@@ -50,9 +50,9 @@ log = logging.getLogger("training")
 
 #: Patients whose DICOM series (``lidc-dicom/``) test the whole-slice scan; never trained on.
 DICOM_TEST_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003")
-#: Intensity-only augmentation of a patch (geometry is applied while sampling it).
 #: The presence network's test figures kept in finder.json.
 PRESENCE_FIGURES = ("n", "accuracy", "f1_nodule", "auroc", "ece", "ci95")
+#: Intensity-only augmentation of a patch (geometry is applied while sampling it).
 PATCH_AUG = AugmentConfig(rotate_deg=0.0, flip=False, shift_frac=0.0, scale=0.0)
 
 

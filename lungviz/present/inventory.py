@@ -178,6 +178,11 @@ def map_finds_nodule(model: str, folder: Path | None = None, layer: str | None =
     return None if r is None else bool(r["shifted"]["peak_inside"] >= MAP_SHOWN_FROM)
 
 
+def map_hidden_note(label: str) -> str:
+    """What the page says in place of a Grad-CAM that :func:`map_finds_nodule` judged to miss the nodule."""
+    return f"The {label}'s Grad-CAM is hidden: it peaked on the nodule in under half of the test nodules."
+
+
 def map_localisation_note(model: str, folder: Path | None = None, layer: str | None = "") -> str | None:
     """One sentence on how well ``model``'s Grad-CAM finds the nodule on the test split (from ``camloc``: centred
     and shifted views), or None; also None when ``layer`` (the model's current CAM layer; "" = do not check) is not
