@@ -177,7 +177,7 @@ def test_maps_slice_view_finder_and_similar_cases_show_their_records(weights: Pa
     assert "`slice-binary` ranks below the readers' diameter (0.777 against 0.872)" in view
     found = _section(card, "Nodule finder")
     assert "| presence: accuracy | 60 | 0.933 |" in found and "| diameter error (mm) | 30 | 1.52 |" in found
-    assert "| series ranker as shipped: network + 2D + 3D Hessian (series) | 71% | 100% | 52% | 0.89 | " \
+    assert "| series ranker as shipped: network + 3D Hessian blob/vessel (series) | 71% | 100% | 52% | 0.89 | " \
            "86% / 100% / 100% / 100% |" in found  # the whole-slice block, leave-one-series-out
     similar = _section(card, "Similar cases")
     assert "embedded with `nodule`" in similar and "80% of the five nearest" in similar  # index-nodule.json first

@@ -28,9 +28,11 @@ from lungviz.inference.finder import (
     REFINE_TOP,
     SERIES_FEATURES,
     SERIES_NET_POINTS,
+    SERIES_RANK_FEATURES,
     SERIES_REFINE_TOP,
     SERIES_ROTATIONS,
     SLICE_FEATURES,
+    SLICE_RANK_FEATURES,
     Candidate,
     Finder,
     Ranker,
@@ -49,14 +51,17 @@ FROC_RATES = (0.5, 1.0, 2.0, 4.0)
 #: or below this.
 TARGET_FP_PER_SLICE = 1.0
 TOP_K = 10
-#: Ranker variants compared (the ablation): name -> (scan mode, features). ``network`` ranks by the presence
-#: network's score alone.
-VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "network": ("slice", ("net",)),
-    "slice": ("slice", SLICE_FEATURES),
+#: Ranker variants compared (the ablation): name -> (scan mode, features); ``None`` = the presence network's score
+#: alone with its untuned 0.5 threshold. ``slice`` and ``series`` are shipped; the others show what each measure adds.
+VARIANTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "network": ("slice", None),
+    "slice": ("slice", SLICE_RANK_FEATURES),
+    "slice_2d_shape": ("slice", SLICE_FEATURES),
     "hessian3d_only": ("series", ("density", "dot3d", "line3d", "diameter")),
-    "series_all_points": ("slice", SERIES_FEATURES),
-    "series": ("series", SERIES_FEATURES),
+    "series_network": ("series", ("net",)),
+    "series_all_features": ("series", SERIES_FEATURES),
+    "series_all_points": ("slice", SERIES_RANK_FEATURES),
+    "series": ("series", SERIES_RANK_FEATURES),
 }
 #: Scan modes: (points the network scores, right-angle turns averaged, points refined) as scan and scan_series use.
 MODES = {"slice": (None, 4, REFINE_TOP), "series": (SERIES_NET_POINTS, SERIES_ROTATIONS, SERIES_REFINE_TOP)}
@@ -277,8 +282,8 @@ def wholeslice_report(finder: Finder, out: Path, progress: bool = True) -> dict:
     data = load_series_data(finder, progress=progress)
     variants = {name: evaluate_variant(data, mode, None if name == "network" else feats)
                 for name, (mode, feats) in VARIANTS.items()}
-    rankers = {"slice": fit_ranker(data, "slice", SLICE_FEATURES), "series": fit_ranker(data, "series",
-                                                                                         SERIES_FEATURES)}
+    rankers = {"slice": fit_ranker(data, "slice", SLICE_RANK_FEATURES),
+               "series": fit_ranker(data, "series", SERIES_RANK_FEATURES)}
     (out / f"{RANK}.json").write_text(json.dumps({
         "rankers": {k: r.to_dict() for k, r in rankers.items()},
         "fitted_on": [sd.patient_id for sd in data],
