@@ -280,8 +280,7 @@ def wholeslice_report(finder: Finder, out: Path, progress: bool = True) -> dict:
 
     t0 = time.perf_counter()
     data = load_series_data(finder, progress=progress)
-    variants = {name: evaluate_variant(data, mode, None if name == "network" else feats)
-                for name, (mode, feats) in VARIANTS.items()}
+    variants = {name: evaluate_variant(data, mode, feats) for name, (mode, feats) in VARIANTS.items()}
     rankers = {"slice": fit_ranker(data, "slice", SLICE_RANK_FEATURES),
                "series": fit_ranker(data, "series", SERIES_RANK_FEATURES)}
     (out / f"{RANK}.json").write_text(json.dumps({

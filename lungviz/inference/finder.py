@@ -538,8 +538,8 @@ class SeriesScan:
 
 
 #: Series scanning settings (speed, 100 slices in under 30 s): points the network scores per slice (the densest 2D
-#: blobs first), points the localiser refines, and right-angle turns averaged. Scoring every point ranked no better:
-#: the blob-first cut also drops vessels seen along their length.
+#: blobs first), points the localiser refines, and right-angle turns averaged. Scoring more points, or every point,
+#: ranked the nodule first less often (docs/training.md).
 SERIES_NET_POINTS = 64
 SERIES_REFINE_TOP = 24
 SERIES_ROTATIONS = 2
