@@ -234,11 +234,21 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
     where = np.array([[c["x"], c["y"]] for c in cands], np.float64)
     ckey_list = f"cand-{common.digest(key, where)}"
 
-    def accept() -> None:
+    chosen = st.session_state.setdefault("_candidate_chosen", {})  # per list: the entry it shows
+    if ckey_list not in st.session_state:  # drawn anew, it shows its first entry
+        chosen[ckey_list] = 0
+
+    def accept(button: bool = False) -> None:
         i = st.session_state.get(ckey_list)
-        if isinstance(i, int) and 0 <= i < len(cands):
-            st.session_state[rkey], st.session_state[ckey] = int(round(cands[i]["y"])), int(round(cands[i]["x"]))
-            _mark_placed(key)
+        if not isinstance(i, int) or not 0 <= i < len(cands):
+            return
+        # While the slider moves fast, a list drawn anew can report its first entry as a change: only a choice other
+        # than the one shown, or the button, moves the centre.
+        if not button and i == chosen.get(ckey_list, 0):
+            return
+        chosen[ckey_list] = i
+        st.session_state[rkey], st.session_state[ckey] = int(round(cands[i]["y"])), int(round(cands[i]["x"]))
+        _mark_placed(key)
 
     st.selectbox("Nodule candidates (orange circles, best first)", range(len(cands)), format_func=label,
                  key=ckey_list, on_change=accept,
@@ -247,7 +257,8 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
                       "Nodule-likeness is the finder's 0-1 score for ranking its candidates (how much the point "
                       "looks like a nodule centre), not a malignancy estimate. Its size is a rough guide: the nodule "
                       "model measures the chosen nodule below.")
-    st.button("Use this candidate", key=f"use-{ckey_list}", on_click=accept, icon=":material/my_location:")
+    st.button("Use this candidate", key=f"use-{ckey_list}", on_click=accept, args=(True,),
+              icon=":material/my_location:")
     st.caption("The centre (red cross) starts at the best candidate of the first slice shown and stays where you "
                "put it when you change slices. Check it is the nodule you mean before reading the estimate.")
 

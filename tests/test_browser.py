@@ -351,3 +351,38 @@ def test_the_picker_stays_zoomed_after_a_click(shipped_server: str, data_dir: Pa
             assert x0 - 1 <= after <= x1 + 1  # around the new centre
         finally:
             browser.close()
+
+
+def test_the_centre_stays_while_the_slices_are_stepped_through_fast(shipped_server: str, data_dir: Path,
+                                                                    tmp_path: Path):
+    """A whole zipped series (LIDC-IDRI-0001, 17 slices): the page opens on the finder's best candidate; the slice
+    slider is then stepped with the arrow key faster than the page reruns (as a reader scrolls through a series),
+    and the nodule centre stays where it was, as the page promises. Each slice's candidate list is drawn anew while
+    runs are cut short, and that once moved the centre to the new slice's first candidate."""
+    from playwright.sync_api import expect, sync_playwright
+
+    upload = _lidc_series_zip(data_dir / "lidc-dicom" / "LIDC-IDRI-0001", tmp_path / "series.zip", 1, 10_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": FOLD})
+            page.goto(shipped_server, wait_until="domcontentloaded")
+            expect(page.get_by_role("heading", name="Inspect a nodule")).to_be_visible(timeout=90_000)
+            page.locator("input[type=file]").first.set_input_files(str(upload))
+            expect(page.locator('[data-testid="stMetricValue"]').first).to_have_text(re.compile(r"\d+%"),
+                                                                                      timeout=180_000)
+            _wait_idle(page, timeout_ms=120_000)
+            row, col = page.get_by_label("Nodule centre: row"), page.get_by_label("Nodule centre: column")
+            start = (row.input_value(), col.input_value())
+            thumb = page.locator('[data-testid="stSlider"] input[type="range"]').first
+            first = int(thumb.input_value())
+            for direction in ("ArrowRight", "ArrowLeft", "ArrowRight"):
+                for _ in range(5):
+                    thumb.focus()
+                    page.keyboard.press(direction)
+                    page.wait_for_timeout(150)
+                _wait_idle(page, timeout_ms=120_000)
+                assert (row.input_value(), col.input_value()) == start, direction
+            assert int(thumb.input_value()) != first  # the slices did change
+        finally:
+            browser.close()
