@@ -178,6 +178,15 @@ def lung_of(image: np.ndarray, is_hu: bool, spacing: float | None) -> np.ndarray
 def series_candidates(folder: str, upload_id: str, series: list[DicomSlice]) -> list[list[dict]]:
     """Candidates on every slice of an uploaded series (its neighbours as the third dimension), searched once
     per upload with a progress bar and kept for the session."""
+    return _series_search(folder, upload_id, series)["per_slice"]
+
+
+def series_findings(folder: str, upload_id: str, series: list[DicomSlice], top_k: int = 8) -> list[dict]:
+    """The series' best findings (each candidate followed over consecutive slices, shown once), best first."""
+    return _series_search(folder, upload_id, series)["findings"][:top_k]
+
+
+def _series_search(folder: str, upload_id: str, series: list[DicomSlice]) -> dict:
     store = st.session_state.setdefault("_series_candidates", {})
     key = f"{folder}|{upload_id}"
     if key not in store:
@@ -188,7 +197,8 @@ def series_candidates(folder: str, upload_id: str, series: list[DicomSlice]) -> 
                                                                                          f"{total} for nodules…"))
         bar.empty()
         store.clear()  # one series at a time
-        store[key] = [[c.to_dict() for c in cands] for cands in res.per_slice]
+        store[key] = {"per_slice": [[c.to_dict() for c in cands] for cands in res.per_slice],
+                      "findings": [f.to_dict() for f in res.findings()]}
     return store[key]
 
 

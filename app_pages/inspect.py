@@ -186,7 +186,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     with controls:
         if not lung.any():
             st.warning(NO_LUNG_MESSAGE, icon=":material/search_off:")
-        _candidate_picker(cands if lung.any() else [], rkey, ckey, key)
+        _candidate_picker(cands if lung.any() else [], rkey, ckey, key, series=found is not None)
         st.checkbox("Show the lung mask", key="show_lung",
                     help="A faint green tint over the lungs as lungviz finds them: the finder proposes candidates only "
                          "inside it.")
@@ -215,7 +215,7 @@ def _mark_placed(key: str) -> None:
     st.session_state[placed_key(key)] = True
 
 
-def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) -> None:
+def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str, series: bool = False) -> None:
     """The finder's ranked candidates (orange circles on the image); accepting one moves the nodule centre there."""
     if cands is None:
         st.caption("The nodule finder is not installed: click the nodule or type its position.")
@@ -259,8 +259,36 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str) 
                       "model measures the chosen nodule below.")
     st.button("Use this candidate", key=f"use-{ckey_list}", on_click=accept, args=(True,),
               icon=":material/my_location:")
-    st.caption("The centre (red cross) starts at the best candidate of the first slice shown and stays where you "
-               "put it when you change slices. Check it is the nodule you mean before reading the estimate.")
+    st.caption(("The centre (red cross) starts at the series' best finding and stays where you put it when you "
+                "change slices." if series else "The centre (red cross) starts at the best candidate.")
+               + " Check it is the nodule you mean before reading the estimate.")
+
+
+def _series_finding_picker(findings: list[dict], key: str) -> None:
+    """The series' best findings; going to one moves the slice slider and the nodule centre to it."""
+    fkey = f"finding-{key}"
+
+    def label(i: int) -> str:
+        f = findings[i]
+        seen = (f"slices {f['first_slice'] + 1}-{f['last_slice'] + 1}" if f["last_slice"] > f["first_slice"]
+                else "one slice")
+        return (f"{i + 1}. slice {f['slice_index'] + 1} ({seen}): row {f['y']:.0f}, column {f['x']:.0f}, about "
+                f"{f['diameter_mm']:.0f} mm")
+
+    def go() -> None:
+        i = st.session_state.get(fkey)
+        if isinstance(i, int) and 0 <= i < len(findings):
+            f = findings[i]
+            st.session_state[slice_key(key)] = f["slice_index"] + 1
+            st.session_state[f"row-{key}"], st.session_state[f"col-{key}"] = round(f["y"]), round(f["x"])
+            _mark_placed(key)
+
+    pick, button = st.columns([4, 1], vertical_alignment="bottom")
+    pick.selectbox("Series findings (best first)", range(len(findings)), format_func=label, key=fkey, on_change=go,
+                   help="The finder's best candidates over the whole series, each followed over the consecutive "
+                        "slices it is seen on and listed once. The page opens on the first. Small nodules can rank "
+                        "below other candidates, often vessels: check the list, and scroll the series yourself.")
+    button.button("Go", key=f"go-{fkey}", on_click=go, help="Show this finding's slice and centre it.")
 
 
 def common_field_mm() -> float:
@@ -345,9 +373,9 @@ def _through_series(series: list, assessment, index: int, centre_rc: tuple[float
             fig = go.Figure()
             for field, name in (("long_axis_mm", "long axis"), ("short_axis_mm", "short axis")):
                 fig.add_scatter(x=zs, y=[s[field] for s in sizes], mode="lines+markers", name=name)
-            fig.update_layout(height=200, margin={"l": 10, "r": 10, "t": 10, "b": 10},
+            fig.update_layout(height=220, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                               xaxis={"title": "z (mm)"}, yaxis={"title": "mm", "rangemode": "tozero"},
-                              legend={"orientation": "h", "y": 1.15})
+                              legend={"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom"})  # above the curves
             st.plotly_chart(fig, key="series-sizes", config={"displayModeBar": False})
     with view_col:
         n = len(series)
@@ -416,9 +444,11 @@ def _case_input() -> tuple[CaseInput | None, str, str]:
                 _window_select(True)
                 found = (common.series_candidates(folder, main_file.file_id, loaded)
                          if common.finder_available() else None)
-                # a series opens on the slice of its best candidate
-                best = max(((c[0]["score"], -k, k) for k, c in enumerate(found or []) if c), default=None)
-                st.session_state.setdefault(slice_key(key), (best[2] if best else n // 2) + 1)
+                findings = common.series_findings(folder, main_file.file_id, loaded) if found is not None else []
+                # a series opens on the slice of its best finding
+                st.session_state.setdefault(slice_key(key), (findings[0]["slice_index"] if findings else n // 2) + 1)
+                if findings:
+                    _series_finding_picker(findings, key)
                 # numbered from 1, as the series table and the slider below count
                 index = (st.slider("Slice (inferior → superior)", 1, n, key=slice_key(key)) if n > 1 else 1) - 1
                 sl = loaded[index]

@@ -226,6 +226,13 @@ def _finder(models: list[dict]) -> None:
                     f"nodules, one of the top three for {series['top3_within_5mm']:.0%}; "
                     f"{series['false_per_slice_all_slices']:.2f} false candidates per slice; sensitivity at 1 false "
                     f"candidate per slice {froc.get('1', float('nan')):.0%}. Seven nodules: each is 14 points.")
+    opening = (res.get("wholeslice") or {}).get("series_opening") or {}
+    if opening.get("n_series"):
+        st.markdown(f"Over a whole series, the first finding the page opens on lies on a reader-confirmed nodule in "
+                    f"{opening['opens_on_a_confirmed_nodule']} of {opening['n_series']} series; "
+                    f"{opening['nodules_with_no_false_finding_before']} of {opening['n_nodules']} confirmed nodules "
+                    "have no false finding ranked above them. Small nodules can rank behind false candidates: check "
+                    "the list of series findings.")
 
 if models:
     _nodule_model(models)

@@ -144,7 +144,7 @@ def test_inspect_real_slice_end_to_end(app_env, lidc_slices_dir):
     assert "4 held-out test nodules" in text
     assert any(m.label.startswith("Observed malignant rate, band") for m in at.metric)
     # and on the first screen, under the estimate: what a like estimate meant on the test nodules
-    assert any(c.value.startswith("On ") and " test nodules given " in c.value and "95% interval" in c.value
+    assert any(c.value.startswith("Of ") and " test nodules also put at " in c.value and "95% interval" in c.value
                for c in at.caption)
     assert len(at.get("plotly_chart")) == 2  # score distribution and confidence histogram
     # maps (two views as seen + two Grad-CAM overlays) and five similar-case thumbnails
@@ -360,10 +360,21 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     at = _upload(at, "series.zip", buf.getvalue())
     assert not at.exception and not at.error
     slider = next(s for s in at.slider if s.label.startswith("Slice"))
-    found = next(iter(at.session_state["_series_candidates"].values()))  # every slice searched once, on upload
+    search = next(iter(at.session_state["_series_candidates"].values()))  # every slice searched once, on upload
+    found, findings = search["per_slice"], search["findings"]
     assert len(found) == 3 and slider.min == 1 and slider.max == 3  # slices counted from 1, as the table counts
-    assert slider.value == 1 + max(range(3), key=lambda k: (found[k][0]["score"] if found[k] else -1.0, -k))  # best
-    slider.set_value(3).run()
+    # it opens on the best finding, the best candidate of any slice
+    assert slider.value == 1 + findings[0]["slice_index"]
+    assert findings[0]["log_odds"] == max(c["log_odds"] for cands in found for c in cands)
+    # going to another series finding moves the slice and the centre to it
+    listed = next(s for s in at.selectbox if s.label.startswith("Series findings"))
+    assert len(listed.options) == min(8, len(findings)) >= 2
+    listed.set_value(1).run()
+    assert not at.exception
+    row, col = at.number_input
+    assert next(s for s in at.slider if s.label.startswith("Slice")).value == findings[1]["slice_index"] + 1
+    assert (row.value, col.value) == (round(findings[1]["y"]), round(findings[1]["x"]))
+    next(s for s in at.slider if s.label.startswith("Slice")).set_value(3).run()
     assert not at.exception and at.metric[0].value.endswith("%")
     assert "Slice 3 of 3, z = " in _texts(at)
     at = _upload(at, "crop.png", encode_image(np.full((46, 46), 90, np.uint8)), which=1)

@@ -106,9 +106,10 @@ def test_scan_rejects_bad_slices(tmp_path):
 
 
 def test_candidate_json_is_rounded():
-    d = Candidate(x=1.23456, y=2.0, diameter_mm=5.555, score=0.98765, x_mm=None, y_mm=None).to_dict()
+    d = Candidate(x=1.23456, y=2.0, diameter_mm=5.555, score=0.98765, x_mm=None, y_mm=None,
+                  log_odds=4.3829).to_dict()
     assert d == {"x": 1.23, "y": 2.0, "diameter_mm": 5.55 if round(5.555, 2) == 5.55 else 5.56, "score": 0.99,
-                 "x_mm": None, "y_mm": None}
+                 "x_mm": None, "y_mm": None, "log_odds": 4.38}
 
 
 def test_read_search_slice_series_folder_and_errors(lidc_dicom_dir, tmp_path):
@@ -359,3 +360,25 @@ def test_whole_slice_figures_on_a_hand_made_series():
     assert v["n_slices_all"] == 4
     assert v["per_series"] == {"P1": {"n_nodules": 1, "n_best_within_5mm": 0, "n_outlined_slices": 3,
                                       "n_outlined_best_on_nodule": 2, "n_slices": 4, "false_above_threshold": 2}}
+
+
+def test_series_findings_follow_a_candidate_over_consecutive_slices():
+    """A nodule seen on three consecutive slices is one finding, shown at its best slice; a candidate elsewhere on
+    the same slice, one 21 mm away and one after a slice without it are findings of their own; best first."""
+    from lungviz.inference.finder import Candidate, series_findings
+
+    def cand(y, x, lo, d=6.0):
+        return Candidate(x=x, y=y, diameter_mm=d, score=float(1 / (1 + np.exp(-lo))), log_odds=lo)
+
+    per = [[], [], [cand(100, 100, 1.0)], [cand(102, 101, 3.0), cand(300, 300, 2.5)],
+           [cand(101, 99, 2.0), cand(100, 130, 0.5)], [], [cand(100, 100, 2.8)]]
+    found = series_findings(per, 0.7)
+    assert [(f.slice_index, f.first_slice, f.last_slice) for f in found] == [(3, 2, 4), (6, 6, 6), (3, 3, 3),
+                                                                              (4, 4, 4)]
+    assert found[0].candidate.log_odds == 3.0 and (found[0].candidate.y, found[0].candidate.x) == (102, 101)
+    assert found[2].candidate.y == 300 and found[3].candidate.x == 130
+    assert [f.slice_index for f in series_findings(per, 0.7, top_k=2)] == [3, 6]
+    assert series_findings([[], []], 0.7) == []
+    # without log-odds (older candidate lists) the probability ranks
+    plain = [[Candidate(x=10, y=10, diameter_mm=5, score=0.6)], [Candidate(x=200, y=200, diameter_mm=5, score=0.9)]]
+    assert [f.slice_index for f in series_findings(plain, 0.7)] == [1, 0]

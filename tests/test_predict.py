@@ -234,11 +234,15 @@ def test_each_flag_has_a_few_words_for_the_one_line_flag():
     from lungviz.inference.predict import short_flag
 
     two = ["benign", "malignant"]
-    flags = uncertainty_flags({"nodule": {"binary": TaskPrediction(classes=two, probs=[0.5, 0.5])},
+    flags = uncertainty_flags({"nodule": {"binary": TaskPrediction(classes=two, probs=[0.5, 0.5]),
+                                          "score": TaskPrediction(classes=list("12345"),
+                                                                  probs=[0.1, 0.2, 0.3, 0.25, 0.15])},
                                "slice": {"binary": TaskPrediction(classes=two, probs=[0.95, 0.05])}},
                               presence=0.1, outlined=False)
     assert [short_flag(f) for f in flags] == ["no nodule seen at the centre", "nothing outlined",
-                                              "close to the call point", "the views disagree"]
+                                              "estimate near its call point", "the views disagree",
+                                              "1-5 score spread out"]
+    assert flags[-1] == "the 1-5 panel score is spread over several values (the most likely, 3, at 30%)"
     assert short_flag("something new") == "something new"
 
 

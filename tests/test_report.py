@@ -543,7 +543,7 @@ def test_band_sentence_quotes_the_bins_observed_rate_with_its_interval() -> None
     bins = [{"lo": 0.0, "hi": 0.1, "n": 50, "observed": 0.04, "mean_p": 0.05},
             {"lo": 0.1, "hi": 0.2, "n": 36, "observed": 5 / 36, "mean_p": 0.14},
             {"lo": 0.2, "hi": 1.0, "n": 0, "observed": 0.0, "mean_p": 0.0}]
-    assert band_sentence(bins, 0.15) == ("On 36 test nodules given 10%-20%, the readers' panel rated 14% malignant "
-                                         "(95% interval 6%-29%).")
-    assert band_sentence(bins, 0.1).startswith("On 50 test nodules given 0%-10%")  # bins are (lo, hi]
+    assert band_sentence(bins, 0.15) == ("Of 36 test nodules also put at 10%-20%, the readers' panel rated 14% "
+                                         "malignant (95% interval 6%-29%).")
+    assert band_sentence(bins, 0.1).startswith("Of 50 test nodules also put at 0%-10%")  # bins are (lo, hi]
     assert band_sentence(bins, 0.5) is None and band_sentence(None, 0.5) is None and band_sentence(bins, None) is None

@@ -605,8 +605,24 @@ def wholeslice_text(ws: dict) -> str:
             "test.\n\n"
             + table(("ranking", "best within 5 mm", "top 3", "every outlined slice", "false per slice",
                      "FROC 0.5 / 1 / 2 / 4"), rows)
+            + series_opening_text(ws.get("series_opening"))
             + (f"\nMedian seconds per slice (one CPU thread, lung mask included): one slice "
                f"{secs.get('slice', 0):.2f} s, within a series {secs.get('series', 0):.2f} s.\n" if secs else ""))
+
+
+def series_opening_text(so: dict | None) -> str:
+    """How a whole series opens: its first finding, and the false findings ranked above each confirmed nodule."""
+    if not so:
+        return ""
+    late = [f"{s['patient_id']} ({s['false_findings_before_a_confirmed_nodule']} false before the first confirmed "
+            "nodule)" for s in so["series"] if not s["opens_on_a_confirmed_nodule"]]
+    return (f"\nOpening a whole series (the series ranker, leave-one-series-out; each candidate followed over "
+            f"consecutive slices and listed once, best first, as the app lists them): the first finding lies on a "
+            f"confirmed nodule in {so['opens_on_a_confirmed_nodule']} of {so['n_series']} series"
+            + (f"; not in {', '.join(late)}" if late else "")
+            + f". {so['nodules_with_no_false_finding_before']} of {so['n_nodules']} confirmed nodules have no false "
+            f"finding ranked above them, {so['nodules_with_at_most_2_false_findings_before']} at most two. Small "
+            "nodules rank behind false candidates more often over a whole series than on their own slice.\n")
 
 
 def similar_cases(w: Weights) -> Part:

@@ -31,6 +31,7 @@ from lungviz.inference.finder import (
     SERIES_RANK_FEATURES,
     SERIES_REFINE_TOP,
     SERIES_ROTATIONS,
+    SERIES_TOP_K,
     SLICE_FEATURES,
     SLICE_RANK_FEATURES,
     Candidate,
@@ -40,6 +41,7 @@ from lungviz.inference.finder import (
     candidate_table,
     feature_matrix,
     select,
+    series_findings,
 )
 from lungviz.inference.lungmask import lung_mask
 
@@ -148,6 +150,13 @@ def _is_false(c: Candidate, regions: list[Region], sp: float) -> bool:
     return all(np.hypot(c.y - r.centre[0], c.x - r.centre[1]) * sp > max(HIT_MM, r.radius_px * sp) for r in regions)
 
 
+def _on_confirmed(c: Candidate, regions: list[Region], sp: float, truth: int | None = None) -> bool:
+    """The candidate lies on a confirmed nodule of its slice (on confirmed nodule ``truth`` when given)."""
+    return any((r.truth is not None if truth is None else r.truth == truth)
+               and np.hypot(c.y - r.centre[0], c.x - r.centre[1]) * sp <= max(HIT_MM, r.radius_px * sp)
+               for r in regions)
+
+
 def fit_ranker(data: list[SeriesData], mode: str, features: tuple[str, ...]) -> Ranker:
     """A balanced, L2-regularised logistic model on the candidate points of ``data``; threshold for
     :data:`TARGET_FP_PER_SLICE` on the same series."""
@@ -234,9 +243,7 @@ def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...
             fal = [c.score for c in cands if _is_false(c, sd.regions[k], sd.spacing_mm)]
             central_false += fal
             hit = next((j for j, d in enumerate(dist) if d <= HIT_MM), None)
-            on_nodule = bool(cands) and any(
-                reg.truth is not None and np.hypot(cands[0].y - reg.centre[0], cands[0].x - reg.centre[1])
-                * sd.spacing_mm <= max(HIT_MM, reg.radius_px * sd.spacing_mm) for reg in sd.regions[k])
+            on_nodule = bool(cands) and _on_confirmed(cands[0], sd.regions[k], sd.spacing_mm)
             hit_scores.append(cands[hit].score if hit is not None else None)
             rows.append({"patient_id": sd.patient_id, "slice_index": k, "diameter_mm": nd["diameter_mm"],
                          "n_readers": nd["n_readers"], "best_distance_mm": round(dist[0], 1) if dist else None,
@@ -272,6 +279,40 @@ def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...
     }
 
 
+def series_opening(data: list[SeriesData], mode: str, features: tuple[str, ...]) -> dict:
+    """Leave-one-series-out, the series as the app opens it: the candidates of every slice (as many as a series
+    scan keeps) followed over consecutive slices (:func:`lungviz.inference.finder.series_findings`), best first.
+    Per series: whether the first finding lies on a confirmed nodule; per confirmed nodule: how many false findings
+    rank above the first finding on it (findings on other nodules, confirmed or not, are not counted)."""
+    series, nodules = [], []
+    for i, sd in enumerate(data):
+        ranker = fit_ranker([d for j, d in enumerate(data) if j != i], mode, features)
+        per = []
+        for k in range(sd.n_slices):
+            table = sd.tables[mode][k]
+            per.append(select(table, ranker.log_odds(table), sd.spacing_mm, True, SERIES_TOP_K)
+                       if len(table["net"]) else [])
+        found = series_findings(per, sd.spacing_mm)
+        false = [_is_false(f.candidate, sd.regions[f.slice_index], sd.spacing_mm) for f in found]
+        confirmed = [_on_confirmed(f.candidate, sd.regions[f.slice_index], sd.spacing_mm) for f in found]
+        series.append({"patient_id": sd.patient_id, "n_findings": len(found),
+                       "opens_on_a_confirmed_nodule": bool(found) and confirmed[0],
+                       "false_findings_before_a_confirmed_nodule": next(
+                           (int(sum(false[:j])) for j, hit in enumerate(confirmed) if hit), None)})
+        for t, nd in enumerate(sd.nodules):
+            j = next((j for j, f in enumerate(found)
+                      if _on_confirmed(f.candidate, sd.regions[f.slice_index], sd.spacing_mm, t)), None)
+            nodules.append({"patient_id": sd.patient_id, "slice_index": nd["slice_index"],
+                            "diameter_mm": nd["diameter_mm"], "position": j + 1 if j is not None else None,
+                            "false_findings_before": int(sum(false[:j])) if j is not None else None})
+    ahead = [n["false_findings_before"] for n in nodules]
+    return {"series": series, "nodules": nodules,
+            "opens_on_a_confirmed_nodule": int(sum(s["opens_on_a_confirmed_nodule"] for s in series)),
+            "n_series": len(series), "n_nodules": len(nodules),
+            "nodules_with_no_false_finding_before": int(sum(a == 0 for a in ahead)),
+            "nodules_with_at_most_2_false_findings_before": int(sum(a is not None and a <= 2 for a in ahead))}
+
+
 def wholeslice_report(finder: Finder, out: Path, progress: bool = True) -> dict:
     """Scan the DICOM series, judge every ranker variant leave-one-series-out, ship rankers fitted on all series.
 
@@ -296,6 +337,7 @@ def wholeslice_report(finder: Finder, out: Path, progress: bool = True) -> dict:
         "protocol": "leave-one-series-out: each series ranked by a model and threshold fitted on the others",
         "hit_mm": HIT_MM, "target_false_per_slice": TARGET_FP_PER_SLICE, "top_k": TOP_K,
         "variants": variants,
+        "series_opening": series_opening(data, *VARIANTS["series"]),
         "shipped": {"slice": "slice", "series": "series"},
         "seconds_per_slice": {m: float(np.median(v)) for m, v in secs.items()},
         "seconds_per_slice_max": {m: float(np.max(v)) for m, v in secs.items()},

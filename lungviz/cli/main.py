@@ -135,14 +135,13 @@ def cmd_locate(args: argparse.Namespace) -> dict:
                    disable=not sys.stderr.isatty())
         res = scan_series(finder, vol, True, sp, gap, progress=lambda done, total: bar.update(1))
         bar.close()
-        best = res.ranked(args.top_k)
+        best = res.findings(args.top_k)  # each candidate followed over consecutive slices, once
         out = {"input": path.name, "shape": list(vol.shape), "is_hu": True, "pixel_spacing_mm": sp,
-               "slice_gap_mm": gap, "candidates": [{**c.to_dict(), "slice_index": k} for k, c in best
-                                                   if c.score >= args.min_score],
+               "slice_gap_mm": gap, "candidates": [f.to_dict() for f in best if f.candidate.score >= args.min_score],
                "scan": {"seconds": round(res.seconds, 3), "slices": len(vol),
                         "slices_with_lung": int(sum(res.lung_found))}, "notice": RESEARCH_NOTICE}
         if best:
-            out.update(slice_index=best[0][0], n_slices=len(vol))
+            out.update(slice_index=best[0].slice_index, n_slices=len(vol))
         if not any(res.lung_found):
             from lungviz.inference.lungmask import NO_LUNG_MESSAGE
 
@@ -180,6 +179,8 @@ def _print_human(result: dict) -> None:
                   f"(--slice {result['slice_index']}; 0 = most inferior)")
         for i, c in enumerate(result["candidates"], 1):
             where = f"slice {c['slice_index']}, " if "slice_index" in c else ""
+            if c.get("last_slice", c.get("first_slice")) != c.get("first_slice"):
+                where = f"slice {c['slice_index']} (seen on {c['first_slice']}-{c['last_slice']}), "
             print(f"{i:>2}. {where}x {c['x']:.0f}, y {c['y']:.0f} px   diameter {c['diameter_mm']:.1f} mm   "
                   f"score {c['score']:.2f}")
         if not result["candidates"]:

@@ -60,6 +60,7 @@ class Candidate:
     score: float
     x_mm: float | None = None
     y_mm: float | None = None
+    log_odds: float | None = None  # the ranker's log-odds: ``score`` saturates near 1 and would tie
 
     def to_dict(self) -> dict:
         """JSON-ready, rounded."""
@@ -462,7 +463,8 @@ def select(table: dict[str, np.ndarray], score: np.ndarray, sp: float, known: bo
         r, c = wts @ refined[near]
         d = float(wts @ diam[near])
         kept.append(Candidate(x=float(c), y=float(r), diameter_mm=d, score=prob,
-                              x_mm=float(c * sp) if known else None, y_mm=float(r * sp) if known else None))
+                              x_mm=float(c * sp) if known else None, y_mm=float(r * sp) if known else None,
+                              log_odds=float(score[i])))
     return kept
 
 
@@ -516,25 +518,73 @@ def scan(
 
 
 @dataclass
+class SeriesFinding:
+    """One candidate followed over consecutive slices of a series: shown at its best slice (``slice_index``),
+    spanning ``first_slice`` to ``last_slice``."""
+
+    slice_index: int
+    candidate: Candidate
+    first_slice: int
+    last_slice: int
+
+    def to_dict(self) -> dict:
+        return {**self.candidate.to_dict(), "slice_index": self.slice_index, "first_slice": self.first_slice,
+                "last_slice": self.last_slice}
+
+
+def _rank_key(c: Candidate) -> float:
+    return c.log_odds if c.log_odds is not None else float(np.log(c.score / max(1.0 - c.score, 1e-12)))
+
+
+def series_findings(per_slice: list[list[Candidate]], spacing_mm: float | None = None,
+                    top_k: int | None = None) -> list[SeriesFinding]:
+    """The candidates of a series joined across slices, best first: a candidate continues a finding of the slice
+    below when it lies within 5 mm (or half the larger diameter) of it, so a nodule seen on several slices is one
+    finding. Each finding is ranked and shown by its best slice's candidate."""
+    sp = spacing_mm if spacing_mm and spacing_mm > 0 else DEFAULT_SPACING_MM
+    groups: list[list[tuple[int, Candidate]]] = []
+    below: list[list[tuple[int, Candidate]]] = []  # the findings that reach the previous slice
+    for k, cands in enumerate(per_slice):
+        here, taken = [], set()
+        for c in cands:  # best first, so the best candidate continues the nearest finding
+            near = [(np.hypot(c.y - g[-1][1].y, c.x - g[-1][1].x) * sp, j) for j, g in enumerate(below)
+                    if j not in taken]
+            near = [(d, j) for d, j in near if d <= max(5.0, 0.5 * max(c.diameter_mm, below[j][-1][1].diameter_mm))]
+            if near:
+                j = min(near)[1]
+                taken.add(j)
+                below[j].append((k, c))
+                here.append(below[j])
+            else:
+                groups.append([(k, c)])
+                here.append(groups[-1])
+        below = here
+    found = []
+    for g in groups:
+        k, c = max(g, key=lambda t: (_rank_key(t[1]), -t[0]))
+        found.append(SeriesFinding(k, c, g[0][0], g[-1][0]))
+    found.sort(key=lambda f: (-_rank_key(f.candidate), f.slice_index))
+    return found[:top_k] if top_k is not None else found
+
+
+@dataclass
 class SeriesScan:
-    """Candidates on every slice of a series: ``per_slice[k]`` best first; ``best`` = (slice, candidate)."""
+    """Candidates on every slice of a series: ``per_slice[k]`` best first."""
 
     per_slice: list[list[Candidate]]
     lung_found: list[bool]
     seconds: float
+    spacing_mm: float | None = None
+
+    def findings(self, top_k: int | None = None) -> list[SeriesFinding]:
+        """The series' findings, each candidate followed over consecutive slices, best first."""
+        return series_findings(self.per_slice, self.spacing_mm, top_k)
 
     @property
     def best(self) -> tuple[int, Candidate] | None:
-        found = [(c.score, k, c) for k, cands in enumerate(self.per_slice) for c in cands[:1]]
-        if not found:
-            return None
-        _, k, c = max(found, key=lambda t: (t[0], -t[1]))
-        return k, c
-
-    def ranked(self, top_k: int = 10) -> list[tuple[int, Candidate]]:
-        """The series' best candidates over all slices (each slice's candidates kept apart)."""
-        allc = [(k, c) for k, cands in enumerate(self.per_slice) for c in cands]
-        return sorted(allc, key=lambda t: -t[1].score)[:top_k]
+        """(slice, candidate) of the series' best finding."""
+        found = self.findings(1)
+        return (found[0].slice_index, found[0].candidate) if found else None
 
 
 #: Series scanning settings (speed, 100 slices in under 30 s): points the network scores per slice (the densest 2D
@@ -543,6 +593,7 @@ class SeriesScan:
 SERIES_NET_POINTS = 64
 SERIES_REFINE_TOP = 24
 SERIES_ROTATIONS = 2
+SERIES_TOP_K = 5  # candidates kept per slice of a series
 
 
 def scan_series(
@@ -551,7 +602,7 @@ def scan_series(
     is_hu: bool,
     spacing_mm: float | None,
     slice_gap_mm: float,
-    top_k: int = 5,
+    top_k: int = SERIES_TOP_K,
     progress=None,
 ) -> SeriesScan:
     """Scan every slice of a ``(K, H, W)`` series (ascending z) with its neighbours as the third dimension.
@@ -582,7 +633,7 @@ def scan_series(
         found.append(bool(lung.any()))
         if progress is not None:
             progress(k + 1, len(vol))
-    return SeriesScan(per, found, time.perf_counter() - t0)
+    return SeriesScan(per, found, time.perf_counter() - t0, sp)
 
 
 @dataclass

@@ -281,17 +281,17 @@ def uncertainty_flags(views: dict[str, dict[str, TaskPrediction]], presence: flo
     if "score" in main:
         probs = np.asarray(main["score"].probs)
         if probs.max() < 0.5:
-            reasons.append(f"no panel score is likely (most likely score {int(np.argmax(probs)) + 1} at "
-                           f"{probs.max():.0%})")
+            reasons.append(f"the 1-5 panel score is spread over several values (the most likely, "
+                           f"{int(np.argmax(probs)) + 1}, at {probs.max():.0%})")
     return reasons
 
 
 #: Each refer / uncertain reason in a few words, by how its sentence starts (:func:`uncertainty_flags`).
 FLAG_WORDS = (("the nodule finder does not see", "no nodule seen at the centre"),
               ("the nodule model outlined no nodule", "nothing outlined"),
-              ("malignant probability", "close to the call point"),
+              ("malignant probability", "estimate near its call point"),
               ("the views disagree", "the views disagree"),
-              ("no panel score is likely", "no score likely"))
+              ("the 1-5 panel score is spread", "1-5 score spread out"))
 
 
 def short_flag(reason: str) -> str:

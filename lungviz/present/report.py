@@ -338,7 +338,7 @@ def band_sentence(bins: list[dict] | None, p: float | None) -> str | None:
         return None
     n = int(band["n"])
     lo, hi = wilson_interval(band["observed"] * n, n)
-    return (f"On {n} test nodules given {pct(band['lo'])}-{pct(band['hi'])}, the readers' panel rated "
+    return (f"Of {n} test nodules also put at {pct(band['lo'])}-{pct(band['hi'])}, the readers' panel rated "
             f"{pct(band['observed'])} malignant (95% interval {pct(lo)}-{pct(hi)}).")
 
 
