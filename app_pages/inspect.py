@@ -126,7 +126,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     has not clicked or typed a position yet. The page then gives no estimate for an arbitrary spot."""
     h, w = image.shape
     pkey = placed_key(key)
-    rkey, ckey = f"row-{key}", f"col-{key}"
+    rkey, ckey = centre_keys(key)
     lung = common.lung_of(image, is_hu, spacing)
     cands = found if found is not None else (
         common.nodule_candidates(folder, image, is_hu, spacing) if common.finder_available() else None)
@@ -206,6 +206,11 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     return float(st.session_state[rkey]), float(st.session_state[ckey])
 
 
+def centre_keys(key: str) -> tuple[str, str]:
+    """Session keys of the nodule centre's row and column inputs for upload ``key``."""
+    return f"row-{key}", f"col-{key}"
+
+
 def placed_key(key: str) -> str:
     """Session key: whether the nodule centre of upload ``key`` was placed (by the finder or by hand)."""
     return f"placed-{key}"
@@ -280,7 +285,8 @@ def _series_finding_picker(findings: list[dict], key: str) -> None:
         if isinstance(i, int) and 0 <= i < len(findings):
             f = findings[i]
             st.session_state[slice_key(key)] = f["slice_index"] + 1
-            st.session_state[f"row-{key}"], st.session_state[f"col-{key}"] = round(f["y"]), round(f["x"])
+            rkey, ckey = centre_keys(key)
+            st.session_state[rkey], st.session_state[ckey] = round(f["y"]), round(f["x"])
             _mark_placed(key)
 
     pick, button = st.columns([4, 1], vertical_alignment="bottom")
