@@ -231,8 +231,8 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str, 
 
     def label(i: int) -> str:
         c = cands[i]
-        return (f"{i + 1}. row {c['y']:.0f}, column {c['x']:.0f} — finder's size about {c['diameter_mm']:.0f} mm, "
-                f"nodule-likeness {c['score']:.2f}")
+        return (f"{i + 1}. about {c['diameter_mm']:.0f} mm, nodule-likeness {c['score']:.2f} (row {c['y']:.0f}, "
+                f"column {c['x']:.0f})")
 
     # One widget per candidate list: on another slice of a series the list changes, and a widget kept across lists
     # would hold an entry of the old one.
@@ -275,10 +275,10 @@ def _series_finding_picker(findings: list[dict], key: str) -> None:
 
     def label(i: int) -> str:
         f = findings[i]
-        seen = (f"slices {f['first_slice'] + 1}-{f['last_slice'] + 1}" if f["last_slice"] > f["first_slice"]
-                else "one slice")
-        return (f"{i + 1}. slice {f['slice_index'] + 1} ({seen}): row {f['y']:.0f}, column {f['x']:.0f}, about "
-                f"{f['diameter_mm']:.0f} mm")
+        seen = (f"seen on {f['first_slice'] + 1}-{f['last_slice'] + 1}" if f["last_slice"] > f["first_slice"]
+                else "one slice only")
+        return (f"F{i + 1}: about {f['diameter_mm']:.0f} mm, slice {f['slice_index'] + 1} ({seen}; row "
+                f"{f['y']:.0f}, column {f['x']:.0f})")
 
     def go() -> None:
         i = st.session_state.get(fkey)
@@ -289,11 +289,12 @@ def _series_finding_picker(findings: list[dict], key: str) -> None:
             st.session_state[rkey], st.session_state[ckey] = round(f["y"]), round(f["x"])
             _mark_placed(key)
 
-    pick, button = st.columns([4, 1], vertical_alignment="bottom")
-    pick.selectbox("Series findings (best first)", range(len(findings)), format_func=label, key=fkey, on_change=go,
-                   help="The finder's best candidates over the whole series, each followed over the consecutive "
-                        "slices it is seen on and listed once. The page opens on the first. Small nodules can rank "
-                        "below other candidates, often vessels: check the list, and scroll the series yourself.")
+    pick, button = st.columns([5, 1], vertical_alignment="bottom")
+    pick.selectbox("Series findings F1, F2, … (best first)", range(len(findings)), format_func=label, key=fkey,
+                   on_change=go, help="The finder's best candidates over the whole series, each followed over the "
+                                      "consecutive slices it is seen on and listed once. The page opens on the first. "
+                                      "Small nodules can rank below other candidates, often vessels: check the list, "
+                                      "and scroll the series yourself.")
     button.button("Go", key=f"go-{fkey}", on_click=go, help="Show this finding's slice and centre it.")
 
 
@@ -431,6 +432,23 @@ def _series_index(file_id: str, n: int) -> int:
     return int(st.session_state.get(slice_key(common.digest(file_id)), n // 2 + 1)) - 1
 
 
+def _centre_line(centre_rc: tuple[float, float]) -> str:
+    """Where the finding's centre is, for the first screen: for a searched series, which of its findings it is."""
+    at = f"row {centre_rc[0]:.0f}, column {centre_rc[1]:.0f}"
+    series = _read(main_file) if main_file is not None and main_file.name.lower().endswith(".zip") else None
+    if not isinstance(series, list) or not common.finder_available():
+        return f"Centre at {at}: change it under *Choose the nodule* below."
+    findings = common.series_findings(folder, main_file.file_id, series)
+    if not findings:
+        return f"Centre at {at}: change it under *Choose the nodule* below."
+    k = _series_index(main_file.file_id, len(series))
+    here = next((i for i, f in enumerate(findings) if f["slice_index"] == k
+                 and np.hypot(f["y"] - centre_rc[0], f["x"] - centre_rc[1]) <= 3.0), None)
+    if here is not None:
+        return f"Series finding F{here + 1} of {len(findings)} ({at}): change it below."
+    return f"Centre at {at}, not one of the {len(findings)} series findings: change it below."
+
+
 def _case_input() -> tuple[CaseInput | None, str, str]:
     """Widgets for the uploaded files -> the model inputs, a label for the case and the DICOM series UID ("" when
     not DICOM). No inputs (None) while a whole slice's nodule centre has not been placed."""
@@ -557,8 +575,7 @@ with finding_box:
             st.image(resize(pred.images["slice"], SHOW_PX), width="stretch", clamp=True,
                      caption="Slice view as the model sees it")
         if case.centre_rc is not None:  # a whole slice: the centre is chosen below the finding
-            st.caption(f"Centre at row {case.centre_rc[0]:.0f}, column {case.centre_rc[1]:.0f}: change it under "
-                       "*Choose the nodule* below.")
+            st.caption(_centre_line(case.centre_rc))
     with finding:
         if a is not None:
             common.show_assessment(a, pred, band_sentence(bins, p))

@@ -203,7 +203,8 @@ def _finder(models: list[dict]) -> None:
     pres, loc = by_task.get("presence"), by_task.get("locate")
     if not pres or not loc:
         return
-    st.subheader("Nodule finder (test split)")
+    st.subheader("Nodule finder")
+    st.caption("Patches cut around the test split's nodules and elsewhere in their lungs:")
     t, lt = pres["metrics"]["test"], loc["metrics"]["test"]
     rows = [{"measure": "presence accuracy", "result": format_ci(t, "accuracy"), "n patches": t.get("n")},
             {"measure": "presence F1 (nodule)", "result": format_ci(t, "f1_nodule"), "n patches": t.get("n")},
@@ -221,18 +222,21 @@ def _finder(models: list[dict]) -> None:
                     f"{crop['top3_within_5mm']:.0%}.")
     if series.get("n_nodules"):
         froc = series.get("froc_all_slices") or {}
-        st.markdown(f"Whole DICOM series, each ranked by a model fitted on the other series: the best candidate lies "
-                    f"within 5 mm for **{series['best_within_5mm']:.0%}** of {series['n_nodules']} reader-confirmed "
-                    f"nodules, one of the top three for {series['top3_within_5mm']:.0%}; "
+        n_series = len((res.get("wholeslice") or {}).get("series") or [])
+        st.markdown(f"**Whole DICOM series** (not the test split: {n_series} series, each ranked by a model fitted on "
+                    f"the others), on their {series['n_nodules']} nodules outlined by at least two readers. On each "
+                    f"nodule's central slice the best candidate lies within 5 mm of the readers' centre for "
+                    f"**{series['best_within_5mm']:.0%}**, one of the top three for {series['top3_within_5mm']:.0%}; "
                     f"{series['false_per_slice_all_slices']:.2f} false candidates per slice; sensitivity at 1 false "
-                    f"candidate per slice {froc.get('1', float('nan')):.0%}. Seven nodules: each is 14 points.")
+                    f"candidate per slice {froc.get('1', float('nan')):.0%}. Each nodule is "
+                    f"{100 / series['n_nodules']:.0f} points.")
     opening = (res.get("wholeslice") or {}).get("series_opening") or {}
     if opening.get("n_series"):
-        st.markdown(f"Over a whole series, the first finding the page opens on lies on a reader-confirmed nodule in "
+        st.markdown(f"Over a whole series, the finding the page opens on lies on one of those nodules in "
                     f"{opening['opens_on_a_confirmed_nodule']} of {opening['n_series']} series; "
-                    f"{opening['nodules_with_no_false_finding_before']} of {opening['n_nodules']} confirmed nodules "
-                    "have no false finding ranked above them. Small nodules can rank behind false candidates: check "
-                    "the list of series findings.")
+                    f"{opening['nodules_with_no_false_finding_before']} of {opening['n_nodules']} nodules rank above "
+                    "every false finding. Small nodules can rank behind false candidates: check the list of series "
+                    "findings.")
 
 if models:
     _nodule_model(models)

@@ -281,7 +281,7 @@ def test_inspect_whole_dicom_slice_asks_for_the_centre(app_env, lidc_dicom_dir):
     assert not at.exception and not at.error
     row, col = at.number_input
     best = next(s for s in at.selectbox if s.label.startswith("Nodule candidates")).options[0]
-    want = tuple(round(float(v)) for v in best.split("row ")[1].split(" —")[0].split(", column"))
+    want = tuple(round(float(v)) for v in re.search(r"row (\d+), column (\d+)", best).groups())
     assert (row.value, col.value) == want and row.label.startswith("Nodule centre")  # starts at candidate 1
     row.set_value(316)
     col.set_value(367).run()
@@ -299,12 +299,13 @@ def test_inspect_whole_slice_shows_finder_candidates_and_accepting_one_moves_the
     at = _upload(at, dcm.name, dcm.read_bytes())
     assert not at.exception and not at.error
     pick = next(s for s in at.selectbox if s.label.startswith("Nodule candidates"))
-    assert len(pick.options) >= 2 and pick.options[0].startswith("1. row ")
+    assert len(pick.options) >= 2 and re.match(r"1\. about \d+ mm, nodule-likeness [01]\.\d\d \(row \d+, column \d+\)$",
+                                                pick.options[0])
     second = pick.options[1]
     pick.set_value(1).run()
     assert not at.exception
     row, col = at.number_input
-    want_row, want_col = (float(v.strip()) for v in second.split("row ")[1].split(" —")[0].split(", column"))
+    want_row, want_col = (float(v) for v in re.search(r"row (\d+), column (\d+)", second).groups())
     assert (row.value, col.value) == (round(want_row), round(want_col))
     assert at.metric[0].value.endswith("%")  # the crop cut at the accepted candidate is inspected as usual
 
@@ -368,9 +369,10 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     assert findings[0]["log_odds"] == max(c["log_odds"] for cands in found for c in cands)
     # going to another series finding moves the slice and the centre to it
     listed = next(s for s in at.selectbox if s.label.startswith("Series findings"))
-    assert len(listed.options) == min(8, len(findings)) >= 2
+    assert len(listed.options) == min(8, len(findings)) >= 2 and listed.options[0].startswith("F1: about ")
+    assert f"Series finding F1 of {len(listed.options)} (row " in _texts(at)  # the first screen says which
     listed.set_value(1).run()
-    assert not at.exception
+    assert not at.exception and f"Series finding F2 of {len(listed.options)}" in _texts(at)
     row, col = at.number_input
     assert next(s for s in at.slider if s.label.startswith("Slice")).value == findings[1]["slice_index"] + 1
     assert (row.value, col.value) == (round(findings[1]["y"]), round(findings[1]["x"]))
@@ -392,8 +394,7 @@ def test_inspect_dicom_series_zip_has_a_slice_slider(app_env, lidc_dicom_dir):
     last = len(pick.options) - 1
     pick.set_value(last).run()
     assert not at.exception
-    want_row, want_col = (float(v.strip()) for v in pick.options[last].split("row ")[1].split(" —")[0]
-                          .split(", column"))
+    want_row, want_col = (float(v) for v in re.search(r"row (\d+), column (\d+)", pick.options[last]).groups())
     row, col = at.number_input
     assert (row.value, col.value) == (round(want_row), round(want_col))
 

@@ -54,6 +54,20 @@ def _download(page, button: str, timeout_ms: int = 30_000) -> Path | None:
     return Path(download.value.path())
 
 
+def _inspect_upload(browser, server: str, upload: Path):
+    """A new 1440 x 900 page on the Inspect page with ``upload`` uploaded, once its estimate is shown and the page
+    has finished running."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1440, "height": FOLD})
+    page.goto(server, wait_until="domcontentloaded")
+    expect(page.get_by_role("heading", name="Inspect a nodule")).to_be_visible(timeout=90_000)
+    page.locator("input[type=file]").first.set_input_files(str(upload))
+    expect(page.locator('[data-testid="stMetricValue"]').first).to_have_text(re.compile(r"\d+%"), timeout=180_000)
+    _wait_idle(page, timeout_ms=120_000)
+    return page
+
+
 def _browser_available() -> None:
     if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
         pytest.skip(f"Chromium not found at {CHROMIUM}")
@@ -321,13 +335,7 @@ def test_the_picker_stays_zoomed_after_a_click(shipped_server: str, data_dir: Pa
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": FOLD})
-            page.goto(shipped_server, wait_until="domcontentloaded")
-            expect(page.get_by_role("heading", name="Inspect a nodule")).to_be_visible(timeout=90_000)
-            page.locator("input[type=file]").first.set_input_files(str(upload))
-            expect(page.locator('[data-testid="stMetricValue"]').first).to_have_text(re.compile(r"\d+%"),
-                                                                                      timeout=180_000)
-            _wait_idle(page, timeout_ms=120_000)
+            page = _inspect_upload(browser, shipped_server, upload)
             page.locator('[data-testid="stButtonGroup"] button').filter(has_text=re.compile(r"^4x$")).click()
             _wait_idle(page, timeout_ms=120_000)
             plot = page.locator('[class*="st-key-pick-"] .js-plotly-plot').first  # the picker, by its key
@@ -359,19 +367,13 @@ def test_the_centre_stays_while_the_slices_are_stepped_through_fast(shipped_serv
     slider is then stepped with the arrow key faster than the page reruns (as a reader scrolls through a series),
     and the nodule centre stays where it was, as the page promises. Each slice's candidate list is drawn anew while
     runs are cut short, and that once moved the centre to the new slice's first candidate."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     upload = _lidc_series_zip(data_dir / "lidc-dicom" / "LIDC-IDRI-0001", tmp_path / "series.zip", 1, 10_000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1440, "height": FOLD})
-            page.goto(shipped_server, wait_until="domcontentloaded")
-            expect(page.get_by_role("heading", name="Inspect a nodule")).to_be_visible(timeout=90_000)
-            page.locator("input[type=file]").first.set_input_files(str(upload))
-            expect(page.locator('[data-testid="stMetricValue"]').first).to_have_text(re.compile(r"\d+%"),
-                                                                                      timeout=180_000)
-            _wait_idle(page, timeout_ms=120_000)
+            page = _inspect_upload(browser, shipped_server, upload)
             row, col = page.get_by_label("Nodule centre: row"), page.get_by_label("Nodule centre: column")
             start = (row.input_value(), col.input_value())
             thumb = page.locator('[data-testid="stSlider"] input[type="range"]').first
