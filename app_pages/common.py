@@ -29,7 +29,7 @@ from lungviz.data.lidc import load_case
 from lungviz.data.preprocess import DEFAULT_SPACING_MM
 from lungviz.errors import LungvizError
 from lungviz.explain import LIME_SAMPLES, LIME_STABLE_SAMPLES, LimeResult, bundle_cam, lime_map
-from lungviz.inference.finder import Finder, load_finder, scan, scan_series, series_volume
+from lungviz.inference.finder import LISTED_FINDINGS, Finder, load_finder, scan, scan_series, series_volume
 from lungviz.inference.lungmask import lung_mask
 from lungviz.inference.nodule import LEVEL_WORDS, Assessment, assess, assess_series
 from lungviz.inference.predict import (
@@ -181,9 +181,9 @@ def series_candidates(folder: str, upload_id: str, series: list[DicomSlice]) -> 
     return _series_search(folder, upload_id, series)["per_slice"]
 
 
-def series_findings(folder: str, upload_id: str, series: list[DicomSlice], top_k: int = 8) -> list[dict]:
-    """The series' best findings (each candidate followed over consecutive slices, shown once), best first."""
-    return _series_search(folder, upload_id, series)["findings"][:top_k]
+def series_findings(folder: str, upload_id: str, series: list[DicomSlice]) -> list[dict]:
+    """The series' listed findings (each candidate followed over consecutive slices, shown once), best first."""
+    return _series_search(folder, upload_id, series)["findings"][:LISTED_FINDINGS]
 
 
 def _series_search(folder: str, upload_id: str, series: list[DicomSlice]) -> dict:

@@ -239,7 +239,7 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str, 
     where = np.array([[c["x"], c["y"]] for c in cands], np.float64)
     ckey_list = f"cand-{common.digest(key, where)}"
 
-    chosen = st.session_state.setdefault("_candidate_chosen", {})  # per list: the entry it shows
+    chosen = st.session_state.setdefault(f"chosen-{key}", {})  # per candidate list of this upload: the entry shown
     if ckey_list not in st.session_state:  # drawn anew, it shows its first entry
         chosen[ckey_list] = 0
 
@@ -442,11 +442,13 @@ def _centre_line(centre_rc: tuple[float, float]) -> str:
     if not findings:
         return f"Centre at {at}: change it under *Choose the nodule* below."
     k = _series_index(main_file.file_id, len(series))
-    here = next((i for i, f in enumerate(findings) if f["slice_index"] == k
-                 and np.hypot(f["y"] - centre_rc[0], f["x"] - centre_rc[1]) <= 3.0), None)
+    sp = valid_spacing(float(np.mean(series[k].pixel_spacing_mm))) or DEFAULT_SPACING_MM
+    # on a finding: within 5 mm of where it is followed on the slice shown
+    here = next((i for i, f in enumerate(findings) for kk, r, c in f["track"]
+                 if kk == k and np.hypot(r - centre_rc[0], c - centre_rc[1]) * sp <= 5.0), None)
     if here is not None:
         return f"Series finding F{here + 1} of {len(findings)} ({at}): change it below."
-    return f"Centre at {at}, not one of the {len(findings)} series findings: change it below."
+    return f"Centre at {at}, not one of the {len(findings)} listed series findings: change it below."
 
 
 def _case_input() -> tuple[CaseInput | None, str, str]:

@@ -223,20 +223,23 @@ def _finder(models: list[dict]) -> None:
     if series.get("n_nodules"):
         froc = series.get("froc_all_slices") or {}
         n_series = len((res.get("wholeslice") or {}).get("series") or [])
-        st.markdown(f"**Whole DICOM series** (not the test split: {n_series} series, each ranked by a model fitted on "
-                    f"the others), on their {series['n_nodules']} nodules outlined by at least two readers. On each "
-                    f"nodule's central slice the best candidate lies within 5 mm of the readers' centre for "
+        st.markdown(f"**Whole DICOM slices** of {n_series} series (slabs of slices around their nodules; not the "
+                    f"test split: each series ranked by a model fitted on the others), on their "
+                    f"{series['n_nodules']} nodules outlined by at least two readers. On each nodule's central slice "
+                    f"the best candidate lies within 5 mm of the readers' centre for "
                     f"**{series['best_within_5mm']:.0%}**, one of the top three for {series['top3_within_5mm']:.0%}; "
                     f"{series['false_per_slice_all_slices']:.2f} false candidates per slice; sensitivity at 1 false "
                     f"candidate per slice {froc.get('1', float('nan')):.0%}. Each nodule is "
-                    f"{100 / series['n_nodules']:.0f} points.")
+                    f"{100 / series['n_nodules']:.0f} points, and the ranking was chosen on these series.")
     opening = (res.get("wholeslice") or {}).get("series_opening") or {}
     if opening.get("n_series"):
-        st.markdown(f"Over a whole series, the finding the page opens on lies on one of those nodules in "
-                    f"{opening['opens_on_a_confirmed_nodule']} of {opening['n_series']} series; "
+        listed = (f" {opening['nodules_listed']} of {opening['n_nodules']} are among the {opening['listed_findings']} "
+                  "findings the page lists." if "nodules_listed" in opening else "")
+        st.markdown(f"Opening one of those slabs, the page's first finding lies on one of the nodules in "
+                    f"{opening['opens_on_a_confirmed_nodule']} of {opening['n_series']}; "
                     f"{opening['nodules_with_no_false_finding_before']} of {opening['n_nodules']} nodules rank above "
-                    "every false finding. Small nodules can rank behind false candidates: check the list of series "
-                    "findings.")
+                    f"every false finding.{listed} A whole scan has more slices and more false findings: small "
+                    "nodules can rank behind them, so scroll the series yourself.")
 
 if models:
     _nodule_model(models)

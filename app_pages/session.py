@@ -15,7 +15,7 @@ PREFERENCES = {"alpha": 0.4, "map_method": "Grad-CAM", "lime_precision": "Fast",
                "reviewer": ""}
 #: Prefixes of per-upload keys (DICOM slice, nodule centre and whether it was placed) kept like the preferences, so
 #: that an upload kept across pages (:func:`kept_upload`) comes back at the slice and centre the user chose.
-UPLOAD_VIEW_KEYS = ("slice-", "row-", "col-", "placed-", "finding-")
+UPLOAD_VIEW_KEYS = ("slice-", "row-", "col-", "placed-", "finding-", "chosen-")
 #: Other session values: LIME results per input, saved reviews per case (for the report).
 STATE = {"lime": {}, "saved_reviews": {}}
 #: How much of a file name the page shows.

@@ -362,6 +362,34 @@ def test_whole_slice_figures_on_a_hand_made_series():
                                       "n_outlined_best_on_nodule": 2, "n_slices": 4, "false_above_threshold": 2}}
 
 
+def test_series_opening_counts_the_false_findings_before_each_nodule():
+    """Two hand-made series, each ranked by a model fitted on the other: in P1 a false candidate followed over four
+    slices outranks the nodule, so P1 opens on it (one false finding before the nodule); in P2 the nodule is first."""
+    from training.finder_eval import Region, SeriesData, series_opening
+
+    centre = np.array([100.0, 100.0])
+
+    def table(nodule_score: float, false_score: float) -> dict:
+        t = {"rc": np.array([[101.0, 100.0], [300.0, 300.0]]), "net": np.array([nodule_score, false_score])}
+        return {**t, "diameter": np.array([8.0, 4.0]), **{k: np.zeros(2) for k in ("density", "dot2d", "line2d")}}
+
+    def series(name: str, scores: list[tuple[float, float]]) -> SeriesData:
+        regions = [[Region(centre, 4.0, 0)] for _ in range(3)] + [[]]
+        nodule = {"patient_id": name, "slice_index": 1, "centre_rc": centre.tolist(), "n_readers": 3,
+                  "diameter_mm": 8.0}
+        return SeriesData(name, 1.0, 4, regions, [nodule], {"slice": [table(*sc) for sc in scores]},
+                          {"slice": [0.1] * 4})
+
+    p1 = series("P1", [(2.0, 0.5), (1.0, 3.0), (2.0, -1.0), (-5.0, -4.0)])
+    p2 = series("P2", [(1.0, -2.0), (4.0, 0.0), (1.0, -2.0), (-5.0, -4.0)])
+    so = series_opening([p1, p2], "slice", ("net",))
+    assert [(s["patient_id"], s["opens_on_a_confirmed_nodule"], s["false_findings_before_a_confirmed_nodule"])
+            for s in so["series"]] == [("P1", False, 1), ("P2", True, 0)]
+    assert [(n["position"], n["false_findings_before"]) for n in so["nodules"]] == [(2, 1), (1, 0)]
+    assert so["opens_on_a_confirmed_nodule"] == 1 and so["nodules_with_no_false_finding_before"] == 1
+    assert so["nodules_with_at_most_2_false_findings_before"] == 2 and so["nodules_listed"] == 2
+
+
 def test_series_findings_follow_a_candidate_over_consecutive_slices():
     """A nodule seen on three consecutive slices is one finding, shown at its best slice; a candidate elsewhere on
     the same slice, one 21 mm away and one after a slice without it are findings of their own; best first."""
@@ -379,6 +407,10 @@ def test_series_findings_follow_a_candidate_over_consecutive_slices():
     assert found[2].candidate.y == 300 and found[3].candidate.x == 130
     assert [f.slice_index for f in series_findings(per, 0.7, top_k=2)] == [3, 6]
     assert series_findings([[], []], 0.7) == []
+    assert found[0].track == [(2, 100, 100), (3, 102, 101), (4, 101, 99)]
+    # the closest pairs join first: a weaker candidate right on a finding continues it, not a stronger one 2.8 mm off
+    near = series_findings([[cand(100, 100, 1.0, 3.0)], [cand(100, 104, 3.0, 3.0), cand(100, 100, 0.5, 3.0)]], 0.7)
+    assert [f.track for f in near] == [[(1, 100, 104)], [(0, 100, 100), (1, 100, 100)]]
     # without log-odds (older candidate lists) the probability ranks
     plain = [[Candidate(x=10, y=10, diameter_mm=5, score=0.6)], [Candidate(x=200, y=200, diameter_mm=5, score=0.9)]]
     assert [f.slice_index for f in series_findings(plain, 0.7)] == [1, 0]

@@ -39,7 +39,7 @@ WHOLESLICE_VARIANTS = {
     "hessian3d_only": "3D Hessian blob/vessel + density, no network (series)",
     "series_network": "presence network alone, threshold fitted (series scan)",
     "series_all_features": "network + density + 2D and 3D Hessian + diameter (series)",
-    "series_all_points": "series ranker on every candidate point (slower)",
+    "series_all_points": "series ranker on the one-slice scan: every point, 4 turns (slower)",
     "series": "series ranker as shipped: network + 3D Hessian blob/vessel (series)",
 }
 
@@ -589,7 +589,8 @@ def wholeslice_text(ws: dict) -> str:
             rows.append((label, pct(v["best_within_5mm"]), pct(v["top3_within_5mm"]),
                          pct(every) if every is not None else "-", f"{v['false_per_slice_all_slices']:.2f}", froc))
     secs = ws.get("seconds_per_slice") or {}
-    return (f"\n**Whole 512 x 512 DICOM slices and series** ({names}: {first['n_nodules']} nodules outlined by at "
+    return (f"\n**Whole 512 x 512 DICOM slices of series** (slabs of slices around their nodules; {names}: "
+            f"{first['n_nodules']} nodules outlined by at "
             f"least two readers, {first['n_slices_all']} slices; candidates only inside the lung mask), "
             "leave-one-series-out: each series ranked by a model and threshold fitted on the others. Best / top 3: a "
             f"candidate within {ws.get('hit_mm', 5):g} mm of the readers' median centre. Every outlined slice: for "
@@ -611,18 +612,25 @@ def wholeslice_text(ws: dict) -> str:
 
 
 def series_opening_text(so: dict | None) -> str:
-    """How a whole series opens: its first finding, and the false findings ranked above each confirmed nodule."""
+    """How a series opens: its first finding, and the false findings ranked above each confirmed nodule."""
     if not so:
         return ""
-    late = [f"{s['patient_id']} ({s['false_findings_before_a_confirmed_nodule']} false before the first confirmed "
-            "nodule)" for s in so["series"] if not s["opens_on_a_confirmed_nodule"]]
-    return (f"\nOpening a whole series (the series ranker, leave-one-series-out; each candidate followed over "
-            f"consecutive slices and listed once, best first, as the app lists them): the first finding lies on a "
-            f"confirmed nodule in {so['opens_on_a_confirmed_nodule']} of {so['n_series']} series"
+    late = [f"{s['patient_id']} ("
+            + (f"{s['false_findings_before_a_confirmed_nodule']} false before the first confirmed nodule)"
+               if s["false_findings_before_a_confirmed_nodule"] is not None else "no confirmed nodule found)")
+            for s in so["series"] if not s["opens_on_a_confirmed_nodule"]]
+    listed = (f" {so['nodules_listed']} of {so['n_nodules']} are among the {so['listed_findings']} findings the app "
+              "lists." if "nodules_listed" in so else "")
+    return (f"\nOpening a series (the series ranker, leave-one-series-out; each candidate followed over consecutive "
+            f"slices and listed once, best first, as the app lists them): the first finding lies on a confirmed "
+            f"nodule in {so['opens_on_a_confirmed_nodule']} of {so['n_series']} series"
             + (f"; not in {', '.join(late)}" if late else "")
             + f". {so['nodules_with_no_false_finding_before']} of {so['n_nodules']} confirmed nodules have no false "
-            f"finding ranked above them, {so['nodules_with_at_most_2_false_findings_before']} at most two. Small "
-            "nodules rank behind false candidates more often over a whole series than on their own slice.\n")
+            f"finding ranked above them, {so['nodules_with_at_most_2_false_findings_before']} at most two.{listed} "
+            "These series are slabs of 17 to 46 slices around their nodules, not whole scans of 100 to 300 slices, "
+            "and the way findings are ranked was chosen on them: a whole scan has more false findings to rank "
+            "against. Small nodules rank behind false candidates more often over a series than on their own "
+            "slice.\n")
 
 
 def similar_cases(w: Weights) -> Part:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lungviz import paths
 from lungviz.inference.blobness import contrast_units
 from lungviz.inference.finder import (
+    LISTED_FINDINGS,
     RANK,
     REFINE_TOP,
     SERIES_FEATURES,
@@ -280,8 +281,9 @@ def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...
 
 
 def series_opening(data: list[SeriesData], mode: str, features: tuple[str, ...]) -> dict:
-    """Leave-one-series-out, the series as the app opens it: the candidates of every slice (as many as a series
-    scan keeps) followed over consecutive slices (:func:`lungviz.inference.finder.series_findings`), best first.
+    """Leave-one-series-out, each series (here a slab of slices around its nodules) as the app opens it: the
+    candidates of every slice (as many as a series scan keeps) followed over consecutive slices
+    (:func:`lungviz.inference.finder.series_findings`), best first.
     Per series: whether the first finding lies on a confirmed nodule; per confirmed nodule: how many false findings
     rank above the first finding on it (findings on other nodules, confirmed or not, are not counted)."""
     series, nodules = [], []
@@ -310,7 +312,10 @@ def series_opening(data: list[SeriesData], mode: str, features: tuple[str, ...])
             "opens_on_a_confirmed_nodule": int(sum(s["opens_on_a_confirmed_nodule"] for s in series)),
             "n_series": len(series), "n_nodules": len(nodules),
             "nodules_with_no_false_finding_before": int(sum(a == 0 for a in ahead)),
-            "nodules_with_at_most_2_false_findings_before": int(sum(a is not None and a <= 2 for a in ahead))}
+            "nodules_with_at_most_2_false_findings_before": int(sum(a is not None and a <= 2 for a in ahead)),
+            "listed_findings": LISTED_FINDINGS,
+            "nodules_listed": int(sum(n["position"] is not None and n["position"] <= LISTED_FINDINGS
+                                      for n in nodules))}
 
 
 def wholeslice_report(finder: Finder, out: Path, progress: bool = True) -> dict:

@@ -71,8 +71,9 @@ class Candidate:
 SLICE_FEATURES = ("net", "density", "dot2d", "line2d", "diameter")
 SERIES_FEATURES = (*SLICE_FEATURES, "dot3d", "line3d")
 #: Features the shipped rankers combine. On one slice the presence network alone (its threshold fitted); on a series
-#: the network with the 3D Hessian blob and vessel measures. Density, the 2D Hessian measures and the diameter
-#: lowered how often the nodule ranked first, leave-one-series-out, in each of four trainings (docs/training.md).
+#: the network with the 3D Hessian blob and vessel measures. Adding density, the 2D Hessian measures and the
+#: diameter ranked the nodule first less often, leave-one-series-out: on one slice in each of four trainings, on a
+#: series on the nodules' central slices summed over them (docs/training.md).
 SLICE_RANK_FEATURES = ("net",)
 SERIES_RANK_FEATURES = ("net", "dot3d", "line3d")
 
@@ -520,41 +521,55 @@ def scan(
 @dataclass
 class SeriesFinding:
     """One candidate followed over consecutive slices of a series: shown at its best slice (``slice_index``),
-    spanning ``first_slice`` to ``last_slice``."""
+    spanning ``first_slice`` to ``last_slice``; ``track`` holds its (slice, row, column) on each."""
 
     slice_index: int
     candidate: Candidate
     first_slice: int
     last_slice: int
+    track: list[tuple[int, float, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {**self.candidate.to_dict(), "slice_index": self.slice_index, "first_slice": self.first_slice,
-                "last_slice": self.last_slice}
+                "last_slice": self.last_slice, "track": [[k, round(r, 1), round(c, 1)] for k, r, c in self.track]}
+
+
+#: Findings a series lists for the reader (the app's list, and the figure of how many nodules it holds).
+LISTED_FINDINGS = 8
 
 
 def _rank_key(c: Candidate) -> float:
-    return c.log_odds if c.log_odds is not None else float(np.log(c.score / max(1.0 - c.score, 1e-12)))
+    if c.log_odds is not None:
+        return c.log_odds
+    p = float(np.clip(c.score, 1e-12, 1.0 - 1e-12))
+    return float(np.log(p / (1.0 - p)))
 
 
 def series_findings(per_slice: list[list[Candidate]], spacing_mm: float | None = None,
                     top_k: int | None = None) -> list[SeriesFinding]:
     """The candidates of a series joined across slices, best first: a candidate continues a finding of the slice
-    below when it lies within 5 mm (or half the larger diameter) of it, so a nodule seen on several slices is one
-    finding. Each finding is ranked and shown by its best slice's candidate."""
+    below when it lies within 5 mm (or half the larger diameter) of it, the closest pairs joined first, so a nodule
+    seen on several slices is one finding. Each finding is ranked and shown by its best slice's candidate."""
     sp = spacing_mm if spacing_mm and spacing_mm > 0 else DEFAULT_SPACING_MM
     groups: list[list[tuple[int, Candidate]]] = []
     below: list[list[tuple[int, Candidate]]] = []  # the findings that reach the previous slice
     for k, cands in enumerate(per_slice):
-        here, taken = [], set()
-        for c in cands:  # best first, so the best candidate continues the nearest finding
-            near = [(np.hypot(c.y - g[-1][1].y, c.x - g[-1][1].x) * sp, j) for j, g in enumerate(below)
-                    if j not in taken]
-            near = [(d, j) for d, j in near if d <= max(5.0, 0.5 * max(c.diameter_mm, below[j][-1][1].diameter_mm))]
-            if near:
-                j = min(near)[1]
-                taken.add(j)
-                below[j].append((k, c))
-                here.append(below[j])
+        pairs = []
+        for i, c in enumerate(cands):
+            for j, g in enumerate(below):
+                prev = g[-1][1]
+                d = float(np.hypot(c.y - prev.y, c.x - prev.x)) * sp
+                if d <= max(5.0, 0.5 * max(c.diameter_mm, prev.diameter_mm)):
+                    pairs.append((d, i, j))
+        joined: dict[int, int] = {}  # candidate -> finding below, nearest pairs first, each used once
+        for _, i, j in sorted(pairs):
+            if i not in joined and j not in joined.values():
+                joined[i] = j
+        here = []
+        for i, c in enumerate(cands):
+            if i in joined:
+                below[joined[i]].append((k, c))
+                here.append(below[joined[i]])
             else:
                 groups.append([(k, c)])
                 here.append(groups[-1])
@@ -562,7 +577,7 @@ def series_findings(per_slice: list[list[Candidate]], spacing_mm: float | None =
     found = []
     for g in groups:
         k, c = max(g, key=lambda t: (_rank_key(t[1]), -t[0]))
-        found.append(SeriesFinding(k, c, g[0][0], g[-1][0]))
+        found.append(SeriesFinding(k, c, g[0][0], g[-1][0], [(kk, cc.y, cc.x) for kk, cc in g]))
     found.sort(key=lambda f: (-_rank_key(f.candidate), f.slice_index))
     return found[:top_k] if top_k is not None else found
 
@@ -588,8 +603,8 @@ class SeriesScan:
 
 
 #: Series scanning settings (speed, 100 slices in under 30 s): points the network scores per slice (the densest 2D
-#: blobs first), points the localiser refines, and right-angle turns averaged. Scoring more points, or every point,
-#: ranked the nodule first less often (docs/training.md).
+#: blobs first), points the localiser refines, and right-angle turns averaged: of the settings compared over four
+#: trainings, the one that ranked the nodule first most often (docs/training.md).
 SERIES_NET_POINTS = 64
 SERIES_REFINE_TOP = 24
 SERIES_ROTATIONS = 2
