@@ -145,9 +145,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
             inside = [(np.hypot(y - ry, x - rx), ry, rx) for ry, rx, rad in rings if np.hypot(y - ry, x - rx) <= rad]
             if inside:  # a click in a candidate's ring accepts that candidate
                 _, y, x = min(inside)
-            st.session_state[rkey] = int(np.clip(round(y), 0, h - 1))
-            st.session_state[ckey] = int(np.clip(round(x), 0, w - 1))
-            st.session_state[pkey] = True
+            _place_centre(key, int(np.clip(round(y), 0, h - 1)), int(np.clip(round(x), 0, w - 1)))
 
     with controls:  # the page reruns after each click and Plotly's own zoom does not survive it: this one does
         zoom = st.segmented_control("Zoom around the centre", list(PICK_ZOOMS), key=f"zoom-{key}",
@@ -186,7 +184,7 @@ def _centre_picker(image: np.ndarray, is_hu: bool, spacing: float | None, key: s
     with controls:
         if not lung.any():
             st.warning(NO_LUNG_MESSAGE, icon=":material/search_off:")
-        _candidate_picker(cands if lung.any() else [], rkey, ckey, key, series=found is not None)
+        _candidate_picker(cands if lung.any() else [], key, series=found is not None)
         st.checkbox("Show the lung mask", key="show_lung",
                     help="A faint green tint over the lungs as lungviz finds them: the finder proposes candidates only "
                          "inside it.")
@@ -220,7 +218,14 @@ def _mark_placed(key: str) -> None:
     st.session_state[placed_key(key)] = True
 
 
-def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str, series: bool = False) -> None:
+def _place_centre(key: str, row: int, col: int) -> None:
+    """Move the nodule centre of upload ``key`` to (``row``, ``col``), as placed by the user."""
+    rkey, ckey = centre_keys(key)
+    st.session_state[rkey], st.session_state[ckey] = row, col
+    _mark_placed(key)
+
+
+def _candidate_picker(cands: list[dict] | None, key: str, series: bool = False) -> None:
     """The finder's ranked candidates (orange circles on the image); accepting one moves the nodule centre there."""
     if cands is None:
         st.caption("The nodule finder is not installed: click the nodule or type its position.")
@@ -252,8 +257,7 @@ def _candidate_picker(cands: list[dict] | None, rkey: str, ckey: str, key: str, 
         if not button and i == chosen.get(ckey_list, 0):
             return
         chosen[ckey_list] = i
-        st.session_state[rkey], st.session_state[ckey] = int(round(cands[i]["y"])), int(round(cands[i]["x"]))
-        _mark_placed(key)
+        _place_centre(key, int(round(cands[i]["y"])), int(round(cands[i]["x"])))
 
     st.selectbox("Nodule candidates (orange circles, best first)", range(len(cands)), format_func=label,
                  key=ckey_list, on_change=accept,
@@ -285,9 +289,7 @@ def _series_finding_picker(findings: list[dict], key: str) -> None:
         if isinstance(i, int) and 0 <= i < len(findings):
             f = findings[i]
             st.session_state[slice_key(key)] = f["slice_index"] + 1
-            rkey, ckey = centre_keys(key)
-            st.session_state[rkey], st.session_state[ckey] = round(f["y"]), round(f["x"])
-            _mark_placed(key)
+            _place_centre(key, round(f["y"]), round(f["x"]))
 
     pick, button = st.columns([5, 1], vertical_alignment="bottom")
     pick.selectbox("Series findings F1, F2, … (best first)", range(len(findings)), format_func=label, key=fkey,
@@ -436,9 +438,8 @@ def _centre_line(centre_rc: tuple[float, float]) -> str:
     """Where the finding's centre is, for the first screen: for a searched series, which of its findings it is."""
     at = f"row {centre_rc[0]:.0f}, column {centre_rc[1]:.0f}"
     series = _read(main_file) if main_file is not None and main_file.name.lower().endswith(".zip") else None
-    if not isinstance(series, list) or not common.finder_available():
-        return f"Centre at {at}: change it under *Choose the nodule* below."
-    findings = common.series_findings(folder, main_file.file_id, series)
+    findings = (common.series_findings(folder, main_file.file_id, series)
+                if isinstance(series, list) and common.finder_available() else [])
     if not findings:
         return f"Centre at {at}: change it under *Choose the nodule* below."
     k = _series_index(main_file.file_id, len(series))

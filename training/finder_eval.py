@@ -233,8 +233,7 @@ def evaluate_variant(data: list[SeriesData], mode: str, features: tuple[str, ...
             fal = [c.score for c in cands if _is_false(c, sd.regions[k], sd.spacing_mm)]
             all_false += fal
             all_false_thr.append(sum(s >= thr for s in fal))
-            outlined_hits += [bool(cands) and np.hypot(cands[0].y - reg.centre[0], cands[0].x - reg.centre[1])
-                              * sd.spacing_mm <= max(HIT_MM, reg.radius_px * sd.spacing_mm)
+            outlined_hits += [bool(cands) and _on_confirmed(cands[0], [reg], sd.spacing_mm)
                               for reg in sd.regions[k] if reg.truth is not None]
         for nd in sd.nodules:
             k = nd["slice_index"]

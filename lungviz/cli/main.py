@@ -178,9 +178,11 @@ def _print_human(result: dict) -> None:
             print(f"{result['input']}: slice {result['slice_index'] + 1} of {result['n_slices']} "
                   f"(--slice {result['slice_index']}; 0 = most inferior)")
         for i, c in enumerate(result["candidates"], 1):
-            where = f"slice {c['slice_index'] + 1}, " if "slice_index" in c else ""  # counted from 1, as above
-            if c.get("last_slice", c.get("first_slice")) != c.get("first_slice"):
-                where = f"slice {c['slice_index'] + 1} (seen on {c['first_slice'] + 1}-{c['last_slice'] + 1}), "
+            where = ""
+            if "slice_index" in c:  # counted from 1, as above
+                seen = (f" (seen on {c['first_slice'] + 1}-{c['last_slice'] + 1})"
+                        if c.get("last_slice", c.get("first_slice")) != c.get("first_slice") else "")
+                where = f"slice {c['slice_index'] + 1}{seen}, "
             print(f"{i:>2}. {where}x {c['x']:.0f}, y {c['y']:.0f} px   diameter {c['diameter_mm']:.1f} mm   "
                   f"score {c['score']:.2f}")
         if not result["candidates"]:
